@@ -1,0 +1,87 @@
+"""`EncoderSpec`: everything the package knows about one encoder name, without importing torch."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+Interpolation = Literal["bilinear", "bicubic", "nearest"]
+Tier = Literal["core", "hf", "openclip", "musk"]
+
+
+@dataclass(frozen=True)
+class WeightsSource:
+    """Where upstream gets an encoder's weights.
+
+    kind "hf": `repo_id` + `filename` in the Hugging Face cache; kind "torchvision": `filename` under
+    `$TORCH_HOME/hub/checkpoints/` (torchvision's own cache); kind "local": only `--weights NAME=PATH`;
+    kind "none": weight-free.
+    """
+
+    kind: Literal["hf", "torchvision", "local", "none"]
+    repo_id: str | None = None
+    filename: str | None = None
+    url: str | None = None
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """Upstream's transform, replayed as tensor ops: resize -> centre crop -> normalise.
+
+    `resize` is an int (shortest side, aspect kept, as torchvision `Resize(int)`), a (h, w) pair (squash), or None.
+    `crop` is the centre-crop edge or None.
+    """
+
+    resize: int | tuple[int, int] | None
+    crop: int | None
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: Interpolation = "bilinear"
+    antialias: bool = True
+
+    @property
+    def input_size(self) -> int:
+        """The edge of the tensor the model sees."""
+        if self.crop is not None:
+            return self.crop
+        if isinstance(self.resize, tuple):
+            return self.resize[0]
+        return int(self.resize or 0)
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """One encoder name: architecture builder, pooling, preprocessing, weights and licence."""
+
+    name: str
+    dim: int
+    preprocess: Preprocess | None  # None: the encoder takes raw uint8 patches (weight-free encoders)
+    build: Callable[[], Any]  # -> torch.nn.Module with random init (or on the meta device when called under it)
+    forward: Callable[[Any, Any], Any] | None = None  # (model, x) -> (B, D); default model(x) flattened
+    load_weights: Callable[[Any, str], None] | None = None  # (model, path) -> None; default strict state-dict
+    weights: WeightsSource = field(default_factory=lambda: WeightsSource("none"))
+    tier: Tier = "core"
+    licence: str = ""
+    gated: bool = False
+    family: str = ""
+    params_m: float | None = None
+    notes: str = ""
+
+    @property
+    def input_size(self) -> int:
+        """The edge of the model input, 0 for encoders that take raw patches."""
+        return self.preprocess.input_size if self.preprocess else 0
+
+    @property
+    def extra(self) -> str | None:
+        """The pip extra that this encoder needs, or None for the core install."""
+        return None if self.tier == "core" else self.tier
+
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+HALF = (0.5, 0.5, 0.5)
