@@ -187,7 +187,16 @@ class PipelineConfig:
         return dataclasses.replace(self, **sections)
 
 
-SECTIONS: dict[str, type] = {f.name: f.type for f in fields(PipelineConfig)}  # type: ignore[misc]
+SECTIONS: dict[str, type] = {
+    "source": SourceConfig,
+    "open": OpenConfig,
+    "segment": SegmentConfig,
+    "plan": PlanConfig,
+    "read": ReadConfig,
+    "encode": EncodeConfig,
+    "write": WriteConfig,
+    "queues": QueueConfig,
+}
 
 
 def geometry_fingerprint(config: PipelineConfig, segmenter_sha256: str | None) -> str:

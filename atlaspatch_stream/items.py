@@ -14,7 +14,7 @@ import numpy as np
 
 if TYPE_CHECKING:
     from .backends.base import SlideHandle
-    from .geometry import Contours, Geometry
+    from .geometry import Geometry
 
 
 @dataclass(frozen=True)
@@ -73,15 +73,15 @@ class Thumbnail:
     """The segmentation-resolution thumbnail (upstream §3.2 steps 1-6), RGB uint8 (h, w, 3)."""
 
     slide: OpenedSlide
-    image: np.ndarray
+    image: np.ndarray | None  # None: nothing to segment (the slide reuses an existing output)
 
 
 @dataclass(frozen=True)
 class TissueMask:
-    """A binary tissue mask at thumbnail resolution, bool (h, w)."""
+    """A binary tissue mask at thumbnail resolution, bool (h, w); None for reused slides."""
 
     slide: OpenedSlide
-    mask: np.ndarray
+    mask: np.ndarray | None
 
 
 @dataclass(frozen=True)
@@ -91,8 +91,7 @@ class PatchPlan:
     slide: OpenedSlide
     geometry: Geometry | None
     coords: np.ndarray  # int32 (N, 5): x, y, read_w, read_h, level
-    contours: Contours | None = None
-    mask: np.ndarray | None = None
+    attrs: Any = None  # SlideAttrs for a new file; None when features are added to an existing one
 
     @property
     def num_patches(self) -> int:
@@ -107,6 +106,7 @@ class PatchBatch:
     slide_ids: np.ndarray  # int64 (B,)
     rows: np.ndarray  # int64 (B,)
     pixels: np.ndarray  # uint8 (B, P, P, 3)
+    read_seconds: float = 0.0
 
     def __len__(self) -> int:
         return int(self.rows.shape[0])
@@ -119,6 +119,8 @@ class FeatureBatch:
     slide_ids: np.ndarray
     rows: np.ndarray
     features: dict[str, np.ndarray]
+    encode_seconds: float = 0.0
+    read_seconds: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -72,6 +72,10 @@ class Encoder(Protocol):
     name: str
     dim: int
 
+    def warm_up(self) -> None:
+        """Load weights, move to the device and run one dummy batch."""
+        ...
+
     def encode(self, pixels: np.ndarray) -> np.ndarray:
         """uint8 (B, P, P, 3) RGB -> float32 (B, dim), preprocessing done on the encoder's device."""
         ...

@@ -1,1 +1,87 @@
-"""Package."""
+"""The `atlaspatch` command: upstream's commands and flags, as a thin layer over `atlaspatch_stream.api`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+from .. import __version__
+from .options import build_config, common_options, feature_options, input_options
+from .runner import execute, exit_with, summarize
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="atlaspatch-stream")
+def cli() -> None:
+    """atlaspatch-stream: tissue masks, patch coordinates and patch features for whole-slide images."""
+
+
+@cli.command("process")
+@input_options
+@common_options
+@feature_options
+def process(wsi_path: Path, **params: Any) -> None:
+    """Segment tissue, extract patch coordinates and embed patches with the chosen encoders."""
+    config = build_config(params, features=True)
+    results = execute(config, wsi_path, "features", "process", params["verbose"])
+    exit_with(summarize(results, "features"))
+
+
+@cli.command("segment-and-get-coords")
+@input_options
+@common_options
+def segment_and_get_coords(wsi_path: Path, **params: Any) -> None:
+    """Segment tissue and write patch coordinates (no features)."""
+    config = build_config(params, features=False)
+    results = execute(config, wsi_path, "coords", "segment-and-get-coords", params["verbose"])
+    exit_with(summarize(results, "coords"))
+
+
+@cli.command("detect-tissue")
+@input_options
+def detect_tissue(wsi_path: Path, **params: Any) -> None:
+    """Write tissue-mask overlays (<stem>_mask.png, <stem>_mask_bw.png) under <out>/visualization/."""
+    config = build_config(params, features=False)
+    results = execute(config, wsi_path, "detect", "detect-tissue", params["verbose"])
+    exit_with(summarize(results, "detect"))
+
+
+@cli.command("info")
+def info() -> None:
+    """Supported slide formats and the output layout."""
+    from ..backends.metadata import IMAGE_EXTENSIONS, SUPPORTED_EXTENSIONS
+
+    click.echo("Supported whole-slide formats: " + " ".join(sorted(SUPPORTED_EXTENSIONS - IMAGE_EXTENSIONS)))
+    click.echo("Supported plain images (need --mpp-csv): " + " ".join(sorted(IMAGE_EXTENSIONS)))
+    click.echo("Extensions are matched case-insensitively; the .dcm files of one folder form one slide.")
+    click.echo("")
+    click.echo("Output layout:")
+    for line in (
+        "<output>/patches/<stem>.h5              coords (N,5) int32, passports, features/<encoder> (N,D) float32",
+        "<output>/patches/<stem>.lock            while a slide is being processed",
+        "<output>/images/<stem>/<stem>_x{X}_y{Y}.png      with --save-images",
+        "<output>/visualization/<stem>.png, <stem>_mask.png, <stem>_mask_bw.png, <stem>_contours.png",
+        "<output>/atlaspatch-report.jsonl        run report: one JSON event per slide and stage",
+    ):
+        click.echo("  " + line)
+
+
+@cli.command("encoders")
+@click.option("--check", is_flag=True, help="Build every architecture on the meta device and verify its output dim.")
+@click.option("--weights", "weights", multiple=True, metavar="NAME=PATH", help="Local weights to report as present.")
+@click.argument("names", nargs=-1)
+def encoders(check: bool, weights: tuple[str, ...], names: tuple[str, ...]) -> None:
+    """List encoder names with dim, input size, extra, licence, gated, and whether weights are present."""
+    from .encoders_cmd import check_command, list_command
+    from .options import parse_weights
+
+    if check:
+        exit_with(check_command(names))
+    list_command(dict(parse_weights(weights)), names)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    cli(prog_name="atlaspatch")

@@ -1,0 +1,57 @@
+"""Cross-slide batch assembly: plain functions, no event loop (tested without one)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .items import PatchBatch
+
+
+def concat(parts: list[PatchBatch]) -> PatchBatch:
+    """One batch holding the rows of `parts` in order."""
+    if len(parts) == 1:
+        return parts[0]
+    return PatchBatch(
+        np.concatenate([p.slide_ids for p in parts]),
+        np.concatenate([p.rows for p in parts]),
+        np.concatenate([p.pixels for p in parts]),
+        read_seconds=sum(p.read_seconds for p in parts),
+    )
+
+
+def split(batch: PatchBatch, n: int) -> tuple[PatchBatch, PatchBatch]:
+    """The first `n` rows and the rest (read time shared by row count)."""
+    share = batch.read_seconds * n / max(1, len(batch))
+    head = PatchBatch(batch.slide_ids[:n], batch.rows[:n], batch.pixels[:n], read_seconds=share)
+    tail = PatchBatch(batch.slide_ids[n:], batch.rows[n:], batch.pixels[n:], read_seconds=batch.read_seconds - share)
+    return head, tail
+
+
+class Batcher:
+    """Fills batches of exactly `size` rows from chunks of any slides; rows keep their (slide_id, row) labels."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._parts: list[PatchBatch] = []
+        self._rows = 0
+
+    def __len__(self) -> int:
+        return self._rows
+
+    def add(self, chunk: PatchBatch) -> list[PatchBatch]:
+        """Take a chunk; return every batch that is now full."""
+        full: list[PatchBatch] = []
+        while len(chunk):
+            head, chunk = split(chunk, min(len(chunk), self.size - self._rows))
+            self._parts.append(head)
+            self._rows += len(head)
+            if self._rows == self.size:
+                full.append(self.flush())
+        return full
+
+    def flush(self) -> PatchBatch:
+        """Whatever is buffered, as one batch (empty buffer -> empty batch)."""
+        parts, self._parts, self._rows = self._parts, [], 0
+        if not parts:
+            return PatchBatch(np.empty(0, np.int64), np.empty(0, np.int64), np.empty((0, 0, 0, 3), np.uint8))
+        return concat(parts)

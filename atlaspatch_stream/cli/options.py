@@ -1,0 +1,149 @@
+"""Upstream's click options (reference §1.1–1.3) plus ours, and their mapping onto config sections."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from ..config import PipelineConfig, load_config
+from ..errors import ConfigError
+
+Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
+
+
+def _apply(options: list[Decorator]) -> Decorator:
+    def wrap(func: Callable[..., Any]) -> Callable[..., Any]:
+        for option in reversed(options):
+            func = option(func)
+        return func
+
+    return wrap
+
+
+def _path_arg() -> Decorator:
+    return click.argument("wsi_path", type=click.Path(exists=True, path_type=Path))
+
+
+INPUT_OPTIONS: list[Decorator] = [
+    _path_arg(),
+    click.option("--output", "-o", required=True, type=click.Path(path_type=Path), help="Output root folder."),
+    click.option("--device", default="cuda", show_default=True,
+                 help="Segmentation device: cpu, cuda or cuda:N (plain cuda falls back to CPU without a GPU)."),
+    click.option("--seg-batch-size", type=click.IntRange(min=1), default=1, show_default=True,
+                 help="Thumbnails per segmentation call."),
+    click.option("--recursive", is_flag=True, help="Recurse into subfolders."),
+    click.option("--mpp-csv", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+                 help="CSV with columns wsi,mpp; its mpp wins over slide metadata (also for magnification)."),
+    click.option("--verbose", "-v", is_flag=True, help="Debug logging (the progress bar stays)."),
+    click.option("--segmenter", type=click.Choice(["sam2", "otsu"]), default=None,
+                 help="Tissue segmenter: sam2 (upstream's fine-tuned SAM2.1, default) or otsu (weight-free)."),
+    click.option("--seg-weights", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+                 help="Local SAM2 checkpoint (model.pth) instead of the Hugging Face cache."),
+    click.option("--seg-precision", type=click.Choice(["float32", "bfloat16", "float16"], case_sensitive=False),
+                 default=None, help="SAM2 precision (float32 = upstream parity)."),
+    click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+                 default=None, help="TOML configuration (flags > ATLASPATCH_* env > file > defaults)."),
+]
+
+COMMON_OPTIONS: list[Decorator] = [
+    click.option("--patch-size", type=int, required=True, help="Patch edge in pixels at the target magnification."),
+    click.option("--step-size", type=int, default=None, help="Stride at the target magnification [patch-size]."),
+    click.option("--target-mag", type=click.IntRange(1, 120), required=True, help="Target magnification."),
+    click.option("--tissue-thresh", type=float, default=0.0, show_default=True,
+                 help="Minimum tissue contour area as a fraction of the thumbnail area."),
+    click.option("--white-thresh", type=int, default=15, show_default=True,
+                 help="Saturation threshold of the white filter (--no-fast-mode only)."),
+    click.option("--black-thresh", type=int, default=50, show_default=True,
+                 help="Grey threshold of the black filter (--no-fast-mode only)."),
+    click.option("--write-batch", type=int, default=8192, show_default=True, help="H5 chunk rows for coords."),
+    click.option("--patch-workers", type=int, default=None, help="Threads planning coordinates [cpu count]."),
+    click.option("--max-open-slides", type=int, default=200, show_default=True, help="Slides in flight at once."),
+    click.option("--fast-mode/--no-fast-mode", default=True, show_default=True,
+                 help="Fast mode emits coordinates without reading pixels (no black/white filters)."),
+    click.option("--save-images", is_flag=True, help="Write every patch as a PNG under <out>/images/<stem>/."),
+    click.option("--visualize-grids", is_flag=True, help="<out>/visualization/<stem>.png"),
+    click.option("--visualize-mask", is_flag=True, help="<out>/visualization/<stem>_mask.png and _mask_bw.png"),
+    click.option("--visualize-contours", is_flag=True, help="<out>/visualization/<stem>_contours.png"),
+    click.option("--skip-existing/--force", default=True, show_default=True,
+                 help="Skip or reuse slides whose output exists (--force re-segments and overwrites)."),
+]
+
+FEATURE_OPTIONS: list[Decorator] = [
+    click.option("--feature-extractors", required=True,
+                 help="Encoder names separated by commas and/or spaces (see `atlaspatch encoders`)."),
+    click.option("--feature-device", default=None, help="Encoder device [--device]."),
+    click.option("--feature-batch-size", type=int, default=32, show_default=True, help="Patches per forward call."),
+    click.option("--feature-num-workers", type=click.IntRange(min=0), default=4, show_default=True,
+                 help="Tile reader/decoder threads."),
+    click.option("--feature-precision", type=click.Choice(["float32", "float16", "bfloat16"], case_sensitive=False),
+                 default="float16", show_default=True,
+                 help="float32 exact; float16 = fp16 autocast on CUDA, bf16 autocast on CPU; bfloat16 = bf16 autocast."),
+    click.option("--feature-plugin", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+                 help="Python file registering custom encoders (repeatable)."),
+    click.option("--weights", "weights", multiple=True, metavar="NAME=PATH",
+                 help="Local weights for an encoder (.pth/.bin/.safetensors; repeatable)."),
+]
+
+input_options = _apply(INPUT_OPTIONS)
+common_options = _apply(COMMON_OPTIONS)
+feature_options = _apply(FEATURE_OPTIONS)
+
+
+def parse_feature_list(text: str) -> tuple[str, ...]:
+    """Upstream's rules: commas and/or spaces, lowercased, order kept; duplicates rejected."""
+    names = tuple(n.strip().lower() for n in text.replace(",", " ").split() if n.strip())
+    if not names:
+        raise click.BadParameter("no feature extractor given", param_hint="--feature-extractors")
+    dups = sorted({n for n in names if names.count(n) > 1})
+    if dups:
+        raise click.BadParameter(f"duplicate extractor(s): {', '.join(dups)}", param_hint="--feature-extractors")
+    return names
+
+
+def parse_weights(items: tuple[str, ...]) -> tuple[tuple[str, Path], ...]:
+    """`NAME=PATH` pairs; the file must exist."""
+    pairs = []
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise click.BadParameter(f"expected NAME=PATH, got {item!r}", param_hint="--weights")
+        if not Path(path).is_file():
+            raise click.BadParameter(f"{path}: no such file", param_hint="--weights")
+        pairs.append((name.strip().lower(), Path(path)))
+    return tuple(pairs)
+
+
+def build_config(params: dict[str, Any], *, features: bool) -> PipelineConfig:
+    """Map click parameters onto config sections (None = not given, so env/TOML/defaults apply)."""
+    p = params
+    flags: dict[str, dict[str, Any]] = {
+        "source": {"recursive": p.get("recursive") or None, "mpp_csv": p.get("mpp_csv")},
+        "segment": {"device": p.get("device"), "seg_batch_size": p.get("seg_batch_size"),
+                    "segmenter": p.get("segmenter"), "seg_weights": p.get("seg_weights"),
+                    "seg_precision": (p.get("seg_precision") or "").lower() or None},
+        "write": {"output": p.get("output")},
+    }
+    if "patch_size" in p:
+        flags["plan"] = {k: p.get(k) for k in ("patch_size", "step_size", "target_mag", "tissue_thresh",
+                                                "white_thresh", "black_thresh", "fast_mode")}
+        flags["open"] = {"max_open_slides": p.get("max_open_slides")}
+        flags["write"].update({k: p.get(k) for k in ("write_batch", "skip_existing", "save_images",
+                                                      "visualize_grids", "visualize_mask", "visualize_contours")})
+    if features:
+        flags["encode"] = {
+            "extractors": parse_feature_list(p["feature_extractors"]),
+            "device": p.get("feature_device"),
+            "batch_size": p.get("feature_batch_size"),
+            "precision": (p.get("feature_precision") or "float16").lower(),
+            "plugins": tuple(p.get("feature_plugin") or ()),
+            "weights": parse_weights(tuple(p.get("weights") or ())),
+        }
+        workers = p.get("feature_num_workers")
+        flags["read"] = {"reader_threads": max(1, workers) if workers is not None else None}
+    try:
+        return load_config(flags, toml_path=p.get("config_file"))
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from exc

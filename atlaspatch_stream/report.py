@@ -1,0 +1,64 @@
+"""The machine-readable run report: JSON lines under the output folder, one event per slide and stage."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from . import __version__
+from .items import SlideResult
+
+REPORT_NAME = "atlaspatch-report.jsonl"
+
+
+class RunReport:
+    """Appends events to `<out>/atlaspatch-report.jsonl`; each line carries this run's id. Thread-safe."""
+
+    def __init__(self, output: Path, command: str) -> None:
+        self.path = output / REPORT_NAME
+        self.run_id = uuid.uuid4().hex[:12]
+        self.command = command
+        self._lock = threading.Lock()
+        self._file: Any = None
+
+    def _write(self, event: dict[str, Any]) -> None:
+        line = orjson.dumps({"run": self.run_id, "time": time.time(), **event}, default=str) + b"\n"
+        with self._lock:
+            if self._file is None:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self._file = open(self.path, "ab")  # noqa: SIM115 - kept open for the run
+            self._file.write(line)
+            self._file.flush()
+
+    def start(self, settings: dict[str, Any]) -> None:
+        """The run's first line: command, version, host and settings."""
+        self._write({"event": "run_start", "command": self.command, "version": __version__,
+                     "host": socket.gethostname(), "pid": os.getpid(), "settings": settings})
+
+    def slide(self, result: SlideResult) -> None:
+        """One line per stage with its busy seconds, then one line with the slide's outcome."""
+        name = str(result.job.path)
+        for stage, seconds in result.timings.items():
+            if stage != "total":
+                self._write({"event": "stage", "slide": name, "stage": stage, "seconds": round(seconds, 6)})
+        self._write({
+            "event": "slide", "slide": name, "status": result.status, "message": result.message,
+            "h5": str(result.h5_path) if result.h5_path else None, "num_patches": result.num_patches,
+            "features": list(result.features), "seconds": round(result.timings.get("total", 0.0), 6),
+            **{k: v for k, v in result.extra.items() if k not in {"num_patches"}},
+        })
+
+    def end(self, statistics: dict[str, Any]) -> None:
+        """The run's last line, then close."""
+        self._write({"event": "run_end", **statistics})
+        with self._lock:
+            if self._file is not None:
+                self._file.close()
+                self._file = None

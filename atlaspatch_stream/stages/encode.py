@@ -1,0 +1,62 @@
+"""Stage `encode`: PatchBatch -> FeatureBatch. Batches filled across slides; every encoder sees each batch once."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import anyio
+from anyio.abc import ObjectReceiveStream, ObjectSendStream
+
+from ..batching import Batcher
+from ..items import FeatureBatch, PatchBatch
+
+
+async def run(
+    receive: ObjectReceiveStream[PatchBatch],
+    send: ObjectSendStream[Any],
+    *,
+    encoders: Sequence[Any],
+    batch_size: int,
+    limiter: anyio.CapacityLimiter,
+    task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    """PatchBatch chunks (any slides) -> FeatureBatch of `batch_size` rows with every encoder's output.
+
+    Models are loaded and warmed up before the stage reports ready. Rows from several slides share a batch (the
+    device never idles between slides); a partial batch runs as soon as nothing more is queued, so a slow reader never
+    stalls a slide's last rows. Each forward runs in a worker thread under `limiter` (device submissions). Closes
+    `send` when `receive` ends. Encoder errors are bugs or a broken device: they propagate and stop the run.
+    """
+    for encoder in encoders:
+        await anyio.to_thread.run_sync(encoder.warm_up, limiter=limiter)
+    task_status.started()
+    batcher = Batcher(batch_size)
+    try:
+        async with receive, send:
+            async for chunk in receive:
+                for batch in batcher.add(chunk):
+                    await send.send(await _encode(batch, encoders, limiter))
+                if len(batcher) and _queue_empty(receive):
+                    await send.send(await _encode(batcher.flush(), encoders, limiter))
+            if len(batcher):
+                await send.send(await _encode(batcher.flush(), encoders, limiter))
+    finally:
+        with anyio.CancelScope(shield=True):
+            for encoder in encoders:
+                await anyio.to_thread.run_sync(encoder.close)
+
+
+def _queue_empty(receive: ObjectReceiveStream[PatchBatch]) -> bool:
+    stats = getattr(receive, "statistics", None)
+    return stats is not None and stats().current_buffer_used == 0
+
+
+async def _encode(batch: PatchBatch, encoders: Sequence[Any], limiter: anyio.CapacityLimiter) -> FeatureBatch:
+    started = time.perf_counter()
+    features = {}
+    for encoder in encoders:
+        features[encoder.name] = await anyio.to_thread.run_sync(encoder.encode, batch.pixels, limiter=limiter)
+    return FeatureBatch(batch.slide_ids, batch.rows, features, encode_seconds=time.perf_counter() - started,
+                        read_seconds=batch.read_seconds)

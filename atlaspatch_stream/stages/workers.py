@@ -1,0 +1,36 @@
+"""The one helper, besides `pipeline.py`, that creates task groups: N parallel workers of one stage."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import anyio
+from anyio.abc import ObjectReceiveStream, ObjectSendStream
+
+
+async def run_workers(
+    n: int,
+    receive: ObjectReceiveStream[Any],
+    send: ObjectSendStream[Any] | None,
+    worker: Callable[[ObjectReceiveStream[Any], ObjectSendStream[Any] | None], Awaitable[None]],
+) -> None:
+    """Run `n` copies of `worker`, each with clones of the stream ends; closes the originals on exit.
+
+    End-of-stream flows downstream once every clone of `send` is closed; a closed consumer flows upstream.
+    """
+    async with receive, _maybe(send), anyio.create_task_group() as tg:
+        for _ in range(n):
+            tg.start_soon(worker, receive.clone(), send.clone() if send is not None else None)  # type: ignore[attr-defined]
+
+
+class _Null:
+    async def __aenter__(self) -> None:
+        return None
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+
+def _maybe(send: ObjectSendStream[Any] | None) -> Any:
+    return send if send is not None else _Null()
