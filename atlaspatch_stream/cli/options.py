@@ -30,9 +30,9 @@ def _path_arg() -> Decorator:
 INPUT_OPTIONS: list[Decorator] = [
     _path_arg(),
     click.option("--output", "-o", required=True, type=click.Path(path_type=Path), help="Output root folder."),
-    click.option("--device", default="cuda", show_default=True,
+    click.option("--device", default=None, show_default="cuda",
                  help="Segmentation device: cpu, cuda or cuda:N (plain cuda falls back to CPU without a GPU)."),
-    click.option("--seg-batch-size", type=click.IntRange(min=1), default=1, show_default=True,
+    click.option("--seg-batch-size", type=click.IntRange(min=1), default=None, show_default="1",
                  help="Thumbnails per segmentation call."),
     click.option("--recursive", is_flag=True, help="Recurse into subfolders."),
     click.option("--mpp-csv", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
@@ -52,22 +52,22 @@ COMMON_OPTIONS: list[Decorator] = [
     click.option("--patch-size", type=int, required=True, help="Patch edge in pixels at the target magnification."),
     click.option("--step-size", type=int, default=None, help="Stride at the target magnification [patch-size]."),
     click.option("--target-mag", type=click.IntRange(1, 120), required=True, help="Target magnification."),
-    click.option("--tissue-thresh", type=float, default=0.0, show_default=True,
+    click.option("--tissue-thresh", type=float, default=None, show_default="0.0",
                  help="Minimum tissue contour area as a fraction of the thumbnail area."),
-    click.option("--white-thresh", type=int, default=15, show_default=True,
+    click.option("--white-thresh", type=int, default=None, show_default="15",
                  help="Saturation threshold of the white filter (--no-fast-mode only)."),
-    click.option("--black-thresh", type=int, default=50, show_default=True,
+    click.option("--black-thresh", type=int, default=None, show_default="50",
                  help="Grey threshold of the black filter (--no-fast-mode only)."),
-    click.option("--write-batch", type=int, default=8192, show_default=True, help="H5 chunk rows for coords."),
+    click.option("--write-batch", type=int, default=None, show_default="8192", help="H5 chunk rows for coords."),
     click.option("--patch-workers", type=int, default=None, help="Threads planning coordinates [cpu count]."),
-    click.option("--max-open-slides", type=int, default=200, show_default=True, help="Slides in flight at once."),
-    click.option("--fast-mode/--no-fast-mode", default=True, show_default=True,
+    click.option("--max-open-slides", type=int, default=None, show_default="200", help="Slides in flight at once."),
+    click.option("--fast-mode/--no-fast-mode", default=None, show_default="True",
                  help="Fast mode emits coordinates without reading pixels (no black/white filters)."),
     click.option("--save-images", is_flag=True, help="Write every patch as a PNG under <out>/images/<stem>/."),
     click.option("--visualize-grids", is_flag=True, help="<out>/visualization/<stem>.png"),
     click.option("--visualize-mask", is_flag=True, help="<out>/visualization/<stem>_mask.png and _mask_bw.png"),
     click.option("--visualize-contours", is_flag=True, help="<out>/visualization/<stem>_contours.png"),
-    click.option("--skip-existing/--force", default=True, show_default=True,
+    click.option("--skip-existing/--force", default=None, show_default="True",
                  help="Skip or reuse slides whose output exists (--force re-segments and overwrites)."),
 ]
 
@@ -75,11 +75,11 @@ FEATURE_OPTIONS: list[Decorator] = [
     click.option("--feature-extractors", required=True,
                  help="Encoder names separated by commas and/or spaces (see `atlaspatch encoders`)."),
     click.option("--feature-device", default=None, help="Encoder device [--device]."),
-    click.option("--feature-batch-size", type=int, default=32, show_default=True, help="Patches per forward call."),
-    click.option("--feature-num-workers", type=click.IntRange(min=0), default=4, show_default=True,
+    click.option("--feature-batch-size", type=int, default=None, show_default="32", help="Patches per forward call."),
+    click.option("--feature-num-workers", type=click.IntRange(min=0), default=None, show_default="4",
                  help="Tile reader/decoder threads."),
     click.option("--feature-precision", type=click.Choice(["float32", "float16", "bfloat16"], case_sensitive=False),
-                 default="float16", show_default=True,
+                 default=None, show_default="float16",
                  help="float32 exact; float16 = fp16 autocast on CUDA, bf16 autocast on CPU; bfloat16 = bf16 autocast."),
     click.option("--feature-plugin", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
                  help="Python file registering custom encoders (repeatable)."),
@@ -130,14 +130,16 @@ def build_config(params: dict[str, Any], *, features: bool) -> PipelineConfig:
         flags["plan"] = {k: p.get(k) for k in ("patch_size", "step_size", "target_mag", "tissue_thresh",
                                                 "white_thresh", "black_thresh", "fast_mode")}
         flags["open"] = {"max_open_slides": p.get("max_open_slides")}
-        flags["write"].update({k: p.get(k) for k in ("write_batch", "skip_existing", "save_images",
-                                                      "visualize_grids", "visualize_mask", "visualize_contours")})
+        flags["write"].update({k: p.get(k) for k in ("write_batch", "skip_existing")})
+        # plain flags: only an explicit flag overrides the environment or the TOML file
+        flags["write"].update({k: p.get(k) or None for k in ("save_images", "visualize_grids", "visualize_mask",
+                                                             "visualize_contours")})
     if features:
         flags["encode"] = {
             "extractors": parse_feature_list(p["feature_extractors"]),
             "device": p.get("feature_device"),
             "batch_size": p.get("feature_batch_size"),
-            "precision": (p.get("feature_precision") or "float16").lower(),
+            "precision": (p.get("feature_precision") or "").lower() or None,
             "plugins": tuple(p.get("feature_plugin") or ()),
             "weights": parse_weights(tuple(p.get("weights") or ())),
         }
