@@ -6,6 +6,7 @@ which are imported here lazily, so `import atlaspatch_stream` stays light.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,8 @@ from ..errors import SlideError
 from ..items import OpenedSlide, PatchPlan, SlideJob
 from ..outputs import SlideAttrs
 from ..sources import ledger
+
+log = logging.getLogger("atlaspatch_stream")
 
 
 class Backends:
@@ -139,7 +142,10 @@ class Backends:
         )
         if not cfg.fast_mode and len(coords):
             coords = self._filter(slide, coords)
-        self._visualize(slide, mask, contours, coords, geometry)
+        try:
+            self._visualize(slide, mask, contours, coords, geometry)
+        except Exception as exc:  # noqa: BLE001 - overlays never fail a slide (upstream §6.4)
+            log.warning("%s: visualization failed: %s", slide.job.name, exc)
         return PatchPlan(slide, geometry, coords, self._attrs(slide, geometry))
 
     def _filter(self, slide: OpenedSlide, coords: np.ndarray) -> np.ndarray:
