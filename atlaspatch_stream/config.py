@@ -115,6 +115,7 @@ class ReadConfig:
     def __post_init__(self) -> None:
         _require(self.reader_threads > 0, "reader threads must be > 0")
         _require(self.chunk_patches > 0, "chunk_patches must be > 0")
+        _require(self.decoder in ("cpu", "dali"), f"unknown decoder {self.decoder!r} (cpu or dali)")
 
 
 @dataclass(frozen=True)
@@ -246,6 +247,8 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
                 return float(value)
             except ValueError as exc:
                 raise ConfigError(f"{key}: expected a number, got {value!r}") from exc
+        if "tuple[tuple" in text:  # weights from the environment: "name=path,name2=path2"
+            return _pairs(value, key)
         if "tuple" in text:
             return tuple(v for v in value.replace(",", " ").split() if v)
     if "Path" in text and isinstance(value, str) and "tuple" not in text:
@@ -255,6 +258,17 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     if "tuple" in text and isinstance(value, Mapping):
         return tuple((k, Path(v)) for k, v in value.items())
     return value
+
+
+def _pairs(value: str, key: str) -> tuple[tuple[str, Path], ...]:
+    pairs = []
+    for part in (p.strip() for p in value.split(",")):
+        name, sep, path = part.partition("=")
+        if part and not (sep and name.strip() and path.strip()):
+            raise ConfigError(f"{key}: expected name=path pairs, got {part!r}")
+        if part:
+            pairs.append((name.strip(), Path(path.strip())))
+    return tuple(pairs)
 
 
 def _from_env(environ: Mapping[str, str]) -> dict[str, dict[str, Any]]:

@@ -56,7 +56,9 @@ class SlideAttrs:
             ("stain", self.stain),
         ]
         pairs += [(k, v) for k, v in optional if v not in (None, "")]
-        pairs += [(k, v) for k, v in self.extra.items() if v is not None]
+        # Additions never overwrite upstream's attributes (the settings record repeats patch_size etc.).
+        upstream = {k for k, _ in pairs} | {"num_patches"}
+        pairs += [(k, v) for k, v in self.extra.items() if v is not None and k not in upstream]
         return pairs
 
 

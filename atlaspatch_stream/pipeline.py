@@ -121,7 +121,11 @@ class Pipeline:
     # -- public -----------------------------------------------------------------------------------------------------
 
     async def submit(self, job: SlideJob) -> None:
-        """Queue one slide (waits while the job queue is full)."""
+        """Queue one slide (waits while the job queue is full).
+
+        Feed from a task of its own while another reads `results()`: when nobody reads results, every buffer fills
+        and `submit` waits for ever (the pipeline is bounded end to end, results included).
+        """
         self.counts.submitted += 1
         await self._jobs_send.send(job)
 
@@ -164,6 +168,17 @@ class Pipeline:
             finally:
                 await self.book.release_all()
                 await self.book.aclose()
+                self._close_stage_streams()
+
+    def _close_stage_streams(self) -> None:
+        """Close the original ends left open (unused streams, ends a cancelled stage never took); idempotent.
+
+        The results stream stays open: `results()` may still be draining it (closed by `running()`).
+        """
+        for name, stream in self._streams.items():
+            if name != "results":
+                stream.send.close()
+                stream.receive.close()
 
     async def _forward_results(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         out = self._streams["results"].send
@@ -293,13 +308,16 @@ async def running(
     Results not consumed by the caller are drained (they are still counted) when the block exits.
     """
     pipeline = Pipeline(config, backends, mode, report)
-    async with anyio.create_task_group() as tg:
-        await tg.start(pipeline.run)
-        try:
-            yield pipeline
-        except BaseException:
-            tg.cancel_scope.cancel()
-            raise
-        await pipeline.close_input()
-        async for _ in pipeline.results():
-            pass
+    try:
+        async with anyio.create_task_group() as tg:
+            await tg.start(pipeline.run)
+            try:
+                yield pipeline
+            except BaseException:
+                tg.cancel_scope.cancel()
+                raise
+            await pipeline.close_input()
+            async for _ in pipeline.results():
+                pass
+    finally:
+        pipeline._streams["results"].receive.close()

@@ -137,8 +137,13 @@ def geometry_mismatch(attrs: Mapping[str, Any], wanted: Mapping[str, Any]) -> li
         return []
     keys = [k for k in (*GEOMETRY_KEYS, "step_size", "tissue_thresh", "fast_mode", "segmenter") if k in attrs]
     diffs = [f"{k}={attrs[k]!r} (requested {wanted[k]!r})" for k in keys if k in wanted and attrs[k] != wanted[k]]
-    if not diffs and theirs is not None and attrs.get("segmenter_sha256") != wanted.get("segmenter_sha256"):
-        diffs.append("segmenter weights differ")
+    if not diffs and theirs is not None:
+        # The fingerprint also covers settings without their own attribute (filter thresholds, segmenter weights):
+        # a differing fingerprint is a mismatch even when no named attribute differs.
+        if attrs.get("segmenter_sha256") != wanted.get("segmenter_sha256"):
+            diffs.append("segmenter weights differ")
+        else:
+            diffs.append(f"settings fingerprint {theirs} (requested {wanted.get('settings_fingerprint')})")
     return diffs
 
 
@@ -160,7 +165,7 @@ def decide_reuse(
     if diffs:
         return ReuseDecision("mismatch", reason="; ".join(diffs))
     if not encoders:
-        return ReuseDecision("skip", reason="output exists")
+        return ReuseDecision("skip", num_patches=existing.num_patches or 0, reason="output exists")
     num = existing.num_patches
     if num is None or (num <= 0 and "settings_fingerprint" not in existing.attrs):
         return ReuseDecision("new", reason="existing output has no patches")

@@ -69,16 +69,21 @@ async def _read_one(
         iterator = await anyio.to_thread.run_sync(
             backends.iter_patches, plan, settings.patch_size, settings.chunk, settings.reader_threads, limiter=limiter
         )
+        sent = 0
         while True:
             started = time.perf_counter()
             chunk = await anyio.to_thread.run_sync(next, iterator, None, limiter=limiter)
             if chunk is None:
-                return
+                break
             rows, pixels = chunk
+            sent += int(rows.shape[0])
             if settings.save_images:
                 await anyio.to_thread.run_sync(backends.save_images, plan, rows, pixels, limiter=limiter)
             elapsed = time.perf_counter() - started
             await send.send(_batch(job.slide_id, rows, pixels if settings.keep_pixels else None, elapsed))
+        if sent != plan.num_patches:
+            # A short reader would leave the slide open (and its slot taken) until the run ends: fail it now.
+            raise SlideError(f"reader returned {sent} of {plan.num_patches} patches", slide=job.name)
     except SlideError as exc:
         await send_write.send(SlideFailed(job, "read", exc.one_line() if exc.slide else f"{job.name}: {exc.one_line()}"))
     except Exception as exc:  # noqa: BLE001 - a foreign per-slide failure becomes a record

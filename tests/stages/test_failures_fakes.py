@@ -1,0 +1,165 @@
+"""Per-slide failures in each stage are records that never stop the batch; a bug propagates and stops the run."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import anyio
+import numpy as np
+import pytest
+
+from atlaspatch_stream.api import process_slides
+from atlaspatch_stream.config import (
+    EncodeConfig,
+    PipelineConfig,
+    PlanConfig,
+    ReadConfig,
+    SegmentConfig,
+    WriteConfig,
+)
+from atlaspatch_stream.errors import SlideError
+from atlaspatch_stream.items import OpenedSlide, PatchPlan, SlideResult
+from atlaspatch_stream.sources import ledger
+from atlaspatch_stream.testing.fakes import FakeBackends, FakeEncoder, FakeSegmenter, fake_jobs
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def _config(out: Path, seg_batch: int = 1) -> PipelineConfig:
+    return PipelineConfig(
+        segment=SegmentConfig(segmenter="otsu", device="cpu", seg_batch_size=seg_batch),
+        plan=PlanConfig(patch_size=16),
+        read=ReadConfig(reader_threads=1, chunk_patches=4),
+        encode=EncodeConfig(extractors=("a",), device="cpu", batch_size=8),
+        write=WriteConfig(output=out, write_batch=8),
+    )
+
+
+class PickySegmenter(FakeSegmenter):
+    """Fails thumbnails 31 pixels high (the `bad_seg` slide's), segments the rest."""
+
+    def segment(self, thumbnails: Sequence[np.ndarray]) -> list[np.ndarray | Exception]:
+        self.batches.append(len(thumbnails))
+        return [RuntimeError("model diverged") if t.shape[0] == 31 else np.ones(t.shape[:2], bool) for t in thumbnails]
+
+
+class FlakyBackends(FakeBackends):
+    """Per-stem failures in segmentation, planning and output creation."""
+
+    def make_segmenter(self) -> FakeSegmenter:
+        self.segmenter = PickySegmenter()
+        return self.segmenter
+
+    def thumbnail(self, handle: Any) -> np.ndarray:
+        high = 31 if "bad_seg" in handle.info.path else 32
+        return np.full((high, 32, 3), 128, np.uint8)
+
+    def plan(self, slide: OpenedSlide, mask: np.ndarray | None) -> PatchPlan:
+        if slide.job.stem == "bad_plan":
+            raise ValueError("contour math exploded")
+        return super().plan(slide, mask)
+
+    def open_store(self, plan: PatchPlan) -> Any:
+        if plan.slide.job.stem == "bad_write":
+            raise OSError(28, "No space left on device")
+        return super().open_store(plan)
+
+
+async def _results(config: PipelineConfig, stems: list[str], backends: FakeBackends) -> dict[str, SlideResult]:
+    with anyio.fail_after(4):
+        summary = await process_slides(fake_jobs(config.write.output, stems), config, backends=backends)
+    return {r.job.stem: r for r in summary.results}
+
+
+def _leftovers(out: Path) -> list[str]:
+    return sorted(p.name for p in (out / "patches").iterdir() if ".tmp." in p.name or p.suffix == ".lock")
+
+
+async def test_failures_in_every_stage_fail_alone(tmp_path: Path) -> None:
+    """Slides failing in segment, plan and output creation each get a failed record naming the stage and cause;
+    the healthy slides (batched with the failing ones for segmentation) finish; nothing partial remains."""
+    config = _config(tmp_path, seg_batch=4)
+    backends = FlakyBackends(config, segment_delay=0.0)
+    stems = ["ok0", "bad_seg", "bad_plan", "bad_write", "ok1"]
+    results = await _results(config, stems, backends)
+    assert {s: r.status for s, r in results.items()} == {
+        "ok0": "done", "ok1": "done", "bad_seg": "failed", "bad_plan": "failed", "bad_write": "failed"}
+    assert results["bad_seg"].extra["stage"] == "segment" and "model diverged" in results["bad_seg"].message
+    assert results["bad_plan"].extra["stage"] == "plan" and "ValueError: contour math" in results["bad_plan"].message
+    assert results["bad_write"].extra["stage"] == "write" and "No space left" in results["bad_write"].message
+    assert all(s in results[s].message for s in ("bad_seg", "bad_plan", "bad_write"))
+    assert sorted(p.name for p in (tmp_path / "patches").glob("*.h5")) == ["ok0.h5", "ok1.h5"]
+    assert _leftovers(tmp_path) == []
+    assert all(h.closed for h in backends.opened)
+
+
+class BrokenEncoder(FakeEncoder):
+    """A device failure: every call raises (a bug or broken run, not a per-slide problem)."""
+
+    def encode(self, pixels: np.ndarray) -> np.ndarray:
+        raise RuntimeError("CUDA error: device lost")
+
+
+class BrokenDeviceBackends(FakeBackends):
+    def make_encoders(self) -> list[Any]:
+        return [BrokenEncoder(name="a")]
+
+
+async def test_a_bug_propagates_and_cleans_up(tmp_path: Path) -> None:
+    """An encoder raising a foreign error stops the run with that error; no temp file, lock or final file remains."""
+    config = _config(tmp_path)
+    backends = BrokenDeviceBackends(config)
+    with anyio.fail_after(4), pytest.raises(BaseException) as info:
+        await process_slides(fake_jobs(tmp_path, ["s0", "s1"]), config, backends=backends)
+    assert "device lost" in repr(info.value) or any(
+        "device lost" in str(e) for e in getattr(info.value, "exceptions", ()))
+    assert list((tmp_path / "patches").glob("*.h5")) == []
+    assert _leftovers(tmp_path) == []
+    assert all(h.closed for h in backends.opened)
+
+
+async def test_same_stem_twice_in_one_run_is_locked_not_lost(tmp_path: Path) -> None:
+    """Two jobs writing the same `<stem>.h5` in one run: one is processed, the other reported, never dropped."""
+    config = _config(tmp_path)
+    jobs = fake_jobs(tmp_path, ["s", "s"])
+    jobs[1] = type(jobs[1])(1, jobs[1].path, "s", None, display="copy/s.svs")
+    with anyio.fail_after(4):
+        summary = await process_slides(jobs, config, backends=FakeBackends(config, read_delay=0.01))
+    statuses = sorted(r.status for r in summary.results)
+    assert len(statuses) == 2 and "done" in statuses and statuses != ["done", "done"]
+    assert ledger.h5_path(tmp_path, "s").exists() and _leftovers(tmp_path) == []
+
+
+async def test_slide_error_message_names_slide_once(tmp_path: Path) -> None:
+    """A SlideError that already names its slide is not prefixed a second time."""
+    config = _config(tmp_path)
+    results = await _results(config, ["x"], FakeBackends(config, fail_open=["x"]))
+    message = results["x"].message
+    assert message.count("x.svs") == 1 and SlideError.__name__ not in message
+
+
+class ShortReaderBackends(FakeBackends):
+    """The `short` slide's reader stops one chunk early (a backend bug that must not hold the slide open)."""
+
+    def iter_patches(self, plan: PatchPlan, patch_size: int, chunk: int, threads: int) -> Any:
+        chunks = list(super().iter_patches(plan, patch_size, chunk, threads))
+        return iter(chunks[:-1] if plan.slide.job.stem == "short" else chunks)
+
+
+async def test_short_reader_fails_slide_and_frees_its_slot(tmp_path: Path) -> None:
+    """With one slot (max_open_slides=1), a slide whose reader yields too few rows fails at once ('read', counts in
+    the message) and the following slides still run."""
+    base = _config(tmp_path)
+    config = base.replace(open=type(base.open)(max_open_slides=1))
+    results = await _results(config, ["short", "s1", "s2"], ShortReaderBackends(config, patches_per_slide=10))
+    assert results["short"].status == "failed" and results["short"].extra["stage"] == "read"
+    assert "returned 8 of 10" in results["short"].message
+    assert results["s1"].status == "done" and results["s2"].status == "done"
+    assert _leftovers(tmp_path) == []
