@@ -1,10 +1,13 @@
 """The async facade: `open_pipeline()`, `process_slides()`, `make_jobs()`.
 
 ```python
-async with open_pipeline(config) as pipeline:
+async def feed(pipeline):
     for job in make_jobs([folder], config):
-        await pipeline.submit(job)
+        await pipeline.submit(job)      # waits while the pipeline is full
     await pipeline.close_input()
+
+async with open_pipeline(config) as pipeline, anyio.create_task_group() as tg:
+    tg.start_soon(feed, pipeline)       # feed and consume concurrently: every queue is bounded
     async for result in pipeline.results():
         print(result.job.path, result.status)
 ```
@@ -68,7 +71,8 @@ async def open_pipeline(
             yield pipeline
     finally:
         stats = pipeline.statistics() if pipeline is not None else {}
-        await anyio.to_thread.run_sync(report.end, stats)
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(report.end, stats)
 
 
 def _settings_for_report(config: PipelineConfig) -> dict[str, Any]:

@@ -16,14 +16,24 @@ def concat(parts: list[PatchBatch]) -> PatchBatch:
         np.concatenate([p.rows for p in parts]),
         np.concatenate([p.pixels for p in parts]),
         read_seconds=sum(p.read_seconds for p in parts),
+        encoders=_union([p.encoders for p in parts]),
     )
+
+
+def _union(sets: list[frozenset[str] | None]) -> frozenset[str] | None:
+    """Encoders needed by any part (None, meaning all, wins)."""
+    if any(s is None for s in sets):
+        return None
+    return frozenset().union(*sets)  # type: ignore[arg-type]
 
 
 def split(batch: PatchBatch, n: int) -> tuple[PatchBatch, PatchBatch]:
     """The first `n` rows and the rest (read time shared by row count)."""
     share = batch.read_seconds * n / max(1, len(batch))
-    head = PatchBatch(batch.slide_ids[:n], batch.rows[:n], batch.pixels[:n], read_seconds=share)
-    tail = PatchBatch(batch.slide_ids[n:], batch.rows[n:], batch.pixels[n:], read_seconds=batch.read_seconds - share)
+    head = PatchBatch(batch.slide_ids[:n], batch.rows[:n], batch.pixels[:n], read_seconds=share,
+                      encoders=batch.encoders)
+    tail = PatchBatch(batch.slide_ids[n:], batch.rows[n:], batch.pixels[n:], read_seconds=batch.read_seconds - share,
+                      encoders=batch.encoders)
     return head, tail
 
 

@@ -107,6 +107,7 @@ class PatchBatch:
     rows: np.ndarray  # int64 (B,)
     pixels: np.ndarray  # uint8 (B, P, P, 3)
     read_seconds: float = 0.0
+    encoders: frozenset[str] | None = None  # encoders these rows need (reused slides); None = all
 
     def __len__(self) -> int:
         return int(self.rows.shape[0])

@@ -57,6 +57,7 @@ async def _encode(batch: PatchBatch, encoders: Sequence[Any], limiter: anyio.Cap
     started = time.perf_counter()
     features = {}
     for encoder in encoders:
-        features[encoder.name] = await anyio.to_thread.run_sync(encoder.encode, batch.pixels, limiter=limiter)
+        if batch.encoders is None or encoder.name in batch.encoders:  # reused slides need only their missing sets
+            features[encoder.name] = await anyio.to_thread.run_sync(encoder.encode, batch.pixels, limiter=limiter)
     return FeatureBatch(batch.slide_ids, batch.rows, features, encode_seconds=time.perf_counter() - started,
                         read_seconds=batch.read_seconds)

@@ -80,7 +80,7 @@ async def _read_one(
             if settings.save_images:
                 await anyio.to_thread.run_sync(backends.save_images, plan, rows, pixels, limiter=limiter)
             elapsed = time.perf_counter() - started
-            await send.send(_batch(job.slide_id, rows, pixels if settings.keep_pixels else None, elapsed))
+            await send.send(_batch(plan, rows, pixels if settings.keep_pixels else None, elapsed))
         if sent != plan.num_patches:
             # A short reader would leave the slide open (and its slot taken) until the run ends: fail it now.
             raise SlideError(f"reader returned {sent} of {plan.num_patches} patches", slide=job.name)
@@ -90,7 +90,9 @@ async def _read_one(
         await send_write.send(SlideFailed(job, "read", f"{job.name}: {describe(exc)}"))
 
 
-def _batch(slide_id: int, rows: np.ndarray, pixels: np.ndarray | None, seconds: float) -> PatchBatch:
-    ids = np.full(rows.shape[0], slide_id, dtype=np.int64)
+def _batch(plan: PatchPlan, rows: np.ndarray, pixels: np.ndarray | None, seconds: float) -> PatchBatch:
+    ids = np.full(rows.shape[0], plan.slide.job.slide_id, dtype=np.int64)
     px = pixels if pixels is not None else np.empty((rows.shape[0], 0, 0, 3), dtype=np.uint8)
-    return PatchBatch(ids, rows.astype(np.int64, copy=False), px, read_seconds=seconds)
+    reuse = plan.slide.reuse
+    needed = frozenset(reuse.missing) if reuse is not None else None
+    return PatchBatch(ids, rows.astype(np.int64, copy=False), px, read_seconds=seconds, encoders=needed)
