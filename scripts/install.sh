@@ -20,5 +20,8 @@ PIP="$VENV/bin/python -m pip"
 $PIP install -q --upgrade pip setuptools wheel
 $PIP install -q "torch==2.14.1" "torchvision==0.29.1"
 $VENV/bin/python -c "import sam2" 2>/dev/null || SAM2_BUILD_CUDA=0 $PIP install -q --no-build-isolation "sam2>=1.1"
+case ",$EXTRAS," in
+  *,musk,*) EXTRAS="${EXTRAS//,musk/}"; $PIP install -q "einops>=0.7"; $PIP install -q --no-deps "torchscale>=0.3" "fairscale>=0.4" ;;
+esac
 $PIP install -q -e ".[$EXTRAS]"
 echo "installed into $VENV (extras: $EXTRAS)"
