@@ -60,7 +60,7 @@ class EncoderSpec:
     preprocess: Preprocess | None  # None: the encoder takes raw uint8 patches (weight-free encoders)
     build: Callable[[], Any]  # -> torch.nn.Module with random init (or on the meta device when called under it)
     forward: Callable[[Any, Any], Any] | None = None  # (model, x) -> (B, D); default model(x) flattened
-    load_weights: Callable[[Any, str], None] | None = None  # (model, path) -> None; default strict state-dict
+    load_weights: Callable[[Any, str], Any] | None = None  # (model, path) -> loaded model; default strict state dict
     weights: WeightsSource = field(default_factory=lambda: WeightsSource("none"))
     tier: Tier = "core"
     licence: str = ""
@@ -68,6 +68,7 @@ class EncoderSpec:
     family: str = ""
     params_m: float | None = None
     notes: str = ""
+    meta_load: bool = False  # build on meta + to_empty + assign-load gives identical outputs (no unsaved buffers)
 
     @property
     def input_size(self) -> int:
