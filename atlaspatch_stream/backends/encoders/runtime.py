@@ -1,0 +1,297 @@
+"""`TorchEncoder`: a built-in encoder loaded once, fed decoded uint8 batches, preprocessing done on its device.
+
+Upstream turns every patch into a PIL image and runs torchvision transforms on the CPU, one patch at a time. Here the
+whole batch goes to the device once as uint8, and resize / centre crop / normalise run as tensor ops that replay the
+same transform (torchvision's `Resize(int)` output size and `CenterCrop` rounding, antialiased interpolation).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ...errors import ConfigError
+from .spec import EncoderSpec, Preprocess
+
+_CONV_FAMILIES = ("resnet", "convnext")
+
+
+def resized_size(height: int, width: int, resize: int | tuple[int, int]) -> tuple[int, int]:
+    """The output size of torchvision `Resize(resize)`: an int scales the shorter side, a pair squashes."""
+    if isinstance(resize, tuple):
+        return resize
+    short, long = (height, width) if height <= width else (width, height)
+    new_short, new_long = resize, int(resize * long / short)
+    return (new_short, new_long) if height <= width else (new_long, new_short)
+
+
+def crop_box(height: int, width: int, crop: int) -> tuple[int, int]:
+    """Top and left offsets of torchvision's `CenterCrop(crop)` (round half to even, as it uses `round`)."""
+    return int(round((height - crop) / 2.0)), int(round((width - crop) / 2.0))
+
+
+def preprocess_batch(x: Any, pre: Preprocess) -> Any:
+    """Resize, centre-crop and normalise a float (B, 3, H, W) batch in [0, 1], on its own device.
+
+    Args:
+        x: the batch.
+        pre: the encoder's transform.
+
+    Returns:
+        The normalised model input (B, 3, S, S), float32.
+    """
+    import torch
+
+    if pre.resize is not None:
+        x = pil_like_resize(x, resized_size(x.shape[-2], x.shape[-1], pre.resize), pre)
+    if pre.crop is not None:
+        x = _center_crop(x, pre.crop)
+    mean = torch.tensor(pre.mean, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    std = torch.tensor(pre.std, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def pil_like_resize(x: Any, size: tuple[int, int], pre: Preprocess) -> Any:
+    """Resize as PIL does on uint8 images: horizontal pass, then vertical, each clipped and rounded to 8 bits.
+
+    torch's antialiased kernels are PIL's (bicubic a=-0.5), but a single 2-D call keeps the bicubic overshoot of the
+    first pass, which PIL clips; on high-frequency content that alone moves pixels by up to 25/255. Two passes with
+    clipping and rounding reproduce PIL to about 1/255.
+    """
+    import torch.nn.functional as F
+
+    height, width = x.shape[-2:]
+    aa = pre.antialias and pre.interpolation != "nearest"
+    if width != size[1]:
+        x = F.interpolate(x, size=(height, size[1]), mode=pre.interpolation, antialias=aa, align_corners=None)
+        x = _to_8bit(x)
+    if height != size[0]:
+        x = F.interpolate(
+            x, size=(size[0], size[1]), mode=pre.interpolation, antialias=aa, align_corners=None
+        )
+        x = _to_8bit(x)
+    return x
+
+
+def _to_8bit(x: Any) -> Any:
+    return x.mul_(255.0).round_().clamp_(0.0, 255.0).div_(255.0)
+
+
+def _center_crop(x: Any, crop: int) -> Any:
+    import torch.nn.functional as F
+
+    height, width = x.shape[-2:]
+    if height < crop or width < crop:  # torchvision pads with zeros first
+        pad_h, pad_w = max(crop - height, 0), max(crop - width, 0)
+        x = F.pad(x, (pad_w // 2, (pad_w + 1) // 2, pad_h // 2, (pad_h + 1) // 2))
+        height, width = x.shape[-2:]
+    top, left = crop_box(height, width, crop)
+    return x[..., top : top + crop, left : left + crop]
+
+
+def autocast_dtype(device: str, precision: str) -> Any:
+    """The autocast dtype for a precision on a device, or None for exact float32.
+
+    "float16" means fp16 autocast on CUDA and bf16 on CPU (CPU fp16 kernels are slow or missing).
+    """
+    import torch
+
+    if precision == "float32":
+        return None
+    if precision == "bfloat16":
+        return torch.bfloat16
+    if precision == "float16":
+        return torch.float16 if device.startswith("cuda") else torch.bfloat16
+    raise ConfigError(f"unknown precision {precision!r}")
+
+
+class TorchEncoder:
+    """A built-in encoder: spec + weights file -> a model on `device` answering `encode` (implements `Encoder`).
+
+    Args:
+        spec: the encoder.
+        device: "cpu", "cuda", "cuda:1", ...
+        precision: "float32" | "float16" | "bfloat16".
+        weights: the resolved weights file (None for weight-free encoders or an injected `model`).
+        model: an already built module to use instead of building one (tests, seeded random weights).
+    """
+
+    def __init__(
+        self,
+        spec: EncoderSpec,
+        *,
+        device: str = "cpu",
+        precision: str = "float32",
+        weights: Path | None = None,
+        model: Any = None,
+    ) -> None:
+        self.spec = spec
+        self.name = spec.name
+        self.dim = spec.dim
+        self.device = device
+        self.precision = precision
+        self.weights = weights
+        self._model = model
+        self._ready = False
+        self._lock = threading.Lock()
+
+    def warm_up(self) -> None:
+        """Build and load the model, move it to the device and run one dummy batch (idempotent)."""
+        with self._lock:
+            if self._ready:
+                return
+            self._model = self._prepared_model()
+            edge = self.spec.input_size or 224
+            self._run(np.zeros((1, edge, edge, 3), dtype=np.uint8))
+            self._ready = True
+
+    def _prepared_model(self) -> Any:
+        import torch
+
+        from .loading import materialize
+
+        model = self._model if self._model is not None else materialize(self.spec, self.weights)
+        model = model.to(self.device).eval()
+        if self._channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        return model
+
+    @property
+    def _channels_last(self) -> bool:
+        return any(word in self.spec.family for word in _CONV_FAMILIES)
+
+    def encode(self, pixels: np.ndarray) -> np.ndarray:
+        """uint8 (B, P, P, 3) RGB -> float32 (B, dim)."""
+        if not self._ready:
+            self.warm_up()
+        return self._run(pixels)
+
+    def _run(self, pixels: np.ndarray) -> np.ndarray:
+        import torch
+
+        if pixels.ndim != 4 or pixels.shape[-1] != 3:
+            raise ValueError(f"{self.name}: expected uint8 (B, H, W, 3), got {pixels.shape}")
+        if len(pixels) == 0:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        with torch.inference_mode():
+            x = self.model_input(pixels)
+            with self._autocast():
+                out = self._forward(x)
+            return out.flatten(1).float().cpu().numpy()
+
+    def model_input(self, pixels: np.ndarray) -> Any:
+        """The tensor the model sees for a uint8 batch: on the device, /255, resized, cropped, normalised."""
+        import torch
+
+        x = torch.from_numpy(np.ascontiguousarray(pixels)).to(self.device, non_blocking=True)
+        x = x.permute(0, 3, 1, 2).float().div_(255.0)
+        if self.spec.preprocess is not None:
+            x = preprocess_batch(x, self.spec.preprocess)
+        if self._channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def _forward(self, x: Any) -> Any:
+        if self.spec.forward is not None:
+            return self.spec.forward(self._model, x)
+        return self._model(x)
+
+    @contextlib.contextmanager
+    def _autocast(self) -> Iterator[None]:
+        import torch
+
+        dtype = autocast_dtype(self.device, self.precision)
+        if dtype is None:
+            yield
+            return
+        with torch.autocast(device_type=self.device.split(":")[0], dtype=dtype):
+            yield
+
+    def close(self) -> None:
+        """Drop the model and free cached device memory."""
+        with self._lock:
+            self._model = None
+            self._ready = False
+        if self.device.startswith("cuda"):
+            import torch
+
+            torch.cuda.empty_cache()
+
+    def __repr__(self) -> str:
+        return f"TorchEncoder({self.name!r}, dim={self.dim}, device={self.device!r}, precision={self.precision!r})"
+
+
+class CustomTorchEncoder:
+    """A plugin encoder from `register_custom_encoder`: upstream's per-patch PIL preprocess, whole-model cast.
+
+    Plugins keep upstream's semantics exactly (their preprocess is a PIL -> CHW tensor callable that we cannot
+    replay on the device): each patch is preprocessed on the CPU, the batch is stacked, moved and cast to `dtype`.
+    """
+
+    def __init__(
+        self, name: str, dim: int, loader: Any, device: Any, dtype: Any, non_blocking: bool = False
+    ) -> None:
+        from ...plugins import CustomEncoderComponents
+
+        parts = loader(device, dtype)
+        if not isinstance(parts, CustomEncoderComponents):
+            raise TypeError(
+                f"custom encoder {name!r}: loader must return CustomEncoderComponents, got {type(parts)!r}"
+            )
+        self.name, self.dim = name, dim
+        self.device, self.dtype, self.non_blocking = device, dtype, non_blocking
+        self._model = parts.model.to(device=device, dtype=dtype).eval()
+        self._preprocess = parts.preprocess
+        self._forward = parts.forward_fn
+
+    def warm_up(self) -> None:
+        """Nothing to do: the loader already ran when the encoder was created."""
+
+    def encode(self, pixels: np.ndarray) -> np.ndarray:
+        """uint8 (B, P, P, 3) RGB -> float32 (B, dim)."""
+        import torch
+        from PIL import Image
+
+        if len(pixels) == 0:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        batch = torch.stack([self._preprocess(Image.fromarray(np.ascontiguousarray(p))) for p in pixels])
+        with torch.inference_mode():
+            x = batch.to(self.device, non_blocking=self.non_blocking).to(self.dtype)
+            out = self._forward(x) if self._forward is not None else self._model(x)
+            return out.flatten(1).float().cpu().numpy() if out.ndim > 2 else out.float().cpu().numpy()
+
+    def close(self) -> None:
+        """Move the model off the device, as upstream's cleanup does, and drop it."""
+        self._model = self._model.to("cpu")
+        self._model = None
+
+
+class ExtractorEncoder:
+    """Adapts an upstream-style feature extractor (`extract_batch`, `cleanup`) to our `Encoder` protocol."""
+
+    def __init__(self, extractor: Any) -> None:
+        self._extractor = extractor
+        self.name = str(extractor.name)
+        self.dim = int(extractor.embedding_dim)
+
+    def warm_up(self) -> None:
+        """Nothing to do: upstream extractors load in their builder."""
+
+    def encode(self, pixels: np.ndarray) -> np.ndarray:
+        """uint8 (B, P, P, 3) RGB -> float32 (B, dim), via `extract_batch(list_of_HWC_uint8, batch_size=B)`."""
+        if len(pixels) == 0:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        out = self._extractor.extract_batch(list(pixels), batch_size=len(pixels))
+        out = np.asarray(out.detach().cpu() if hasattr(out, "detach") else out, dtype=np.float32)
+        return out.reshape(len(pixels), -1)
+
+    def close(self) -> None:
+        """Call the extractor's `cleanup()`."""
+        cleanup = getattr(self._extractor, "cleanup", None)
+        if cleanup is not None:
+            cleanup()
