@@ -16,6 +16,7 @@ async with open_pipeline(config) as pipeline, anyio.create_task_group() as tg:
 from __future__ import annotations
 
 import dataclasses
+import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
@@ -29,6 +30,9 @@ from .config import PipelineConfig
 from .items import SlideJob, SlideResult
 from .pipeline import Mode, Pipeline, running
 from .report import RunReport
+
+if sys.version_info < (3, 11):  # pragma: no cover
+    from exceptiongroup import BaseExceptionGroup  # anyio depends on it there
 
 
 def default_mode(config: PipelineConfig) -> Mode:
@@ -69,10 +73,27 @@ async def open_pipeline(
     try:
         async with running(config, backends, mode or default_mode(config), report) as pipeline:
             yield pipeline
+    except BaseExceptionGroup as group:
+        raise _single(group) from group
     finally:
         stats = pipeline.statistics() if pipeline is not None else {}
         with anyio.CancelScope(shield=True):
             await anyio.to_thread.run_sync(report.end, stats)
+
+
+def _single(group: BaseExceptionGroup) -> BaseException:
+    """The one real error inside nested task-group wrappers (e.g. WeightsError at start-up), else the group."""
+    leaves: list[BaseException] = []
+
+    def walk(exc: BaseException) -> None:
+        if isinstance(exc, BaseExceptionGroup):
+            for inner in exc.exceptions:
+                walk(inner)
+        else:
+            leaves.append(exc)
+
+    walk(group)
+    return leaves[0] if len(leaves) == 1 else group
 
 
 def _settings_for_report(config: PipelineConfig) -> dict[str, Any]:
