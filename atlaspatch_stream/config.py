@@ -89,6 +89,7 @@ class PlanConfig:
     fast_mode: bool = True
     hole_min_area: int = 16
     max_n_holes: int = 10
+    workers: int | None = None  # threads planning coordinates (--patch-workers); None = CPU count, at most 8
 
     def __post_init__(self) -> None:
         _require(self.patch_size > 0, "--patch-size must be > 0")
@@ -97,6 +98,12 @@ class PlanConfig:
         _require(0.0 <= self.tissue_thresh <= 1.0, "--tissue-thresh must be in [0, 1]")
         _require(self.white_thresh > 0, "--white-thresh must be > 0")
         _require(self.black_thresh > 0, "--black-thresh must be > 0")
+        _require(self.workers is None or self.workers > 0, "--patch-workers must be > 0")
+
+    @property
+    def threads(self) -> int:
+        """Planning threads: `workers`, or the CPU count capped at 8."""
+        return self.workers or min(8, os.cpu_count() or 1)
 
     @property
     def step(self) -> int:

@@ -66,7 +66,7 @@ class Limiters:
         return cls(
             open=anyio.CapacityLimiter(config.open.open_workers),
             segment=anyio.CapacityLimiter(1),
-            plan=anyio.CapacityLimiter(2),
+            plan=anyio.CapacityLimiter(config.plan.threads),
             read=anyio.CapacityLimiter(2),
             device=anyio.CapacityLimiter(1),
             h5=anyio.CapacityLimiter(1),
@@ -254,7 +254,7 @@ class Pipeline:
     async def _plan_stage(self, needs_pixels: bool, *,
                           task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         s = self._streams
-        settings = plan.PlanSettings(mode=self.mode, needs_pixels=needs_pixels)
+        settings = plan.PlanSettings(mode=self.mode, needs_pixels=needs_pixels, workers=self.config.plan.threads)
         to_write = s["to_write"].send
         send_read = s["plans"].send if needs_pixels else None
         if not needs_pixels:

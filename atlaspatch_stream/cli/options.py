@@ -129,6 +129,7 @@ def build_config(params: dict[str, Any], *, features: bool) -> PipelineConfig:
     if "patch_size" in p:
         flags["plan"] = {k: p.get(k) for k in ("patch_size", "step_size", "target_mag", "tissue_thresh",
                                                 "white_thresh", "black_thresh", "fast_mode")}
+        flags["plan"]["workers"] = p.get("patch_workers")
         flags["open"] = {"max_open_slides": p.get("max_open_slides")}
         flags["write"].update({k: p.get(k) for k in ("write_batch", "skip_existing")})
         # plain flags: only an explicit flag overrides the environment or the TOML file
