@@ -25,7 +25,9 @@ import numpy as np
 from ..errors import ConfigError, SlideError, describe
 
 
-def otsu_tissue_mask(thumbnail: np.ndarray, median: int = 7, close: int = 5, min_saturation: int = 8) -> np.ndarray:
+def otsu_tissue_mask(
+    thumbnail: np.ndarray, median: int = 7, close: int = 5, min_saturation: int = 8
+) -> np.ndarray:
     """The bool (h, w) tissue mask of one RGB uint8 thumbnail (steps in the module docstring).
 
     Raises:
@@ -39,7 +41,7 @@ def otsu_tissue_mask(thumbnail: np.ndarray, median: int = 7, close: int = 5, min
     mask = (saturation > max(float(otsu), float(min_saturation))).astype(np.uint8)
     if close > 0:
         kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (close, close))
-        mask = cv2.morphologyEx(mask, cv2.MORPH_CLOSE, kernel)
+        return np.asarray(cv2.morphologyEx(mask, cv2.MORPH_CLOSE, kernel)).astype(bool)
     return mask.astype(bool)
 
 
@@ -48,7 +50,9 @@ def _check_thumbnail(thumbnail: np.ndarray) -> None:
         kind = getattr(thumbnail, "dtype", type(thumbnail).__name__)
         raise SlideError(f"segmentation thumbnail must be a uint8 array, got {kind}")
     if thumbnail.ndim != 3 or thumbnail.shape[2] != 3 or thumbnail.shape[0] == 0 or thumbnail.shape[1] == 0:
-        raise SlideError(f"segmentation thumbnail must be a non-empty (h, w, 3) RGB image, got {thumbnail.shape}")
+        raise SlideError(
+            f"segmentation thumbnail must be a non-empty (h, w, 3) RGB image, got {thumbnail.shape}"
+        )
 
 
 class OtsuSegmenter:

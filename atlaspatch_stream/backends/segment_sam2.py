@@ -11,10 +11,12 @@ Numerics (upstream reference §3.2 step 7 and §3.3), per thumbnail (h, w, 3) ui
 5. the 256x256 low-res logits upsampled bilinearly (align_corners=False) to 1024x1024, kept where > 0.0;
 6. PIL NEAREST back to (h, w).
 
-Unlike upstream, which batches only the image encoder and loops over images for the decoder, the prompt encoder and
-mask decoder also run once per batch. With `precision="float32"` (default) the masks equal
-`SAM2ImagePredictor(model, mask_threshold=0.0).set_image(img)` + `predict(box=..., multimask_output=False)` image by
-image (a test checks this). `bfloat16`/`float16` run the model under autocast: faster on GPUs, but the logits move by
+Unlike upstream, which batches only the image encoder and loops over images for the decoder, the mask decoder also
+runs once per batch (the box prompt, the same for every image, is embedded once and broadcast). With
+`precision="float32"` (default) the masks equal `SAM2ImagePredictor(model, mask_threshold=0.0).set_image(img)` +
+`predict(box=..., multimask_output=False)` image by image (tests check this, batched and alone): to get there the
+decoder's small GEMM layers run per image inside the batched call (see `_per_image_gemms`). The image encoder is
+~95% of the time; on CPU it is compute-bound, so batching pays off on GPUs, not on CPUs. `bfloat16`/`float16` run the model under autocast: faster on GPUs, but the logits move by
 rounding, so pixels whose logit is near 0 can flip and masks are no longer bit-equal to upstream's.
 
 The model is built from sam2's own `sam2.1_hiera_t.yaml` `model` node (as upstream instantiates its copy), without
@@ -94,7 +96,9 @@ def resolve_device(device: str) -> torch.device:
             return torch.device("cpu")
         raise ConfigError(f"device {device!r} requested but CUDA is not available")
     if wanted.index is not None and wanted.index >= torch.cuda.device_count():
-        raise ConfigError(f"device {device!r} requested but only {torch.cuda.device_count()} CUDA device(s) visible")
+        raise ConfigError(
+            f"device {device!r} requested but only {torch.cuda.device_count()} CUDA device(s) visible"
+        )
     return wanted
 
 
@@ -146,15 +150,17 @@ def squash_for_sam(thumbnail: np.ndarray) -> np.ndarray:
         kind = getattr(thumbnail, "dtype", type(thumbnail).__name__)
         raise SlideError(f"segmentation thumbnail must be a uint8 array, got {kind}")
     if thumbnail.ndim != 3 or thumbnail.shape[2] != 3 or thumbnail.shape[0] == 0 or thumbnail.shape[1] == 0:
-        raise SlideError(f"segmentation thumbnail must be a non-empty (h, w, 3) RGB image, got {thumbnail.shape}")
+        raise SlideError(
+            f"segmentation thumbnail must be a non-empty (h, w, 3) RGB image, got {thumbnail.shape}"
+        )
     image = Image.fromarray(np.ascontiguousarray(thumbnail), mode="RGB")
-    return np.asarray(image.resize((SAM_SIZE, SAM_SIZE), Image.BILINEAR))
+    return np.asarray(image.resize((SAM_SIZE, SAM_SIZE), Image.Resampling.BILINEAR))
 
 
 def mask_to_thumbnail(mask: np.ndarray, height: int, width: int) -> np.ndarray:
     """A bool 1024x1024 mask resized with PIL NEAREST to (height, width), as upstream's `_resize_mask`."""
     image = Image.fromarray(mask.astype(np.uint8) * 255, mode="L")
-    return np.asarray(image.resize((width, height), Image.NEAREST)) > 127
+    return np.asarray(image.resize((width, height), Image.Resampling.NEAREST)) > 127
 
 
 def _chunks(items: Sequence[int], size: int) -> Iterator[list[int]]:
@@ -168,7 +174,11 @@ class Sam2Segmenter:
     name = "sam2"
 
     def __init__(
-        self, device: str = "cpu", precision: str = "float32", weights: Path | None = None, batch_size: int = 1
+        self,
+        device: str = "cpu",
+        precision: str = "float32",
+        weights: Path | None = None,
+        batch_size: int = 1,
     ) -> None:
         """Settings only; `warm_up()` resolves weights and builds the model.
 
@@ -253,11 +263,13 @@ class Sam2Segmenter:
             if len(chunk) == 1:
                 results[chunk[0]] = _as_slide_error(exc)
                 return
-            log.warning("SAM2 batch of %d failed (%s); retrying one image at a time", len(chunk), describe(exc))
+            log.warning(
+                "SAM2 batch of %d failed (%s); retrying one image at a time", len(chunk), describe(exc)
+            )
             for index in chunk:
                 self._segment_chunk([index], ready, thumbnails, results)
             return
-        for index, mask in zip(chunk, masks):
+        for index, mask in zip(chunk, masks, strict=True):
             height, width = thumbnails[index].shape[:2]
             results[index] = mask_to_thumbnail(mask, height, width)
 
@@ -275,7 +287,9 @@ class Sam2Segmenter:
             embed, high_res = self._encode(pixels)
             logits = self._decode(embed, high_res)
         # The predictor upsamples float32 logits; do the same whatever the autocast dtype.
-        masks = F.interpolate(logits.float(), (SAM_SIZE, SAM_SIZE), mode="bilinear", align_corners=False) > 0.0
+        masks = (
+            F.interpolate(logits.float(), (SAM_SIZE, SAM_SIZE), mode="bilinear", align_corners=False) > 0.0
+        )
         return masks[:, 0].cpu().numpy()
 
     def _normalise(self, batch: np.ndarray) -> torch.Tensor:
@@ -294,7 +308,7 @@ class Sam2Segmenter:
         if model.directly_add_no_mem_embed:
             feats[-1] = feats[-1] + model.no_mem_embed
         batch = pixels.shape[0]
-        maps = [feat.permute(1, 2, 0).view(batch, -1, *size) for feat, size in zip(feats, sizes)]
+        maps = [feat.permute(1, 2, 0).view(batch, -1, *size) for feat, size in zip(feats, sizes, strict=True)]
         return maps[-1], maps[:-1]
 
     def _decode(self, embed: torch.Tensor, high_res: list[torch.Tensor]) -> torch.Tensor:

@@ -46,7 +46,10 @@ def hf_cache_dir() -> Path:
 
 def hf_offline() -> bool:
     """Whether `HF_HUB_OFFLINE` (or the older `TRANSFORMERS_OFFLINE`) asks for no network, read now."""
-    return any(os.environ.get(name, "").strip().lower() in _TRUE for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    return any(
+        os.environ.get(name, "").strip().lower() in _TRUE
+        for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    )
 
 
 def find_hf_file(repo_id: str, filename: str) -> Path | None:
@@ -73,7 +76,9 @@ def missing_weights_message(repo_id: str, filename: str, local_flag: str | None 
     ways = "run once with network access so it is downloaded into that cache"
     if local_flag:
         ways += f", or pass a local copy with {local_flag} PATH"
-    return f"weights {filename} from Hugging Face repo {repo_id} not found in the cache {hf_cache_dir()}; {ways}"
+    return (
+        f"weights {filename} from Hugging Face repo {repo_id} not found in the cache {hf_cache_dir()}; {ways}"
+    )
 
 
 def fetch_hf_file(repo_id: str, filename: str, *, local_flag: str | None = None) -> Path:
