@@ -12,7 +12,7 @@ from anyio.abc import ObjectReceiveStream, ObjectSendStream
 from ..errors import SlideError, describe
 from ..items import PatchPlan, TissueMask
 from .book import SlideBook
-from .workers import run_workers
+from .workers import optional, optional_clone, run_workers
 
 Mode = Literal["coords", "features", "detect"]
 
@@ -45,10 +45,10 @@ async def run(
     both send streams when `receive` ends. Per-slide errors become failures.
     """
     task_status.started()
-    async with send_write, _maybe(send_read):
+    async with send_write, optional(send_read):
 
         async def worker(rx: ObjectReceiveStream[TissueMask], _: Any) -> None:
-            async with rx, send_write.clone() as tx_w, _maybe_clone(send_read) as tx_r:  # type: ignore[attr-defined]
+            async with rx, send_write.clone() as tx_w, optional_clone(send_read) as tx_r:  # type: ignore[attr-defined]
                 async for item in rx:
                     await _plan_one(item, tx_w, tx_r, book, backends, settings, limiter)
 
@@ -84,19 +84,3 @@ async def _plan_one(
     await send_write.send(plan)
     if send_read is not None and settings.needs_pixels and plan.num_patches:
         await send_read.send(plan)
-
-
-class _Null:
-    async def __aenter__(self) -> None:
-        return None
-
-    async def __aexit__(self, *exc: object) -> None:
-        return None
-
-
-def _maybe(stream: Any) -> Any:
-    return stream if stream is not None else _Null()
-
-
-def _maybe_clone(stream: Any) -> Any:
-    return stream.clone() if stream is not None else _Null()

@@ -19,7 +19,7 @@ async def run_workers(
 
     End-of-stream flows downstream once every clone of `send` is closed; a closed consumer flows upstream.
     """
-    async with receive, _maybe(send), anyio.create_task_group() as tg:
+    async with receive, optional(send), anyio.create_task_group() as tg:
         for _ in range(n):
             tg.start_soon(worker, receive.clone(), send.clone() if send is not None else None)  # type: ignore[attr-defined]
 
@@ -32,5 +32,11 @@ class _Null:
         return None
 
 
-def _maybe(send: ObjectSendStream[Any] | None) -> Any:
-    return send if send is not None else _Null()
+def optional(stream: Any) -> Any:
+    """`stream` as a context manager that closes it, or a no-op context when there is no stream."""
+    return stream if stream is not None else _Null()
+
+
+def optional_clone(stream: Any) -> Any:
+    """A clone of `stream`, or a no-op context (yielding None) when there is no stream."""
+    return stream.clone() if stream is not None else _Null()
