@@ -20,7 +20,7 @@ from .errors import ConfigError
 try:  # pragma: no cover - depends on the interpreter
     import tomllib
 except ModuleNotFoundError:  # pragma: no cover
-    import tomli as tomllib  # type: ignore[no-redef]
+    import tomli as tomllib
 
 Precision = Literal["float32", "float16", "bfloat16"]
 SegmenterName = Literal["sam2", "otsu"]

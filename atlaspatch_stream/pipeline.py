@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import anyio
-from anyio.abc import ObjectReceiveStream, ObjectSendStream
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from .config import PipelineConfig
 from .items import SlideJob, SlideResult
@@ -31,12 +31,12 @@ Mode = Literal["coords", "features", "detect"]
 @dataclass
 class _Stream:
     name: str
-    send: ObjectSendStream[Any]
-    receive: ObjectReceiveStream[Any]
+    send: MemoryObjectSendStream[Any]
+    receive: MemoryObjectReceiveStream[Any]
     item_bytes: int
 
     def statistics(self) -> dict[str, Any]:
-        stats = self.send.statistics()  # type: ignore[attr-defined]
+        stats = self.send.statistics()
         return {
             "used": stats.current_buffer_used,
             "size": stats.max_buffer_size,
@@ -137,7 +137,7 @@ class Pipeline:
 
     async def results(self) -> AsyncIterator[SlideResult]:
         """Final results as slides finish, until the input is closed and everything has drained."""
-        async with self._streams["results"].receive.clone() as receive:  # type: ignore[attr-defined]
+        async with self._streams["results"].receive.clone() as receive:
             async for result in receive:
                 yield result
 
@@ -229,7 +229,7 @@ class Pipeline:
     async def _encode_stage(self, encoders: list[Any], *,
                             task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         s = self._streams
-        await encode.run(s["patches"].receive, s["to_write"].send.clone(), encoders=encoders,  # type: ignore[attr-defined]
+        await encode.run(s["patches"].receive, s["to_write"].send.clone(), encoders=encoders,
                          batch_size=self.config.encode.batch_size, limiter=self.limiters.device,
                          task_status=task_status)
 
@@ -244,18 +244,18 @@ class Pipeline:
             save_images=cfg.write.save_images,
             keep_pixels=has_encoders,
         )
-        out = s["patches"].send if has_encoders else s["to_write"].send.clone()  # type: ignore[attr-defined]
+        out = s["patches"].send if has_encoders else s["to_write"].send.clone()
         if not has_encoders:
             s["patches"].send.close()
             s["patches"].receive.close()
-        await read.run(s["plans"].receive, out, s["to_write"].send.clone(),  # type: ignore[attr-defined]
+        await read.run(s["plans"].receive, out, s["to_write"].send.clone(),
                        backends=self.backends, settings=settings, limiter=self.limiters.read, task_status=task_status)
 
     async def _plan_stage(self, needs_pixels: bool, *,
                           task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         s = self._streams
         settings = plan.PlanSettings(mode=self.mode, needs_pixels=needs_pixels, workers=self.config.plan.threads)
-        to_write = s["to_write"].send
+        to_write: Any = s["to_write"].send
         send_read = s["plans"].send if needs_pixels else None
         if not needs_pixels:
             s["plans"].send.close()

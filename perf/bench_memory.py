@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import anyio
-import orjson
+from common import write_result  # perf/common.py (scripts run from perf/)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -75,11 +75,7 @@ def main() -> None:
     line = {"bench": "memory", "date": time.strftime("%Y-%m-%d"), "slides": n, "wall_s": round(wall, 1),
             "rss_mb_at_quarters": quarter, "growth_mb_per_100_slides": round(growth, 2),
             "peak_rss_mb": round(max(samples), 1)}
-    text = orjson.dumps(line).decode()
-    print(text)
-    (ROOT / "perf" / "results").mkdir(parents=True, exist_ok=True)
-    with open(ROOT / "perf" / "results" / "bench_memory.jsonl", "a") as f:
-        f.write(text + "\n")
+    write_result("bench_memory", line)
 
 
 if __name__ == "__main__":

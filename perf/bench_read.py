@@ -13,11 +13,8 @@ Prints ONE JSON line and appends it to perf/results/bench_read.jsonl. Usage:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime as dt
-import json
 import os
-import platform
 import tempfile
 import threading
 import time
@@ -25,11 +22,13 @@ import warnings
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
 import tifffile
 import tiffslide
+from common import machine, write_result  # perf/common.py (scripts run from perf/)
 
 from atlaspatch_stream.backends.readers import TileOnceReader, supports_tile_once
 from atlaspatch_stream.items import SlideInfo
@@ -37,7 +36,6 @@ from atlaspatch_stream.items import SlideInfo
 ROOT = Path(__file__).resolve().parents[1]
 SLIDES = Path(os.environ.get("ATLASPATCH_TEST_SLIDES", ROOT.parent / "shared" / "slides"))
 CMU = SLIDES / "aperio" / "CMU-1-Small-Region.svs"
-RESULTS = ROOT / "perf" / "results" / "bench_read.jsonl"
 TILE = 240
 
 
@@ -238,27 +236,6 @@ def bench_slide(path: Path, max_patches: int) -> dict[str, object]:
     return out
 
 
-def machine() -> dict[str, object]:
-    """CPU model, cores and library versions: absolute rates on a shared machine are noise without them."""
-    cpu = platform.processor()
-    with contextlib.suppress(OSError, StopIteration), open("/proc/cpuinfo") as fh:
-        cpu = next(ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name"))
-    import imagecodecs
-    import openslide
-
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "loadavg_1m": load,
-        "python": platform.python_version(),
-        "imagecodecs": imagecodecs.__version__,
-        "tiffslide": tiffslide.__version__,
-        "openslide": openslide.__library_version__,
-        "tifffile": tifffile.__version__,
-    }
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--size", type=int, default=20000, help="side of the synthetic slide, pixels")
@@ -270,10 +247,10 @@ def main() -> None:
     )
     args = parser.parse_args()
     warnings.simplefilter("ignore")
-    record: dict[str, object] = {
+    record: dict[str, Any] = {
         "bench": "read",
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "machine": machine(),
+        "machine": machine("imagecodecs", "tiffslide", "openslide-python", "openslide-bin", "tifffile"),
         "max_patches": args.max_patches,
     }
     record["cmu1_small_region"] = bench_slide(CMU, args.max_patches)
@@ -282,12 +259,7 @@ def main() -> None:
         big = write_large_svs(Path(tmp) / "large.svs", args.size)
         record["synthetic_write_s"] = round(time.perf_counter() - start, 1)
         record[f"synthetic_{args.size}"] = bench_slide(big, args.max_patches)
-    line = json.dumps(record)
-    print(line)
-    if not args.no_append:
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        with RESULTS.open("a") as fh:
-            fh.write(line + "\n")
+    write_result("bench_read", record, append=not args.no_append)
 
 
 if __name__ == "__main__":

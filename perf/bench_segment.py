@@ -15,15 +15,14 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import os
-import platform
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from common import machine, write_result  # perf/common.py (scripts run from perf/)
 from PIL import Image
 
 from atlaspatch_stream.backends.segment_sam2 import Sam2Segmenter
@@ -32,7 +31,6 @@ from atlaspatch_stream.testing.sam2_weights import write_random_sam2_checkpoint
 ROOT = Path(__file__).resolve().parents[1]
 SLIDES = Path(os.environ.get("ATLASPATCH_TEST_SLIDES", ROOT.parent / "shared" / "slides"))
 REAL = ["aperio/CMU-1-Small-Region.svs", "hamamatsu/test3-DAPI-2-387.ndpi", "generic-tiff/boxes.tiff"]
-RESULTS = ROOT / "perf" / "results" / "bench_segment.jsonl"
 
 
 def slide_thumbnail(path: Path, max_size: int = 1024) -> np.ndarray:
@@ -98,28 +96,6 @@ def timed(function, *args):  # type: ignore[no-untyped-def]
     return result, time.perf_counter() - start
 
 
-def machine(device: str) -> dict[str, object]:
-    """CPU, threads, GPU and library versions: absolute rates on a shared machine are noise without them."""
-    cpu = platform.processor()
-    with open("/proc/cpuinfo") if os.path.exists("/proc/cpuinfo") else open(os.devnull) as handle:
-        for line in handle:
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "gpu": gpu,
-        "device": device,
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "load_avg_1m": round(os.getloadavg()[0], 2),
-        "note": "shared machine; compare the ratio, not the rates",
-    }
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=6)
@@ -151,14 +127,10 @@ def main() -> None:
         "ratio": round(theirs_s / ours_s, 3),
         "masks_equal": equal,
         "warm_up_s": round(warm_s, 2),
-        "machine": machine(args.device),
+        "machine": machine("torch", "sam2", device=args.device, torch_threads=torch.get_num_threads(),
+                           gpu=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None),
     }
-    text = json.dumps(line)
-    print(text)
-    if not args.no_append:
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        with open(RESULTS, "a") as handle:
-            handle.write(text + "\n")
+    write_result("bench_segment", line, append=not args.no_append)
 
 
 if __name__ == "__main__":

@@ -207,6 +207,8 @@ def resolve_metadata(properties: Mapping[str, str], mpp_override: float | None =
     Raises:
         ValueError: when `mpp_override` is outside [0.1, 10].
     """
+    mpp: float | None
+    source: str | None
     if mpp_override is not None:
         mpp, source = validate_override(mpp_override), "mpp-csv"
         magnification = magnification_from_mpp(mpp)

@@ -147,7 +147,8 @@ def execute(config: PipelineConfig, wsi_path: Path, mode: Mode, command: str, ve
     jobs = discover([wsi_path], config)
     desc = {"features": "Processing slides", "coords": "Processing slides", "detect": "Tissue detection"}[mode]
     try:
-        return run(lambda: run_pipeline(config, jobs, mode, command, desc))  # type: ignore[no-any-return]
+        results: list[SlideResult] = run(lambda: run_pipeline(config, jobs, mode, command, desc))
+        return results
     except AtlasPatchError as exc:
         raise click.ClickException(" ".join(str(exc).split())) from exc
 

@@ -79,7 +79,7 @@ async def _prepare_one(
         await book.fail(job, "open", f"{job.name}: {describe(exc)}")
         return None
     book.time(job, "open", time.perf_counter() - started)
-    return Thumbnail(opened, image)  # type: ignore[arg-type]
+    return Thumbnail(opened, image)
 
 
 async def _claim(

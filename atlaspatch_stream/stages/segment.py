@@ -72,5 +72,5 @@ async def _segment(
             continue
         if item.image is not None:
             book.time(job, "segment", share)
-        out.append(TissueMask(item.slide, mask))  # type: ignore[arg-type]
+        out.append(TissueMask(item.slide, mask))
     return out

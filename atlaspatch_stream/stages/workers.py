@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import anyio
@@ -13,7 +13,7 @@ async def run_workers(
     n: int,
     receive: ObjectReceiveStream[Any],
     send: ObjectSendStream[Any] | None,
-    worker: Callable[[ObjectReceiveStream[Any], ObjectSendStream[Any] | None], Awaitable[None]],
+    worker: Callable[[Any, Any], Coroutine[Any, Any, None]],
 ) -> None:
     """Run `n` copies of `worker`, each with clones of the stream ends; closes the originals on exit.
 

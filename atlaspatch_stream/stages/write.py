@@ -11,7 +11,7 @@ import numpy as np
 from anyio.abc import ObjectReceiveStream
 
 from ..errors import SlideError, describe
-from ..items import FeatureBatch, PatchBatch, PatchPlan, SlideFailed
+from ..items import FeatureBatch, PatchBatch, PatchPlan, SlideFailed, Status
 from .book import SlideBook
 
 
@@ -164,7 +164,7 @@ async def _maybe_finish(entry: _Open, open_: dict[int, _Open], book: SlideBook, 
         await anyio.to_thread.run_sync(entry.store.abort)
         await book.fail(job, "write", f"{job.name}: cannot finalize output: {describe(exc)}")
         return
-    status = "reused" if entry.plan.slide.reuse is not None else "done"
+    status: Status = "reused" if entry.plan.slide.reuse is not None else "done"
     await book.finish(job, status, h5_path=path, num_patches=entry.plan.num_patches, features=entry.names)
 
 

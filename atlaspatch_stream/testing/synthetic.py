@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -307,6 +307,6 @@ def write_image(
     image, _ = draw_tissue(width, height, seed=seed, tissue=tissue)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    options = {"quality": quality} if path.suffix.lower() in {".jpg", ".jpeg", ".webp"} else {}
+    options: dict[str, Any] = {"quality": quality} if path.suffix.lower() in {".jpg", ".jpeg", ".webp"} else {}
     Image.fromarray(image).save(path, **options)
     return path
