@@ -162,3 +162,31 @@ def test_real_slides_folder(tmp_path: Path) -> None:
     assert any("unreadable.svs" in line for line in fails)
     assert any("unopenable.tiff" in line for line in fails)
     assert all(len(line) < 400 for line in fails)
+
+
+def test_process_resnet50_and_color_stats_with_local_weights(tmp_path: Path) -> None:
+    """The issue's command: process with resnet50 (local weights file) and color_stats on CPU writes complete,
+    row-aligned feature sets in upstream's schema."""
+    import torch
+    import torchvision
+
+    folder = tmp_path / "slides"
+    write_synthetic_slide(folder / "a.svs", width=2048, height=1536, seed=7)
+    write_synthetic_slide(folder / "b.svs", width=1536, height=1536, seed=8, compression="jpeg2000")
+    torch.manual_seed(0)
+    weights = tmp_path / "resnet50.pth"
+    torch.save(torchvision.models.resnet50(weights=None).state_dict(), weights)
+    out = tmp_path / "out"
+    code, stdout, stderr = _run(["process", str(folder), "-o", str(out), "--patch-size", "256", "--target-mag", "20",
+                                 "--feature-extractors", "resnet50,color_stats", "--device", "cpu",
+                                 "--segmenter", "otsu", "--weights", f"resnet50={weights}",
+                                 "--feature-batch-size", "8"])
+    assert code == 0, stderr
+    assert "Completed 2 slide(s), failures: 0" in stdout
+    for stem in ("a", "b"):
+        with h5py.File(out / "patches" / f"{stem}.h5") as f:
+            n = f.attrs["num_patches"]
+            assert n > 0
+            assert f["features/resnet50"].shape == (n, 2048)
+            assert f["features/color_stats"].shape[0] == n
+            assert not [k for k in f["features"] if k.startswith("__tmp_")]
