@@ -145,6 +145,7 @@ def main() -> None:
     parser.add_argument("--encoder", default="lunit_vit_small_patch16_dino")
     parser.add_argument("--precision", default="float16", help="as --feature-precision (default: upstream's)")
     parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--device", default="cpu", help="encoder device (cpu, cuda)")
     parser.add_argument("--no-upstream", dest="upstream", action="store_false",
                         help="skip the upstream-style baseline (serial read_region + PIL + fp32 model)")
     args = parser.parse_args()
@@ -158,7 +159,7 @@ def main() -> None:
         config = load_config({
             "plan": {"patch_size": 224, "target_mag": 20},
             "segment": {"segmenter": "otsu", "device": "cpu"},
-            "encode": {"extractors": (args.encoder,), "device": "cpu", "precision": args.precision,
+            "encode": {"extractors": (args.encoder,), "device": args.device, "precision": args.precision,
                        "batch_size": args.batch, "weights": ((args.encoder, weights),)},
             "write": {"output": folder / "out"},
         }, environ={})
