@@ -23,6 +23,7 @@ import cv2
 import numpy as np
 
 from ..errors import ConfigError, SlideError, describe
+from .thumbnails import check_thumbnail
 
 
 def otsu_tissue_mask(
@@ -33,7 +34,7 @@ def otsu_tissue_mask(
     Raises:
         SlideError: not a non-empty (h, w, 3) uint8 image.
     """
-    _check_thumbnail(thumbnail)
+    check_thumbnail(thumbnail)
     saturation = cv2.cvtColor(np.ascontiguousarray(thumbnail), cv2.COLOR_RGB2HSV)[:, :, 1]
     if median > 1:
         saturation = cv2.medianBlur(saturation, median)
@@ -44,15 +45,6 @@ def otsu_tissue_mask(
         return np.asarray(cv2.morphologyEx(mask, cv2.MORPH_CLOSE, kernel)).astype(bool)
     return mask.astype(bool)
 
-
-def _check_thumbnail(thumbnail: np.ndarray) -> None:
-    if not isinstance(thumbnail, np.ndarray) or thumbnail.dtype != np.uint8:
-        kind = getattr(thumbnail, "dtype", type(thumbnail).__name__)
-        raise SlideError(f"segmentation thumbnail must be a uint8 array, got {kind}")
-    if thumbnail.ndim != 3 or thumbnail.shape[2] != 3 or thumbnail.shape[0] == 0 or thumbnail.shape[1] == 0:
-        raise SlideError(
-            f"segmentation thumbnail must be a non-empty (h, w, 3) RGB image, got {thumbnail.shape}"
-        )
 
 
 class OtsuSegmenter:

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ..errors import ConfigError, SlideError, WeightsError, describe
+from .thumbnails import check_thumbnail
 from .weights import fetch_hf_file, sha256_file
 
 log = logging.getLogger("atlaspatch_stream")
@@ -146,13 +147,7 @@ def squash_for_sam(thumbnail: np.ndarray) -> np.ndarray:
     Raises:
         SlideError: wrong dtype, shape or an empty image.
     """
-    if not isinstance(thumbnail, np.ndarray) or thumbnail.dtype != np.uint8:
-        kind = getattr(thumbnail, "dtype", type(thumbnail).__name__)
-        raise SlideError(f"segmentation thumbnail must be a uint8 array, got {kind}")
-    if thumbnail.ndim != 3 or thumbnail.shape[2] != 3 or thumbnail.shape[0] == 0 or thumbnail.shape[1] == 0:
-        raise SlideError(
-            f"segmentation thumbnail must be a non-empty (h, w, 3) RGB image, got {thumbnail.shape}"
-        )
+    check_thumbnail(thumbnail)
     image = Image.fromarray(np.ascontiguousarray(thumbnail), mode="RGB")
     return np.asarray(image.resize((SAM_SIZE, SAM_SIZE), Image.Resampling.BILINEAR))
 

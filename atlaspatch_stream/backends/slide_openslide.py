@@ -27,15 +27,7 @@ class OpenSlideHandle(BaseSlideHandle):
         import openslide
 
         self.file = Path(path)
-        try:
-            self._slide = openslide.OpenSlide(str(path))
-        except Exception as exc:  # noqa: BLE001 - translated at the backend edge
-            raise SlideError(f"openslide cannot open the file: {describe(exc)}", slide=name) from exc
-        try:
-            self._setup(mpp_override)
-        except BaseException:
-            self._slide.close()
-            raise
+        self._adopt(lambda: openslide.OpenSlide(str(path)), "openslide", mpp_override)
 
     def _setup(self, mpp_override: float | None) -> None:
         try:

@@ -69,15 +69,7 @@ class TiffSlideHandle(BaseSlideHandle):
         super().__init__(path, name)
         import tiffslide
 
-        try:
-            self._slide = tiffslide.TiffSlide(str(path))
-        except Exception as exc:  # noqa: BLE001 - translated at the backend edge
-            raise SlideError(f"tiffslide cannot open the file: {describe(exc)}", slide=name) from exc
-        try:
-            self._setup(mpp_override)
-        except BaseException:
-            self._slide.close()
-            raise
+        self._adopt(lambda: tiffslide.TiffSlide(str(path)), "tiffslide", mpp_override)
 
     def _setup(self, mpp_override: float | None) -> None:
         try:

@@ -18,8 +18,9 @@ row strips and reduced strip by strip:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -104,6 +105,21 @@ class BaseSlideHandle:
     def __init__(self, path: Path, name: str) -> None:
         self.path = Path(path)
         self.name = name
+
+    def _adopt(self, open_library: Callable[[], Any], library: str, mpp_override: float | None) -> None:
+        """Open the library's handle (errors translated) and read its metadata; close it again if that fails."""
+        try:
+            self._slide = open_library()
+        except Exception as exc:  # noqa: BLE001 - translated at the backend edge
+            raise SlideError(f"{library} cannot open the file: {describe(exc)}", slide=self.name) from exc
+        try:
+            self._setup(mpp_override)
+        except BaseException:
+            self._slide.close()
+            raise
+
+    def _setup(self, mpp_override: float | None) -> None:
+        raise NotImplementedError
 
     # -- reading ---------------------------------------------------------------------------------------------
     def _read(self, x: int, y: int, level: int, width: int, height: int) -> np.ndarray:
