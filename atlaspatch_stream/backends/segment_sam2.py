@@ -256,6 +256,8 @@ class Sam2Segmenter:
             masks = self._infer(np.stack([ready[i] for i in chunk]))
         except Exception as exc:
             if len(chunk) == 1:
+                if _is_device_failure(exc):
+                    raise  # a broken device stops the run (DESIGN); retrying slide by slide cannot help
                 results[chunk[0]] = _as_slide_error(exc)
                 return
             log.warning(
@@ -406,6 +408,14 @@ def check_sam2_weights(path: Path) -> str:
             SAM2_OFFICIAL_SHA256,
         )
     return digest
+
+
+_DEVICE_ERRORS = tuple(t for t in (torch.cuda.OutOfMemoryError, getattr(torch, "AcceleratorError", None)) if t)
+
+
+def _is_device_failure(exc: BaseException) -> bool:
+    """Out of memory even at batch size 1, or a CUDA/accelerator error."""
+    return isinstance(exc, _DEVICE_ERRORS) or (isinstance(exc, RuntimeError) and "CUDA error" in str(exc))
 
 
 def _as_slide_error(exc: BaseException) -> SlideError:

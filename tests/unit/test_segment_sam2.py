@@ -244,3 +244,15 @@ def test_official_weights_from_the_real_cache(monkeypatch: pytest.MonkeyPatch) -
         assert 0.05 < mask.mean() < 1.0
     finally:
         segmenter.close()
+
+
+def test_device_failures_are_told_apart_from_per_slide_ones() -> None:
+    """Out of memory at batch size 1 and CUDA errors stop the run; other inference errors fail the slide alone."""
+    import torch
+
+    from atlaspatch_stream.backends.segment_sam2 import _is_device_failure
+
+    assert _is_device_failure(torch.cuda.OutOfMemoryError("out of memory"))
+    assert _is_device_failure(RuntimeError("CUDA error: an illegal memory access was encountered"))
+    assert not _is_device_failure(ValueError("bad thumbnail"))
+    assert not _is_device_failure(RuntimeError("shape mismatch"))
