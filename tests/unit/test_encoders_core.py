@@ -21,14 +21,14 @@ from atlaspatch_stream.backends.encoders.runtime import (
 from atlaspatch_stream.backends.encoders.spec import Preprocess
 from atlaspatch_stream.errors import ConfigError, MissingExtraError
 
-TIER1 = (
+TIER1 = (  # noqa: SIM905 - one readable block
     "resnet18 resnet34 resnet50 resnet101 resnet152 convnext_tiny convnext_small convnext_base convnext_large "
     "vit_b_16 vit_b_32 vit_l_16 vit_l_32 vit_h_14 clip_rn50 clip_rn101 clip_rn50x4 clip_rn50x16 clip_rn50x64 "
     "clip_vit_b_32 clip_vit_b_16 clip_vit_l_14 clip_vit_l_14_336 uni_v1 uni_v2 virchow_v1 virchow_v2 prov_gigapath "
     "h_optimus_0 h_optimus_1 h0_mini pathorchestra lunit_resnet50_bt lunit_resnet50_swav lunit_resnet50_mocov2 "
     "lunit_vit_small_patch16_dino lunit_vit_small_patch8_dino openmidnight conch_v1 conch_v15 biomedclip "
     "chief-ctranspath"
-).split()  # noqa: SIM905 - one readable block
+).split()
 # Upstream's declared widths (reference §5.1).
 DECLARED = {
     "resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet101": 2048, "resnet152": 2048,

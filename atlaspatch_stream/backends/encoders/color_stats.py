@@ -25,7 +25,7 @@ def feature_names() -> list[str]:
 
 
 def _channels(space: str) -> tuple[str, str, str]:
-    return {"rgb": ("r", "g", "b"), "hsv": ("h", "s", "v"), "od": ("od_r", "od_g", "od_b")}[space]  # type: ignore[return-value]
+    return {"rgb": ("r", "g", "b"), "hsv": ("h", "s", "v"), "od": ("od_r", "od_g", "od_b")}[space]
 
 
 def _module_class() -> type:

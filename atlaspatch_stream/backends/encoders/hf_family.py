@@ -119,9 +119,14 @@ def preprocess_from_processor(processor: Mapping[str, Any]) -> Preprocess:
     crop = None
     if processor.get("do_center_crop"):
         crop = int(processor["crop_size"]["height"])
-    mean = tuple(float(v) for v in processor["image_mean"])
-    std = tuple(float(v) for v in processor["image_std"])
-    return Preprocess(resize, crop, mean, std, _RESAMPLE[int(processor["resample"])])  # type: ignore[arg-type]
+    mean, std = _rgb(processor["image_mean"]), _rgb(processor["image_std"])
+    return Preprocess(resize, crop, mean, std, _RESAMPLE[int(processor["resample"])])
+
+
+def _rgb(values: Any) -> tuple[float, float, float]:
+    """Three per-channel floats from a processor config list."""
+    red, green, blue = (float(v) for v in values)
+    return red, green, blue
 
 
 def _dinov2(hidden: int, layers: int, heads: int, swiglu: bool, image: int = 518, patch: int = 14) -> dict:

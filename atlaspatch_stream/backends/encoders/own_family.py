@@ -38,6 +38,7 @@ def _define_modules() -> dict[str, type]:
     import torch
     import torch.nn as nn
     import torch.nn.functional as F
+    from timm.models.vision_transformer import VisionTransformer
 
     class AttentionalPooler(nn.Module):
         """CONCH v1's contrastive pooler: learned queries attend over the layer-normed trunk tokens."""
@@ -84,9 +85,9 @@ def _define_modules() -> dict[str, type]:
     class PooledTrunk(nn.Module):
         """trunk.forward_features tokens -> pooler -> first query -> LayerNorm (CONCH image embedding)."""
 
-        def __init__(self, trunk: nn.Module, pooler: nn.Module, dim: int) -> None:
+        def __init__(self, trunk: VisionTransformer, pooler: nn.Module, dim: int) -> None:
             super().__init__()
-            self.trunk = trunk
+            self.trunk: VisionTransformer = trunk
             self.attn_pool_contrast = pooler
             self.ln_contrast = nn.LayerNorm(dim)
 
@@ -120,7 +121,7 @@ def _define_modules() -> dict[str, type]:
             self.flatten = output_fmt != "NHWC"
             layers: list[nn.Module] = []
             width_in, width_out = in_chans, embed_dim // 8
-            for _ in range(2):
+            for _stage in range(2):
                 layers += [nn.Conv2d(width_in, width_out, 3, 2, 1, bias=False), nn.BatchNorm2d(width_out),
                            nn.ReLU(inplace=True)]  # fmt: skip
                 width_in, width_out = width_out, width_out * 2

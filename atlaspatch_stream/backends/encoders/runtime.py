@@ -79,7 +79,9 @@ def pil_like_resize(x: Any, size: tuple[int, int], pre: Preprocess) -> Any:
 
 
 def _to_8bit(x: Any) -> Any:
-    return x.mul_(255.0).round_().clamp_(0.0, 255.0).div_(255.0)
+    # PIL adds half and shifts (round half up); bilinear weights often land exactly on .5, where torch's
+    # round-half-to-even would move ~1 % more pixels by 1/255 than necessary.
+    return x.mul_(255.0).add_(0.5).floor_().clamp_(0.0, 255.0).div_(255.0)
 
 
 def _center_crop(x: Any, crop: int) -> Any:

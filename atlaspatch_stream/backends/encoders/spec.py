@@ -58,9 +58,11 @@ class EncoderSpec:
     name: str
     dim: int
     preprocess: Preprocess | None  # None: the encoder takes raw uint8 patches (weight-free encoders)
-    build: Callable[[], Any]  # -> torch.nn.Module with random init (or on the meta device when called under it)
+    # -> torch.nn.Module with random init (or on the meta device when called under it)
+    build: Callable[[], Any]
     forward: Callable[[Any, Any], Any] | None = None  # (model, x) -> (B, D); default model(x) flattened
-    load_weights: Callable[[Any, str], Any] | None = None  # (model, path) -> loaded model; default strict state dict
+    # (model, path) -> loaded model; default: strict state dict
+    load_weights: Callable[[Any, str], Any] | None = None
     weights: WeightsSource = field(default_factory=lambda: WeightsSource("none"))
     tier: Tier = "core"
     licence: str = ""
@@ -68,7 +70,8 @@ class EncoderSpec:
     family: str = ""
     params_m: float | None = None
     notes: str = ""
-    meta_load: bool = False  # build on meta + to_empty + assign-load gives identical outputs (no unsaved buffers)
+    # Build on meta + to_empty + assign-load gives identical outputs (no unsaved buffers).
+    meta_load: bool = False
 
     @property
     def input_size(self) -> int:

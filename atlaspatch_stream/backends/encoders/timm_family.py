@@ -9,10 +9,21 @@ DINOv2 layout: timm's own checkpoint filters convert both.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypedDict
 
 from .loading import filtered_load
-from .spec import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, EncoderSpec, Preprocess, WeightsSource
+from .spec import (
+    CLIP_MEAN,
+    CLIP_STD,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    EncoderSpec,
+    Interpolation,
+    Preprocess,
+    WeightsSource,
+)
+
+Stats = tuple[float, float, float]
 
 HOPTIMUS_MEAN = (0.707223, 0.578729, 0.703617)
 HOPTIMUS_STD = (0.211883, 0.230117, 0.177517)
@@ -68,8 +79,10 @@ def _byob_filter(state: dict[str, Any], model: Any) -> dict[str, Any]:
     return checkpoint_filter_fn(state, model)
 
 
-def _pre(resize: int | tuple[int, int], crop: int | None, mean: Any, std: Any, interp: str) -> Preprocess:
-    return Preprocess(resize, crop, mean, std, interp)  # type: ignore[arg-type]
+def _pre(
+    resize: int | tuple[int, int], crop: int | None, mean: Stats, std: Stats, interp: Interpolation
+) -> Preprocess:
+    return Preprocess(resize, crop, mean, std, interp)
 
 
 def _clip_specs() -> list[EncoderSpec]:
@@ -146,8 +159,15 @@ def _hf_spec(
     )
 
 
+class _Terms(TypedDict):
+    """Licence keywords shared by several specs (typed, so `**terms` cannot be mistaken for `filename`)."""
+
+    licence: str
+    gated: bool
+
+
 def _pathology_specs() -> list[EncoderSpec]:
-    nc = {"licence": _NC_ND, "gated": True}
+    nc: _Terms = {"licence": _NC_ND, "gated": True}
     return [
         _hf_spec("uni_v1", 1024, _timm_builder("vit_large_patch16_224", **_VIT_L_UNI), _IMAGENET_224_BICUBIC,
                  "MahmoodLab/UNI", params_m=303.4, **nc),

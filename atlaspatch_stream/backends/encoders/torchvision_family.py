@@ -12,13 +12,14 @@ from collections.abc import Callable
 from typing import Any
 
 from .loading import drop_prefixes, filtered_load
-from .spec import IMAGENET_MEAN, IMAGENET_STD, EncoderSpec, Preprocess, WeightsSource
+from .spec import IMAGENET_MEAN, IMAGENET_STD, EncoderSpec, Interpolation, Preprocess, WeightsSource
 
 _URL = "https://download.pytorch.org/models/"
 _LICENCE = "BSD-3-Clause (torchvision, ImageNet-1k weights)"
 
 # name: (dim, checkpoint file, resize, crop, interpolation, head attribute, params M)
-_TABLE: dict[str, tuple[int, str, int, int, str, str, float]] = {
+_Row = tuple[int, str, int, int, Interpolation, str, float]
+_TABLE: dict[str, _Row] = {
     "resnet18": (512, "resnet18-f37072fd.pth", 256, 224, "bilinear", "fc", 11.2),
     "resnet34": (512, "resnet34-b627a593.pth", 256, 224, "bilinear", "fc", 21.3),
     "resnet50": (2048, "resnet50-0676ba61.pth", 256, 224, "bilinear", "fc", 23.5),
@@ -54,14 +55,23 @@ def _family(name: str) -> str:
     return name.split("_")[0].rstrip("0123456789") if not name.startswith("vit") else "vit"
 
 
-def _spec(name: str, row: tuple[int, str, int, int, str, str, float]) -> EncoderSpec:
+def _drop_head(head: str) -> Callable[[dict[str, Any], Any], dict[str, Any]]:
+    """A state-dict filter removing the checkpoint's head keys (the head is Identity in the built model)."""
+
+    def drop(state: dict[str, Any], _model: Any) -> dict[str, Any]:
+        return drop_prefixes(state, (f"{head}.",))
+
+    return drop
+
+
+def _spec(name: str, row: _Row) -> EncoderSpec:
     dim, filename, resize, crop, interp, head, params = row
     return EncoderSpec(
         name=name,
         dim=dim,
-        preprocess=Preprocess(resize, crop, IMAGENET_MEAN, IMAGENET_STD, interp),  # type: ignore[arg-type]
+        preprocess=Preprocess(resize, crop, IMAGENET_MEAN, IMAGENET_STD, interp),
         build=_builder(name, head),
-        load_weights=filtered_load(lambda sd, _m, h=head: drop_prefixes(sd, (f"{h}.",))),
+        load_weights=filtered_load(_drop_head(head)),
         weights=WeightsSource("torchvision", filename=filename, url=_URL + filename),
         licence="CC-BY-NC-4.0 (SWAG weights)" if name == "vit_h_14" else _LICENCE,
         family=f"torchvision-{_family(name)}",
