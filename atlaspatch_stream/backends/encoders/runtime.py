@@ -2,12 +2,14 @@
 
 Upstream turns every patch into a PIL image and runs torchvision transforms on the CPU, one patch at a time. Here the
 whole batch goes to the device once as uint8, and resize / centre crop / normalise run as tensor ops that replay the
-same transform (torchvision's `Resize(int)` output size and `CenterCrop` rounding, antialiased interpolation).
+same transform: torchvision's `Resize(int)` output size and `CenterCrop` rounding, and Pillow's own fixed-point
+resampling (so the model sees exactly the pixels upstream's PIL path gives it).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -57,31 +59,78 @@ def preprocess_batch(x: Any, pre: Preprocess) -> Any:
 
 
 def pil_like_resize(x: Any, size: tuple[int, int], pre: Preprocess) -> Any:
-    """Resize as PIL does on uint8 images: horizontal pass, then vertical, each clipped and rounded to 8 bits.
+    """Resize exactly as Pillow does on 8-bit images: horizontal pass, then vertical, each rounded to 8 bits.
 
-    torch's antialiased kernels are PIL's (bicubic a=-0.5), but a single 2-D call keeps the bicubic overshoot of the
-    first pass, which PIL clips; on high-frequency content that alone moves pixels by up to 25/255. Two passes with
-    clipping and rounding reproduce PIL to about 1/255.
+    Each pass multiplies by Pillow's own fixed-point coefficient matrix (22 fractional bits, `pil_resample_matrix`)
+    in float64, where every product and sum of 8-bit values and those integers is exact, then adds half and floors as
+    Pillow's `clip8` does. The result equals `PIL.Image.resize` bit for bit. `x` holds values k/255.
     """
+    import torch
     import torch.nn.functional as F
 
+    if pre.interpolation == "nearest":
+        return F.interpolate(x, size=size, mode="nearest")
     height, width = x.shape[-2:]
-    aa = pre.antialias and pre.interpolation != "nearest"
+    y = x.to(torch.float64).mul(255.0).round_()
     if width != size[1]:
-        x = F.interpolate(x, size=(height, size[1]), mode=pre.interpolation, antialias=aa, align_corners=None)
-        x = _to_8bit(x)
+        y = _fixed_point_pass(y, pil_resample_matrix(width, size[1], pre.interpolation))
     if height != size[0]:
-        x = F.interpolate(
-            x, size=(size[0], size[1]), mode=pre.interpolation, antialias=aa, align_corners=None
-        )
-        x = _to_8bit(x)
-    return x
+        y = _fixed_point_pass(y.transpose(-1, -2), pil_resample_matrix(height, size[0], pre.interpolation))
+        y = y.transpose(-1, -2)
+    return y.to(x.dtype).div_(255.0)
 
 
-def _to_8bit(x: Any) -> Any:
-    # PIL adds half and shifts (round half up); bilinear weights often land exactly on .5, where torch's
-    # round-half-to-even would move ~1 % more pixels by 1/255 than necessary.
-    return x.mul_(255.0).add_(0.5).floor_().clamp_(0.0, 255.0).div_(255.0)
+def _fixed_point_pass(y: Any, matrix: np.ndarray) -> Any:
+    import torch
+
+    weights = torch.from_numpy(matrix).to(device=y.device)
+    summed = torch.matmul(y, weights.T).add_(_HALF)
+    return summed.div_(_ONE).floor_().clamp_(0.0, 255.0)
+
+
+_BITS = 22  # Pillow's PRECISION_BITS for 8-bit images: 32 - 8 - 2
+_ONE = float(1 << _BITS)
+_HALF = float(1 << (_BITS - 1))
+
+
+def _bilinear(t: np.ndarray) -> np.ndarray:
+    t = np.abs(t)
+    return np.where(t < 1.0, 1.0 - t, 0.0)
+
+
+def _bicubic(t: np.ndarray) -> np.ndarray:
+    a, t = -0.5, np.abs(t)
+    near = ((a + 2.0) * t - (a + 3.0)) * t * t + 1
+    far = (((t - 5) * t + 8) * t - 4) * a
+    return np.where(t < 1.0, near, np.where(t < 2.0, far, 0.0))
+
+
+_FILTERS = {"bilinear": (_bilinear, 1.0), "bicubic": (_bicubic, 2.0)}
+
+
+@functools.lru_cache(maxsize=64)
+def pil_resample_matrix(in_size: int, out_size: int, interpolation: str) -> np.ndarray:
+    """Pillow's resampling coefficients (`precompute_coeffs` + `normalize_coeffs_8bpc`) as an (out, in) matrix.
+
+    Entries are the integers Pillow uses (weights × 2**22, rounded half away from zero), stored as float64.
+    """
+    kernel, base_support = _FILTERS[interpolation]
+    scale = in_size / out_size
+    filterscale = max(scale, 1.0)
+    support = base_support * filterscale
+    matrix = np.zeros((out_size, in_size), dtype=np.float64)
+    for xx in range(out_size):
+        center = (xx + 0.5) * scale
+        xmin = max(int(center - support + 0.5), 0)
+        xmax = min(int(center + support + 0.5), in_size)
+        taps = np.arange(xmin, xmax)
+        weights = kernel((taps - center + 0.5) * (1.0 / filterscale))
+        total = weights.sum()
+        if total != 0.0:
+            weights = weights / total
+        scaled = weights * (1 << _BITS)
+        matrix[xx, xmin:xmax] = np.trunc(np.where(scaled < 0, scaled - 0.5, scaled + 0.5))
+    return matrix
 
 
 def _center_crop(x: Any, crop: int) -> Any:
