@@ -27,6 +27,7 @@ from atlaspatch_stream.backends.encoders.spec import (
     EncoderSpec,
     Interpolation,
     Preprocess,
+    Resampler,
     WeightsSource,
 )
 from atlaspatch_stream.errors import ConfigError, MissingExtraError, WeightsError
@@ -120,7 +121,14 @@ def preprocess_from_processor(processor: Mapping[str, Any]) -> Preprocess:
     if processor.get("do_center_crop"):
         crop = int(processor["crop_size"]["height"])
     mean, std = _rgb(processor["image_mean"]), _rgb(processor["image_std"])
-    return Preprocess(resize, crop, mean, std, _RESAMPLE[int(processor["resample"])])
+    resampler: Resampler = (
+        "tensor_float" if processor["image_processor_type"] in _RESCALE_FIRST else "tensor_uint8"
+    )
+    return Preprocess(resize, crop, mean, std, _RESAMPLE[int(processor["resample"])], resampler=resampler)
+
+
+# transformers 5 processors run torchvision on tensors; these rescale to [0, 1] before resizing.
+_RESCALE_FIRST = frozenset({"DINOv3ViTImageProcessorFast", "DINOv3ViTImageProcessor"})
 
 
 def _rgb(values: Any) -> tuple[float, float, float]:

@@ -50,7 +50,8 @@ def preprocess_batch(x: Any, pre: Preprocess) -> Any:
     import torch
 
     if pre.resize is not None:
-        x = pil_like_resize(x, resized_size(x.shape[-2], x.shape[-1], pre.resize), pre)
+        size = resized_size(x.shape[-2], x.shape[-1], pre.resize)
+        x = _RESAMPLERS[pre.resampler](x, size, pre)
     if pre.crop is not None:
         x = _center_crop(x, pre.crop)
     mean = torch.tensor(pre.mean, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
@@ -80,6 +81,23 @@ def pil_like_resize(x: Any, size: tuple[int, int], pre: Preprocess) -> Any:
     return y.to(x.dtype).div_(255.0)
 
 
+def tensor_resize(x: Any, size: tuple[int, int], pre: Preprocess) -> Any:
+    """torchvision's antialiased resize on the uint8 tensor, as transformers 5 image processors run it."""
+    import torch
+    from torchvision.transforms.v2 import functional as TF
+
+    pixels = x.mul(255.0).round_().to(torch.uint8)
+    resized = TF.resize(pixels, list(size), interpolation=_TV_MODES[pre.interpolation], antialias=pre.antialias)
+    return resized.to(x.dtype).div_(255.0)
+
+
+def tensor_float_resize(x: Any, size: tuple[int, int], pre: Preprocess) -> Any:
+    """torchvision's antialiased resize on the [0, 1] float tensor (processors that rescale before resizing)."""
+    from torchvision.transforms.v2 import functional as TF
+
+    return TF.resize(x, list(size), interpolation=_TV_MODES[pre.interpolation], antialias=pre.antialias)
+
+
 def _fixed_point_pass(y: Any, matrix: np.ndarray) -> Any:
     import torch
 
@@ -106,6 +124,20 @@ def _bicubic(t: np.ndarray) -> np.ndarray:
 
 
 _FILTERS = {"bilinear": (_bilinear, 1.0), "bicubic": (_bicubic, 2.0)}
+_RESAMPLERS = {"pil": pil_like_resize, "tensor_uint8": tensor_resize, "tensor_float": tensor_float_resize}
+
+
+class _LazyModes(dict[str, Any]):
+    """Interpolation name -> torchvision InterpolationMode, imported on first use."""
+
+    def __missing__(self, key: str) -> Any:
+        from torchvision.transforms import InterpolationMode
+
+        self[key] = InterpolationMode(key)
+        return self[key]
+
+
+_TV_MODES = _LazyModes()
 
 
 @functools.lru_cache(maxsize=64)

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 Interpolation = Literal["bilinear", "bicubic", "nearest"]
+Resampler = Literal["pil", "tensor_uint8", "tensor_float"]
 Tier = Literal["core", "hf", "openclip", "musk"]
 
 
@@ -40,6 +41,10 @@ class Preprocess:
     std: tuple[float, float, float]
     interpolation: Interpolation = "bilinear"
     antialias: bool = True
+    # Whose resampling upstream's transform runs: "pil" (torchvision transforms on a PIL image, open_clip, timm),
+    # "tensor_uint8" (transformers 5 image processors: torchvision on the uint8 tensor) or "tensor_float"
+    # (processors that rescale to [0, 1] before resizing, e.g. DINOv3).
+    resampler: Resampler = "pil"
 
     @property
     def input_size(self) -> int:
