@@ -47,11 +47,12 @@ class Backends:
 
     def make_registry(self) -> Any:
         """The encoder registry with built-ins and plugins."""
+        from .devices import resolve_device
         from .encoders.registry import build_registry
 
         enc = self.config.encode
         return build_registry(
-            device=self.config.feature_device,
+            device=str(resolve_device(self.config.feature_device, "encoders")),
             precision=enc.precision,
             weights=dict(enc.weights),
             plugins=enc.plugins,

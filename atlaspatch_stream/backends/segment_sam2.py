@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ..errors import ConfigError, SlideError, WeightsError, describe
+from .devices import resolve_device
 from .thumbnails import check_thumbnail
 from .weights import fetch_hf_file, sha256_file
 
@@ -77,30 +78,6 @@ def resolve_sam2_weights(explicit: Path | None) -> Path:
             raise WeightsError(f"--seg-weights {path}: no such file")
         return path
     return fetch_hf_file(SAM2_REPO_ID, SAM2_FILENAME, local_flag="--seg-weights")
-
-
-def resolve_device(device: str) -> torch.device:
-    """A torch device for `device`; plain "cuda" without CUDA falls back to CPU with a warning (as upstream).
-
-    Raises:
-        ConfigError: an explicit "cuda:N" without CUDA (or beyond the visible GPUs), or an unknown device string.
-    """
-    try:
-        wanted = torch.device(device)
-    except (RuntimeError, ValueError) as exc:
-        raise ConfigError(f"unknown device {device!r}: {exc}") from exc
-    if wanted.type != "cuda":
-        return wanted
-    if not torch.cuda.is_available():
-        if wanted.index is None:
-            log.warning("CUDA requested for segmentation but not available; using CPU")
-            return torch.device("cpu")
-        raise ConfigError(f"device {device!r} requested but CUDA is not available")
-    if wanted.index is not None and wanted.index >= torch.cuda.device_count():
-        raise ConfigError(
-            f"device {device!r} requested but only {torch.cuda.device_count()} CUDA device(s) visible"
-        )
-    return wanted
 
 
 def build_sam2_model(weights: Path | None, device: torch.device) -> torch.nn.Module:
@@ -213,7 +190,7 @@ class Sam2Segmenter:
         """
         if self._model is not None:
             return
-        device = resolve_device(self.device_name)
+        device = resolve_device(self.device_name, "segmentation")
         path = resolve_sam2_weights(self.weights)
         self.weights_sha256 = check_sam2_weights(path)
         self.weights_path = path

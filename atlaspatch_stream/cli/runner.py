@@ -36,7 +36,7 @@ def setup_logging(verbose: bool) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if verbose else logging.WARNING)
-    for noisy in ("PIL", "matplotlib", "urllib3", "h5py", "fsspec", "asyncio"):
+    for noisy in ("PIL", "matplotlib", "urllib3", "h5py", "fsspec", "asyncio", "tifffile"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 

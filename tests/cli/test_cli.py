@@ -190,3 +190,14 @@ def test_process_resnet50_and_color_stats_with_local_weights(tmp_path: Path) -> 
             assert f["features/resnet50"].shape == (n, 2048)
             assert f["features/color_stats"].shape[0] == n
             assert not [k for k in f["features"] if k.startswith("__tmp_")]
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the no-GPU fallback")
+def test_default_cuda_device_falls_back_to_cpu_for_encoders_too(tmp_path: Path) -> None:
+    """Without a GPU, upstream's default --device cuda makes every slide fail in its feature stage; here both the
+    segmenter and the encoders fall back to the CPU with a warning, and the run succeeds."""
+    slide = write_synthetic_slide(tmp_path / "s.svs", width=1024, height=1024)
+    code, stdout, stderr = _run(["process", str(slide), "-o", str(tmp_path / "out"), "--patch-size", "256",
+                                 "--target-mag", "20", "--segmenter", "otsu", "--feature-extractors", "color_stats"])
+    assert code == 0, stderr
+    assert "Completed 1 slide(s), failures: 0" in stdout

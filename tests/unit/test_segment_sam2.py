@@ -18,12 +18,12 @@ import torch
 from PIL import Image
 
 from atlaspatch_stream.backends import segment_sam2
+from atlaspatch_stream.backends.devices import resolve_device
 from atlaspatch_stream.backends.segment_sam2 import (
     SAM2_OFFICIAL_SHA256,
     Sam2Segmenter,
     build_sam2_model,
     check_sam2_weights,
-    resolve_device,
     resolve_sam2_weights,
 )
 from atlaspatch_stream.backends.weights import find_hf_file, hf_cache_dir
@@ -196,12 +196,12 @@ def test_non_official_weights_warn(
 def test_device_strings_without_cuda(caplog: pytest.LogCaptureFixture) -> None:
     """'cuda' without CUDA falls back to CPU with a warning; 'cuda:0' and nonsense are config errors."""
     with caplog.at_level(logging.WARNING, logger="atlaspatch_stream"):
-        assert resolve_device("cuda") == torch.device("cpu")
+        assert resolve_device("cuda", "segmentation") == torch.device("cpu")
     assert any("CUDA" in r.message for r in caplog.records)
     with pytest.raises(ConfigError, match="cuda:0"):
-        resolve_device("cuda:0")
+        resolve_device("cuda:0", "segmentation")
     with pytest.raises(ConfigError):
-        resolve_device("warp-drive")
+        resolve_device("warp-drive", "segmentation")
     with pytest.raises(ConfigError):
         Sam2Segmenter(precision="int8")
 
