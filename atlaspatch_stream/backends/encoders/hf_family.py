@@ -11,13 +11,13 @@ Importing this module, and calling `specs()`, imports neither torch nor transfor
 from __future__ import annotations
 
 import functools
-import json
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from atlaspatch_stream.backends.encoders.loading import read_state_dict
 from atlaspatch_stream.backends.encoders.spec import (
     CLIP_MEAN,
     CLIP_STD,
@@ -515,38 +515,6 @@ def _guarded_build(name: str, recipe: HfRecipe, params_m: float) -> Any:
     return build_model(recipe)
 
 
-def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read weights from a `.safetensors`, a sharded `*.index.json` (shards beside it) or a pickled `.bin/.pt`.
-
-    Pickles are read with `weights_only=True`: a file that needs arbitrary objects is refused (reference N9).
-
-    Raises:
-        WeightsError: when the file is missing or cannot be read.
-    """
-    import torch
-
-    path = Path(path)
-    if not path.is_file():
-        raise WeightsError(f"weights file not found: {path}")
-    try:
-        if path.name.endswith(".index.json"):
-            shards = sorted(set(json.loads(path.read_text())["weight_map"].values()))
-            merged: dict[str, Any] = {}
-            for shard in shards:
-                merged.update(load_state_dict_file(path.parent / shard))
-            return merged
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            return load_file(str(path))
-        loaded = torch.load(str(path), map_location="cpu", weights_only=True)
-    except WeightsError:
-        raise
-    except Exception as exc:
-        raise WeightsError(f"cannot read weights {path}: {type(exc).__name__}: {exc}") from exc
-    return dict(loaded.get("state_dict", loaded)) if isinstance(loaded, dict) else loaded
-
-
 def _check_loading_info(name: str, path: Path, info: Mapping[str, Any]) -> None:
     """Fail loudly on missing or mis-shaped keys, and on unexpected keys that are not a known extra tower."""
     missing = list(info.get("missing_keys", []))
@@ -579,7 +547,7 @@ def load_weights(name: str, model: Any, path: str | os.PathLike[str]) -> Any:
     path = Path(path)
     if _META[name].params_m > 1000:
         ensure_fits(name, _META[name].params_m, extra_bytes=path.stat().st_size if path.is_file() else 0)
-    state_dict = adapt_keys(load_state_dict_file(path), set(model.state_dict()))
+    state_dict = adapt_keys(read_state_dict(path), set(model.state_dict()))
     model_cls = getattr(_transformers(), recipe.model_class)
     try:
         loaded, info = model_cls.from_pretrained(

@@ -165,6 +165,13 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def _read_raw(path: Path) -> Any:
+    if path.name.endswith(".index.json"):  # sharded checkpoint: the shards lie beside the index
+        import json
+
+        merged: dict[str, Any] = {}
+        for shard in sorted(set(json.loads(path.read_text())["weight_map"].values())):
+            merged.update(_unwrap(_read_raw(path.parent / shard)))
+        return merged
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -220,6 +227,20 @@ def load_strict(model: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> to
     cast = {k: v.to(own[k].dtype) if v.is_floating_point() else v for k, v in state.items()}
     model.load_state_dict(cast, strict=True, assign=True)
     return model
+
+
+def load_tower(model: torch.nn.Module, state: Mapping[str, torch.Tensor], path: Path, name: str) -> torch.nn.Module:
+    """Strictly load a library-built tower (materialised first when built on the meta device), in eval mode.
+
+    Raises:
+        WeightsError: keys or shapes that do not fit, naming the file and the encoder.
+    """
+    if next(model.parameters()).device.type == "meta":
+        model = model.to_empty(device="cpu")
+    try:
+        return load_strict(model, state).eval()
+    except WeightsError as exc:
+        raise WeightsError(f"weights {path} do not fit encoder {name}: {exc}") from exc
 
 
 def _check_keys(own: Mapping[str, Any], state: Mapping[str, Any]) -> None:

@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from atlaspatch_stream.backends.encoders.hf_family import load_state_dict_file
+from atlaspatch_stream.backends.encoders.loading import load_tower, read_state_dict
 from atlaspatch_stream.backends.encoders.spec import HALF, EncoderSpec, Preprocess, WeightsSource
 from atlaspatch_stream.errors import MissingExtraError, WeightsError
 
@@ -141,19 +141,10 @@ def load_weights(model: Any, path: str | os.PathLike[str]) -> Any:
         WeightsError: unreadable file, no `beit3.*` keys, or keys/shapes that do not fit.
     """
     path = Path(path)
-    weights = beit3_state_dict(load_state_dict_file(path))
+    weights = beit3_state_dict(read_state_dict(path))
     if not weights:
         raise WeightsError(f"weights {path} hold no 'beit3.*' keys: not a MUSK checkpoint")
-    on_meta = next(model.parameters()).device.type == "meta"
-    if on_meta:
-        model = model.to_empty(device="cpu")
-    try:
-        model.load_state_dict(weights, strict=True, assign=on_meta)
-    except RuntimeError as exc:
-        raise WeightsError(
-            f"weights {path} do not fit encoder musk: {' '.join(str(exc).split())[:600]}"
-        ) from exc
-    return model.eval()
+    return load_tower(model, weights, path, "musk")
 
 
 def specs() -> list[EncoderSpec]:

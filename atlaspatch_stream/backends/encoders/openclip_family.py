@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from atlaspatch_stream.backends.encoders.hf_family import load_state_dict_file
+from atlaspatch_stream.backends.encoders.loading import load_tower, read_state_dict
 from atlaspatch_stream.backends.encoders.spec import (
     CLIP_MEAN,
     CLIP_STD,
@@ -109,19 +109,10 @@ def load_weights(name: str, model: Any, path: str | os.PathLike[str]) -> Any:
         WeightsError: unreadable file, no `visual.*` keys, or keys/shapes that do not fit the tower.
     """
     path = Path(path)
-    weights = visual_state_dict(load_state_dict_file(path))
+    weights = visual_state_dict(read_state_dict(path))
     if not weights:
         raise WeightsError(f"weights {path} hold no 'visual.*' keys: not an open_clip checkpoint for {name}")
-    on_meta = next(model.parameters()).device.type == "meta"
-    if on_meta:
-        model = model.to_empty(device="cpu")
-    try:
-        model.load_state_dict(weights, strict=True, assign=on_meta)
-    except RuntimeError as exc:
-        raise WeightsError(
-            f"weights {path} do not fit encoder {name}: {' '.join(str(exc).split())[:600]}"
-        ) from exc
-    return model.eval()
+    return load_tower(model, weights, path, name)
 
 
 _SPECS: dict[str, dict[str, Any]] = {
