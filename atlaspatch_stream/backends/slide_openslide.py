@@ -42,15 +42,3 @@ class OpenSlideHandle(BaseSlideHandle):
 
     def _read(self, x: int, y: int, level: int, width: int, height: int) -> np.ndarray:
         return np.asarray(self._slide.read_region((x, y), level, (width, height)).convert("RGB"))
-
-    def overlay_thumbnail(self, max_size: int = 1024) -> np.ndarray:
-        """OpenSlide's own `get_thumbnail`, exactly what upstream draws overlays on."""
-        try:
-            image = self._slide.get_thumbnail((max_size, max_size))
-        except Exception as exc:  # noqa: BLE001
-            raise SlideError(f"cannot build the overlay thumbnail: {describe(exc)}", slide=self.name) from exc
-        return np.asarray(image.convert("RGB"))
-
-    def close(self) -> None:
-        """Close the OpenSlide handle."""
-        self._slide.close()

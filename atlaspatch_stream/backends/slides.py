@@ -121,6 +121,18 @@ class BaseSlideHandle:
     def _setup(self, mpp_override: float | None) -> None:
         raise NotImplementedError
 
+    def overlay_thumbnail(self, max_size: int = 1024) -> np.ndarray:
+        """The library's own `get_thumbnail` (best level, white background), what upstream draws overlays on."""
+        try:
+            image = self._slide.get_thumbnail((max_size, max_size))
+        except Exception as exc:  # noqa: BLE001
+            raise SlideError(f"cannot build the overlay thumbnail: {describe(exc)}", slide=self.name) from exc
+        return np.asarray(image.convert("RGB"))
+
+    def close(self) -> None:
+        """Close the library's handle."""
+        self._slide.close()
+
     # -- reading ---------------------------------------------------------------------------------------------
     def _read(self, x: int, y: int, level: int, width: int, height: int) -> np.ndarray:
         raise NotImplementedError
@@ -231,13 +243,6 @@ class BaseSlideHandle:
             np.add.at(acc, first, horizontal * w_first[:, None, None])
             np.add.at(acc, second, horizontal * w_second[:, None, None])
         return np.clip(np.rint(acc), 0, 255).astype(np.uint8)
-
-    def overlay_thumbnail(self, max_size: int = 1024) -> np.ndarray:
-        """Like OpenSlide `get_thumbnail((max_size, max_size))`: aspect kept, white background, RGB uint8."""
-        raise NotImplementedError
-
-    def close(self) -> None:
-        """Release file handles."""
 
     def __enter__(self) -> BaseSlideHandle:
         return self
