@@ -7,6 +7,9 @@ with synthetic drawn-tissue images up to `--images`. The baseline squashes each 
 BILINEAR, calls `set_image` + `predict(box=[0,0,1024,1024], multimask_output=False)` and resizes back NEAREST, as
 upstream's single-image path does. The JSON line also says whether every mask was identical.
 
+It then compares the whole stage on large synthetic slides: the pipeline (thumbnails built by the opener pool while
+SAM2 runs) against upstream's batch-1 order (read the thumbnail, then infer, slide after slide).
+
 Prints ONE JSON line and appends it to perf/results/bench_segment.jsonl. Usage:
     python perf/bench_segment.py [--images 6] [--batch-size 3] [--device cpu|cuda] [--precision float32] [--no-append]
 """
@@ -20,6 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import anyio
 import numpy as np
 import torch
 from common import machine, write_result  # perf/common.py (scripts run from perf/)
@@ -96,6 +100,53 @@ def timed(function, *args):  # type: ignore[no-untyped-def]
     return result, time.perf_counter() - start
 
 
+def stage_comparison(checkpoint: Path, device: str, batch: int, count: int, size: int) -> dict[str, object]:
+    """Whole segmentation stage on large synthetic slides: our pipeline (thumbnails read by the opener pool while
+    SAM2 runs batches, then contours, lattice and H5) vs upstream's batch-1 order (thumbnail, then inference, per slide).
+    """
+    from atlaspatch_stream.backends.slides import open_slide
+    from atlaspatch_stream.config import load_config
+    from atlaspatch_stream.testing.synthetic import write_synthetic_slide
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "slides"
+        slides = [write_synthetic_slide(folder / f"s{i}.svs", width=size, height=size * 3 // 4, seed=20 + i,
+                                        levels=(1, 4, 16)) for i in range(count)]
+        segmenter = Sam2Segmenter(device, "float32", checkpoint, 1)
+        segmenter.warm_up()
+        started = time.perf_counter()
+        for path in slides:
+            with open_slide(path) as handle:
+                segmenter.segment([handle.thumbnail(1.25, 1024, 512)])
+        sequential = time.perf_counter() - started
+        segmenter.close()
+        config = load_config({"plan": {"patch_size": 256, "target_mag": 20},
+                              "segment": {"segmenter": "sam2", "device": device, "seg_batch_size": batch,
+                                          "seg_weights": checkpoint},
+                              "write": {"output": Path(tmp) / "out"}}, environ={})
+        ours, statuses = anyio.run(_timed_pipeline, config, slides)
+    return {"slides": count, "slide_px": [size, size * 3 // 4], "sequential_s": round(sequential, 2),
+            "pipeline_s": round(ours, 2), "stage_ratio": round(sequential / ours, 3), "statuses": statuses}
+
+
+async def _timed_pipeline(config: object, slides: list[Path]) -> tuple[float, list[str]]:
+    """Seconds from the first submitted slide to the last result (model loading excluded, as for the baseline)."""
+    from atlaspatch_stream.api import make_jobs, open_pipeline
+
+    statuses: list[str] = []
+    async with open_pipeline(config) as pipeline, anyio.create_task_group() as tg:  # type: ignore[arg-type]
+        started = time.perf_counter()
+
+        async def feed() -> None:
+            for job in make_jobs(slides, config):  # type: ignore[arg-type]
+                await pipeline.submit(job)
+            await pipeline.close_input()
+
+        tg.start_soon(feed)
+        statuses = sorted({r.status async for r in pipeline.results()})
+        return time.perf_counter() - started, statuses
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=6)
@@ -103,6 +154,8 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--precision", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--no-append", action="store_true")
+    parser.add_argument("--stage-slides", type=int, default=4, help="large synthetic slides for the stage comparison")
+    parser.add_argument("--stage-size", type=int, default=24000, help="their width in pixels")
     args = parser.parse_args()
 
     images, names = thumbnails(args.images)
@@ -110,6 +163,8 @@ def main() -> None:
         checkpoint = write_random_sam2_checkpoint(Path(tmp) / "model.pth", seed=0)
         segmenter = Sam2Segmenter(args.device, args.precision, checkpoint, args.batch_size)
         _, warm_s = timed(segmenter.warm_up)
+        stage = (stage_comparison(checkpoint, args.device, args.batch_size, args.stage_slides, args.stage_size)
+                 if args.stage_slides else None)
     predictor_masks(segmenter.model, images[:1])  # warm the baseline path too (jit-scripted transforms)
     ours, ours_s = timed(segmenter.segment, images)
     theirs, theirs_s = timed(predictor_masks, segmenter.model, images)
@@ -126,6 +181,7 @@ def main() -> None:
         "predictor_thumbs_per_s": round(len(images) / theirs_s, 3),
         "ratio": round(theirs_s / ours_s, 3),
         "masks_equal": equal,
+        "stage": stage,
         "warm_up_s": round(warm_s, 2),
         "machine": machine("torch", "sam2", device=args.device, torch_threads=torch.get_num_threads(),
                            gpu=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None),
