@@ -155,7 +155,9 @@ async def process_slides(
         on_result: called on the event loop for each final result (progress displays).
         command: recorded in the run report.
     """
-    jobs = [p for p in paths if isinstance(p, SlideJob)] or make_jobs([Path(p) for p in paths], config)  # type: ignore[arg-type]
+    jobs = [p for p in paths if isinstance(p, SlideJob)]
+    if not jobs:  # discovery walks folders: off the event loop
+        jobs = await anyio.to_thread.run_sync(make_jobs, [Path(p) for p in paths], config)  # type: ignore[arg-type]
     summary = RunSummary()
     started = time.perf_counter()
     async with open_pipeline(config, mode=mode, backends=backends, command=command) as pipeline:
