@@ -116,13 +116,11 @@ class ReadConfig:
     """Tile readers and decoders."""
 
     reader_threads: int = 4  # --feature-num-workers
-    decoder: Literal["cpu", "dali"] = "cpu"
     chunk_patches: int = 64  # patches per item sent downstream by a reader
 
     def __post_init__(self) -> None:
         _require(self.reader_threads > 0, "reader threads must be > 0")
         _require(self.chunk_patches > 0, "chunk_patches must be > 0")
-        _require(self.decoder in ("cpu", "dali"), f"unknown decoder {self.decoder!r} (cpu or dali)")
 
 
 @dataclass(frozen=True)
@@ -163,7 +161,6 @@ class QueueConfig:
     """Sizes of the bounded streams between stages (items; memory per item noted beside each)."""
 
     jobs: int = 64  # SlideJob: < 1 KB each
-    opened: int = 4  # OpenedSlide: a handle, < 1 MB
     thumbnails: int = 8  # Thumbnail: <= 1024*1024*3 B = 3 MB each
     masks: int = 8  # TissueMask: <= 1 MB each
     plans: int = 8  # PatchPlan: N*20 B coords (1M patches = 20 MB)

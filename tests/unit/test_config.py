@@ -123,7 +123,6 @@ def test_unreadable_toml_is_a_config_error(tmp_path: Path) -> None:
         (lambda: PlanConfig(target_mag=0), "--target-mag"),
         (lambda: PlanConfig(tissue_thresh=1.5), "--tissue-thresh"),
         (lambda: ReadConfig(reader_threads=0), "reader threads"),
-        (lambda: ReadConfig(decoder="gpu"), "decoder"),  # type: ignore[arg-type]
         (lambda: EncodeConfig(batch_size=0), "--feature-batch-size"),
         (lambda: EncodeConfig(extractors=("a", "a")), "duplicate"),
         (lambda: WriteConfig(write_batch=0), "--write-batch"),
@@ -163,3 +162,13 @@ def test_env_weights_are_name_path_pairs() -> None:
     assert config.encode.weights == (("a", Path("/w/a.pt")), ("b", Path("/w/b")))
     with pytest.raises(ConfigError, match="name=path"):
         load_config(environ={"ATLASPATCH_ENCODE__WEIGHTS": "a.pt"})
+
+
+def test_shipped_default_toml_lists_the_defaults() -> None:
+    """configs/default.toml loads and equals the built-in defaults (it documents every option with its default)."""
+    from atlaspatch_stream.config import PipelineConfig
+
+    root = Path(__file__).resolve().parents[2]
+    assert load_config(toml_path=root / "configs" / "default.toml", environ={}) == PipelineConfig()
+    cpu = load_config(toml_path=root / "configs" / "cpu.toml", environ={})
+    assert cpu.segment.device == "cpu" and cpu.encode.device == "cpu"
