@@ -65,6 +65,7 @@ async def _read_one(
     limiter: anyio.CapacityLimiter,
 ) -> None:
     job = plan.slide.job
+    iterator: Any = None
     try:
         iterator = await anyio.to_thread.run_sync(
             backends.iter_patches, plan, settings.patch_size, settings.chunk, settings.reader_threads, limiter=limiter
@@ -88,6 +89,11 @@ async def _read_one(
         await send_write.send(SlideFailed(job, "read", exc.one_line() if exc.slide else f"{job.name}: {exc.one_line()}"))
     except Exception as exc:  # noqa: BLE001 - a foreign per-slide failure becomes a record
         await send_write.send(SlideFailed(job, "read", f"{job.name}: {describe(exc)}"))
+    finally:
+        close = getattr(iterator, "close", None)
+        if close is not None:  # stop the reader's own decode threads, also on cancellation
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(close)
 
 
 def _batch(plan: PatchPlan, rows: np.ndarray, pixels: np.ndarray | None, seconds: float) -> PatchBatch:
