@@ -65,3 +65,38 @@ class Batcher:
         if not parts:
             return PatchBatch(np.empty(0, np.int64), np.empty(0, np.int64), np.empty((0, 0, 0, 3), np.uint8))
         return concat(parts)
+
+
+def slide_chunk(
+    slide_id: int, rows: np.ndarray, pixels: np.ndarray | None, seconds: float, encoders: frozenset[str] | None
+) -> PatchBatch:
+    """One reader chunk of a single slide; `pixels=None` sends only the row labels (no encoder runs)."""
+    ids = np.full(rows.shape[0], slide_id, dtype=np.int64)
+    px = pixels if pixels is not None else np.empty((rows.shape[0], 0, 0, 3), dtype=np.uint8)
+    return PatchBatch(ids, rows.astype(np.int64, copy=False), px, read_seconds=seconds, encoders=encoders)
+
+
+def split_by_slide(slide_ids: np.ndarray) -> list[tuple[int, np.ndarray, float]]:
+    """(slide_id, row selector, share of the batch) for each slide present in a batch."""
+    total = max(1, int(slide_ids.shape[0]))
+    out = []
+    for slide_id in np.unique(slide_ids).tolist():
+        sel = slide_ids == slide_id
+        out.append((int(slide_id), sel, float(np.count_nonzero(sel)) / total))
+    return out
+
+
+class RowTally:
+    """Which of a slide's N rows have arrived (rows may arrive in any order, in any number of batches)."""
+
+    def __init__(self, n: int) -> None:
+        self._seen = np.zeros(n, dtype=bool)
+
+    def mark(self, rows: np.ndarray) -> None:
+        """Record `rows` as arrived."""
+        self._seen[rows] = True
+
+    @property
+    def complete(self) -> bool:
+        """True when every row has arrived."""
+        return bool(self._seen.all())

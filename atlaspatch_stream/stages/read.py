@@ -7,11 +7,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import anyio
-import numpy as np
 from anyio.abc import ObjectReceiveStream, ObjectSendStream
 
+from ..batching import slide_chunk
 from ..errors import SlideError, describe
-from ..items import PatchBatch, PatchPlan, SlideFailed
+from ..items import PatchPlan, SlideFailed
 from .workers import run_workers
 
 
@@ -81,7 +81,10 @@ async def _read_one(
             if settings.save_images:
                 await anyio.to_thread.run_sync(backends.save_images, plan, rows, pixels, limiter=limiter)
             elapsed = time.perf_counter() - started
-            await send.send(_batch(plan, rows, pixels if settings.keep_pixels else None, elapsed))
+            reuse = plan.slide.reuse
+            needed = frozenset(reuse.missing) if reuse is not None else None
+            kept = pixels if settings.keep_pixels else None
+            await send.send(slide_chunk(job.slide_id, rows, kept, elapsed, needed))
         if sent != plan.num_patches:
             # A short reader would leave the slide open (and its slot taken) until the run ends: fail it now.
             raise SlideError(f"reader returned {sent} of {plan.num_patches} patches", slide=job.name)
@@ -94,11 +97,3 @@ async def _read_one(
         if close is not None:  # stop the reader's own decode threads, also on cancellation
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(close)
-
-
-def _batch(plan: PatchPlan, rows: np.ndarray, pixels: np.ndarray | None, seconds: float) -> PatchBatch:
-    ids = np.full(rows.shape[0], plan.slide.job.slide_id, dtype=np.int64)
-    px = pixels if pixels is not None else np.empty((rows.shape[0], 0, 0, 3), dtype=np.uint8)
-    reuse = plan.slide.reuse
-    needed = frozenset(reuse.missing) if reuse is not None else None
-    return PatchBatch(ids, rows.astype(np.int64, copy=False), px, read_seconds=seconds, encoders=needed)

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import anyio
-import numpy as np
 from anyio.abc import ObjectReceiveStream
 
+from ..batching import RowTally, split_by_slide
 from ..errors import SlideError, describe
 from ..items import FeatureBatch, PatchBatch, PatchPlan, SlideFailed, Status
 from .book import SlideBook
@@ -20,8 +20,7 @@ class _Open:
     plan: PatchPlan
     store: Any
     names: tuple[str, ...]
-    count_rows: bool
-    seen: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))
+    tally: RowTally | None = None  # set when rows are counted without features (--save-images, no encoder)
 
     @property
     def job(self) -> Any:
@@ -98,9 +97,8 @@ async def _open(
     except Exception as exc:  # noqa: BLE001 - e.g. disk full: this slide fails, the run goes on
         await book.fail(job, "write", f"{job.name}: cannot write output: {describe(exc)}")
         return
-    entry = _Open(plan, store, tuple(names), settings.count_rows and not names)
-    if entry.count_rows:
-        entry.seen = np.zeros(plan.num_patches, bool)
+    tally = RowTally(plan.num_patches) if settings.count_rows and not names else None
+    entry = _Open(plan, store, tuple(names), tally)
     open_[job.slide_id] = entry
     if plan.num_patches == 0:
         for name in names:
@@ -112,17 +110,16 @@ async def _rows(
     batch: FeatureBatch | PatchBatch, open_: dict[int, _Open], book: SlideBook, settings: WriteSettings,
     limiter: anyio.CapacityLimiter,
 ) -> None:
-    for slide_id in np.unique(batch.slide_ids).tolist():
+    for slide_id, sel, share in split_by_slide(batch.slide_ids):
         entry = open_.get(slide_id)
         if entry is None:
             continue  # rows of a slide that already failed
-        sel = batch.slide_ids == slide_id
-        _account(entry, book, batch, sel)
+        _account(entry, book, batch, share)
         try:
             if isinstance(batch, FeatureBatch):
                 await anyio.to_thread.run_sync(_write_features, entry, batch, sel, limiter=limiter)
-            else:
-                entry.seen[batch.rows[sel]] = True
+            elif entry.tally is not None:
+                entry.tally.mark(batch.rows[sel])
         except Exception as exc:  # noqa: BLE001
             message = exc.one_line() if isinstance(exc, SlideError) else describe(exc)
             await _fail(entry, open_, book, limiter, "write", f"{entry.job.name}: {message}")
@@ -130,14 +127,13 @@ async def _rows(
         await _maybe_finish(entry, open_, book, limiter)
 
 
-def _account(entry: _Open, book: SlideBook, batch: FeatureBatch | PatchBatch, sel: np.ndarray) -> None:
-    share = float(np.count_nonzero(sel)) / max(1, len(batch.rows))
+def _account(entry: _Open, book: SlideBook, batch: FeatureBatch | PatchBatch, share: float) -> None:
     book.time(entry.job, "read", batch.read_seconds * share)
     if isinstance(batch, FeatureBatch):
         book.time(entry.job, "encode", batch.encode_seconds * share)
 
 
-def _write_features(entry: _Open, batch: FeatureBatch, sel: np.ndarray) -> None:
+def _write_features(entry: _Open, batch: FeatureBatch, sel: Any) -> None:
     rows = batch.rows[sel]
     for name in entry.names:
         values = batch.features[name][sel]
@@ -147,8 +143,8 @@ def _write_features(entry: _Open, batch: FeatureBatch, sel: np.ndarray) -> None:
 
 
 def _complete(entry: _Open) -> bool:
-    if entry.count_rows:
-        return bool(entry.seen.all())
+    if entry.tally is not None:
+        return entry.tally.complete
     return all(entry.store.has_feature(n) for n in entry.names) and entry.store.complete()
 
 

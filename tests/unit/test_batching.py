@@ -66,3 +66,19 @@ def test_read_time_is_shared_by_rows() -> None:
     out = batcher.add(_chunk(0, 0, 2, seconds=1.0)) + batcher.add(_chunk(1, 0, 2, seconds=1.0))
     total = sum(b.read_seconds for b in out) + batcher.flush().read_seconds
     assert abs(total - 2.0) < 1e-9
+
+
+def test_split_by_slide_and_row_tally() -> None:
+    """Rows of a mixed batch are split per slide with their share; a tally completes only when every row arrived."""
+    import numpy as np
+
+    from atlaspatch_stream.batching import RowTally, split_by_slide
+
+    parts = split_by_slide(np.array([3, 1, 3, 3]))
+    assert [(sid, sel.tolist(), share) for sid, sel, share in parts] == [
+        (1, [False, True, False, False], 0.25), (3, [True, False, True, True], 0.75)]
+    tally = RowTally(4)
+    tally.mark(np.array([3, 0]))
+    assert not tally.complete
+    tally.mark(np.array([2, 1]))
+    assert tally.complete
