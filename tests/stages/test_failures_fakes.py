@@ -12,34 +12,16 @@ import pytest
 
 from atlaspatch_stream.api import process_slides
 from atlaspatch_stream.config import (
-    EncodeConfig,
     PipelineConfig,
-    PlanConfig,
-    ReadConfig,
-    SegmentConfig,
-    WriteConfig,
 )
 from atlaspatch_stream.errors import SlideError
 from atlaspatch_stream.items import OpenedSlide, PatchPlan, SlideResult
 from atlaspatch_stream.sources import ledger
 from atlaspatch_stream.testing.fakes import FakeBackends, FakeEncoder, FakeSegmenter, fake_jobs
 
+from .conftest import fake_config
+
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-def _config(out: Path, seg_batch: int = 1) -> PipelineConfig:
-    return PipelineConfig(
-        segment=SegmentConfig(segmenter="otsu", device="cpu", seg_batch_size=seg_batch),
-        plan=PlanConfig(patch_size=16),
-        read=ReadConfig(reader_threads=1, chunk_patches=4),
-        encode=EncodeConfig(extractors=("a",), device="cpu", batch_size=8),
-        write=WriteConfig(output=out, write_batch=8),
-    )
 
 
 class PickySegmenter(FakeSegmenter):
@@ -85,7 +67,7 @@ def _leftovers(out: Path) -> list[str]:
 async def test_failures_in_every_stage_fail_alone(tmp_path: Path) -> None:
     """Slides failing in segment, plan and output creation each get a failed record naming the stage and cause;
     the healthy slides (batched with the failing ones for segmentation) finish; nothing partial remains."""
-    config = _config(tmp_path, seg_batch=4)
+    config = fake_config(tmp_path, seg_batch=4)
     backends = FlakyBackends(config, segment_delay=0.0)
     stems = ["ok0", "bad_seg", "bad_plan", "bad_write", "ok1"]
     results = await _results(config, stems, backends)
@@ -114,7 +96,7 @@ class BrokenDeviceBackends(FakeBackends):
 
 async def test_a_bug_propagates_and_cleans_up(tmp_path: Path) -> None:
     """An encoder raising a foreign error stops the run with that error; no temp file, lock or final file remains."""
-    config = _config(tmp_path)
+    config = fake_config(tmp_path)
     backends = BrokenDeviceBackends(config)
     with anyio.fail_after(4), pytest.raises(BaseException) as info:
         await process_slides(fake_jobs(tmp_path, ["s0", "s1"]), config, backends=backends)
@@ -127,7 +109,7 @@ async def test_a_bug_propagates_and_cleans_up(tmp_path: Path) -> None:
 
 async def test_same_stem_twice_in_one_run_is_locked_not_lost(tmp_path: Path) -> None:
     """Two jobs writing the same `<stem>.h5` in one run: one is processed, the other reported, never dropped."""
-    config = _config(tmp_path)
+    config = fake_config(tmp_path)
     jobs = fake_jobs(tmp_path, ["s", "s"])
     jobs[1] = type(jobs[1])(1, jobs[1].path, "s", None, display="copy/s.svs")
     with anyio.fail_after(4):
@@ -139,7 +121,7 @@ async def test_same_stem_twice_in_one_run_is_locked_not_lost(tmp_path: Path) -> 
 
 async def test_slide_error_message_names_slide_once(tmp_path: Path) -> None:
     """A SlideError that already names its slide is not prefixed a second time."""
-    config = _config(tmp_path)
+    config = fake_config(tmp_path)
     results = await _results(config, ["x"], FakeBackends(config, fail_open=["x"]))
     message = results["x"].message
     assert message.count("x.svs") == 1 and SlideError.__name__ not in message
@@ -156,7 +138,7 @@ class ShortReaderBackends(FakeBackends):
 async def test_short_reader_fails_slide_and_frees_its_slot(tmp_path: Path) -> None:
     """With one slot (max_open_slides=1), a slide whose reader yields too few rows fails at once ('read', counts in
     the message) and the following slides still run."""
-    base = _config(tmp_path)
+    base = fake_config(tmp_path)
     config = base.replace(open=type(base.open)(max_open_slides=1))
     results = await _results(config, ["short", "s1", "s2"], ShortReaderBackends(config, patches_per_slide=10))
     assert results["short"].status == "failed" and results["short"].extra["stage"] == "read"

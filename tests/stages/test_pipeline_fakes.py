@@ -17,13 +17,8 @@ import pytest
 
 from atlaspatch_stream.api import open_pipeline, process_slides
 from atlaspatch_stream.config import (
-    EncodeConfig,
-    OpenConfig,
     PipelineConfig,
-    PlanConfig,
     QueueConfig,
-    ReadConfig,
-    SegmentConfig,
     WriteConfig,
 )
 from atlaspatch_stream.items import SlideResult
@@ -31,26 +26,9 @@ from atlaspatch_stream.report import REPORT_NAME
 from atlaspatch_stream.sources import ledger
 from atlaspatch_stream.testing.fakes import FakeBackends, fake_jobs
 
+from .conftest import fake_config
+
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-def _config(out: Path, extractors: tuple[str, ...] = ("a",), *, patch_size: int = 16, max_open: int = 200,
-            queues: QueueConfig | None = None, skip_existing: bool = True, chunk: int = 4,
-            batch: int = 8) -> PipelineConfig:
-    return PipelineConfig(
-        open=OpenConfig(max_open_slides=max_open),
-        segment=SegmentConfig(segmenter="otsu", device="cpu"),
-        plan=PlanConfig(patch_size=patch_size),
-        read=ReadConfig(reader_threads=1, chunk_patches=chunk),
-        encode=EncodeConfig(extractors=extractors, device="cpu", batch_size=batch),
-        write=WriteConfig(output=out, write_batch=8, skip_existing=skip_existing),
-        queues=queues or QueueConfig(),
-    )
 
 
 async def _run(config: PipelineConfig, stems: list[str], backends: FakeBackends | None = None,
@@ -80,7 +58,7 @@ def _features(path: Path) -> dict[str, np.ndarray]:
 
 async def test_results_end_after_close_input(tmp_path: Path) -> None:
     """Submit three slides, close the input, iterate results: exactly three results, then the iteration ends."""
-    config = _config(tmp_path)
+    config = fake_config(tmp_path)
     backends = FakeBackends(config, patches_per_slide=10)
     with anyio.fail_after(4):
         async with open_pipeline(config, backends=backends) as pipeline:
@@ -99,7 +77,7 @@ async def test_results_end_after_close_input(tmp_path: Path) -> None:
 
 async def test_features_are_in_row_order(tmp_path: Path) -> None:
     """Each slide's feature rows match the patches read at its coords rows (placed by index, across batches)."""
-    config = _config(tmp_path, ("a", "b"), chunk=3, batch=5)
+    config = fake_config(tmp_path, ("a", "b"), chunk=3, batch=5)
     results = await _run(config, ["s0", "s1", "s2"], patches_per_slide=11)
     handle = FakeBackends(config).open_slide(fake_jobs(tmp_path, ["x"])[0])
     for r in results.values():
@@ -115,7 +93,7 @@ async def test_features_are_in_row_order(tmp_path: Path) -> None:
 async def test_one_failing_slide_fails_alone(tmp_path: Path) -> None:
     """A slide that cannot be opened and one whose read fails half-way become failed records naming the cause and
     stage; the other slides finish; no partial file, temp file or lock remains."""
-    config = _config(tmp_path)
+    config = fake_config(tmp_path)
     results = await _run(config, ["ok0", "bad_open", "bad_read", "ok1"], fail_open=["bad_open"],
                          fail_read=["bad_read"], patches_per_slide=12)
     assert {s: r.status for s, r in results.items()} == {
@@ -131,7 +109,7 @@ async def test_one_failing_slide_fails_alone(tmp_path: Path) -> None:
 
 async def test_zero_patch_slide_gets_empty_sets(tmp_path: Path) -> None:
     """A slide without patches finishes with coords (0,5), num_patches 0 and a (0, D) set per encoder."""
-    config = _config(tmp_path, ("a", "b"))
+    config = fake_config(tmp_path, ("a", "b"))
     results = await _run(config, ["empty_one", "full"])
     assert results["empty_one"].status == "done" and results["empty_one"].num_patches == 0
     with h5py.File(ledger.h5_path(tmp_path, "empty_one"), "r") as f:
@@ -143,7 +121,7 @@ async def test_zero_patch_slide_gets_empty_sets(tmp_path: Path) -> None:
 
 async def test_coords_mode_writes_coords_and_skips_on_rerun(tmp_path: Path) -> None:
     """Without encoders (segment-and-get-coords) the file has coords and no features; a rerun skips it."""
-    config = _config(tmp_path, ())
+    config = fake_config(tmp_path, ())
     first = await _run(config, ["s0"])
     assert first["s0"].status == "done"
     with h5py.File(ledger.h5_path(tmp_path, "s0"), "r") as f:
@@ -159,7 +137,7 @@ async def test_backpressure_bounds_open_slides_and_queues(tmp_path: Path) -> Non
     """With a slow encoder, `max_open_slides` = 2 and tiny queues: polling statistics() during the run, slides in
     flight never exceed 2 (nor do open handles), and no stream holds more than its size."""
     queues = QueueConfig(jobs=2, thumbnails=1, masks=1, plans=1, patches=1, features=1, results=2)
-    config = _config(tmp_path, max_open=2, queues=queues, chunk=4, batch=4)
+    config = fake_config(tmp_path, max_open=2, queues=queues, chunk=4, batch=4)
     backends = FakeBackends(config, patches_per_slide=8, encoder_delay=0.02)
     peak_flight, peak_used = 0, 0
     with anyio.fail_after(4):
@@ -195,7 +173,7 @@ async def test_backpressure_bounds_open_slides_and_queues(tmp_path: Path) -> Non
 async def test_cancellation_within_deadline_leaves_no_partial_output(tmp_path: Path) -> None:
     """Cancel the caller's scope mid-run while a slow reader is busy: the pipeline returns within 2 s, no `<stem>.h5`
     exists for unfinished slides, no temp file or lock remains and every opened handle is closed."""
-    config = _config(tmp_path, max_open=4, chunk=2)
+    config = fake_config(tmp_path, max_open=4, chunk=2)
     backends = FakeBackends(config, patches_per_slide=40, read_delay=0.1)
     stems = [f"s{i}" for i in range(4)]
     finished: list[SlideResult] = []
@@ -218,7 +196,7 @@ async def test_cancellation_within_deadline_leaves_no_partial_output(tmp_path: P
 
 async def test_cancel_then_rerun_completes(tmp_path: Path) -> None:
     """After a cancelled run, a second run of the same slides is not blocked by locks and finishes them all."""
-    config = _config(tmp_path, chunk=2)
+    config = fake_config(tmp_path, chunk=2)
     with anyio.move_on_after(0.3):
         await process_slides(fake_jobs(tmp_path, ["s0", "s1"]), config,
                              backends=FakeBackends(config, patches_per_slide=40, read_delay=0.1))
@@ -238,12 +216,12 @@ def _poison(path: Path, name: str) -> None:
 async def test_reuse_adds_only_missing_encoders(tmp_path: Path) -> None:
     """Run with encoder a, then with a and b: the second result is 'reused', the file gains b and keeps a untouched
     (a sentinel written into a survives) and its coords."""
-    first = await _run(_config(tmp_path, ("a",)), ["s0"])
+    first = await _run(fake_config(tmp_path, ("a",)), ["s0"])
     path = first["s0"].h5_path
     assert path is not None
     _poison(path, "a")
     coords_before = h5py.File(path, "r")["coords"][...]
-    second = await _run(_config(tmp_path, ("a", "b")), ["s0"])
+    second = await _run(fake_config(tmp_path, ("a", "b")), ["s0"])
     assert second["s0"].status == "reused" and second["s0"].features == ("b",)
     feats = _features(path)
     assert sorted(feats) == ["a", "b"]
@@ -251,14 +229,14 @@ async def test_reuse_adds_only_missing_encoders(tmp_path: Path) -> None:
     assert feats["b"].shape == (10, 3) and not np.all(feats["b"] == 42.0)
     np.testing.assert_array_equal(h5py.File(path, "r")["coords"][...], coords_before)
     assert _leftovers(tmp_path) == []
-    third = await _run(_config(tmp_path, ("a", "b")), ["s0"])
+    third = await _run(fake_config(tmp_path, ("a", "b")), ["s0"])
     assert third["s0"].status == "skipped"
 
 
 async def test_reuse_of_zero_patch_file_adds_empty_set(tmp_path: Path) -> None:
     """A zero-patch file gains a (0, D) set for a new encoder without re-segmenting."""
-    await _run(_config(tmp_path, ("a",)), ["empty_s"])
-    second = await _run(_config(tmp_path, ("a", "b")), ["empty_s"])
+    await _run(fake_config(tmp_path, ("a",)), ["empty_s"])
+    second = await _run(fake_config(tmp_path, ("a", "b")), ["empty_s"])
     assert second["empty_s"].status == "reused"
     assert {n: v.shape for n, v in _features(ledger.h5_path(tmp_path, "empty_s")).items()} == {
         "a": (0, 3), "b": (0, 3)}
@@ -266,10 +244,10 @@ async def test_reuse_of_zero_patch_file_adds_empty_set(tmp_path: Path) -> None:
 
 async def test_force_overwrites_whole_file(tmp_path: Path) -> None:
     """skip_existing=False (--force) reprocesses: the file is replaced, so a sentinel and an unrequested set vanish."""
-    await _run(_config(tmp_path, ("a", "b")), ["s0"])
+    await _run(fake_config(tmp_path, ("a", "b")), ["s0"])
     path = ledger.h5_path(tmp_path, "s0")
     _poison(path, "a")
-    forced = await _run(_config(tmp_path, ("a",), skip_existing=False), ["s0"])
+    forced = await _run(fake_config(tmp_path, ("a",), skip_existing=False), ["s0"])
     assert forced["s0"].status == "done"
     feats = _features(path)
     assert sorted(feats) == ["a"] and not np.all(feats["a"] == 42.0)
@@ -278,14 +256,14 @@ async def test_force_overwrites_whole_file(tmp_path: Path) -> None:
 async def test_geometry_mismatch_fails_slide_suggesting_force(tmp_path: Path) -> None:
     """Reusing a file made with another patch size fails that slide (message names the setting and --force);
     the file is left as it was and the other slide is processed."""
-    await _run(_config(tmp_path, ("a",), patch_size=16), ["s0"])
+    await _run(fake_config(tmp_path, ("a",), patch_size=16), ["s0"])
     path = ledger.h5_path(tmp_path, "s0")
     before = path.stat().st_mtime_ns
-    results = await _run(_config(tmp_path, ("a", "b"), patch_size=32), ["s0", "s1"])
+    results = await _run(fake_config(tmp_path, ("a", "b"), patch_size=32), ["s0", "s1"])
     assert results["s0"].status == "failed" and results["s1"].status == "done"
     assert "patch_size=16 (requested 32)" in results["s0"].message and "--force" in results["s0"].message
     assert path.stat().st_mtime_ns == before
-    forced = await _run(_config(tmp_path, ("a", "b"), patch_size=32, skip_existing=False), ["s0"])
+    forced = await _run(fake_config(tmp_path, ("a", "b"), patch_size=32, skip_existing=False), ["s0"])
     assert forced["s0"].status == "done"
 
 
@@ -300,7 +278,7 @@ async def test_locked_slide_reported_and_stale_lock_taken_over(tmp_path: Path) -
         live_lock.parent.mkdir(parents=True)
         live_lock.write_text(f"pid={child.pid},time=1,slide=x,host={ledger.HOST}")
         ledger.lock_path(tmp_path, "stale").write_text(f"pid={dead.pid},time=1,slide=x,host={ledger.HOST}")
-        config = _config(tmp_path)
+        config = fake_config(tmp_path)
         with anyio.fail_after(4):
             summary = await process_slides(fake_jobs(tmp_path, ["held", "stale", "free"]), config,
                                            backends=FakeBackends(config))
@@ -322,7 +300,7 @@ async def test_locked_slide_reported_and_stale_lock_taken_over(tmp_path: Path) -
 async def test_run_report_lines(tmp_path: Path) -> None:
     """The report holds run_start first, stage events with seconds and a slide event per slide, run_end last,
     all with one run id."""
-    config = _config(tmp_path)
+    config = fake_config(tmp_path)
     await _run(config, ["s0", "bad"], fail_open=["bad"])
     events = [orjson.loads(line) for line in (tmp_path / REPORT_NAME).read_bytes().splitlines()]
     assert events[0]["event"] == "run_start" and events[-1]["event"] == "run_end"
@@ -343,7 +321,7 @@ async def test_run_report_lines(tmp_path: Path) -> None:
 async def test_coords_mode_with_save_images_finishes_when_all_rows_read(tmp_path: Path) -> None:
     """segment-and-get-coords --save-images: rows travel without pixels to the writer, which finishes the slide once
     every row was read; one PNG per patch exists; a read failure fails that slide alone."""
-    base = _config(tmp_path, (), chunk=3)
+    base = fake_config(tmp_path, (), chunk=3)
     config = base.replace(write=WriteConfig(output=tmp_path, write_batch=8, save_images=True))
     results = await _run(config, ["s0", "bad"], patches_per_slide=7, fail_read=["bad"])
     assert results["s0"].status == "done" and results["s0"].num_patches == 7
@@ -356,7 +334,7 @@ async def test_coords_mode_with_save_images_finishes_when_all_rows_read(tmp_path
 
 async def test_detect_mode_writes_masks_only(tmp_path: Path) -> None:
     """detect-tissue: mask overlays per slide, no H5, no lock, every slide 'done'."""
-    config = _config(tmp_path, ())
+    config = fake_config(tmp_path, ())
     with anyio.fail_after(4):
         summary = await process_slides(fake_jobs(tmp_path, ["s0", "s1"]), config, mode="detect",
                                        backends=FakeBackends(config))
