@@ -8,7 +8,8 @@ from typing import Any
 import click
 
 from .. import __version__
-from .options import build_config, common_options, feature_options, input_options
+from ..pipeline import Mode
+from .options import build_config, common_options, feature_options, input_options, parse_weights
 from .runner import execute, exit_with, summarize
 
 
@@ -24,9 +25,7 @@ def cli() -> None:
 @feature_options
 def process(wsi_path: Path, **params: Any) -> None:
     """Segment tissue, extract patch coordinates and embed patches with the chosen encoders."""
-    config = build_config(params, features=True)
-    results = execute(config, wsi_path, "features", "process", params["verbose"])
-    exit_with(summarize(results, "features"))
+    _run_slides(wsi_path, params, "features", "process")
 
 
 @cli.command("segment-and-get-coords")
@@ -34,18 +33,20 @@ def process(wsi_path: Path, **params: Any) -> None:
 @common_options
 def segment_and_get_coords(wsi_path: Path, **params: Any) -> None:
     """Segment tissue and write patch coordinates (no features)."""
-    config = build_config(params, features=False)
-    results = execute(config, wsi_path, "coords", "segment-and-get-coords", params["verbose"])
-    exit_with(summarize(results, "coords"))
+    _run_slides(wsi_path, params, "coords", "segment-and-get-coords")
 
 
 @cli.command("detect-tissue")
 @input_options
 def detect_tissue(wsi_path: Path, **params: Any) -> None:
     """Write tissue-mask overlays (<stem>_mask.png, <stem>_mask_bw.png) under <out>/visualization/."""
-    config = build_config(params, features=False)
-    results = execute(config, wsi_path, "detect", "detect-tissue", params["verbose"])
-    exit_with(summarize(results, "detect"))
+    _run_slides(wsi_path, params, "detect", "detect-tissue")
+
+
+def _run_slides(wsi_path: Path, params: dict[str, Any], mode: Mode, command: str) -> None:
+    """Parse flags into a config, run the slides and leave with the exit status."""
+    config = build_config(params, features=mode == "features")
+    exit_with(summarize(execute(config, wsi_path, mode, command, params["verbose"]), mode))
 
 
 @cli.command("info")
@@ -75,7 +76,6 @@ def info() -> None:
 def encoders(check: bool, weights: tuple[str, ...], names: tuple[str, ...]) -> None:
     """List encoder names with dim, input size, extra, licence, gated, and whether weights are present."""
     from .encoders_cmd import check_command, list_command
-    from .options import parse_weights
 
     if check:
         exit_with(check_command(names))
