@@ -1,11 +1,16 @@
-"""What goes into every output file besides pixels: root attributes in upstream's order and passport strings."""
+"""Outputs: where each slide's files go (upstream §2.1), their root attributes and passports, and reuse rules (§2.6).
+
+Better than upstream on purpose: a reused file must match the requested geometry, or the slide fails with a message
+suggesting `--force`.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
 
 PASSPORT_FORMAT = "{stem}__x{X}_y{Y}_rw{RW}_rh{RH}_lv{LV}_mag{MAG}_tmag{TMAG}_total{N}"
 PASSPORT_VERSION = 2
@@ -62,3 +67,83 @@ class SlideAttrs:
         return pairs
 
 
+def h5_path(output: Path, stem: str) -> Path:
+    """`<out>/patches/<stem>.h5`."""
+    return output / "patches" / f"{stem}.h5"
+
+
+def lock_path(output: Path, stem: str) -> Path:
+    """`<out>/patches/<stem>.lock` (one path for both phases, as upstream)."""
+    return output / "patches" / f"{stem}.lock"
+
+
+def images_dir(output: Path, stem: str) -> Path:
+    """`<out>/images/<stem>/`."""
+    return output / "images" / stem
+
+
+def visualization_dir(output: Path) -> Path:
+    """`<out>/visualization/`."""
+    return output / "visualization"
+
+
+
+Action = Literal["new", "skip", "reuse", "mismatch"]
+
+
+@dataclass(frozen=True)
+class ReuseDecision:
+    """What to do with a slide whose output may already exist."""
+
+    action: Action
+    num_patches: int = 0
+    missing: tuple[str, ...] = ()
+    reason: str = ""
+
+
+GEOMETRY_KEYS = ("patch_size", "target_magnification", "overlap")
+
+
+def geometry_mismatch(attrs: Mapping[str, Any], wanted: Mapping[str, Any]) -> list[str]:
+    """Settings of an existing file that differ from the request (our fingerprint first, upstream's attributes else)."""
+    theirs = attrs.get("settings_fingerprint")
+    if theirs is not None and theirs == wanted.get("settings_fingerprint"):
+        return []
+    keys = [k for k in (*GEOMETRY_KEYS, "step_size", "tissue_thresh", "fast_mode", "segmenter") if k in attrs]
+    diffs = [f"{k}={attrs[k]!r} (requested {wanted[k]!r})" for k in keys if k in wanted and attrs[k] != wanted[k]]
+    if not diffs and theirs is not None:
+        # The fingerprint also covers settings without their own attribute (filter thresholds, segmenter weights):
+        # a differing fingerprint is a mismatch even when no named attribute differs.
+        if attrs.get("segmenter_sha256") != wanted.get("segmenter_sha256"):
+            diffs.append("segmenter weights differ")
+        else:
+            diffs.append(f"settings fingerprint {theirs} (requested {wanted.get('settings_fingerprint')})")
+    return diffs
+
+
+def decide_reuse(
+    existing: Any | None,
+    encoders: Sequence[str],
+    wanted: Mapping[str, Any],
+) -> ReuseDecision:
+    """Upstream's reuse rules (§2.6) plus a geometry check.
+
+    Args:
+        existing: an `ExistingH5` (from the store) or None when the file is absent or unreadable.
+        encoders: requested encoder names (empty for `segment-and-get-coords`).
+        wanted: the attributes this run would write (for the geometry check).
+    """
+    if existing is None:
+        return ReuseDecision("new")
+    diffs = geometry_mismatch(existing.attrs, wanted)
+    if diffs:
+        return ReuseDecision("mismatch", reason="; ".join(diffs))
+    if not encoders:
+        return ReuseDecision("skip", num_patches=existing.num_patches or 0, reason="output exists")
+    num = existing.num_patches
+    if num is None or (num <= 0 and "settings_fingerprint" not in existing.attrs):
+        return ReuseDecision("new", reason="existing output has no patches")
+    missing = tuple(e for e in encoders if existing.features.get(e.lower()) != num)
+    if not missing:
+        return ReuseDecision("skip", num_patches=num, reason="all features present")
+    return ReuseDecision("reuse", num_patches=num, missing=missing)

@@ -13,12 +13,12 @@ from typing import Any
 
 import numpy as np
 
-from .. import __version__
+from .. import __version__, outputs
 from ..config import PipelineConfig, geometry_fingerprint
 from ..errors import SlideError
 from ..items import OpenedSlide, PatchPlan, SlideJob
 from ..outputs import SlideAttrs
-from ..sources import ledger
+from ..sources import claims
 
 log = logging.getLogger("atlaspatch_stream")
 
@@ -81,27 +81,27 @@ class Backends:
         seg = self.config.segment
         return handle.thumbnail(seg.thumbnail_power, seg.thumbnail_max, seg.thumbnail_budget_mb)
 
-    # -- ledger ---------------------------------------------------------------------------------------------------
+    # -- outputs --------------------------------------------------------------------------------------------------
 
     def h5_path(self, job: SlideJob) -> Path:
         """The slide's final H5 path."""
-        return ledger.h5_path(self.config.write.output, job.stem)
+        return outputs.h5_path(self.config.write.output, job.stem)
 
     def lock_path(self, job: SlideJob) -> Path:
         """The slide's lock file."""
-        return ledger.lock_path(self.config.write.output, job.stem)
+        return outputs.lock_path(self.config.write.output, job.stem)
 
     def acquire_lock(self, job: SlideJob) -> Any:
         """Take the slide's lock, or None when a live process holds it."""
-        return ledger.acquire_lock(self.lock_path(job), str(job.path))
+        return claims.acquire_lock(self.lock_path(job), str(job.path))
 
-    def reuse_decision(self, job: SlideJob, encoders: Sequence[str]) -> ledger.ReuseDecision:
+    def reuse_decision(self, job: SlideJob, encoders: Sequence[str]) -> outputs.ReuseDecision:
         """Skip, reuse, refuse or process anew (upstream §2.6 plus the geometry check)."""
         from .h5store import inspect_h5
 
         path = self.h5_path(job)
         existing = inspect_h5(path) if path.exists() else None
-        return ledger.decide_reuse(existing, encoders, self.settings_attrs())
+        return outputs.decide_reuse(existing, encoders, self.settings_attrs())
 
     def segmenter_sha256(self) -> str | None:
         """The segmenter weights' hash once loaded (None for weight-free segmenters)."""
@@ -189,7 +189,7 @@ class Backends:
             return
         from . import visualize
 
-        out, stem, info = ledger.visualization_dir(w.output), slide.job.stem, slide.handle.info
+        out, stem, info = outputs.visualization_dir(w.output), slide.job.stem, slide.handle.info
         thumb = slide.handle.overlay_thumbnail(1024)
         if w.visualize_mask:
             visualize.write_mask_overlays(out, stem, thumb, mask)
@@ -213,7 +213,7 @@ class Backends:
         from . import visualize
 
         thumb = slide.handle.overlay_thumbnail(1024)
-        out = ledger.visualization_dir(self.config.write.output)
+        out = outputs.visualization_dir(self.config.write.output)
         return visualize.write_mask_overlays(out, slide.job.stem, thumb, mask)
 
     # -- pixels ---------------------------------------------------------------------------------------------------
@@ -230,7 +230,7 @@ class Backends:
         from .images import save_patch_pngs
 
         stem = plan.slide.job.stem
-        save_patch_pngs(ledger.images_dir(self.config.write.output, stem), stem, plan.coords[rows], pixels)
+        save_patch_pngs(outputs.images_dir(self.config.write.output, stem), stem, plan.coords[rows], pixels)
 
     # -- output ---------------------------------------------------------------------------------------------------
 

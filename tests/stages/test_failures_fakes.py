@@ -10,13 +10,13 @@ import anyio
 import numpy as np
 import pytest
 
+from atlaspatch_stream import outputs
 from atlaspatch_stream.api import process_slides
 from atlaspatch_stream.config import (
     PipelineConfig,
 )
 from atlaspatch_stream.errors import SlideError
 from atlaspatch_stream.items import OpenedSlide, PatchPlan, SlideResult
-from atlaspatch_stream.sources import ledger
 from atlaspatch_stream.testing.fakes import FakeBackends, FakeEncoder, FakeSegmenter, fake_jobs
 
 from .conftest import fake_config
@@ -116,7 +116,7 @@ async def test_same_stem_twice_in_one_run_is_locked_not_lost(tmp_path: Path) -> 
         summary = await process_slides(jobs, config, backends=FakeBackends(config, read_delay=0.01))
     statuses = sorted(r.status for r in summary.results)
     assert len(statuses) == 2 and "done" in statuses and statuses != ["done", "done"]
-    assert ledger.h5_path(tmp_path, "s").exists() and _leftovers(tmp_path) == []
+    assert outputs.h5_path(tmp_path, "s").exists() and _leftovers(tmp_path) == []
 
 
 async def test_slide_error_message_names_slide_once(tmp_path: Path) -> None:

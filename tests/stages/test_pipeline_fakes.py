@@ -15,6 +15,7 @@ import numpy as np
 import orjson
 import pytest
 
+from atlaspatch_stream import outputs
 from atlaspatch_stream.api import open_pipeline, process_slides
 from atlaspatch_stream.config import (
     PipelineConfig,
@@ -23,7 +24,7 @@ from atlaspatch_stream.config import (
 )
 from atlaspatch_stream.items import SlideResult
 from atlaspatch_stream.report import REPORT_NAME
-from atlaspatch_stream.sources import ledger
+from atlaspatch_stream.sources import claims
 from atlaspatch_stream.testing.fakes import FakeBackends, fake_jobs
 
 from .conftest import fake_config
@@ -69,7 +70,7 @@ async def test_results_end_after_close_input(tmp_path: Path) -> None:
     assert sorted(r.job.stem for r in results) == ["s0", "s1", "s2"]
     assert all(r.status == "done" and r.num_patches == 10 and r.features == ("a",) for r in results)
     for r in results:
-        assert r.h5_path == ledger.h5_path(tmp_path, r.job.stem) and r.h5_path.exists()
+        assert r.h5_path == outputs.h5_path(tmp_path, r.job.stem) and r.h5_path.exists()
     assert pipeline.statistics()["finished"] == 3 and pipeline.statistics()["in_flight"] == 0
     assert _leftovers(tmp_path) == []
     assert all(h.closed for h in backends.opened)
@@ -101,9 +102,9 @@ async def test_one_failing_slide_fails_alone(tmp_path: Path) -> None:
     assert results["bad_open"].extra["stage"] == "open" and "injected failure" in results["bad_open"].message
     assert results["bad_read"].extra["stage"] == "read" and "corrupt tile" in results["bad_read"].message
     assert "bad_read.svs" in results["bad_read"].message
-    assert not ledger.h5_path(tmp_path, "bad_open").exists()
-    assert not ledger.h5_path(tmp_path, "bad_read").exists()
-    assert _features(ledger.h5_path(tmp_path, "ok1"))["a"].shape == (12, 3)
+    assert not outputs.h5_path(tmp_path, "bad_open").exists()
+    assert not outputs.h5_path(tmp_path, "bad_read").exists()
+    assert _features(outputs.h5_path(tmp_path, "ok1"))["a"].shape == (12, 3)
     assert _leftovers(tmp_path) == []
 
 
@@ -112,7 +113,7 @@ async def test_zero_patch_slide_gets_empty_sets(tmp_path: Path) -> None:
     config = fake_config(tmp_path, ("a", "b"))
     results = await _run(config, ["empty_one", "full"])
     assert results["empty_one"].status == "done" and results["empty_one"].num_patches == 0
-    with h5py.File(ledger.h5_path(tmp_path, "empty_one"), "r") as f:
+    with h5py.File(outputs.h5_path(tmp_path, "empty_one"), "r") as f:
         assert f["coords"].shape == (0, 5) and f.attrs["num_patches"] == 0
         assert f["features/a"].shape == (0, 3) and f["features/b"].shape == (0, 3)
         assert f["features/a"].dtype == np.float32
@@ -124,7 +125,7 @@ async def test_coords_mode_writes_coords_and_skips_on_rerun(tmp_path: Path) -> N
     config = fake_config(tmp_path, ())
     first = await _run(config, ["s0"])
     assert first["s0"].status == "done"
-    with h5py.File(ledger.h5_path(tmp_path, "s0"), "r") as f:
+    with h5py.File(outputs.h5_path(tmp_path, "s0"), "r") as f:
         assert f["coords"].shape == (10, 5) and "features" not in f
     second = await _run(config, ["s0"])
     assert second["s0"].status == "skipped"
@@ -189,7 +190,7 @@ async def test_cancellation_within_deadline_leaves_no_partial_output(tmp_path: P
     assert scope.cancelled_caught
     assert time.perf_counter() - cancelled_at < 2.0
     assert finished == []  # 20 reads x 0.1 s per slide: none could finish
-    assert [s for s in stems if ledger.h5_path(tmp_path, s).exists()] == []
+    assert [s for s in stems if outputs.h5_path(tmp_path, s).exists()] == []
     assert _leftovers(tmp_path) == []
     assert backends.opened and all(h.closed for h in backends.opened)
 
@@ -238,14 +239,14 @@ async def test_reuse_of_zero_patch_file_adds_empty_set(tmp_path: Path) -> None:
     await _run(fake_config(tmp_path, ("a",)), ["empty_s"])
     second = await _run(fake_config(tmp_path, ("a", "b")), ["empty_s"])
     assert second["empty_s"].status == "reused"
-    assert {n: v.shape for n, v in _features(ledger.h5_path(tmp_path, "empty_s")).items()} == {
+    assert {n: v.shape for n, v in _features(outputs.h5_path(tmp_path, "empty_s")).items()} == {
         "a": (0, 3), "b": (0, 3)}
 
 
 async def test_force_overwrites_whole_file(tmp_path: Path) -> None:
     """skip_existing=False (--force) reprocesses: the file is replaced, so a sentinel and an unrequested set vanish."""
     await _run(fake_config(tmp_path, ("a", "b")), ["s0"])
-    path = ledger.h5_path(tmp_path, "s0")
+    path = outputs.h5_path(tmp_path, "s0")
     _poison(path, "a")
     forced = await _run(fake_config(tmp_path, ("a",), skip_existing=False), ["s0"])
     assert forced["s0"].status == "done"
@@ -257,7 +258,7 @@ async def test_geometry_mismatch_fails_slide_suggesting_force(tmp_path: Path) ->
     """Reusing a file made with another patch size fails that slide (message names the setting and --force);
     the file is left as it was and the other slide is processed."""
     await _run(fake_config(tmp_path, ("a",), patch_size=16), ["s0"])
-    path = ledger.h5_path(tmp_path, "s0")
+    path = outputs.h5_path(tmp_path, "s0")
     before = path.stat().st_mtime_ns
     results = await _run(fake_config(tmp_path, ("a", "b"), patch_size=32), ["s0", "s1"])
     assert results["s0"].status == "failed" and results["s1"].status == "done"
@@ -274,10 +275,10 @@ async def test_locked_slide_reported_and_stale_lock_taken_over(tmp_path: Path) -
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     try:
-        live_lock = ledger.lock_path(tmp_path, "held")
+        live_lock = outputs.lock_path(tmp_path, "held")
         live_lock.parent.mkdir(parents=True)
-        live_lock.write_text(f"pid={child.pid},time=1,slide=x,host={ledger.HOST}")
-        ledger.lock_path(tmp_path, "stale").write_text(f"pid={dead.pid},time=1,slide=x,host={ledger.HOST}")
+        live_lock.write_text(f"pid={child.pid},time=1,slide=x,host={claims.HOST}")
+        outputs.lock_path(tmp_path, "stale").write_text(f"pid={dead.pid},time=1,slide=x,host={claims.HOST}")
         config = fake_config(tmp_path)
         with anyio.fail_after(4):
             summary = await process_slides(fake_jobs(tmp_path, ["held", "stale", "free"]), config,
@@ -287,8 +288,8 @@ async def test_locked_slide_reported_and_stale_lock_taken_over(tmp_path: Path) -
         assert results["stale"].status == "done" and results["free"].status == "done"
         assert summary.count("locked") == 1 and summary.statistics["by_status"] == {"locked": 1, "done": 2}
         assert live_lock.read_text().startswith(f"pid={child.pid},")
-        assert not ledger.h5_path(tmp_path, "held").exists()
-        assert not ledger.lock_path(tmp_path, "stale").exists()
+        assert not outputs.h5_path(tmp_path, "held").exists()
+        assert not outputs.lock_path(tmp_path, "stale").exists()
     finally:
         child.kill()
         child.wait()
@@ -327,9 +328,9 @@ async def test_coords_mode_with_save_images_finishes_when_all_rows_read(tmp_path
     assert results["s0"].status == "done" and results["s0"].num_patches == 7
     assert results["bad"].status == "failed" and results["bad"].extra["stage"] == "read"
     assert len(list((tmp_path / "images" / "s0").glob("s0_x*_y*.png"))) == 7
-    with h5py.File(ledger.h5_path(tmp_path, "s0"), "r") as f:
+    with h5py.File(outputs.h5_path(tmp_path, "s0"), "r") as f:
         assert f["coords"].shape == (7, 5) and "features" not in f
-    assert not ledger.h5_path(tmp_path, "bad").exists() and _leftovers(tmp_path) == []
+    assert not outputs.h5_path(tmp_path, "bad").exists() and _leftovers(tmp_path) == []
 
 
 async def test_detect_mode_writes_masks_only(tmp_path: Path) -> None:
