@@ -1,16 +1,31 @@
 """The async facade: `open_pipeline()`, `process_slides()`, `make_jobs()`.
 
+A service submits one slide and awaits its own result; many requests may do so at once:
+
+```python
+async with open_pipeline(config) as pipeline:
+    result = await pipeline.process("/slides/a.svs")     # waits for room; PipelineFull with process_nowait
+```
+
+A batch feeds and consumes concurrently (every queue is bounded):
+
 ```python
 async def feed(pipeline):
     for job in make_jobs([folder], config):
-        await pipeline.submit(job)      # waits while the pipeline is full
+        await pipeline.submit(job)
     await pipeline.close_input()
 
 async with open_pipeline(config) as pipeline, anyio.create_task_group() as tg:
-    tg.start_soon(feed, pipeline)       # feed and consume concurrently: every queue is bounded
-    async for result in pipeline.results():
-        print(result.job.path, result.status)
+    tg.start_soon(feed, pipeline)
+    async with pipeline.results() as results:
+        async for result in results:
+            print(result.job.path, result.status)
 ```
+
+Errors: start-up problems (weights, extras, configuration) and a broken device come out of `open_pipeline` as the
+exception itself, never wrapped in an `ExceptionGroup`; an exception raised in the body propagates unchanged;
+per-slide failures are never exceptions, only results. The library installs no signal handler, configures no logging
+handler, never exits the process, and runs blocking work only on limiters of its own.
 """
 
 from __future__ import annotations
@@ -29,7 +44,8 @@ import anyio
 from .config import PipelineConfig
 from .items import SlideJob, SlideResult
 from .pipeline import Mode, Pipeline, running
-from .report import RunReport
+from .protocols import Backends
+from .report import RunReport, RunStatus
 
 if sys.version_info < (3, 11):  # pragma: no cover
     from exceptiongroup import BaseExceptionGroup  # anyio depends on it there
@@ -45,7 +61,7 @@ async def open_pipeline(
     config: PipelineConfig,
     *,
     mode: Mode | None = None,
-    backends: Any = None,
+    backends: Backends | None = None,
     command: str = "library",
 ) -> AsyncIterator[Pipeline]:
     """Start a pipeline (models loaded, stages ready) and yield it.
@@ -54,35 +70,64 @@ async def open_pipeline(
         config: the run's settings.
         mode: "coords" (segment-and-get-coords), "features" (process) or "detect" (detect-tissue); by default
             "features" when `config.encode.extractors` is set, else "coords".
-        backends: the blocking work of every stage; default the real `Backends(config)` (tests inject fakes).
+        backends: the blocking work of every stage; default the real `RealBackends(config)` (tests inject fakes).
         command: recorded in the run report.
 
     Raises:
-        WeightsError, MissingExtraError, ConfigError: before any slide is opened.
+        WeightsError, MissingExtraError, ConfigError: before any slide is opened (and before the run report or any
+            output folder is created).
 
     On normal exit the input is closed and in-flight slides drain; on error or cancellation the pipeline is
     cancelled, partial outputs are removed and locks released.
     """
-    if backends is None:
-        from .backends.bundle import Backends
-
-        backends = Backends(config)
     report = RunReport(config.write.output, command)
-    await anyio.to_thread.run_sync(report.start, _settings_for_report(config))
+    async with _open(config, mode, backends, report) as pipeline:
+        yield pipeline
+
+
+@asynccontextmanager
+async def _open(config: PipelineConfig, mode: Mode | None, backends: Backends | None,
+                report: RunReport) -> AsyncIterator[Pipeline]:
+    """`open_pipeline` with a report the caller may still write to before `report.end()`."""
+    if backends is None:
+        from .backends.bundle import RealBackends
+
+        backends = RealBackends(config)
+    report.begin(dataclasses.asdict(config))
     pipeline: Pipeline | None = None
+    status: RunStatus = "failed"
     try:
         async with running(config, backends, mode or default_mode(config), report) as pipeline:
+            await anyio.to_thread.run_sync(report.open, limiter=pipeline.limiters.io)
             yield pipeline
+            status = "interrupted" if pipeline.book.stop_reason else "completed"
     except BaseExceptionGroup as group:
-        raise _single(group) from group
+        raise single_error(group) from None
+    except anyio.get_cancelled_exc_class():
+        status = "interrupted"
+        raise
     finally:
-        stats = pipeline.statistics() if pipeline is not None else {}
         with anyio.CancelScope(shield=True):
-            await anyio.to_thread.run_sync(report.end, stats)
+            await _close_report(report, pipeline, status)
 
 
-def _single(group: BaseExceptionGroup) -> BaseException:
-    """The one real error inside nested task-group wrappers (e.g. WeightsError at start-up), else the group."""
+async def _close_report(report: RunReport, pipeline: Pipeline | None, status: RunStatus) -> None:
+    """Record the slides torn down in flight, then the run's last line."""
+    if pipeline is None:
+        await anyio.to_thread.run_sync(report.end, {}, status, None, limiter=anyio.CapacityLimiter(1))
+        return
+    io = pipeline.limiters.io
+    for result in pipeline.cancelled:
+        await anyio.to_thread.run_sync(report.slide, result, limiter=io)
+    await anyio.to_thread.run_sync(report.end, pipeline.statistics(), status, pipeline.book.stop_reason, limiter=io)
+
+
+def single_error(group: BaseExceptionGroup) -> BaseException:
+    """The one real error inside nested task-group wrappers: cancellations and knock-on closures are dropped.
+
+    When several distinct errors happened at once, the first is returned (the others stay in its `__context__`
+    chain's group, for debugging).
+    """
     leaves: list[BaseException] = []
 
     def walk(exc: BaseException) -> None:
@@ -93,23 +138,27 @@ def _single(group: BaseExceptionGroup) -> BaseException:
             leaves.append(exc)
 
     walk(group)
-    return leaves[0] if len(leaves) == 1 else group
-
-
-def _settings_for_report(config: PipelineConfig) -> dict[str, Any]:
-    return dataclasses.asdict(config)
+    cancelled = anyio.get_cancelled_exc_class()
+    real = [e for e in leaves if not isinstance(e, cancelled | anyio.BrokenResourceError | anyio.ClosedResourceError)]
+    chosen = (real or leaves)[0]
+    if len(real) > 1:
+        chosen.__context__ = group
+    return chosen
 
 
 def make_jobs(paths: Iterable[Path], config: PipelineConfig, start_id: int = 0) -> list[SlideJob]:
-    """Discover slides under `paths` (files or folders) and attach `--mpp-csv` overrides by stem."""
-    from .sources.discover import discover_slides, load_mpp_csv, stem_for
+    """Discover slides under `paths` (files or folders) and attach `--mpp-csv` overrides by stem.
+
+    Raises:
+        ConfigError: a path does not exist, or a folder holds no slide.
+    """
+    from .sources.discover import discover_slides, load_mpp_csv, slide_job
 
     mpp = load_mpp_csv(config.source.mpp_csv) if config.source.mpp_csv else {}
     jobs: list[SlideJob] = []
     for root in paths:
         for path in discover_slides(Path(root), config.source.recursive):
-            stem = stem_for(path)
-            jobs.append(SlideJob(start_id + len(jobs), path, stem, mpp.get(stem), display=str(path)))
+            jobs.append(slide_job(path, start_id + len(jobs), mpp, check=False))
     return jobs
 
 
@@ -120,6 +169,7 @@ class RunSummary:
     results: list[SlideResult] = field(default_factory=list)
     elapsed_s: float = 0.0
     statistics: dict[str, Any] = field(default_factory=dict)
+    stop_reason: str | None = None  # why intake stopped early (interrupt, full disk); None for a complete run
 
     @property
     def failed(self) -> list[SlideResult]:
@@ -128,12 +178,36 @@ class RunSummary:
 
     @property
     def ok(self) -> bool:
-        """True when no slide failed."""
-        return not self.failed
+        """True when no slide failed and the run was not stopped early."""
+        return not self.failed and self.stop_reason is None
 
     def count(self, *statuses: str) -> int:
         """How many results have one of `statuses`."""
         return sum(r.status in statuses for r in self.results)
+
+
+class Stop:
+    """A stop hook for `process_slides`: `request()` stops intake and drains, `force()` cancels at once.
+
+    After `request(reason)`, no new slide starts (each is reported `cancelled`, "not started: <reason>"), slides in
+    flight finish within `drain_timeout_s`, then whatever is left is cancelled and its partial output removed.
+    """
+
+    def __init__(self) -> None:
+        self.requested = anyio.Event()
+        self.forced = anyio.Event()
+        self.reason: str | None = None
+
+    def request(self, reason: str) -> None:
+        """Stop intake (the first call's reason is kept)."""
+        if self.reason is None:
+            self.reason = reason
+        self.requested.set()
+
+    def force(self) -> None:
+        """Cancel at once (partial outputs removed)."""
+        self.requested.set()
+        self.forced.set()
 
 
 async def process_slides(
@@ -141,8 +215,9 @@ async def process_slides(
     config: PipelineConfig,
     *,
     mode: Mode | None = None,
-    backends: Any = None,
+    backends: Backends | None = None,
     on_result: Callable[[SlideResult, Pipeline], None] | None = None,
+    stop: Stop | None = None,
     command: str = "library",
 ) -> RunSummary:
     """Run every slide under `paths` through the pipeline and return all results.
@@ -153,26 +228,59 @@ async def process_slides(
         mode: see `open_pipeline`.
         backends: see `open_pipeline`.
         on_result: called on the event loop for each final result (progress displays).
+        stop: a `Stop` hook to end the run early (the CLI's Ctrl-C); drains within `config.run.drain_timeout_s`.
         command: recorded in the run report.
+
+    Every job gets exactly one result, also when the run is stopped: slides that never started are `cancelled`.
     """
     jobs = [p for p in paths if isinstance(p, SlideJob)]
-    if not jobs:  # discovery walks folders: off the event loop
-        jobs = await anyio.to_thread.run_sync(make_jobs, [Path(p) for p in paths], config)  # type: ignore[arg-type]
+    if not jobs:  # discovery walks folders: off the event loop, on a limiter of ours
+        found = [Path(p) for p in paths if not isinstance(p, SlideJob)]
+        jobs = await anyio.to_thread.run_sync(make_jobs, found, config, limiter=anyio.CapacityLimiter(1))
     summary = RunSummary()
     started = time.perf_counter()
-    async with open_pipeline(config, mode=mode, backends=backends, command=command) as pipeline:
-        async with anyio.create_task_group() as tg:
+    pipeline: Pipeline | None = None
+    with anyio.CancelScope() as scope:
+        report = RunReport(config.write.output, command)
+        async with _open(config, mode, backends, report) as pipeline, anyio.create_task_group() as tg:
+            if stop is not None:
+                tg.start_soon(_watch_stop, stop, pipeline, scope, config.run.drain_timeout_s)
             tg.start_soon(_feed, pipeline, jobs)
-            async for result in pipeline.results():
-                summary.results.append(result)
-                if on_result is not None:
-                    on_result(result, pipeline)
+            async with pipeline.results() as results:
+                async for result in results:
+                    summary.results.append(result)
+                    if on_result is not None:
+                        on_result(result, pipeline)
+            tg.cancel_scope.cancel()
+    if pipeline is not None:
+        summary.results += pipeline.cancelled
         summary.statistics = pipeline.statistics()
+        summary.stop_reason = pipeline.book.stop_reason
+    summary.results += _never_reported(jobs, summary.results)
     summary.elapsed_s = time.perf_counter() - started
     return summary
 
 
 async def _feed(pipeline: Pipeline, jobs: Sequence[SlideJob]) -> None:
-    for job in jobs:
+    for index, job in enumerate(jobs):
+        if pipeline.book.stop_reason is not None:
+            await pipeline.cancel_unsubmitted(jobs[index:])
+            break
         await pipeline.submit(job)
     await pipeline.close_input()
+
+
+async def _watch_stop(stop: Stop, pipeline: Pipeline, scope: anyio.CancelScope, drain_timeout_s: float) -> None:
+    """First request: stop intake and set the drain deadline; force: cancel at once."""
+    await stop.requested.wait()
+    pipeline.stop_intake(stop.reason or "interrupted")
+    scope.deadline = min(scope.deadline, anyio.current_time() + drain_timeout_s)
+    await stop.forced.wait()
+    scope.cancel()
+
+
+def _never_reported(jobs: Sequence[SlideJob], results: Sequence[SlideResult]) -> list[SlideResult]:
+    """`cancelled` results for jobs the run was torn down before it could even submit."""
+    seen = {r.job.slide_id for r in results}
+    return [SlideResult(job, "cancelled", message="not started: the run was cancelled") for job in jobs
+            if job.slide_id not in seen]

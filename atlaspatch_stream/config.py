@@ -170,6 +170,16 @@ class QueueConfig:
 
 
 @dataclass(frozen=True)
+class RunConfig:
+    """Run control."""
+
+    drain_timeout_s: float = 30.0  # after the first Ctrl-C/SIGTERM, slides in flight get this long to finish
+
+    def __post_init__(self) -> None:
+        _require(self.drain_timeout_s >= 0, "--drain-timeout must be >= 0")
+
+
+@dataclass(frozen=True)
 class PipelineConfig:
     """Every setting of one run."""
 
@@ -181,6 +191,7 @@ class PipelineConfig:
     encode: EncodeConfig = field(default_factory=EncodeConfig)
     write: WriteConfig = field(default_factory=WriteConfig)
     queues: QueueConfig = field(default_factory=QueueConfig)
+    run: RunConfig = field(default_factory=RunConfig)
 
     @property
     def feature_device(self) -> str:
@@ -201,6 +212,7 @@ SECTIONS: dict[str, type] = {
     "encode": EncodeConfig,
     "write": WriteConfig,
     "queues": QueueConfig,
+    "run": RunConfig,
 }
 
 

@@ -40,3 +40,32 @@ def describe(exc: BaseException) -> str:
     text = " ".join(str(exc).split())
     name = type(exc).__name__
     return f"{name}: {text}" if text else name
+
+
+class NotASlideError(AtlasPatchError):
+    """A path given as a slide does not exist or is not a format we read (a service answers 400)."""
+
+
+class PipelineFull(AtlasPatchError):
+    """`submit_nowait()`/`process_nowait()` found the pipeline full (a service answers 503 with Retry-After)."""
+
+
+class PipelineClosed(AtlasPatchError):
+    """The pipeline takes no more slides: its input was closed, or it stopped on an error (`__cause__`)."""
+
+
+# Exceptions that signal a bug in our code or a plugin's, never a bad slide: they propagate and stop the run.
+# (KeyError/ValueError/IndexError are not here: slide libraries raise them on malformed files.)
+BUG_TYPES: tuple[type[BaseException], ...] = (TypeError, AttributeError, NameError, AssertionError, NotImplementedError)
+
+
+def is_bug(exc: BaseException) -> bool:
+    """Whether `exc` is a bug (stops the run) rather than a problem with one slide (becomes a record)."""
+    return isinstance(exc, BUG_TYPES) and not isinstance(exc, AtlasPatchError)
+
+
+def failure_message(name: str, exc: BaseException) -> str:
+    """The one-line failure record of a slide: `<slide>: <cause>`, whatever raised."""
+    if isinstance(exc, SlideError):
+        return exc.one_line() if exc.slide else f"{name}: {exc.one_line()}"
+    return f"{name}: {describe(exc)}"

@@ -13,8 +13,9 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 if TYPE_CHECKING:
-    from .backends.base import SlideHandle
     from .geometry import Geometry
+    from .outputs import SlideAttrs
+    from .protocols import SlideHandle
 
 
 @dataclass(frozen=True)
@@ -91,7 +92,7 @@ class PatchPlan:
     slide: OpenedSlide
     geometry: Geometry | None
     coords: np.ndarray  # int32 (N, 5): x, y, read_w, read_h, level
-    attrs: Any = None  # SlideAttrs for a new file; None when features are added to an existing one
+    attrs: SlideAttrs | None = None  # for a new file; None when features are added to an existing one
 
     @property
     def num_patches(self) -> int:
@@ -133,7 +134,10 @@ class SlideFailed:
     message: str
 
 
-Status = Literal["done", "reused", "skipped", "locked", "failed"]
+# What the writer receives: a plan opens a file, batches fill it, a failure drops it.
+WriteItem = PatchPlan | PatchBatch | FeatureBatch | SlideFailed
+
+Status = Literal["done", "reused", "skipped", "locked", "failed", "cancelled"]
 
 
 @dataclass(frozen=True)
@@ -151,5 +155,5 @@ class SlideResult:
 
     @property
     def ok(self) -> bool:
-        """True unless the slide failed."""
-        return self.status != "failed"
+        """True unless the slide failed or was cancelled before finishing."""
+        return self.status not in ("failed", "cancelled")

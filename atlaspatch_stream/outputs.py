@@ -87,7 +87,6 @@ def visualization_dir(output: Path) -> Path:
     return output / "visualization"
 
 
-
 Action = Literal["new", "skip", "reuse", "mismatch"]
 
 
@@ -99,6 +98,32 @@ class ReuseDecision:
     num_patches: int = 0
     missing: tuple[str, ...] = ()
     reason: str = ""
+    source: SourceRecord | None = None  # what the existing file says it was made from
+
+
+@dataclass(frozen=True)
+class SourceRecord:
+    """The slide an existing output file was made from, as its root attributes record it."""
+
+    filename: str | None
+    level0: tuple[int, int] | None
+
+    @classmethod
+    def from_attrs(cls, attrs: Mapping[str, Any]) -> SourceRecord:
+        """Read `filename`, `level0_width` and `level0_height` (each may be missing in files of other tools)."""
+        width, height = attrs.get("level0_width"), attrs.get("level0_height")
+        level0 = (int(width), int(height)) if width is not None and height is not None else None
+        name = attrs.get("filename")
+        return cls(str(name) if name is not None else None, level0)
+
+    def mismatch(self, filename: str, level0: tuple[int, int]) -> str | None:
+        """Why the file was not made from a slide named `filename` of level-0 size `level0` (None when it was)."""
+        if self.filename is not None and self.filename != filename:
+            return f"it was made from {self.filename!r}"
+        if self.level0 is not None and tuple(self.level0) != tuple(level0):
+            w, h = self.level0
+            return f"it was made from a slide of {w}x{h} pixels, this one is {level0[0]}x{level0[1]}"
+        return None
 
 
 GEOMETRY_KEYS = ("patch_size", "target_magnification", "overlap")
@@ -135,15 +160,16 @@ def decide_reuse(
     """
     if existing is None:
         return ReuseDecision("new")
+    source = SourceRecord.from_attrs(existing.attrs)
     diffs = geometry_mismatch(existing.attrs, wanted)
     if diffs:
-        return ReuseDecision("mismatch", reason="; ".join(diffs))
+        return ReuseDecision("mismatch", reason="; ".join(diffs), source=source)
     if not encoders:
-        return ReuseDecision("skip", num_patches=existing.num_patches or 0, reason="output exists")
+        return ReuseDecision("skip", num_patches=existing.num_patches or 0, reason="output exists", source=source)
     num = existing.num_patches
     if num is None or (num <= 0 and "settings_fingerprint" not in existing.attrs):
         return ReuseDecision("new", reason="existing output has no patches")
     missing = tuple(e for e in encoders if existing.features.get(e.lower()) != num)
     if not missing:
-        return ReuseDecision("skip", num_patches=num, reason="all features present")
-    return ReuseDecision("reuse", num_patches=num, missing=missing)
+        return ReuseDecision("skip", num_patches=num, reason="all features present", source=source)
+    return ReuseDecision("reuse", num_patches=num, missing=missing, source=source)

@@ -1,57 +1,120 @@
 """The one place that wires streams and starts stages.
 
 ```
-jobs ─▶ prepare ─▶ segment ─▶ plan ─┬──────────────────────────────▶ write ─▶ book ─▶ results
-                                    └─▶ read ─▶ encode ─(features)──▶ write
+jobs ─▶ prepare ─▶ segment ─▶ plan ─┬──────────────────────────────▶ write ─▶ book ─▶ dispatch ─▶ results()
+                                    └─▶ read ─▶ encode ─(features)──▶ write                    └──▶ process() callers
 ```
 Every arrow is a bounded memory object stream sized from `QueueConfig`. Stages are started downstream first and each
-reports ready after its set-up (models loaded), so bad weights fail before the first slide is opened.
+reports ready after its set-up (models loaded), so bad weights fail before the first slide is opened. Which stages a
+mode runs is decided by `StageSet.for_mode` alone; every stage is started the same way (`_start`).
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import AsyncIterator
+import functools
+import itertools
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Generic, Literal, TypeVar
 
 import anyio
+from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from .config import PipelineConfig
-from .items import SlideJob, SlideResult
+from .errors import PipelineClosed, PipelineFull
+from .items import PatchBatch, PatchPlan, SlideJob, SlideResult, Thumbnail, TissueMask, WriteItem
+from .protocols import Backends
 from .report import RunReport
 from .stages import encode, plan, prepare, read, segment, write
 from .stages.book import SlideBook
 
 Mode = Literal["coords", "features", "detect"]
+State = Literal["starting", "running", "draining", "closed", "failed"]
+T = TypeVar("T")
 
 
 @dataclass
-class _Stream:
+class Edge(Generic[T]):
+    """One bounded stream between two stages, with the memory an item may hold."""
+
     name: str
-    send: MemoryObjectSendStream[Any]
-    receive: MemoryObjectReceiveStream[Any]
+    send: MemoryObjectSendStream[T]
+    receive: MemoryObjectReceiveStream[T]
     item_bytes: int
 
-    def statistics(self) -> dict[str, Any]:
+    @classmethod
+    def create(cls, name: str, size: int, item_bytes: int) -> Edge[T]:
+        """A stream of `size` items of up to `item_bytes` bytes each."""
+        send, receive = anyio.create_memory_object_stream[T](size)
+        return cls(name, send, receive, item_bytes)
+
+    def statistics(self) -> dict[str, int]:
+        """Items buffered, capacity, and bytes per item."""
         stats = self.send.statistics()
-        return {
-            "used": stats.current_buffer_used,
-            "size": stats.max_buffer_size,
-            "bytes_per_item": self.item_bytes,
-        }
+        return {"used": stats.current_buffer_used, "size": int(stats.max_buffer_size),
+                "bytes_per_item": self.item_bytes}
+
+    def close(self) -> None:
+        """Close both original ends (idempotent; clones held by stages are theirs to close)."""
+        self.send.close()
+        self.receive.close()
 
 
-def _stream(name: str, size: int, item_bytes: int) -> _Stream:
-    send, receive = anyio.create_memory_object_stream[Any](size)
-    return _Stream(name, send, receive, item_bytes)
+@dataclass
+class Streams:
+    """Every edge of the pipeline, typed by what flows on it."""
+
+    jobs: Edge[SlideJob]
+    thumbnails: Edge[Thumbnail]
+    masks: Edge[TissueMask]
+    plans: Edge[PatchPlan]
+    patches: Edge[PatchBatch]
+    to_write: Edge[WriteItem]
+    finished: Edge[SlideResult]  # book -> dispatcher
+    results: Edge[SlideResult]  # dispatcher -> results()
+
+    @classmethod
+    def from_config(cls, config: PipelineConfig) -> Streams:
+        """Sizes from `QueueConfig`; the bytes per item from the patch, thumbnail and batch sizes."""
+        q, patch, thumb = config.queues, config.plan.patch_size, config.segment.thumbnail_max
+        return cls(
+            jobs=Edge.create("jobs", q.jobs, 1_000),
+            thumbnails=Edge.create("thumbnails", q.thumbnails, 3 * thumb**2),
+            masks=Edge.create("masks", q.masks, thumb**2),
+            plans=Edge.create("plans", q.plans, 20 * 100_000),
+            patches=Edge.create("patches", q.patches, config.read.chunk_patches * patch * patch * 3),
+            to_write=Edge.create("to_write", q.features, 4 * 2048 * config.encode.batch_size),
+            finished=Edge.create("finished", q.results, 1_000),
+            results=Edge.create("results", q.results, 1_000),
+        )
+
+    def edges(self) -> list[Edge[Any]]:
+        """All edges, upstream first."""
+        return [getattr(self, f.name) for f in fields(self)]
+
+
+@dataclass(frozen=True)
+class StageSet:
+    """Which stages run: the one place a command's mode decides it."""
+
+    write: bool  # every mode but detect-tissue writes an H5
+    read: bool  # pixels are read: encoders run, or --save-images
+    encode: bool
+
+    @classmethod
+    def for_mode(cls, mode: Mode, config: PipelineConfig) -> StageSet:
+        """`features` reads and encodes; `coords` reads only with --save-images; `detect` writes overlays only."""
+        features = mode == "features"
+        return cls(write=mode != "detect", read=features or (mode == "coords" and config.write.save_images),
+                   encode=features)
 
 
 @dataclass
 class Limiters:
-    """One capacity limiter per resource kind; none relies on anyio's default thread limiter."""
+    """One capacity limiter per resource kind; none is anyio's default thread limiter."""
 
     open: anyio.CapacityLimiter
     segment: anyio.CapacityLimiter
@@ -59,6 +122,7 @@ class Limiters:
     read: anyio.CapacityLimiter
     device: anyio.CapacityLimiter
     h5: anyio.CapacityLimiter
+    io: anyio.CapacityLimiter  # small filesystem work: run report lines, closing handles, releasing locks
 
     @classmethod
     def from_config(cls, config: PipelineConfig) -> Limiters:
@@ -70,239 +134,301 @@ class Limiters:
             read=anyio.CapacityLimiter(2),
             device=anyio.CapacityLimiter(1),
             h5=anyio.CapacityLimiter(1),
+            io=anyio.CapacityLimiter(2),
         )
 
 
 @dataclass
-class Counts:
-    """Running totals for progress displays and the summary."""
+class _Waiter:
+    """A `process()` caller waiting for its slide's result."""
 
-    submitted: int = 0
-    finished: int = 0
-    patches: int = 0
-    by_status: dict[str, int] = field(default_factory=dict)
-    started: float = field(default_factory=time.perf_counter)
-
-    def add(self, result: SlideResult) -> None:
-        """Count one final result."""
-        self.finished += 1
-        self.by_status[result.status] = self.by_status.get(result.status, 0) + 1
-        if result.status in ("done", "reused") and result.num_patches:
-            self.patches += int(result.num_patches)
+    job: SlideJob
+    done: anyio.Event = field(default_factory=anyio.Event)
+    result: SlideResult | None = None
+    error: BaseException | None = None
 
 
 class Pipeline:
-    """A running pipeline: `submit()` slides, iterate `results()`, read `statistics()`."""
+    """A running pipeline.
 
-    def __init__(self, config: PipelineConfig, backends: Any, mode: Mode, report: RunReport | None = None) -> None:
+    Two ways to use it (do not mix them for one job): `await process(job_or_path)` returns that slide's result
+    (results are routed by job, so many tasks may call it at once); or `submit()` jobs from one task and iterate
+    `results()` from another. `submit`/`process` wait while the pipeline is full; the `_nowait` variants raise
+    `PipelineFull` instead. `statistics()` reports queue fill, slides in flight, totals and the state.
+    """
+
+    def __init__(self, config: PipelineConfig, backends: Backends, mode: Mode, report: RunReport | None = None) -> None:
         self.config = config
-        self.report = report
         self.backends = backends
         self.mode = mode
-        q = config.queues
-        patch = config.plan.patch_size
-        self._streams = {
-            "jobs": _stream("jobs", q.jobs, 1_000),
-            "thumbnails": _stream("thumbnails", q.thumbnails, 3 * config.segment.thumbnail_max**2),
-            "masks": _stream("masks", q.masks, config.segment.thumbnail_max**2),
-            "plans": _stream("plans", q.plans, 20 * 100_000),
-            "patches": _stream("patches", q.patches, config.read.chunk_patches * patch * patch * 3),
-            "to_write": _stream("to_write", q.features, 4 * 2048 * config.encode.batch_size),
-            "results": _stream("results", q.results, 1_000),
-        }
-        self._book_send, self._book_receive = anyio.create_memory_object_stream[SlideResult](q.results)
-        self.book = SlideBook(self._book_send, config.open.max_open_slides)
+        self.report = report
+        self.stages = StageSet.for_mode(mode, config)
+        self.streams = Streams.from_config(config)
         self.limiters = Limiters.from_config(config)
-        self.counts = Counts()
-        self._next_id = 0
-        self._jobs_send = self._streams["jobs"].send
-        self._input_closed = False
+        self.book = SlideBook(self.streams.finished.send, config.open.max_open_slides, self.limiters.io)
+        self.state: State = "starting"
+        self.submitted = 0
+        self.cancelled: list[SlideResult] = []  # slides torn down in flight (the run was cancelled)
+        self._ids = itertools.count()
+        self._waiters: dict[int, _Waiter] = {}
+        self._routed: set[int] = set()  # jobs of process() callers: their results never go to results()
+        self._live: set[int] = set()  # ids submitted and not yet finished
+        self._stems: dict[str, Path] = {}
+        self._mpp: dict[str, float] | None = None
+        self._closed_cause: BaseException | None = None
 
-    # -- public -----------------------------------------------------------------------------------------------------
+    # -- intake ---------------------------------------------------------------------------------------------------
 
     async def submit(self, job: SlideJob) -> None:
-        """Queue one slide (waits while the job queue is full).
+        """Queue one slide; waits while the pipeline is full.
 
-        Feed from a task of its own while another reads `results()`: when nobody reads results, every buffer fills
-        and `submit` waits for ever (the pipeline is bounded end to end, results included).
+        Consume `results()` in a sibling task: when nobody reads results, every buffer fills and `submit` waits for
+        ever (the pipeline is bounded end to end). Raises `PipelineClosed` after `close_input()` or a failure.
         """
-        self.counts.submitted += 1
-        await self._jobs_send.send(job)
+        collision = self._accept(job)
+        if collision is not None:
+            await self.book.reject(job, "failed", collision, stage="discover")
+            return
+        await self._send(job, wait=True)
+
+    def submit_nowait(self, job: SlideJob) -> None:
+        """Queue one slide at once, or raise `PipelineFull` (a service answers 503)."""
+        if self.streams.jobs.send.statistics().current_buffer_used >= self.config.queues.jobs:
+            raise PipelineFull(_full(self.config))
+        collision = self._accept(job)
+        if collision is not None:
+            self.book.reject_nowait(job, "failed", collision, stage="discover")
+            return
+        self._send_now(job)
+
+    async def process(self, job_or_path: SlideJob | str | Path) -> SlideResult:
+        """Submit one slide and wait for its own result (waits for room while the pipeline is full).
+
+        If the caller is cancelled before the slide starts, the slide is withdrawn; once started, it keeps going to
+        a complete output (or none). Raises `PipelineClosed` if the pipeline stops on an error first.
+        """
+        job = self.job_for(job_or_path)
+        return await self._await_result(job, functools.partial(self._send, job, wait=True))
+
+    async def process_nowait(self, job_or_path: SlideJob | str | Path) -> SlideResult:
+        """`process()`, but raise `PipelineFull` at once instead of waiting for room."""
+        job = self.job_for(job_or_path)
+        return await self._await_result(job, functools.partial(self._send, job, wait=False))
 
     async def close_input(self) -> None:
         """No more slides: in-flight slides drain, then `results()` ends."""
-        if not self._input_closed:
-            self._input_closed = True
-            await self._jobs_send.aclose()
+        if self.state in ("starting", "running"):
+            self.state = "draining"
+        await self.streams.jobs.send.aclose()
 
-    async def results(self) -> AsyncIterator[SlideResult]:
-        """Final results as slides finish, until the input is closed and everything has drained."""
-        async with self._streams["results"].receive.clone() as receive:
-            async for result in receive:
-                yield result
+    def stop_intake(self, reason: str) -> None:
+        """No slide starts any more: jobs not yet started finish `cancelled` ("not started: <reason>").
+
+        Slides in flight go on. Used for the first Ctrl-C, a full output disk, and shutting a service down.
+        """
+        self.book.stop_intake(reason)
+
+    async def cancel_unsubmitted(self, jobs: Sequence[SlideJob]) -> None:
+        """Report jobs that will not be submitted because intake stopped: each finishes `cancelled`."""
+        reason = self.book.stop_reason or "the run was stopped"
+        for job in jobs:
+            self._accept(job)
+            await self.book.reject(job, "cancelled", f"not started: {reason}")
+
+    def results(self) -> MemoryObjectReceiveStream[SlideResult]:
+        """Final results of `submit()`ted slides as they finish; ends when the input is closed and all drained."""
+        return self.streams.results.receive.clone()
+
+    def job_for(self, job_or_path: SlideJob | str | Path) -> SlideJob:
+        """A job with a fresh id for a slide path (its `--mpp-csv` entry attached), or `job` itself.
+
+        Raises:
+            NotASlideError: the path does not exist or is not a slide format we read.
+        """
+        if isinstance(job_or_path, SlideJob):
+            return job_or_path
+        from .sources.discover import load_mpp_csv, slide_job
+
+        if self._mpp is None:
+            csv = self.config.source.mpp_csv
+            self._mpp = load_mpp_csv(csv) if csv else {}
+        return slide_job(Path(job_or_path), self._next_id(), self._mpp)
+
+    def _next_id(self) -> int:
+        return next(i for i in self._ids if i not in self._live)
 
     def statistics(self) -> dict[str, Any]:
-        """Queue fill per stream, slides in flight and totals."""
-        elapsed = time.perf_counter() - self.counts.started
+        """Queue fill per stream, slides in flight, totals and the state."""
         return {
-            "streams": {name: s.statistics() for name, s in self._streams.items()},
+            "state": self.state,
+            "streams": {e.name: e.statistics() for e in self.streams.edges()},
             "in_flight": self.book.in_flight,
-            "submitted": self.counts.submitted,
-            "finished": self.counts.finished,
-            "by_status": dict(self.counts.by_status),
-            "patches": self.counts.patches,
-            "patches_per_s": self.counts.patches / elapsed if elapsed > 0 else 0.0,
-            "elapsed_s": elapsed,
+            "submitted": self.submitted,
+            "stopped": self.book.stop_reason,
+            **self.book.tally.statistics(),
         }
+
+    # -- intake internals -------------------------------------------------------------------------------------------
+
+    def _accept(self, job: SlideJob) -> str | None:
+        """Register a submission; the reason it fails at once (an output-name collision), else None.
+
+        Raises:
+            PipelineClosed: the input is closed or the pipeline stopped.
+            ValueError: a job with the same `slide_id` is already in this pipeline.
+        """
+        if self.state not in ("starting", "running"):
+            raise PipelineClosed("the pipeline takes no more slides") from self._closed_cause
+        if job.slide_id in self._live:
+            raise ValueError(f"{job.name}: slide_id {job.slide_id} is already in the pipeline")
+        self._live.add(job.slide_id)
+        self.submitted += 1
+        first = self._stems.setdefault(job.stem, job.path)
+        return _collision(job, first) if first != job.path else None
+
+    async def _send(self, job: SlideJob, *, wait: bool) -> None:
+        if not wait:
+            self._send_now(job)
+            return
+        try:
+            await self.streams.jobs.send.send(job)
+        except BaseException as exc:
+            self._live.discard(job.slide_id)
+            if isinstance(exc, anyio.ClosedResourceError | anyio.BrokenResourceError):
+                raise PipelineClosed("the pipeline takes no more slides") from self._closed_cause or exc
+            raise
+
+    def _send_now(self, job: SlideJob) -> None:
+        try:
+            self.streams.jobs.send.send_nowait(job)
+        except anyio.WouldBlock:
+            self._live.discard(job.slide_id)
+            raise PipelineFull(_full(self.config)) from None
+        except (anyio.ClosedResourceError, anyio.BrokenResourceError) as exc:
+            self._live.discard(job.slide_id)
+            raise PipelineClosed("the pipeline takes no more slides") from self._closed_cause or exc
+
+    async def _await_result(self, job: SlideJob, send: Callable[[], Awaitable[None]]) -> SlideResult:
+        waiter = _Waiter(job)
+        collision = self._accept(job)
+        self._waiters[job.slide_id] = waiter
+        self._routed.add(job.slide_id)
+        try:
+            if collision is not None:
+                await self.book.reject(job, "failed", collision, stage="discover")
+            else:
+                await send()
+            await waiter.done.wait()
+        except BaseException:
+            if waiter.result is None:
+                self.book.withdraw(job)
+            raise
+        finally:
+            self._waiters.pop(job.slide_id, None)
+        if waiter.error is not None:
+            raise PipelineClosed(f"{job.name}: the pipeline stopped") from waiter.error
+        assert waiter.result is not None
+        return waiter.result
 
     # -- wiring -----------------------------------------------------------------------------------------------------
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Start every stage (downstream first), report ready, and run until the input is closed and drained."""
         async with anyio.create_task_group() as outer:
-            await outer.start(self._forward_results)
+            await outer.start(self._dispatch)
             try:
                 async with anyio.create_task_group() as tg:
                     await self._start_stages(tg)
+                    self.state = "running"
                     task_status.started()
             finally:
-                await self.book.release_all()
+                self.cancelled = await self.book.release_all()
                 await self.book.aclose()
-                self._close_stage_streams()
+                for edge in self.streams.edges():
+                    if edge is not self.streams.results and edge is not self.streams.finished:
+                        edge.close()
 
-    def _close_stage_streams(self) -> None:
-        """Close the original ends left open (unused streams, ends a cancelled stage never took); idempotent.
-
-        The results stream stays open: `results()` may still be draining it (closed by `running()`).
-        """
-        for name, stream in self._streams.items():
-            if name != "results":
-                stream.send.close()
-                stream.receive.close()
-
-    async def _forward_results(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        out = self._streams["results"].send
+    async def _dispatch(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Route each final result: to its `process()` caller, or to `results()`; record it in the run report."""
         task_status.started()
-        async with self._book_receive, out:
-            async for result in self._book_receive:
-                self.counts.add(result)
+        async with self.streams.finished.receive as finished, self.streams.results.send as out:
+            async for result in finished:
                 if self.report is not None:
-                    await anyio.to_thread.run_sync(self.report.slide, result)
-                await out.send(result)
+                    await anyio.to_thread.run_sync(self.report.slide, result, limiter=self.limiters.io)
+                slide_id = result.job.slide_id
+                self._live.discard(slide_id)
+                if slide_id in self._routed:
+                    self._routed.discard(slide_id)
+                    waiter = self._waiters.get(slide_id)
+                    if waiter is not None:
+                        waiter.result = result
+                        waiter.done.set()
+                else:
+                    await out.send(result)
 
-    async def _start_stages(self, tg: anyio.abc.TaskGroup) -> None:
-        s, cfg, lim = self._streams, self.config, self.limiters
-        needs_pixels = self.mode == "features" or (self.mode == "coords" and cfg.write.save_images)
-        if self.mode != "detect":
-            encoders = await anyio.to_thread.run_sync(self.backends.make_encoders) if self.mode == "features" else []
-            await tg.start(self._write_stage, encoders, needs_pixels)
-            if self.mode == "features":
-                await tg.start(self._encode_stage, encoders)
-            if needs_pixels:
-                await tg.start(self._read_stage, bool(encoders))
-        else:
-            s["to_write"].send.close()
-            s["to_write"].receive.close()
-        await tg.start(self._plan_stage, needs_pixels)
-        segmenter = await anyio.to_thread.run_sync(self.backends.make_segmenter)
-        await tg.start(self._segment_stage, segmenter)
-        settings = prepare.PrepareSettings(
-            workers=cfg.open.open_workers,
-            needs_thumbnail=True,
-            encoders=cfg.encode.extractors if self.mode == "features" else (),
-            use_ledger=self.mode != "detect",
-            skip_existing=cfg.write.skip_existing,
-        )
-        await tg.start(_stage(prepare.run, s["jobs"].receive, s["thumbnails"].send, book=self.book,
-                              backends=self.backends, settings=settings, limiter=lim.open))
+    def fail_waiters(self, cause: BaseException) -> None:
+        """The pipeline stopped on an error: every waiting `process()` caller gets `PipelineClosed`."""
+        self.state = "failed"
+        self._closed_cause = cause
+        for waiter in self._waiters.values():
+            waiter.error = cause
+            waiter.done.set()
 
-    async def _write_stage(self, encoders: list[Any], needs_pixels: bool, *,
-                           task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        settings = write.WriteSettings(
-            encoders=tuple(e.name for e in encoders),
-            dims=write.feature_dims(encoders),
-            count_rows=needs_pixels and not encoders,
-        )
-        await write.run(self._streams["to_write"].receive, book=self.book, backends=self.backends,
-                        settings=settings, limiter=self.limiters.h5, task_status=task_status)
+    async def _start_stages(self, tg: TaskGroup) -> None:
+        s, cfg, lim, b, on = self.streams, self.config, self.limiters, self.backends, self.stages
+        outputs = b.outputs if on.write else None
+        if on.write:
+            encoders = await anyio.to_thread.run_sync(b.make_encoders, limiter=lim.device) if on.encode else None
+            dims = dict(encoders.dims) if encoders is not None else {}
+            settings = write.WriteSettings(encoders=encoders.names if encoders else (), dims=dims,
+                                           count_rows=on.read and not on.encode)
+            await _start(tg, write.run, s.to_write.receive, book=self.book, outputs=b.outputs, settings=settings,
+                         limiter=lim.h5)
+            if encoders is not None:
+                await _start(tg, encode.run, s.patches.receive, s.to_write.send.clone(), encoders=encoders,
+                             batch_size=cfg.encode.batch_size, limiter=lim.device)
+            if on.read:
+                await self._start_read(tg, b.outputs)
+        await _start(tg, plan.run, s.masks.receive, s.to_write.send if on.write else None,
+                     s.plans.send if on.read else None, book=self.book, planner=b.planner, outputs=outputs,
+                     settings=plan.PlanSettings(detect=not on.write, workers=cfg.plan.threads), limiter=lim.plan,
+                     h5_limiter=lim.h5)
+        segmenter = await anyio.to_thread.run_sync(b.make_segmenter, limiter=lim.segment)
+        await _start(tg, segment.run, s.thumbnails.receive, s.masks.send, book=self.book, segmenter=segmenter,
+                     batch_size=cfg.segment.seg_batch_size, limiter=lim.segment)
+        settings_p = prepare.PrepareSettings(workers=cfg.open.open_workers, encoders=cfg.encode.extractors
+                                             if on.encode else (), skip_existing=cfg.write.skip_existing)
+        await _start(tg, prepare.run, s.jobs.receive, s.thumbnails.send, book=self.book, slides=b.slides,
+                     outputs=outputs, settings=settings_p, limiter=lim.open)
 
-    async def _encode_stage(self, encoders: list[Any], *,
-                            task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        s = self._streams
-        await encode.run(s["patches"].receive, s["to_write"].send.clone(), encoders=encoders,
-                         batch_size=self.config.encode.batch_size, limiter=self.limiters.device,
-                         task_status=task_status)
-
-    async def _read_stage(self, has_encoders: bool, *,
-                          task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        s, cfg = self._streams, self.config
-        settings = read.ReadSettings(
-            slides_in_parallel=2,
-            reader_threads=cfg.read.reader_threads,
-            chunk=cfg.read.chunk_patches,
-            patch_size=cfg.plan.patch_size,
-            save_images=cfg.write.save_images,
-            keep_pixels=has_encoders,
-        )
-        out = s["patches"].send if has_encoders else s["to_write"].send.clone()
-        if not has_encoders:
-            s["patches"].send.close()
-            s["patches"].receive.close()
-        await read.run(s["plans"].receive, out, s["to_write"].send.clone(),
-                       backends=self.backends, settings=settings, limiter=self.limiters.read, task_status=task_status)
-
-    async def _plan_stage(self, needs_pixels: bool, *,
-                          task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        s = self._streams
-        settings = plan.PlanSettings(mode=self.mode, needs_pixels=needs_pixels, workers=self.config.plan.threads)
-        to_write: Any = s["to_write"].send
-        send_read = s["plans"].send if needs_pixels else None
-        if not needs_pixels:
-            s["plans"].send.close()
-            s["plans"].receive.close()
-        if self.mode == "detect":
-            to_write = _Discard()
-        await plan.run(s["masks"].receive, to_write, send_read, book=self.book, backends=self.backends,
-                       settings=settings, limiter=self.limiters.plan, task_status=task_status)
-
-    async def _segment_stage(self, segmenter: Any, *,
-                             task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        s = self._streams
-        await segment.run(s["thumbnails"].receive, s["masks"].send, book=self.book, segmenter=segmenter,
-                          batch_size=self.config.segment.seg_batch_size, limiter=self.limiters.segment,
-                          task_status=task_status)
+    async def _start_read(self, tg: TaskGroup, outputs: Any) -> None:
+        s, cfg = self.streams, self.config
+        settings = read.ReadSettings(slides_in_parallel=2, reader_threads=cfg.read.reader_threads,
+                                     chunk=cfg.read.chunk_patches, patch_size=cfg.plan.patch_size,
+                                     save_images=cfg.write.save_images, keep_pixels=self.stages.encode)
+        # Without encoders, the row labels go straight to the writer (it counts them to know a slide is done).
+        out: MemoryObjectSendStream[Any] = s.patches.send if self.stages.encode else s.to_write.send.clone()
+        await _start(tg, read.run, s.plans.receive, out, s.to_write.send.clone(), pixels=self.backends.pixels,
+                     outputs=outputs, settings=settings, limiter=self.limiters.read)
 
 
-class _Discard:
-    """A send end that drops items (detect mode has no writer)."""
-
-    def clone(self) -> _Discard:
-        return self
-
-    async def send(self, item: Any) -> None:
-        return None
-
-    async def aclose(self) -> None:
-        return None
-
-    async def __aenter__(self) -> _Discard:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        return None
+async def _start(tg: TaskGroup, stage: Callable[..., Coroutine[Any, Any, None]], *args: Any, **kwargs: Any) -> None:
+    """Start one stage and wait until it reports ready (its set-up done)."""
+    await tg.start(functools.partial(stage, *args, **kwargs))
 
 
-def _stage(func: Any, *args: Any, **kwargs: Any) -> Any:
-    async def start(*, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        await func(*args, task_status=task_status, **kwargs)
+def _full(config: PipelineConfig) -> str:
+    return f"the pipeline is full ({config.queues.jobs} slides waiting)"
 
-    return start
+
+def _collision(job: SlideJob, first: Path) -> str:
+    return (f"{job.name}: output name {job.stem!r} is already taken by {first} (both would write "
+            f"patches/{job.stem}.h5); process them into separate --output folders")
 
 
 @asynccontextmanager
-async def running(
-    config: PipelineConfig, backends: Any, mode: Mode, report: RunReport | None = None
-) -> AsyncIterator[Pipeline]:
+async def running(config: PipelineConfig, backends: Backends, mode: Mode,
+                  report: RunReport | None = None) -> AsyncIterator[Pipeline]:
     """Start a pipeline; on normal exit close the input and drain; on error or cancellation cancel it.
 
     Results not consumed by the caller are drained (they are still counted) when the block exits.
@@ -317,7 +443,13 @@ async def running(
                 tg.cancel_scope.cancel()
                 raise
             await pipeline.close_input()
-            async for _ in pipeline.results():
-                pass
+            async with pipeline.results() as rest:
+                async for _ in rest:
+                    pass
+    except BaseException as exc:
+        pipeline.fail_waiters(exc)
+        raise
     finally:
-        pipeline._streams["results"].receive.close()
+        if pipeline.state != "failed":
+            pipeline.state = "closed"
+        pipeline.streams.results.receive.close()

@@ -8,7 +8,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import orjson
 
@@ -16,10 +16,14 @@ from . import __version__
 from .items import SlideResult
 
 REPORT_NAME = "atlaspatch-report.jsonl"
+RunStatus = Literal["completed", "interrupted", "failed"]
 
 
 class RunReport:
-    """Appends events to `<out>/atlaspatch-report.jsonl`; each line carries this run's id. Thread-safe."""
+    """Appends events to `<out>/atlaspatch-report.jsonl`; each line carries this run's id. Thread-safe.
+
+    Nothing is written (and no folder created) until `open()`: a run that fails before it starts leaves no report.
+    """
 
     def __init__(self, output: Path, command: str) -> None:
         self.path = output / REPORT_NAME
@@ -27,6 +31,8 @@ class RunReport:
         self.command = command
         self._lock = threading.Lock()
         self._file: Any = None
+        self._settings: dict[str, Any] = {}
+        self.opened = False
 
     def _write(self, event: dict[str, Any]) -> None:
         line = orjson.dumps({"run": self.run_id, "time": time.time(), **event}, default=str) + b"\n"
@@ -37,10 +43,15 @@ class RunReport:
             self._file.write(line)
             self._file.flush()
 
-    def start(self, settings: dict[str, Any]) -> None:
-        """The run's first line: command, version, host and settings."""
+    def begin(self, settings: dict[str, Any]) -> None:
+        """Remember the run's settings for its first line (written by `open`)."""
+        self._settings = settings
+
+    def open(self) -> None:
+        """The run has started (models loaded): write its first line (command, version, host and settings)."""
+        self.opened = True
         self._write({"event": "run_start", "command": self.command, "version": __version__,
-                     "host": socket.gethostname(), "pid": os.getpid(), "settings": settings})
+                     "host": socket.gethostname(), "pid": os.getpid(), "settings": self._settings})
 
     def slide(self, result: SlideResult) -> None:
         """One line per stage with its busy seconds, then one line with the slide's outcome."""
@@ -55,9 +66,10 @@ class RunReport:
             **{k: v for k, v in result.extra.items() if k not in {"num_patches"}},
         })
 
-    def end(self, statistics: dict[str, Any]) -> None:
-        """The run's last line, then close."""
-        self._write({"event": "run_end", **statistics})
+    def end(self, statistics: dict[str, Any], status: RunStatus, reason: str | None = None) -> None:
+        """The run's last line (only for a run that started), then close."""
+        if self.opened:
+            self._write({"event": "run_end", "status": status, "reason": reason, **statistics})
         with self._lock:
             if self._file is not None:
                 self._file.close()

@@ -14,6 +14,7 @@ from . import api
 from .config import PipelineConfig
 from .items import SlideJob, SlideResult
 from .pipeline import Mode, Pipeline
+from .protocols import Backends
 
 
 def process_slides(
@@ -21,7 +22,7 @@ def process_slides(
     config: PipelineConfig,
     *,
     mode: Mode | None = None,
-    backends: Any = None,
+    backends: Backends | None = None,
     on_result: Callable[[SlideResult, Pipeline], None] | None = None,
     command: str = "library",
 ) -> api.RunSummary:
@@ -45,26 +46,48 @@ class BlockingPipeline:
         """Queue one slide (blocks while the pipeline is full: consume `results()` from another thread)."""
         self._portal.call(self._pipeline.submit, job)
 
+    def submit_nowait(self, job: SlideJob) -> None:
+        """Queue one slide at once, or raise `PipelineFull`."""
+        self._portal.call(self._pipeline.submit_nowait, job)
+
+    def process(self, job_or_path: SlideJob | str | Path) -> SlideResult:
+        """Submit one slide and block until its own result (safe from many threads at once)."""
+        result: SlideResult = self._portal.call(self._pipeline.process, job_or_path)
+        return result
+
+    def process_nowait(self, job_or_path: SlideJob | str | Path) -> SlideResult:
+        """`process()`, raising `PipelineFull` at once instead of waiting for room."""
+        result: SlideResult = self._portal.call(self._pipeline.process_nowait, job_or_path)
+        return result
+
     def close_input(self) -> None:
         """No more slides."""
         self._portal.call(self._pipeline.close_input)
 
+    def stop_intake(self, reason: str) -> None:
+        """No slide starts any more (see `Pipeline.stop_intake`)."""
+        self._portal.call(self._pipeline.stop_intake, reason)
+
     def results(self) -> Iterator[SlideResult]:
-        """Final results as slides finish, until the input is closed and everything has drained."""
+        """Final results of submitted slides as they finish, until the input is closed and everything has drained."""
         stream = self._pipeline.results()
-        while True:
-            try:
-                yield self._portal.call(stream.__anext__)
-            except StopAsyncIteration:
-                return
+        try:
+            while True:
+                try:
+                    yield self._portal.call(stream.receive)
+                except anyio.EndOfStream:
+                    return
+        finally:
+            self._portal.call(stream.aclose)
 
     def statistics(self) -> dict[str, Any]:
-        """Queue fill per stream, slides in flight and totals."""
-        return self._pipeline.statistics()
+        """Queue fill per stream, slides in flight, totals and the state."""
+        stats: dict[str, Any] = self._portal.call(self._pipeline.statistics)
+        return stats
 
 
 @contextmanager
-def open_pipeline(config: PipelineConfig, *, mode: Mode | None = None, backends: Any = None,
+def open_pipeline(config: PipelineConfig, *, mode: Mode | None = None, backends: Backends | None = None,
                   command: str = "library") -> Iterator[BlockingPipeline]:
     """Blocking `api.open_pipeline`: the pipeline runs on an event loop in a background thread."""
     with anyio.from_thread.start_blocking_portal() as portal, portal.wrap_async_context_manager(

@@ -81,9 +81,9 @@ async def run_pipeline(config, slides: list[Path]) -> tuple[float, dict, dict, l
 
 def encoder_alone(config, patches: int) -> float:
     """Seconds for the same encoder on `patches` random uint8 patches in batches of the configured size."""
-    from atlaspatch_stream.backends.bundle import Backends
+    from atlaspatch_stream.backends.bundle import RealBackends
 
-    [encoder] = Backends(config).make_encoders()
+    [encoder] = RealBackends(config).make_encoders().encoders
     encoder.warm_up()
     size, batch = config.plan.patch_size, config.encode.batch_size
     rng = np.random.default_rng(0)
@@ -108,9 +108,9 @@ def upstream_style(config, out: Path, slides: list[Path]) -> float:
     from PIL import Image
     from torchvision import transforms as T
 
-    from atlaspatch_stream.backends.bundle import Backends
+    from atlaspatch_stream.backends.bundle import RealBackends
 
-    [encoder] = Backends(config).make_encoders()
+    [encoder] = RealBackends(config).make_encoders().encoders
     encoder.warm_up()
     model, spec = encoder._model.float().eval(), encoder.spec
     pre = spec.preprocess

@@ -1,4 +1,4 @@
-"""`Backends`: the blocking work of every stage, in one injectable object (tests pass a subclass or a fake).
+"""`RealBackends`: the blocking work of every stage, composed of one part per `protocols` interface.
 
 Each method is called by a stage in a worker thread. Third-party libraries are imported inside the methods' modules,
 which are imported here lazily, so `import atlaspatch_stream` stays light.
@@ -7,7 +7,7 @@ which are imported here lazily, so `import atlaspatch_stream` stays light.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,101 +15,28 @@ import numpy as np
 
 from .. import __version__, outputs
 from ..config import PipelineConfig, geometry_fingerprint
-from ..errors import SlideError
+from ..geometry import Geometry
 from ..items import OpenedSlide, PatchPlan, SlideJob
-from ..outputs import SlideAttrs
+from ..outputs import ReuseDecision, SlideAttrs
+from ..protocols import EncoderSet, Lock, Segmenter, SlideHandle, Store
 from ..sources import claims
 
-log = logging.getLogger("atlaspatch_stream")
+log = logging.getLogger(__name__)
 
 
-class Backends:
-    """The real backends: tiffslide/openslide/Pillow slides, SAM2 or Otsu, tile-once reader, timm/torch encoders, h5py."""
+class SettingsRecord:
+    """The attributes (new names) recording the settings that shaped a slide's coordinates.
 
-    def __init__(self, config: PipelineConfig) -> None:
+    `segmenter_sha256` is read when needed (after the segmenter has loaded its weights).
+    """
+
+    def __init__(self, config: PipelineConfig, segmenter_sha256: Callable[[], str | None]) -> None:
         self.config = config
-        self.segmenter: Any = None
+        self._sha = segmenter_sha256
 
-    # -- models ---------------------------------------------------------------------------------------------------
-
-    def make_segmenter(self) -> Any:
-        """The configured tissue segmenter (not yet warmed up)."""
-        seg = self.config.segment
-        if seg.segmenter == "otsu":
-            from .segment_otsu import OtsuSegmenter
-
-            self.segmenter = OtsuSegmenter(seg.otsu_median, seg.otsu_close, seg.otsu_min_saturation)
-        else:
-            from .segment_sam2 import Sam2Segmenter
-
-            self.segmenter = Sam2Segmenter(seg.device, seg.seg_precision, seg.seg_weights, seg.seg_batch_size)
-        return self.segmenter
-
-    def make_registry(self) -> Any:
-        """The encoder registry with built-ins and plugins."""
-        from .devices import resolve_device
-        from .encoders.registry import build_registry
-
-        enc = self.config.encode
-        return build_registry(
-            device=str(resolve_device(self.config.feature_device, "encoders")),
-            precision=enc.precision,
-            weights=dict(enc.weights),
-            plugins=enc.plugins,
-            num_workers=self.config.read.reader_threads,
-        )
-
-    def make_encoders(self) -> list[Any]:
-        """Every requested encoder, weights resolved (errors before any slide), not yet warmed up."""
-        names = self.config.encode.extractors
-        if not names:
-            return []
-        registry = self.make_registry()
-        registry.prepare(names)
-        return [registry.create(name) for name in names]
-
-    # -- slides ---------------------------------------------------------------------------------------------------
-
-    def open_slide(self, job: SlideJob) -> Any:
-        """Open a slide (SlideError on failure)."""
-        from .slides import open_slide
-
-        return open_slide(job.path, job.mpp_override, job.name)
-
-    def thumbnail(self, handle: Any) -> np.ndarray:
-        """The segmentation thumbnail (upstream §3.2), with bounded memory."""
-        seg = self.config.segment
-        return handle.thumbnail(seg.thumbnail_power, seg.thumbnail_max, seg.thumbnail_budget_mb)
-
-    # -- outputs --------------------------------------------------------------------------------------------------
-
-    def h5_path(self, job: SlideJob) -> Path:
-        """The slide's final H5 path."""
-        return outputs.h5_path(self.config.write.output, job.stem)
-
-    def lock_path(self, job: SlideJob) -> Path:
-        """The slide's lock file."""
-        return outputs.lock_path(self.config.write.output, job.stem)
-
-    def acquire_lock(self, job: SlideJob) -> Any:
-        """Take the slide's lock, or None when a live process holds it."""
-        return claims.acquire_lock(self.lock_path(job), str(job.path))
-
-    def reuse_decision(self, job: SlideJob, encoders: Sequence[str]) -> outputs.ReuseDecision:
-        """Skip, reuse, refuse or process anew (upstream §2.6 plus the geometry check)."""
-        from .h5store import inspect_h5
-
-        path = self.h5_path(job)
-        existing = inspect_h5(path) if path.exists() else None
-        return outputs.decide_reuse(existing, encoders, self.settings_attrs())
-
-    def segmenter_sha256(self) -> str | None:
-        """The segmenter weights' hash once loaded (None for weight-free segmenters)."""
-        return getattr(self.segmenter, "weights_sha256", None)
-
-    def settings_attrs(self) -> dict[str, Any]:
-        """Attributes (new names) recording the settings that shaped coordinates."""
-        plan, seg = self.config.plan, self.config.segment
+    def attrs(self) -> dict[str, Any]:
+        """patch size, magnification, step, thresholds, segmenter and its weights' hash, version, fingerprint."""
+        plan, seg, sha = self.config.plan, self.config.segment, self._sha()
         return {
             "patch_size": plan.patch_size,
             "target_magnification": plan.target_mag,
@@ -118,25 +45,65 @@ class Backends:
             "tissue_thresh": float(plan.tissue_thresh),
             "fast_mode": int(plan.fast_mode),
             "segmenter": seg.segmenter,
-            "segmenter_sha256": self.segmenter_sha256() or "",
+            "segmenter_sha256": sha or "",
             "atlaspatch_stream_version": __version__,
-            "settings_fingerprint": geometry_fingerprint(self.config, self.segmenter_sha256()),
+            "settings_fingerprint": geometry_fingerprint(self.config, sha),
         }
 
-    # -- plan -----------------------------------------------------------------------------------------------------
 
-    def plan(self, slide: OpenedSlide, mask: np.ndarray | None) -> PatchPlan:
-        """Coordinates for a new slide, or the existing ones for a reused slide; overlays when asked."""
-        if slide.reuse is not None:
-            from .h5store import read_coords
+def slide_attrs(slide: OpenedSlide, geometry: Geometry, settings: SettingsRecord) -> SlideAttrs:
+    """The root attributes of a new slide's H5 (upstream's, then ours)."""
+    info, job = slide.handle.info, slide.job
+    return SlideAttrs(
+        patch_size=geometry.patch_size,
+        patch_size_level0=geometry.patch_size_level0,
+        level0_magnification=geometry.base_mag,
+        target_magnification=geometry.target_mag,
+        overlap=geometry.overlap,
+        level0_width=info.width,
+        level0_height=info.height,
+        wsi_path=str(job.path),
+        filename=job.path.name,
+        mpp=info.mpp,
+        magnification=info.magnification,
+        vendor=info.vendor,
+        institution=info.institution,
+        stain=info.stain,
+        extra=settings.attrs(),
+    )
 
-            return PatchPlan(slide, None, read_coords(slide.reuse.h5_path))
+
+class TiffSlides:
+    """tiffslide / openslide / Pillow slide access (`SlideSource`)."""
+
+    def __init__(self, config: PipelineConfig) -> None:
+        self.config = config
+
+    def open_slide(self, job: SlideJob) -> SlideHandle:
+        """Open a slide (SlideError on failure)."""
+        from .slides import open_slide
+
+        return open_slide(job.path, job.mpp_override, job.name)
+
+    def thumbnail(self, handle: SlideHandle) -> np.ndarray:
+        """The segmentation thumbnail (upstream §3.2), with bounded memory."""
+        seg = self.config.segment
+        return handle.thumbnail(seg.thumbnail_power, seg.thumbnail_max, seg.thumbnail_budget_mb)
+
+
+class LatticePlanner:
+    """Contours and upstream's patch lattice from a tissue mask, plus the overlays (`Planner`)."""
+
+    def __init__(self, config: PipelineConfig, settings: SettingsRecord) -> None:
+        self.config = config
+        self.settings = settings
+
+    def plan(self, slide: OpenedSlide, mask: np.ndarray) -> PatchPlan:
+        """Coordinates for a new slide; overlays when asked."""
         from ..geometry import plan_geometry
         from .contours import plan_coordinates
 
         info, cfg = slide.handle.info, self.config.plan
-        if mask is None:
-            raise SlideError("no tissue mask", slide=slide.job.name)
         geometry = plan_geometry(info.magnification, cfg.target_mag, cfg.patch_size, cfg.step, info.level_downsamples)
         contours, coords = plan_coordinates(
             mask, (info.width, info.height), geometry, cfg.tissue_thresh, cfg.hole_min_area, cfg.max_n_holes
@@ -147,7 +114,7 @@ class Backends:
             self._visualize(slide, mask, contours, coords, geometry)
         except Exception as exc:  # noqa: BLE001 - overlays never fail a slide (upstream §6.4)
             log.warning("%s: visualization failed: %s", slide.job.name, exc)
-        return PatchPlan(slide, geometry, coords, self._attrs(slide, geometry))
+        return PatchPlan(slide, geometry, coords, slide_attrs(slide, geometry, self.settings))
 
     def _filter(self, slide: OpenedSlide, coords: np.ndarray) -> np.ndarray:
         """`--no-fast-mode`: drop black and white patches (upstream §4.5), keeping row order."""
@@ -161,29 +128,8 @@ class Backends:
             keep[rows] = keep_patches(pixels, cfg.white_thresh, cfg.black_thresh)
         return coords[keep]
 
-    def _attrs(self, slide: OpenedSlide, geometry: Any) -> SlideAttrs:
-        info, job = slide.handle.info, slide.job
-        return SlideAttrs(
-            patch_size=geometry.patch_size,
-            patch_size_level0=geometry.patch_size_level0,
-            level0_magnification=geometry.base_mag,
-            target_magnification=geometry.target_mag,
-            overlap=geometry.overlap,
-            level0_width=info.width,
-            level0_height=info.height,
-            wsi_path=str(job.path),
-            filename=job.path.name,
-            mpp=info.mpp,
-            magnification=info.magnification,
-            vendor=info.vendor,
-            institution=info.institution,
-            stain=info.stain,
-            extra=self.settings_attrs(),
-        )
-
-    # -- overlays -------------------------------------------------------------------------------------------------
-
-    def _visualize(self, slide: OpenedSlide, mask: np.ndarray, contours: Any, coords: np.ndarray, geometry: Any) -> None:
+    def _visualize(self, slide: OpenedSlide, mask: np.ndarray, contours: Any, coords: np.ndarray,
+                   geometry: Geometry) -> None:
         w = self.config.write
         if not (w.visualize_grids or w.visualize_mask or w.visualize_contours):
             return
@@ -216,14 +162,62 @@ class Backends:
         out = outputs.visualization_dir(self.config.write.output)
         return visualize.write_mask_overlays(out, slide.job.stem, thumb, mask)
 
-    # -- pixels ---------------------------------------------------------------------------------------------------
 
-    def iter_patches(self, plan: PatchPlan, patch_size: int, chunk: int, threads: int) -> Iterator[Any]:
+class TilePixels:
+    """The tile-once patch reader, or `read_region` threads where it cannot read a slide (`PixelSource`)."""
+
+    def iter_patches(self, plan: PatchPlan, patch_size: int, chunk: int, threads: int) -> Iterator[
+            tuple[np.ndarray, np.ndarray]]:
         """Chunks (rows, pixels) of every planned patch, from the best reader for this slide."""
         from .readers import make_patch_reader
 
         handle = plan.slide.handle
         return iter(make_patch_reader(handle, threads).iter_patches(handle, plan.coords, patch_size, chunk))
+
+
+class H5Outputs:
+    """Upstream's output layout: lock files, reuse decisions, H5 files, patch PNGs (`OutputStore`)."""
+
+    def __init__(self, config: PipelineConfig, settings: SettingsRecord) -> None:
+        self.config = config
+        self.settings = settings
+
+    def h5_path(self, job: SlideJob) -> Path:
+        """The slide's final H5 path."""
+        return outputs.h5_path(self.config.write.output, job.stem)
+
+    def lock_path(self, job: SlideJob) -> Path:
+        """The slide's lock file."""
+        return outputs.lock_path(self.config.write.output, job.stem)
+
+    def acquire_lock(self, job: SlideJob) -> Lock | None:
+        """Take the slide's lock, or None when a live process holds it."""
+        return claims.acquire_lock(self.lock_path(job), str(job.path))
+
+    def reuse_decision(self, job: SlideJob, encoders: Sequence[str]) -> ReuseDecision:
+        """Skip, reuse, refuse or process anew (upstream §2.6 plus the geometry check)."""
+        from .h5store import inspect_h5
+
+        path = self.h5_path(job)
+        existing = inspect_h5(path) if path.exists() else None
+        return outputs.decide_reuse(existing, encoders, self.settings.attrs())
+
+    def read_coords(self, path: Path) -> np.ndarray:
+        """The `coords` of a complete H5."""
+        from .h5store import read_coords
+
+        return read_coords(path)
+
+    def open_store(self, plan: PatchPlan) -> Store:
+        """A new temporary H5 with coords (new slide) or the existing H5 (reuse)."""
+        from .h5store import SlideH5
+
+        w, batch = self.config.write, self.config.encode.batch_size
+        if plan.slide.reuse is not None:
+            return SlideH5.open_existing(plan.slide.reuse.h5_path, plan.num_patches, batch)
+        assert plan.attrs is not None, "a new slide's plan carries its attributes"
+        return SlideH5.create(self.h5_path(plan.slide.job), plan.attrs, plan.coords, plan.slide.job.stem,
+                              w.write_batch, batch)
 
     def save_images(self, plan: PatchPlan, rows: np.ndarray, pixels: np.ndarray) -> None:
         """`--save-images`: `<out>/images/<stem>/<stem>_x{X}_y{Y}.png`, written atomically."""
@@ -232,14 +226,57 @@ class Backends:
         stem = plan.slide.job.stem
         save_patch_pngs(outputs.images_dir(self.config.write.output, stem), stem, plan.coords[rows], pixels)
 
-    # -- output ---------------------------------------------------------------------------------------------------
 
-    def open_store(self, plan: PatchPlan) -> Any:
-        """A new temporary H5 with coords (new slide) or the existing H5 (reuse)."""
-        from .h5store import SlideH5
+class RealBackends:
+    """The real backends: tiffslide/openslide/Pillow slides, SAM2 or Otsu, tile-once reader, timm/torch encoders, h5py."""
 
-        w, batch = self.config.write, self.config.encode.batch_size
-        if plan.slide.reuse is not None:
-            return SlideH5.open_existing(plan.slide.reuse.h5_path, plan.num_patches, batch)
-        return SlideH5.create(self.h5_path(plan.slide.job), plan.attrs, plan.coords, plan.slide.job.stem,
-                              w.write_batch, batch)
+    def __init__(self, config: PipelineConfig) -> None:
+        self.config = config
+        self.segmenter: Segmenter | None = None
+        self.settings = SettingsRecord(config, self.segmenter_sha256)
+        self.slides = TiffSlides(config)
+        self.planner = LatticePlanner(config, self.settings)
+        self.pixels = TilePixels()
+        self.outputs = H5Outputs(config, self.settings)
+
+    def segmenter_sha256(self) -> str | None:
+        """The segmenter weights' hash once loaded (None for weight-free segmenters)."""
+        return self.segmenter.weights_sha256 if self.segmenter is not None else None
+
+    def make_segmenter(self) -> Segmenter:
+        """The configured tissue segmenter (not yet warmed up)."""
+        seg = self.config.segment
+        if seg.segmenter == "otsu":
+            from .segment_otsu import OtsuSegmenter
+
+            self.segmenter = OtsuSegmenter(seg.otsu_median, seg.otsu_close, seg.otsu_min_saturation)
+        else:
+            from .segment_sam2 import Sam2Segmenter
+
+            self.segmenter = Sam2Segmenter(seg.device, seg.seg_precision, seg.seg_weights, seg.seg_batch_size)
+        return self.segmenter
+
+    def make_registry(self) -> Any:
+        """The encoder registry with built-ins and plugins."""
+        from .devices import resolve_device
+        from .encoders.registry import build_registry
+
+        enc = self.config.encode
+        return build_registry(
+            device=str(resolve_device(self.config.feature_device, "encoders")),
+            precision=enc.precision,
+            weights=dict(enc.weights),
+            plugins=enc.plugins,
+            num_workers=self.config.read.reader_threads,
+        )
+
+    def make_encoders(self) -> EncoderSet:
+        """Every requested encoder, weights resolved (errors before any slide), not yet warmed up."""
+        from .encoders.group import EncoderGroup
+
+        names = self.config.encode.extractors
+        if not names:
+            return EncoderGroup([])
+        registry = self.make_registry()
+        registry.prepare(names)
+        return EncoderGroup([registry.create(name) for name in names])

@@ -19,21 +19,17 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import SlideError, describe
+from ..errors import SlideError, describe, is_bug
+from ..protocols import PatchReader, SlideHandle, TileDecoder
 from ..tileplan import LevelPlan, chunk_bounds, plan_level
-from .base import PatchReader, SlideHandle
 from .tiles import (
     ImagecodecsDecoder,
-    TileDecoder,
     TilePageMeta,
     cut_patch,
     describe_levels,
     load_tile,
     resize_patch,
 )
-
-# Exceptions that signal a bug in our code or the caller's, never a bad slide: they propagate untranslated.
-_BUGS = (TypeError, AttributeError, NameError, AssertionError, NotImplementedError)
 
 
 def slide_name(handle: Any) -> str:
@@ -100,9 +96,11 @@ def read_one(handle: Any, row: np.ndarray, patch_size: int) -> np.ndarray:
     x, y, w, h, level = (int(v) for v in row)
     try:
         rgb = np.asarray(handle.read_region(x, y, level, w, h))
-    except (SlideError, *_BUGS):
+    except SlideError:
         raise
-    except Exception as exc:  # noqa: BLE001 - library errors on a bad slide are per-slide failures
+    except Exception as exc:  # library errors on a bad slide are per-slide failures; bugs propagate
+        if is_bug(exc):
+            raise
         raise SlideError(
             f"read_region failed at x={x}, y={y}, level={level}: {describe(exc)}", slide=slide_name(handle)
         ) from exc

@@ -48,7 +48,7 @@ def otsu_tissue_mask(
 
 
 class OtsuSegmenter:
-    """Saturation + Otsu tissue segmentation (implements `backends.base.Segmenter`)."""
+    """Saturation + Otsu tissue segmentation (implements `protocols.Segmenter`)."""
 
     name = "otsu"
     weights_sha256: str | None = None

@@ -77,7 +77,10 @@ def resolve_sam2_weights(explicit: Path | None) -> Path:
         if not path.is_file():
             raise WeightsError(f"--seg-weights {path}: no such file")
         return path
-    return fetch_hf_file(SAM2_REPO_ID, SAM2_FILENAME, local_flag="--seg-weights")
+    try:
+        return fetch_hf_file(SAM2_REPO_ID, SAM2_FILENAME, local_flag="--seg-weights")
+    except WeightsError as exc:
+        raise WeightsError(f"{exc}; or run without SAM2 weights with --segmenter otsu") from exc
 
 
 def build_sam2_model(weights: Path | None, device: torch.device) -> torch.nn.Module:
@@ -141,7 +144,7 @@ def _chunks(items: Sequence[int], size: int) -> Iterator[list[int]]:
 
 
 class Sam2Segmenter:
-    """Batched SAM2.1 Hiera-Tiny tissue segmentation (implements `backends.base.Segmenter`)."""
+    """Batched SAM2.1 Hiera-Tiny tissue segmentation (implements `protocols.Segmenter`)."""
 
     name = "sam2"
 

@@ -37,7 +37,7 @@ from .metadata import (
 )
 
 if TYPE_CHECKING:
-    from .base import SlideHandle
+    from ..protocols import SlideHandle
 
 __all__ = [
     "SUPPORTED_EXTENSIONS",
@@ -179,7 +179,8 @@ class BaseSlideHandle:
         """
         magnification = self.info.magnification
         if magnification is None:
-            raise SlideError("WSI base magnification is unknown", slide=self.name)
+            raise SlideError("WSI base magnification is unknown (no objective power or mpp in its metadata); "
+                             "give its mpp with --mpp-csv", slide=self.name)
         target_ds = magnification / power
         level = optimal_level(self.info.level_downsamples, target_ds)
         level_ds = self.info.level_downsamples[level]
@@ -327,7 +328,7 @@ def open_slide(path: Path, mpp_override: float | None = None, name: str | None =
         name: the name used in error messages (defaults to the path).
 
     Returns:
-        An object implementing `atlaspatch_stream.backends.base.SlideHandle`, with `.path`, `.backend`, `.tiff_path`.
+        An object implementing `atlaspatch_stream.protocols.SlideHandle`, with `.path`, `.backend`, `.tiff_path`.
 
     Raises:
         SlideError: missing file, unsupported extension, unreadable or non-RGB image, implausible CSV mpp.

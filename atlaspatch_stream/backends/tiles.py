@@ -13,11 +13,12 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
-from ..errors import SlideError, describe
+from ..errors import SlideError, describe, is_bug
+from ..protocols import TileDecoder
 from ..tileplan import TileGrid
 
 # TIFF compression tag values we decode ourselves.
@@ -60,18 +61,6 @@ class TilePageMeta:
     jpeg_colorspace: int | None
     offsets: np.ndarray
     bytecounts: np.ndarray
-
-
-class TileDecoder(Protocol):
-    """Turns the raw bytes of one tile into RGB uint8 pixels. Must be callable from several threads at once."""
-
-    def decode(self, raw: bytes, page_meta: TilePageMeta) -> np.ndarray:
-        """Decode `raw` (one tile of `page_meta`'s level) to uint8 (h, w, 3).
-
-        (h, w) is the tile size, or at least the part of the tile inside the level for an edge tile that was stored
-        cropped. Raises any exception on corrupt data; the caller translates it.
-        """
-        ...
 
 
 class ImagecodecsDecoder:
@@ -258,7 +247,9 @@ def load_tile(fd: int, meta: TilePageMeta, tile: int, decoder: TileDecoder, slid
         if raw is None:
             return None
         pixels = np.asarray(decoder.decode(raw, meta))
-    except Exception as exc:  # noqa: BLE001 - foreign codec/IO errors are per-slide failures, translated here
+    except Exception as exc:  # foreign codec/IO errors are per-slide failures, translated here; bugs propagate
+        if is_bug(exc):
+            raise
         x, y = meta.grid.origin(tile)
         raise SlideError(
             f"corrupt tile {tile} (level {meta.level}, x={x}, y={y}): {describe(exc)}", slide=slide

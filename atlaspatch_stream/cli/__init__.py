@@ -10,7 +10,7 @@ import click
 from .. import __version__
 from ..pipeline import Mode
 from .options import build_config, common_options, feature_options, input_options, parse_weights
-from .runner import execute, exit_with, summarize
+from .runner import execute, exit_with
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -46,7 +46,7 @@ def detect_tissue(wsi_path: Path, **params: Any) -> None:
 def _run_slides(wsi_path: Path, params: dict[str, Any], mode: Mode, command: str) -> None:
     """Parse flags into a config, run the slides and leave with the exit status."""
     config = build_config(params, features=mode == "features")
-    exit_with(summarize(execute(config, wsi_path, mode, command, params["verbose"]), mode))
+    exit_with(execute(config, wsi_path, mode, command, params["verbose"]))
 
 
 @cli.command("info")

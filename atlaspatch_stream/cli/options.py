@@ -46,6 +46,8 @@ INPUT_OPTIONS: list[Decorator] = [
                  default=None, help="SAM2 precision (float32 = upstream parity)."),
     click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
                  default=None, help="TOML configuration (flags > ATLASPATCH_* env > file > defaults)."),
+    click.option("--drain-timeout", type=click.FloatRange(min=0), default=None, show_default="30",
+                 help="Seconds slides in flight get to finish after the first Ctrl-C/SIGTERM."),
 ]
 
 COMMON_OPTIONS: list[Decorator] = [
@@ -125,6 +127,7 @@ def build_config(params: dict[str, Any], *, features: bool) -> PipelineConfig:
                     "segmenter": p.get("segmenter"), "seg_weights": p.get("seg_weights"),
                     "seg_precision": (p.get("seg_precision") or "").lower() or None},
         "write": {"output": p.get("output")},
+        "run": {"drain_timeout_s": p.get("drain_timeout")},
     }
     if "patch_size" in p:
         flags["plan"] = {k: p.get(k) for k in ("patch_size", "step_size", "target_mag", "tissue_thresh",

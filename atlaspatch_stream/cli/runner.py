@@ -1,173 +1,221 @@
-"""Running a command: discovery, progress display, two-phase Ctrl-C, summary lines and the exit status."""
+"""Running a slide command: checks, progress, two-phase interrupt, summary lines and the exit status.
+
+Exit statuses: 0 all slides done (or skipped); 1 a slide failed, collided or the run stopped early for another
+reason (a full output disk); 130 after SIGINT and 143 after SIGTERM (drained or not); 2 a usage error.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import signal
 import sys
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import anyio
 import click
 
+from ..api import RunSummary, Stop, make_jobs, process_slides
 from ..config import PipelineConfig
-from ..errors import AtlasPatchError, ConfigError
+from ..errors import AtlasPatchError, describe, is_bug
 from ..items import SlideJob, SlideResult
 from ..pipeline import Mode, Pipeline
 
 log = logging.getLogger("atlaspatch_stream")
-DRAIN_DEADLINE_S = 30.0
+SIGNAL_EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143}
+PLAIN_PROGRESS_EVERY_S = 10.0
 
 
-class _TqdmHandler(logging.Handler):
-    """Log lines printed above the progress bar, so `-v` and the bar coexist."""
+def write_line(text: str, stream: TextIO | None = None) -> None:
+    """Print one line; a closed or broken stdout/stderr (`… | head`) never fails a slide or the run."""
+    stream = stream or sys.stdout
+    try:
+        stream.write(text + "\n")
+        stream.flush()
+    except (BrokenPipeError, ValueError, OSError):
+        _silence(stream)
+
+
+def _silence(stream: TextIO) -> None:
+    """Point a broken standard stream at /dev/null, so later writes (and the interpreter's exit flush) are quiet."""
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, stream.fileno())
+        os.close(devnull)
+
+
+class _LineHandler(logging.Handler):
+    """Log lines printed above the progress bar on a terminal, plainly otherwise; never raises on a broken stderr."""
+
+    def __init__(self, progress: Progress) -> None:
+        super().__init__()
+        self.progress = progress
 
     def emit(self, record: logging.LogRecord) -> None:
-        from tqdm import tqdm
-
-        tqdm.write(self.format(record), file=sys.stderr)
+        self.progress.message(self.format(record))
 
 
-def setup_logging(verbose: bool) -> None:
-    """WARNING by default, DEBUG with -v; lines go through the progress bar."""
-    handler = _TqdmHandler()
+def setup_logging(verbose: bool, progress: Progress) -> None:
+    """Our debug lines with -v (third-party libraries stay at WARNING); lines go through the progress display."""
+    handler = _LineHandler(progress)
     handler.setFormatter(logging.Formatter("%(asctime)s | %(levelname)s | %(name)s | %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(logging.DEBUG if verbose else logging.WARNING)
-    for noisy in ("PIL", "matplotlib", "urllib3", "h5py", "fsspec", "asyncio", "tifffile"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    root.setLevel(logging.WARNING)
+    log.setLevel(logging.DEBUG if verbose else logging.WARNING)
 
 
 def check_output(output: Path) -> None:
-    """Create the output folder or fail at once with one line."""
-    try:
-        output.mkdir(parents=True, exist_ok=True)
-        probe = output / f".atlaspatch-write-test-{id(output)}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        raise click.ClickException(f"output folder {output} is not writable: {exc.strerror or exc}") from exc
+    """Fail at once (one line) when the output folder cannot be created or written; create nothing yet."""
+    existing = output
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise click.ClickException(f"output folder {output} is not writable: {existing} is not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise click.ClickException(f"output folder {output} is not writable: permission denied on {existing}")
 
 
 def discover(paths: list[Path], config: PipelineConfig) -> list[SlideJob]:
     """Slides to process, or a one-line error."""
-    from ..api import make_jobs
-
     try:
         return make_jobs(paths, config)
-    except ConfigError as exc:
-        raise click.ClickException(str(exc)) from exc
-
-
-class Progress:
-    """A tqdm bar: slides done/total and patches/s."""
-
-    def __init__(self, total: int, desc: str) -> None:
-        from tqdm import tqdm
-
-        self.bar = tqdm(total=total, desc=desc, unit="slide", file=sys.stderr, dynamic_ncols=True,
-                        disable=None)
-
-    def update(self, result: SlideResult, pipeline: Pipeline) -> None:
-        """One more slide finished."""
-        stats = pipeline.statistics()
-        self.bar.set_postfix(patches=stats["patches"], rate=f"{stats['patches_per_s']:.0f}/s",
-                             failed=stats["by_status"].get("failed", 0), refresh=False)
-        self.bar.update(1)
-
-    def close(self) -> None:
-        """Remove the bar."""
-        self.bar.close()
-
-
-async def _watch_signals(pipeline: Pipeline, stop: anyio.Event, scope: anyio.CancelScope) -> None:
-    """First Ctrl-C: stop feeding and drain within a deadline; second: cancel."""
-    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async for _ in signals:
-            if not stop.is_set():
-                log.warning("interrupt: finishing slides in flight (Ctrl-C again to abort)")
-                stop.set()
-                await pipeline.close_input()
-                scope.deadline = anyio.current_time() + DRAIN_DEADLINE_S
-            else:
-                scope.cancel()
-                return
-
-
-async def _feed(pipeline: Pipeline, jobs: list[SlideJob], stop: anyio.Event) -> None:
-    for job in jobs:
-        if stop.is_set():
-            return
-        await pipeline.submit(job)
-    await pipeline.close_input()
-
-
-async def run_pipeline(config: PipelineConfig, jobs: list[SlideJob], mode: Mode, command: str,
-                       desc: str) -> list[SlideResult]:
-    """Run `jobs` with a progress bar and signal handling; return every final result."""
-    from ..api import open_pipeline
-
-    results: list[SlideResult] = []
-    progress = Progress(len(jobs), desc)
-    stop = anyio.Event()
-    try:
-        with anyio.CancelScope() as scope:
-            async with open_pipeline(config, mode=mode, command=command) as pipeline, \
-                    anyio.create_task_group() as tg:
-                tg.start_soon(_watch_signals, pipeline, stop, scope)
-                tg.start_soon(_feed, pipeline, jobs, stop)
-                async for result in pipeline.results():
-                    results.append(result)
-                    progress.update(result, pipeline)
-                    _announce(result)
-                tg.cancel_scope.cancel()
-    finally:
-        progress.close()
-    return results
-
-
-def _announce(result: SlideResult) -> None:
-    if result.status == "failed":
-        click.echo(f"[FAIL] {result.message}", err=True)
-    elif result.status == "locked":
-        click.echo(f"[SKIP] {result.job.name}: {result.message}", err=True)
-    elif result.ok:
-        log.debug("[OK] %s -> %s (patches=%s) features=%s", result.job.name, result.h5_path, result.num_patches,
-                  ",".join(result.features))
-
-
-def execute(config: PipelineConfig, wsi_path: Path, mode: Mode, command: str, verbose: bool) -> list[SlideResult]:
-    """Everything a slide command does after parsing: checks, run, and translating library errors to one line."""
-    from ..sync import run
-
-    setup_logging(verbose)
-    check_output(config.write.output)
-    jobs = discover([wsi_path], config)
-    desc = {"features": "Processing slides", "coords": "Processing slides", "detect": "Tissue detection"}[mode]
-    try:
-        results: list[SlideResult] = run(lambda: run_pipeline(config, jobs, mode, command, desc))
-        return results
     except AtlasPatchError as exc:
         raise click.ClickException(" ".join(str(exc).split())) from exc
 
 
-def summarize(results: list[SlideResult], mode: Mode) -> int:
-    """Print upstream's summary lines plus our counts; return the exit status (1 when any slide failed)."""
-    failed = sum(r.status == "failed" for r in results)
-    done = sum(r.status in ("done", "reused") for r in results)
+class Progress:
+    """Slides done/total, patches/s and failures: a tqdm bar on a terminal, a plain line every 10 s otherwise."""
+
+    def __init__(self, total: int, desc: str, stream: TextIO | None = None) -> None:
+        self.stream = stream or sys.stderr
+        self.total = total
+        self.desc = desc
+        self.done = 0
+        self._last = time.monotonic()
+        self.bar: Any = None
+        if _isatty(self.stream):
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=desc, unit="slide", file=self.stream, dynamic_ncols=True)
+
+    def update(self, result: SlideResult, pipeline: Pipeline) -> None:
+        """One more slide finished: announce a failure, move the bar or print the periodic line."""
+        self.done += 1
+        stats = pipeline.statistics()
+        failed = stats["by_status"].get("failed", 0)
+        if result.status == "failed":
+            self.message(f"[FAIL] {result.message}")
+        elif result.status == "locked":
+            self.message(f"[SKIP] {result.job.name}: {result.message}")
+        if self.bar is not None:
+            self._bar_update(stats, failed)
+        elif time.monotonic() - self._last >= PLAIN_PROGRESS_EVERY_S:
+            self._last = time.monotonic()
+            write_line(f"{self.desc}: {self.done}/{self.total} slides, {stats['patches_per_s']:.0f} patches/s, "
+                       f"{failed} failed", self.stream)
+
+    def _bar_update(self, stats: dict[str, Any], failed: int) -> None:
+        try:
+            self.bar.set_postfix(patches=stats["patches"], rate=f"{stats['patches_per_s']:.0f}/s", failed=failed,
+                                 refresh=False)
+            self.bar.update(1)
+        except (BrokenPipeError, OSError, ValueError):
+            self.bar.disable = True
+
+    def message(self, text: str) -> None:
+        """A line of its own, above the bar on a terminal (never glued to it)."""
+        if self.bar is not None and not self.bar.disable:
+            try:
+                self.bar.write(text, file=self.stream)
+                return
+            except (BrokenPipeError, OSError, ValueError):
+                self.bar.disable = True
+        write_line(text, self.stream)
+
+    def close(self) -> None:
+        """Remove the bar."""
+        if self.bar is not None:
+            with contextlib.suppress(BrokenPipeError, OSError, ValueError):
+                self.bar.close()
+
+
+def _isatty(stream: TextIO) -> bool:
+    try:
+        return stream.isatty()
+    except (ValueError, OSError):
+        return False
+
+
+async def run_with_signals(config: PipelineConfig, jobs: list[SlideJob], mode: Mode, command: str,
+                           progress: Progress) -> tuple[RunSummary, int | None]:
+    """Run `jobs`; first SIGINT/SIGTERM stops intake and drains, a second cancels. Returns the signal's exit code."""
+    stop = Stop()
+    received: list[int] = []
+
+    async def watch() -> None:
+        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for signum in signals:
+                if not received:
+                    received.append(signum)
+                    name = signal.Signals(signum).name
+                    progress.message(f"{name}: no new slides start; finishing the slides in flight "
+                                     f"(at most {config.run.drain_timeout_s:g} s; again to abort)")
+                    stop.request(f"interrupted by {name}")
+                else:
+                    stop.force()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(watch)
+        summary = await process_slides(jobs, config, mode=mode, stop=stop, command=command,
+                                       on_result=progress.update)
+        tg.cancel_scope.cancel()
+    return summary, SIGNAL_EXIT.get(signal.Signals(received[0])) if received else None
+
+
+def execute(config: PipelineConfig, wsi_path: Path, mode: Mode, command: str, verbose: bool) -> int:
+    """Everything a slide command does after parsing; returns the exit status."""
+    from ..sync import run
+
+    desc = {"features": "Processing slides", "coords": "Processing slides", "detect": "Tissue detection"}[mode]
+    check_output(config.write.output)
+    jobs = discover([wsi_path], config)
+    progress = Progress(len(jobs), desc)
+    setup_logging(verbose, progress)
+    try:
+        summary, signalled = run(lambda: run_with_signals(config, jobs, mode, command, progress))
+    except AtlasPatchError as exc:
+        raise click.ClickException(" ".join(str(exc).split())) from exc
+    except Exception as exc:
+        if is_bug(exc):
+            raise
+        raise click.ClickException(f"the run stopped: {describe(exc)}") from exc
+    finally:
+        progress.close()
+    status = summarize(summary, mode)
+    return signalled if signalled is not None else status
+
+
+def summarize(summary: RunSummary, mode: Mode) -> int:
+    """Print upstream's summary lines plus our counts; return the exit status (1 when a slide failed)."""
+    count = summary.count
+    failed, done = count("failed"), count("done", "reused")
     if mode == "detect":
-        click.echo(f"Created {done} mask overlay(s), failures: {failed}")
+        write_line(f"Created {done} mask overlay(s), failures: {failed}")
     else:
         if mode == "coords":
-            click.echo("Segmentation and patch coordinate extraction complete.")
-        click.echo(f"Completed {done} slide(s), failures: {failed}")
-    skipped = sum(r.status == "skipped" for r in results)
-    locked = sum(r.status == "locked" for r in results)
+            write_line("Segmentation and patch coordinate extraction complete.")
+        write_line(f"Completed {done} slide(s), failures: {failed}")
+    skipped, locked, cancelled = count("skipped"), count("locked"), count("cancelled")
     if skipped or locked:
-        click.echo(f"Skipped {skipped} existing, {locked} locked by another process")
-    return 1 if failed else 0
+        write_line(f"Skipped {skipped} existing, {locked} locked by another process")
+    if summary.stop_reason is not None:
+        write_line(f"Stopped early ({summary.stop_reason}): {cancelled} slide(s) cancelled, not started or "
+                   "interrupted")
+    return 1 if failed or summary.stop_reason is not None else 0
 
 
 def exit_with(status: int) -> Any:

@@ -14,9 +14,10 @@ import math
 from pathlib import Path
 
 from ..backends.metadata import DICOM_EXTENSIONS, SUPPORTED_EXTENSIONS
-from ..errors import ConfigError
+from ..errors import ConfigError, NotASlideError
+from ..items import SlideJob
 
-__all__ = ["discover_slides", "load_mpp_csv", "mpp_for", "stem_for"]
+__all__ = ["discover_slides", "load_mpp_csv", "mpp_for", "slide_job", "stem_for"]
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,28 @@ def discover_slides(path: Path, recursive: bool) -> list[Path]:
     if not found:
         raise ConfigError(f"No WSI files found in {path}")
     return sorted(found)
+
+
+def slide_job(path: Path, slide_id: int, mpp: dict[str, float] | None = None, *, check: bool = True) -> SlideJob:
+    """The job for one slide path (a file, or a DICOM series folder), with its `--mpp-csv` entry.
+
+    Raises:
+        NotASlideError: with `check`, when the path does not exist or is not a slide format we read.
+    """
+    path = Path(path)
+    if check:
+        _check_slide(path)
+    return SlideJob(slide_id, path, stem_for(path), mpp_for(path, mpp), display=str(path))
+
+
+def _check_slide(path: Path) -> None:
+    if path.is_dir():
+        if not any(p.suffix.lower() in DICOM_EXTENSIONS for p in path.iterdir()):
+            raise NotASlideError(f"{path}: a folder without DICOM (.dcm) files is not a slide")
+    elif not path.is_file():
+        raise NotASlideError(f"{path}: no such file")
+    elif path.suffix.lower() not in SUPPORTED_EXTENSIONS:
+        raise NotASlideError(f"{path}: {path.suffix or 'no extension'} is not a slide format we read")
 
 
 def stem_for(path: Path) -> str:

@@ -1,25 +1,58 @@
-"""`SlideBook`: who is in flight, what each holds, and the single place a slide's final result is issued."""
+"""`SlideBook`: admission, what each slide holds, and the single place a slide's final result is issued and counted."""
 
 from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
-from anyio.abc import ObjectSendStream
+from anyio.streams.memory import MemoryObjectSendStream
 
+from ..errors import PipelineFull
 from ..items import SlideJob, SlideResult, Status
+from ..protocols import Lock, SlideHandle
+
+
+@dataclass
+class Tally:
+    """Running totals of final results: the one place slide statuses are counted."""
+
+    finished: int = 0
+    patches: int = 0
+    by_status: dict[str, int] = field(default_factory=dict)
+    started: float = field(default_factory=time.perf_counter)
+
+    def add(self, result: SlideResult) -> None:
+        """Count one final result."""
+        self.finished += 1
+        self.by_status[result.status] = self.by_status.get(result.status, 0) + 1
+        if result.status in ("done", "reused") and result.num_patches:
+            self.patches += int(result.num_patches)
+
+    def count(self, *statuses: str) -> int:
+        """How many results have one of `statuses`."""
+        return sum(self.by_status.get(s, 0) for s in statuses)
+
+    def statistics(self) -> dict[str, Any]:
+        """Totals, throughput and elapsed time."""
+        elapsed = time.perf_counter() - self.started
+        return {
+            "finished": self.finished,
+            "by_status": dict(self.by_status),
+            "patches": self.patches,
+            "patches_per_s": self.patches / elapsed if elapsed > 0 else 0.0,
+            "elapsed_s": elapsed,
+        }
 
 
 @dataclass
 class _Entry:
     job: SlideJob
     started: float
-    handle: Any = None
-    lock: Any = None
+    handle: SlideHandle | None = None
+    lock: Lock | None = None
     timings: dict[str, float] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -27,30 +60,63 @@ class _Entry:
 class SlideBook:
     """Admits slides up to `max_open`, keeps their handle and lock, and releases both exactly once.
 
-    `finish()` is the only way a slide leaves the pipeline: it closes the handle and releases the lock in a worker
-    thread, frees the slot, and sends the `SlideResult`.
+    Every job handed to the pipeline gets exactly one `SlideResult`, sent by `finish()` (admitted slides) or
+    `reject()` (jobs that never started: withdrawn by their caller, cancelled because intake stopped, collisions).
+    Handles are closed and locks released in a worker thread under `limiter`.
     """
 
-    def __init__(self, results: ObjectSendStream[SlideResult], max_open: int) -> None:
+    def __init__(self, results: MemoryObjectSendStream[SlideResult], max_open: int,
+                 limiter: anyio.CapacityLimiter) -> None:
         self._results = results
         self._slots = anyio.Semaphore(max_open)
         self._entries: dict[int, _Entry] = {}
-        self.max_open = max_open
+        self._withdrawn: set[int] = set()
+        self._limiter = limiter
+        self.stop_reason: str | None = None
+        self.tally = Tally()
 
-    async def admit(self, job: SlideJob) -> None:
-        """Wait for a free slot (bounded slides in flight), then register the slide."""
+    # -- admission ------------------------------------------------------------------------------------------------
+
+    async def admit(self, job: SlideJob) -> bool:
+        """Wait for a free slot, then register the slide; False (and a `cancelled` result) when it must not start."""
+        if not await self._may_start(job):
+            return False
         await self._slots.acquire()
+        if not await self._may_start(job):
+            self._slots.release()
+            return False
         self._entries[job.slide_id] = _Entry(job, time.perf_counter())
+        return True
 
-    def attach(self, job: SlideJob, *, handle: Any = None, lock: Any = None) -> None:
+    async def _may_start(self, job: SlideJob) -> bool:
+        if job.slide_id in self._withdrawn:
+            self._withdrawn.discard(job.slide_id)
+            await self.reject(job, "cancelled", "withdrawn by its caller before it started")
+            return False
+        if self.stop_reason is not None:
+            await self.reject(job, "cancelled", f"not started: {self.stop_reason}")
+            return False
+        return True
+
+    def withdraw(self, job: SlideJob) -> bool:
+        """Withdraw a job that has not started (it will not be opened); False when it is already in flight."""
+        if job.slide_id in self._entries:
+            return False
+        self._withdrawn.add(job.slide_id)
+        return True
+
+    def stop_intake(self, reason: str) -> None:
+        """From now on no slide starts: every job not yet admitted finishes `cancelled` ("not started: <reason>")."""
+        if self.stop_reason is None:
+            self.stop_reason = reason
+
+    # -- bookkeeping ----------------------------------------------------------------------------------------------
+
+    def attach(self, job: SlideJob, *, handle: SlideHandle | None = None, lock: Lock | None = None) -> None:
         """Record a handle or lock the slide now holds (released by `finish`)."""
         entry = self._entries[job.slide_id]
         entry.handle = handle if handle is not None else entry.handle
         entry.lock = lock if lock is not None else entry.lock
-
-    def active(self, slide_id: int) -> bool:
-        """Whether the slide is still in flight."""
-        return slide_id in self._entries
 
     def time(self, job: SlideJob, stage: str, seconds: float) -> None:
         """Add busy seconds of `stage` to the slide's timings."""
@@ -69,30 +135,58 @@ class SlideBook:
         """Slides admitted and not yet finished."""
         return len(self._entries)
 
+    # -- the end of a slide ---------------------------------------------------------------------------------------
+
     async def finish(self, job: SlideJob, status: Status, **kwargs: Any) -> None:
         """Release what the slide holds and send its result. A second call for the same slide is ignored."""
         entry = self._entries.pop(job.slide_id, None)
         if entry is None:
             return
         with anyio.CancelScope(shield=True):
-            await anyio.to_thread.run_sync(_release, entry)
+            await anyio.to_thread.run_sync(_release, entry, limiter=self._limiter)
             self._slots.release()
             entry.timings["total"] = time.perf_counter() - entry.started
             extra = {**entry.extra, **kwargs.pop("extra", {})}
-            result = SlideResult(job=job, status=status, timings=entry.timings, extra=extra, **kwargs)
-            with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
-                await self._results.send(result)
+            await self._send(SlideResult(job=job, status=status, timings=entry.timings, extra=extra, **kwargs))
 
     async def fail(self, job: SlideJob, stage: str, message: str) -> None:
         """Finish a slide as failed in `stage`."""
         await self.finish(job, "failed", message=message, extra={"stage": stage})
 
-    async def release_all(self) -> None:
-        """On shutdown: release every handle and lock still held (no results are sent)."""
+    async def reject(self, job: SlideJob, status: Status, message: str, stage: str = "submit") -> None:
+        """The result of a job that never started (nothing to release)."""
+        with anyio.CancelScope(shield=True):
+            await self._send(SlideResult(job=job, status=status, message=message, extra={"stage": stage}))
+
+    def reject_nowait(self, job: SlideJob, status: Status, message: str, stage: str = "submit") -> None:
+        """`reject()` without waiting; raises `PipelineFull` when the results backlog is full."""
+        result = SlideResult(job=job, status=status, message=message, extra={"stage": stage})
+        try:
+            self._results.send_nowait(result)
+        except anyio.WouldBlock:
+            raise PipelineFull("the pipeline's results backlog is full") from None
+        self.tally.add(result)
+
+    async def _send(self, result: SlideResult) -> None:
+        self.tally.add(result)
+        with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
+            await self._results.send(result)
+
+    async def release_all(self) -> list[SlideResult]:
+        """On cancellation: release every handle and lock still held; return (and count) their `cancelled` results.
+
+        The results are not sent: the run is being torn down, and the caller reports them.
+        """
         entries, self._entries = list(self._entries.values()), {}
+        results = []
         with anyio.CancelScope(shield=True):
             for entry in entries:
-                await anyio.to_thread.run_sync(_release, entry)
+                await anyio.to_thread.run_sync(_release, entry, limiter=self._limiter)
+                result = SlideResult(job=entry.job, status="cancelled", message="interrupted before it finished",
+                                     timings=entry.timings, extra={"stage": "cancelled"})
+                self.tally.add(result)
+                results.append(result)
+        return results
 
     async def aclose(self) -> None:
         """Close the results stream (after every stage has ended)."""
@@ -100,11 +194,10 @@ class SlideBook:
 
 
 def _release(entry: _Entry) -> None:
-    for closer in (_closer(entry.handle, "close"), _closer(entry.lock, "release")):
-        if closer is not None:
-            with contextlib.suppress(Exception):
-                closer()
-
-
-def _closer(obj: Any, name: str) -> Callable[[], Any] | None:
-    return getattr(obj, name, None) if obj is not None else None
+    """Close the handle and release the lock; neither may stop the other, nor the run."""
+    if entry.handle is not None:
+        with contextlib.suppress(Exception):
+            entry.handle.close()
+    if entry.lock is not None:
+        with contextlib.suppress(Exception):
+            entry.lock.release()

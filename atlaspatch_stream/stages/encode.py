@@ -3,21 +3,20 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
-from typing import Any
 
 import anyio
-from anyio.abc import ObjectReceiveStream, ObjectSendStream
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from ..batching import Batcher
-from ..items import FeatureBatch, PatchBatch
+from ..items import FeatureBatch, PatchBatch, WriteItem
+from ..protocols import EncoderSet
 
 
 async def run(
-    receive: ObjectReceiveStream[PatchBatch],
-    send: ObjectSendStream[Any],
+    receive: MemoryObjectReceiveStream[PatchBatch],
+    send: MemoryObjectSendStream[WriteItem],
     *,
-    encoders: Sequence[Any],
+    encoders: EncoderSet,
     batch_size: int,
     limiter: anyio.CapacityLimiter,
     task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
@@ -29,8 +28,7 @@ async def run(
     stalls a slide's last rows. Each forward runs in a worker thread under `limiter` (device submissions). Closes
     `send` when `receive` ends. Encoder errors are bugs or a broken device: they propagate and stop the run.
     """
-    for encoder in encoders:
-        await anyio.to_thread.run_sync(encoder.warm_up, limiter=limiter)
+    await anyio.to_thread.run_sync(encoders.warm_up, limiter=limiter)
     task_status.started()
     batcher = Batcher(batch_size)
     try:
@@ -38,26 +36,17 @@ async def run(
             async for chunk in receive:
                 for batch in batcher.add(chunk):
                     await send.send(await _encode(batch, encoders, limiter))
-                if len(batcher) and _queue_empty(receive):
+                if len(batcher) and receive.statistics().current_buffer_used == 0:
                     await send.send(await _encode(batcher.flush(), encoders, limiter))
             if len(batcher):
                 await send.send(await _encode(batcher.flush(), encoders, limiter))
     finally:
         with anyio.CancelScope(shield=True):
-            for encoder in encoders:
-                await anyio.to_thread.run_sync(encoder.close)
+            await anyio.to_thread.run_sync(encoders.close, limiter=limiter)
 
 
-def _queue_empty(receive: ObjectReceiveStream[PatchBatch]) -> bool:
-    stats = getattr(receive, "statistics", None)
-    return stats is not None and stats().current_buffer_used == 0
-
-
-async def _encode(batch: PatchBatch, encoders: Sequence[Any], limiter: anyio.CapacityLimiter) -> FeatureBatch:
+async def _encode(batch: PatchBatch, encoders: EncoderSet, limiter: anyio.CapacityLimiter) -> FeatureBatch:
     started = time.perf_counter()
-    features = {}
-    for encoder in encoders:
-        if batch.encoders is None or encoder.name in batch.encoders:  # reused slides need only their missing sets
-            features[encoder.name] = await anyio.to_thread.run_sync(encoder.encode, batch.pixels, limiter=limiter)
+    features = await anyio.to_thread.run_sync(encoders.encode, batch.pixels, batch.encoders, limiter=limiter)
     return FeatureBatch(batch.slide_ids, batch.rows, features, encode_seconds=time.perf_counter() - started,
                         read_seconds=batch.read_seconds)

@@ -4,83 +4,96 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING
 
 import anyio
-from anyio.abc import ObjectReceiveStream, ObjectSendStream
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from ..errors import SlideError, describe
-from ..items import PatchPlan, TissueMask
+from ..errors import SlideError, failure_message, is_bug
+from ..items import PatchPlan, TissueMask, WriteItem
+from ..protocols import OutputStore, Planner
 from .book import SlideBook
-from .workers import optional, optional_clone, run_workers
+from .workers import closing, run_workers
 
-Mode = Literal["coords", "features", "detect"]
+if TYPE_CHECKING:
+    import numpy as np
 
 
 @dataclass(frozen=True)
 class PlanSettings:
-    """What `plan` needs: the command's mode and whether pixels are read downstream."""
+    """What `plan` needs: whether only overlays are made (detect-tissue), and the number of workers."""
 
-    mode: Mode
-    needs_pixels: bool
+    detect: bool
     workers: int = 2
 
 
 async def run(
-    receive: ObjectReceiveStream[TissueMask],
-    send_write: ObjectSendStream[Any],
-    send_read: ObjectSendStream[PatchPlan] | None,
+    receive: MemoryObjectReceiveStream[TissueMask],
+    send_write: MemoryObjectSendStream[WriteItem] | None,
+    send_read: MemoryObjectSendStream[PatchPlan] | None,
     *,
     book: SlideBook,
-    backends: Any,
+    planner: Planner,
+    outputs: OutputStore | None,
     settings: PlanSettings,
     limiter: anyio.CapacityLimiter,
+    h5_limiter: anyio.CapacityLimiter,
     task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     """TissueMask -> PatchPlan, sent first to the writer (which creates the file) and then to the readers.
 
     New slides: contours and coordinates from the mask (and the black/white filters with `--no-fast-mode`), plus the
-    requested overlays; reused slides: coordinates read back from their H5. In `detect` mode only the mask overlays
-    are written and the slide finishes here. Work runs in threads under `limiter`; `settings.workers` workers. Closes
-    both send streams when `receive` ends. Per-slide errors become failures.
+    requested overlays, in threads under `limiter`; reused slides: coordinates read back from their H5 under
+    `h5_limiter`. In detect mode (`settings.detect`, no writer) only the mask overlays are written and the slide
+    finishes here. `send_read` is None when no pixels are read. Closes both send streams when `receive` ends;
+    `settings.workers` workers. Per-slide errors become failures; bugs propagate.
     """
     task_status.started()
-    async with send_write, optional(send_read):
 
-        async def worker(rx: ObjectReceiveStream[TissueMask], _: Any) -> None:
-            async with rx, send_write.clone() as tx_w, optional_clone(send_read) as tx_r:  # type: ignore[attr-defined]
-                async for item in rx:
-                    await _plan_one(item, tx_w, tx_r, book, backends, settings, limiter)
+    async def worker(rx: MemoryObjectReceiveStream[TissueMask], tx_w: MemoryObjectSendStream[WriteItem] | None,
+                     tx_r: MemoryObjectSendStream[PatchPlan] | None) -> None:
+        async with rx, closing([tx_w, tx_r]):
+            async for item in rx:
+                plan = await _plan_one(item, book, planner, outputs, settings, limiter, h5_limiter)
+                if plan is None:
+                    continue
+                if tx_w is not None:
+                    await tx_w.send(plan)
+                if tx_r is not None and plan.num_patches:
+                    await tx_r.send(plan)
 
-        await run_workers(settings.workers, receive, None, worker)
+    await run_workers(settings.workers, receive, send_write, worker, send_read)
 
 
-async def _plan_one(
-    item: TissueMask,
-    send_write: ObjectSendStream[Any],
-    send_read: ObjectSendStream[PatchPlan] | None,
-    book: SlideBook,
-    backends: Any,
-    settings: PlanSettings,
-    limiter: anyio.CapacityLimiter,
-) -> None:
+async def _plan_one(item: TissueMask, book: SlideBook, planner: Planner, outputs: OutputStore | None,
+                    settings: PlanSettings, limiter: anyio.CapacityLimiter,
+                    h5_limiter: anyio.CapacityLimiter) -> PatchPlan | None:
+    """The slide's plan, or None when it finished here (detect mode, or a failure)."""
     job = item.slide.job
     started = time.perf_counter()
     try:
-        if settings.mode == "detect":
-            await anyio.to_thread.run_sync(backends.detect_overlays, item.slide, item.mask, limiter=limiter)
+        if settings.detect:
+            await anyio.to_thread.run_sync(planner.detect_overlays, item.slide, _mask(item), limiter=limiter)
             book.time(job, "plan", time.perf_counter() - started)
             await book.finish(job, "done")
-            return
-        plan = await anyio.to_thread.run_sync(backends.plan, item.slide, item.mask, limiter=limiter)
-    except SlideError as exc:
-        await book.fail(job, "plan", exc.one_line() if exc.slide else f"{job.name}: {exc.one_line()}")
-        return
-    except Exception as exc:  # noqa: BLE001 - a foreign per-slide failure becomes a record
-        await book.fail(job, "plan", f"{job.name}: {describe(exc)}")
-        return
+            return None
+        reuse = item.slide.reuse
+        if reuse is not None and outputs is not None:
+            coords = await anyio.to_thread.run_sync(outputs.read_coords, reuse.h5_path, limiter=h5_limiter)
+            plan = PatchPlan(item.slide, None, coords)
+        else:
+            plan = await anyio.to_thread.run_sync(planner.plan, item.slide, _mask(item), limiter=limiter)
+    except Exception as exc:  # a foreign per-slide failure becomes a record; bugs stop the run
+        if is_bug(exc):
+            raise
+        await book.fail(job, "plan", failure_message(job.name, exc))
+        return None
     book.time(job, "plan", time.perf_counter() - started)
     book.note(job, num_patches=plan.num_patches)
-    await send_write.send(plan)
-    if send_read is not None and settings.needs_pixels and plan.num_patches:
-        await send_read.send(plan)
+    return plan
+
+
+def _mask(item: TissueMask) -> np.ndarray:
+    if item.mask is None:
+        raise SlideError("no tissue mask", slide=item.slide.job.name)
+    return item.mask

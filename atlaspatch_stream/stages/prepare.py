@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any
 
 import anyio
-from anyio.abc import ObjectReceiveStream, ObjectSendStream
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from ..errors import SlideError, describe
+from ..errors import failure_message, is_bug
 from ..items import OpenedSlide, Reuse, SlideJob, Thumbnail
+from ..outputs import ReuseDecision
+from ..protocols import OutputStore, SlideHandle, SlideSource
 from .book import SlideBook
 from .workers import run_workers
 
@@ -20,90 +21,105 @@ class PrepareSettings:
     """What `prepare` needs from the config."""
 
     workers: int
-    needs_thumbnail: bool
     encoders: tuple[str, ...]
-    use_ledger: bool  # False for detect-tissue: no locks, no reuse (upstream §1.3)
     skip_existing: bool
 
 
 async def run(
-    receive: ObjectReceiveStream[SlideJob],
-    send: ObjectSendStream[Thumbnail],
+    receive: MemoryObjectReceiveStream[SlideJob],
+    send: MemoryObjectSendStream[Thumbnail],
     *,
     book: SlideBook,
-    backends: Any,
+    slides: SlideSource,
+    outputs: OutputStore | None,
     settings: PrepareSettings,
     limiter: anyio.CapacityLimiter,
     task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     """SlideJob -> Thumbnail.
 
-    For each job: wait for a slot (`--max-open-slides`), decide reuse/skip, take the lock, open the slide and build
-    its segmentation thumbnail, in worker threads limited by `limiter`. Skipped, locked and failed slides are finished
-    here through `book` and send nothing downstream. Closes `send` when `receive` ends; `settings.workers` workers
-    share the stream ends (clones). Converts `SlideError` and foreign per-slide exceptions into failures; propagates
-    nothing per slide.
+    For each job: wait for a slot (`--max-open-slides`; a job that must not start — withdrawn, or intake stopped — is
+    finished `cancelled` by the book), decide skip/reuse, take the lock, open the slide and build its segmentation
+    thumbnail, in worker threads limited by `limiter`. `outputs=None` (detect-tissue) means no locks and no reuse, as
+    upstream. Skipped, locked and failed slides are finished here and send nothing downstream. Closes `send` when
+    `receive` ends; `settings.workers` workers share clones of the stream ends. Per-slide errors become failures;
+    bugs propagate.
     """
     task_status.started()
 
-    async def worker(rx: ObjectReceiveStream[SlideJob], tx: ObjectSendStream[Thumbnail] | None) -> None:
-        assert tx is not None
+    async def worker(rx: MemoryObjectReceiveStream[SlideJob], tx: MemoryObjectSendStream[Thumbnail]) -> None:
         async with rx, tx:
             async for job in rx:
-                await book.admit(job)
-                item = await _prepare_one(job, book, backends, settings, limiter)
-                if item is not None:
-                    await tx.send(item)
+                if await book.admit(job):
+                    item = await _prepare_one(job, book, slides, outputs, settings, limiter)
+                    if item is not None:
+                        await tx.send(item)
 
     await run_workers(settings.workers, receive, send, worker)
 
 
-async def _prepare_one(
-    job: SlideJob, book: SlideBook, backends: Any, settings: PrepareSettings, limiter: anyio.CapacityLimiter
-) -> Thumbnail | None:
+async def _prepare_one(job: SlideJob, book: SlideBook, slides: SlideSource, outputs: OutputStore | None,
+                       settings: PrepareSettings, limiter: anyio.CapacityLimiter) -> Thumbnail | None:
     started = time.perf_counter()
     try:
-        reuse = await _claim(job, book, backends, settings, limiter)
-        if reuse is False:
+        decision = await _decide(job, book, outputs, settings, limiter)
+        if decision is None:
             return None
-        handle = await anyio.to_thread.run_sync(backends.open_slide, job, limiter=limiter)
+        handle = await anyio.to_thread.run_sync(slides.open_slide, job, limiter=limiter)
         book.attach(job, handle=handle)
-        opened = OpenedSlide(job, handle, reuse if isinstance(reuse, Reuse) else None)
-        image = None
-        if settings.needs_thumbnail and opened.reuse is None:
-            image = await anyio.to_thread.run_sync(backends.thumbnail, handle, limiter=limiter)
-    except SlideError as exc:
-        await book.fail(job, "open", exc.one_line() if exc.slide else f"{job.name}: {exc.one_line()}")
-        return None
-    except Exception as exc:  # noqa: BLE001 - a foreign per-slide failure becomes a record
-        await book.fail(job, "open", f"{job.name}: {describe(exc)}")
+        if outputs is not None and not await _same_source(job, handle, decision, book, outputs):
+            return None
+        if decision.action == "skip":
+            await book.finish(job, "skipped", h5_path=outputs.h5_path(job) if outputs else None,
+                              num_patches=decision.num_patches, message=decision.reason)
+            return None
+        reuse = _reuse(job, decision, outputs)
+        image = None if reuse else await anyio.to_thread.run_sync(slides.thumbnail, handle, limiter=limiter)
+    except Exception as exc:  # a foreign per-slide failure becomes a record; bugs stop the run
+        if is_bug(exc):
+            raise
+        await book.fail(job, "open", failure_message(job.name, exc))
         return None
     book.time(job, "open", time.perf_counter() - started)
-    return Thumbnail(opened, image)
+    return Thumbnail(OpenedSlide(job, handle, reuse), image)
 
 
-async def _claim(
-    job: SlideJob, book: SlideBook, backends: Any, settings: PrepareSettings, limiter: anyio.CapacityLimiter
-) -> Reuse | bool:
-    """Reuse decision and lock. Returns a `Reuse`, True (process anew) or False (finished here)."""
-    if not settings.use_ledger:
-        return True
-    decision = None
+async def _decide(job: SlideJob, book: SlideBook, outputs: OutputStore | None, settings: PrepareSettings,
+                  limiter: anyio.CapacityLimiter) -> ReuseDecision | None:
+    """The reuse decision, with the lock taken unless the slide is skipped; None when the slide finished here."""
+    if outputs is None:
+        return ReuseDecision("new")
+    decision = ReuseDecision("new")
     if settings.skip_existing:
-        decision = await anyio.to_thread.run_sync(backends.reuse_decision, job, settings.encoders, limiter=limiter)
-        if decision.action == "skip":
-            await book.finish(job, "skipped", h5_path=backends.h5_path(job), num_patches=decision.num_patches,
-                              message=decision.reason)
-            return False
+        decision = await anyio.to_thread.run_sync(outputs.reuse_decision, job, settings.encoders, limiter=limiter)
         if decision.action == "mismatch":
-            await book.fail(job, "reuse", f"{job.name}: existing output {backends.h5_path(job)} was made with other "
+            await book.fail(job, "reuse", f"{job.name}: existing output {outputs.h5_path(job)} was made with other "
                             f"settings ({decision.reason}); use --force to overwrite it or choose another --output")
-            return False
-    lock = await anyio.to_thread.run_sync(backends.acquire_lock, job, limiter=limiter)
+            return None
+        if decision.action == "skip":
+            return decision
+    lock = await anyio.to_thread.run_sync(outputs.acquire_lock, job, limiter=limiter)
     if lock is None:
-        await book.finish(job, "locked", message=f"locked by another process ({backends.lock_path(job)})")
-        return False
+        await book.finish(job, "locked", message=f"locked by another process ({outputs.lock_path(job)})")
+        return None
     book.attach(job, lock=lock)
-    if decision is not None and decision.action == "reuse":
-        return Reuse(backends.h5_path(job), decision.num_patches, decision.missing)
-    return True
+    return decision
+
+
+async def _same_source(job: SlideJob, handle: SlideHandle, decision: ReuseDecision, book: SlideBook,
+                       outputs: OutputStore) -> bool:
+    """An existing output is only skipped or extended when it was made from this very slide."""
+    if decision.source is None or decision.action not in ("skip", "reuse"):
+        return True
+    why = decision.source.mismatch(job.path.name, (handle.info.width, handle.info.height))
+    if why is None:
+        return True
+    await book.fail(job, "reuse", f"{job.name}: existing output {outputs.h5_path(job)} was not made from this slide "
+                    f"({why}); use --force to overwrite it or choose another --output")
+    return False
+
+
+def _reuse(job: SlideJob, decision: ReuseDecision, outputs: OutputStore | None) -> Reuse | None:
+    if decision.action != "reuse" or outputs is None:
+        return None
+    return Reuse(outputs.h5_path(job), decision.num_patches, decision.missing)

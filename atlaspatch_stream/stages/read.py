@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import anyio
-from anyio.abc import ObjectReceiveStream, ObjectSendStream
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from ..batching import slide_chunk
-from ..errors import SlideError, describe
-from ..items import PatchPlan, SlideFailed
+from ..errors import SlideError, failure_message, is_bug
+from ..items import PatchBatch, PatchPlan, SlideFailed, WriteItem
+from ..protocols import OutputStore, PixelSource
 from .workers import run_workers
 
 
@@ -28,11 +30,12 @@ class ReadSettings:
 
 
 async def run(
-    receive: ObjectReceiveStream[PatchPlan],
-    send: ObjectSendStream[Any],
-    send_write: ObjectSendStream[Any],
+    receive: MemoryObjectReceiveStream[PatchPlan],
+    send: MemoryObjectSendStream[PatchBatch],
+    send_write: MemoryObjectSendStream[WriteItem],
     *,
-    backends: Any,
+    pixels: PixelSource,
+    outputs: OutputStore,
     settings: ReadSettings,
     limiter: anyio.CapacityLimiter,
     task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
@@ -41,59 +44,61 @@ async def run(
 
     `settings.slides_in_parallel` workers each read one slide at a time; the backend reader decodes tiles in its own
     threads, and each `next()` of its iterator runs in a worker thread under `limiter`. With `--save-images` the
-    PNGs are written here from the same decoded pixels. A slide whose pixels cannot be read sends a `SlideFailed` to
-    the writer (which drops its partial file) and the run goes on. Closes `send` and `send_write` when `receive` ends.
+    PNGs are written here from the same decoded pixels. Without encoders (`keep_pixels=False`) `send` is the writer's
+    stream and carries only row labels. A slide whose pixels cannot be read sends a `SlideFailed` to the writer
+    (which drops its partial file) and the run goes on; bugs propagate. The reader's own threads are stopped on
+    failure and cancellation. Closes `send` and `send_write` when `receive` ends.
     """
     task_status.started()
-    async with send_write:
 
-        async def worker(rx: ObjectReceiveStream[PatchPlan], tx: ObjectSendStream[Any] | None) -> None:
-            assert tx is not None
-            async with rx, tx, send_write.clone() as tx_w:  # type: ignore[attr-defined]
-                async for plan in rx:
-                    await _read_one(plan, tx, tx_w, backends, settings, limiter)
+    async def worker(rx: MemoryObjectReceiveStream[PatchPlan], tx: MemoryObjectSendStream[PatchBatch],
+                     tx_w: MemoryObjectSendStream[WriteItem]) -> None:
+        async with rx, tx, tx_w:
+            async for plan in rx:
+                failure = await _read_one(plan, tx, pixels, outputs, settings, limiter)
+                if failure is not None:
+                    await tx_w.send(failure)
 
-        await run_workers(settings.slides_in_parallel, receive, send, worker)
+    await run_workers(settings.slides_in_parallel, receive, send, worker, send_write)
 
 
-async def _read_one(
-    plan: PatchPlan,
-    send: ObjectSendStream[Any],
-    send_write: ObjectSendStream[Any],
-    backends: Any,
-    settings: ReadSettings,
-    limiter: anyio.CapacityLimiter,
-) -> None:
+async def _read_one(plan: PatchPlan, send: MemoryObjectSendStream[PatchBatch], pixels: PixelSource,
+                    outputs: OutputStore, settings: ReadSettings, limiter: anyio.CapacityLimiter) -> SlideFailed | None:
+    """Send every chunk of one slide; a `SlideFailed` when its pixels cannot be read."""
     job = plan.slide.job
-    iterator: Any = None
+    iterator: Iterator[tuple[Any, Any]] | None = None
     try:
-        iterator = await anyio.to_thread.run_sync(
-            backends.iter_patches, plan, settings.patch_size, settings.chunk, settings.reader_threads, limiter=limiter
+        iterator = chunks = await anyio.to_thread.run_sync(
+            pixels.iter_patches, plan, settings.patch_size, settings.chunk, settings.reader_threads, limiter=limiter
         )
         sent = 0
+        needed = frozenset(plan.slide.reuse.missing) if plan.slide.reuse is not None else None
         while True:
             started = time.perf_counter()
-            chunk = await anyio.to_thread.run_sync(next, iterator, None, limiter=limiter)
+            chunk = await anyio.to_thread.run_sync(_next, chunks, limiter=limiter)
             if chunk is None:
                 break
-            rows, pixels = chunk
+            rows, px = chunk
             sent += int(rows.shape[0])
             if settings.save_images:
-                await anyio.to_thread.run_sync(backends.save_images, plan, rows, pixels, limiter=limiter)
-            elapsed = time.perf_counter() - started
-            reuse = plan.slide.reuse
-            needed = frozenset(reuse.missing) if reuse is not None else None
-            kept = pixels if settings.keep_pixels else None
-            await send.send(slide_chunk(job.slide_id, rows, kept, elapsed, needed))
+                await anyio.to_thread.run_sync(outputs.save_images, plan, rows, px, limiter=limiter)
+            kept = px if settings.keep_pixels else None
+            await send.send(slide_chunk(job.slide_id, rows, kept, time.perf_counter() - started, needed))
         if sent != plan.num_patches:
             # A short reader would leave the slide open (and its slot taken) until the run ends: fail it now.
             raise SlideError(f"reader returned {sent} of {plan.num_patches} patches", slide=job.name)
-    except SlideError as exc:
-        await send_write.send(SlideFailed(job, "read", exc.one_line() if exc.slide else f"{job.name}: {exc.one_line()}"))
-    except Exception as exc:  # noqa: BLE001 - a foreign per-slide failure becomes a record
-        await send_write.send(SlideFailed(job, "read", f"{job.name}: {describe(exc)}"))
+    except Exception as exc:  # a foreign per-slide failure becomes a record; bugs stop the run
+        if is_bug(exc):
+            raise
+        return SlideFailed(job, "read", failure_message(job.name, exc))
     finally:
         close = getattr(iterator, "close", None)
         if close is not None:  # stop the reader's own decode threads, also on cancellation
             with anyio.CancelScope(shield=True):
-                await anyio.to_thread.run_sync(close)
+                await anyio.to_thread.run_sync(close, limiter=limiter)
+    return None
+
+
+def _next(iterator: Iterator[tuple[Any, Any]]) -> tuple[Any, Any] | None:
+    """The reader's next chunk, or None at its end."""
+    return next(iterator, None)

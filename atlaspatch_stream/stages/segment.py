@@ -3,22 +3,22 @@
 from __future__ import annotations
 
 import time
-from typing import Any
 
 import anyio
-from anyio.abc import ObjectReceiveStream, ObjectSendStream
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from ..errors import describe
 from ..items import Thumbnail, TissueMask
+from ..protocols import Segmenter
 from .book import SlideBook
 
 
 async def run(
-    receive: ObjectReceiveStream[Thumbnail],
-    send: ObjectSendStream[TissueMask],
+    receive: MemoryObjectReceiveStream[Thumbnail],
+    send: MemoryObjectSendStream[TissueMask],
     *,
     book: SlideBook,
-    segmenter: Any,
+    segmenter: Segmenter,
     batch_size: int,
     limiter: anyio.CapacityLimiter,
     task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
@@ -28,8 +28,9 @@ async def run(
     Loads the segmenter (weights, device) before reporting ready, so missing weights fail before any slide opens.
     Gathers up to `batch_size` thumbnails (whatever is queued once the first arrives: the next batch fills while the
     current one runs) and segments them in one call in a worker thread under `limiter`. Items without an image
-    (reused slides) pass through with no mask. A thumbnail whose segmentation fails fails alone. Closes `send` when
-    `receive` ends; one worker (the device is the bottleneck).
+    (reused slides) pass through with no mask. A thumbnail whose segmentation fails fails alone; an exception raised
+    by the segmenter itself (a broken device, a bug) propagates and stops the run. Closes `send` when `receive` ends;
+    one worker (the device is the bottleneck).
     """
     await anyio.to_thread.run_sync(segmenter.warm_up, limiter=limiter)
     task_status.started()
@@ -41,26 +42,27 @@ async def run(
                     await send.send(item)
     finally:
         with anyio.CancelScope(shield=True):
-            await anyio.to_thread.run_sync(segmenter.close)
+            await anyio.to_thread.run_sync(segmenter.close, limiter=limiter)
 
 
-def _drain(receive: ObjectReceiveStream[Thumbnail], n: int) -> list[Thumbnail]:
+def _drain(receive: MemoryObjectReceiveStream[Thumbnail], n: int) -> list[Thumbnail]:
     """Up to `n` items already waiting, without blocking."""
     items: list[Thumbnail] = []
     while len(items) < n:
         try:
-            items.append(receive.receive_nowait())  # type: ignore[attr-defined]
+            items.append(receive.receive_nowait())
         except (anyio.WouldBlock, anyio.EndOfStream):
             break
     return items
 
 
 async def _segment(
-    batch: list[Thumbnail], book: SlideBook, segmenter: Any, limiter: anyio.CapacityLimiter
+    batch: list[Thumbnail], book: SlideBook, segmenter: Segmenter, limiter: anyio.CapacityLimiter
 ) -> list[TissueMask]:
     todo = [t for t in batch if t.image is not None]
     started = time.perf_counter()
-    masks = await anyio.to_thread.run_sync(segmenter.segment, [t.image for t in todo], limiter=limiter) if todo else []
+    images = [t.image for t in todo if t.image is not None]
+    masks = await anyio.to_thread.run_sync(segmenter.segment, images, limiter=limiter) if todo else []
     share = (time.perf_counter() - started) / max(1, len(todo))
     by_id = {t.slide.job.slide_id: m for t, m in zip(todo, masks, strict=True)}
     out: list[TissueMask] = []

@@ -2,41 +2,44 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Coroutine
-from typing import Any
+from collections.abc import Callable, Coroutine, Sequence
+from contextlib import AsyncExitStack
+from typing import Any, TypeVar
 
 import anyio
-from anyio.abc import ObjectReceiveStream, ObjectSendStream
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+T = TypeVar("T")
 
 
 async def run_workers(
     n: int,
-    receive: ObjectReceiveStream[Any],
-    send: ObjectSendStream[Any] | None,
-    worker: Callable[[Any, Any], Coroutine[Any, Any, None]],
+    receive: MemoryObjectReceiveStream[T],
+    send: MemoryObjectSendStream[Any] | None,
+    worker: Callable[..., Coroutine[Any, Any, None]],
+    *more: MemoryObjectSendStream[Any] | None,
 ) -> None:
-    """Run `n` copies of `worker`, each with clones of the stream ends; closes the originals on exit.
+    """Run `n` copies of `worker(rx, tx, *more_tx)`, each with its own clones; close the originals on exit.
 
-    End-of-stream flows downstream once every clone of `send` is closed; a closed consumer flows upstream.
+    A `None` output stays `None` for every worker. End-of-stream flows downstream once every clone of a send end is
+    closed; a closed consumer flows upstream.
     """
-    async with receive, optional(send), anyio.create_task_group() as tg:
-        for _ in range(n):
-            tg.start_soon(worker, receive.clone(), send.clone() if send is not None else None)  # type: ignore[attr-defined]
+    sends = (send, *more)
+    async with AsyncExitStack() as stack:
+        await stack.enter_async_context(receive)
+        for stream in sends:
+            if stream is not None:
+                await stack.enter_async_context(stream)
+        async with anyio.create_task_group() as tg:
+            for _ in range(n):
+                clones = [s.clone() if s is not None else None for s in sends]
+                tg.start_soon(worker, receive.clone(), *clones)
 
 
-class _Null:
-    async def __aenter__(self) -> None:
-        return None
-
-    async def __aexit__(self, *exc: object) -> None:
-        return None
-
-
-def optional(stream: Any) -> Any:
-    """`stream` as a context manager that closes it, or a no-op context when there is no stream."""
-    return stream if stream is not None else _Null()
-
-
-def optional_clone(stream: Any) -> Any:
-    """A clone of `stream`, or a no-op context (yielding None) when there is no stream."""
-    return stream.clone() if stream is not None else _Null()
+def closing(streams: Sequence[MemoryObjectSendStream[Any] | None]) -> AsyncExitStack:
+    """An exit stack that closes every given send end (None skipped) when the block ends."""
+    stack = AsyncExitStack()
+    for stream in streams:
+        if stream is not None:
+            stack.push_async_callback(stream.aclose)
+    return stack

@@ -2,28 +2,32 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import anyio
-from anyio.abc import ObjectReceiveStream
+from anyio.streams.memory import MemoryObjectReceiveStream
 
 from ..batching import RowTally, split_by_slide
-from ..errors import SlideError, describe
-from ..items import FeatureBatch, PatchBatch, PatchPlan, SlideFailed, Status
+from ..errors import failure_message, is_bug
+from ..items import FeatureBatch, PatchBatch, PatchPlan, SlideJob, Status, WriteItem
+from ..protocols import OutputStore, Store
 from .book import SlideBook
+
+if TYPE_CHECKING:
+    import numpy as np
 
 
 @dataclass
 class _Open:
     plan: PatchPlan
-    store: Any
+    store: Store
     names: tuple[str, ...]
     tally: RowTally | None = None  # set when rows are counted without features (--save-images, no encoder)
 
     @property
-    def job(self) -> Any:
+    def job(self) -> SlideJob:
         return self.plan.slide.job
 
 
@@ -32,15 +36,26 @@ class WriteSettings:
     """What `write` needs: which feature sets each slide gets and whether rows are counted without features."""
 
     encoders: tuple[str, ...]
-    dims: dict[str, int]
+    dims: Mapping[str, int]
     count_rows: bool  # pixels are read (e.g. --save-images) but no encoder runs: finish when all rows were read
 
 
+@dataclass
+class _Writer:
+    """The writer's state: every open file, keyed by slide id."""
+
+    book: SlideBook
+    outputs: OutputStore
+    settings: WriteSettings
+    limiter: anyio.CapacityLimiter
+    files: dict[int, _Open] = field(default_factory=dict)
+
+
 async def run(
-    receive: ObjectReceiveStream[Any],
+    receive: MemoryObjectReceiveStream[WriteItem],
     *,
     book: SlideBook,
-    backends: Any,
+    outputs: OutputStore,
     settings: WriteSettings,
     limiter: anyio.CapacityLimiter,
     task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
@@ -50,81 +65,80 @@ async def run(
     A PatchPlan opens the slide's file (a temporary file with coords, or an existing file for reuse); feature rows
     are placed by (slide_id, row) whatever their arrival order; when every row of every feature set is written the
     sets are renamed, the file is moved into place and the slide finishes. A SlideFailed (or a write error) drops the
-    partial output. H5 calls run in a worker thread under `limiter` (capacity 1). On cancellation every open file is
-    aborted under a shielded scope, so no file ever looks complete unless it is.
+    partial output. Every H5 call runs in a worker thread under `limiter` (capacity 1). On cancellation every open
+    file is aborted under a shielded scope, so no file ever looks complete unless it is.
     """
     task_status.started()
-    open_: dict[int, _Open] = {}
+    writer = _Writer(book, outputs, settings, limiter)
     try:
         async with receive:
             async for item in receive:
-                await _dispatch(item, open_, book, backends, settings, limiter)
-        for entry in list(open_.values()):
-            await _fail(entry, open_, book, limiter, "write", "pipeline ended before all rows arrived")
+                await _dispatch(item, writer)
+        for entry in list(writer.files.values()):
+            await _fail(entry, writer, "write", f"{entry.job.name}: pipeline ended before all rows arrived")
     finally:
         with anyio.CancelScope(shield=True):
-            for entry in list(open_.values()):
-                await anyio.to_thread.run_sync(entry.store.abort)
+            for entry in list(writer.files.values()):
+                await anyio.to_thread.run_sync(entry.store.abort, limiter=limiter)
 
 
-async def _dispatch(
-    item: Any, open_: dict[int, _Open], book: SlideBook, backends: Any, settings: WriteSettings,
-    limiter: anyio.CapacityLimiter,
-) -> None:
+async def _dispatch(item: WriteItem, writer: _Writer) -> None:
     if isinstance(item, PatchPlan):
-        await _open(item, open_, book, backends, settings, limiter)
+        await _open(item, writer)
     elif isinstance(item, FeatureBatch | PatchBatch):
-        await _rows(item, open_, book, settings, limiter)
-    elif isinstance(item, SlideFailed):
-        entry = open_.get(item.job.slide_id)
+        await _rows(item, writer)
+    else:
+        entry = writer.files.get(item.job.slide_id)
         if entry is not None:
-            await _fail(entry, open_, book, limiter, item.stage, item.message)
+            await _fail(entry, writer, item.stage, item.message)
         else:
-            await book.fail(item.job, item.stage, item.message)
-    else:  # pragma: no cover - a wiring bug
-        raise TypeError(f"writer got {type(item).__name__}")
+            await writer.book.fail(item.job, item.stage, item.message)
 
 
-async def _open(
-    plan: PatchPlan, open_: dict[int, _Open], book: SlideBook, backends: Any, settings: WriteSettings,
-    limiter: anyio.CapacityLimiter,
-) -> None:
+async def _open(plan: PatchPlan, writer: _Writer) -> None:
     job = plan.slide.job
     reuse = plan.slide.reuse
-    names = reuse.missing if reuse is not None else settings.encoders
+    names = reuse.missing if reuse is not None else writer.settings.encoders
     try:
-        store = await anyio.to_thread.run_sync(backends.open_store, plan, limiter=limiter)
-    except Exception as exc:  # noqa: BLE001 - e.g. disk full: this slide fails, the run goes on
-        await book.fail(job, "write", f"{job.name}: cannot write output: {describe(exc)}")
+        store = await anyio.to_thread.run_sync(writer.outputs.open_store, plan, limiter=writer.limiter)
+    except Exception as exc:  # e.g. disk full: this slide fails, the run goes on
+        if is_bug(exc):
+            raise
+        await writer.book.fail(job, "write", failure_message(job.name, exc))
         return
-    tally = RowTally(plan.num_patches) if settings.count_rows and not names else None
+    tally = RowTally(plan.num_patches) if writer.settings.count_rows and not names else None
     entry = _Open(plan, store, tuple(names), tally)
-    open_[job.slide_id] = entry
+    writer.files[job.slide_id] = entry
     if plan.num_patches == 0:
-        for name in names:
-            await anyio.to_thread.run_sync(store.begin_feature, name, settings.dims[name], limiter=limiter)
-    await _maybe_finish(entry, open_, book, limiter)
+        try:
+            for name in names:
+                await anyio.to_thread.run_sync(store.begin_feature, name, writer.settings.dims[name],
+                                               limiter=writer.limiter)
+        except Exception as exc:
+            if is_bug(exc):
+                raise
+            await _fail(entry, writer, "write", failure_message(job.name, exc))
+            return
+    await _maybe_finish(entry, writer)
 
 
-async def _rows(
-    batch: FeatureBatch | PatchBatch, open_: dict[int, _Open], book: SlideBook, settings: WriteSettings,
-    limiter: anyio.CapacityLimiter,
-) -> None:
+async def _rows(batch: FeatureBatch | PatchBatch, writer: _Writer) -> None:
     for slide_id, sel, share in split_by_slide(batch.slide_ids):
-        entry = open_.get(slide_id)
+        entry = writer.files.get(slide_id)
         if entry is None:
             continue  # rows of a slide that already failed
-        _account(entry, book, batch, share)
+        _account(entry, writer.book, batch, share)
         try:
             if isinstance(batch, FeatureBatch):
-                await anyio.to_thread.run_sync(_write_features, entry, batch, sel, limiter=limiter)
+                await anyio.to_thread.run_sync(_write_features, entry, batch, sel, limiter=writer.limiter)
             elif entry.tally is not None:
                 entry.tally.mark(batch.rows[sel])
-        except Exception as exc:  # noqa: BLE001
-            message = exc.one_line() if isinstance(exc, SlideError) else describe(exc)
-            await _fail(entry, open_, book, limiter, "write", f"{entry.job.name}: {message}")
+        except Exception as exc:
+            if is_bug(exc):
+                raise
+            await _fail(entry, writer, "write", failure_message(entry.job.name, exc))
             continue
-        await _maybe_finish(entry, open_, book, limiter)
+        await _maybe_finish(entry, writer)
 
 
 def _account(entry: _Open, book: SlideBook, batch: FeatureBatch | PatchBatch, share: float) -> None:
@@ -133,7 +147,7 @@ def _account(entry: _Open, book: SlideBook, batch: FeatureBatch | PatchBatch, sh
         book.time(entry.job, "encode", batch.encode_seconds * share)
 
 
-def _write_features(entry: _Open, batch: FeatureBatch, sel: Any) -> None:
+def _write_features(entry: _Open, batch: FeatureBatch, sel: np.ndarray) -> None:
     rows = batch.rows[sel]
     for name in entry.names:
         values = batch.features[name][sel]
@@ -148,31 +162,27 @@ def _complete(entry: _Open) -> bool:
     return all(entry.store.has_feature(n) for n in entry.names) and entry.store.complete()
 
 
-async def _maybe_finish(entry: _Open, open_: dict[int, _Open], book: SlideBook, limiter: anyio.CapacityLimiter) -> None:
+async def _maybe_finish(entry: _Open, writer: _Writer) -> None:
     if not _complete(entry):
         return
     job = entry.job
-    open_.pop(job.slide_id, None)
+    writer.files.pop(job.slide_id, None)
     try:
         with anyio.CancelScope(shield=True):
-            path = await anyio.to_thread.run_sync(entry.store.finalize, limiter=limiter)
-    except Exception as exc:  # noqa: BLE001
-        await anyio.to_thread.run_sync(entry.store.abort)
-        await book.fail(job, "write", f"{job.name}: cannot finalize output: {describe(exc)}")
+            path = await anyio.to_thread.run_sync(entry.store.finalize, limiter=writer.limiter)
+    except Exception as exc:
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(entry.store.abort, limiter=writer.limiter)
+        if is_bug(exc):
+            raise
+        await writer.book.fail(job, "write", failure_message(job.name, exc))
         return
     status: Status = "reused" if entry.plan.slide.reuse is not None else "done"
-    await book.finish(job, status, h5_path=path, num_patches=entry.plan.num_patches, features=entry.names)
+    await writer.book.finish(job, status, h5_path=path, num_patches=entry.plan.num_patches, features=entry.names)
 
 
-async def _fail(
-    entry: _Open, open_: dict[int, _Open], book: SlideBook, limiter: anyio.CapacityLimiter, stage: str, message: str
-) -> None:
-    open_.pop(entry.job.slide_id, None)
+async def _fail(entry: _Open, writer: _Writer, stage: str, message: str) -> None:
+    writer.files.pop(entry.job.slide_id, None)
     with anyio.CancelScope(shield=True):
-        await anyio.to_thread.run_sync(entry.store.abort, limiter=limiter)
-    await book.fail(entry.job, stage, message)
-
-
-def feature_dims(encoders: Sequence[Any]) -> dict[str, int]:
-    """Declared widths, used only for (0, D) datasets of slides without patches (upstream §2.4)."""
-    return {e.name: int(e.dim) for e in encoders}
+        await anyio.to_thread.run_sync(entry.store.abort, limiter=writer.limiter)
+    await writer.book.fail(entry.job, stage, message)

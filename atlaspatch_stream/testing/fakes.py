@@ -1,8 +1,9 @@
 """Fake backends for stage and pipeline tests: no slides, no models, controllable delays and failures.
 
-`FakeBackends` keeps the real ledger and H5 store (real files) and replaces slide access, segmentation, pixel
-reading and encoders with small deterministic stand-ins, so tests can exercise end-of-stream, cancellation,
-backpressure and per-slide failures quickly.
+Each fake implements one Protocol of `atlaspatch_stream.protocols`; `FakeBackends` composes them with the real H5
+output store (real lock files, real HDF5 files), so tests exercise end-of-stream, cancellation, backpressure and
+per-slide failures quickly against real outputs. Tests replace a single part (e.g. `backends.pixels = ...`) to inject
+a specific failure.
 """
 
 from __future__ import annotations
@@ -12,14 +13,16 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-from ..backends.bundle import Backends
+from ..backends.bundle import H5Outputs, LatticePlanner, SettingsRecord, slide_attrs
+from ..backends.encoders.group import EncoderGroup
 from ..config import PipelineConfig
 from ..errors import SlideError
+from ..geometry import plan_geometry
 from ..items import OpenedSlide, PatchPlan, SlideInfo, SlideJob
+from ..protocols import SlideHandle
 
 
 @dataclass
@@ -49,7 +52,7 @@ class FakeHandle:
 
 @dataclass
 class FakeSegmenter:
-    """Everything is tissue; `fail` names slides (by thumbnail index order) to fail."""
+    """Everything is tissue, after `delay` seconds per batch; records batch sizes."""
 
     name: str = "fake"
     weights_sha256: str | None = None
@@ -91,8 +94,75 @@ class FakeEncoder:
         """Nothing to free."""
 
 
-class FakeBackends(Backends):
-    """Real ledger and H5 store; fake slides, segmenter, reader and encoders.
+class FakeSlides:
+    """Fake slide access (`SlideSource`): 4096² at 40×; stems in `fail_open` fail to open; counts open handles."""
+
+    def __init__(self, fail_open: Sequence[str] = ()) -> None:
+        self.fail_open = set(fail_open)
+        self.opened: list[FakeHandle] = []
+        self.max_open_seen = 0
+        self._lock = threading.Lock()
+
+    def open_slide(self, job: SlideJob) -> SlideHandle:
+        """A fake handle, or SlideError for stems in `fail_open`."""
+        if job.stem in self.fail_open:
+            raise SlideError("cannot open: injected failure", slide=job.name)
+        info = SlideInfo(str(job.path), "fake", 4096, 4096, ((4096, 4096),), (1.0,), 0.25, 40)
+        handle = FakeHandle(info)
+        with self._lock:
+            self.opened.append(handle)
+            self.max_open_seen = max(self.max_open_seen, sum(not h.closed for h in self.opened))
+        return handle
+
+    def thumbnail(self, handle: SlideHandle) -> np.ndarray:
+        """The handle's small grey thumbnail."""
+        return handle.thumbnail(1.25, 1024, 1)
+
+
+class FakePlanner(LatticePlanner):
+    """`patches_per_slide` patches in a row (0 for stems containing 'empty'), with real output attributes.
+
+    Overlays (`detect_overlays`) are the real ones, drawn on the fake handle's thumbnail.
+    """
+
+    def __init__(self, config: PipelineConfig, settings: SettingsRecord, patches_per_slide: int) -> None:
+        super().__init__(config, settings)
+        self.patches_per_slide = patches_per_slide
+
+    def plan(self, slide: OpenedSlide, mask: np.ndarray) -> PatchPlan:
+        """A single row of patches along y=0."""
+        cfg = self.config.plan
+        n = 0 if "empty" in slide.job.stem else self.patches_per_slide
+        geometry = plan_geometry(40, cfg.target_mag, cfg.patch_size, cfg.step, (1.0,))
+        xs = np.arange(n, dtype=np.int32) * geometry.ps_src
+        coords = np.stack([xs, np.zeros(n, np.int32), *[np.full(n, v, np.int32) for v in
+                           (geometry.read_size, geometry.read_size, 0)]], axis=1).reshape(n, 5)
+        return PatchPlan(slide, geometry, coords, slide_attrs(slide, geometry, self.settings))
+
+
+class FakePixels:
+    """Deterministic pixels from the handle (`PixelSource`); stems in `fail_read` fail half-way; optional delay."""
+
+    def __init__(self, fail_read: Sequence[str] = (), read_delay: float = 0.0) -> None:
+        self.fail_read = set(fail_read)
+        self.read_delay = read_delay
+
+    def iter_patches(self, plan: PatchPlan, patch_size: int, chunk: int, threads: int) -> Iterator[
+            tuple[np.ndarray, np.ndarray]]:
+        """Chunks of `chunk` rows, `read_delay` seconds each."""
+        handle, coords = plan.slide.handle, plan.coords
+        for start in range(0, len(coords), chunk):
+            if plan.slide.job.stem in self.fail_read and start >= len(coords) // 2:
+                raise SlideError("corrupt tile: injected failure", slide=plan.slide.job.name)
+            time.sleep(self.read_delay)
+            rows = np.arange(start, min(start + chunk, len(coords)), dtype=np.int64)
+            pixels = np.stack([handle.read_region(int(x), int(y), 0, patch_size, patch_size)
+                               for x, y in coords[rows, :2]])
+            yield rows, pixels
+
+
+class FakeBackends:
+    """Fake slides, segmenter, planner, reader and encoders around the real H5 output store.
 
     Args:
         config: the run's settings.
@@ -101,6 +171,7 @@ class FakeBackends(Backends):
         fail_read: slide stems whose pixel reading fails half-way.
         read_delay: seconds per chunk read (to make reading slow).
         encoder_delay: seconds per encoder call.
+        segment_delay: seconds per segmentation batch.
     """
 
     def __init__(
@@ -114,62 +185,29 @@ class FakeBackends(Backends):
         encoder_delay: float = 0.0,
         segment_delay: float = 0.0,
     ) -> None:
-        super().__init__(config)
-        self.patches_per_slide = patches_per_slide
-        self.fail_open = set(fail_open)
-        self.fail_read = set(fail_read)
-        self.read_delay = read_delay
+        self.config = config
+        self.settings = SettingsRecord(config, lambda: None)
+        self.slides = FakeSlides(fail_open)
+        self.planner = FakePlanner(config, self.settings, patches_per_slide)
+        self.pixels = FakePixels(fail_read, read_delay)
+        self.outputs = H5Outputs(config, self.settings)
         self.encoder_delay = encoder_delay
         self.segment_delay = segment_delay
-        self.opened: list[FakeHandle] = []
-        self.max_open_seen = 0
-        self._lock = threading.Lock()
+        self.segmenter: FakeSegmenter | None = None
+
+    @property
+    def opened(self) -> list[FakeHandle]:
+        """Every handle opened so far."""
+        return self.slides.opened
 
     def make_segmenter(self) -> FakeSegmenter:
         """An all-tissue segmenter."""
         self.segmenter = FakeSegmenter(delay=self.segment_delay)
         return self.segmenter
 
-    def make_encoders(self) -> list[Any]:
+    def make_encoders(self) -> EncoderGroup:
         """One fake encoder per requested name."""
-        return [FakeEncoder(name=n, delay=self.encoder_delay) for n in self.config.encode.extractors]
-
-    def open_slide(self, job: SlideJob) -> FakeHandle:
-        """A fake handle, or SlideError for stems in `fail_open`."""
-        if job.stem in self.fail_open:
-            raise SlideError("cannot open: injected failure", slide=job.name)
-        info = SlideInfo(str(job.path), "fake", 4096, 4096, ((4096, 4096),), (1.0,), 0.25, 40)
-        handle = FakeHandle(info)
-        with self._lock:
-            self.opened.append(handle)
-            self.max_open_seen = max(self.max_open_seen, sum(not h.closed for h in self.opened))
-        return handle
-
-    def plan(self, slide: OpenedSlide, mask: np.ndarray | None) -> PatchPlan:
-        """`patches_per_slide` patches in a row (0 for stems containing 'empty')."""
-        if slide.reuse is not None:
-            return super().plan(slide, mask)
-        from ..geometry import plan_geometry
-
-        n = 0 if "empty" in slide.job.stem else self.patches_per_slide
-        geometry = plan_geometry(40, self.config.plan.target_mag, self.config.plan.patch_size,
-                                 self.config.plan.step, (1.0,))
-        xs = np.arange(n, dtype=np.int32) * geometry.ps_src
-        coords = np.stack([xs, np.zeros(n, np.int32), *[np.full(n, v, np.int32) for v in
-                           (geometry.read_size, geometry.read_size, 0)]], axis=1).reshape(n, 5)
-        return PatchPlan(slide, geometry, coords, self._attrs(slide, geometry))
-
-    def iter_patches(self, plan: PatchPlan, patch_size: int, chunk: int, threads: int) -> Iterator[Any]:
-        """Chunks of deterministic pixels; fails half-way for stems in `fail_read`."""
-        handle, coords = plan.slide.handle, plan.coords
-        for start in range(0, len(coords), chunk):
-            if plan.slide.job.stem in self.fail_read and start >= len(coords) // 2:
-                raise SlideError("corrupt tile: injected failure", slide=plan.slide.job.name)
-            time.sleep(self.read_delay)
-            rows = np.arange(start, min(start + chunk, len(coords)), dtype=np.int64)
-            pixels = np.stack([handle.read_region(int(x), int(y), 0, patch_size, patch_size)
-                               for x, y in coords[rows, :2]])
-            yield rows, pixels
+        return EncoderGroup([FakeEncoder(name=n, delay=self.encoder_delay) for n in self.config.encode.extractors])
 
 
 def fake_jobs(folder: Path, stems: Sequence[str]) -> list[SlideJob]:

@@ -80,7 +80,7 @@ async def test_features_are_in_row_order(tmp_path: Path) -> None:
     """Each slide's feature rows match the patches read at its coords rows (placed by index, across batches)."""
     config = fake_config(tmp_path, ("a", "b"), chunk=3, batch=5)
     results = await _run(config, ["s0", "s1", "s2"], patches_per_slide=11)
-    handle = FakeBackends(config).open_slide(fake_jobs(tmp_path, ["x"])[0])
+    handle = FakeBackends(config).slides.open_slide(fake_jobs(tmp_path, ["x"])[0])
     for r in results.values():
         with h5py.File(r.h5_path, "r") as f:  # type: ignore[arg-type]
             coords = f["coords"][...]
@@ -164,7 +164,7 @@ async def test_backpressure_bounds_open_slides_and_queues(tmp_path: Path) -> Non
                 results = [r async for r in pipeline.results()]
     assert len(results) == 8 and all(r.status == "done" for r in results)
     assert peak_flight == 2  # the bound was reached (so the test means something) and never exceeded
-    assert backends.max_open_seen <= 2
+    assert backends.slides.max_open_seen <= 2
     assert peak_used >= 1
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from atlaspatch_stream import outputs
-from atlaspatch_stream.backends.bundle import Backends
+from atlaspatch_stream.backends.bundle import RealBackends
 from atlaspatch_stream.backends.h5store import SlideH5, inspect_h5
 from atlaspatch_stream.config import PipelineConfig, PlanConfig, WriteConfig
 from atlaspatch_stream.outputs import SlideAttrs
@@ -30,7 +30,7 @@ def test_paths_follow_upstream_layout(tmp_path: Path) -> None:
 
 
 def _wanted(config: PipelineConfig) -> dict[str, object]:
-    return Backends(config).settings_attrs()
+    return RealBackends(config).settings.attrs()
 
 
 def _our_file(tmp_path: Path, config: PipelineConfig, n: int, features: dict[str, int]) -> Path:

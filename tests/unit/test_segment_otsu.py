@@ -6,9 +6,9 @@ import cv2
 import numpy as np
 import pytest
 
-from atlaspatch_stream.backends.base import Segmenter
 from atlaspatch_stream.backends.segment_otsu import OtsuSegmenter, otsu_tissue_mask
 from atlaspatch_stream.errors import ConfigError, SlideError
+from atlaspatch_stream.protocols import Segmenter
 from tests.conftest import real_slide
 
 

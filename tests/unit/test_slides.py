@@ -15,10 +15,10 @@ import tifffile
 import tiffslide
 from PIL import Image
 
-from atlaspatch_stream.backends.base import SlideHandle
 from atlaspatch_stream.backends.slides import SUPPORTED_EXTENSIONS, open_slide
 from atlaspatch_stream.errors import SlideError
 from atlaspatch_stream.geometry import optimal_level
+from atlaspatch_stream.protocols import SlideHandle
 from atlaspatch_stream.testing import draw_tissue, write_image, write_synthetic_slide
 from tests.conftest import real_slide
 

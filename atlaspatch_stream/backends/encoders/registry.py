@@ -175,7 +175,7 @@ class EncoderRegistry:
             self._resolved[key] = resolve_weights(spec, self._weights.get(key))
 
     def create(self, name: str) -> Any:
-        """A loaded encoder on the device, warmed up (implements `backends.base.Encoder`)."""
+        """A loaded encoder on the device, warmed up (implements `protocols.Encoder`)."""
         key = name.lower()
         if key in self._builders:
             return _adapt(self._builders[key]())

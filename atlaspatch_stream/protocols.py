@@ -1,0 +1,267 @@
+"""The contract between stages and backends: one Protocol per kind of backend, and the `Backends` bundle.
+
+Stages call these blocking methods in worker threads, each under a limiter of the pipeline's own. The real
+implementations live in `backends/` (`backends.bundle.RealBackends`); `testing.fakes` implements the same Protocols
+with small deterministic stand-ins. This module is part of the pure core: it imports no backend module.
+
+Errors: a problem confined to one slide is raised as `SlideError` with its `slide` set; an output I/O failure as
+`OutputError`; anything of `errors.BUG_TYPES` is a bug and stops the run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from .items import OpenedSlide, PatchPlan, SlideInfo, SlideJob
+    from .outputs import ReuseDecision
+
+
+@runtime_checkable
+class SlideHandle(Protocol):
+    """An open slide. Methods are blocking and may be called from several threads at once."""
+
+    info: SlideInfo
+
+    def read_region(self, x: int, y: int, level: int, width: int, height: int) -> np.ndarray:
+        """RGB uint8 (height, width, 3) of a region whose top-left is (x, y) in level-0 pixels.
+
+        Pixels equal the library's `read_region(...).convert("RGB")`: outside the slide and transparent -> black.
+        Raises SlideError on a corrupt tile.
+        """
+        ...
+
+    def thumbnail(self, power: float, max_size: int, budget_mb: int) -> np.ndarray:
+        """Upstream's segmentation thumbnail (§3.2 steps 1-6), RGB uint8, without holding more than `budget_mb`."""
+        ...
+
+    def overlay_thumbnail(self, max_size: int = 1024) -> np.ndarray:
+        """An aspect-preserving thumbnail on a white background (OpenSlide `get_thumbnail`), for overlays."""
+        ...
+
+    def close(self) -> None:
+        """Release file handles."""
+        ...
+
+
+class Segmenter(Protocol):
+    """A tissue segmenter working on batches of thumbnails."""
+
+    name: str
+    weights_sha256: str | None
+
+    def warm_up(self) -> None:
+        """Load models and check weights (before the stage reports ready)."""
+        ...
+
+    def segment(self, thumbnails: Sequence[np.ndarray]) -> list[np.ndarray | Exception]:
+        """One bool mask (h, w) per RGB thumbnail (h, w, 3); a per-image failure is returned, not raised."""
+        ...
+
+    def close(self) -> None:
+        """Free device memory."""
+        ...
+
+
+class TileDecoder(Protocol):
+    """Turns the raw bytes of one tile into RGB uint8 pixels. Must be callable from several threads at once."""
+
+    def decode(self, raw: bytes, page_meta: Any) -> np.ndarray:
+        """Decode `raw` (one tile of the level `page_meta` describes, a `backends.tiles.TilePageMeta`) to uint8.
+
+        The result is (h, w, 3): the tile size, or at least the part of the tile inside the level for an edge tile
+        that was stored cropped. Raises any exception on corrupt data; the caller translates it.
+        """
+        ...
+
+
+class PatchReader(Protocol):
+    """Reads the pixels of planned patches, resized to `patch_size` as upstream does (cv2 INTER_LINEAR)."""
+
+    def iter_patches(
+        self, handle: SlideHandle, coords: np.ndarray, patch_size: int, chunk: int
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Yield (row indices int64 (b,), pixels uint8 (b, patch_size, patch_size, 3)) covering every row once."""
+        ...
+
+
+class Encoder(Protocol):
+    """A loaded patch encoder ready to run on decoded batches."""
+
+    name: str
+    dim: int
+
+    def warm_up(self) -> None:
+        """Load weights, move to the device and run one dummy batch."""
+        ...
+
+    def encode(self, pixels: np.ndarray) -> np.ndarray:
+        """uint8 (B, P, P, 3) RGB -> float32 (B, dim), preprocessing done on the encoder's device."""
+        ...
+
+    def close(self) -> None:
+        """Free device memory."""
+        ...
+
+
+class EncoderSet(Protocol):
+    """Every requested encoder, run together on each decoded batch (each batch is decoded once for all)."""
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Encoder names, in the order requested."""
+        ...
+
+    @property
+    def dims(self) -> Mapping[str, int]:
+        """Declared output width of each encoder (for the (0, D) datasets of slides without patches)."""
+        ...
+
+    def warm_up(self) -> None:
+        """Load every model (weights, device, one dummy batch)."""
+        ...
+
+    def encode(self, pixels: np.ndarray, names: frozenset[str] | None) -> dict[str, np.ndarray]:
+        """float32 (B, D) per encoder in `names` (None: all) for uint8 (B, P, P, 3) pixels."""
+        ...
+
+    def close(self) -> None:
+        """Free device memory."""
+        ...
+
+
+class Lock(Protocol):
+    """A held per-slide lock; `release()` is idempotent."""
+
+    def release(self) -> None:
+        """Give the lock up."""
+        ...
+
+
+class Store(Protocol):
+    """One slide's output file being written: feature rows land by index; nothing looks complete until finalized."""
+
+    def begin_feature(self, name: str, dim: int) -> None:
+        """Open a temporary feature set of N rows and width `dim`."""
+        ...
+
+    def has_feature(self, name: str) -> bool:
+        """Whether a temporary feature set is open for `name`."""
+        ...
+
+    def write_rows(self, name: str, rows: np.ndarray, values: np.ndarray) -> None:
+        """Place `values` (b, D) at `rows`, whatever their order."""
+        ...
+
+    def complete(self) -> bool:
+        """True when every open feature set has all its rows."""
+        ...
+
+    def finalize(self) -> Path:
+        """Make the output final (rename sets and file into place) and return its path."""
+        ...
+
+    def abort(self) -> None:
+        """Drop everything not yet final (never raises)."""
+        ...
+
+
+class SlideSource(Protocol):
+    """Opens slides and builds their segmentation thumbnails."""
+
+    def open_slide(self, job: SlideJob) -> SlideHandle:
+        """Open the slide of `job` (SlideError on failure)."""
+        ...
+
+    def thumbnail(self, handle: SlideHandle) -> np.ndarray:
+        """The segmentation thumbnail (upstream §3.2), with bounded memory."""
+        ...
+
+
+class Planner(Protocol):
+    """Turns a new slide's tissue mask into patch coordinates (and overlays)."""
+
+    def plan(self, slide: OpenedSlide, mask: np.ndarray) -> PatchPlan:
+        """Coordinates of every patch of a new slide, with the attributes of its output file."""
+        ...
+
+    def detect_overlays(self, slide: OpenedSlide, mask: np.ndarray) -> list[Path]:
+        """`detect-tissue`: write the mask overlays and return their paths."""
+        ...
+
+
+class PixelSource(Protocol):
+    """Reads the pixels of a slide's planned patches, each tile read and decoded once."""
+
+    def iter_patches(self, plan: PatchPlan, patch_size: int, chunk: int, threads: int) -> Iterator[
+            tuple[np.ndarray, np.ndarray]]:
+        """Chunks (rows int64 (b,), pixels uint8 (b, P, P, 3)) covering every planned row once."""
+        ...
+
+
+class OutputStore(Protocol):
+    """Everything a slide leaves on the output filesystem: lock, reuse decision, H5 file, patch images."""
+
+    def h5_path(self, job: SlideJob) -> Path:
+        """The slide's final H5 path."""
+        ...
+
+    def lock_path(self, job: SlideJob) -> Path:
+        """The slide's lock file."""
+        ...
+
+    def acquire_lock(self, job: SlideJob) -> Lock | None:
+        """Take the slide's lock, or None when a live process holds it."""
+        ...
+
+    def reuse_decision(self, job: SlideJob, encoders: Sequence[str]) -> ReuseDecision:
+        """Skip, reuse, refuse or process anew, judged from the existing output file (if any)."""
+        ...
+
+    def read_coords(self, path: Path) -> np.ndarray:
+        """The `coords` of a complete output file, int32 (N, 5)."""
+        ...
+
+    def open_store(self, plan: PatchPlan) -> Store:
+        """A new temporary output with coords (new slide), or the existing file (reuse)."""
+        ...
+
+    def save_images(self, plan: PatchPlan, rows: np.ndarray, pixels: np.ndarray) -> None:
+        """`--save-images`: one PNG per patch, written atomically."""
+        ...
+
+
+class Backends(Protocol):
+    """The blocking work of every stage, in parts; `open_pipeline(backends=...)` takes any implementation."""
+
+    @property
+    def slides(self) -> SlideSource:
+        """Slide access."""
+        ...
+
+    @property
+    def planner(self) -> Planner:
+        """Coordinates and overlays."""
+        ...
+
+    @property
+    def pixels(self) -> PixelSource:
+        """Patch pixels."""
+        ...
+
+    @property
+    def outputs(self) -> OutputStore:
+        """Locks, reuse and output files."""
+        ...
+
+    def make_segmenter(self) -> Segmenter:
+        """The configured tissue segmenter (not yet warmed up)."""
+        ...
+
+    def make_encoders(self) -> EncoderSet:
+        """Every requested encoder, weights resolved (errors before any slide), not yet warmed up."""
+        ...
