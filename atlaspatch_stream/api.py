@@ -31,7 +31,6 @@ handler, never exits the process, and runs blocking work only on limiters of its
 from __future__ import annotations
 
 import dataclasses
-import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
@@ -46,9 +45,6 @@ from .items import SlideJob, SlideResult
 from .pipeline import Mode, Pipeline, running
 from .protocols import Backends
 from .report import RunReport, RunStatus
-
-if sys.version_info < (3, 11):  # pragma: no cover
-    from exceptiongroup import BaseExceptionGroup  # anyio depends on it there
 
 
 def default_mode(config: PipelineConfig) -> Mode:
@@ -101,8 +97,6 @@ async def _open(config: PipelineConfig, mode: Mode | None, backends: Backends | 
             await anyio.to_thread.run_sync(report.open, limiter=pipeline.limiters.io)
             yield pipeline
             status = "interrupted" if pipeline.book.stop_reason else "completed"
-    except BaseExceptionGroup as group:
-        raise single_error(group) from None
     except anyio.get_cancelled_exc_class():
         status = "interrupted"
         raise
@@ -120,30 +114,6 @@ async def _close_report(report: RunReport, pipeline: Pipeline | None, status: Ru
     for result in pipeline.cancelled:
         await anyio.to_thread.run_sync(report.slide, result, limiter=io)
     await anyio.to_thread.run_sync(report.end, pipeline.statistics(), status, pipeline.book.stop_reason, limiter=io)
-
-
-def single_error(group: BaseExceptionGroup) -> BaseException:
-    """The one real error inside nested task-group wrappers: cancellations and knock-on closures are dropped.
-
-    When several distinct errors happened at once, the first is returned (the others stay in its `__context__`
-    chain's group, for debugging).
-    """
-    leaves: list[BaseException] = []
-
-    def walk(exc: BaseException) -> None:
-        if isinstance(exc, BaseExceptionGroup):
-            for inner in exc.exceptions:
-                walk(inner)
-        else:
-            leaves.append(exc)
-
-    walk(group)
-    cancelled = anyio.get_cancelled_exc_class()
-    real = [e for e in leaves if not isinstance(e, cancelled | anyio.BrokenResourceError | anyio.ClosedResourceError)]
-    chosen = (real or leaves)[0]
-    if len(real) > 1:
-        chosen.__context__ = group
-    return chosen
 
 
 def make_jobs(paths: Iterable[Path], config: PipelineConfig, start_id: int = 0) -> list[SlideJob]:

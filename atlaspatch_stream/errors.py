@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import sys
+
+import anyio
+
+if sys.version_info < (3, 11):  # pragma: no cover
+    from exceptiongroup import BaseExceptionGroup  # anyio depends on it there
+
 
 class AtlasPatchError(Exception):
     """Base class of every error this package raises on purpose."""
@@ -16,7 +23,11 @@ class WeightsError(AtlasPatchError):
 
 
 class MissingExtraError(AtlasPatchError):
-    """An optional dependency needed by the requested feature is not installed."""
+    """An optional dependency needed by the requested feature is not installed (`extra` names the pip extra)."""
+
+    def __init__(self, message: str, *, extra: str | None = None) -> None:
+        super().__init__(message)
+        self.extra = extra
 
 
 class SlideError(AtlasPatchError):
@@ -69,3 +80,27 @@ def failure_message(name: str, exc: BaseException) -> str:
     if isinstance(exc, SlideError):
         return exc.one_line() if exc.slide else f"{name}: {exc.one_line()}"
     return f"{name}: {describe(exc)}"
+
+
+def single_error(group: BaseExceptionGroup) -> BaseException:
+    """The one real error inside nested task-group wrappers: cancellations and knock-on closures are dropped.
+
+    When several distinct errors happened at once, the first is returned (the others stay in its `__context__`
+    chain's group, for debugging).
+    """
+    leaves: list[BaseException] = []
+
+    def walk(exc: BaseException) -> None:
+        if isinstance(exc, BaseExceptionGroup):
+            for inner in exc.exceptions:
+                walk(inner)
+        else:
+            leaves.append(exc)
+
+    walk(group)
+    cancelled = anyio.get_cancelled_exc_class()
+    real = [e for e in leaves if not isinstance(e, cancelled | anyio.BrokenResourceError | anyio.ClosedResourceError)]
+    chosen = (real or leaves)[0]
+    if len(real) > 1:
+        chosen.__context__ = group
+    return chosen

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, fields
@@ -24,12 +25,15 @@ from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from .config import PipelineConfig
-from .errors import PipelineClosed, PipelineFull
+from .errors import PipelineClosed, PipelineFull, single_error
 from .items import PatchBatch, PatchPlan, SlideJob, SlideResult, Thumbnail, TissueMask, WriteItem
 from .protocols import Backends
 from .report import RunReport
 from .stages import encode, plan, prepare, read, segment, write
 from .stages.book import SlideBook
+
+if sys.version_info < (3, 11):  # pragma: no cover
+    from exceptiongroup import BaseExceptionGroup  # anyio depends on it there
 
 Mode = Literal["coords", "features", "detect"]
 State = Literal["starting", "running", "draining", "closed", "failed"]
@@ -446,6 +450,10 @@ async def running(config: PipelineConfig, backends: Backends, mode: Mode,
             async with pipeline.results() as rest:
                 async for _ in rest:
                     pass
+    except BaseExceptionGroup as group:
+        error = single_error(group)
+        pipeline.fail_waiters(error)
+        raise error from None
     except BaseException as exc:
         pipeline.fail_waiters(exc)
         raise

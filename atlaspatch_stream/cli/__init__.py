@@ -71,14 +71,15 @@ def info() -> None:
 
 @cli.command("encoders")
 @click.option("--check", is_flag=True, help="Build every architecture on the meta device and verify its output dim.")
+@click.option("--strict", is_flag=True, help="With --check: an encoder whose extra is not installed is an error.")
 @click.option("--weights", "weights", multiple=True, metavar="NAME=PATH", help="Local weights to report as present.")
 @click.argument("names", nargs=-1)
-def encoders(check: bool, weights: tuple[str, ...], names: tuple[str, ...]) -> None:
+def encoders(check: bool, strict: bool, weights: tuple[str, ...], names: tuple[str, ...]) -> None:
     """List encoder names with dim, input size, extra, licence, gated, and whether weights are present."""
     from .encoders_cmd import check_command, list_command
 
     if check:
-        exit_with(check_command(names))
+        exit_with(check_command(names, strict))
     list_command(dict(parse_weights(weights)), names)
 
 

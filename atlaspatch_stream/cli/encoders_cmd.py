@@ -22,15 +22,24 @@ def list_command(weights: dict[str, Path], names: Sequence[str]) -> None:
         )
 
 
-def check_command(names: Sequence[str]) -> int:
-    """Build each architecture on the meta device, run its pooling, compare dims; 1 on any mismatch."""
+def check_command(names: Sequence[str], strict: bool = False) -> int:
+    """Build each architecture on the meta device, run its pooling, compare dims.
+
+    Returns 1 on a dim mismatch or build error; names whose extra is not installed are listed as skipped and count
+    as errors only with `strict`.
+    """
     from ..backends.encoders.check import check_encoders
 
-    bad = 0
+    bad = skipped = 0
     for result in check_encoders(list(names) or None):
+        if result.missing_extra is not None:
+            skipped += 1
+            click.echo(f"skip {result.name:<30} (needs extra '{result.missing_extra}')")
+            continue
         status = "ok" if result.ok else "FAIL"
         detail = f"dim {result.got}" if result.ok else (result.error or f"dim {result.got} != {result.expected}")
         click.echo(f"{status:<4} {result.name:<30} {detail}  ({result.seconds:.2f}s)")
         bad += not result.ok
-    click.echo(f"{bad} mismatch(es)" if bad else "all encoders ok")
-    return 1 if bad else 0
+    tail = f", {skipped} skipped (extras not installed)" if skipped else ""
+    click.echo((f"{bad} mismatch(es)" if bad else "all encoders ok") + tail)
+    return 1 if bad or (strict and skipped) else 0

@@ -59,12 +59,16 @@ class _LineHandler(logging.Handler):
 
 
 def setup_logging(verbose: bool, progress: Progress) -> None:
-    """Our debug lines with -v (third-party libraries stay at WARNING); lines go through the progress display."""
+    """Our warnings (debug lines with -v); third-party libraries' errors only (their warnings with -v).
+
+    A broken slide already gets its one [FAIL] line: tifffile's or openslide's own warnings about it are noise
+    unless asked for. Lines go through the progress display.
+    """
     handler = _LineHandler(progress)
     handler.setFormatter(logging.Formatter("%(asctime)s | %(levelname)s | %(name)s | %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(logging.WARNING)
+    root.setLevel(logging.WARNING if verbose else logging.ERROR)
     log.setLevel(logging.DEBUG if verbose else logging.WARNING)
 
 

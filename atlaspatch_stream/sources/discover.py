@@ -48,7 +48,9 @@ def discover_slides(path: Path, recursive: bool) -> list[Path]:
     candidates = path.rglob("*") if recursive else path.glob("*")
     found = {_entry(p) for p in candidates if p.suffix.lower() in SUPPORTED_EXTENSIONS and p.is_file()}
     if not found:
-        raise ConfigError(f"No WSI files found in {path}")
+        hint = "; it holds sub-folders: use --recursive to search them" if not recursive and any(
+            p.is_dir() for p in path.iterdir()) else ""
+        raise ConfigError(f"No WSI files found in {path}{hint}")
     return sorted(found)
 
 

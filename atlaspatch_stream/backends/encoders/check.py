@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ...errors import AtlasPatchError
+from ...errors import AtlasPatchError, MissingExtraError
 from .registry import available_encoders, check_extra, get_spec
 from .spec import EncoderSpec
 
@@ -29,6 +29,7 @@ class CheckResult:
         ok: got == expected.
         seconds: build + forward time.
         error: a one-line reason when not ok.
+        missing_extra: the pip extra whose packages are not installed (the encoder was not built).
     """
 
     name: str
@@ -37,6 +38,7 @@ class CheckResult:
     ok: bool
     seconds: float
     error: str | None = None
+    missing_extra: str | None = None
 
 
 def meta_output_dim(spec: EncoderSpec, batch: int = 2, model: Any = None) -> int:
@@ -64,6 +66,10 @@ def check_one(name: str) -> CheckResult:
     start = time.perf_counter()
     try:
         check_extra(spec)
+    except MissingExtraError as exc:
+        return CheckResult(name, spec.dim, None, False, time.perf_counter() - start, str(exc),
+                           missing_extra=exc.extra or "?")
+    try:
         got = meta_output_dim(spec)
     except (AtlasPatchError, RuntimeError, ValueError, TypeError, ImportError, NotImplementedError) as exc:
         text = " ".join(str(exc).split())[:300]

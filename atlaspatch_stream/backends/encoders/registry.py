@@ -113,7 +113,7 @@ def check_extra(spec: EncoderSpec) -> None:
     missing = [m for m in modules if importlib.util.find_spec(m) is None]
     if missing:
         raise MissingExtraError(
-            f"encoder {spec.name} needs {', '.join(missing)} (extra '{spec.extra}'): {how}"
+            f"encoder {spec.name} needs {', '.join(missing)} (extra '{spec.extra}'): {how}", extra=spec.extra
         )
 
 
