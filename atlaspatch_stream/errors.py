@@ -82,8 +82,8 @@ def failure_message(name: str, exc: BaseException) -> str:
     return f"{name}: {describe(exc)}"
 
 
-def single_error(group: BaseExceptionGroup) -> BaseException:
-    """The one real error inside nested task-group wrappers: cancellations and knock-on closures are dropped.
+def single_error(group: BaseException) -> BaseException:
+    """The one real error inside (possibly nested) task-group wrappers: cancellations and knock-on closures dropped.
 
     When several distinct errors happened at once, the first is returned (the others stay in its `__context__`
     chain's group, for debugging).

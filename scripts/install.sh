@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install atlaspatch-stream into ./.venv (or $VENV). Usage: scripts/install.sh [--test] [--extras hf,openclip,...]
-# torch/torchvision are pinned to the versions on this machine's disk; sam2 is built without CUDA and without build
-# isolation (a plain `pip install sam2` would fetch a second torch into an isolated build environment).
+# torch/torchvision come from constraints.txt (the exact versions on this machine's disk; the package itself pins
+# nothing exactly); sam2 is built without CUDA and without build isolation (a plain `pip install sam2` would fetch a
+# second torch into an isolated build environment).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${VENV:-.venv}"
@@ -17,11 +18,12 @@ done
 PYTHON="${PYTHON:-python3}"
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 PIP="$VENV/bin/python -m pip"
+CONSTRAINTS="-c constraints.txt"
 $PIP install -q --upgrade pip setuptools wheel
-$PIP install -q "torch==2.14.1" "torchvision==0.29.1"
-$VENV/bin/python -c "import sam2" 2>/dev/null || SAM2_BUILD_CUDA=0 $PIP install -q --no-build-isolation "sam2>=1.1"
+$PIP install -q $CONSTRAINTS torch torchvision
+$VENV/bin/python -c "import sam2" 2>/dev/null || SAM2_BUILD_CUDA=0 $PIP install -q $CONSTRAINTS --no-build-isolation "sam2>=1.1"
 case ",$EXTRAS," in
   *,musk,*) EXTRAS="${EXTRAS//,musk/}"; $PIP install -q "einops>=0.7"; $PIP install -q --no-deps "torchscale>=0.3" "fairscale>=0.4" ;;
 esac
-$PIP install -q -e ".[$EXTRAS]"
+$PIP install -q $CONSTRAINTS -e ".[$EXTRAS]"
 echo "installed into $VENV (extras: $EXTRAS)"

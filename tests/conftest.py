@@ -23,6 +23,12 @@ def real_slide(relative: str) -> Path:
 
 
 @pytest.fixture
+def anyio_backend() -> str:
+    """Async tests run on asyncio (what services and uvicorn use)."""
+    return "asyncio"
+
+
+@pytest.fixture
 def slides_dir() -> Path:
     """The folder of real slides (skips when absent)."""
     if not SHARED_SLIDES.is_dir():

@@ -23,6 +23,7 @@ from click.testing import CliRunner
 
 from atlaspatch_stream.cli import cli, runner
 from atlaspatch_stream.testing.synthetic import write_synthetic_slide
+from tests.helpers import leftovers
 
 PROCESS = ["--patch-size", "256", "--target-mag", "20", "--segmenter", "otsu", "--device", "cpu",
            "--feature-extractors", "color_stats"]
@@ -59,12 +60,6 @@ def _wait_for_first_slide(proc: subprocess.Popen[bytes], out: Path, deadline_s: 
         time.sleep(0.05)
 
 
-def _leftovers(out: Path) -> list[str]:
-    patches = out / "patches"
-    return sorted(p.name for p in patches.iterdir() if ".tmp." in p.name or p.suffix == ".lock") if patches.exists() \
-        else []
-
-
 def _complete_h5s(out: Path) -> list[str]:
     """Names of H5s under out/patches, each checked to be complete (every row of its feature set)."""
     names = []
@@ -98,7 +93,7 @@ def test_first_signal_stops_intake_and_drains(forty: Path, tmp_path: Path, sig: 
     text = stdout.decode()
     assert f"Completed {statuses.count('done')} slide(s)" in text
     assert f"{statuses.count('cancelled')} slide(s) cancelled" in text
-    assert _leftovers(out) == [] and len(_complete_h5s(out)) == statuses.count("done")
+    assert leftovers(out) == [] and len(_complete_h5s(out)) == statuses.count("done")
 
 
 def test_second_signal_cancels_at_once(forty: Path, tmp_path: Path) -> None:
@@ -113,7 +108,7 @@ def test_second_signal_cancels_at_once(forty: Path, tmp_path: Path) -> None:
     started = time.monotonic()
     proc.communicate(timeout=60)
     assert proc.returncode == 130 and time.monotonic() - started < 20
-    assert _leftovers(out) == []
+    assert leftovers(out) == []
     _complete_h5s(out)
     assert [e for e in _events(out) if e["event"] == "run_end"][-1]["status"] == "interrupted"
 

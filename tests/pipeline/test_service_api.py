@@ -28,14 +28,10 @@ from atlaspatch_stream.items import SlideJob, SlideResult
 from atlaspatch_stream.pipeline import Pipeline
 from atlaspatch_stream.testing.fakes import FakeBackends, FakeEncoder, fake_jobs
 from atlaspatch_stream.testing.synthetic import write_synthetic_slide
-from tests.stages.conftest import fake_config
+from tests.helpers import fake_config
 
 pytestmark = pytest.mark.anyio
 
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
 
 
 def _jobs(out: Path, n: int, prefix: str = "s") -> list[SlideJob]:

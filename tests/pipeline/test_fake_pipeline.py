@@ -26,8 +26,7 @@ from atlaspatch_stream.items import SlideResult
 from atlaspatch_stream.report import REPORT_NAME
 from atlaspatch_stream.sources import claims
 from atlaspatch_stream.testing.fakes import FakeBackends, fake_jobs
-
-from .conftest import fake_config
+from tests.helpers import fake_config, h5_features, leftovers
 
 pytestmark = pytest.mark.anyio
 
@@ -41,17 +40,8 @@ async def _run(config: PipelineConfig, stems: list[str], backends: FakeBackends 
     return {r.job.stem: r for r in summary.results}
 
 
-def _leftovers(out: Path) -> list[str]:
-    """Temporary files and lock files under the output folder (there should be none once a run is over)."""
-    patches = out / "patches"
-    if not patches.exists():
-        return []
-    return sorted(p.name for p in patches.iterdir() if ".tmp." in p.name or p.suffix == ".lock")
 
 
-def _features(path: Path) -> dict[str, np.ndarray]:
-    with h5py.File(path, "r") as f:
-        return {name: f["features"][name][...] for name in f.get("features", {})}
 
 
 # -- end of stream, failures, zero patches ------------------------------------------------------------------------
@@ -72,7 +62,7 @@ async def test_results_end_after_close_input(tmp_path: Path) -> None:
     for r in results:
         assert r.h5_path == outputs.h5_path(tmp_path, r.job.stem) and r.h5_path.exists()
     assert pipeline.statistics()["finished"] == 3 and pipeline.statistics()["in_flight"] == 0
-    assert _leftovers(tmp_path) == []
+    assert leftovers(tmp_path) == []
     assert all(h.closed for h in backends.opened)
 
 
@@ -104,8 +94,8 @@ async def test_one_failing_slide_fails_alone(tmp_path: Path) -> None:
     assert "bad_read.svs" in results["bad_read"].message
     assert not outputs.h5_path(tmp_path, "bad_open").exists()
     assert not outputs.h5_path(tmp_path, "bad_read").exists()
-    assert _features(outputs.h5_path(tmp_path, "ok1"))["a"].shape == (12, 3)
-    assert _leftovers(tmp_path) == []
+    assert h5_features(outputs.h5_path(tmp_path, "ok1"))["a"].shape == (12, 3)
+    assert leftovers(tmp_path) == []
 
 
 async def test_zero_patch_slide_gets_empty_sets(tmp_path: Path) -> None:
@@ -191,7 +181,7 @@ async def test_cancellation_within_deadline_leaves_no_partial_output(tmp_path: P
     assert time.perf_counter() - cancelled_at < 2.0
     assert finished == []  # 20 reads x 0.1 s per slide: none could finish
     assert [s for s in stems if outputs.h5_path(tmp_path, s).exists()] == []
-    assert _leftovers(tmp_path) == []
+    assert leftovers(tmp_path) == []
     assert backends.opened and all(h.closed for h in backends.opened)
 
 
@@ -224,12 +214,12 @@ async def test_reuse_adds_only_missing_encoders(tmp_path: Path) -> None:
     coords_before = h5py.File(path, "r")["coords"][...]
     second = await _run(fake_config(tmp_path, ("a", "b")), ["s0"])
     assert second["s0"].status == "reused" and second["s0"].features == ("b",)
-    feats = _features(path)
+    feats = h5_features(path)
     assert sorted(feats) == ["a", "b"]
     assert np.all(feats["a"] == 42.0)
     assert feats["b"].shape == (10, 3) and not np.all(feats["b"] == 42.0)
     np.testing.assert_array_equal(h5py.File(path, "r")["coords"][...], coords_before)
-    assert _leftovers(tmp_path) == []
+    assert leftovers(tmp_path) == []
     third = await _run(fake_config(tmp_path, ("a", "b")), ["s0"])
     assert third["s0"].status == "skipped"
 
@@ -239,7 +229,7 @@ async def test_reuse_of_zero_patch_file_adds_empty_set(tmp_path: Path) -> None:
     await _run(fake_config(tmp_path, ("a",)), ["empty_s"])
     second = await _run(fake_config(tmp_path, ("a", "b")), ["empty_s"])
     assert second["empty_s"].status == "reused"
-    assert {n: v.shape for n, v in _features(outputs.h5_path(tmp_path, "empty_s")).items()} == {
+    assert {n: v.shape for n, v in h5_features(outputs.h5_path(tmp_path, "empty_s")).items()} == {
         "a": (0, 3), "b": (0, 3)}
 
 
@@ -250,7 +240,7 @@ async def test_force_overwrites_whole_file(tmp_path: Path) -> None:
     _poison(path, "a")
     forced = await _run(fake_config(tmp_path, ("a",), skip_existing=False), ["s0"])
     assert forced["s0"].status == "done"
-    feats = _features(path)
+    feats = h5_features(path)
     assert sorted(feats) == ["a"] and not np.all(feats["a"] == 42.0)
 
 
@@ -330,7 +320,7 @@ async def test_coords_mode_with_save_images_finishes_when_all_rows_read(tmp_path
     assert len(list((tmp_path / "images" / "s0").glob("s0_x*_y*.png"))) == 7
     with h5py.File(outputs.h5_path(tmp_path, "s0"), "r") as f:
         assert f["coords"].shape == (7, 5) and "features" not in f
-    assert not outputs.h5_path(tmp_path, "bad").exists() and _leftovers(tmp_path) == []
+    assert not outputs.h5_path(tmp_path, "bad").exists() and leftovers(tmp_path) == []
 
 
 async def test_detect_mode_writes_masks_only(tmp_path: Path) -> None:

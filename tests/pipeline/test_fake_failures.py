@@ -28,8 +28,7 @@ from atlaspatch_stream.testing.fakes import (
     FakeSlides,
     fake_jobs,
 )
-
-from .conftest import fake_config
+from tests.helpers import fake_config, leftovers
 
 pytestmark = pytest.mark.anyio
 
@@ -84,8 +83,6 @@ async def _results(config: PipelineConfig, stems: list[str], backends: FakeBacke
     return {r.job.stem: r for r in summary.results}
 
 
-def _leftovers(out: Path) -> list[str]:
-    return sorted(p.name for p in (out / "patches").iterdir() if ".tmp." in p.name or p.suffix == ".lock")
 
 
 async def test_failures_in_every_stage_fail_alone(tmp_path: Path) -> None:
@@ -102,7 +99,7 @@ async def test_failures_in_every_stage_fail_alone(tmp_path: Path) -> None:
     assert results["bad_write"].extra["stage"] == "write" and "No space left" in results["bad_write"].message
     assert all(s in results[s].message for s in ("bad_seg", "bad_plan", "bad_write"))
     assert sorted(p.name for p in (tmp_path / "patches").glob("*.h5")) == ["ok0.h5", "ok1.h5"]
-    assert _leftovers(tmp_path) == []
+    assert leftovers(tmp_path) == []
     assert all(h.closed for h in backends.opened)
 
 
@@ -126,7 +123,7 @@ async def test_a_broken_device_propagates_as_itself_and_cleans_up(tmp_path: Path
     with anyio.fail_after(4), pytest.raises(RuntimeError, match="device lost"):
         await process_slides(fake_jobs(tmp_path, ["s0", "s1"]), config, backends=backends)
     assert list((tmp_path / "patches").glob("*.h5")) == []
-    assert _leftovers(tmp_path) == []
+    assert leftovers(tmp_path) == []
     assert all(h.closed for h in backends.opened)
 
 
@@ -142,7 +139,7 @@ async def test_same_stem_twice_in_one_run_is_a_collision_not_a_skip(tmp_path: Pa
     assert results[0].status == "done" and results[1].status == "failed"
     message = results[1].message
     assert "b/s.tif" in message and str(first.path) in message and "--output" in message
-    assert outputs.h5_path(tmp_path, "s").exists() and _leftovers(tmp_path) == []
+    assert outputs.h5_path(tmp_path, "s").exists() and leftovers(tmp_path) == []
 
 
 async def test_slide_error_message_names_slide_once(tmp_path: Path) -> None:
@@ -172,4 +169,4 @@ async def test_short_reader_fails_slide_and_frees_its_slot(tmp_path: Path) -> No
     assert results["short"].status == "failed" and results["short"].extra["stage"] == "read"
     assert "returned 8 of 10" in results["short"].message
     assert results["s1"].status == "done" and results["s2"].status == "done"
-    assert _leftovers(tmp_path) == []
+    assert leftovers(tmp_path) == []
