@@ -77,7 +77,7 @@ def resolve_sam2_weights(explicit: Path | None) -> Path:
         if not path.is_file():
             raise WeightsError(f"--seg-weights {path}: no such file")
         return path
-    return fetch_hf_file(SAM2_REPO_ID, SAM2_FILENAME, local_flag="--seg-weights")
+    return fetch_hf_file(SAM2_REPO_ID, SAM2_FILENAME, local_flag="--seg-weights PATH")
 
 
 def build_sam2_model(weights: Path | None, device: torch.device) -> torch.nn.Module:
