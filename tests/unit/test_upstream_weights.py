@@ -183,17 +183,23 @@ def _install(repo_id: str, filename: str, payload: bytes, tmp_path: Path) -> Pat
 @pytest.mark.parametrize("spelling", ["upstream", "other case"])
 @pytest.mark.parametrize("name", sorted(UPSTREAM_HF))
 def test_an_upstream_cache_is_found_offline(name: str, spelling: str, tmp_path: Path) -> None:
-    """Lay out the cache as upstream's download leaves it (`models--ORG--NAME/refs/main`, `snapshots/<sha>/<file>`),
-    under upstream's spelling or another letter case; offline, the weights resolve to that file, and `encoders`
-    reports them present."""
-    repo, filename, _ = UPSTREAM_HF[name]
+    """Lay out the cache as upstream's download leaves it (`models--ORG--NAME/refs/main`, `snapshots/<sha>/<file>`,
+    and a `.no_exist/<sha>/` marker for each name its loader asked for first and the repo lacked), under upstream's
+    spelling or another letter case; offline, the weights resolve to that file, and `encoders` reports them
+    present."""
+    repo, filename, lookup = UPSTREAM_HF[name]
     cached_as = repo if spelling == "upstream" else _other_case(repo)
     payload = b"weights of " + name.encode()
     if filename.endswith(".index.json"):  # sharded (DINOv3 7B): the index and its shard, in one snapshot
         _install(cached_as, "model-00001-of-00001.safetensors", payload, tmp_path)
         payload = json.dumps({"weight_map": {"w": "model-00001-of-00001.safetensors"}}).encode()
     installed = _install(cached_as, filename, payload, tmp_path)
-    assert f"models--{cached_as.replace('/', '--')}" in str(installed)
+    repo_dir = wt.hf_cache_dir() / f"models--{cached_as.replace('/', '--')}"
+    assert installed.is_relative_to(repo_dir / "snapshots" / (repo_dir / "refs" / "main").read_text())
+    for absent in lookup[: lookup.index(filename)]:  # what huggingface_hub records after a 404
+        marker = repo_dir / ".no_exist" / installed.parent.name / absent
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.touch()
     spec = reg.get_spec(name)
     assert resolve_weights(spec) == installed
     assert find_local_weights(spec) == installed
