@@ -78,7 +78,7 @@ def resolve_sam2_weights(explicit: Path | None) -> Path:
             raise WeightsError(f"--seg-weights {path}: no such file")
         return path
     try:
-        return fetch_hf_file(SAM2_REPO_ID, SAM2_FILENAME, local_flag="--seg-weights")
+        return fetch_hf_file(SAM2_REPO_ID, SAM2_FILENAME, local_flag="--seg-weights PATH")
     except WeightsError as exc:
         raise WeightsError(f"{exc}; or run without SAM2 weights with --segmenter otsu") from exc
 

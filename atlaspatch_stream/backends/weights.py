@@ -10,8 +10,11 @@ Hashing a checkpoint costs about a second per 150 MB, so `sha256_file` remembers
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
 import os
 import threading
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from ..errors import WeightsError
@@ -20,6 +23,7 @@ _TRUE = {"1", "true", "yes", "on"}
 _HASH_CHUNK = 8 * 1024 * 1024
 _hash_cache: dict[tuple[str, int, int], str] = {}
 _hash_lock = threading.Lock()
+log = logging.getLogger(__name__)
 
 
 def _home_cache() -> Path:
@@ -52,42 +56,119 @@ def hf_offline() -> bool:
     )
 
 
-def find_hf_file(repo_id: str, filename: str) -> Path | None:
-    """The cached copy of `filename` from the model repo `repo_id`, or None. Never touches the network.
+def repo_folder(repo_id: str) -> str:
+    """The cache folder name of a model repo, as huggingface_hub spells it: `models--ORG--NAME`."""
+    return "--".join(["models", *repo_id.split("/")])
+
+
+def find_hf_file(repo_id: str, *filenames: str) -> Path | None:
+    """The cached copy of the first of `filenames` in the model repo `repo_id`, or None. Never touches the network.
+
+    The folder of `repo_id` as spelled is searched first, then every cache folder whose name differs from it only in
+    letter case: the hub resolves repo ids case-insensitively but the cache keeps each tool's spelling, so another
+    tool may have cached the same weights as `MahmoodLab/UNI` where upstream asks for `MahmoodLab/uni`. A debug line
+    names the folder used. A sharded checkpoint (`*.index.json`) counts only with all its shards beside it.
 
     Args:
         repo_id: e.g. "AtlasAnalyticsLab/AtlasPatch".
-        filename: a path inside the repo, e.g. "model.pth".
+        filenames: paths inside the repo, in order of preference, e.g. "model.safetensors", "pytorch_model.bin".
 
     Returns:
-        The file in the snapshot that `refs/main` points to, or None when it is not cached.
+        The file in the snapshot that `refs/main` points to, or None when none of them is cached.
     """
-    from huggingface_hub import try_to_load_from_cache
-
-    found = try_to_load_from_cache(repo_id, filename, cache_dir=str(hf_cache_dir()))
-    # A non-str answer is either None or the "known to be absent" sentinel: both mean "not here".
-    if isinstance(found, str) and Path(found).is_file():
-        return Path(found)
+    cache = hf_cache_dir()
+    for spelling in _cache_spellings(cache, repo_id):
+        for filename in filenames:
+            found = _cached_file(cache, spelling, filename)
+            if found is not None:
+                _log_hit(cache, repo_id, spelling, found)
+                return found
     return None
 
 
-def missing_weights_message(repo_id: str, filename: str, local_flag: str | None = None) -> str:
-    """One message naming the missing file, the cache folder searched and the ways to supply it."""
+def _cache_spellings(cache: Path, repo_id: str) -> Iterator[str]:
+    """`repo_id`, then the repo ids of the other cache folders equal to its folder up to letter case (sorted)."""
+    yield repo_id
+    exact = repo_folder(repo_id)
+    try:
+        names = sorted(entry.name for entry in os.scandir(cache) if entry.is_dir())
+    except OSError:  # no cache folder yet
+        return
+    for name in names:
+        if name != exact and name.lower() == exact.lower():
+            # Repo ids cannot contain "--" (huggingface_hub refuses them), so the folder name maps back uniquely.
+            yield "/".join(name.split("--")[1:])
+
+
+def _cached_file(cache: Path, repo_id: str, filename: str) -> Path | None:
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(repo_id, filename, cache_dir=str(cache))
+    # A non-str answer is either None or the "known to be absent" sentinel: both mean "not here".
+    if not isinstance(found, str) or not Path(found).is_file():
+        return None
+    path = Path(found)
+    missing = missing_shards(path)
+    if missing:
+        log.debug("sharded weights %s lack shards %s; not used", path, ", ".join(missing))
+        return None
+    return path
+
+
+def missing_shards(path: Path) -> list[str]:
+    """The shard files a sharded checkpoint index (`*.index.json`) names that are not beside it; [] otherwise."""
+    if not path.name.endswith(".index.json"):
+        return []
+    try:
+        shards = set(json.loads(path.read_text())["weight_map"].values())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return []  # an unreadable index is reported, with the file named, when it is read
+    return sorted(s for s in shards if not (path.parent / s).is_file())
+
+
+def _log_hit(cache: Path, repo_id: str, spelling: str, found: Path) -> None:
+    folder = cache / repo_folder(spelling)
+    if spelling == repo_id:
+        log.debug("weights %s of %s: found in the Hugging Face cache folder %s", found.name, repo_id, folder)
+    else:
+        log.debug(
+            "weights %s of %s: found in the Hugging Face cache folder %s (repo id %s, which differs only in letter "
+            "case)",
+            found.name,
+            repo_id,
+            folder,
+            spelling,
+        )
+
+
+def missing_weights_message(repo_id: str, filenames: Sequence[str], local_flag: str | None = None) -> str:
+    """One line naming the files looked up, the repo, the cache folder searched and the ways to supply them.
+
+    Args:
+        repo_id: the repo as looked up.
+        filenames: the file names as looked up.
+        local_flag: the command-line spelling that supplies a local copy, e.g. "--weights uni_v1=PATH".
+    """
     ways = "run once with network access so it is downloaded into that cache"
     if local_flag:
-        ways += f", or pass a local copy with {local_flag} PATH"
+        ways += f", or pass a local copy with {local_flag}"
+    folder = hf_cache_dir() / repo_folder(repo_id)
     return (
-        f"weights {filename} from Hugging Face repo {repo_id} not found in the cache {hf_cache_dir()}; {ways}"
+        f"weights {' or '.join(filenames)} from Hugging Face repo {repo_id} not found in the cache folder {folder} "
+        f"(letter case ignored); {ways}"
     )
 
 
-def fetch_hf_file(repo_id: str, filename: str, *, local_flag: str | None = None) -> Path:
+def fetch_hf_file(repo_id: str, *filenames: str, local_flag: str | None = None) -> Path:
     """The cached file, else a download into the cache when online, else WeightsError.
+
+    Downloads ask for `repo_id` exactly as given, so the file lands in the folder that tool (e.g. upstream) uses,
+    trying `filenames` in order and moving on only when the repo has no file of that name, as hub loaders do.
 
     Args:
         repo_id: the model repo.
-        filename: the file inside it.
-        local_flag: the command-line flag that supplies a local copy instead, named in the error message.
+        filenames: the file names inside it, in order of preference.
+        local_flag: the command-line spelling that supplies a local copy instead, named in the error message.
 
     Returns:
         The local path of the file.
@@ -95,18 +176,46 @@ def fetch_hf_file(repo_id: str, filename: str, *, local_flag: str | None = None)
     Raises:
         WeightsError: offline (or the download failed) and the file is not cached.
     """
-    cached = find_hf_file(repo_id, filename)
+    cached = find_hf_file(repo_id, *filenames)
     if cached is not None:
         return cached
-    message = missing_weights_message(repo_id, filename, local_flag)
+    message = missing_weights_message(repo_id, filenames, local_flag)
     if hf_offline():
         raise WeightsError(f"{message} (HF_HUB_OFFLINE is set)")
+    return _download(repo_id, filenames, message)
+
+
+def _download(repo_id: str, filenames: Sequence[str], message: str) -> Path:
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.utils import EntryNotFoundError, LocalEntryNotFoundError
+
+    for filename in filenames:
+        try:
+            path = Path(hf_hub_download(repo_id=repo_id, filename=filename, cache_dir=str(hf_cache_dir())))
+        except EntryNotFoundError as exc:
+            if not isinstance(exc, LocalEntryNotFoundError):
+                continue  # the repo has no file of that name: try the next, as hub loaders do
+            raise WeightsError(_failed(message, exc)) from exc  # no connection
+        except Exception as exc:  # network, auth, gate, missing repo: all mean "no weights" to the user
+            raise WeightsError(_failed(message, exc)) from exc
+        return _download_shards(repo_id, path, message)
+    raise WeightsError(f"{message} (the repo holds none of these files)")
+
+
+def _download_shards(repo_id: str, index: Path, message: str) -> Path:
+    """Fetch the shards a downloaded `*.index.json` names into the same snapshot (its folder is the commit)."""
     from huggingface_hub import hf_hub_download
 
-    try:
-        return Path(hf_hub_download(repo_id=repo_id, filename=filename, cache_dir=str(hf_cache_dir())))
-    except Exception as exc:  # network, auth, missing repo: all mean "no weights" to the user
-        raise WeightsError(f"{message} (download failed: {type(exc).__name__}: {exc})") from exc
+    for shard in missing_shards(index):
+        try:
+            hf_hub_download(repo_id=repo_id, filename=shard, revision=index.parent.name, cache_dir=str(hf_cache_dir()))
+        except Exception as exc:  # as above: any failure means the weights are not to be had
+            raise WeightsError(_failed(message, exc)) from exc
+    return index
+
+
+def _failed(message: str, exc: BaseException) -> str:
+    return f"{message} (download failed: {type(exc).__name__}: {' '.join(str(exc).split())})"
 
 
 def sha256_file(path: Path) -> str:
@@ -135,8 +244,13 @@ def sha256_file(path: Path) -> str:
     return value
 
 
-def torch_hub_checkpoint(filename: str) -> Path:
-    """`$TORCH_HOME/hub/checkpoints/<filename>` (default `~/.cache/torch`), resolved now; may not exist."""
+def torch_hub_dir() -> Path:
+    """`torch.hub.get_dir()` resolved now: `$TORCH_HOME/hub`, default `~/.cache/torch/hub`; may not exist."""
     home = os.environ.get("TORCH_HOME")
     root = Path(home).expanduser() if home else _home_cache() / "torch"
-    return root / "hub" / "checkpoints" / filename
+    return root / "hub"
+
+
+def torch_hub_checkpoint(filename: str) -> Path:
+    """`$TORCH_HOME/hub/checkpoints/<filename>` (torchvision's cache), resolved now; may not exist."""
+    return torch_hub_dir() / "checkpoints" / filename

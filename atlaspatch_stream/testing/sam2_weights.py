@@ -38,10 +38,9 @@ def write_random_sam2_checkpoint(path: Path, seed: int = 0) -> Path:
     return path
 
 
-def _fake_commit(checkpoint: Path) -> str:
-    """A 40-hex "commit" derived from the file's name and size, stable for one file."""
-    stat = checkpoint.stat()
-    return hashlib.sha1(f"{checkpoint.resolve()}:{stat.st_size}".encode()).hexdigest()
+def _fake_commit(repo_id: str) -> str:
+    """A 40-hex "commit" derived from the repo id, so files installed into one repo share one snapshot."""
+    return hashlib.sha1(repo_id.encode()).hexdigest()
 
 
 def _link_or_copy(source: Path, target: Path) -> None:
@@ -54,27 +53,31 @@ def _link_or_copy(source: Path, target: Path) -> None:
         shutil.copyfile(source, target)
 
 
-def install_in_hf_cache(checkpoint: Path, cache_dir: Path, repo_id: str = SAM2_REPO_ID) -> Path:
-    """Lay `checkpoint` out as huggingface_hub's cache would after downloading `model.pth` from `repo_id`.
+def install_in_hf_cache(
+    checkpoint: Path, cache_dir: Path, repo_id: str = SAM2_REPO_ID, filename: str = SAM2_FILENAME
+) -> Path:
+    """Lay `checkpoint` out as huggingface_hub's cache would after downloading `filename` from `repo_id`.
 
-    `<cache_dir>/models--<org>--<name>/blobs/<sha256>`, `snapshots/<commit>/model.pth` (a relative symlink to
+    `<cache_dir>/models--<org>--<name>/blobs/<sha256>`, `snapshots/<commit>/<filename>` (a relative symlink to
     the blob, as huggingface_hub makes, or a copy where symlinks are unavailable) and `refs/main` = `<commit>`.
+    The folder keeps `repo_id`'s letter case, as huggingface_hub does.
 
     Args:
         checkpoint: the file to install.
         cache_dir: the hub cache folder (what `HF_HUB_CACHE` points at).
         repo_id: the model repo to pretend it came from.
+        filename: the file's path inside the repo.
 
     Returns:
-        The path of `model.pth` inside the snapshot.
+        The path of `filename` inside the snapshot.
     """
-    from ..backends.weights import sha256_file
+    from ..backends.weights import repo_folder, sha256_file
 
     checkpoint = Path(checkpoint)
-    repo_dir = Path(cache_dir) / ("models--" + repo_id.replace("/", "--"))
-    commit = _fake_commit(checkpoint)
+    repo_dir = Path(cache_dir) / repo_folder(repo_id)
+    commit = _fake_commit(repo_id)
     blob = repo_dir / "blobs" / sha256_file(checkpoint)
-    snapshot = repo_dir / "snapshots" / commit / SAM2_FILENAME
+    snapshot = repo_dir / "snapshots" / commit / filename
     for folder in (blob.parent, snapshot.parent, repo_dir / "refs"):
         folder.mkdir(parents=True, exist_ok=True)
     _link_or_copy(checkpoint, blob)

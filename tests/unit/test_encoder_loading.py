@@ -69,7 +69,8 @@ def test_torchvision_cache_file_round_trips() -> None:
 
 
 def test_hf_cache_sibling_file_name_is_found() -> None:
-    """Upstream may have cached `pytorch_model.bin` where the spec names `model.safetensors`: either is used."""
+    """timm's `hf-hub:` loader takes `model.safetensors` or, when the repo has none, `pytorch_model.bin`: a cached
+    pickle is used for a repo whose published file is the safetensors one."""
     path = _hf_cache_file("1aurent/resnet50.lunit_bt", "pytorch_model.bin")
     torch.save({"w": torch.zeros(1)}, path)
     registry = _registry()
@@ -147,12 +148,12 @@ def test_offline_missing_gated_hf_weights_explain_the_gate() -> None:
         _registry().prepare(["uni_v1"])
     text = str(info.value)
     for part in (
-        "MahmoodLab/UNI",
+        "MahmoodLab/uni",
         "pytorch_model.bin",
         os.environ["HF_HUB_CACHE"],
         "gated",
         "HF_TOKEN",
-        "--weights uni_v1=",
+        "--weights uni_v1=PATH",
     ):
         assert part in text, part
 

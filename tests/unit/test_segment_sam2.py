@@ -146,6 +146,22 @@ def test_weights_from_a_local_file(sam2: Sam2Setup) -> None:
     assert all(torch.equal(loaded[key], reference[key].cpu()) for key in reference)
 
 
+def test_weights_cached_under_another_letter_case(
+    sam2: Sam2Setup, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Cache the checkpoint as `atlasanalyticslab/atlaspatch` (another tool's spelling) only: offline, warm_up finds
+    it in that folder, loads it and records its sha256."""
+    installed = install_in_hf_cache(sam2.checkpoint, tmp_path / "hub", "atlasanalyticslab/atlaspatch")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    segmenter = Sam2Segmenter(device="cpu")
+    try:
+        segmenter.warm_up()
+        assert segmenter.weights_path == installed
+        assert segmenter.weights_sha256 == sam2.segmenter.weights_sha256
+    finally:
+        segmenter.close()
+
+
 def test_offline_missing_weights_error_text() -> None:
     """Offline with an empty cache: warm_up raises WeightsError naming model.pth, the cache and both remedies."""
     with pytest.raises(WeightsError) as info:

@@ -368,7 +368,7 @@ _META: dict[str, _Meta] = {
     ),
     "hibou_b": _Meta(
         768,
-        "histai/hibou-b",
+        "histai/hibou-B",  # upstream's spelling: the cache folder is models--histai--hibou-B
         "model.safetensors",
         "Apache-2.0",
         True,
@@ -602,7 +602,7 @@ def _spec(name: str) -> EncoderSpec:
         build=functools.partial(_guarded_build, name, recipe, meta.params_m),
         forward=POOLINGS[recipe.pooling],
         load_weights=functools.partial(load_weights, name),
-        weights=WeightsSource("hf", repo_id=meta.repo, filename=meta.filename),
+        weights=WeightsSource("hf", repo_id=meta.repo, filename=meta.filename, loader="transformers"),
         tier="hf",
         licence=meta.licence,
         gated=meta.gated,

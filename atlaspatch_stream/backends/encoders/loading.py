@@ -1,8 +1,9 @@
 """Weights for built-in encoders: where the file is, how it is read, how it goes into the offline-built model.
 
 Resolution order for one encoder: an explicit `--weights NAME=PATH` file; else the cache upstream itself fills
-(Hugging Face cache for hub models, `$TORCH_HOME/hub/checkpoints/` for torchvision); else a download when online;
-else `WeightsError` naming the file, the folder looked in and how to supply it. All of this runs in
+(Hugging Face cache for hub models, under upstream's exact repo id and file names; `$TORCH_HOME/hub/checkpoints/` for
+torchvision; upstream's own folder for CHIEF); else a download when online, under the same names; else `WeightsError`
+naming the file, the folder looked in and how to supply it. All of this runs in
 `EncoderRegistry.prepare`, i.e. before the first slide is opened.
 """
 
@@ -22,14 +23,6 @@ if TYPE_CHECKING:  # pragma: no cover
 
 log = logging.getLogger(__name__)
 
-# Hub repos often hold the same weights under a pickle and a safetensors name; upstream's loaders (timm, open_clip)
-# take whichever the hub offers, so an existing upstream cache may hold either.
-_SIBLINGS = {
-    "pytorch_model.bin": "model.safetensors",
-    "model.safetensors": "pytorch_model.bin",
-    "open_clip_pytorch_model.bin": "open_clip_model.safetensors",
-    "open_clip_model.safetensors": "open_clip_pytorch_model.bin",
-}
 # Checkpoint containers seen in the wild ({"model": sd}, {"state_dict": sd}, training pickles).
 _CONTAINER_KEYS = ("state_dict", "model", "module", "teacher")
 
@@ -58,24 +51,31 @@ def resolve_weights(spec: EncoderSpec, override: Path | None = None) -> Path | N
     if kind == "none":
         return None
     if kind == "local":
-        raise WeightsError(_local_only_message(spec))
+        return _upstream_copy(spec)
     if kind == "torchvision":
         return _torchvision_file(spec)
     return _hf_file(spec)
 
 
 def find_local_weights(spec: EncoderSpec, override: Path | None = None) -> Path | None:
-    """The weights file already on this machine (override, HF cache or torchvision cache); never downloads."""
+    """The weights file already on this machine (override, HF cache, torchvision cache or upstream's own copy);
+    never downloads."""
     if override is not None:
         return Path(override) if Path(override).is_file() else None
     source = spec.weights
-    if source.kind == "torchvision":
-        target = wt.torch_hub_checkpoint(source.filename or "")
-        return target if target.is_file() else None
     if source.kind == "hf":
-        for candidate in (source.filename, _SIBLINGS.get(source.filename or "")):
-            if candidate and (found := wt.find_hf_file(source.repo_id or "", candidate)) is not None:
-                return found
+        return wt.find_hf_file(source.repo_id or "", *source.files)
+    target = _torch_hub_file(spec)
+    return target if target is not None and target.is_file() else None
+
+
+def _torch_hub_file(spec: EncoderSpec) -> Path | None:
+    """Where torchvision (or upstream itself, for files it fetches outside any hub) keeps this file, if anywhere."""
+    source = spec.weights
+    if source.kind == "torchvision":
+        return wt.torch_hub_checkpoint(source.filename or "")
+    if source.kind == "local" and source.folder and source.filename:
+        return wt.torch_hub_dir() / source.folder / source.filename
     return None
 
 
@@ -86,11 +86,16 @@ def _checked_override(name: str, path: Path) -> Path:
     return path
 
 
-def _local_only_message(spec: EncoderSpec) -> str:
+def _upstream_copy(spec: EncoderSpec) -> Path:
+    """The copy upstream itself downloaded (CHIEF: `$TORCH_HOME/hub/atlas_patch/chief/`), else WeightsError."""
     source = spec.weights
+    target = _torch_hub_file(spec)
+    if target is not None and target.is_file():
+        return target
     where = f" ({source.note})" if source.note else ""
-    return (
-        f"{spec.name}: weights {source.filename or 'file'} have no automatic download{where}; "
+    looked = f"; not found where upstream keeps its copy, {target}" if target is not None else ""
+    raise WeightsError(
+        f"{spec.name}: weights {source.filename or 'file'} have no automatic download{where}{looked}; "
         f"supply a local copy with {weights_flag(spec.name)}"
     )
 
@@ -121,12 +126,9 @@ def _download_url(url: str, target: Path, message: str) -> Path:
 
 
 def _hf_file(spec: EncoderSpec) -> Path:
-    repo, filename = spec.weights.repo_id or "", spec.weights.filename or ""
-    for candidate in (filename, _SIBLINGS.get(filename)):
-        if candidate and (found := wt.find_hf_file(repo, candidate)) is not None:
-            return found
+    source = spec.weights
     try:
-        return wt.fetch_hf_file(repo, filename, local_flag=f"--weights {spec.name}=")
+        return wt.fetch_hf_file(source.repo_id or "", *source.files, local_flag=weights_flag(spec.name))
     except WeightsError as exc:
         raise WeightsError(f"{spec.name}: {exc}{_gate_note(spec)}") from exc
 

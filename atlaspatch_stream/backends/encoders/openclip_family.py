@@ -131,7 +131,7 @@ _SPECS: dict[str, dict[str, Any]] = {
     "quilt_b_16_pmb": {
         "dim": 512,
         "weights": WeightsSource(
-            "hf", repo_id="wisdomik/QuiltNet-B-16-PMB", filename="open_clip_pytorch_model.bin"
+            "hf", repo_id="wisdomik/QuiltNet-B-16-PMB", filename="open_clip_pytorch_model.bin", loader="open_clip"
         ),
         "licence": "see model card",
         "gated": False,

@@ -259,7 +259,8 @@ def specs() -> list[EncoderSpec]:
             preprocess=Preprocess(224, 224, CLIP_MEAN, CLIP_STD, "bicubic"),
             build=_build_biomedclip, load_weights=_load_biomedclip,
             weights=WeightsSource(
-                "hf", "microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224", "open_clip_pytorch_model.bin"
+                "hf", "microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224", "open_clip_pytorch_model.bin",
+                loader="open_clip",
             ),
             licence="MIT", family="biomedclip", params_m=86.2, meta_load=True,
         ),
@@ -271,6 +272,7 @@ def specs() -> list[EncoderSpec]:
                 "local", filename="CHIEF_CTransPath.pth",
                 note="upstream fetches it from Google Drive id 1_vgRF1QXa8sPCOpJ1S9BihwZhXQMOVJc with gdown; also in "
                 "the gated dataset MahmoodLab/hest-bench fm_v1/ctranspath/",
+                folder="atlas_patch/chief",  # where upstream's gdown download puts it, under torch.hub.get_dir()
             ),
             licence="CHIEF AGPL-3.0 / CTransPath GPL-3.0; weights research use", family="chief-swin",
             params_m=27.5, meta_load=False,  # Swin's relative_position_index / attn_mask are not saved

@@ -11,13 +11,31 @@ Resampler = Literal["pil", "tensor_uint8", "tensor_float"]
 Tier = Literal["core", "hf", "openclip", "musk"]
 
 
+# The file names upstream's hub loaders request, in their order (the first one the repo has is the one cached):
+# timm (`hf-hub:` names) and open_clip ask for the safetensors twin before the pickle; transformers' `from_pretrained`
+# tries single and sharded safetensors, then single and sharded pickles. "file" loaders download one named file.
+HubLoader = Literal["file", "timm", "transformers", "open_clip"]
+_LOADER_FILES: dict[str, tuple[str, ...]] = {
+    "timm": ("model.safetensors", "pytorch_model.bin"),
+    "transformers": (
+        "model.safetensors",
+        "model.safetensors.index.json",
+        "pytorch_model.bin",
+        "pytorch_model.bin.index.json",
+    ),
+    "open_clip": ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"),
+}
+
+
 @dataclass(frozen=True)
 class WeightsSource:
     """Where upstream gets an encoder's weights.
 
-    kind "hf": `repo_id` + `filename` in the Hugging Face cache; kind "torchvision": `filename` under
-    `$TORCH_HOME/hub/checkpoints/` (torchvision's own cache); kind "local": only `--weights NAME=PATH`;
-    kind "none": weight-free.
+    kind "hf": `repo_id` (spelled exactly as upstream spells it: the cache folder name depends on it) and `filename`
+    (the file the published repo holds) in the Hugging Face cache, looked up under every name in `files`;
+    kind "torchvision": `filename` under `$TORCH_HOME/hub/checkpoints/` (torchvision's own cache);
+    kind "local": `--weights NAME=PATH`, or `filename` under `$TORCH_HOME/hub/<folder>/` when upstream keeps its own
+    copy there; kind "none": weight-free.
     """
 
     kind: Literal["hf", "torchvision", "local", "none"]
@@ -25,6 +43,15 @@ class WeightsSource:
     filename: str | None = None
     url: str | None = None
     note: str = ""
+    loader: HubLoader = "file"
+    folder: str | None = None
+
+    @property
+    def files(self) -> tuple[str, ...]:
+        """The file names looked up in the repo, in upstream's loader's order."""
+        if self.loader != "file":
+            return _LOADER_FILES[self.loader]
+        return (self.filename,) if self.filename else ()
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from .spec import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     EncoderSpec,
+    HubLoader,
     Interpolation,
     Preprocess,
     WeightsSource,
@@ -109,7 +110,10 @@ def _clip_specs() -> list[EncoderSpec]:
                 preprocess=_pre(size, size, CLIP_MEAN, CLIP_STD, "bicubic"),
                 build=_timm_builder(arch, num_classes=dim),
                 load_weights=filtered_load(_vit_filter if is_vit else _byob_filter),
-                weights=WeightsSource("hf", f"timm/{repo_arch}.openai", "open_clip_pytorch_model.bin"),
+                # open_clip's pretrained="openai" reads these timm-org repos
+                weights=WeightsSource(
+                    "hf", f"timm/{repo_arch}.openai", "open_clip_pytorch_model.bin", loader="open_clip"
+                ),
                 licence="MIT (OpenAI CLIP)",
                 family="clip-vit" if is_vit else "clip-resnet",
                 params_m=params,
@@ -150,27 +154,34 @@ def _hf_spec(
     pre: Preprocess,
     repo: str,
     filename: str = "pytorch_model.bin",
+    loader: HubLoader = "timm",
     **extra: Any,
 ) -> EncoderSpec:
     extra.setdefault("meta_load", True)
     extra.setdefault("family", "timm-vit")
-    return EncoderSpec(
-        name=name, dim=dim, preprocess=pre, build=build, weights=WeightsSource("hf", repo, filename), **extra
-    )
+    weights = WeightsSource("hf", repo, filename, loader=loader)
+    return EncoderSpec(name=name, dim=dim, preprocess=pre, build=build, weights=weights, **extra)
 
 
 class _Terms(TypedDict):
-    """Licence keywords shared by several specs (typed, so `**terms` cannot be mistaken for `filename`)."""
+    """Licence keywords shared by several specs (typed, so `**terms` cannot be mistaken for `filename` or `loader`)."""
 
     licence: str
     gated: bool
+
+
+class _Described(TypedDict):
+    """Licence and notes shared by several specs (typed for the same reason as `_Terms`)."""
+
+    licence: str
+    notes: str
 
 
 def _pathology_specs() -> list[EncoderSpec]:
     nc: _Terms = {"licence": _NC_ND, "gated": True}
     return [
         _hf_spec("uni_v1", 1024, _timm_builder("vit_large_patch16_224", **_VIT_L_UNI), _IMAGENET_224_BICUBIC,
-                 "MahmoodLab/UNI", params_m=303.4, **nc),
+                 "MahmoodLab/uni", params_m=303.4, **nc),  # upstream's spelling (folder models--MahmoodLab--uni)
         _hf_spec("uni_v2", 1536, _timm_builder("vit_giant_patch14_224", **_UNI2), _IMAGENET_224_BICUBIC,
                  "MahmoodLab/UNI2-h", params_m=681.4, **nc),
         _hf_spec("virchow_v1", 2560, _timm_builder("vit_huge_patch14_224", **_VIRCHOW), _IMAGENET_224_BICUBIC,
@@ -198,7 +209,7 @@ def _pathology_specs() -> list[EncoderSpec]:
                  notes="architecture assumed ViT-L/16 (hub config unverified)"),
         _hf_spec("openmidnight", 1536, _timm_builder("vit_giant_patch14_reg4_dinov2", img_size=224, num_classes=0),
                  _pre((224, 224), None, IMAGENET_MEAN, IMAGENET_STD, "bilinear"), "SophontAI/OpenMidnight",
-                 "teacher_checkpoint_load.pt", load_weights=filtered_load(_vit_filter), params_m=1134.8,
+                 "teacher_checkpoint_load.pt", "file", load_weights=filtered_load(_vit_filter), params_m=1134.8,
                  gated=True, licence="see model card",
                  notes="DINOv2 hub checkpoint converted by timm's DINOv2 filter (no torch.hub code fetch)"),
     ]  # fmt: skip
@@ -206,7 +217,7 @@ def _pathology_specs() -> list[EncoderSpec]:
 
 def _lunit_specs() -> list[EncoderSpec]:
     pre = _pre(224, 224, LUNIT_MEAN, LUNIT_STD, "bicubic")
-    common = {
+    common: _Described = {
         "licence": "Lunit non-commercial",
         "notes": "hub timm data config (224, Lunit stats; resize mode assumed)",
     }
