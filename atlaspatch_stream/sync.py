@@ -24,13 +24,17 @@ def process_slides(
     mode: Mode | None = None,
     backends: Backends | None = None,
     on_result: Callable[[SlideResult, Pipeline], None] | None = None,
+    stop: api.Stop | None = None,
     command: str = "library",
 ) -> api.RunSummary:
-    """Blocking `api.process_slides` (runs its own event loop, with uvloop when installed)."""
+    """Blocking `api.process_slides` (runs its own event loop, with uvloop when installed).
+
+    `stop` (an `api.Stop`) must be requested on that loop, e.g. from the `on_result` callback.
+    """
 
     async def main() -> api.RunSummary:
         return await api.process_slides(paths, config, mode=mode, backends=backends, on_result=on_result,
-                                        command=command)
+                                        stop=stop, command=command)
 
     return run(main)
 
