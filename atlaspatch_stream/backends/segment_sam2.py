@@ -49,7 +49,6 @@ log = logging.getLogger("atlaspatch_stream")
 SAM2_REPO_ID = "AtlasAnalyticsLab/AtlasPatch"
 SAM2_FILENAME = "model.pth"
 SAM2_OFFICIAL_SHA256 = "51481c42c1079738f8c506f4da6183002aa34b1eb27d79423ae8f802e052be22"
-SAM2_OFFICIAL_SIZE = 156_281_205
 SAM2_CONFIG = "configs/sam2.1/sam2.1_hiera_t.yaml"
 SAM_SIZE = 1024
 # ImageNet statistics, as SAM2Transforms normalises.

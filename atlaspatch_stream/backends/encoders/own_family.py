@@ -16,12 +16,6 @@ from .loading import load_strict, read_state_dict, select_prefix
 from .spec import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, EncoderSpec, Preprocess, WeightsSource
 
 
-def _nn() -> Any:
-    import torch.nn as nn
-
-    return nn
-
-
 class _Lazy:
     """Module classes are created on first use so that importing this file does not import torch."""
 
