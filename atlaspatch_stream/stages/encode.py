@@ -23,16 +23,17 @@ async def run(
 ) -> None:
     """PatchBatch chunks (any slides) -> FeatureBatch of `batch_size` rows with every encoder's output.
 
-    Models are loaded and warmed up before the stage reports ready. Rows from several slides share a batch (the
-    device never idles between slides); a partial batch runs as soon as nothing more is queued, so a slow reader never
-    stalls a slide's last rows. Each forward runs in a worker thread under `limiter` (device submissions). Closes
+    The stage reports ready at once and loads its models (weights already found by `make_encoders`) while the first
+    slides are opened and segmented, so the first batch does not wait for the load; a weight file that cannot be
+    loaded stops the run from here. Rows from several slides share a batch (the device never idles between slides);
+    a partial batch runs as soon as nothing more is queued, so a slow reader never stalls a slide's last rows. Each forward runs in a worker thread under `limiter` (device submissions). Closes
     `send` when `receive` ends. Encoder errors are bugs or a broken device: they propagate and stop the run.
     """
-    await anyio.to_thread.run_sync(encoders.warm_up, limiter=limiter)
     task_status.started()
     batcher = Batcher(batch_size)
     try:
         async with receive, send:
+            await anyio.to_thread.run_sync(encoders.warm_up, limiter=limiter)
             async for chunk in receive:
                 for batch in batcher.add(chunk):
                     await send.send(await _encode(batch, encoders, limiter))

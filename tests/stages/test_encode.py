@@ -112,3 +112,29 @@ async def test_an_encoder_error_propagates(tmp_path: object) -> None:
     with pytest.raises(RuntimeError, match="device-side assert"):
         await _run([_chunk(0, 0, 4)], EncoderGroup([broken]), batch=4)
     assert broken.closed
+
+
+class SlowToLoad(Recording):
+    def warm_up(self) -> None:
+        time.sleep(0.5)
+        self.loaded_at = time.monotonic()
+
+
+async def test_models_load_after_the_stage_reports_ready(tmp_path: object) -> None:
+    """The stage is ready at once and loads its (slow) model in the background, so upstream stages start opening
+    and segmenting slides meanwhile; the first batch runs once the model is loaded."""
+    slow = SlowToLoad("a")
+    send_in, receive_in = anyio.create_memory_object_stream[PatchBatch](4)
+    send, receive = anyio.create_memory_object_stream[WriteItem](4)
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            started = time.monotonic()
+            await tg.start(lambda task_status: encode.run(receive_in, send, encoders=EncoderGroup([slow]),
+                                                          batch_size=4, limiter=anyio.CapacityLimiter(1),
+                                                          task_status=task_status))
+            ready_after = time.monotonic() - started
+            await send_in.send(_chunk(0, 0, 4))
+            first = await receive.receive()
+            await send_in.aclose()
+    assert ready_after < 0.3 and isinstance(first, FeatureBatch) and slow.sizes == [4]
+    assert slow.loaded_at - started >= 0.5
