@@ -92,8 +92,12 @@ class Backends:
         return outputs.lock_path(self.config.write.output, job.stem)
 
     def acquire_lock(self, job: SlideJob) -> Any:
-        """Take the slide's lock, or None when a live process holds it."""
-        return claims.acquire_lock(self.lock_path(job), str(job.path))
+        """Take the slide's lock (a `claims.Claim`, taking over a stale one), or None when a live process holds it.
+
+        Raises:
+            OutputError: the lock cannot be written (disk full, read-only, ...).
+        """
+        return claims.try_claim(self.lock_path(job), slide=str(job.path), purpose="process")
 
     def reuse_decision(self, job: SlideJob, encoders: Sequence[str]) -> outputs.ReuseDecision:
         """Skip, reuse, refuse or process anew (upstream §2.6 plus the geometry check)."""
