@@ -60,7 +60,7 @@ class OutputFile:
     def __init__(self, path: Path, *, create: bool) -> None:
         flags = os.O_RDWR | getattr(os, "O_CLOEXEC", 0) | (os.O_CREAT | os.O_EXCL if create else 0)
         self.path = path
-        self.fd: int | None = os.open(path, flags, 0o644)
+        self.fd: int | None = os.open(path, flags, 0o666)  # as h5py creates files: the umask decides
         self.io = _IO[0]
         self.pos = 0
         self.size = os.fstat(self.fd).st_size

@@ -592,7 +592,8 @@ def owned_temp_path(final: Path) -> Path:
 
 _OWNED_TEMP = re.compile(r"^\.(?P<final>.+)\.tmp\.(?P<tag>[0-9a-f]{10}-\d+-\d+)\.[0-9a-f]{12}$")
 _OLD_TEMP = re.compile(r"^\.(?P<final>.+)\.tmp\.[0-9a-f]{32}$")  # before owners were named: no writer known
-_PUB_TEMP = re.compile(r"^\.(?P<lock>.+)\.pub\.(?P<tag>[0-9a-f]{10}-\d+-\d+)\.[0-9a-f]{12}$")
+# Lock publish temps `.<lock>.pub.<owner>.<hex>` and clock probes `.probe.<owner>.<hex>` live for milliseconds.
+_PUB_TEMP = re.compile(r"^\.(?:.+\.pub|probe)\.(?P<tag>[0-9a-f]{10}-\d+-\d+)\.[0-9a-f]{12}$")
 _SIDE = re.compile(r"^(?P<lock>.+)\.(stale|released)\.[0-9a-f]{12}$")
 
 

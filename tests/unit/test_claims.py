@@ -300,11 +300,11 @@ HOLDER = textwrap.dedent("""
 
 
 def test_heartbeat_keeps_a_claim_against_a_contender_until_it_stops(tmp_path: Path) -> None:
-    """A holder "on another host" heartbeats every lease/3 (lease 1.5 s): a contender trying for 4 s never gets the
+    """A holder "on another host" heartbeats every lease/3 (lease 3 s): a contender trying for 4 s never gets the
     lock. Once the holder stops beating (still alive), the contender takes over after the lease, and the holder's
     next heartbeat reports the claim lost."""
     lock, stop, check = tmp_path / "s.lock", tmp_path / "stop", tmp_path / "check"
-    lease = 1.5
+    lease = 3.0
     holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(lock), str(stop), str(check), str(lease)],
                               env=_env(), stdout=subprocess.PIPE, text=True)
     try:

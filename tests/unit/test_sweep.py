@@ -116,21 +116,23 @@ def test_other_hosts_temp_files_go_only_when_stale_by_lease(tmp_path: Path) -> N
 
 
 def test_leftover_publish_and_takeover_files_are_swept(tmp_path: Path) -> None:
-    """A publish temp of a dead local writer goes at once; takeover side files and guards go after grace."""
+    """A lock publish temp and a clock probe of a dead local process go at once; takeover side files go after
+    grace (a young one stays); a takeover guard left by a dead process goes at once."""
     patches = tmp_path / "patches"
     patches.mkdir()
     dead_child = subprocess.Popen([sys.executable, "-c", "pass"])
     dead_child.wait()
     key = claims.owner_tag().split("-", 1)[0]
     pub = patches / f".s.lock.pub.{key}-{dead_child.pid}-0.0123456789ab"
+    probe = patches / f".probe.{key}-{dead_child.pid}-0.0123456789ab"
     side = patches / "s.lock.stale.0123456789ab"
     young_side = patches / "t.lock.released.0123456789ab"
     guard = patches / "u.lock.takeover"
-    for path in (pub, side, young_side):
+    for path in (pub, probe, side, young_side):
         path.write_bytes(b"")
     guard.write_bytes(claims.Holder(host=claims.HOST, pid=dead_child.pid).to_bytes())
     _age(side, claims.DEFAULT_GRACE + 1)
     summary = claims.sweep_orphans(tmp_path)
-    assert sorted(summary.removed_temps) == sorted([pub, side])
+    assert sorted(summary.removed_temps) == sorted([pub, probe, side])
     assert summary.removed_locks == [guard]
     assert _names(patches) == [young_side.name]
