@@ -59,6 +59,7 @@ async def open_pipeline(
     mode: Mode | None = None,
     backends: Backends | None = None,
     command: str = "library",
+    stop_on_output_failure: bool = False,
 ) -> AsyncIterator[Pipeline]:
     """Start a pipeline (models loaded, stages ready) and yield it.
 
@@ -68,6 +69,9 @@ async def open_pipeline(
             "features" when `config.encode.extractors` is set, else "coords".
         backends: the blocking work of every stage; default the real `RealBackends(config)` (tests inject fakes).
         command: recorded in the run report.
+        stop_on_output_failure: after a systemic output failure (full disk, read-only output...), stop starting
+            slides (`stop_intake`), as `process` does; by default each slide meets the failure on its own (a service
+            keeps answering, each request with the cause).
 
     Raises:
         WeightsError, MissingExtraError, ConfigError: before any slide is opened (and before the run report or any
@@ -77,13 +81,13 @@ async def open_pipeline(
     cancelled, partial outputs are removed and locks released.
     """
     report = RunReport(config.write.output, command)
-    async with _open(config, mode, backends, report) as pipeline:
+    async with _open(config, mode, backends, report, stop_on_output_failure) as pipeline:
         yield pipeline
 
 
 @asynccontextmanager
-async def _open(config: PipelineConfig, mode: Mode | None, backends: Backends | None,
-                report: RunReport) -> AsyncIterator[Pipeline]:
+async def _open(config: PipelineConfig, mode: Mode | None, backends: Backends | None, report: RunReport,
+                stop_on_output_failure: bool) -> AsyncIterator[Pipeline]:
     """`open_pipeline` with a report the caller may still write to before `report.end()`."""
     if backends is None:
         from .backends.bundle import RealBackends
@@ -93,7 +97,7 @@ async def _open(config: PipelineConfig, mode: Mode | None, backends: Backends | 
     pipeline: Pipeline | None = None
     status: RunStatus = "failed"
     try:
-        async with running(config, backends, mode or default_mode(config), report) as pipeline:
+        async with running(config, backends, mode or default_mode(config), report, stop_on_output_failure) as pipeline:
             await anyio.to_thread.run_sync(report.open, limiter=pipeline.limiters.io)
             yield pipeline
             status = "interrupted" if pipeline.book.stop_reason else "completed"
@@ -202,6 +206,8 @@ async def process_slides(
         command: recorded in the run report.
 
     Every job gets exactly one result, also when the run is stopped: slides that never started are `cancelled`.
+    After a systemic output failure (full disk, read-only output...) no later slide starts: each is `cancelled`
+    ("not started: output disk full"), the slides in flight finish or fail, and `summary.stop_reason` says why.
     """
     jobs = [p for p in paths if isinstance(p, SlideJob)]
     if not jobs:  # discovery walks folders: off the event loop, on a limiter of ours
@@ -212,7 +218,7 @@ async def process_slides(
     pipeline: Pipeline | None = None
     with anyio.CancelScope() as scope:
         report = RunReport(config.write.output, command)
-        async with _open(config, mode, backends, report) as pipeline, anyio.create_task_group() as tg:
+        async with _open(config, mode, backends, report, True) as pipeline, anyio.create_task_group() as tg:
             if stop is not None:
                 tg.start_soon(_watch_stop, stop, pipeline, scope, config.run.drain_timeout_s)
             tg.start_soon(_feed, pipeline, jobs)

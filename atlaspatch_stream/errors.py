@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import errno
+import os
+import re
 import sys
+from pathlib import Path
+from typing import Literal
 
 import anyio
 
@@ -77,9 +82,26 @@ def is_bug(exc: BaseException) -> bool:
 
 def failure_message(name: str, exc: BaseException) -> str:
     """The one-line failure record of a slide: `<slide>: <cause>`, whatever raised."""
-    if isinstance(exc, SlideError):
+    if isinstance(exc, SlideError | OutputError):
         return exc.one_line() if exc.slide else f"{name}: {exc.one_line()}"
     return f"{name}: {describe(exc)}"
+
+
+def error_kind(exc: BaseException) -> str:
+    """A stable class of a slide's failure for ledgers and reports: an `OutputError`'s kind, `slide`, or the type."""
+    if isinstance(exc, OutputError):
+        return exc.kind
+    return "slide" if isinstance(exc, SlideError) else type(exc).__name__
+
+
+STOP_REASONS: dict[str, str] = {
+    "disk_full": "output disk full",
+    "quota": "output disk quota exceeded",
+    "read_only": "output folder is read-only",
+    "permission": "output folder is not writable",
+    "missing": "output folder is gone",
+    "io": "output I/O error",
+}
 
 
 def single_error(group: BaseException) -> BaseException:
@@ -104,3 +126,147 @@ def single_error(group: BaseException) -> BaseException:
     if len(real) > 1:
         chosen.__context__ = group
     return chosen
+
+
+OutputKind = Literal["disk_full", "quota", "read_only", "permission", "missing", "io"]
+
+_KIND_OF_ERRNO: dict[int, OutputKind] = {
+    errno.ENOSPC: "disk_full",
+    errno.EDQUOT: "quota",
+    errno.EROFS: "read_only",
+    errno.EACCES: "permission",
+    errno.EPERM: "permission",
+    errno.ENOENT: "missing",
+    errno.ENOTDIR: "missing",
+    errno.EIO: "io",
+    errno.ESTALE: "io",
+    errno.EFBIG: "io",
+}
+# HDF5 reports the OS failure inside its message ("... errno = 28, error message = 'No space left on device' ...");
+# h5py raises OSError (errno set only for some calls) or, from a destructor, RuntimeError with only the text.
+_ERRNO_IN_TEXT = re.compile(r"errno = (\d+)|\[Errno (\d+)\]")
+
+
+class OutputError(AtlasPatchError):
+    """Writing the output failed at the OS level: disk full, quota, read-only, no permission, gone, or I/O error.
+
+    A slide that hits it fails with `one_line()`; when `systemic` is true the cause is the output filesystem itself,
+    so later slides would fail the same way (`process` stops starting slides, the daemon pauses intake).
+
+    Attributes:
+        kind: What failed (`disk_full`, `quota`, `read_only`, `permission`, `missing`, `io`).
+        path: The file or folder concerned.
+        errno: The OS error number, when known.
+        slide: The slide name, when known.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        kind: OutputKind,
+        path: Path | None = None,
+        errno: int | None = None,
+        slide: str | None = None,
+        systemic: bool | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.path = path
+        self.errno = errno
+        self.slide = slide
+        self._systemic = systemic
+
+    @property
+    def systemic(self) -> bool:
+        """True when the output filesystem itself is the problem (full, read-only, gone, failing), not one file."""
+        return True if self._systemic is None else self._systemic
+
+    def one_line(self) -> str:
+        """The message as a single line, naming the slide when known."""
+        text = " ".join(str(self.args[0]).split())
+        return f"{self.slide}: {text}" if self.slide else text
+
+
+def free_bytes(folder: Path) -> int | None:
+    """Bytes an unprivileged writer may still use on `folder`'s filesystem (statvfs `f_bavail`); None if unknown."""
+    try:
+        st = os.statvfs(folder)
+    except (OSError, AttributeError):
+        return None
+    return int(st.f_bavail) * int(st.f_frsize)
+
+
+def megabytes(n: int | None) -> str:
+    """`n` bytes as `3.2 MB` (decimal megabytes, one decimal)."""
+    return "? MB" if n is None else f"{n / 1e6:.1f} MB"
+
+
+def errno_of(exc: BaseException) -> int | None:
+    """The OS error number behind `exc`, from `errno`, HDF5's message text, or its cause/context chain."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        number = getattr(current, "errno", None)
+        if isinstance(number, int) and number in _KIND_OF_ERRNO:
+            return number
+        match = _ERRNO_IN_TEXT.search(str(current))
+        if match and int(match.group(1) or match.group(2)) in _KIND_OF_ERRNO:
+            return int(match.group(1) or match.group(2))
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def output_error(exc: BaseException, path: Path, *, slide: str | None = None) -> OutputError | None:
+    """Translate an OS or h5py failure while writing `path` (file or folder); None when it is not an output error.
+
+    Args:
+        exc: The exception raised (OSError, h5py's OSError/RuntimeError, or one chained to them).
+        path: The output file or folder being written; its folder is probed for free space and writability.
+        slide: The slide name, for the message.
+    """
+    if isinstance(exc, OutputError):
+        return exc
+    number = errno_of(exc)
+    if number is None:
+        return None
+    kind = _KIND_OF_ERRNO[number]
+    folder = _existing_folder(path)
+    message, systemic = _describe(kind, number, path, folder)
+    return OutputError(message, kind=kind, path=path, errno=number, slide=slide, systemic=systemic)
+
+
+def disk_full_before(needed: int, free: int, folder: Path, *, slide: str | None = None) -> OutputError:
+    """The pre-flight failure: the output would not fit (`needs ~X MB, Y MB free on <folder>`)."""
+    return OutputError(
+        f"output disk full (needs ~{megabytes(needed)}, {megabytes(free)} free on {folder})",
+        kind="disk_full", path=folder, errno=errno.ENOSPC, slide=slide,
+    )
+
+
+def _existing_folder(path: Path) -> Path:
+    """`path`'s nearest existing ancestor folder (the output folder itself may be what vanished)."""
+    folder = path if path.is_dir() else path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    return folder
+
+
+def _describe(kind: OutputKind, number: int, path: Path, folder: Path) -> tuple[str, bool]:
+    """(one-line message, systemic) for an OS failure on `path`."""
+    if kind == "disk_full":
+        return f"output disk full ({megabytes(free_bytes(folder))} free on {folder})", True
+    if kind == "quota":
+        return f"output disk quota exceeded on {folder}", True
+    if kind == "read_only":
+        return f"output filesystem is read-only ({folder})", True
+    if kind == "permission":
+        # Only this file is refused when its folder is still writable (e.g. someone else's H5 in a shared output).
+        writable = os.access(folder, os.W_OK)
+        return f"no permission to write the output ({path})", not writable
+    if kind == "missing":
+        if path.parent.exists():
+            return f"output file vanished while being written ({path})", False
+        return f"output folder is missing ({path.parent})", True
+    return f"output I/O error on {path} ({os.strerror(number)})", True

@@ -132,6 +132,7 @@ class SlideFailed:
     job: SlideJob
     stage: str
     message: str
+    error: BaseException | None = None  # what raised (its class decides retries and run-level stops)
 
 
 # What the writer receives: a plan opens a file, batches fill it, a failure drops it.

@@ -25,10 +25,11 @@ from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from .config import PipelineConfig
-from .errors import PipelineClosed, PipelineFull, single_error
+from .errors import STOP_REASONS, OutputError, PipelineClosed, PipelineFull, single_error
 from .items import PatchBatch, PatchPlan, SlideJob, SlideResult, Thumbnail, TissueMask, WriteItem
 from .protocols import Backends
 from .report import RunReport
+from .sources.claims import DEFAULT_LEASE
 from .stages import encode, plan, prepare, read, segment, write
 from .stages.book import SlideBook
 
@@ -36,6 +37,7 @@ if sys.version_info < (3, 11):  # pragma: no cover
     from exceptiongroup import BaseExceptionGroup  # anyio depends on it there
 
 Mode = Literal["coords", "features", "detect"]
+HEARTBEAT_S = DEFAULT_LEASE / 3
 State = Literal["starting", "running", "draining", "closed", "failed"]
 T = TypeVar("T")
 
@@ -161,7 +163,8 @@ class Pipeline:
     `PipelineFull` instead. `statistics()` reports queue fill, slides in flight, totals and the state.
     """
 
-    def __init__(self, config: PipelineConfig, backends: Backends, mode: Mode, report: RunReport | None = None) -> None:
+    def __init__(self, config: PipelineConfig, backends: Backends, mode: Mode, report: RunReport | None = None,
+                 stop_on_output_failure: bool = False) -> None:
         self.config = config
         self.backends = backends
         self.mode = mode
@@ -169,8 +172,10 @@ class Pipeline:
         self.stages = StageSet.for_mode(mode, config)
         self.streams = Streams.from_config(config)
         self.limiters = Limiters.from_config(config)
-        self.book = SlideBook(self.streams.finished.send, config.open.max_open_slides, self.limiters.io)
+        on_systemic = self._stop_for if stop_on_output_failure else None
+        self.book = SlideBook(self.streams.finished.send, config.open.max_open_slides, self.limiters.io, on_systemic)
         self.state: State = "starting"
+        self.heartbeat_s = HEARTBEAT_S
         self.submitted = 0
         self.cancelled: list[SlideResult] = []  # slides torn down in flight (the run was cancelled)
         self._ids = itertools.count()
@@ -238,6 +243,10 @@ class Pipeline:
         for job in jobs:
             self._accept(job)
             await self.book.reject(job, "cancelled", f"not started: {reason}")
+
+    def _stop_for(self, error: OutputError) -> None:
+        """A systemic output failure (full disk, read-only output...): no later slide starts."""
+        self.stop_intake(STOP_REASONS.get(error.kind, "output failure"))
 
     def results(self) -> MemoryObjectReceiveStream[SlideResult]:
         """Final results of `submit()`ted slides as they finish; ends when the input is closed and all drained."""
@@ -338,19 +347,32 @@ class Pipeline:
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Start every stage (downstream first), report ready, and run until the input is closed and drained."""
+        beat = anyio.CancelScope()
         async with anyio.create_task_group() as outer:
             await outer.start(self._dispatch)
+            outer.start_soon(self._heartbeat, beat)
             try:
                 async with anyio.create_task_group() as tg:
+                    if self.stages.write:
+                        await anyio.to_thread.run_sync(self.backends.outputs.sweep_orphans, limiter=self.limiters.io)
                     await self._start_stages(tg)
                     self.state = "running"
                     task_status.started()
             finally:
+                beat.cancel()
                 self.cancelled = await self.book.release_all()
                 await self.book.aclose()
                 for edge in self.streams.edges():
                     if edge is not self.streams.results and edge is not self.streams.finished:
                         edge.close()
+
+    async def _heartbeat(self, scope: anyio.CancelScope) -> None:
+        """Refresh the locks of the slides in flight every third of the lock lease (other hosts judge them by age),
+        until the stages have ended (`scope` is cancelled then)."""
+        with scope:
+            while True:
+                await anyio.sleep(self.heartbeat_s)
+                await self.book.heartbeat()
 
     async def _dispatch(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Route each final result: to its `process()` caller, or to `results()`; record it in the run report."""
@@ -431,13 +453,13 @@ def _collision(job: SlideJob, first: Path) -> str:
 
 
 @asynccontextmanager
-async def running(config: PipelineConfig, backends: Backends, mode: Mode,
-                  report: RunReport | None = None) -> AsyncIterator[Pipeline]:
+async def running(config: PipelineConfig, backends: Backends, mode: Mode, report: RunReport | None = None,
+                  stop_on_output_failure: bool = False) -> AsyncIterator[Pipeline]:
     """Start a pipeline; on normal exit close the input and drain; on error or cancellation cancel it.
 
     Results not consumed by the caller are drained (they are still counted) when the block exits.
     """
-    pipeline = Pipeline(config, backends, mode, report)
+    pipeline = Pipeline(config, backends, mode, report, stop_on_output_failure)
     try:
         async with anyio.create_task_group() as tg:
             await tg.start(pipeline.run)

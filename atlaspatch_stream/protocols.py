@@ -135,10 +135,14 @@ class EncoderSet(Protocol):
 
 
 class Lock(Protocol):
-    """A held per-slide lock; `release()` is idempotent."""
+    """A held per-slide lock (a claim on the output filesystem); `release()` is idempotent."""
+
+    def heartbeat(self) -> bool:
+        """Refresh the lock's age; False once it was lost (taken over by another process)."""
+        ...
 
     def release(self) -> None:
-        """Give the lock up."""
+        """Give the lock up (never removing a lock that is no longer ours)."""
         ...
 
 
@@ -226,12 +230,21 @@ class OutputStore(Protocol):
         """The `coords` of a complete output file, int32 (N, 5)."""
         ...
 
-    def open_store(self, plan: PatchPlan) -> Store:
-        """A new temporary output with coords (new slide), or the existing file (reuse)."""
+    def open_store(self, plan: PatchPlan, feature_dims: Mapping[str, int]) -> Store:
+        """A new temporary output with coords (new slide), or the existing file (reuse), checked to have room for
+        its coordinates and the feature sets in `feature_dims`.
+
+        Raises:
+            OutputError: it would not fit, or the output filesystem refused it.
+        """
         ...
 
     def save_images(self, plan: PatchPlan, rows: np.ndarray, pixels: np.ndarray) -> None:
         """`--save-images`: one PNG per patch, written atomically."""
+        ...
+
+    def sweep_orphans(self) -> None:
+        """At start: remove temporary files and stale locks left by processes that no longer run."""
         ...
 
 

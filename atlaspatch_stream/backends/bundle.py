@@ -7,7 +7,7 @@ which are imported here lazily, so `import atlaspatch_stream` stays light.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -191,8 +191,12 @@ class H5Outputs:
         return outputs.lock_path(self.config.write.output, job.stem)
 
     def acquire_lock(self, job: SlideJob) -> Lock | None:
-        """Take the slide's lock, or None when a live process holds it."""
-        return claims.acquire_lock(self.lock_path(job), str(job.path))
+        """Take the slide's lock (a `claims.Claim`, taking over a stale one), or None when a live process holds it.
+
+        Raises:
+            OutputError: the lock cannot be written (disk full, read-only, ...).
+        """
+        return claims.try_claim(self.lock_path(job), slide=str(job.path), purpose="process")
 
     def reuse_decision(self, job: SlideJob, encoders: Sequence[str]) -> ReuseDecision:
         """Skip, reuse, refuse or process anew (upstream §2.6 plus the geometry check)."""
@@ -208,16 +212,17 @@ class H5Outputs:
 
         return read_coords(path)
 
-    def open_store(self, plan: PatchPlan) -> Store:
-        """A new temporary H5 with coords (new slide) or the existing H5 (reuse)."""
+    def open_store(self, plan: PatchPlan, feature_dims: Mapping[str, int]) -> Store:
+        """A new temporary H5 with coords (new slide), checked to have room for them and `feature_dims`; or the
+        existing H5 (reuse: each added set is checked when it begins)."""
         from .h5store import SlideH5
 
-        w, batch = self.config.write, self.config.encode.batch_size
+        w, batch, job = self.config.write, self.config.encode.batch_size, plan.slide.job
         if plan.slide.reuse is not None:
             return SlideH5.open_existing(plan.slide.reuse.h5_path, plan.num_patches, batch)
         assert plan.attrs is not None, "a new slide's plan carries its attributes"
-        return SlideH5.create(self.h5_path(plan.slide.job), plan.attrs, plan.coords, plan.slide.job.stem,
-                              w.write_batch, batch)
+        return SlideH5.create(self.h5_path(job), plan.attrs, plan.coords, job.stem, w.write_batch, batch,
+                              feature_dims=feature_dims)
 
     def save_images(self, plan: PatchPlan, rows: np.ndarray, pixels: np.ndarray) -> None:
         """`--save-images`: `<out>/images/<stem>/<stem>_x{X}_y{Y}.png`, written atomically."""
@@ -225,6 +230,10 @@ class H5Outputs:
 
         stem = plan.slide.job.stem
         save_patch_pngs(outputs.images_dir(self.config.write.output, stem), stem, plan.coords[rows], pixels)
+
+    def sweep_orphans(self) -> None:
+        """Remove temporary H5s and stale locks of processes that no longer run (logged when anything goes)."""
+        claims.sweep_orphans(self.config.write.output)
 
 
 class RealBackends:

@@ -8,9 +8,25 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from ..errors import output_error
+
 
 def save_patch_pngs(folder: Path, stem: str, coords: np.ndarray, pixels: np.ndarray) -> list[Path]:
-    """Write `<folder>/<stem>_x{X}_y{Y}.png` for each row (RGB uint8 patches, X/Y level-0 coordinates)."""
+    """Write `<folder>/<stem>_x{X}_y{Y}.png` for each row (RGB uint8 patches, X/Y level-0 coordinates).
+
+    Raises:
+        OutputError: the output filesystem refused a write (full, read-only, ...); no temporary file is left.
+    """
+    try:
+        return _save(folder, stem, coords, pixels)
+    except OSError as exc:
+        error = output_error(exc, folder)
+        if error is None:
+            raise
+        raise error from exc
+
+
+def _save(folder: Path, stem: str, coords: np.ndarray, pixels: np.ndarray) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     written = []
     for (x, y), patch in zip(coords[:, :2].tolist(), pixels, strict=True):
@@ -19,7 +35,10 @@ def save_patch_pngs(folder: Path, stem: str, coords: np.ndarray, pixels: np.ndar
             raise OSError(f"PNG encoding failed for {stem} at ({x}, {y})")
         final = folder / f"{stem}_x{x}_y{y}.png"
         tmp = final.with_name(f".{final.name}.tmp")
-        tmp.write_bytes(data.tobytes())
-        os.replace(tmp, final)
+        try:
+            tmp.write_bytes(data.tobytes())
+            os.replace(tmp, final)
+        finally:
+            tmp.unlink(missing_ok=True)
         written.append(final)
     return written

@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
 from anyio.streams.memory import MemoryObjectSendStream
 
-from ..errors import PipelineFull
+from ..errors import OutputError, PipelineFull, error_kind
 from ..items import SlideJob, SlideResult, Status
 from ..protocols import Lock, SlideHandle
 
+log = logging.getLogger(__name__)
 
 @dataclass
 class Tally:
@@ -66,8 +69,10 @@ class SlideBook:
     """
 
     def __init__(self, results: MemoryObjectSendStream[SlideResult], max_open: int,
-                 limiter: anyio.CapacityLimiter) -> None:
+                 limiter: anyio.CapacityLimiter,
+                 on_systemic: Callable[[OutputError], None] | None = None) -> None:
         self._results = results
+        self.on_systemic = on_systemic
         self._slots = anyio.Semaphore(max_open)
         self._entries: dict[int, _Entry] = {}
         self._withdrawn: set[int] = set()
@@ -149,9 +154,19 @@ class SlideBook:
             extra = {**entry.extra, **kwargs.pop("extra", {})}
             await self._send(SlideResult(job=job, status=status, timings=entry.timings, extra=extra, **kwargs))
 
-    async def fail(self, job: SlideJob, stage: str, message: str) -> None:
-        """Finish a slide as failed in `stage`."""
-        await self.finish(job, "failed", message=message, extra={"stage": stage})
+    async def fail(self, job: SlideJob, stage: str, message: str, error: BaseException | None = None) -> None:
+        """Finish a slide as failed in `stage`; `error` (what raised) is classed in the result's extra.
+
+        A systemic output error (full disk, read-only output...) is also handed to `on_systemic`, which decides what
+        the run does about it (`process` stops starting slides; a daemon pauses intake).
+        """
+        extra: dict[str, Any] = {"stage": stage}
+        if error is not None:
+            extra["error_kind"] = error_kind(error)
+            extra["systemic"] = isinstance(error, OutputError) and error.systemic
+        await self.finish(job, "failed", message=message, extra=extra)
+        if isinstance(error, OutputError) and error.systemic and self.on_systemic is not None:
+            self.on_systemic(error)
 
     async def reject(self, job: SlideJob, status: Status, message: str, stage: str = "submit") -> None:
         """The result of a job that never started (nothing to release)."""
@@ -172,6 +187,13 @@ class SlideBook:
         with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
             await self._results.send(result)
 
+    async def heartbeat(self) -> None:
+        """Refresh the lock of every slide in flight (another host judges a lock by its age)."""
+        locks = [e.lock for e in self._entries.values() if e.lock is not None]
+        if locks:
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(_beat, locks, limiter=self._limiter)
+
     async def release_all(self) -> list[SlideResult]:
         """On cancellation: release every handle and lock still held; return (and count) their `cancelled` results.
 
@@ -191,6 +213,14 @@ class SlideBook:
     async def aclose(self) -> None:
         """Close the results stream (after every stage has ended)."""
         await self._results.aclose()
+
+
+def _beat(locks: list[Lock]) -> None:
+    for lock in locks:
+        try:
+            lock.heartbeat()
+        except Exception as exc:  # noqa: BLE001 - a failed touch is retried at the next beat; the slide goes on
+            log.warning("heartbeat of a slide lock failed: %s", exc)
 
 
 def _release(entry: _Entry) -> None:

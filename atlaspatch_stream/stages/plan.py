@@ -86,7 +86,7 @@ async def _plan_one(item: TissueMask, book: SlideBook, planner: Planner, outputs
     except Exception as exc:  # a foreign per-slide failure becomes a record; bugs stop the run
         if is_bug(exc):
             raise
-        await book.fail(job, "plan", failure_message(job.name, exc))
+        await book.fail(job, "plan", failure_message(job.name, exc), exc)
         return None
     book.time(job, "plan", time.perf_counter() - started)
     book.note(job, num_patches=plan.num_patches)

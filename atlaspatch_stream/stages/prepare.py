@@ -78,7 +78,7 @@ async def _prepare_one(job: SlideJob, book: SlideBook, slides: SlideSource, outp
     except Exception as exc:  # a foreign per-slide failure becomes a record; bugs stop the run
         if is_bug(exc):
             raise
-        await book.fail(job, "open", failure_message(job.name, exc))
+        await book.fail(job, "open", failure_message(job.name, exc), exc)
         return None
     book.time(job, "open", time.perf_counter() - started)
     return Thumbnail(OpenedSlide(job, handle, reuse), image)

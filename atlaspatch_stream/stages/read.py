@@ -90,7 +90,7 @@ async def _read_one(plan: PatchPlan, send: MemoryObjectSendStream[PatchBatch], p
     except Exception as exc:  # a foreign per-slide failure becomes a record; bugs stop the run
         if is_bug(exc):
             raise
-        return SlideFailed(job, "read", failure_message(job.name, exc))
+        return SlideFailed(job, "read", failure_message(job.name, exc), exc)
     finally:
         close = getattr(iterator, "close", None)
         if close is not None:  # stop the reader's own decode threads, also on cancellation

@@ -90,21 +90,22 @@ async def _dispatch(item: WriteItem, writer: _Writer) -> None:
     else:
         entry = writer.files.get(item.job.slide_id)
         if entry is not None:
-            await _fail(entry, writer, item.stage, item.message)
+            await _fail(entry, writer, item.stage, item.message, item.error)
         else:
-            await writer.book.fail(item.job, item.stage, item.message)
+            await writer.book.fail(item.job, item.stage, item.message, item.error)
 
 
 async def _open(plan: PatchPlan, writer: _Writer) -> None:
     job = plan.slide.job
     reuse = plan.slide.reuse
     names = reuse.missing if reuse is not None else writer.settings.encoders
+    dims = {name: writer.settings.dims[name] for name in names}
     try:
-        store = await anyio.to_thread.run_sync(writer.outputs.open_store, plan, limiter=writer.limiter)
-    except Exception as exc:  # e.g. disk full: this slide fails, the run goes on
+        store = await anyio.to_thread.run_sync(writer.outputs.open_store, plan, dims, limiter=writer.limiter)
+    except Exception as exc:  # e.g. disk full: this slide fails (the book decides what the run does about it)
         if is_bug(exc):
             raise
-        await writer.book.fail(job, "write", failure_message(job.name, exc))
+        await writer.book.fail(job, "write", failure_message(job.name, exc), exc)
         return
     tally = RowTally(plan.num_patches) if writer.settings.count_rows and not names else None
     entry = _Open(plan, store, tuple(names), tally)
@@ -117,7 +118,7 @@ async def _open(plan: PatchPlan, writer: _Writer) -> None:
         except Exception as exc:
             if is_bug(exc):
                 raise
-            await _fail(entry, writer, "write", failure_message(job.name, exc))
+            await _fail(entry, writer, "write", failure_message(job.name, exc), exc)
             return
     await _maybe_finish(entry, writer)
 
@@ -136,7 +137,7 @@ async def _rows(batch: FeatureBatch | PatchBatch, writer: _Writer) -> None:
         except Exception as exc:
             if is_bug(exc):
                 raise
-            await _fail(entry, writer, "write", failure_message(entry.job.name, exc))
+            await _fail(entry, writer, "write", failure_message(entry.job.name, exc), exc)
             continue
         await _maybe_finish(entry, writer)
 
@@ -175,14 +176,14 @@ async def _maybe_finish(entry: _Open, writer: _Writer) -> None:
             await anyio.to_thread.run_sync(entry.store.abort, limiter=writer.limiter)
         if is_bug(exc):
             raise
-        await writer.book.fail(job, "write", failure_message(job.name, exc))
+        await writer.book.fail(job, "write", failure_message(job.name, exc), exc)
         return
     status: Status = "reused" if entry.plan.slide.reuse is not None else "done"
     await writer.book.finish(job, status, h5_path=path, num_patches=entry.plan.num_patches, features=entry.names)
 
 
-async def _fail(entry: _Open, writer: _Writer, stage: str, message: str) -> None:
+async def _fail(entry: _Open, writer: _Writer, stage: str, message: str, error: BaseException | None = None) -> None:
     writer.files.pop(entry.job.slide_id, None)
     with anyio.CancelScope(shield=True):
         await anyio.to_thread.run_sync(entry.store.abort, limiter=writer.limiter)
-    await writer.book.fail(entry.job, stage, message)
+    await writer.book.fail(entry.job, stage, message, error)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -57,10 +57,10 @@ class ExplodingPlanner(FakePlanner):
 
 
 class FullDiskOutputs(H5Outputs):
-    def open_store(self, plan: PatchPlan) -> Any:
+    def open_store(self, plan: PatchPlan, feature_dims: Mapping[str, int]) -> Any:
         if plan.slide.job.stem == "bad_write":
             raise OSError(28, "No space left on device")
-        return super().open_store(plan)
+        return super().open_store(plan, feature_dims)
 
 
 class FlakyBackends(FakeBackends):

@@ -44,6 +44,11 @@ class CountingLock:
     """A lock that counts its releases."""
 
     released: int = 0
+    beats: int = 0
+
+    def heartbeat(self) -> bool:
+        self.beats += 1
+        return True
 
     def release(self) -> None:
         self.released += 1

@@ -3,6 +3,7 @@ failures drop partial files, zero-patch slides, cancellation leaves nothing that
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 import anyio
@@ -12,6 +13,7 @@ import pytest
 
 from atlaspatch_stream.backends.bundle import H5Outputs, SettingsRecord
 from atlaspatch_stream.items import FeatureBatch, PatchPlan, SlideFailed, WriteItem
+from atlaspatch_stream.protocols import Store
 from atlaspatch_stream.stages import write
 from atlaspatch_stream.testing.fakes import FakePlanner, fake_jobs
 from tests.helpers import fake_config, leftovers
@@ -24,10 +26,10 @@ pytestmark = pytest.mark.anyio
 class Stores(H5Outputs):
     """The real H5 store; `nospace` cannot be created (a full disk)."""
 
-    def open_store(self, plan: PatchPlan):  # type: ignore[no-untyped-def]
+    def open_store(self, plan: PatchPlan, feature_dims: Mapping[str, int]) -> Store:
         if plan.slide.job.stem == "nospace":
             raise OSError(28, "No space left on device")
-        return super().open_store(plan)
+        return super().open_store(plan, feature_dims)
 
 
 def _settings() -> write.WriteSettings:
