@@ -217,8 +217,8 @@ def summarize(summary: RunSummary, mode: Mode) -> int:
     if skipped or locked:
         write_line(f"Skipped {skipped} existing, {locked} locked by another process")
     if summary.stop_reason is not None:
-        write_line(f"Stopped early ({summary.stop_reason}): {cancelled} slide(s) cancelled, not started or "
-                   "interrupted")
+        tail = f": {cancelled} slide(s) cancelled (not started or interrupted)" if cancelled else ""
+        write_line(f"Stopped early ({summary.stop_reason}){tail}")
     return 1 if failed or summary.stop_reason is not None else 0
 
 

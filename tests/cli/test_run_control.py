@@ -274,3 +274,21 @@ def test_unknown_magnification_points_at_mpp_csv(tmp_path: Path) -> None:
     assert result.exit_code == 1
     [fail] = [line for line in result.stderr.splitlines() if line.startswith("[FAIL]")]
     assert "nomag.svs" in fail and "--mpp-csv" in fail
+
+
+def test_kill_9_leftovers_are_swept_by_the_next_run(forty: Path, tmp_path: Path) -> None:
+    """`kill -9` while slides are being written leaves temporary H5s and lock files behind; the next run sweeps
+    them at start (their process no longer exists) and completes every slide."""
+    out = tmp_path / "out"
+    proc = _start(forty, out, "--max-open-slides", "4")
+    deadline = time.monotonic() + 120
+    while not any(".tmp." in p.name for p in (out / "patches").glob(".*")) if (out / "patches").exists() else True:
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.005)
+    proc.kill()
+    proc.wait()
+    assert leftovers(out)
+    again = subprocess.run([*CLI, "process", str(forty), "-o", str(out), *PROCESS], capture_output=True, text=True,
+                           env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert leftovers(out) == [] and len(_complete_h5s(out)) == 40

@@ -333,3 +333,24 @@ async def test_detect_mode_writes_masks_only(tmp_path: Path) -> None:
     names = sorted(p.name for p in (tmp_path / "visualization").iterdir())
     assert names == ["s0_mask.png", "s0_mask_bw.png", "s1_mask.png", "s1_mask_bw.png"]
     assert not (tmp_path / "patches").exists() or list((tmp_path / "patches").iterdir()) == []
+
+
+async def test_locks_of_slides_in_flight_are_heartbeaten(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A slow slide's lock, aged by hand as if no one had touched it for 10 minutes, is refreshed by the pipeline's
+    heartbeat while the slide is in flight (another host judges a lock by its age); it is removed at the end."""
+    import atlaspatch_stream.pipeline as pipeline_module
+
+    monkeypatch.setattr(pipeline_module, "HEARTBEAT_S", 0.05)
+    config = fake_config(tmp_path)
+    backends = FakeBackends(config, patches_per_slide=40, read_delay=0.05)
+    lock = outputs.lock_path(tmp_path, "slow")
+    with anyio.fail_after(20):
+        async with open_pipeline(config, backends=backends) as pipeline:
+            await pipeline.submit(fake_jobs(tmp_path, ["slow"])[0])
+            while not lock.exists():
+                await anyio.sleep(0.01)
+            aged = time.time() - 600
+            os.utime(lock, (aged, aged))
+            await anyio.sleep(0.3)
+            assert lock.stat().st_mtime > aged + 500
+    assert not lock.exists()
