@@ -25,6 +25,7 @@ import fnmatch
 import hashlib
 import logging
 import os
+import re
 import stat
 import struct
 import threading
@@ -137,16 +138,19 @@ class SlideIdentity:
 # Names, members, signatures, identity
 
 
+_TEMPORARY = re.compile(
+    "|".join([r"\..*", *(fnmatch.translate(g) for g in TEMPORARY_GLOBS), *(re.escape(n) for n in _OS_LITTER)]),
+    re.IGNORECASE | re.DOTALL,
+)
+
+
 def is_temporary_name(name: str) -> bool:
     """True for names a writer or the OS uses for unfinished or irrelevant files: never slides, never members.
 
     Hidden names (`.x`, which covers rsync's `.name.XXXXXX`, NFS silly-renames and AppleDouble `._x`), `*.part`,
     `*.tmp`, `*.partial`, `~*` (Office's `~$x` too), `Thumbs.db` and `desktop.ini`; matched case-insensitively.
     """
-    lowered = name.lower()
-    if lowered.startswith(".") or lowered in _OS_LITTER:
-        return True
-    return any(fnmatch.fnmatchcase(lowered, pattern) for pattern in TEMPORARY_GLOBS)
+    return _TEMPORARY.fullmatch(name) is not None
 
 
 def relative_id(root: Path, path: Path) -> str:
