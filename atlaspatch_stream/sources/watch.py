@@ -206,14 +206,25 @@ def _kind_of(name: str) -> SlideKind | None:
     return None
 
 
-def _link_ok(entry: os.DirEntry[str], root_real: Path, warned: set[str]) -> bool:
+@dataclass
+class _Scan:
+    root: Path
+    rules: IgnoreRules
+    root_real: Path
+    withhold_paths: bool = False
+    found: dict[str, Candidate] = field(default_factory=dict)
+    warned: set[str] = field(default_factory=set)
+
+
+def _link_ok(entry: os.DirEntry[str], scan: _Scan) -> bool:
     """A symlink is taken only when it resolves to a regular file inside INPUT (never a folder: no loops)."""
     target = Path(entry.path)
-    if _inside(root_real, target) and target.is_file():
+    if _inside(scan.root_real, target) and target.is_file():
         return True
-    if entry.path not in warned:
-        warned.add(entry.path)
-        log.warning("skipped symlink %s: it points outside the input folder or not to a file", entry.path)
+    if entry.path not in scan.warned:
+        scan.warned.add(entry.path)
+        where = "(path withheld: pseudonymised)" if scan.withhold_paths else entry.path
+        log.warning("skipped symlink %s: it points outside the input folder or not to a file", where)
     return False
 
 
@@ -227,15 +238,6 @@ def _file_candidate(entry: os.DirEntry[str], relative: str) -> Candidate | None:
                      size=info.st_size, mtime_ns=info.st_mtime_ns, stem=os.path.splitext(entry.name)[0])
 
 
-@dataclass
-class _Scan:
-    root: Path
-    rules: IgnoreRules
-    root_real: Path
-    found: dict[str, Candidate] = field(default_factory=dict)
-    warned: set[str] = field(default_factory=set)
-
-
 def _scan_folder(scan: _Scan, folder: Path, prefix: str) -> list[tuple[Path, str]]:
     """Collect the slides of one folder (`prefix` is its path relative to INPUT, with a trailing `/`); returns
     its sub-folders to scan, with their prefixes."""
@@ -243,7 +245,8 @@ def _scan_folder(scan: _Scan, folder: Path, prefix: str) -> list[tuple[Path, str
         with os.scandir(folder) as it:
             entries = list(it)
     except OSError as exc:
-        log.warning("cannot scan %s: %s", folder, exc)
+        log.warning("cannot scan %s: %s", "a folder (path withheld)" if scan.withhold_paths else folder,
+                    exc.strerror or exc)
         return []
     mrxs_folders = {os.path.splitext(e.name)[0] for e in entries if e.name.lower().endswith(".mrxs")}
     subfolders: list[tuple[Path, str]] = []
@@ -253,7 +256,7 @@ def _scan_folder(scan: _Scan, folder: Path, prefix: str) -> list[tuple[Path, str
         if scan.rules.skips(entry.name, relative):
             continue
         if entry.is_symlink():
-            if not _link_ok(entry, scan.root_real, scan.warned):
+            if not _link_ok(entry, scan):
                 continue
         elif entry.is_dir(follow_symlinks=False):
             path = Path(entry.path)
@@ -279,13 +282,14 @@ def _scan_folder(scan: _Scan, folder: Path, prefix: str) -> list[tuple[Path, str
     return subfolders
 
 
-def scan_tree(root: Path, rules: IgnoreRules, max_depth: int) -> dict[str, Candidate]:
+def scan_tree(root: Path, rules: IgnoreRules, max_depth: int, *, withhold_paths: bool = False) -> dict[str, Candidate]:
     """Every slide group under `root`, by slide ID (blocking: call it in a worker thread).
 
     Folders are visited once each (a (device, inode) set guards against bind-mount loops), at most `max_depth`
-    levels deep; an MRXS data folder is part of its slide, never a folder of slides.
+    levels deep; an MRXS data folder is part of its slide, never a folder of slides. With `withhold_paths`
+    (pseudonymisation), warnings do not name paths.
     """
-    scan = _Scan(Path(root), rules, Path(root).resolve())
+    scan = _Scan(Path(root), rules, Path(root).resolve(), withhold_paths)
     visited: set[tuple[int, int]] = set()
     stack = [(scan.root, "", 0)]
     while stack:
@@ -534,7 +538,7 @@ class FolderWatcher:
         mounts_text: str | None = None,
         on_change: Callable[[Change], None] | None = None,
     ) -> None:
-        self.root = Path(root)
+        self.root = Path(root).resolve()  # excluded folders and symlink targets are compared resolved
         self.ledger = ledger
         self.settings = settings
         self.config = watch
@@ -682,8 +686,10 @@ class FolderWatcher:
         return candidate.observation(self._pseudonym(candidate.slide_id) if self._pseudonym else None)
 
     async def _rescan(self, *, startup: bool = False) -> None:
-        found = await anyio.to_thread.run_sync(scan_tree, self.root, self.rules, self.config.max_depth,
-                                               limiter=self.limiter)
+        found = await anyio.to_thread.run_sync(
+            functools.partial(scan_tree, withhold_paths=self._pseudonym is not None),
+            self.root, self.rules, self.config.max_depth, limiter=self.limiter,
+        )
         scanned = {slide_id: self._observation(c) for slide_id, c in found.items()}
         changes = await self.ledger.reconcile(scanned, startup=startup, settings=self.settings if startup else None)
         self._apply(changes)

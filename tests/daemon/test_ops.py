@@ -12,10 +12,8 @@ import threading
 from pathlib import Path
 
 import anyio
-import httpx
 import orjson
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from atlaspatch_stream.errors import ConfigError
 from atlaspatch_stream.ops.logs import (
@@ -30,6 +28,8 @@ from atlaspatch_stream.ops.notify import Notifier
 from atlaspatch_stream.ops.statusfile import StatusBoard, read_status_file, run_status_file, write_status
 from atlaspatch_stream.sources.clock import ManualClock
 
+httpx = pytest.importorskip("httpx")
+text_string_to_metric_families = pytest.importorskip("prometheus_client.parser").text_string_to_metric_families
 pytestmark = pytest.mark.anyio
 
 

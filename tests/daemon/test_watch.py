@@ -19,6 +19,8 @@ import anyio
 import pytest
 
 from atlaspatch_stream.config import WatchConfig
+from atlaspatch_stream.ops.logs import Pseudonymizer
+from atlaspatch_stream.sources.clock import ManualClock
 from atlaspatch_stream.sources.ledger import Ledger, RetryPolicy, Settings
 from atlaspatch_stream.sources.watch import (
     FolderWatcher,
@@ -56,7 +58,7 @@ class Run:
 async def watching(
     root: Path, state: Path, *, mode: str = "poll", settle_s: float = 0.0, rescan_s: float = 0.5,
     events: Any = None, buffer: int = 64, consume: bool = True, done: bool = False, probe_dir: Path | None = None,
-    mounts_text: str | None = None, **watch: Any,
+    mounts_text: str | None = None, clock: Any = None, pseudonym: Any = None, **watch: Any,
 ) -> AsyncIterator[Run]:
     """Open a ledger, start a watcher over `root`, collect what it sends (marking it done when `done`)."""
     config = WatchConfig(settle_s=settle_s, rescan_s=rescan_s, watch_mode=mode, settle_max_wait_s=max(60.0, settle_s + 1),  # type: ignore[arg-type]
@@ -65,7 +67,8 @@ async def watching(
     async with Ledger.open(state / "ledger.sqlite3", policy=policy) as ledger, anyio.create_task_group() as tg:
         send, receive = anyio.create_memory_object_stream[ReadySlide](buffer)
         watcher = FolderWatcher(root, ledger, SETTINGS, config, probe_dir=probe_dir or state / "probe",
-                                events=events, exclude=[state], mounts_text=mounts_text)
+                                events=events, exclude=[state], mounts_text=mounts_text, clock=clock,
+                                pseudonym=pseudonym)
         run = Run(watcher, ledger)
 
         async def consumer() -> None:
@@ -415,3 +418,40 @@ async def test_once_sends_what_is_ready_now_and_closes(tmp_path: Path) -> None:
     assert sent == 2 and sorted(received) == ["old1.svs", "old2.svs"]
     assert fresh is not None and fresh.state == "seen"
 
+
+
+async def test_settle_period_under_a_manual_clock(tmp_path: Path) -> None:
+    """With a manual clock and a mock event source: a slide announced by an event is not sent 29 s after it was
+    first seen, and is sent once the clock passes 30 s (settle_s), with no real waiting for the period itself."""
+    root, state = tmp_path / "in", tmp_path / "state"
+    root.mkdir()
+    clock = ManualClock(start=time.time())
+    events = MemoryEvents()
+    async with watching(root, state, mode="events", settle_s=30.0, rescan_s=3600.0, events=events,
+                        clock=clock) as run:
+        _copy(SMALL, root / "a.svs")
+        await events.emit(root / "a.svs")
+        with anyio.fail_after(5):
+            while run.watcher.statistics().settling == 0:
+                await anyio.sleep(0.01)
+        clock.advance(29.0)
+        await anyio.sleep(0.5)
+        assert run.received == []
+        clock.advance(1.5)
+        slides = await run.wait_for(1, timeout=5)
+        assert slides[0].slide_id == "a.svs"
+
+
+async def test_pseudonymised_slides_carry_no_path(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """With pseudonyms on: the slide sent downstream carries its keyed hash, its output stem is that hash (no file
+    name in the output name), and the transition log lines name the pseudonym, never the file."""
+    root, state = tmp_path / "in", tmp_path / "state"
+    _copy(SMALL, root / "ACC-2024-991.svs")
+    names = Pseudonymizer.from_key_file(state / "pseudonym.key")
+    caplog.set_level("INFO", logger="atlaspatch_stream.sources.watch")
+    async with watching(root, state, pseudonym=names.pseudonym) as run:
+        slide = (await run.wait_for(1, timeout=5))[0]
+    expected = names.pseudonym("ACC-2024-991.svs")
+    assert slide.pseudonym == expected and slide.stem == expected and slide.display == expected
+    transitions = [r for r in caplog.records if getattr(r, "event", None) == "slide_transition"]
+    assert transitions and all("ACC-2024" not in r.getMessage() and r.slide == expected for r in transitions)
