@@ -82,9 +82,8 @@ def _label(value: str) -> str:
 class BoardCollector:
     """A prometheus-client collector that reads a `StatusBoard` at each scrape (reference §3.3 metrics)."""
 
-    def __init__(self, board: StatusBoard, clock: Any = None) -> None:
+    def __init__(self, board: StatusBoard) -> None:
         self.board = board
-        self.clock = clock
 
     def describe(self) -> list[Any]:
         """No fixed description: the families are built at collect time."""

@@ -37,6 +37,7 @@ import orjson
 from anyio import from_thread
 from anyio.lowlevel import current_token
 
+from ..config import WatchConfig
 from ..errors import AtlasPatchError
 from .clock import Clock, SystemClock
 from .complete import SlideKind
@@ -55,8 +56,10 @@ __all__ = [
     "SlideRecord",
     "State",
     "backoff_s",
+    "classify_change",
     "classify_error",
     "due",
+    "needs_rerun",
     "observe",
     "on_done",
     "on_error",
@@ -194,7 +197,7 @@ class RetryPolicy:
     max_s: float = 21600.0
 
     @classmethod
-    def from_config(cls, watch: Any) -> RetryPolicy:
+    def from_config(cls, watch: WatchConfig) -> RetryPolicy:
         """From a `WatchConfig`."""
         return cls(watch.max_attempts, watch.backoff_base_s, watch.backoff_factor, watch.backoff_max_s)
 
@@ -820,16 +823,13 @@ class Ledger:
         clock: the time source for every record.
         policy: retry policy for slide errors.
         rng: randomness for the backoff jitter (seed it in tests).
-        limiter: for the one blocking call at close (joining the thread); never anyio's default limiter.
     """
 
-    def __init__(self, writer: _Writer, clock: Clock, policy: RetryPolicy, rng: random.Random,
-                 limiter: anyio.CapacityLimiter) -> None:
+    def __init__(self, writer: _Writer, clock: Clock, policy: RetryPolicy, rng: random.Random) -> None:
         self._writer = writer
         self._clock = clock
         self._policy = policy
         self._rng = rng
-        self._limiter = limiter
         self._closed = False
         self.settings: Settings | None = None
 
@@ -850,7 +850,7 @@ class Ledger:
             if isinstance(error, LedgerError):
                 raise error
             raise LedgerError(f"cannot open the ledger {path}: {error}") from error
-        ledger = cls(writer, clock or SystemClock(), policy or RetryPolicy(), rng or random.Random(), limiter)
+        ledger = cls(writer, clock or SystemClock(), policy or RetryPolicy(), rng or random.Random())
         try:
             yield ledger
         finally:
@@ -913,17 +913,17 @@ class Ledger:
 
         return await self._run(lambda s: s.one(slide_id, rule))
 
-    async def take_next(self) -> SlideRecord | None:
+    async def take_next(self) -> Change | None:
         """The oldest `ready` slide, now `running` (FIFO by ready time); None when none is ready."""
         now = self._clock.now()
 
-        def command(store: _Store) -> SlideRecord | None:
+        def command(store: _Store) -> Change | None:
             with store.transaction():
                 rows = store.where("state = 'ready'", limit=1)
                 if not rows:
                     return None
                 change = Change(rows[0], _with(rows[0], now, state="running", started_at=now), "sent to the pipeline")
-                return store.apply([change])[0].after
+                return store.apply([change])[0]
 
         return await self._run(command)
 
@@ -980,6 +980,11 @@ class Ledger:
         return await self._run(lambda s: s.many("state = 'quarantined'", (), lambda r: requeue(r, now)))
 
     # -- queries
+
+    async def identities(self) -> dict[str, tuple[str, int, int]]:
+        """Every slide's (state, size, mtime_ns): what a rescan compares before reading any file."""
+        return await self._run(lambda s: {r[0]: (r[1], r[2], r[3]) for r in s.conn.execute(
+            "SELECT slide_id, state, size, mtime_ns FROM slides")})
 
     async def get(self, slide_id: str) -> SlideRecord | None:
         """One slide's record."""

@@ -20,6 +20,7 @@ Every blocking call (scans, stats, completeness checks, event waits) goes throug
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fnmatch
 import functools
 import heapq
@@ -31,12 +32,13 @@ import unicodedata
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import anyio
 from anyio.abc import ObjectSendStream, TaskGroup, TaskStatus
 
 from ..backends.metadata import DICOM_EXTENSIONS, SUPPORTED_EXTENSIONS
+from ..config import WatchConfig
 from .clock import Clock, SystemClock
 from .complete import (
     Signature,
@@ -44,6 +46,7 @@ from .complete import (
     check_slide,
     is_temporary_name,
     members,
+    quick_fingerprint,
     relative_id,
     signature,
     slide_identity,
@@ -195,6 +198,11 @@ def _candidate(root: Path, path: Path, kind: SlideKind) -> Candidate | None:
         size=sum(s.st_size for s in stats), mtime_ns=max(s.st_mtime_ns for s in stats),
         stem=_natural_stem(root, path, kind),
     )
+
+
+def _fingerprint(path: Path, kind: SlideKind) -> str:
+    """The quick fingerprint of a slide group, named as `slide_identity` names its members."""
+    return quick_fingerprint(members(path, kind), path if kind == "dicom" else path.parent)
 
 
 def _kind_of(name: str) -> SlideKind | None:
@@ -527,7 +535,7 @@ class FolderWatcher:
         root: Path,
         ledger: Ledger,
         settings: Settings,
-        watch: Any,
+        watch: WatchConfig,
         *,
         probe_dir: Path,
         exclude: Sequence[Path] = (),
@@ -604,8 +612,9 @@ class FolderWatcher:
             await self._rescan(startup=True)
             for entry in list(self._settling.values()):
                 await self._check(entry, judge_by_mtime=True)
-            while (record := await self.ledger.take_next()) is not None:
-                await self._send(send, record)
+            while (taken := await self.ledger.take_next()) is not None:
+                self._changed(taken)
+                await self._send(send, taken.after)
                 sent += 1
         return sent
 
@@ -691,6 +700,7 @@ class FolderWatcher:
             self.root, self.rules, self.config.max_depth, limiter=self.limiter,
         )
         scanned = {slide_id: self._observation(c) for slide_id, c in found.items()}
+        await self._fingerprint_touched(found, scanned)
         changes = await self.ledger.reconcile(scanned, startup=startup, settings=self.settings if startup else None)
         self._apply(changes)
         self._apply(await self.ledger.promote_due())
@@ -701,6 +711,18 @@ class FolderWatcher:
         self._scans += 1
         self._last_scan_at = self.clock.now()
         self._ready_wake.set()
+
+    async def _fingerprint_touched(self, found: dict[str, Candidate], scanned: dict[str, Observation]) -> None:
+        """A done slide with its size but a new mtime (touched, or copied again without -p) gets its quick
+        fingerprint, so the ledger can tell "same content" from a rescan under the same name."""
+        known = await self.ledger.identities()
+        for slide_id, obs in scanned.items():
+            state, size, mtime_ns = known.get(slide_id, ("", -1, -1))
+            if state == "done" and size == obs.size and mtime_ns != obs.mtime_ns:
+                path = self.root / found[slide_id].source
+                with contextlib.suppress(OSError):
+                    fingerprint = await anyio.to_thread.run_sync(_fingerprint, path, obs.kind, limiter=self.limiter)
+                    scanned[slide_id] = dataclasses.replace(obs, fingerprint=fingerprint)
 
     async def _rescan_loop(self) -> None:
         while True:
@@ -830,14 +852,15 @@ class FolderWatcher:
         while True:
             await self.gate.wait_open()
             wake = self._ready_wake
-            record = await self.ledger.take_next()
-            if record is None:
+            taken = await self.ledger.take_next()
+            if taken is None:
                 await self.clock.wait_until(self.clock.now() + self.config.rescan_s, wake)
                 if wake.is_set():
                     self._ready_wake = anyio.Event()
                 continue
+            self._changed(taken)
             try:
-                await self._send(send, record)
+                await self._send(send, taken.after)
             except (anyio.BrokenResourceError, anyio.ClosedResourceError):
                 return
 

@@ -20,6 +20,7 @@ from atlaspatch_stream.sources.ledger import (
     Observation,
     RetryPolicy,
     Settings,
+    SlideRecord,
     read_status,
     requeue_slides,
     retry_quarantined,
@@ -32,6 +33,12 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def _obs(slide_id: str, size: int = 10, stem: str | None = None) -> Observation:
     return Observation(slide_id, slide_id, "file", size, 1, stem or Path(slide_id).stem)
+
+
+async def _take(ledger: Ledger) -> SlideRecord | None:
+    """take_next, as the record it leaves running."""
+    change = await ledger.take_next()
+    return change.after if change is not None else None
 
 
 async def _ready(ledger: Ledger, *slide_ids: str, clock: ManualClock | None = None) -> None:
@@ -66,9 +73,9 @@ async def test_lifecycle_fifo_done_and_audit(tmp_path: Path) -> None:
     with anyio.fail_after(10):
         async with Ledger.open(tmp_path / "l.db", clock=clock) as ledger:
             await _ready(ledger, "b.svs", "a.svs", "c.svs", clock=clock)
-            taken = [await ledger.take_next() for _ in range(3)]
+            taken = [await _take(ledger) for _ in range(3)]
             assert [r.slide_id for r in taken if r] == ["b.svs", "a.svs", "c.svs"]
-            assert await ledger.take_next() is None
+            assert await _take(ledger) is None
             record = taken[0]
             assert record is not None and record.state == "running"
             await ledger.finish_done("b.svs", record.version, "/out/patches/b.h5", SETTINGS)
@@ -85,7 +92,7 @@ async def test_result_for_an_older_version_is_ignored(tmp_path: Path) -> None:
     with anyio.fail_after(10):
         async with Ledger.open(tmp_path / "l.db") as ledger:
             await _ready(ledger, "a.svs")
-            running = await ledger.take_next()
+            running = await _take(ledger)
             assert running is not None
             await ledger.reconcile({"a.svs": _obs("a.svs", size=99)})
             assert await ledger.finish_done("a.svs", running.version, "/o/a.h5", SETTINGS) is None
@@ -103,7 +110,7 @@ async def test_quarantine_status_and_operator_retry(tmp_path: Path) -> None:
         async with Ledger.open(path, clock=clock, policy=RetryPolicy(max_attempts=3), rng=random.Random(0)) as ledger:
             await _ready(ledger, "bad.svs")
             for _attempt in range(3):
-                record = await ledger.take_next()
+                record = await _take(ledger)
                 assert record is not None and record.slide_id == "bad.svs"
                 await ledger.finish_error("bad.svs", record.version, "slide", "bad.svs: Bogus marker length")
                 due_at = await ledger.next_due()
@@ -130,14 +137,14 @@ async def test_admin_requeue_beside_a_running_daemon(tmp_path: Path) -> None:
     with anyio.fail_after(10):
         async with Ledger.open(path) as ledger:
             await _ready(ledger, "a.svs", "b.svs")
-            running = await ledger.take_next()
+            running = await _take(ledger)
             assert running is not None and running.slide_id == "a.svs"
             await ledger.finish_done("a.svs", running.version, "/o/a.h5", SETTINGS)
             changes = requeue_slides(path, ["a.svs"])
             assert changes[0].after.state == "seen"
             record = await ledger.get("a.svs")
             assert record is not None and record.state == "seen"
-            await ledger.take_next()  # b.svs now running
+            await _take(ledger)  # b.svs now running
             with pytest.raises(ValueError, match="running"):
                 requeue_slides(path, ["a.svs", "b.svs"])
             with pytest.raises(ValueError, match="no such slide"):
@@ -227,7 +234,7 @@ async def test_release_running_and_resume_deferred(tmp_path: Path) -> None:
     with anyio.fail_after(10):
         async with Ledger.open(tmp_path / "l.db") as ledger:
             await _ready(ledger, "a.svs", "b.svs")
-            a, b = await ledger.take_next(), await ledger.take_next()
+            a, b = await _take(ledger), await _take(ledger)
             assert a is not None and b is not None
             await ledger.finish_error("b.svs", b.version, "system", "No space left on device")
             assert [c.after.slide_id for c in await ledger.release_running()] == ["a.svs"]

@@ -455,3 +455,25 @@ async def test_pseudonymised_slides_carry_no_path(tmp_path: Path, caplog: pytest
     assert slide.pseudonym == expected and slide.stem == expected and slide.display == expected
     transitions = [r for r in caplog.records if getattr(r, "event", None) == "slide_transition"]
     assert transitions and all("ACC-2024" not in r.getMessage() and r.slide == expected for r in transitions)
+
+
+async def test_touched_done_slide_is_not_redone_but_new_content_is(tmp_path: Path) -> None:
+    """A done slide whose mtime moves with the same bytes (touch, a copy without -p) stays done and is not sent
+    again; the same size with different bytes is a new version and is sent."""
+    root, state = tmp_path / "in", tmp_path / "state"
+    target = _copy(SMALL, root / "a.svs")
+    async with watching(root, state, rescan_s=0.2, done=True) as run:
+        await run.wait_for(1, timeout=5)
+        with anyio.fail_after(5):
+            while (await run.ledger.counts())["done"] < 1:
+                await anyio.sleep(0.02)
+        os.utime(target, (time.time() + 5, time.time() + 5))
+        await anyio.sleep(1.0)
+        record = await run.ledger.get("a.svs")
+        assert len(run.received) == 1 and record is not None and record.state == "done"
+        assert record.mtime_ns == target.stat().st_mtime_ns
+        data = bytearray(target.read_bytes())
+        data[100] ^= 0x01  # inside the first tile's entropy-coded data: same size, still a complete TIFF
+        target.write_bytes(bytes(data))
+        slides = await run.wait_for(2, timeout=5)
+        assert slides[1].version == 2
