@@ -12,6 +12,9 @@ slide must also pass a check for its format:
 - MRXS: `name.mrxs` plus the folder `name/` holding `Slidedat.ini` and every file the ini names.
 - Plain images: the format's end marker is present (PNG `IEND`, JPEG `EOI`, GIF trailer, BMP/WebP stated size).
 
+What a check cannot see, the quiet period must: the bytes of uncompressed data (native DICOM pixel data,
+uncompressed TIFF pages, BMP) may legitimately be zeros, so a pre-sized copy of those is judged by its size only.
+
 The outcome is `ready`, `not_ready` (still arriving: try again later; never a failure) or `broken` (a structural
 contradiction that more bytes cannot fix). The module also gives a slide's identity: the path relative to the watch
 root, its size and mtime, and a quick fingerprint (a hash of the first and last MiB and the size of each member).

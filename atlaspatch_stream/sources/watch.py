@@ -39,6 +39,7 @@ from anyio.abc import ObjectSendStream, TaskGroup, TaskStatus
 
 from ..backends.metadata import DICOM_EXTENSIONS, SUPPORTED_EXTENSIONS
 from ..config import WatchConfig
+from ..errors import ConfigError
 from .clock import Clock, SystemClock
 from .complete import (
     Signature,
@@ -403,6 +404,10 @@ class MemoryEvents:
         """Deliver one batch of changed paths."""
         await self._send.send({str(p) for p in paths})
 
+    def close(self) -> None:
+        """End the source (the watcher's event task then ends)."""
+        self._send.close()
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # Intake, items, statistics
@@ -581,14 +586,23 @@ class FolderWatcher:
 
         Subscribes to events first, then scans and reconciles the ledger (start-up rules), then reports started:
         a slide that arrives during the first scan is neither missed nor sent twice. Closes `send` on exit.
+
+        Raises:
+            ConfigError: INPUT is not a folder.
         """
-        self.mode, self.filesystem = await anyio.to_thread.run_sync(
-            choose_mode, self.config.watch_mode, self.root, self._mounts_text, limiter=self.limiter
-        )
-        log.info("watching %s (%s mode, filesystem %s)", self.root, self.mode, self.filesystem or "unknown",
-                 extra={"event": "watch_started", "mode": self.mode, "filesystem": self.filesystem})
+        async with send:
+            if not await anyio.to_thread.run_sync(self.root.is_dir, limiter=self.limiter):
+                raise ConfigError(f"Input folder does not exist: {self.root}")
+            self.mode, self.filesystem = await anyio.to_thread.run_sync(
+                choose_mode, self.config.watch_mode, self.root, self._mounts_text, limiter=self.limiter
+            )
+            log.info("watching %s (%s mode, filesystem %s)", self.root, self.mode, self.filesystem or "unknown",
+                     extra={"event": "watch_started", "mode": self.mode, "filesystem": self.filesystem})
+            await self._watch(send, task_status)
+
+    async def _watch(self, send: ObjectSendStream[ReadySlide], task_status: TaskStatus[None]) -> None:
         try:
-            async with send, anyio.create_task_group() as tg:
+            async with anyio.create_task_group() as tg:
                 self._tg = tg
                 if self.mode == "events":
                     tg.start_soon(self._events_loop)
@@ -668,7 +682,7 @@ class FolderWatcher:
         after = change.after
         if after.state == "seen":
             self._track(after)
-        elif after.slide_id in self._settling and after.state != "seen":
+        elif after.slide_id in self._settling:
             del self._settling[after.slide_id]
         if after.state == "ready":
             self._ready_wake.set()

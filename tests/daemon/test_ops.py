@@ -83,6 +83,7 @@ def test_notify_abstract_socket_and_watchdog_interval() -> None:
     assert notifier.watchdog() and server.recv(64) == b"WATCHDOG=1"
     other = Notifier(environ={"NOTIFY_SOCKET": "@" + name, "WATCHDOG_USEC": "4000000", "WATCHDOG_PID": "1"})
     assert other.watchdog_interval_s is None
+    notifier.close()
     server.close()
 
 
@@ -104,6 +105,7 @@ async def test_watchdog_pings_from_the_loop_only_while_healthy(tmp_path: Path) -
             tg.cancel_scope.cancel()
     assert 4 <= len(pings) <= 7 and set(pings) == {b"WATCHDOG=1"}
     assert after == []
+    notifier.close()
     server.close()
 
 

@@ -19,6 +19,7 @@ import anyio
 import pytest
 
 from atlaspatch_stream.config import WatchConfig
+from atlaspatch_stream.errors import ConfigError
 from atlaspatch_stream.ops.logs import Pseudonymizer
 from atlaspatch_stream.sources.clock import ManualClock
 from atlaspatch_stream.sources.ledger import Ledger, RetryPolicy, Settings
@@ -88,6 +89,8 @@ async def watching(
             yield run
         finally:
             tg.cancel_scope.cancel()
+            send.close()
+            receive.close()
 
 
 def _copy(name: str, target: Path) -> Path:
@@ -279,6 +282,7 @@ async def test_events_are_hints_not_the_truth(tmp_path: Path) -> None:
         await events.emit(root / "hinted.svs")
         await run.wait_for(2, timeout=3)
         assert run.received[1][0] - hinted < 0.5
+        events.close()
 
 
 async def test_reconciliation_across_a_restart(tmp_path: Path) -> None:
@@ -347,6 +351,7 @@ async def test_system_error_pauses_intake_until_a_probe_write_succeeds(tmp_path:
     next ready slide is not sent) while the output cannot be written; once a probe write succeeds, intake resumes
     and the deferred slide is sent again."""
     root, state = tmp_path / "in", tmp_path / "state"
+    root.mkdir()
     blocker = tmp_path / "out"
     blocker.write_text("a file where the output folder should be")
     probe = blocker / "patches"
@@ -413,7 +418,8 @@ async def test_once_sends_what_is_ready_now_and_closes(tmp_path: Path) -> None:
             watcher = FolderWatcher(root, ledger, SETTINGS, WatchConfig(settle_s=30, watch_mode="poll"),
                                     probe_dir=state, exclude=[state])
             sent = await watcher.run_once(send)
-            received = [s.slide_id async for s in receive]
+            with receive:
+                received = [s.slide_id async for s in receive]
             fresh = await ledger.get("fresh.svs")
     assert sent == 2 and sorted(received) == ["old1.svs", "old2.svs"]
     assert fresh is not None and fresh.state == "seen"
@@ -440,6 +446,7 @@ async def test_settle_period_under_a_manual_clock(tmp_path: Path) -> None:
         clock.advance(1.5)
         slides = await run.wait_for(1, timeout=5)
         assert slides[0].slide_id == "a.svs"
+        events.close()
 
 
 async def test_pseudonymised_slides_carry_no_path(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -477,3 +484,14 @@ async def test_touched_done_slide_is_not_redone_but_new_content_is(tmp_path: Pat
         target.write_bytes(bytes(data))
         slides = await run.wait_for(2, timeout=5)
         assert slides[1].version == 2
+
+
+async def test_missing_input_folder_is_a_config_error(tmp_path: Path) -> None:
+    """Watching a folder that does not exist fails at once with a one-line ConfigError naming it."""
+    async with Ledger.open(tmp_path / "l.db") as ledger:
+        watcher = FolderWatcher(tmp_path / "nope", ledger, SETTINGS, WatchConfig(watch_mode="poll"),
+                                probe_dir=tmp_path)
+        send, receive = anyio.create_memory_object_stream[ReadySlide](1)
+        with anyio.fail_after(5), pytest.raises(ConfigError, match="does not exist"):
+            await watcher.run(send)
+        receive.close()
