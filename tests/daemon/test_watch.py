@@ -21,6 +21,7 @@ import pytest
 from atlaspatch_stream.config import WatchConfig
 from atlaspatch_stream.errors import ConfigError
 from atlaspatch_stream.ops.logs import Pseudonymizer
+from atlaspatch_stream.ops.statusfile import StatusBoard, run_status_file
 from atlaspatch_stream.sources.clock import ManualClock
 from atlaspatch_stream.sources.ledger import Ledger, RetryPolicy, Settings
 from atlaspatch_stream.sources.watch import (
@@ -495,3 +496,31 @@ async def test_missing_input_folder_is_a_config_error(tmp_path: Path) -> None:
         with anyio.fail_after(5), pytest.raises(ConfigError, match="does not exist"):
             await watcher.run(send)
         receive.close()
+
+
+async def test_never_uses_anyio_default_thread_limiter(tmp_path: Path) -> None:
+    """With the default thread limiter's only token held by the test (as a busy FastAPI host would hold it), a full
+    cycle still completes: ledger open, real filesystem events, scan, settle, completeness check, dispatch, status
+    file, close. Any blocking call on the default limiter would hang here until the deadline."""
+    root, state = tmp_path / "in", tmp_path / "state"
+    root.mkdir()
+    default = anyio.to_thread.current_default_thread_limiter()
+    default.total_tokens = 1
+    await default.acquire()
+    try:
+        with anyio.fail_after(15):
+            async with watching(root, state, mode="events", settle_s=0.2, rescan_s=0.5) as run:
+                _copy(SMALL, root / "a.svs")
+                await run.wait_for(1, timeout=10)
+                board = StatusBoard()
+                await run_status_file_once(state / "status.json", board)
+    finally:
+        default.release()
+    assert (state / "status.json").exists()
+
+
+async def run_status_file_once(path: Path, board: StatusBoard) -> None:
+    """Start the status-file loop (it writes once before reporting started), then stop it."""
+    async with anyio.create_task_group() as tg:
+        await tg.start(lambda task_status: run_status_file(path, board.snapshot, interval_s=60, task_status=task_status))
+        tg.cancel_scope.cancel()
