@@ -59,6 +59,8 @@ __all__ = [
     "slide_identity",
 ]
 
+log = logging.getLogger(__name__)
+
 SlideKind = Literal["file", "dicom", "mrxs"]
 ReadinessState = Literal["ready", "not_ready", "broken"]
 
@@ -296,6 +298,9 @@ def check_slide(path: Path, kind: SlideKind) -> Readiness:
         return _not_ready("a file of the slide vanished")
     except OSError as exc:
         return _not_ready(f"cannot read yet ({describe(exc)})")
+    except Exception as exc:  # untrusted input: a parser's surprise is this slide's problem, not the daemon's
+        log.debug("completeness check of %s raised", path.name, exc_info=True)
+        return _broken(f"metadata cannot be parsed ({describe(exc)})")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -836,11 +836,14 @@ class FolderWatcher:
         if entry.slide_id in self._in_flight:
             self._schedule(entry.slide_id, now + self._recheck_s)  # the previous version is still being processed
             return
-        identity = await anyio.to_thread.run_sync(slide_identity, self.root, entry.path, entry.kind,
-                                                  limiter=self.limiter)
-        if identity.size != current.size:
-            entry.signature = None  # it grew while we looked: start over
-            self._schedule(entry.slide_id, now)
+        try:
+            identity = await anyio.to_thread.run_sync(slide_identity, self.root, entry.path, entry.kind,
+                                                      limiter=self.limiter)
+        except OSError:
+            identity = None  # vanished between the check and the fingerprint
+        if identity is None or identity.size != current.size:
+            entry.signature = None  # it changed while we looked: start over
+            self._schedule(entry.slide_id, now + self._recheck_s)
             return
         self._changed(await self.ledger.mark_ready(entry.slide_id, identity.size, identity.mtime_ns,
                                                    identity.fingerprint))

@@ -259,3 +259,39 @@ def test_temporary_names(name: str, skipped: bool) -> None:
 def test_relative_id_is_nfc_and_slash_separated(tmp_path: Path) -> None:
     """A decomposed name (NFD, as macOS writes it) gives the NFC slide ID."""
     assert relative_id(tmp_path, tmp_path / "sub" / "Cafe\u0301.svs") == "sub/Caf\u00e9.svs"
+
+
+def _bigtiff_with_subifds(path: Path) -> Path:
+    """A BigTIFF whose pyramid levels are SubIFDs (the OME-TIFF layout), JPEG tiles, written by tifffile."""
+    import numpy as np
+    import tifffile
+
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 255, (512, 512, 3), dtype=np.uint8)
+    with tifffile.TiffWriter(path, bigtiff=True) as tif:
+        tif.write(image, tile=(128, 128), compression="jpeg", photometric="rgb", subifds=2)
+        tif.write(image[::2, ::2], tile=(128, 128), compression="jpeg", photometric="rgb", subfiletype=1)
+        tif.write(image[::4, ::4], tile=(128, 128), compression="jpeg", photometric="rgb", subfiletype=1)
+    return path
+
+
+def test_bigtiff_with_subifds_truncated_and_presized(tmp_path: Path) -> None:
+    """A BigTIFF pyramid stored as SubIFDs: ready whole; every truncation not ready; a pre-sized copy filled in
+    order never ready while bytes are missing (the SubIFD chains and their tiles are checked too)."""
+    import tifffile
+
+    source = _bigtiff_with_subifds(tmp_path / "src.tif")
+    with tifffile.TiffFile(source) as tif:
+        assert tif.is_bigtiff and len(tif.pages[0].subifds or ()) == 2
+    data = source.read_bytes()
+    target = tmp_path / "copy.tif"
+    target.write_bytes(data)
+    assert check_slide(target, "file").ready
+    for cut in _truncations(len(data)):
+        target.write_bytes(data[:cut])
+        assert check_slide(target, "file").state == "not_ready", cut
+    for _ in _fill_in_order(data, target, max(64, len(data) // 41)):
+        result = check_slide(target, "file")
+        assert result.state != "broken", result
+        assert not result.ready or target.read_bytes() == data
+    assert check_slide(target, "file").ready
