@@ -24,8 +24,9 @@ from anyio.abc import TaskStatus
 
 from ..sources.clock import Clock, SystemClock
 
-__all__ = ["StatusBoard", "read_status_file", "run_status_file", "write_status"]
+__all__ = ["STATUS_FILE", "StatusBoard", "read_status_file", "run_status_file", "write_status"]
 
+STATUS_FILE = "status.json"  # inside the state folder
 FILE_MODE = 0o640  # never group- or world-writable, never world-readable
 _WINDOW_S = 300.0  # throughput is averaged over the last five minutes
 

@@ -37,13 +37,14 @@ import orjson
 from anyio import from_thread
 from anyio.lowlevel import current_token
 
-from ..config import WatchConfig
+from ..config import PipelineConfig, WatchConfig, geometry_fingerprint
 from ..errors import AtlasPatchError
 from .clock import Clock, SystemClock
 from .complete import SlideKind
 from .naming import unique_stem
 
 __all__ = [
+    "LEDGER_FILE",
     "Change",
     "ErrorKind",
     "FailureEvent",
@@ -78,6 +79,7 @@ State = Literal["seen", "ready", "running", "done", "failed", "quarantined", "de
 STATES: tuple[str, ...] = get_args(State)
 ErrorKind = Literal["slide", "transient", "system", "incomplete"]
 SCHEMA_VERSION = 1
+LEDGER_FILE = "ledger.sqlite3"  # inside the state folder (`WatchConfig.state_path`), on a local disk
 BUSY_TIMEOUT_MS = 5000
 T = TypeVar("T")
 
@@ -101,6 +103,11 @@ class Settings:
 
     geometry_fp: str
     encoders: tuple[str, ...] = ()
+
+    @classmethod
+    def from_config(cls, config: PipelineConfig, segmenter_sha256: str | None) -> Settings:
+        """The settings of a run: its geometry fingerprint (as stored in every H5) and its encoders."""
+        return cls(geometry_fingerprint(config, segmenter_sha256), tuple(config.encode.extractors))
 
     @property
     def fingerprint(self) -> str:
