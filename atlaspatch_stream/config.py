@@ -24,6 +24,8 @@ except ModuleNotFoundError:  # pragma: no cover
 
 Precision = Literal["float32", "float16", "bfloat16"]
 SegmenterName = Literal["sam2", "otsu"]
+WatchMode = Literal["auto", "events", "poll"]
+LogFormat = Literal["text", "json"]
 
 
 def _require(cond: bool, message: str) -> None:
@@ -180,6 +182,58 @@ class RunConfig:
 
 
 @dataclass(frozen=True)
+class WatchConfig:
+    """The daemon (`atlaspatch watch`): folder watching, the ledger, retries, shutdown and operations."""
+
+    settle_s: float = 30.0  # a slide must be unchanged (size, mtime, ctime) this long before its completeness check
+    settle_max_wait_s: float = 21600.0  # quiet but still incomplete this long: quarantined as "never completed"
+    rescan_s: float = 60.0  # full rescan of the input folder (the truth; events are only hints)
+    watch_mode: WatchMode = "auto"  # auto: poll on network filesystems (from /proc/mounts), events otherwise
+    ignore: tuple[str, ...] = ()  # extra glob patterns never taken (matched on the name and the relative path)
+    max_depth: int = 8  # sub-folder levels scanned below the input folder
+    state_dir: Path | None = None  # ledger and status file; None = <output>/.atlaspatch
+    max_attempts: int = 3  # slide errors before a slide is quarantined
+    backoff_base_s: float = 60.0  # first retry delay ceiling; delays are full-jitter uniform(0, ceiling)
+    backoff_factor: float = 4.0  # the ceiling grows by this factor per attempt
+    backoff_max_s: float = 21600.0  # the ceiling never exceeds this
+    probe_s: float = 60.0  # while intake is paused by a system error: seconds between output write probes
+    drain_timeout_s: float = 120.0  # first SIGTERM: in-flight slides get this long to finish
+    status_interval_s: float = 5.0  # status.json is replaced this often
+    metrics: str | None = None  # "127.0.0.1:PORT" or "unix:PATH"; None = no listening socket at all
+    pseudonymize: bool = False  # keyed hash instead of paths in H5 attributes, logs and metrics
+    key_file: Path | None = None  # the site key for pseudonyms; None = <state>/pseudonym.key (created 0600)
+    log_format: LogFormat = "text"  # "json": one JSON object per line for log shippers
+
+    def __post_init__(self) -> None:
+        _require(self.settle_s >= 0, "--settle-s must be >= 0")
+        _require(self.settle_max_wait_s > self.settle_s, "settle_max_wait_s must be > settle_s")
+        _require(self.rescan_s > 0, "--rescan-s must be > 0")
+        _require(self.watch_mode in get_args(WatchMode), f"unknown --watch-mode {self.watch_mode!r}")
+        _require(self.max_depth >= 0, "max_depth must be >= 0")
+        _require(self.max_attempts >= 1, "--max-attempts must be >= 1")
+        _require(self.backoff_base_s > 0, "backoff_base_s must be > 0")
+        _require(self.backoff_factor >= 1, "backoff_factor must be >= 1")
+        _require(self.backoff_max_s >= self.backoff_base_s, "backoff_max_s must be >= backoff_base_s")
+        _require(self.probe_s > 0, "probe_s must be > 0")
+        _require(self.drain_timeout_s >= 0, "--drain-timeout must be >= 0")
+        _require(self.status_interval_s > 0, "status_interval_s must be > 0")
+        _require(self.log_format in get_args(LogFormat), f"unknown --log-format {self.log_format!r}")
+        _require(all(isinstance(g, str) and g for g in self.ignore), "--ignore patterns must be non-empty strings")
+        if self.metrics is not None:
+            from .ops.metrics import parse_bind
+
+            parse_bind(self.metrics)  # raises ConfigError naming the refused address
+
+    def state_path(self, output: Path) -> Path:
+        """The state folder: `state_dir`, or `<output>/.atlaspatch`."""
+        return self.state_dir if self.state_dir is not None else Path(output) / ".atlaspatch"
+
+    def key_path(self, output: Path) -> Path:
+        """The pseudonym key file: `key_file`, or `<state>/pseudonym.key`."""
+        return self.key_file if self.key_file is not None else self.state_path(output) / "pseudonym.key"
+
+
+@dataclass(frozen=True)
 class PipelineConfig:
     """Every setting of one run."""
 
@@ -192,6 +246,7 @@ class PipelineConfig:
     write: WriteConfig = field(default_factory=WriteConfig)
     queues: QueueConfig = field(default_factory=QueueConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    watch: WatchConfig = field(default_factory=WatchConfig)
 
     @property
     def feature_device(self) -> str:
@@ -213,6 +268,7 @@ SECTIONS: dict[str, type] = {
     "write": WriteConfig,
     "queues": QueueConfig,
     "run": RunConfig,
+    "watch": WatchConfig,
 }
 
 

@@ -1,0 +1,10 @@
+"""Daemon tests run on asyncio under anyio, each under a deadline."""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
