@@ -60,6 +60,7 @@ async def open_pipeline(
     backends: Backends | None = None,
     command: str = "library",
     stop_on_output_failure: bool = False,
+    redact: Callable[[str], str] | None = None,
 ) -> AsyncIterator[Pipeline]:
     """Start a pipeline (models loaded, stages ready) and yield it.
 
@@ -72,6 +73,7 @@ async def open_pipeline(
         stop_on_output_failure: after a systemic output failure (full disk, read-only output...), stop starting
             slides (`stop_intake`), as `process` does; by default each slide meets the failure on its own (a service
             keeps answering, each request with the cause).
+        redact: applied to slide names and messages in the run report (the daemon's path redaction).
 
     Raises:
         WeightsError, MissingExtraError, ConfigError: before any slide is opened (and before the run report or any
@@ -80,7 +82,7 @@ async def open_pipeline(
     On normal exit the input is closed and in-flight slides drain; on error or cancellation the pipeline is
     cancelled, partial outputs are removed and locks released.
     """
-    report = RunReport(config.write.output, command)
+    report = RunReport(config.write.output, command, redact)
     async with _open(config, mode, backends, report, stop_on_output_failure) as pipeline:
         yield pipeline
 
@@ -260,3 +262,14 @@ def _never_reported(jobs: Sequence[SlideJob], results: Sequence[SlideResult]) ->
     seen = {r.job.slide_id for r in results}
     return [SlideResult(job, "cancelled", message="not started: the run was cancelled") for job in jobs
             if job.slide_id not in seen]
+
+
+def serve_folder(input_folder: Path, config: PipelineConfig, **options: Any) -> Any:
+    """Watch a folder and process each slide once it has fully arrived: see `atlaspatch_stream.folder.serve_folder`.
+
+    `async with serve_folder(folder, config) as service:` then `async with service.results() as results:`; each
+    result is a `FolderResult` (the slide, its `SlideResult`, its ledger state); `service.stop()` drains.
+    """
+    from .folder import serve_folder as serve
+
+    return serve(input_folder, config, **options)

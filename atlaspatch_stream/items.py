@@ -27,11 +27,22 @@ class SlideJob:
     stem: str
     mpp_override: float | None = None
     display: str = ""
+    pseudonym: str | None = None  # set when paths must not be recorded (the daemon's --pseudonymize)
 
     @property
     def name(self) -> str:
-        """The name used in messages: the path as the user gave it."""
-        return self.display or str(self.path)
+        """The name used in messages: the path as the user gave it (or the pseudonym)."""
+        return self.pseudonym or self.display or str(self.path)
+
+    @property
+    def recorded_path(self) -> str:
+        """What outputs and reports record as the slide's path (`wsi_path`): the path, or its pseudonym."""
+        return self.pseudonym or str(self.path)
+
+    @property
+    def recorded_filename(self) -> str:
+        """What outputs record as `filename`: the file name, or the pseudonym."""
+        return self.pseudonym or self.path.name
 
 
 @dataclass(frozen=True)

@@ -247,6 +247,11 @@ class OutputStore(Protocol):
         """At start: remove temporary files and stale locks left by processes that no longer run."""
         ...
 
+    def settings_fingerprint(self) -> str:
+        """The fingerprint of the settings that shape coordinates, as recorded in every output (after the
+        segmenter has loaded its weights)."""
+        ...
+
 
 class Backends(Protocol):
     """The blocking work of every stage, in parts; `open_pipeline(backends=...)` takes any implementation."""

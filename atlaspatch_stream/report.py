@@ -7,6 +7,7 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,10 +24,13 @@ class RunReport:
     """Appends events to `<out>/atlaspatch-report.jsonl`; each line carries this run's id. Thread-safe.
 
     Nothing is written (and no folder created) until `open()`: a run that fails before it starts leaves no report.
+    Slides are named by `SlideJob.recorded_path` (the pseudonym when there is one); `redact` (e.g. the daemon's
+    path redactor) is applied to every slide name and message.
     """
 
-    def __init__(self, output: Path, command: str) -> None:
+    def __init__(self, output: Path, command: str, redact: Callable[[str], str] | None = None) -> None:
         self.path = output / REPORT_NAME
+        self._redact = redact or (lambda text: text)
         self.run_id = uuid.uuid4().hex[:12]
         self.command = command
         self._lock = threading.Lock()
@@ -55,12 +59,12 @@ class RunReport:
 
     def slide(self, result: SlideResult) -> None:
         """One line per stage with its busy seconds, then one line with the slide's outcome."""
-        name = str(result.job.path)
+        name = self._redact(result.job.recorded_path)
         for stage, seconds in result.timings.items():
             if stage != "total":
                 self._write({"event": "stage", "slide": name, "stage": stage, "seconds": round(seconds, 6)})
         self._write({
-            "event": "slide", "slide": name, "status": result.status, "message": result.message,
+            "event": "slide", "slide": name, "status": result.status, "message": self._redact(result.message),
             "h5": str(result.h5_path) if result.h5_path else None, "num_patches": result.num_patches,
             "features": list(result.features), "seconds": round(result.timings.get("total", 0.0), 6),
             **{k: v for k, v in result.extra.items() if k not in {"num_patches"}},

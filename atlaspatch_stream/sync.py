@@ -100,6 +100,44 @@ def open_pipeline(config: PipelineConfig, *, mode: Mode | None = None, backends:
         yield BlockingPipeline(pipeline, portal)
 
 
+class BlockingFolderService:
+    """Blocking view of a running folder service (from `serve_folder`)."""
+
+    def __init__(self, service: Any, portal: Any) -> None:
+        self._service = service
+        self._portal = portal
+
+    def results(self) -> Iterator[Any]:
+        """Each slide's `FolderResult` as it finishes, until intake stopped (or `once` ran out) and all drained."""
+        stream = self._service.results()
+        try:
+            while True:
+                try:
+                    yield self._portal.call(stream.receive)
+                except anyio.EndOfStream:
+                    return
+        finally:
+            self._portal.call(stream.aclose)
+
+    def stop(self, reason: str = "stopping") -> None:
+        """Stop intake; the slides in flight drain when the `with` block ends."""
+        self._portal.call(self._service.stop, reason)
+
+    def statistics(self) -> dict[str, Any]:
+        """Pipeline and watcher statistics."""
+        stats: dict[str, Any] = self._portal.call(self._service.statistics)
+        return stats
+
+
+@contextmanager
+def serve_folder(input_folder: Path, config: PipelineConfig, **options: Any) -> Iterator[BlockingFolderService]:
+    """Blocking `api.serve_folder`: the service runs on an event loop in a background thread."""
+    with anyio.from_thread.start_blocking_portal() as portal, portal.wrap_async_context_manager(
+        api.serve_folder(input_folder, config, **options)
+    ) as service:
+        yield BlockingFolderService(service, portal)
+
+
 def make_jobs(paths: Sequence[Path], config: PipelineConfig) -> list[SlideJob]:
     """Same as `api.make_jobs` (already blocking)."""
     return api.make_jobs(paths, config)

@@ -62,12 +62,12 @@ def slide_attrs(slide: OpenedSlide, geometry: Geometry, settings: SettingsRecord
         overlap=geometry.overlap,
         level0_width=info.width,
         level0_height=info.height,
-        wsi_path=str(job.path),
-        filename=job.path.name,
+        wsi_path=job.recorded_path,
+        filename=job.recorded_filename,
         mpp=info.mpp,
         magnification=info.magnification,
         vendor=info.vendor,
-        institution=info.institution,
+        institution=None if job.pseudonym else info.institution,  # an identifier of the site: not with pseudonyms
         stain=info.stain,
         extra=settings.attrs(),
     )
@@ -234,6 +234,10 @@ class H5Outputs:
     def sweep_orphans(self) -> None:
         """Remove temporary H5s and stale locks of processes that no longer run (logged when anything goes)."""
         claims.sweep_orphans(self.config.write.output)
+
+    def settings_fingerprint(self) -> str:
+        """The geometry fingerprint every new H5 records."""
+        return str(self.settings.attrs()["settings_fingerprint"])
 
 
 class RealBackends:

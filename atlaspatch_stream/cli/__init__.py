@@ -9,7 +9,14 @@ import click
 
 from .. import __version__
 from ..pipeline import Mode
-from .options import build_config, common_options, feature_options, input_options, parse_weights
+from .options import (
+    build_config,
+    common_options,
+    feature_options,
+    input_options,
+    parse_weights,
+    watch_options,
+)
 from .runner import execute, exit_with
 
 
@@ -41,6 +48,40 @@ def segment_and_get_coords(wsi_path: Path, **params: Any) -> None:
 def detect_tissue(wsi_path: Path, **params: Any) -> None:
     """Write tissue-mask overlays (<stem>_mask.png, <stem>_mask_bw.png) under <out>/visualization/."""
     _run_slides(wsi_path, params, "detect", "detect-tissue")
+
+
+@cli.command("watch")
+@input_options
+@common_options
+@watch_options
+def watch(wsi_path: Path, **params: Any) -> None:
+    """Watch INPUT (the WSI_PATH folder) and process each slide once it has fully arrived, until stopped.
+
+    Every `process` flag applies (--feature-extractors is optional: without it, coordinates only). The first
+    SIGTERM/SIGINT stops intake and drains the slides in flight within --drain-timeout (default 120 s); a second
+    cancels at once. State (ledger, status.json) lives in --state, default OUTPUT/.atlaspatch.
+    """
+    from .watch_cmd import run_watch
+
+    if not wsi_path.is_dir():
+        raise click.UsageError(f"watch needs a folder, not a file: {wsi_path}")
+    config = build_config(params, features=True)
+    exit_with(run_watch(wsi_path, config, once=params["once"], allow_root=params["allow_root"],
+                        retry_quarantined=params["retry_quarantined"]))
+
+
+@cli.command("status")
+@click.argument("output", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--state", "state_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="The daemon's state folder, if not OUTPUT/.atlaspatch.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--requeue", multiple=True, metavar="SLIDE",
+              help="Give a slide (its path relative to INPUT) a new set of attempts (repeatable).")
+def status(output: Path, state_dir: Path | None, as_json: bool, requeue: tuple[str, ...]) -> None:
+    """The daemon's ledger: slides per state, in flight, the last 10 failures and the quarantine list."""
+    from .watch_cmd import run_status
+
+    exit_with(run_status(output, state_dir, as_json, requeue))
 
 
 def _run_slides(wsi_path: Path, params: dict[str, Any], mode: Mode, command: str) -> None:

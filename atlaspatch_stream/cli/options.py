@@ -73,9 +73,14 @@ COMMON_OPTIONS: list[Decorator] = [
                  help="Skip or reuse slides whose output exists (--force re-segments and overwrites)."),
 ]
 
+def _extractors(required: bool) -> Decorator:
+    return click.option("--feature-extractors", required=required, default=None,
+                        help="Encoder names separated by commas and/or spaces (see `atlaspatch encoders`)"
+                             + ("." if required else "; without it, coordinates only."))
+
+
 FEATURE_OPTIONS: list[Decorator] = [
-    click.option("--feature-extractors", required=True,
-                 help="Encoder names separated by commas and/or spaces (see `atlaspatch encoders`)."),
+    _extractors(True),
     click.option("--feature-device", default=None, help="Encoder device [--device]."),
     click.option("--feature-batch-size", type=int, default=None, show_default="32", help="Patches per forward call."),
     click.option("--feature-num-workers", type=click.IntRange(min=0), default=None, show_default="4",
@@ -89,9 +94,34 @@ FEATURE_OPTIONS: list[Decorator] = [
                  help="Local weights for an encoder (.pth/.bin/.safetensors; repeatable)."),
 ]
 
+WATCH_OPTIONS: list[Decorator] = [
+    click.option("--settle-s", type=click.FloatRange(min=0), default=None, show_default="30",
+                 help="Seconds a slide must stay unchanged (size, mtime) before its completeness check."),
+    click.option("--rescan-s", type=click.FloatRange(min=0, min_open=True), default=None, show_default="60",
+                 help="Seconds between full rescans of INPUT (the truth; filesystem events are hints)."),
+    click.option("--watch-mode", type=click.Choice(["auto", "events", "poll"]), default=None, show_default="auto",
+                 help="auto polls on network filesystems (NFS, SMB/CIFS, FUSE...), where events do not arrive."),
+    click.option("--ignore", "ignore", multiple=True, metavar="GLOB",
+                 help="Names never taken, besides hidden files, *.part, *.tmp, *.partial and ~* (repeatable)."),
+    click.option("--once", is_flag=True, help="Process every slide ready now, then exit (cron, tests)."),
+    click.option("--state", "state_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+                 help="Folder of the ledger and status file, on a local disk [OUTPUT/.atlaspatch]."),
+    click.option("--max-attempts", type=click.IntRange(min=1), default=None, show_default="3",
+                 help="Slide errors before a slide is quarantined (gave up after N attempts)."),
+    click.option("--retry-quarantined", is_flag=True, help="Give every quarantined slide a new set of attempts."),
+    click.option("--metrics", default=None, metavar="127.0.0.1:PORT|unix:PATH",
+                 help="Serve Prometheus metrics there (loopback or a Unix socket only); off by default."),
+    click.option("--log-format", type=click.Choice(["text", "json"]), default=None, show_default="text",
+                 help="One line per slide transition, as text or JSON objects."),
+    click.option("--pseudonymize", is_flag=True,
+                 help="Record a keyed hash instead of paths and file names in H5s, logs, report and metrics."),
+    click.option("--allow-root", is_flag=True, help="Run as root (refused by default)."),
+]
+
 input_options = _apply(INPUT_OPTIONS)
 common_options = _apply(COMMON_OPTIONS)
 feature_options = _apply(FEATURE_OPTIONS)
+watch_options = _apply([_extractors(False), *FEATURE_OPTIONS[1:], *WATCH_OPTIONS])
 
 
 def parse_feature_list(text: str) -> tuple[str, ...]:
@@ -140,7 +170,7 @@ def build_config(params: dict[str, Any], *, features: bool) -> PipelineConfig:
                                                              "visualize_contours")})
     if features:
         flags["encode"] = {
-            "extractors": parse_feature_list(p["feature_extractors"]),
+            "extractors": parse_feature_list(p["feature_extractors"]) if p.get("feature_extractors") else None,
             "device": p.get("feature_device"),
             "batch_size": p.get("feature_batch_size"),
             "precision": (p.get("feature_precision") or "").lower() or None,
@@ -149,6 +179,11 @@ def build_config(params: dict[str, Any], *, features: bool) -> PipelineConfig:
         }
         workers = p.get("feature_num_workers")
         flags["read"] = {"reader_threads": max(1, workers) if workers is not None else None}
+    if "settle_s" in p:
+        flags["watch"] = {k: p.get(k) for k in ("settle_s", "rescan_s", "watch_mode", "state_dir", "max_attempts",
+                                                "metrics", "log_format")}
+        flags["watch"].update({"ignore": tuple(p.get("ignore") or ()) or None, "pseudonymize": p.get("pseudonymize")
+                               or None, "drain_timeout_s": flags["run"].pop("drain_timeout_s")})
     try:
         return load_config(flags, toml_path=p.get("config_file"))
     except ConfigError as exc:

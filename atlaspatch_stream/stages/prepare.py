@@ -111,7 +111,7 @@ async def _same_source(job: SlideJob, handle: SlideHandle, decision: ReuseDecisi
     """An existing output is only skipped or extended when it was made from this very slide."""
     if decision.source is None or decision.action not in ("skip", "reuse"):
         return True
-    why = decision.source.mismatch(job.path.name, (handle.info.width, handle.info.height))
+    why = decision.source.mismatch(job.recorded_filename, (handle.info.width, handle.info.height))
     if why is None:
         return True
     await book.fail(job, "reuse", f"{job.name}: existing output {outputs.h5_path(job)} was not made from this slide "
