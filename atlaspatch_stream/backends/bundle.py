@@ -29,6 +29,7 @@ class Backends:
     def __init__(self, config: PipelineConfig) -> None:
         self.config = config
         self.segmenter: Any = None
+        self.decoder: Any = None
 
     # -- models ---------------------------------------------------------------------------------------------------
 
@@ -59,11 +60,39 @@ class Backends:
             num_workers=self.config.read.reader_threads,
         )
 
+    def make_decoder(self) -> Any:
+        """The run's tile decoder (`--decoder`), built and warmed once and shared by every slide's reader.
+
+        Raises MissingExtraError for an explicit `dali` / `nvimgcodec` whose library is missing, so call it before
+        any slide (`make_encoders` does).
+        """
+        if self.decoder is None:
+            from .decoders import DecoderSettings, make_decoder
+
+            read = self.config.read
+            device = self._feature_device()
+            decoder = make_decoder(DecoderSettings(read.decoder, device, batch_size=read.decode_batch,
+                                                   hw_decoder_load=read.hw_decoder_load))
+            decoder.warm_up()
+            self.decoder = decoder
+        return self.decoder
+
+    def _feature_device(self) -> str:
+        """The encoders' device, resolved (decoded tiles live there)."""
+        from .devices import resolve_device
+
+        return str(resolve_device(self.config.feature_device, "encoders"))
+
     def make_encoders(self) -> list[Any]:
-        """Every requested encoder, weights resolved (errors before any slide), not yet warmed up."""
+        """Every requested encoder, weights resolved (errors before any slide), not yet warmed up.
+
+        The tile decoder is resolved here too: a missing decoder extra fails before any slide, as a missing weight
+        file does.
+        """
         names = self.config.encode.extractors
         if not names:
             return []
+        self.make_decoder()
         registry = self.make_registry()
         registry.prepare(names)
         return [registry.create(name) for name in names]
@@ -156,7 +185,7 @@ class Backends:
 
         cfg = self.config.plan
         keep = np.zeros(len(coords), dtype=bool)
-        reader = make_patch_reader(slide.handle, self.config.read.reader_threads)
+        reader = make_patch_reader(slide.handle, self.config.read.reader_threads, self.make_decoder())
         for rows, pixels in reader.iter_patches(slide.handle, coords, cfg.patch_size, self.config.read.chunk_patches):
             keep[rows] = keep_patches(pixels, cfg.white_thresh, cfg.black_thresh)
         return coords[keep]
@@ -219,11 +248,15 @@ class Backends:
     # -- pixels ---------------------------------------------------------------------------------------------------
 
     def iter_patches(self, plan: PatchPlan, patch_size: int, chunk: int, threads: int) -> Iterator[Any]:
-        """Chunks (rows, pixels) of every planned patch, from the best reader for this slide."""
-        from .readers import make_patch_reader
+        """Chunks (rows, pixels) of every planned patch, from the best reader for this slide.
+
+        The iterator's `routes` tells which decoder read each level and why (for the run report).
+        """
+        from .readers import PatchIterator, make_patch_reader
 
         handle = plan.slide.handle
-        return iter(make_patch_reader(handle, threads).iter_patches(handle, plan.coords, patch_size, chunk))
+        reader = make_patch_reader(handle, threads, self.make_decoder())
+        return PatchIterator(reader, reader.iter_patches(handle, plan.coords, patch_size, chunk))
 
     def save_images(self, plan: PatchPlan, rows: np.ndarray, pixels: np.ndarray) -> None:
         """`--save-images`: `<out>/images/<stem>/<stem>_x{X}_y{Y}.png`, written atomically."""

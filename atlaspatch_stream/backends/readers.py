@@ -102,6 +102,35 @@ def supports_tile_once(handle: Any) -> bool:
     return metas is not None and any(m is not None for m in metas)
 
 
+class PatchIterator:
+    """One slide's patch chunks (an iterator, closable) that also tells how the slide was read.
+
+    Attributes:
+        reader: The reader producing the chunks; `routes` says which decoder read each level and why.
+    """
+
+    def __init__(self, reader: Any, chunks: Iterator[tuple[np.ndarray, Any]]) -> None:
+        self.reader = reader
+        self._chunks = chunks
+
+    def __iter__(self) -> PatchIterator:
+        return self
+
+    def __next__(self) -> tuple[np.ndarray, Any]:
+        return next(self._chunks)
+
+    def close(self) -> None:
+        """Stop the reader: joins its threads and closes its file (also mid-slide)."""
+        close = getattr(self._chunks, "close", None)
+        if close is not None:
+            close()
+
+    @property
+    def routes(self) -> str:
+        """`describe_routes` of the reader's routes so far (for the run report)."""
+        return describe_routes(self.reader.routes)
+
+
 def region_reason(handle: Any) -> str:
     """Why a slide is read with `read_region` rather than tile-once (for the run report)."""
     backend = _backend(handle)
