@@ -261,6 +261,8 @@ class TorchEncoder:
             raise ValueError(f"{self.name}: expected uint8 (B, H, W, 3), got {pixels.shape}")
         if len(pixels) == 0:
             return np.zeros((0, self.dim), dtype=np.float32)
+        if getattr(self._model, "takes_uint8", False):  # weight-free encoders with their own uint8 path
+            return np.asarray(self._model.encode_uint8(pixels), dtype=np.float32)
         with torch.inference_mode():
             x = self.model_input(pixels)
             with self._autocast():
