@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -82,4 +82,24 @@ class Encoder(Protocol):
 
     def close(self) -> None:
         """Free device memory."""
+        ...
+
+
+@runtime_checkable
+class DeviceEncoder(Protocol):
+    """An `Encoder` that also takes pixels already on its device (the GPU path: no host round trip).
+
+    `encode` keeps working on numpy batches; callers holding a torch batch on `device` use `encode_device`.
+    """
+
+    name: str
+    dim: int
+    device: str
+    fixed_batch: bool  # True when the model is compiled for one batch shape: pass full batches, pad the tail
+
+    def encode_device(self, pixels: Any) -> Any:
+        """uint8 (B, P, P, 3) torch tensor -> float32 (B, dim) torch tensor on `device`, queued on the current stream.
+
+        Nothing waits for the work: the caller orders it with CUDA events.
+        """
         ...
