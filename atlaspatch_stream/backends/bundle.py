@@ -58,6 +58,7 @@ class Backends:
             weights=dict(enc.weights),
             plugins=enc.plugins,
             num_workers=self.config.read.reader_threads,
+            compile=enc.compile,
         )
 
     def make_decoder(self) -> Any:
