@@ -311,3 +311,20 @@ def test_gpu_backend_without_cuda_runs_its_cpu_mode() -> None:
         warnings.simplefilter("ignore")
         dec = make_decoder(DecoderSettings("dali", device="cuda:0"))
     assert isinstance(dec, DaliDecoder) and dec.device == "cpu"
+
+
+def test_shipped_probe_tiles_match_the_reference_decoder() -> None:
+    """The probe tiles shipped with the package (one per family): their stored reference pixels are what the `cpu`
+    decoder gives for their bytes today, and the RGB tile really is marker-less (a plain decoder gets it wrong)."""
+    import imagecodecs
+
+    from atlaspatch_stream.backends.decoders.probe import probe_pixels, probe_tiles
+
+    tiles = probe_tiles()
+    assert set(tiles) == {"jpeg_rgb", "jpeg_ycbcr", "jpeg2000"}
+    for raw, meta, want in tiles.values():
+        np.testing.assert_array_equal(CpuDecoder().decode_batch([raw], meta).pixels[0], want)
+        assert np.abs(want.astype(int) - probe_pixels()).mean() < 8  # near what was encoded (lossy codecs)
+    raw = tiles["jpeg_rgb"][0]
+    assert b"Adobe" not in raw and b"JFIF" not in raw
+    assert np.abs(imagecodecs.jpeg8_decode(raw).astype(int) - tiles["jpeg_rgb"][2]).mean() > 20

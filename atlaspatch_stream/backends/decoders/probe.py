@@ -8,7 +8,9 @@ routed to `cpu`, and the measured difference is the recorded reason.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -47,7 +49,17 @@ def probe_pixels() -> np.ndarray:
     return np.clip(np.rint(image), 0, 255).astype(np.uint8)
 
 
-def _meta(compression: int, photometric: int, colorspace: int | None) -> TilePageMeta:
+PROBE_FILE = Path(__file__).with_name("probe_tiles.npz")
+_FAMILIES: dict[Codec, tuple[int, int, int | None]] = {  # compression, photometric, forced JPEG colour space
+    "jpeg_rgb": (JPEG, 2, 2),
+    "jpeg_ycbcr": (JPEG, 6, None),
+    "jpeg2000": (_APERIO_JP2K_RGB, 2, None),
+}
+
+
+def probe_meta(codec: Codec) -> TilePageMeta:
+    """The level description of one probe tile (a single 64×64 tile)."""
+    compression, photometric, colorspace = _FAMILIES[codec]
     empty = np.zeros(1, np.int64)
     return TilePageMeta("<probe>", 0, 1.0, TileGrid(_SIZE, _SIZE, _SIZE, _SIZE), compression, photometric, 1, None,
                         colorspace, empty, empty)
@@ -76,18 +88,24 @@ def aperio_jpeg(pixels: np.ndarray, quality: int = 90) -> bytes:
     raise ValueError("JPEG encoder produced no scan")
 
 
-def probe_tiles() -> dict[Codec, tuple[bytes, TilePageMeta]]:
-    """One tile per codec family a GPU backend may take: Aperio RGB JPEG, YCbCr JPEG 4:2:0, JPEG 2000 (33005)."""
+def encode_probe_tiles() -> dict[Codec, bytes]:
+    """The probe tiles, freshly encoded (scripts/make_probe_tiles.py stores them with their references)."""
     import imagecodecs
 
     pixels = probe_pixels()
-    ycbcr = bytes(imagecodecs.jpeg8_encode(pixels, level=90, subsampling=(2, 2)))
-    j2k = bytes(imagecodecs.jpeg2k_encode(pixels, level=40, codecformat="J2K", reversible=False))
     return {
-        "jpeg_rgb": (aperio_jpeg(pixels), _meta(JPEG, 2, 2)),
-        "jpeg_ycbcr": (ycbcr, _meta(JPEG, 6, None)),
-        "jpeg2000": (j2k, _meta(_APERIO_JP2K_RGB, 2, None)),
+        "jpeg_rgb": aperio_jpeg(pixels),
+        "jpeg_ycbcr": bytes(imagecodecs.jpeg8_encode(pixels, level=90, subsampling=(2, 2))),
+        "jpeg2000": bytes(imagecodecs.jpeg2k_encode(pixels, level=40, codecformat="J2K", reversible=False)),
     }
+
+
+@functools.lru_cache(maxsize=1)
+def probe_tiles() -> dict[Codec, tuple[bytes, TilePageMeta, np.ndarray]]:
+    """The shipped probe tiles: (encoded bytes, level description, the `cpu` decoder's pixels) per family."""
+    with np.load(PROBE_FILE) as stored:
+        return {codec: (stored[f"{codec}_bytes"].tobytes(), probe_meta(codec), stored[f"{codec}_pixels"])
+                for codec in _FAMILIES}
 
 
 def compare(codec: Codec, got: np.ndarray | None, want: np.ndarray) -> ProbeResult:
