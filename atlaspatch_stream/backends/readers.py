@@ -303,6 +303,27 @@ class TileOnceReader:
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
 
+    def iter_level(self, meta: TilePageMeta, coords: np.ndarray, patch_size: int, chunk: int,
+                   slide: str = "") -> Iterator[tuple[np.ndarray, Any]]:
+        """`iter_patches` for patches of one described level, without a slide handle (benchmarks, device checks).
+
+        Args:
+            meta: The level (e.g. `tiles.page_meta` of a tifffile page).
+            coords: int (N, 5) x, y, read_w, read_h, level in level-0 pixels (all at `meta.level`).
+            patch_size: Output edge.
+            chunk: Most patches per yielded chunk.
+            slide: Name used in error messages.
+        """
+        _check_args(patch_size, chunk)
+        arr = np.asarray(coords, dtype=np.int64)
+        plan = plan_level(np.arange(arr.shape[0]), arr, meta.downsample, meta.grid)
+        self.routes, self.decode_counts = [], Counter()
+        pool = ThreadPoolExecutor(self.threads, thread_name_prefix="tile-once")
+        try:
+            yield from self._iter_level(plan, meta, patch_size, chunk, pool, slide or meta.path)
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
     def _iter_all(
         self,
         handle: Any,

@@ -242,8 +242,9 @@ class TorchEncoder:
             if self._ready:
                 return
             self._model = self._prepared_model()
-            edge = self.spec.input_size or 224
-            self._run(np.zeros((1, edge, edge, 3), dtype=np.uint8))
+            if self._compiled is None:  # a compiled model compiles at its first full batch, not at a dummy one
+                edge = self.spec.input_size or 224
+                self._run(np.zeros((1, edge, edge, 3), dtype=np.uint8))
             self._ready = True
 
     def _prepared_model(self) -> Any:
