@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import sys
 import tempfile
 import time
@@ -139,7 +138,7 @@ def upstream_style(config, out: Path, slides: list[Path]) -> float:
     return time.perf_counter() - started
 
 
-def make_config(args: argparse.Namespace, folder: Path, weights: Path):  # noqa: ANN201
+def make_config(args: argparse.Namespace, folder: Path, weights: Path, out: str = "out"):  # noqa: ANN201
     """The run's configuration (otsu, patch 224 at 20×, one encoder with local random weights)."""
     from atlaspatch_stream.config import load_config
 
@@ -149,13 +148,16 @@ def make_config(args: argparse.Namespace, folder: Path, weights: Path):  # noqa:
         "encode": {"extractors": (args.encoder,), "device": args.device, "precision": args.precision,
                    "batch_size": args.batch, "weights": ((args.encoder, weights),)},
         "read": {"decoder": args.decoder},
-        "write": {"output": folder / "out"},
+        "write": {"output": folder / out},
     }, environ={})
 
 
 def peak_rss_mb() -> float:
-    """This process's peak resident set size (MB)."""
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    """This process's peak resident set size (MB): VmHWM, which exec resets (ru_maxrss survives fork + exec, so a
+    child would report the slide-writing parent's peak)."""
+    with open("/proc/self/status") as fh:
+        kb = next(int(line.split()[1]) for line in fh if line.startswith("VmHWM:"))
+    return round(kb / 1024, 1)
 
 
 def child(args: argparse.Namespace) -> None:
@@ -163,7 +165,7 @@ def child(args: argparse.Namespace) -> None:
     import orjson
 
     folder = Path(args.folder)
-    config = make_config(args, folder, folder / f"{args.encoder}.safetensors")
+    config = make_config(args, folder, folder / f"{args.encoder}.safetensors", args.out)
     slides = sorted((folder / "slides").glob("*.svs"))
     if args.child == "pipeline":
         wall, busy, fills, results = anyio.run(run_pipeline, config, slides)
@@ -177,7 +179,7 @@ def child(args: argparse.Namespace) -> None:
 
 
 def spawn(args: argparse.Namespace, folder: Path, what: str, env: dict[str, str] | None = None,
-          patches: int = 0) -> dict:
+          patches: int = 0, out: str = "out") -> dict:
     """Run `child` in a subprocess and return its result line."""
     import subprocess
 
@@ -185,7 +187,7 @@ def spawn(args: argparse.Namespace, folder: Path, what: str, env: dict[str, str]
 
     command = [sys.executable, __file__, "--child", what, "--folder", str(folder), "--encoder", args.encoder,
                "--precision", args.precision, "--batch", str(args.batch), "--device", args.device,
-               "--decoder", args.decoder, "--patches", str(patches)]
+               "--decoder", args.decoder, "--patches", str(patches), "--out", out]
     proc = subprocess.run(command, capture_output=True, text=True, env={**os.environ, **(env or {})},
                           cwd=Path(__file__).parent)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
@@ -211,6 +213,7 @@ def main() -> None:
     parser.add_argument("--child", choices=["pipeline", "encoder", "upstream"], help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
     parser.add_argument("--patches", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--out", default="out", help=argparse.SUPPRESS)
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.child:
@@ -221,8 +224,8 @@ def main() -> None:
         slides = write_slides(folder / "slides", args.slides, args.size)
         random_weights(args.encoder, folder)
         ours = spawn(args, folder, "pipeline")
-        arenas = spawn(args, folder, "pipeline", {"MALLOC_ARENA_MAX": str(args.malloc_arena_max)}) \
-            if args.malloc_arena_max else None
+        arenas = spawn(args, folder, "pipeline", {"MALLOC_ARENA_MAX": str(args.malloc_arena_max)},
+                       out="out_arenas") if args.malloc_arena_max else None
         alone = spawn(args, folder, "encoder", patches=ours["patches"])
         upstream = spawn(args, folder, "upstream") if args.upstream else None
     import torch

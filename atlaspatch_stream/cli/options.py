@@ -80,7 +80,7 @@ FEATURE_OPTIONS: list[Decorator] = [
                  help="Tile reader/decoder threads."),
     click.option("--feature-precision", type=click.Choice(["float32", "float16", "bfloat16"], case_sensitive=False),
                  default=None, show_default="float16",
-                 help="float32 exact; float16 = fp16 autocast on CUDA, bf16 autocast on CPU; bfloat16 = bf16 autocast."),
+                 help="float32 exact; float16 = fp16 autocast on CUDA, on CPU bf16 where native else fp32; bfloat16 = bf16."),
     click.option("--decoder", type=click.Choice(["auto", "cpu", "dali", "nvimgcodec"]), default=None,
                  show_default="auto",
                  help="Tile decoder: auto = dali with CUDA and DALI, else nvimgcodec with CUDA, else cpu (imagecodecs)."),

@@ -185,7 +185,9 @@ def _check_batch(name: str, pixels: Any) -> None:
 def autocast_dtype(device: str, precision: str) -> Any:
     """The autocast dtype for a precision on a device, or None for exact float32.
 
-    "float16" means fp16 autocast on CUDA and bf16 on CPU (CPU fp16 kernels are slow or missing).
+    "float16" means fp16 autocast on CUDA; on a CPU, bf16 autocast where the CPU has native bf16 (AVX512-BF16 or
+    AMX), else float32 as upstream runs it. CPU fp16 kernels are slow or missing, and emulated bf16 is several times
+    slower than float32 (resnet18 on an AVX2 EPYC: 3.9 against 22 img/s).
     """
     import torch
 
@@ -194,8 +196,18 @@ def autocast_dtype(device: str, precision: str) -> Any:
     if precision == "bfloat16":
         return torch.bfloat16
     if precision == "float16":
-        return torch.float16 if device.startswith("cuda") else torch.bfloat16
+        if device.startswith("cuda"):
+            return torch.float16
+        return torch.bfloat16 if cpu_has_native_bf16() else None
     raise ConfigError(f"unknown precision {precision!r}")
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 in hardware (AVX512-BF16 or AMX tiles)."""
+    import torch
+
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 
 class TorchEncoder:
