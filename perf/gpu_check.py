@@ -2,9 +2,9 @@
 
 On the device (after `python perf/build_gpu_carry.py` here; carry=[".whl", ".gpucheck"]):
 
-    python3 -m pip install -q --no-index --no-deps --no-compile --target $TMPDIR/site .whl/*.whl \\
-      && python3 -c "import zipfile; zipfile.ZipFile('.whl/purepy.zip').extractall('$TMPDIR/site')" \\
-      && PYTHONPATH=$TMPDIR/site:$PWD python3 perf/gpu_check.py --deadline 480
+    S=${TMPDIR:-/tmp}/site; python3 -m pip install -q --no-index --no-deps --no-compile --target $S .whl/*.whl \\
+      && python3 -c "import sys, zipfile; zipfile.ZipFile('.whl/purepy.zip').extractall(sys.argv[1])" $S \\
+      && PYTHONPATH=$S:$PWD python3 perf/gpu_check.py --deadline 480          (run with timeout_s=560)
 
 Here, first (same code paths on the CPU, small sizes, CUDA-only variants reported as skipped):
 
