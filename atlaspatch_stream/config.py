@@ -26,6 +26,7 @@ Precision = Literal["float32", "float16", "bfloat16"]
 SegmenterName = Literal["sam2", "otsu"]
 WatchMode = Literal["auto", "events", "poll"]
 LogFormat = Literal["text", "json"]
+DecoderName = Literal["auto", "cpu", "dali", "nvimgcodec"]
 
 
 def _require(cond: bool, message: str) -> None:
@@ -119,10 +120,17 @@ class ReadConfig:
 
     reader_threads: int = 4  # --feature-num-workers
     chunk_patches: int = 64  # patches per item sent downstream by a reader
+    decoder: DecoderName = "auto"  # --decoder: auto | cpu | dali | nvimgcodec
+    decode_batch: int = 256  # tiles per GPU decode call
+    hw_decoder_load: float = 0.65  # share of each GPU batch for the hardware JPEG engine
 
     def __post_init__(self) -> None:
         _require(self.reader_threads > 0, "reader threads must be > 0")
         _require(self.chunk_patches > 0, "chunk_patches must be > 0")
+        _require(self.decoder in get_args(DecoderName),
+                 f"unknown decoder {self.decoder!r} (one of {', '.join(get_args(DecoderName))})")
+        _require(self.decode_batch > 0, "decode_batch must be > 0")
+        _require(0.0 <= self.hw_decoder_load <= 1.0, "hw_decoder_load must be in [0, 1]")
 
 
 @dataclass(frozen=True)
@@ -135,9 +143,12 @@ class EncodeConfig:
     precision: Precision = "float16"
     weights: tuple[tuple[str, Path], ...] = ()
     plugins: tuple[Path, ...] = ()
+    compile: bool = False  # --compile: torch.compile the encoders (CUDA; minutes of warm-up per model)
+    gpu_memory_budget: float = 0.5  # share of the feature GPU's free memory for rings, queues and batches
 
     def __post_init__(self) -> None:
         _require(self.batch_size > 0, "--feature-batch-size must be > 0")
+        _require(0.0 < self.gpu_memory_budget <= 1.0, "gpu_memory_budget must be in (0, 1]")
         _require(self.precision in get_args(Precision), f"unknown precision {self.precision!r}")
         _require(len(set(self.extractors)) == len(self.extractors), "duplicate feature extractors")
 

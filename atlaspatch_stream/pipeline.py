@@ -361,6 +361,8 @@ class Pipeline:
             finally:
                 beat.cancel()
                 self.cancelled = await self.book.release_all()
+                with anyio.CancelScope(shield=True):
+                    await anyio.to_thread.run_sync(self.backends.pixels.close, limiter=self.limiters.io)
                 await self.book.aclose()
                 for edge in self.streams.edges():
                     if edge is not self.streams.results and edge is not self.streams.finished:

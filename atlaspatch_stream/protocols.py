@@ -11,6 +11,7 @@ Errors: a problem confined to one slide is raised as `SlideError` with its `slid
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
@@ -67,15 +68,53 @@ class Segmenter(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class DecodedTiles:
+    """The result of one `TileDecoder.decode_batch` call.
+
+    Attributes:
+        pixels: One uint8 (h, w, 3) array per input tile, in input order: numpy on the CPU, torch on CUDA.
+        ready: A CUDA event recorded after the work that produced `pixels` (None on the CPU); a consumer on another
+            stream waits on it before reading the pixels.
+    """
+
+    pixels: list[Any]
+    ready: Any = None
+
+
 class TileDecoder(Protocol):
-    """Turns the raw bytes of one tile into RGB uint8 pixels. Must be callable from several threads at once."""
+    """Decodes batches of tiles of one pyramid level (`backends.decoders`: cpu, dali, nvimgcodec).
 
-    def decode(self, raw: bytes, page_meta: Any) -> np.ndarray:
-        """Decode `raw` (one tile of the level `page_meta` describes, a `backends.tiles.TilePageMeta`) to uint8.
+    Thread-safe: the readers of several slides share one decoder. `page_meta` is a `backends.tiles.TilePageMeta`.
 
-        The result is (h, w, 3): the tile size, or at least the part of the tile inside the level for an edge tile
-        that was stored cropped. Raises any exception on corrupt data; the caller translates it.
-        """
+    Attributes:
+        name: "cpu", "dali" or "nvimgcodec".
+        device: Where decoded pixels live: "cpu" or "cuda:N".
+        batch_size: Tiles per `decode_batch` call the reader should aim for (1: one call per tile).
+    """
+
+    name: str
+    device: str
+    batch_size: int
+
+    def warm_up(self) -> None:
+        """Build pipelines or decoder objects and run the start-up colour probes (idempotent)."""
+        ...
+
+    def unsupported(self, page_meta: Any) -> str | None:
+        """Why this decoder cannot decode the level's tiles exactly (the reader then uses `cpu`), or None."""
+        ...
+
+    def decode_batch(self, raws: Sequence[bytes], page_meta: Any) -> DecodedTiles:
+        """Decode stored tiles of the level. Raises on a corrupt tile (the reader then isolates it)."""
+        ...
+
+    def statistics(self) -> dict[str, Any]:
+        """Counters: tiles and batches decoded, seconds spent."""
+        ...
+
+    def close(self) -> None:
+        """Release pipelines, decoders and device memory pools."""
         ...
 
 
@@ -105,6 +144,26 @@ class Encoder(Protocol):
 
     def close(self) -> None:
         """Free device memory."""
+        ...
+
+
+@runtime_checkable
+class DeviceEncoder(Protocol):
+    """An `Encoder` that also takes pixels already on its device (the GPU path: no host round trip).
+
+    `encode` keeps working on numpy batches; callers holding a torch batch on `device` use `encode_device`.
+    """
+
+    name: str
+    dim: int
+    device: str
+    fixed_batch: bool  # True when the model is compiled for one batch shape: pass full batches, pad the tail
+
+    def encode_device(self, pixels: Any) -> Any:
+        """uint8 (B, P, P, 3) torch tensor -> float32 (B, dim) torch tensor on `device`, queued on the current stream.
+
+        Nothing waits for the work: the caller orders it with CUDA events.
+        """
         ...
 
 
@@ -204,6 +263,10 @@ class PixelSource(Protocol):
     def iter_patches(self, plan: PatchPlan, patch_size: int, chunk: int, threads: int) -> Iterator[
             tuple[np.ndarray, np.ndarray]]:
         """Chunks (rows int64 (b,), pixels uint8 (b, P, P, 3)) covering every planned row once."""
+        ...
+
+    def close(self) -> None:
+        """Release what readers share (the tile decoder's pipelines and device memory)."""
         ...
 
 

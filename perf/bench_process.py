@@ -1,20 +1,21 @@
-"""End-to-end `process` vs the bare encoder forward on the same number of pre-decoded batches, in one run.
+"""End-to-end `process` vs the bare encoder forward on the same number of pre-decoded batches, and vs upstream.
 
     python perf/bench_process.py [--slides 3] [--size 12000] [--encoder lunit_vit_small_patch16_dino]
+                                 [--decoder auto] [--malloc-arena-max 2]
 
-Also times an upstream-style feature stage on the same coordinates (serial OpenSlide reads, PIL transforms, the model
-cast to fp32 on CPU) and prints our speed-up over it. Writes large synthetic 40× slides (JPEG tiles, drawn tissue), runs the whole pipeline (otsu segmentation, tile-once
-reading, cross-slide batches, one encoder with seeded random weights, H5 writing) and then the encoder alone on as many
-random batches as the pipeline encoded. Prints one JSON line: wall time, encoder-alone time, their ratio (target
-≤ 1.15: the pipeline hides everything but the encoder), per-stage busy seconds, mean queue fill per stream, peak RSS.
-Appends the line to perf/results/bench_process.jsonl.
+Writes large synthetic 40× slides (JPEG tiles, drawn tissue) and seeded random weights, then measures, each in its
+own process (so each peak RSS is that run's own, not the slide writer's): the whole pipeline (otsu segmentation,
+tile-once reading, cross-slide batches, one encoder, H5 writing); optionally the same with MALLOC_ARENA_MAX; the
+encoder alone on as many random batches; and an upstream-style feature stage on the same coordinates (serial
+OpenSlide reads, PIL transforms, the model cast to fp32 on CPU). Prints one JSON line: wall times, their ratios
+(target ≤ 1.15 wall/encoder), per-stage busy seconds, mean queue fill, and the peak RSS of ours and of the
+upstream-style baseline. Appends it to perf/results/bench_process.jsonl.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import resource
 import sys
 import tempfile
 import time
@@ -137,8 +138,66 @@ def upstream_style(config, out: Path, slides: list[Path]) -> float:
     return time.perf_counter() - started
 
 
+def make_config(args: argparse.Namespace, folder: Path, weights: Path, out: str = "out"):  # noqa: ANN201
+    """The run's configuration (otsu, patch 224 at 20×, one encoder with local random weights)."""
+    from atlaspatch_stream.config import load_config
+
+    return load_config({
+        "plan": {"patch_size": 224, "target_mag": 20},
+        "segment": {"segmenter": "otsu", "device": "cpu"},
+        "encode": {"extractors": (args.encoder,), "device": args.device, "precision": args.precision,
+                   "batch_size": args.batch, "weights": ((args.encoder, weights),)},
+        "read": {"decoder": args.decoder},
+        "write": {"output": folder / out},
+    }, environ={})
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set size (MB): VmHWM, which exec resets (ru_maxrss survives fork + exec, so a
+    child would report the slide-writing parent's peak)."""
+    with open("/proc/self/status") as fh:
+        kb = next(int(line.split()[1]) for line in fh if line.startswith("VmHWM:"))
+    return round(kb / 1024, 1)
+
+
+def child(args: argparse.Namespace) -> None:
+    """One measurement in a fresh process (so its peak RSS is its own); prints one JSON line for the parent."""
+    import orjson
+
+    folder = Path(args.folder)
+    config = make_config(args, folder, folder / f"{args.encoder}.safetensors", args.out)
+    slides = sorted((folder / "slides").glob("*.svs"))
+    if args.child == "pipeline":
+        wall, busy, fills, results = anyio.run(run_pipeline, config, slides)
+        out = {"wall_s": wall, "busy": busy, "fills": fills, "patches": sum(r.num_patches or 0 for r in results),
+               "statuses": sorted({r.status for r in results})}
+    elif args.child == "encoder":
+        out = {"wall_s": encoder_alone(config, args.patches)}
+    else:
+        out = {"wall_s": upstream_style(config, folder / "out", slides)}
+    print("RESULT " + orjson.dumps({**out, "peak_rss_mb": peak_rss_mb()}).decode())
+
+
+def spawn(args: argparse.Namespace, folder: Path, what: str, env: dict[str, str] | None = None,
+          patches: int = 0, out: str = "out") -> dict:
+    """Run `child` in a subprocess and return its result line."""
+    import subprocess
+
+    import orjson
+
+    command = [sys.executable, __file__, "--child", what, "--folder", str(folder), "--encoder", args.encoder,
+               "--precision", args.precision, "--batch", str(args.batch), "--device", args.device,
+               "--decoder", args.decoder, "--patches", str(patches), "--out", out]
+    proc = subprocess.run(command, capture_output=True, text=True, env={**os.environ, **(env or {})},
+                          cwd=Path(__file__).parent)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode or not lines:
+        raise SystemExit(f"{what} child failed:\n{proc.stderr[-3000:]}")
+    return orjson.loads(lines[-1][len("RESULT "):])
+
+
 def main() -> None:
-    """Run both measurements and print one JSON line."""
+    """Write slides and weights, measure each part in its own process, print one JSON line."""
     parser = argparse.ArgumentParser()
     parser.add_argument("--slides", type=int, default=3)
     parser.add_argument("--size", type=int, default=12000)
@@ -146,39 +205,48 @@ def main() -> None:
     parser.add_argument("--precision", default="float16", help="as --feature-precision (default: upstream's)")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--device", default="cpu", help="encoder device (cpu, cuda)")
+    parser.add_argument("--decoder", default="auto", help="as --decoder")
+    parser.add_argument("--malloc-arena-max", type=int, default=0,
+                        help="also run the pipeline with MALLOC_ARENA_MAX set to this (0: skip)")
     parser.add_argument("--no-upstream", dest="upstream", action="store_false",
                         help="skip the upstream-style baseline (serial read_region + PIL + fp32 model)")
+    parser.add_argument("--child", choices=["pipeline", "encoder", "upstream"], help=argparse.SUPPRESS)
+    parser.add_argument("--folder", help=argparse.SUPPRESS)
+    parser.add_argument("--patches", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--out", default="out", help=argparse.SUPPRESS)
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from atlaspatch_stream.config import load_config
-
+    if args.child:
+        child(args)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         slides = write_slides(folder / "slides", args.slides, args.size)
-        weights = random_weights(args.encoder, folder)
-        config = load_config({
-            "plan": {"patch_size": 224, "target_mag": 20},
-            "segment": {"segmenter": "otsu", "device": "cpu"},
-            "encode": {"extractors": (args.encoder,), "device": args.device, "precision": args.precision,
-                       "batch_size": args.batch, "weights": ((args.encoder, weights),)},
-            "write": {"output": folder / "out"},
-        }, environ={})
-        wall, busy, fills, results = anyio.run(run_pipeline, config, slides)
-        patches = sum(r.num_patches or 0 for r in results)
-        alone = encoder_alone(config, patches)
-        upstream = upstream_style(config, folder / "out", slides) if args.upstream else None
+        random_weights(args.encoder, folder)
+        ours = spawn(args, folder, "pipeline")
+        arenas = spawn(args, folder, "pipeline", {"MALLOC_ARENA_MAX": str(args.malloc_arena_max)},
+                       out="out_arenas") if args.malloc_arena_max else None
+        alone = spawn(args, folder, "encoder", patches=ours["patches"])
+        upstream = spawn(args, folder, "upstream") if args.upstream else None
     import torch
 
+    wall, patches = ours["wall_s"], ours["patches"]
     line = {
         "bench": "process", "date": time.strftime("%Y-%m-%d"), "encoder": args.encoder, "precision": args.precision,
-        "slides": len(slides), "slide_px": [args.size, int(args.size * 0.75)], "patches": patches,
-        "wall_s": round(wall, 2), "encoder_alone_s": round(alone, 2), "ratio_wall_to_encoder": round(wall / alone, 3),
-        "upstream_style_feature_stage_s": round(upstream, 2) if upstream else None,
-        "speedup_vs_upstream_style": round(upstream / wall, 2) if upstream else None,
+        "decoder": args.decoder, "slides": len(slides), "slide_px": [args.size, int(args.size * 0.75)],
+        "patches": patches, "wall_s": round(wall, 2), "encoder_alone_s": round(alone["wall_s"], 2),
+        "ratio_wall_to_encoder": round(wall / alone["wall_s"], 3),
+        "upstream_style_feature_stage_s": round(upstream["wall_s"], 2) if upstream else None,
+        "speedup_vs_upstream_style": round(upstream["wall_s"] / wall, 2) if upstream else None,
         "patches_per_s": round(patches / wall, 1), "slides_per_h": round(len(slides) / wall * 3600, 1),
-        "stage_busy_s": {k: round(v, 2) for k, v in busy.items()}, "queue_fill_mean": fills,
-        "statuses": sorted({r.status for r in results}),
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "stage_busy_s": {k: round(v, 2) for k, v in ours["busy"].items()}, "queue_fill_mean": ours["fills"],
+        "statuses": ours["statuses"],
+        "peak_rss_mb": ours["peak_rss_mb"],
+        "peak_rss_mb_malloc_arena_max": {"arenas": args.malloc_arena_max, "peak_rss_mb": arenas["peak_rss_mb"],
+                                         "wall_s": round(arenas["wall_s"], 2)} if arenas else None,
+        "peak_rss_mb_encoder_alone": alone["peak_rss_mb"],
+        "peak_rss_mb_upstream_style": upstream["peak_rss_mb"] if upstream else None,
+        "note": "each measurement in its own process: peak RSS is that process's own (slide writing excluded)",
         "machine": machine("torch", "timm", "imagecodecs", torch_threads=torch.get_num_threads()),
     }
     write_result("bench_process", line)

@@ -7,6 +7,7 @@ which are imported here lazily, so `import atlaspatch_stream` stays light.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from ..config import PipelineConfig, geometry_fingerprint
 from ..geometry import Geometry
 from ..items import OpenedSlide, PatchPlan, SlideJob
 from ..outputs import ReuseDecision, SlideAttrs
-from ..protocols import EncoderSet, Lock, Segmenter, SlideHandle, Store
+from ..protocols import EncoderSet, Lock, Segmenter, SlideHandle, Store, TileDecoder
 from ..sources import claims
 
 log = logging.getLogger(__name__)
@@ -94,9 +95,10 @@ class TiffSlides:
 class LatticePlanner:
     """Contours and upstream's patch lattice from a tissue mask, plus the overlays (`Planner`)."""
 
-    def __init__(self, config: PipelineConfig, settings: SettingsRecord) -> None:
+    def __init__(self, config: PipelineConfig, settings: SettingsRecord, pixels: TilePixels | None = None) -> None:
         self.config = config
         self.settings = settings
+        self.pixels = pixels or TilePixels(config)
 
     def plan(self, slide: OpenedSlide, mask: np.ndarray) -> PatchPlan:
         """Coordinates for a new slide; overlays when asked."""
@@ -123,7 +125,7 @@ class LatticePlanner:
 
         cfg = self.config.plan
         keep = np.zeros(len(coords), dtype=bool)
-        reader = make_patch_reader(slide.handle, self.config.read.reader_threads)
+        reader = make_patch_reader(slide.handle, self.config.read.reader_threads, self.pixels.decoder())
         for rows, pixels in reader.iter_patches(slide.handle, coords, cfg.patch_size, self.config.read.chunk_patches):
             keep[rows] = keep_patches(pixels, cfg.white_thresh, cfg.black_thresh)
         return coords[keep]
@@ -164,15 +166,55 @@ class LatticePlanner:
 
 
 class TilePixels:
-    """The tile-once patch reader, or `read_region` threads where it cannot read a slide (`PixelSource`)."""
+    """The tile-once patch reader, or `read_region` threads where it cannot read a slide (`PixelSource`).
+
+    One tile decoder (`--decoder`) is built on first use and shared by every slide's reader.
+    """
+
+    def __init__(self, config: PipelineConfig) -> None:
+        self.config = config
+        self._decoder: TileDecoder | None = None
+        self._lock = threading.Lock()
+
+    def decoder(self) -> TileDecoder:
+        """The run's tile decoder, built and warmed once (MissingExtraError for an explicit one not installed)."""
+        with self._lock:
+            if self._decoder is None:
+                from .decoders import DecoderSettings, make_decoder
+
+                read = self.config.read
+                decoder = make_decoder(DecoderSettings(read.decoder, feature_device(self.config),
+                                                       batch_size=read.decode_batch,
+                                                       hw_decoder_load=read.hw_decoder_load))
+                decoder.warm_up()
+                self._decoder = decoder
+            return self._decoder
 
     def iter_patches(self, plan: PatchPlan, patch_size: int, chunk: int, threads: int) -> Iterator[
             tuple[np.ndarray, np.ndarray]]:
-        """Chunks (rows, pixels) of every planned patch, from the best reader for this slide."""
-        from .readers import make_patch_reader
+        """Chunks (rows, pixels) of every planned patch, from the best reader for this slide.
+
+        The iterator's `routes` tells which decoder read each level and why (for the run report).
+        """
+        from .readers import PatchIterator, make_patch_reader
 
         handle = plan.slide.handle
-        return iter(make_patch_reader(handle, threads).iter_patches(handle, plan.coords, patch_size, chunk))
+        reader = make_patch_reader(handle, threads, self.decoder())
+        return PatchIterator(reader, reader.iter_patches(handle, plan.coords, patch_size, chunk))
+
+    def close(self) -> None:
+        """Release the decoder's pipelines and device memory."""
+        with self._lock:
+            decoder, self._decoder = self._decoder, None
+        if decoder is not None:
+            decoder.close()
+
+
+def feature_device(config: PipelineConfig) -> str:
+    """The encoders' device, resolved (decoded tiles live there too)."""
+    from .devices import resolve_device
+
+    return str(resolve_device(config.feature_device, "encoders"))
 
 
 class H5Outputs:
@@ -248,8 +290,8 @@ class RealBackends:
         self.segmenter: Segmenter | None = None
         self.settings = SettingsRecord(config, self.segmenter_sha256)
         self.slides = TiffSlides(config)
-        self.planner = LatticePlanner(config, self.settings)
-        self.pixels = TilePixels()
+        self.pixels = TilePixels(config)
+        self.planner = LatticePlanner(config, self.settings, self.pixels)
         self.outputs = H5Outputs(config, self.settings)
 
     def segmenter_sha256(self) -> str | None:
@@ -271,25 +313,30 @@ class RealBackends:
 
     def make_registry(self) -> Any:
         """The encoder registry with built-ins and plugins."""
-        from .devices import resolve_device
         from .encoders.registry import build_registry
 
         enc = self.config.encode
         return build_registry(
-            device=str(resolve_device(self.config.feature_device, "encoders")),
+            device=feature_device(self.config),
             precision=enc.precision,
             weights=dict(enc.weights),
             plugins=enc.plugins,
             num_workers=self.config.read.reader_threads,
+            compile=enc.compile,
         )
 
     def make_encoders(self) -> EncoderSet:
-        """Every requested encoder, weights resolved (errors before any slide), not yet warmed up."""
+        """Every requested encoder, weights resolved (errors before any slide), not yet warmed up.
+
+        The tile decoder is built here too, so a missing decoder extra fails before any slide, as a missing weight
+        file does.
+        """
         from .encoders.group import EncoderGroup
 
         names = self.config.encode.extractors
         if not names:
             return EncoderGroup([])
+        self.pixels.decoder()
         registry = self.make_registry()
         registry.prepare(names)
         return EncoderGroup([registry.create(name) for name in names])

@@ -1,35 +1,69 @@
 """Patch readers: the pixels of planned patches at `patch_size`, as upstream reads them (§2.4), only faster.
 
 - `TileOnceReader`: for tiled TIFF-family slides read through tiffslide. Each tile of a level that the slide's patches
-  touch is read (`os.pread`) and decoded once in worker threads, and every patch overlapping it is cut from it.
-  Patches are cut in row bands and a decoded tile is dropped as soon as no remaining patch needs it.
+  touch is read (`os.pread`) and decoded once, in batches, by the run's tile decoder (`backends.decoders`: `cpu`,
+  `dali`, `nvimgcodec`) in worker threads, and every patch overlapping it is cut from it. Patches are cut in row bands
+  and a decoded tile is dropped as soon as no remaining patch needs it. A level the decoder cannot decode exactly
+  goes to the `cpu` decoder; a level that is not tiled (NDPI stripes, odd layouts) to `read_region`. Either way the
+  reason is kept in `routes`, for the run report.
 - `RegionReader`: `handle.read_region` per patch from a pool of threads, for every other slide (NDPI stripes, DICOM,
   MRXS, plain images, odd TIFF layouts).
 
 Both give, per patch, exactly `read_region(...).convert("RGB")` of the slide library, then upstream's
-`cv2.resize(rgb, (patch_size, patch_size))` (INTER_LINEAR) when the read size differs from `patch_size`.
+`cv2.resize(rgb, (patch_size, patch_size))` (INTER_LINEAR) when the read size differs from `patch_size`. On a GPU
+decoder the cut and resize run in torch on the device (`backends.patches`): equal at read sizes of 1, 2 and 4 times
+the patch size, within one grey level otherwise.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
+import threading
+from collections import Counter
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import numpy as np
 
 from ..errors import SlideError, describe, is_bug
-from ..protocols import PatchReader, SlideHandle, TileDecoder
+from ..protocols import DecodedTiles, PatchReader, SlideHandle, TileDecoder
 from ..tileplan import LevelPlan, chunk_bounds, plan_level
+from .decoders.cpu import CpuDecoder
 from .tiles import (
-    ImagecodecsDecoder,
     TilePageMeta,
+    check_tile,
     cut_patch,
     describe_levels,
-    load_tile,
+    level_problems,
+    read_raw,
     resize_patch,
+    tile_error,
 )
+
+Cutter = Literal["auto", "cv2", "torch"]
+
+
+@dataclass(frozen=True)
+class Route:
+    """How one level of a slide was read.
+
+    Attributes:
+        level: The pyramid level.
+        decoder: "cpu", "dali", "nvimgcodec", or "read_region" (no tile decoding at all).
+        reason: Why not the run's decoder ("" when it is the run's decoder).
+    """
+
+    level: int
+    decoder: str
+    reason: str = ""
+
+
+def describe_routes(routes: list[Route]) -> str:
+    """One line for the run report, e.g. "level 0: dali; level 2: cpu (deflate tiles: dali decodes JPEG ...)"."""
+    parts = [f"level {r.level}: {r.decoder}" + (f" ({r.reason})" if r.reason else "") for r in routes]
+    return "; ".join(parts)
 
 
 def slide_name(handle: Any) -> str:
@@ -65,11 +99,61 @@ def supports_tile_once(handle: Any) -> bool:
     return metas is not None and any(m is not None for m in metas)
 
 
-def make_patch_reader(handle: Any, threads: int) -> PatchReader:
-    """The best reader for this slide: `TileOnceReader` when `supports_tile_once(handle)`, else `RegionReader`."""
+class PatchIterator:
+    """One slide's patch chunks (an iterator, closable) that also tells how the slide was read.
+
+    Attributes:
+        reader: The reader producing the chunks; `routes` says which decoder read each level and why.
+    """
+
+    def __init__(self, reader: Any, chunks: Iterator[tuple[np.ndarray, Any]]) -> None:
+        self.reader = reader
+        self._chunks = chunks
+
+    def __iter__(self) -> PatchIterator:
+        return self
+
+    def __next__(self) -> tuple[np.ndarray, Any]:
+        return next(self._chunks)
+
+    def close(self) -> None:
+        """Stop the reader: joins its threads and closes its file (also mid-slide)."""
+        close = getattr(self._chunks, "close", None)
+        if close is not None:
+            close()
+
+    @property
+    def routes(self) -> str:
+        """`describe_routes` of the reader's routes so far (for the run report)."""
+        return describe_routes(self.reader.routes)
+
+
+def region_reason(handle: Any) -> str:
+    """Why a slide is read with `read_region` rather than tile-once (for the run report)."""
+    backend = _backend(handle)
+    if backend != "tiffslide":
+        return f"{backend or 'unknown'} slide: tiles are read through its library"
+    path = getattr(handle, "tiff_path", None) or getattr(handle, "path", None) or handle.info.path
+    problems = level_problems(path)
+    if problems is None:
+        return "not a plain tiled TIFF pyramid"
+    return "; ".join(sorted({p for p in problems if p})) or "levels do not match the slide handle"
+
+
+def make_patch_reader(
+    handle: Any, threads: int, decoder: TileDecoder | None = None, *, device_output: bool = False
+) -> PatchReader:
+    """The best reader for this slide: `TileOnceReader` when `supports_tile_once(handle)`, else `RegionReader`.
+
+    Args:
+        handle: The open slide.
+        threads: Reader threads for this slide.
+        decoder: The run's tile decoder (shared by all slides); None = the `cpu` reference.
+        device_output: Yield torch tensors on the decoder's device instead of host numpy (GPU decoders only).
+    """
     if supports_tile_once(handle):
-        return TileOnceReader(threads=threads)
-    return RegionReader(threads=threads)
+        return TileOnceReader(threads=threads, decoder=decoder, device_output=device_output)
+    return RegionReader(threads=threads, reason=region_reason(handle))
 
 
 def check_coords(coords: np.ndarray, handle: Any) -> np.ndarray:
@@ -126,12 +210,19 @@ def _region_chunks(
 
 
 class RegionReader:
-    """Reads each patch with `handle.read_region` from a pool of `threads` threads (the universal fallback)."""
+    """Reads each patch with `handle.read_region` from a pool of `threads` threads (the universal fallback).
 
-    def __init__(self, threads: int = 2) -> None:
+    Args:
+        threads: Reader threads.
+        reason: Why this slide is not read tile-once (recorded in `routes`).
+    """
+
+    def __init__(self, threads: int = 2, reason: str = "") -> None:
         if threads < 1:
             raise ValueError(f"threads must be >= 1, got {threads}")
         self.threads = threads
+        self.reason = reason
+        self.routes: list[Route] = []
 
     def iter_patches(
         self, handle: SlideHandle, coords: np.ndarray, patch_size: int, chunk: int
@@ -139,6 +230,7 @@ class RegionReader:
         """Yield (rows int64 (b,), pixels uint8 (b, patch_size, patch_size, 3)), rows in coords order, b <= chunk."""
         _check_args(patch_size, chunk)
         arr = check_coords(coords, handle)
+        self.routes = [Route(lv, "read_region", self.reason) for lv in np.unique(arr[:, 4]).tolist()]
         pool = ThreadPoolExecutor(self.threads, thread_name_prefix="region-reader")
         try:
             yield from _region_chunks(
@@ -148,33 +240,86 @@ class RegionReader:
             pool.shutdown(wait=True, cancel_futures=True)
 
 
+# A decoded tile awaited by the cutter: the batch that decodes it and its position in the batch.
+_Pending = tuple["Future[DecodedTiles]", int]
+
+
 class TileOnceReader:
-    """Reads every touched tile once (raw bytes + `decoder` in `threads` threads) and cuts patches from the tiles.
+    """Reads every touched tile once (raw bytes in `threads` threads, batches through `decoder`) and cuts patches.
 
     Memory per slide: the tiles of one chunk of patches and of the next (decoded ahead), plus tiles a later patch
     still needs; in row-band order that is about two tile rows of the patched area.
+
+    Args:
+        threads: Reader threads for this slide (each reads and decodes one batch of tiles at a time).
+        decoder: The run's tile decoder, shared by all slides; None = the `cpu` reference.
+        cutter: "cv2" (numpy + cv2, the reference), "torch" (`backends.patches`, on the decoder's device), or
+            "auto": torch when the decoder's pixels live on a GPU, else cv2.
+        device_output: Yield torch tensors on the decoder's device (for encoders that take them) instead of numpy.
+
+    Attributes:
+        routes: After (or during) `iter_patches`, how each level was read and why not by `decoder`.
+        decode_counts: (level, tile) -> times decoded in the last `iter_patches` (the tile-once invariant: all 1).
     """
 
-    def __init__(self, threads: int = 2, decoder: TileDecoder | None = None) -> None:
+    def __init__(self, threads: int = 2, decoder: TileDecoder | None = None, *, cutter: Cutter = "auto",
+                 device_output: bool = False) -> None:
         if threads < 1:
             raise ValueError(f"threads must be >= 1, got {threads}")
         self.threads = threads
-        self.decoder: TileDecoder = decoder or ImagecodecsDecoder()
+        self.decoder: TileDecoder = decoder or CpuDecoder()
+        self._cpu: TileDecoder = self.decoder if self.decoder.name == "cpu" else CpuDecoder()
+        self.cutter = cutter
+        self.device_output = device_output
+        self.routes: list[Route] = []
+        self.decode_counts: Counter[tuple[int, int]] = Counter()
+        self._lock = threading.Lock()
+        self._cut_stream: Any = None
+
+    def statistics(self) -> dict[str, Any]:
+        """Routes, tiles decoded, and how many tiles were decoded more than once (0 unless the plan is broken)."""
+        with self._lock:
+            counts = list(self.decode_counts.values())
+        return {"routes": describe_routes(self.routes), "tiles_decoded": sum(counts),
+                "tiles_decoded_twice": sum(1 for c in counts if c > 1)}
 
     def iter_patches(
         self, handle: SlideHandle, coords: np.ndarray, patch_size: int, chunk: int
-    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    ) -> Iterator[tuple[np.ndarray, Any]]:
         """Yield (rows int64 (b,), pixels uint8 (b, patch_size, patch_size, 3)); rows in row-band order, b <= chunk.
 
-        Levels that cannot be read tile-once (and whole slides, see `tile_metas`) are read with `read_region`.
-        Raises SlideError on a corrupt or unreadable tile.
+        Pixels are numpy, or torch on the decoder's device with `device_output`. Levels that cannot be read
+        tile-once (and whole slides, see `tile_metas`) are read with `read_region`. Raises SlideError on a corrupt
+        or unreadable tile.
         """
         _check_args(patch_size, chunk)
         arr = check_coords(coords, handle)
         metas = tile_metas(handle)
+        self.routes, self.decode_counts = [], Counter()
         pool = ThreadPoolExecutor(self.threads, thread_name_prefix="tile-once")
         try:
             yield from self._iter_all(handle, arr, metas, patch_size, chunk, pool)
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    def iter_level(self, meta: TilePageMeta, coords: np.ndarray, patch_size: int, chunk: int,
+                   slide: str = "") -> Iterator[tuple[np.ndarray, Any]]:
+        """`iter_patches` for patches of one described level, without a slide handle (benchmarks, device checks).
+
+        Args:
+            meta: The level (e.g. `tiles.page_meta` of a tifffile page).
+            coords: int (N, 5) x, y, read_w, read_h, level in level-0 pixels (all at `meta.level`).
+            patch_size: Output edge.
+            chunk: Most patches per yielded chunk.
+            slide: Name used in error messages.
+        """
+        _check_args(patch_size, chunk)
+        arr = np.asarray(coords, dtype=np.int64)
+        plan = plan_level(np.arange(arr.shape[0]), arr, meta.downsample, meta.grid)
+        self.routes, self.decode_counts = [], Counter()
+        pool = ThreadPoolExecutor(self.threads, thread_name_prefix="tile-once")
+        try:
+            yield from self._iter_level(plan, meta, patch_size, chunk, pool, slide or meta.path)
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
 
@@ -186,7 +331,7 @@ class TileOnceReader:
         patch_size: int,
         chunk: int,
         pool: ThreadPoolExecutor,
-    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    ) -> Iterator[tuple[np.ndarray, Any]]:
         levels = coords[:, 4]
         tiled = [lv for lv in np.unique(levels).tolist() if metas is not None and metas[lv] is not None]
         for lv in tiled:
@@ -196,7 +341,17 @@ class TileOnceReader:
             yield from self._iter_level(plan, meta, patch_size, chunk, pool, slide_name(handle))
         rest = np.flatnonzero(~np.isin(levels, tiled))
         if rest.size:
-            yield from _region_chunks(handle, coords, rest, patch_size, chunk, pool)
+            reason = region_reason(handle)
+            self.routes += [Route(lv, "read_region", reason) for lv in np.unique(levels[rest]).tolist()]
+            for rows, pixels in _region_chunks(handle, coords, rest, patch_size, chunk, pool):
+                yield rows, self._output(pixels)
+
+    def _route(self, meta: TilePageMeta) -> TileDecoder:
+        """The decoder for this level: the run's, or `cpu` when the run's cannot decode it exactly."""
+        why = self.decoder.unsupported(meta)
+        with self._lock:
+            self.routes.append(Route(meta.level, "cpu" if why else self.decoder.name, why or ""))
+        return self._cpu if why else self.decoder
 
     def _iter_level(
         self,
@@ -206,42 +361,47 @@ class TileOnceReader:
         chunk: int,
         pool: ThreadPoolExecutor,
         slide: str,
-    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    ) -> Iterator[tuple[np.ndarray, Any]]:
+        decoder = self._route(meta)
         try:
             fd = os.open(meta.path, os.O_RDONLY)
         except OSError as exc:
             raise SlideError(f"cannot open for tile reads: {describe(exc)}", slide=slide) from exc
-        cache: dict[int, Future[np.ndarray | None]] = {}
+        cache: dict[int, _Pending] = {}
 
-        def load(tile: int) -> np.ndarray | None:
-            return load_tile(fd, meta, tile, self.decoder, slide)
+        def load(tiles: list[int]) -> DecodedTiles:
+            return self._load_batch(fd, meta, tiles, decoder, slide)
 
         try:
-            yield from self._cut_chunks(plan, cache, load, patch_size, chunk, pool)
+            yield from self._cut_chunks(plan, cache, load, decoder.batch_size, patch_size, chunk, pool)
         finally:
-            for fut in cache.values():
+            futures = {id(f): f for f, _ in cache.values()}.values()
+            for fut in futures:
                 fut.cancel()
             # Decodes already running still read from fd: wait for them before closing it.
-            for fut in cache.values():
+            for fut in futures:
                 if not fut.cancelled():
                     fut.exception()
             os.close(fd)
 
-    @staticmethod
     def _cut_chunks(
+        self,
         plan: LevelPlan,
-        cache: dict[int, Future[np.ndarray | None]],
-        load: Callable[[int], np.ndarray | None],
+        cache: dict[int, _Pending],
+        load: Any,
+        batch: int,
         patch_size: int,
         chunk: int,
         pool: ThreadPoolExecutor,
-    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    ) -> Iterator[tuple[np.ndarray, Any]]:
         bounds = chunk_bounds(len(plan), chunk)
 
         def submit(b: int, e: int) -> None:
-            for tile in plan.tiles_of(b, e).tolist():
-                if tile not in cache:
-                    cache[tile] = pool.submit(load, tile)
+            new = [t for t in plan.tiles_of(b, e).tolist() if t not in cache]
+            for k in range(0, len(new), batch):
+                group = new[k : k + batch]
+                fut = pool.submit(load, group)
+                cache.update({t: (fut, i) for i, t in enumerate(group)})
 
         if bounds:
             submit(*bounds[0])
@@ -249,11 +409,90 @@ class TileOnceReader:
             if k + 1 < len(bounds):
                 submit(*bounds[k + 1])  # decode ahead while this chunk is cut and consumed
             now = plan.tiles_of(b, e)
-            decoded = {t: cache[t].result() for t in now.tolist()}
-            out = _cut_range(plan, decoded, b, e, patch_size)
+            results = {t: cache[t][0].result() for t in now.tolist()}
+            decoded = {t: results[t].pixels[cache[t][1]] for t in now.tolist()}
+            ready = list({id(r): r.ready for r in results.values() if r.ready is not None}.values())
+            out = self._cut(plan, decoded, ready, b, e, patch_size)
             for tile in plan.done_after(e, now).tolist():
                 del cache[tile]
             yield plan.rows[b:e].copy(), out
+
+    def _load_batch(self, fd: int, meta: TilePageMeta, tiles: list[int], decoder: TileDecoder,
+                    slide: str) -> DecodedTiles:
+        """Read `tiles` and decode the present ones in one call; None for missing tiles (black)."""
+        raws: list[bytes] = []
+        present: list[int] = []
+        for i, tile in enumerate(tiles):
+            try:
+                raw = read_raw(fd, meta, tile)
+            except Exception as exc:  # noqa: BLE001 - I/O errors on a bad file are per-slide failures
+                raise tile_error(meta, tile, exc, slide) from exc
+            if raw is not None:
+                raws.append(raw)
+                present.append(i)
+        pixels: list[Any] = [None] * len(tiles)
+        if not raws:
+            return DecodedTiles(pixels)
+        ids = [tiles[i] for i in present]
+        result = self._decode(decoder, raws, ids, meta, slide)
+        for i, tile, px in zip(present, ids, result.pixels, strict=True):
+            pixels[i] = check_tile(px, meta, tile, slide)
+        with self._lock:
+            self.decode_counts.update((meta.level, t) for t in ids)
+        return DecodedTiles(pixels, result.ready)
+
+    def _decode(self, decoder: TileDecoder, raws: list[bytes], ids: list[int], meta: TilePageMeta,
+                slide: str) -> DecodedTiles:
+        """One batch through `decoder`; on failure, tile by tile through `cpu`, which names the corrupt tile."""
+        try:
+            return decoder.decode_batch(raws, meta)
+        except Exception as exc:  # isolate the bad tile (or a GPU-only failure) with the reference; bugs propagate
+            if is_bug(exc):
+                raise
+            failure = exc
+        pixels = []
+        for raw, tile in zip(raws, ids, strict=True):
+            try:
+                pixels.append(self._cpu.decode_batch([raw], meta).pixels[0])
+            except Exception as exc:  # noqa: BLE001 - the corrupt tile: a per-slide failure
+                raise tile_error(meta, tile, exc, slide) from exc
+        with self._lock:  # the reference decoded what the backend refused: note it for the report
+            self.routes.append(Route(meta.level, "cpu", f"{decoder.name} failed a batch: {describe(failure)}"))
+        return DecodedTiles(pixels)
+
+    # -- cutting --------------------------------------------------------------------------------------------------
+
+    def _torch_cut(self) -> bool:
+        return self.cutter == "torch" or (self.cutter == "auto" and self.decoder.device != "cpu")
+
+    def _cut(self, plan: LevelPlan, decoded: dict[int, Any], ready: list[Any], b: int, e: int,
+             patch_size: int) -> Any:
+        if not self._torch_cut():
+            return self._output(_cut_range(plan, decoded, b, e, patch_size))
+        if self.decoder.device == "cpu":
+            return self._output(_torch_cut_range(plan, decoded, b, e, patch_size, "cpu"))
+        import torch
+
+        if self._cut_stream is None:
+            self._cut_stream = torch.cuda.Stream(device=self.decoder.device, priority=-1)
+        with torch.cuda.stream(self._cut_stream):
+            for event in ready:
+                self._cut_stream.wait_event(event)
+            out = _torch_cut_range(plan, decoded, b, e, patch_size, self.decoder.device)
+            done = torch.cuda.Event()
+            done.record(self._cut_stream)
+        # In this worker thread, never on the event loop: after it, tiles may be freed and `out` read on any stream
+        # (a consumer on another stream calls `out.record_stream(its_stream)` before use).
+        done.synchronize()
+        return self._output(out)
+
+    def _output(self, pixels: Any) -> Any:
+        """Pixels in the form the consumer asked for: numpy on the host, or torch on the decoder's device."""
+        if self.device_output:
+            import torch
+
+            return torch.as_tensor(pixels).to(self.decoder.device, non_blocking=True)
+        return pixels if isinstance(pixels, np.ndarray) else pixels.cpu().numpy()
 
 
 def _cut_range(
@@ -265,4 +504,22 @@ def _cut_range(
         rect = (int(plan.rx[i]), int(plan.ry[i]), int(plan.rw[i]), int(plan.rh[i]))
         needed = plan.tiles[plan.starts[i] : plan.starts[i + 1]]
         out[i - b] = resize_patch(cut_patch(decoded, plan.grid, rect, needed), patch_size)
+    return out
+
+
+def _torch_cut_range(plan: LevelPlan, decoded: dict[int, Any], b: int, e: int, patch_size: int,
+                     device: str) -> Any:
+    """`_cut_range` in torch on `device` (`backends.patches.cut_patches`), one call per distinct read size."""
+    import torch
+
+    from .patches import cut_patches
+
+    rects = np.stack([plan.rx[b:e], plan.ry[b:e], plan.rw[b:e], plan.rh[b:e]], axis=1).astype(np.int64)
+    sizes, which = np.unique(rects[:, 2:], axis=0, return_inverse=True)
+    if len(sizes) == 1:
+        return cut_patches(decoded, plan.grid, rects, patch_size, device)
+    out = torch.empty((e - b, patch_size, patch_size, 3), dtype=torch.uint8, device=device)
+    for k in range(len(sizes)):
+        sel = np.flatnonzero(which.reshape(-1) == k)
+        out[torch.from_numpy(sel).to(device)] = cut_patches(decoded, plan.grid, rects[sel], patch_size, device)
     return out

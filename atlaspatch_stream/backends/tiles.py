@@ -13,12 +13,11 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
 from ..errors import SlideError, describe, is_bug
-from ..protocols import TileDecoder
 from ..tileplan import TileGrid
 
 # TIFF compression tag values we decode ourselves.
@@ -63,11 +62,27 @@ class TilePageMeta:
     bytecounts: np.ndarray
 
 
+class TileCodec(Protocol):
+    """Turns the raw bytes of one tile into RGB uint8 pixels on the CPU. Must be callable from several threads at once.
+
+    This is the per-tile codec under the `cpu` decoder backend (`backends.decoders`); it is also what the reader
+    falls back to when a batch decoder rejects a batch, to name the corrupt tile.
+    """
+
+    def decode(self, raw: bytes, page_meta: TilePageMeta) -> np.ndarray:
+        """Decode `raw` (one tile of `page_meta`'s level) to uint8 (h, w, 3).
+
+        (h, w) is the tile size, or at least the part of the tile inside the level for an edge tile that was stored
+        cropped. Raises any exception on corrupt data; the caller translates it.
+        """
+        ...
+
+
 class ImagecodecsDecoder:
     """CPU tile decoder over imagecodecs (libjpeg-turbo, OpenJPEG, zlib...), which releases the GIL while decoding."""
 
     def decode(self, raw: bytes, page_meta: TilePageMeta) -> np.ndarray:
-        """Decode one tile to uint8 (h, w, 3); see `TileDecoder.decode`."""
+        """Decode one tile to uint8 (h, w, 3); see `TileCodec.decode`."""
         import imagecodecs
 
         comp = page_meta.compression
@@ -128,8 +143,8 @@ def _page_problem(page: Any) -> str | None:
     """Why a tifffile page cannot be read tile-once, or None when it can."""
     checks = [
         (type(page).__name__ != "TiffPage", "not a TIFF page"),
+        (bool(getattr(page, "is_ndpi", False)), "NDPI restart-marker stripes, not tiles"),
         (not page.is_tiled or 322 not in page.tags, "not tiled"),
-        (bool(getattr(page, "is_ndpi", False)), "NDPI stripes"),
         (page.compression not in SUPPORTED_COMPRESSIONS, f"compression {int(page.compression)}"),
         (page.planarconfig != 1 or page.samplesperpixel != 3 or bool(page.extrasamples), "not 3-sample RGB"),
         (page.bitspersample != 8 or page.dtype != np.uint8, "not 8-bit"),
@@ -204,15 +219,27 @@ def downsamples_of(dims: tuple[tuple[int, int], ...]) -> tuple[float, ...]:
 @functools.lru_cache(maxsize=16)
 def _describe_cached(
     path: str, mtime_ns: int, size: int
-) -> tuple[tuple[tuple[int, int], ...], tuple[Any, ...]] | None:
-    """Cached `describe_levels` body; the file's mtime and size in the key keep a rewritten file from aliasing."""
+) -> tuple[tuple[tuple[int, int], ...], tuple[Any, ...], tuple[str | None, ...]] | None:
+    """Cached body of `describe_levels` and `level_problems`; mtime and size in the key keep a rewritten file apart."""
     found = _tiffslide_levels(path)
     if found is None:
         return None
     dims, pages = found
     downs = downsamples_of(dims)
     metas = tuple(page_meta(path, i, downs[i], page) for i, page in enumerate(pages))
-    return dims, metas
+    problems = tuple(
+        None if meta is not None else (_page_problem(page) or "tile offsets do not match the tile grid")
+        for meta, page in zip(metas, pages, strict=True)
+    )
+    return dims, metas, problems
+
+
+def _described(path: str | os.PathLike[str]) -> Any:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return _describe_cached(str(Path(path)), st.st_mtime_ns, st.st_size)
 
 
 def describe_levels(
@@ -222,11 +249,14 @@ def describe_levels(
 
     Returns None when the file is not a TIFF that tiffslide reads as a plain RGB pyramid.
     """
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return _describe_cached(str(Path(path)), st.st_mtime_ns, st.st_size)
+    found = _described(path)
+    return None if found is None else (found[0], found[1])
+
+
+def level_problems(path: str | os.PathLike[str]) -> tuple[str | None, ...] | None:
+    """Per level, why it cannot be read tile-once ("NDPI stripes", "compression 52479", ...) or None when it can."""
+    found = _described(path)
+    return None if found is None else found[2]
 
 
 def read_raw(fd: int, meta: TilePageMeta, tile: int) -> bytes | None:
@@ -240,7 +270,7 @@ def read_raw(fd: int, meta: TilePageMeta, tile: int) -> bytes | None:
     return data
 
 
-def load_tile(fd: int, meta: TilePageMeta, tile: int, decoder: TileDecoder, slide: str) -> np.ndarray | None:
+def load_tile(fd: int, meta: TilePageMeta, tile: int, decoder: TileCodec, slide: str) -> np.ndarray | None:
     """Read and decode one tile; None for a missing tile (black). Any failure becomes a one-line `SlideError`."""
     try:
         raw = read_raw(fd, meta, tile)
@@ -250,17 +280,20 @@ def load_tile(fd: int, meta: TilePageMeta, tile: int, decoder: TileDecoder, slid
     except Exception as exc:  # foreign codec/IO errors are per-slide failures, translated here; bugs propagate
         if is_bug(exc):
             raise
-        x, y = meta.grid.origin(tile)
-        raise SlideError(
-            f"corrupt tile {tile} (level {meta.level}, x={x}, y={y}): {describe(exc)}", slide=slide
-        ) from exc
-    return _check_tile(pixels, meta, tile, slide)
+        raise tile_error(meta, tile, exc, slide) from exc
+    return check_tile(pixels, meta, tile, slide)
 
 
-def _check_tile(pixels: np.ndarray, meta: TilePageMeta, tile: int, slide: str) -> np.ndarray:
-    """Reject decoded tiles too small to cover the tile's inside part, or not RGB uint8."""
+def tile_error(meta: TilePageMeta, tile: int, exc: BaseException, slide: str) -> SlideError:
+    """The one-line `SlideError` for a tile that cannot be read or decoded."""
+    x, y = meta.grid.origin(tile)
+    return SlideError(f"corrupt tile {tile} (level {meta.level}, x={x}, y={y}): {describe(exc)}", slide=slide)
+
+
+def check_tile(pixels: Any, meta: TilePageMeta, tile: int, slide: str) -> Any:
+    """Reject decoded tiles (numpy or torch, HWC) too small to cover the tile's inside part, or not RGB uint8."""
     vw, vh = meta.grid.valid_size(tile)
-    ok = pixels.dtype == np.uint8 and pixels.ndim == 3 and pixels.shape[2] == 3
+    ok = str(pixels.dtype).endswith("uint8") and pixels.ndim == 3 and pixels.shape[2] == 3
     if not ok or pixels.shape[0] < vh or pixels.shape[1] < vw:
         raise SlideError(
             f"corrupt tile {tile} (level {meta.level}): decoded shape {pixels.shape}, need at least ({vh}, {vw}, 3)",

@@ -87,7 +87,12 @@ FEATURE_OPTIONS: list[Decorator] = [
                  help="Tile reader/decoder threads."),
     click.option("--feature-precision", type=click.Choice(["float32", "float16", "bfloat16"], case_sensitive=False),
                  default=None, show_default="float16",
-                 help="float32 exact; float16 = fp16 autocast on CUDA, bf16 autocast on CPU; bfloat16 = bf16 autocast."),
+                 help="float32 exact; float16 = fp16 autocast on CUDA, on CPU bf16 where native else fp32; bfloat16 = bf16."),
+    click.option("--decoder", type=click.Choice(["auto", "cpu", "dali", "nvimgcodec"]), default=None,
+                 show_default="auto",
+                 help="Tile decoder: auto = dali with CUDA and DALI, else nvimgcodec with CUDA, else cpu (imagecodecs)."),
+    click.option("--compile", "compile_encoders", is_flag=True, default=None,
+                 help="torch.compile the encoders (CUDA; slow first batch). Off by default."),
     click.option("--feature-plugin", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
                  help="Python file registering custom encoders (repeatable)."),
     click.option("--weights", "weights", multiple=True, metavar="NAME=PATH",
@@ -176,9 +181,11 @@ def build_config(params: dict[str, Any], *, features: bool) -> PipelineConfig:
             "precision": (p.get("feature_precision") or "").lower() or None,
             "plugins": tuple(p.get("feature_plugin") or ()),
             "weights": parse_weights(tuple(p.get("weights") or ())),
+            "compile": p.get("compile_encoders") or None,
         }
         workers = p.get("feature_num_workers")
-        flags["read"] = {"reader_threads": max(1, workers) if workers is not None else None}
+        flags["read"] = {"reader_threads": max(1, workers) if workers is not None else None,
+                         "decoder": p.get("decoder")}
     if "settle_s" in p:
         flags["watch"] = {k: p.get(k) for k in ("settle_s", "rescan_s", "watch_mode", "state_dir", "max_attempts",
                                                 "metrics", "log_format")}

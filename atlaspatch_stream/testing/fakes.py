@@ -160,6 +160,9 @@ class FakePixels:
                                for x, y in coords[rows, :2]])
             yield rows, pixels
 
+    def close(self) -> None:
+        """Nothing shared to release."""
+
 
 class FakeBackends:
     """Fake slides, segmenter, planner, reader and encoders around the real H5 output store.

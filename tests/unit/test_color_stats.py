@@ -79,3 +79,63 @@ def test_deterministic_and_batch_independent(encoder) -> None:
     assert first.dtype == np.float32 and first.shape == (3, 90)
     np.testing.assert_array_equal(first, second)
     np.testing.assert_allclose(encoder.encode(batch[1:2])[0], first[1], atol=1e-6)
+
+
+def _torch_reference(pixels: np.ndarray) -> np.ndarray:
+    """The definition: the torch module on uint8 / 255 in NCHW (what runs on CUDA tensors)."""
+    import torch
+
+    from atlaspatch_stream.backends.encoders.color_stats import build
+
+    with torch.inference_mode():
+        x = torch.from_numpy(np.ascontiguousarray(pixels)).permute(0, 3, 1, 2).float().div_(255.0)
+        return build()(x).numpy()
+
+
+def _assert_matches_definition(got: np.ndarray, pixels: np.ndarray) -> None:
+    want = _torch_reference(pixels)
+    np.testing.assert_array_equal(got[:, 18:], want[:, 18:])  # histograms: the same bins, pixel for pixel
+    np.testing.assert_allclose(got[:, :18], want[:, :18], rtol=0, atol=2e-6)  # float32 rounding of the sums
+
+
+def test_cpu_tables_equal_the_torch_definition_on_tissue_and_noise(encoder) -> None:
+    """Drawn tissue patches (edges, background), uniform noise and flat colours through the encoder's CPU path
+    (integer histograms and tables): histograms identical to the torch formulas, means and stds to 2e-6."""
+    from atlaspatch_stream.testing.synthetic import draw_tissue
+
+    tissue, _ = draw_tissue(448, 224, seed=2)
+    rng = np.random.default_rng(3)
+    batch = np.concatenate([
+        np.stack([tissue[:, :224], tissue[:, 224:]]),
+        rng.integers(0, 256, (3, 224, 224, 3), dtype=np.uint8),
+        np.broadcast_to(np.array([[[[10, 200, 30]]], [[[0, 0, 0]]], [[[255, 255, 255]]]], np.uint8), (3, 224, 224, 3)),
+    ])
+    _assert_matches_definition(encoder.encode(batch), batch)
+
+
+def test_every_hue_bin_edge_colour_gets_the_torch_bin() -> None:
+    """All ~97k colours whose hue lies exactly on a bin edge (where float32 rounding decides the bin), plus the
+    grey axis and every maximum/minimum tie: laid out as patches, each gets exactly the torch formula's bins."""
+    from atlaspatch_stream.backends.encoders.color_stats import _tables, cpu_color_stats
+
+    codes = _tables().edge_codes
+    grey = np.arange(256, dtype=np.int64) * 0x010101
+    ties = np.array([r << 16 | r << 8 | b for r in range(0, 256, 5) for b in range(256)], dtype=np.int64)
+    colours = np.concatenate([codes, grey, ties])
+    colours = np.concatenate([colours, colours[: (-len(colours)) % 4096]])
+    pixels = np.stack([colours >> 16 & 255, colours >> 8 & 255, colours & 255], -1).astype(np.uint8)
+    patches = pixels.reshape(-1, 64, 64, 3)
+    _assert_matches_definition(cpu_color_stats(patches), patches)
+
+
+def test_cpu_path_takes_tensors_and_rejects_bad_input() -> None:
+    """`encode_uint8` accepts a CPU torch tensor like a numpy array; a float or wrongly shaped batch is refused."""
+    import torch
+
+    from atlaspatch_stream.backends.encoders.color_stats import build, cpu_color_stats
+
+    pixels = np.random.default_rng(4).integers(0, 256, (2, 16, 16, 3), dtype=np.uint8)
+    np.testing.assert_array_equal(build().encode_uint8(torch.from_numpy(pixels)), cpu_color_stats(pixels))
+    with pytest.raises(ValueError, match="uint8"):
+        cpu_color_stats(pixels.astype(np.float32))
+    assert cpu_color_stats(np.zeros((0, 8, 8, 3), np.uint8)).shape == (0, 90)

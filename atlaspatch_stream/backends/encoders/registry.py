@@ -125,11 +125,12 @@ class EncoderRegistry:
 
     def __init__(
         self, *, device: str = "cpu", precision: str = "float32", weights: Mapping[str, Path] | None = None,
-        num_workers: int = 0,
+        num_workers: int = 0, compile: bool = False,
     ) -> None:  # fmt: skip
         self.device = device
         self.precision = precision
         self.num_workers = num_workers
+        self.compile = compile
         self._weights = {k.lower(): Path(v) for k, v in (weights or {}).items()}
         self._builders: dict[str, Callable[[], Any]] = {}
         self._resolved: dict[str, Path | None] = {}
@@ -183,7 +184,8 @@ class EncoderRegistry:
         from .runtime import TorchEncoder
 
         encoder = TorchEncoder(
-            get_spec(key), device=self.device, precision=self.precision, weights=self._resolved[key]
+            get_spec(key), device=self.device, precision=self.precision, weights=self._resolved[key],
+            compile=self.compile,
         )
         encoder.warm_up()
         return encoder
@@ -223,8 +225,9 @@ def build_registry(
     weights: Mapping[str, Path],
     plugins: Sequence[Path],
     num_workers: int,
+    compile: bool = False,
 ) -> EncoderRegistry:
-    """A registry with the built-ins and every plugin file registered.
+    """A registry with the built-ins and every plugin file registered (`compile`: torch.compile built-ins).
 
     Raises:
         ConfigError: `--weights` for an unknown name, or a plugin that fails to import / register.
@@ -232,7 +235,8 @@ def build_registry(
     unknown = sorted(k for k in weights if k.lower() not in _builtin_specs())
     if unknown:
         raise ConfigError(f"--weights given for unknown encoder(s): {', '.join(unknown)}")
-    registry = EncoderRegistry(device=device, precision=precision, weights=weights, num_workers=num_workers)
+    registry = EncoderRegistry(device=device, precision=precision, weights=weights, num_workers=num_workers,
+                               compile=compile)
     if plugins:
         import torch
 
