@@ -20,7 +20,7 @@ import h5py
 import orjson
 import pytest
 
-from atlaspatch_stream.sources.ledger import LEDGER_FILE, read_status
+from atlaspatch_stream.sources.ledger import LEDGER_FILE, LedgerError, read_status
 from atlaspatch_stream.testing.synthetic import write_synthetic_slide
 from tests.conftest import SHARED_SLIDES
 from tests.helpers import leftovers
@@ -52,8 +52,12 @@ def _once(folder: Path, out: Path, *extra: str, state: Path | None = None) -> su
 
 
 def _counts(out: Path, state: Path | None = None) -> dict[str, int]:
+    """Slides per state, read-only ({} while the daemon is still creating its ledger)."""
     ledger = (state or out / ".atlaspatch") / LEDGER_FILE
-    return read_status(ledger).counts if ledger.exists() else {}
+    try:
+        return read_status(ledger).counts
+    except LedgerError:
+        return {}
 
 
 def _wait(condition: Callable[[], bool], timeout: float, proc: subprocess.Popen[str] | None = None) -> None:

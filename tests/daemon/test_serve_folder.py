@@ -4,8 +4,10 @@ signal handlers, no default thread limiter), label and macro images never read, 
 from __future__ import annotations
 
 import dataclasses
+import os
 import shutil
 import signal
+import time
 from pathlib import Path
 
 import anyio
@@ -38,12 +40,19 @@ def _config(out: Path) -> PipelineConfig:
                           watch=WatchConfig(settle_s=0.2, rescan_s=0.3, watch_mode="poll", status_interval_s=0.2))
 
 
+def _quiet(path: Path) -> Path:
+    """Age a freshly written slide's mtime by a minute (a `--once` run takes only slides quiet for settle_s)."""
+    old = time.time() - 60
+    os.utime(path, (old, old))
+    return path
+
+
 async def test_results_arrive_as_slides_finish_without_touching_the_host(tmp_path: Path) -> None:
     """Three slides, served once: three results (done, with complete H5s) while the host holds every token of
     anyio's default thread limiter and its signal handlers stay as they were; `results()` ends after the last."""
     folder = tmp_path / "in"
     for i in range(3):
-        write_synthetic_slide(folder / f"s{i}.svs", width=2048, height=1536, seed=i)
+        _quiet(write_synthetic_slide(folder / f"s{i}.svs", width=2048, height=1536, seed=i))
     default = anyio.to_thread.current_default_thread_limiter()
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     saved, default.total_tokens = default.total_tokens, 1
@@ -85,8 +94,6 @@ async def test_label_and_macro_images_are_never_read(tmp_path: Path, monkeypatch
 
 async def test_root_is_refused_unless_allowed(tmp_path: Path) -> None:
     """As root, serve_folder refuses to start (one ConfigError naming the way out) unless allow_root."""
-    import os
-
     from atlaspatch_stream.errors import ConfigError
 
     if os.geteuid() != 0:
