@@ -1,6 +1,14 @@
-"""Cross-slide batch assembly: plain functions, no event loop (tested without one)."""
+"""Cross-slide batch assembly: plain functions, no event loop (tested without one).
+
+Pixels are host numpy, or torch tensors on the feature device (the GPU path, where they never return to the host
+between decode and encoder); a batch may mix both (slides read through `read_region` come as numpy).
+"""
 
 from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -14,10 +22,19 @@ def concat(parts: list[PatchBatch]) -> PatchBatch:
     return PatchBatch(
         np.concatenate([p.slide_ids for p in parts]),
         np.concatenate([p.rows for p in parts]),
-        np.concatenate([p.pixels for p in parts]),
+        concat_pixels([p.pixels for p in parts]),
         read_seconds=sum(p.read_seconds for p in parts),
         encoders=_union([p.encoders for p in parts]),
     )
+
+
+def concat_pixels(arrays: Sequence[Any]) -> Any:
+    """Rows of every array in order: numpy when all are numpy, else one torch tensor on the tensors' device."""
+    if all(isinstance(a, np.ndarray) for a in arrays):
+        return np.concatenate(arrays)
+    torch = sys.modules["torch"]  # a tensor is among them, so torch is loaded (this module never imports it)
+    device = next(a.device for a in arrays if not isinstance(a, np.ndarray))
+    return torch.cat([torch.as_tensor(a, device=device) if isinstance(a, np.ndarray) else a for a in arrays])
 
 
 def _union(sets: list[frozenset[str] | None]) -> frozenset[str] | None:
@@ -68,7 +85,7 @@ class Batcher:
 
 
 def slide_chunk(
-    slide_id: int, rows: np.ndarray, pixels: np.ndarray | None, seconds: float, encoders: frozenset[str] | None
+    slide_id: int, rows: np.ndarray, pixels: Any, seconds: float, encoders: frozenset[str] | None
 ) -> PatchBatch:
     """One reader chunk of a single slide; `pixels=None` sends only the row labels (no encoder runs)."""
     ids = np.full(rows.shape[0], slide_id, dtype=np.int64)

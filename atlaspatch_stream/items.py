@@ -117,7 +117,7 @@ class PatchBatch:
 
     slide_ids: np.ndarray  # int64 (B,)
     rows: np.ndarray  # int64 (B,)
-    pixels: np.ndarray  # uint8 (B, P, P, 3)
+    pixels: Any  # uint8 (B, P, P, 3): numpy, or a torch tensor on the feature device (the GPU path)
     read_seconds: float = 0.0
     encoders: frozenset[str] | None = None  # encoders these rows need (reused slides); None = all
 

@@ -436,7 +436,8 @@ class Pipeline:
                                      save_images=cfg.write.save_images, keep_pixels=self.stages.encode)
         # Without encoders, the row labels go straight to the writer (it counts them to know a slide is done).
         out: MemoryObjectSendStream[Any] = s.patches.send if self.stages.encode else s.to_write.send.clone()
-        await _start(tg, read.run, s.plans.receive, out, s.to_write.send.clone(), pixels=self.backends.pixels,
+        await _start(tg, read.run, s.plans.receive, out, s.to_write.send.clone(), book=self.book,
+                     pixels=self.backends.pixels,
                      outputs=outputs, settings=settings, limiter=self.limiters.read)
 
 

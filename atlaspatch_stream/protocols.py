@@ -168,7 +168,12 @@ class DeviceEncoder(Protocol):
 
 
 class EncoderSet(Protocol):
-    """Every requested encoder, run together on each decoded batch (each batch is decoded once for all)."""
+    """Every requested encoder, run together on each decoded batch (each batch is decoded once for all).
+
+    Batches are `submit`ted and their features `collect`ed in order; up to `depth` may be in flight at once (1 on
+    the CPU, where `submit` does the work; more on CUDA, where each encoder runs on its own stream and `collect`
+    waits on events). Both calls block: stages make them in worker threads.
+    """
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -180,12 +185,22 @@ class EncoderSet(Protocol):
         """Declared output width of each encoder (for the (0, D) datasets of slides without patches)."""
         ...
 
+    @property
+    def depth(self) -> int:
+        """Batches that may be in flight between `submit` and `collect`."""
+        ...
+
     def warm_up(self) -> None:
         """Load every model (weights, device, one dummy batch)."""
         ...
 
-    def encode(self, pixels: np.ndarray, names: frozenset[str] | None) -> dict[str, np.ndarray]:
-        """float32 (B, D) per encoder in `names` (None: all) for uint8 (B, P, P, 3) pixels."""
+    def submit(self, pixels: Any, names: frozenset[str] | None) -> object:
+        """Start encoding uint8 (B, P, P, 3) pixels (numpy, or torch on the device) with the encoders in `names`
+        (None: all); returns the ticket to `collect`."""
+        ...
+
+    def collect(self, ticket: object) -> dict[str, np.ndarray]:
+        """float32 (B, D) per encoder of a submitted batch (waits for it)."""
         ...
 
     def close(self) -> None:

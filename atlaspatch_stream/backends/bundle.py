@@ -198,8 +198,9 @@ class TilePixels:
         """
         from .readers import PatchIterator, make_patch_reader
 
-        handle = plan.slide.handle
-        reader = make_patch_reader(handle, threads, self.decoder())
+        handle, decoder = plan.slide.handle, self.decoder()
+        # A GPU decoder's patches stay on its device all the way to the encoders.
+        reader = make_patch_reader(handle, threads, decoder, device_output=decoder.device != "cpu")
         return PatchIterator(reader, reader.iter_patches(handle, plan.coords, patch_size, chunk))
 
     def close(self) -> None:
@@ -271,7 +272,8 @@ class H5Outputs:
         from .images import save_patch_pngs
 
         stem = plan.slide.job.stem
-        save_patch_pngs(outputs.images_dir(self.config.write.output, stem), stem, plan.coords[rows], pixels)
+        host = pixels if isinstance(pixels, np.ndarray) else np.asarray(pixels.cpu().numpy())
+        save_patch_pngs(outputs.images_dir(self.config.write.output, stem), stem, plan.coords[rows], host)
 
     def sweep_orphans(self) -> None:
         """Remove temporary H5s and stale locks of processes that no longer run (logged when anything goes)."""
@@ -331,7 +333,7 @@ class RealBackends:
         The tile decoder is built here too, so a missing decoder extra fails before any slide, as a missing weight
         file does.
         """
-        from .encoders.group import EncoderGroup
+        from .encoders.group import EncoderGroup, StreamedEncoders
 
         names = self.config.encode.extractors
         if not names:
@@ -339,4 +341,10 @@ class RealBackends:
         self.pixels.decoder()
         registry = self.make_registry()
         registry.prepare(names)
-        return EncoderGroup([registry.create(name) for name in names])
+        encoders = [registry.create(name) for name in names]
+        device = feature_device(self.config)
+        if device.startswith("cuda"):
+            enc = self.config.encode
+            return StreamedEncoders(encoders, device, batch_size=enc.batch_size,
+                                    patch_size=self.config.plan.patch_size, memory_budget=enc.gpu_memory_budget)
+        return EncoderGroup(encoders)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import time
+from collections import deque
+from dataclasses import dataclass
 
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
@@ -31,23 +33,59 @@ async def run(
     """
     task_status.started()
     batcher = Batcher(batch_size)
+    flight = _InFlight(encoders, send, limiter)
     try:
         async with receive, send:
             await anyio.to_thread.run_sync(encoders.warm_up, limiter=limiter)
             async for chunk in receive:
                 for batch in batcher.add(chunk):
-                    await send.send(await _encode(batch, encoders, limiter))
+                    await flight.submit(batch)
                 if len(batcher) and receive.statistics().current_buffer_used == 0:
-                    await send.send(await _encode(batcher.flush(), encoders, limiter))
+                    await flight.submit(batcher.flush())
+                    await flight.drain()  # nothing more is coming soon: do not hold finished features back
             if len(batcher):
-                await send.send(await _encode(batcher.flush(), encoders, limiter))
+                await flight.submit(batcher.flush())
+            await flight.drain()
     finally:
         with anyio.CancelScope(shield=True):
             await anyio.to_thread.run_sync(encoders.close, limiter=limiter)
 
 
-async def _encode(batch: PatchBatch, encoders: EncoderSet, limiter: anyio.CapacityLimiter) -> FeatureBatch:
-    started = time.perf_counter()
-    features = await anyio.to_thread.run_sync(encoders.encode, batch.pixels, batch.encoders, limiter=limiter)
-    return FeatureBatch(batch.slide_ids, batch.rows, features, encode_seconds=time.perf_counter() - started,
-                        read_seconds=batch.read_seconds)
+@dataclass
+class _Pending:
+    batch: PatchBatch
+    ticket: object
+    started: float
+
+
+class _InFlight:
+    """Batches submitted to the encoders and not yet collected: at most `encoders.depth`, collected in order."""
+
+    def __init__(self, encoders: EncoderSet, send: MemoryObjectSendStream[WriteItem],
+                 limiter: anyio.CapacityLimiter) -> None:
+        self.encoders = encoders
+        self.send = send
+        self.limiter = limiter
+        self.pending: deque[_Pending] = deque()
+
+    async def submit(self, batch: PatchBatch) -> None:
+        """Start one batch; collect (and send on) the oldest once `depth` are in flight."""
+        started = time.perf_counter()
+        ticket = await anyio.to_thread.run_sync(self.encoders.submit, batch.pixels, batch.encoders,
+                                                limiter=self.limiter)
+        self.pending.append(_Pending(batch, ticket, started))
+        while len(self.pending) >= max(1, self.encoders.depth):
+            await self._collect_oldest()
+
+    async def drain(self) -> None:
+        """Collect every batch in flight."""
+        while self.pending:
+            await self._collect_oldest()
+
+    async def _collect_oldest(self) -> None:
+        item = self.pending.popleft()
+        features = await anyio.to_thread.run_sync(self.encoders.collect, item.ticket, limiter=self.limiter)
+        batch = item.batch
+        await self.send.send(FeatureBatch(batch.slide_ids, batch.rows, features,
+                                          encode_seconds=time.perf_counter() - item.started,
+                                          read_seconds=batch.read_seconds))

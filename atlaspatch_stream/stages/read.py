@@ -14,6 +14,7 @@ from ..batching import slide_chunk
 from ..errors import SlideError, failure_message, is_bug
 from ..items import PatchBatch, PatchPlan, SlideFailed, WriteItem
 from ..protocols import OutputStore, PixelSource
+from .book import SlideBook
 from .workers import run_workers
 
 
@@ -34,6 +35,7 @@ async def run(
     send: MemoryObjectSendStream[PatchBatch],
     send_write: MemoryObjectSendStream[WriteItem],
     *,
+    book: SlideBook,
     pixels: PixelSource,
     outputs: OutputStore,
     settings: ReadSettings,
@@ -44,7 +46,8 @@ async def run(
 
     `settings.slides_in_parallel` workers each read one slide at a time; the backend reader decodes tiles in its own
     threads, and each `next()` of its iterator runs in a worker thread under `limiter`. With `--save-images` the
-    PNGs are written here from the same decoded pixels. Without encoders (`keep_pixels=False`) `send` is the writer's
+    PNGs are written here from the same decoded pixels. How each level was decoded (the reader's `routes`: which
+    decoder, and why a GPU decoder was not used) is noted on the slide's result. Without encoders (`keep_pixels=False`) `send` is the writer's
     stream and carries only row labels. A slide whose pixels cannot be read sends a `SlideFailed` to the writer
     (which drops its partial file) and the run goes on; bugs propagate. The reader's own threads are stopped on
     failure and cancellation. Closes `send` and `send_write` when `receive` ends.
@@ -55,14 +58,14 @@ async def run(
                      tx_w: MemoryObjectSendStream[WriteItem]) -> None:
         async with rx, tx, tx_w:
             async for plan in rx:
-                failure = await _read_one(plan, tx, pixels, outputs, settings, limiter)
+                failure = await _read_one(plan, tx, book, pixels, outputs, settings, limiter)
                 if failure is not None:
                     await tx_w.send(failure)
 
     await run_workers(settings.slides_in_parallel, receive, send, worker, send_write)
 
 
-async def _read_one(plan: PatchPlan, send: MemoryObjectSendStream[PatchBatch], pixels: PixelSource,
+async def _read_one(plan: PatchPlan, send: MemoryObjectSendStream[PatchBatch], book: SlideBook, pixels: PixelSource,
                     outputs: OutputStore, settings: ReadSettings, limiter: anyio.CapacityLimiter) -> SlideFailed | None:
     """Send every chunk of one slide; a `SlideFailed` when its pixels cannot be read."""
     job = plan.slide.job
@@ -87,6 +90,9 @@ async def _read_one(plan: PatchPlan, send: MemoryObjectSendStream[PatchBatch], p
         if sent != plan.num_patches:
             # A short reader would leave the slide open (and its slot taken) until the run ends: fail it now.
             raise SlideError(f"reader returned {sent} of {plan.num_patches} patches", slide=job.name)
+        routes = getattr(chunks, "routes", None)
+        if routes:
+            book.note(job, decode_routes=routes)
     except Exception as exc:  # a foreign per-slide failure becomes a record; bugs stop the run
         if is_bug(exc):
             raise

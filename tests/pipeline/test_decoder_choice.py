@@ -7,6 +7,7 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+import orjson
 import pytest
 
 from atlaspatch_stream.backends.bundle import RealBackends
@@ -53,6 +54,9 @@ def test_process_with_gpu_backend_cpu_mode_equals_cpu_decoder(slides: Path, tmp_
     assert process_slides([slides], _config(ref_out, "cpu")).ok
     summary = process_slides([slides], _config(out, decoder))
     assert summary.ok and summary.count("done") == 2
+    events = [orjson.loads(line) for line in (out / "atlaspatch-report.jsonl").read_bytes().splitlines()]
+    routes = {Path(e["slide"]).stem: e["decode_routes"] for e in events if e["event"] == "slide"}
+    assert routes == {"cmu": f"level 0: {decoder}", "ycc": f"level 0: {decoder}"}  # how each level was decoded
     for stem in ("cmu", "ycc"):
         coords, feats = _features(out, stem)
         ref_coords, ref_feats = _features(ref_out, stem)

@@ -138,3 +138,36 @@ async def test_models_load_after_the_stage_reports_ready(tmp_path: object) -> No
             await send_in.aclose()
     assert ready_after < 0.3 and isinstance(first, FeatureBatch) and slow.sizes == [4]
     assert slow.loaded_at - started >= 0.5
+
+
+def test_streamed_encoders_through_the_stage_equal_the_cpu_group(tmp_path: object) -> None:
+    """The CUDA encoder set (each device encoder on its own stream through the ring, `depth` batches in flight),
+    run with its CPU stand-in and a plugin-style host encoder beside a real torch encoder: the stage's features
+    are those of the plain CPU group, batch for batch, rows in the same order."""
+    import torch
+    import torch.nn as nn
+
+    from atlaspatch_stream.backends.encoders.group import StreamedEncoders
+    from atlaspatch_stream.backends.encoders.runtime import TorchEncoder
+    from atlaspatch_stream.backends.encoders.spec import EncoderSpec, Preprocess
+
+    def build() -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(3, 6, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+
+    spec = EncoderSpec(name="tiny", dim=6, build=build,
+                       preprocess=Preprocess(resize=None, crop=None, mean=(0.5,) * 3, std=(0.25,) * 3))
+    chunks = [_chunk(0, 0, 5), _chunk(1, 0, 7), _chunk(2, 0, 6)]
+
+    def run(make: object) -> list[FeatureBatch]:
+        return anyio.run(_run, chunks, make, 4)  # type: ignore[arg-type]
+
+    reference = run(EncoderGroup([TorchEncoder(spec, device="cpu", precision="float32"), Recording("host")]))
+    streamed = StreamedEncoders([TorchEncoder(spec, device="cpu", precision="float32"), Recording("host")], "cpu",
+                                batch_size=4, patch_size=8, memory_budget=0.5)
+    got = run(streamed)
+    assert [len(f.rows) for f in got] == [len(f.rows) for f in reference]
+    for a, b in zip(got, reference, strict=True):
+        np.testing.assert_array_equal(a.rows, b.rows)
+        np.testing.assert_allclose(a.features["tiny"], b.features["tiny"], rtol=1e-6, atol=1e-6)
+        np.testing.assert_array_equal(a.features["host"], b.features["host"])

@@ -70,7 +70,8 @@ async def test_chunks_cover_every_row_and_failures_become_records(opened: Opened
     send_in.close()
     pixels = CountingPixels()
     with anyio.fail_after(10):
-        await read.run(receive_in, send, send_w, pixels=pixels, outputs=_outputs(tmp_path), settings=_settings(),
+        await read.run(receive_in, send, send_w, book=opened.books.book, pixels=pixels,
+                       outputs=_outputs(tmp_path), settings=_settings(),
                        limiter=anyio.CapacityLimiter(2))
         batches = [b async for b in receive]
         failures = [f async for f in receive_w]
@@ -96,7 +97,8 @@ async def test_a_slow_consumer_bounds_how_far_the_reader_runs_ahead(opened: Open
     pixels = CountingPixels()
     with anyio.fail_after(10):
         async with anyio.create_task_group() as tg:
-            tg.start_soon(lambda: read.run(receive_in, send, send_w, pixels=pixels, outputs=_outputs(tmp_path),
+            tg.start_soon(lambda: read.run(receive_in, send, send_w, book=opened.books.book, pixels=pixels,
+                                           outputs=_outputs(tmp_path),
                                            settings=_settings(), limiter=anyio.CapacityLimiter(2)))
             await anyio.sleep(0.3)
             assert pixels.produced <= 2
@@ -114,7 +116,8 @@ async def test_cancellation_stops_the_reader(opened: Opened, tmp_path: Path) -> 
     pixels = CountingPixels(read_delay=0.02)
     with anyio.fail_after(10):
         with anyio.move_on_after(0.2):
-            await read.run(receive_in, send, send_w, pixels=pixels, outputs=_outputs(tmp_path), settings=_settings(),
+            await read.run(receive_in, send, send_w, book=opened.books.book, pixels=pixels,
+                       outputs=_outputs(tmp_path), settings=_settings(),
                            limiter=anyio.CapacityLimiter(2))
     assert pixels.closed == ["slow"] and 0 < pixels.produced < 50
     receive.close()

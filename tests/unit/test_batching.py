@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from atlaspatch_stream.batching import Batcher, concat, split
+from atlaspatch_stream.batching import Batcher, concat, slide_chunk, split
 from atlaspatch_stream.items import PatchBatch
 
 
@@ -82,3 +82,18 @@ def test_split_by_slide_and_row_tally() -> None:
     assert not tally.complete
     tally.mark(np.array([2, 1]))
     assert tally.complete
+
+
+def test_batches_mix_host_arrays_and_device_tensors() -> None:
+    """A chunk read through `read_region` (numpy) and one decoded on the device (torch) fill one batch: the batch is
+    one tensor on the device, rows in order; all-numpy batches stay numpy."""
+    import torch
+
+    host = slide_chunk(0, np.arange(3), np.full((3, 4, 4, 3), 1, np.uint8), 0.0, None)
+    device = slide_chunk(1, np.arange(2), torch.full((2, 4, 4, 3), 2, dtype=torch.uint8), 0.0, None)
+    batcher = Batcher(5)
+    assert batcher.add(host) == []
+    [batch] = batcher.add(device)
+    assert isinstance(batch.pixels, torch.Tensor) and batch.pixels.shape == (5, 4, 4, 3)
+    assert batch.pixels[:, 0, 0, 0].tolist() == [1, 1, 1, 2, 2] and batch.slide_ids.tolist() == [0, 0, 0, 1, 1]
+    assert isinstance(concat([host, host]).pixels, np.ndarray)

@@ -1,12 +1,23 @@
-"""`EncoderGroup`: the requested encoders run together on each decoded batch (the `EncoderSet` of the pipeline)."""
+"""The pipeline's `EncoderSet`s: the requested encoders run together on each decoded batch.
+
+- `EncoderGroup` (CPU): `submit` runs every encoder at once; one batch in flight.
+- `StreamedEncoders` (CUDA): every `DeviceEncoder` on its own CUDA stream, fed through a fixed ring of device slots
+  (`backends.streams.EncoderStreams`), so several batches are in flight and the device never waits for the host;
+  encoders without a device path (plugins) run on the host copy at `submit`.
+"""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
-from ...protocols import Encoder
+from ...protocols import DeviceEncoder, Encoder
+
+log = logging.getLogger(__name__)
 
 
 class EncoderGroup:
@@ -25,14 +36,26 @@ class EncoderGroup:
         """Declared output width of each encoder."""
         return {e.name: int(e.dim) for e in self.encoders}
 
+    @property
+    def depth(self) -> int:
+        """One batch at a time: `submit` does the work."""
+        return 1
+
     def warm_up(self) -> None:
         """Load every model, in the order requested (a bad weight file fails before any slide)."""
         for encoder in self.encoders:
             encoder.warm_up()
 
-    def encode(self, pixels: np.ndarray, names: frozenset[str] | None) -> dict[str, np.ndarray]:
-        """float32 (B, D) per encoder in `names` (None: all; reused slides need only their missing sets)."""
-        return {e.name: e.encode(pixels) for e in self.encoders if names is None or e.name in names}
+    def submit(self, pixels: Any, names: frozenset[str] | None) -> dict[str, np.ndarray]:
+        """Encode now: float32 (B, D) per encoder in `names` (None: all; reused slides need only their missing
+        sets); the features are the ticket."""
+        host = _host(pixels)
+        return {e.name: e.encode(host) for e in self.encoders if names is None or e.name in names}
+
+    def collect(self, ticket: object) -> dict[str, np.ndarray]:
+        """The features `submit` computed."""
+        assert isinstance(ticket, dict)
+        return ticket
 
     def close(self) -> None:
         """Free every model's memory, even when one close fails."""
@@ -44,3 +67,103 @@ class EncoderGroup:
                 errors.append(exc)
         if errors:
             raise errors[0]
+
+
+def _free_bytes(device: str) -> int:
+    """Free memory of the feature device: CUDA's, or the host's available memory (the ring's CPU stand-in)."""
+    import os
+
+    if device.startswith("cuda"):
+        import torch
+
+        return int(torch.cuda.mem_get_info(torch.device(device))[0])
+    return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+
+
+def _host(pixels: Any) -> np.ndarray:
+    """Pixels as host numpy (a torch batch on a device is copied back)."""
+    if isinstance(pixels, np.ndarray):
+        return pixels
+    return np.asarray(pixels.cpu().numpy())
+
+
+@dataclass(frozen=True)
+class _Ticket:
+    ring: Any  # the ring's ticket (None when no device encoder was asked)
+    host: dict[str, np.ndarray]
+
+
+class StreamedEncoders:
+    """Encoders on a CUDA device, each on its own stream, through a ring of `slots` batches in flight.
+
+    Args:
+        encoders: the encoders; `DeviceEncoder`s run on the device, the others on a host copy of each batch.
+        device: the feature device ("cuda:N").
+        batch_size: rows per batch (`--feature-batch-size`), the ring's slot size.
+        patch_size: patch edge, to size the ring from the memory budget.
+        memory_budget: share of the device's free memory for the ring, the patch queue and the tile cache.
+    """
+
+    def __init__(self, encoders: Sequence[Encoder], device: str, *, batch_size: int, patch_size: int,
+                 memory_budget: float) -> None:
+        self.encoders = list(encoders)
+        self.device = device
+        self.batch_size = batch_size
+        self.patch_size = patch_size
+        self.memory_budget = memory_budget
+        self._on_device = [e for e in self.encoders if isinstance(e, DeviceEncoder)]
+        self._on_host = [e for e in self.encoders if not isinstance(e, DeviceEncoder)]
+        self._ring: Any = None
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Encoder names, in the order requested."""
+        return tuple(e.name for e in self.encoders)
+
+    @property
+    def dims(self) -> Mapping[str, int]:
+        """Declared output width of each encoder."""
+        return {e.name: int(e.dim) for e in self.encoders}
+
+    @property
+    def depth(self) -> int:
+        """Batches in flight: one less than the ring's slots, so `submit` never waits on a slot."""
+        return max(1, (self._ring.slots if self._ring is not None else 2) - 1)
+
+    def warm_up(self) -> None:
+        """Load every model, then build the ring (sized from the device's free memory and the budget)."""
+        from ..streams import EncoderStreams, device_ops, plan_ring
+
+        for encoder in self.encoders:
+            encoder.warm_up()
+        if self._on_device:
+            plan = plan_ring(_free_bytes(self.device), self.memory_budget, self.batch_size, self.patch_size,
+                             [e.dim for e in self._on_device])
+            log.debug("encoder ring on %s: %d slots (budget %.1f GB)", self.device, plan.slots,
+                      plan.budget_bytes / 1e9)
+            self._ring = EncoderStreams(self._on_device, device_ops(self.device), batch_size=self.batch_size,
+                                        slots=plan.slots)
+
+    def submit(self, pixels: Any, names: frozenset[str] | None) -> _Ticket:
+        """Queue the batch on every device encoder's stream; run the host encoders on a host copy now."""
+        wanted = {e.name for e in self.encoders if names is None or e.name in names}
+        device = frozenset(e.name for e in self._on_device if e.name in wanted)
+        ring = self._ring.submit(pixels, device) if device and self._ring is not None else None
+        host_names = [e for e in self._on_host if e.name in wanted]
+        host = {e.name: e.encode(_host(pixels)) for e in host_names} if host_names else {}
+        return _Ticket(ring, host)
+
+    def collect(self, ticket: object) -> dict[str, np.ndarray]:
+        """Wait for the device encoders of a submitted batch (events, not a device-wide synchronize)."""
+        assert isinstance(ticket, _Ticket)
+        out = dict(ticket.host)
+        if ticket.ring is not None:
+            out.update(self._ring.collect(ticket.ring))
+        return out
+
+    def close(self) -> None:
+        """Drop the ring and free every model's memory, even when one close fails."""
+        if self._ring is not None:
+            self._ring.close()
+            self._ring = None
+        EncoderGroup(self.encoders).close()
