@@ -120,6 +120,7 @@ class ReadConfig:
 
     reader_threads: int = 4  # --feature-num-workers
     chunk_patches: int = 64  # patches per item sent downstream by a reader
+    slides_in_parallel: int = 2  # slides read at once (each with its own reader threads and decoded tiles)
     decoder: DecoderName = "auto"  # --decoder: auto | cpu | dali | nvimgcodec
     decode_batch: int = 256  # tiles per GPU decode call
     hw_decoder_load: float = 0.65  # share of each GPU batch for the hardware JPEG engine
@@ -127,6 +128,7 @@ class ReadConfig:
     def __post_init__(self) -> None:
         _require(self.reader_threads > 0, "reader threads must be > 0")
         _require(self.chunk_patches > 0, "chunk_patches must be > 0")
+        _require(self.slides_in_parallel > 0, "slides_in_parallel must be > 0")
         _require(self.decoder in get_args(DecoderName),
                  f"unknown decoder {self.decoder!r} (one of {', '.join(get_args(DecoderName))})")
         _require(self.decode_batch > 0, "decode_batch must be > 0")

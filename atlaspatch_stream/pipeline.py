@@ -431,7 +431,7 @@ class Pipeline:
 
     async def _start_read(self, tg: TaskGroup, outputs: Any) -> None:
         s, cfg = self.streams, self.config
-        settings = read.ReadSettings(slides_in_parallel=2, reader_threads=cfg.read.reader_threads,
+        settings = read.ReadSettings(slides_in_parallel=cfg.read.slides_in_parallel, reader_threads=cfg.read.reader_threads,
                                      chunk=cfg.read.chunk_patches, patch_size=cfg.plan.patch_size,
                                      save_images=cfg.write.save_images, keep_pixels=self.stages.encode)
         # Without encoders, the row labels go straight to the writer (it counts them to know a slide is done).

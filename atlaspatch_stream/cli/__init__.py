@@ -126,4 +126,7 @@ def encoders(check: bool, strict: bool, weights: tuple[str, ...], names: tuple[s
 
 def main() -> None:
     """Console-script entry point."""
+    from .allocator import tune_allocator
+
+    tune_allocator()
     cli(prog_name="atlaspatch")
