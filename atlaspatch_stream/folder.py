@@ -154,6 +154,9 @@ class FolderService:
 
     async def _record(self, slide: ReadySlide, result: SlideResult) -> str:
         now = self.clock.now()
+        for stage, seconds in result.timings.items():
+            if stage != "total":
+                self.board.add_stage_busy(stage, seconds)
         if result.status in FINISHED_OK:
             await self.watcher.slide_done(slide, result.h5_path or "", self.settings)
             self.board.slide_finished("done", now, self._patches(result))

@@ -74,15 +74,7 @@ class BlockingPipeline:
 
     def results(self) -> Iterator[SlideResult]:
         """Final results of submitted slides as they finish, until the input is closed and everything has drained."""
-        stream = self._pipeline.results()
-        try:
-            while True:
-                try:
-                    yield self._portal.call(stream.receive)
-                except anyio.EndOfStream:
-                    return
-        finally:
-            self._portal.call(stream.aclose)
+        return _items(self._portal, self._pipeline.results())
 
     def statistics(self) -> dict[str, Any]:
         """Queue fill per stream, slides in flight, totals and the state."""
@@ -109,15 +101,7 @@ class BlockingFolderService:
 
     def results(self) -> Iterator[Any]:
         """Each slide's `FolderResult` as it finishes, until intake stopped (or `once` ran out) and all drained."""
-        stream = self._service.results()
-        try:
-            while True:
-                try:
-                    yield self._portal.call(stream.receive)
-                except anyio.EndOfStream:
-                    return
-        finally:
-            self._portal.call(stream.aclose)
+        return _items(self._portal, self._service.results())
 
     def stop(self, reason: str = "stopping") -> None:
         """Stop intake; the slides in flight drain when the `with` block ends."""
@@ -141,6 +125,18 @@ def serve_folder(input_folder: Path, config: PipelineConfig, **options: Any) -> 
 def make_jobs(paths: Sequence[Path], config: PipelineConfig) -> list[SlideJob]:
     """Same as `api.make_jobs` (already blocking)."""
     return api.make_jobs(paths, config)
+
+
+def _items(portal: Any, stream: Any) -> Iterator[Any]:
+    """The items of a receive stream of the portal's loop, from this thread, until it ends; then close it."""
+    try:
+        while True:
+            try:
+                yield portal.call(stream.receive)
+            except anyio.EndOfStream:
+                return
+    finally:
+        portal.call(stream.aclose)
 
 
 def run(main: Callable[[], Any]) -> Any:

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import h5py
 import numpy as np
+import pytest
 
+from atlaspatch_stream.backends.encoders.group import EncoderGroup
 from atlaspatch_stream.config import (
     EncodeConfig,
     OpenConfig,
@@ -17,6 +24,7 @@ from atlaspatch_stream.config import (
     SegmentConfig,
     WriteConfig,
 )
+from atlaspatch_stream.testing.fakes import FakeBackends, FakeEncoder
 
 
 def fake_config(out: Path, extractors: tuple[str, ...] = ("a",), *, patch_size: int = 16, max_open: int = 200,
@@ -46,3 +54,52 @@ def h5_features(path: Path) -> dict[str, np.ndarray]:
     """Every feature set of an output file."""
     with h5py.File(path, "r") as f:
         return {name: f["features"][name][...] for name in f.get("features", {})}
+
+
+@contextmanager
+def mounted_tmpfs(where: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of `size` (e.g. "4m") mounted at `where` for the block (root only; the test is skipped elsewhere)."""
+    where.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a tmpfs needs root")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+# An upstream-style encoder plugin file: a tiny seeded CNN registered as `tiny_conv` (32 dims).
+TINY_PLUGIN = """
+import torch
+import torchvision.transforms as T
+from atlaspatch_stream.plugins import CustomEncoderComponents, register_custom_encoder
+
+
+def _loader(device, dtype):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, stride=2), torch.nn.AdaptiveAvgPool2d(2))
+    preprocess = T.Compose([T.Resize(32), T.ToTensor(), T.Normalize((0.5,) * 3, (0.5,) * 3)])
+    return CustomEncoderComponents(model=model, preprocess=preprocess, forward_fn=None)
+
+
+def register_feature_extractors(registry, device, dtype, num_workers):
+    register_custom_encoder(registry=registry, name="tiny_conv", embedding_dim=32, loader=_loader,
+                            device=device, dtype=dtype, num_workers=num_workers)
+"""
+
+
+class BrokenEncoder(FakeEncoder):
+    """A device failure: every call raises (a broken run, not a per-slide problem)."""
+
+    def encode(self, pixels: np.ndarray) -> np.ndarray:
+        raise RuntimeError("CUDA error: device lost")
+
+
+class BrokenDeviceBackends(FakeBackends):
+    """Fake backends whose one encoder (`a`) fails on every batch."""
+
+    def make_encoders(self) -> EncoderGroup:
+        return EncoderGroup([BrokenEncoder(name="a")])

@@ -12,6 +12,8 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -180,6 +182,20 @@ async def run_with_signals(config: PipelineConfig, jobs: list[SlideJob], mode: M
     return summary, SIGNAL_EXIT.get(signal.Signals(received[0])) if received else None
 
 
+@contextmanager
+def one_line_errors(what: str) -> Iterator[None]:
+    """Library errors become one `Error:` line (exit 1); a foreign one is prefixed with `what`; bugs keep their
+    traceback."""
+    try:
+        yield
+    except AtlasPatchError as exc:
+        raise click.ClickException(" ".join(str(exc).split())) from exc
+    except Exception as exc:
+        if is_bug(exc):
+            raise
+        raise click.ClickException(f"{what}: {describe(exc)}") from exc
+
+
 def execute(config: PipelineConfig, wsi_path: Path, mode: Mode, command: str, verbose: bool) -> int:
     """Everything a slide command does after parsing; returns the exit status."""
     from ..sync import run
@@ -190,13 +206,8 @@ def execute(config: PipelineConfig, wsi_path: Path, mode: Mode, command: str, ve
     progress = Progress(len(jobs), desc)
     setup_logging(verbose, progress)
     try:
-        summary, signalled = run(lambda: run_with_signals(config, jobs, mode, command, progress))
-    except AtlasPatchError as exc:
-        raise click.ClickException(" ".join(str(exc).split())) from exc
-    except Exception as exc:
-        if is_bug(exc):
-            raise
-        raise click.ClickException(f"the run stopped: {describe(exc)}") from exc
+        with one_line_errors("the run stopped"):
+            summary, signalled = run(lambda: run_with_signals(config, jobs, mode, command, progress))
     finally:
         progress.close()
     status = summarize(summary, mode)

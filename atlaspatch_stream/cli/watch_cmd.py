@@ -16,8 +16,7 @@ import click
 import orjson
 
 from ..config import PipelineConfig
-from ..errors import AtlasPatchError, describe, is_bug
-from .runner import SIGNAL_EXIT, write_line
+from .runner import SIGNAL_EXIT, one_line_errors, write_line
 
 log = logging.getLogger("atlaspatch_stream")
 
@@ -77,14 +76,8 @@ def run_watch(input_folder: Path, config: PipelineConfig, *, once: bool, allow_r
 
     redactor = RedactPaths() if config.watch.pseudonymize else None
     setup_daemon_logging(config.watch.log_format, redactor)
-    try:
+    with one_line_errors("the daemon stopped"):
         failed, second = run(lambda: _serve(input_folder, config, once, allow_root, retry_quarantined, redactor))
-    except AtlasPatchError as exc:
-        raise click.ClickException(" ".join(str(exc).split())) from exc
-    except Exception as exc:
-        if is_bug(exc):
-            raise
-        raise click.ClickException(f"the daemon stopped: {describe(exc)}") from exc
     if second is not None:
         return second
     return 1 if once and failed else 0

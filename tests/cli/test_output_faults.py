@@ -22,7 +22,7 @@ import torchvision
 
 from atlaspatch_stream.testing.synthetic import write_synthetic_slide
 from tests.conftest import SHARED_SLIDES
-from tests.helpers import leftovers
+from tests.helpers import TINY_PLUGIN, leftovers, mounted_tmpfs
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
 CLI = [sys.executable, "-c", "from atlaspatch_stream.cli import main; main()"]
@@ -30,23 +30,6 @@ CLI = [sys.executable, "-c", "from atlaspatch_stream.cli import main; main()"]
 
 COMMON = ["--patch-size", "256", "--target-mag", "20", "--segmenter", "otsu", "--device", "cpu",
           "--feature-precision", "float32"]
-PLUGIN = """
-import torch
-import torchvision.transforms as T
-from atlaspatch_stream.plugins import CustomEncoderComponents, register_custom_encoder
-
-
-def _loader(device, dtype):
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, stride=2), torch.nn.AdaptiveAvgPool2d(2))
-    preprocess = T.Compose([T.Resize(32), T.ToTensor(), T.Normalize((0.5,) * 3, (0.5,) * 3)])
-    return CustomEncoderComponents(model=model, preprocess=preprocess, forward_fn=None)
-
-
-def register_feature_extractors(registry, device, dtype, num_workers):
-    register_custom_encoder(registry=registry, name="tiny_conv", embedding_dim=32, loader=_loader,
-                            device=device, dtype=dtype, num_workers=num_workers)
-"""
 
 
 def _args(folder: Path, out: Path, weights: Path) -> list[str]:
@@ -123,7 +106,7 @@ def test_every_failing_write_of_a_whole_run_ends_cleanly(tmp_path: Path) -> None
     for i in range(3):
         write_synthetic_slide(folder / f"s{i}.svs", width=1536, height=1024, seed=i)
     plugin = tmp_path / "tiny_plugin.py"
-    plugin.write_text(PLUGIN)
+    plugin.write_text(TINY_PLUGIN)
     out = tmp_path / "out"
     proc = subprocess.run([sys.executable, "-c", MATRIX, orjson.dumps(_light_args(folder, out, plugin)).decode(),
                            str(out), "[]"], env=ENV, capture_output=True, text=True, timeout=1200,
@@ -143,17 +126,8 @@ def test_every_failing_write_of_a_whole_run_ends_cleanly(tmp_path: Path) -> None
 @pytest.fixture
 def tmpfs(tmp_path: Path) -> Iterator[Path]:
     """A 4 MiB tmpfs (root only; skipped where it cannot be mounted)."""
-    where = tmp_path / "tmpfs"
-    where.mkdir()
-    if os.geteuid() != 0 or shutil.which("mount") is None:
-        pytest.skip("mounting a tmpfs needs root")
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(where)], capture_output=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
-    try:
+    with mounted_tmpfs(tmp_path / "tmpfs", "4m") as where:
         yield where
-    finally:
-        subprocess.run(["umount", "-l", str(where)], check=False)
 
 
 def _cli(args: list[str]) -> subprocess.CompletedProcess[str]:
@@ -204,7 +178,7 @@ def test_output_folder_made_read_only_mid_run(tmp_path: Path) -> None:
     for i in range(12):
         write_synthetic_slide(folder / f"s{i:02d}.svs", width=2048, height=1536, seed=i)
     plugin = tmp_path / "tiny_plugin.py"
-    plugin.write_text(PLUGIN)
+    plugin.write_text(TINY_PLUGIN)
     out = tmp_path / "out"
     proc = subprocess.Popen([*CLI, *_light_args(folder, out, plugin), "--max-open-slides", "2"], env=ENV,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -23,7 +23,7 @@ import pytest
 from atlaspatch_stream.sources.ledger import LEDGER_FILE, LedgerError, read_status
 from atlaspatch_stream.testing.synthetic import write_synthetic_slide
 from tests.conftest import SHARED_SLIDES
-from tests.helpers import leftovers
+from tests.helpers import leftovers, mounted_tmpfs
 
 CLI = [sys.executable, "-c", "from atlaspatch_stream.cli import main; main()"]
 FAST = {"HF_HUB_OFFLINE": "1", "ATLASPATCH_WATCH__BACKOFF_BASE_S": "0.2", "ATLASPATCH_WATCH__BACKOFF_MAX_S": "0.5",
@@ -197,17 +197,8 @@ def test_sigterm_drains_within_the_deadline_and_a_second_signal_cancels_at_once(
 @pytest.fixture
 def tmpfs(tmp_path: Path) -> Iterator[Path]:
     """A 3 MiB tmpfs (root only; skipped where it cannot be mounted)."""
-    where = tmp_path / "tmpfs"
-    where.mkdir()
-    if os.geteuid() != 0 or shutil.which("mount") is None:
-        pytest.skip("mounting a tmpfs needs root")
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(where)], capture_output=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
-    try:
+    with mounted_tmpfs(tmp_path / "tmpfs", "3m") as where:
         yield where
-    finally:
-        subprocess.run(["umount", "-l", str(where)], check=False)
 
 
 def test_disk_full_defers_pauses_and_resumes(synthetic: Path, tmpfs: Path, tmp_path: Path) -> None:

@@ -13,7 +13,6 @@ import pytest
 from atlaspatch_stream import outputs
 from atlaspatch_stream.api import process_slides
 from atlaspatch_stream.backends.bundle import H5Outputs
-from atlaspatch_stream.backends.encoders.group import EncoderGroup
 from atlaspatch_stream.config import (
     PipelineConfig,
 )
@@ -21,14 +20,13 @@ from atlaspatch_stream.errors import SlideError
 from atlaspatch_stream.items import OpenedSlide, PatchPlan, SlideJob, SlideResult
 from atlaspatch_stream.testing.fakes import (
     FakeBackends,
-    FakeEncoder,
     FakePixels,
     FakePlanner,
     FakeSegmenter,
     FakeSlides,
     fake_jobs,
 )
-from tests.helpers import fake_config, leftovers
+from tests.helpers import BrokenDeviceBackends, fake_config, leftovers
 
 pytestmark = pytest.mark.anyio
 
@@ -101,18 +99,6 @@ async def test_failures_in_every_stage_fail_alone(tmp_path: Path) -> None:
     assert sorted(p.name for p in (tmp_path / "patches").glob("*.h5")) == ["ok0.h5", "ok1.h5"]
     assert leftovers(tmp_path) == []
     assert all(h.closed for h in backends.opened)
-
-
-class BrokenEncoder(FakeEncoder):
-    """A device failure: every call raises (a bug or broken run, not a per-slide problem)."""
-
-    def encode(self, pixels: np.ndarray) -> np.ndarray:
-        raise RuntimeError("CUDA error: device lost")
-
-
-class BrokenDeviceBackends(FakeBackends):
-    def make_encoders(self) -> EncoderGroup:
-        return EncoderGroup([BrokenEncoder(name="a")])
 
 
 async def test_a_broken_device_propagates_as_itself_and_cleans_up(tmp_path: Path) -> None:

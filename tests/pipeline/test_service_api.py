@@ -26,9 +26,9 @@ from atlaspatch_stream.config import (
 from atlaspatch_stream.errors import ConfigError, PipelineClosed, PipelineFull, WeightsError
 from atlaspatch_stream.items import SlideJob, SlideResult
 from atlaspatch_stream.pipeline import Pipeline
-from atlaspatch_stream.testing.fakes import FakeBackends, FakeEncoder, fake_jobs
+from atlaspatch_stream.testing.fakes import FakeBackends, fake_jobs
 from atlaspatch_stream.testing.synthetic import write_synthetic_slide
-from tests.helpers import fake_config
+from tests.helpers import BrokenDeviceBackends, fake_config
 
 pytestmark = pytest.mark.anyio
 
@@ -151,16 +151,6 @@ class NoWeights(FakeBackends):
         raise WeightsError("weights for a not found")
 
 
-class BrokenEncoder(FakeEncoder):
-    def encode(self, pixels: object) -> object:  # type: ignore[override]
-        raise RuntimeError("CUDA error: device lost")
-
-
-class BrokenDevice(FakeBackends):
-    def make_encoders(self) -> EncoderGroup:
-        return EncoderGroup([BrokenEncoder(name="a")])
-
-
 async def test_startup_error_comes_out_as_itself(tmp_path: Path) -> None:
     """Missing weights at start-up: `open_pipeline` raises the WeightsError itself, never an ExceptionGroup, and
     leaves no output folder behind."""
@@ -192,7 +182,7 @@ async def test_broken_device_wakes_waiting_callers_with_pipeline_closed(tmp_path
 
     async def lifespan() -> None:
         try:
-            async with open_pipeline(config, backends=BrokenDevice(config)) as pipeline:
+            async with open_pipeline(config, backends=BrokenDeviceBackends(config)) as pipeline:
                 holder.append(pipeline)
                 ready.set()
                 await anyio.sleep_forever()

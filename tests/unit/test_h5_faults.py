@@ -31,6 +31,7 @@ from atlaspatch_stream.errors import OutputError
 from atlaspatch_stream.outputs import SlideAttrs
 from atlaspatch_stream.sources import claims
 from atlaspatch_stream.testing import faults
+from tests.helpers import mounted_tmpfs
 
 ROOT = Path(__file__).resolve().parents[2]
 ATTRS = SlideAttrs(256, 512, 40, 20, 0, 9000, 7000, "slides/s.svs", "s.svs", mpp=0.25, magnification=40)
@@ -225,17 +226,8 @@ def test_failure_matrix_in_a_subprocess_exits_without_crash_or_traceback(tmp_pat
 @pytest.fixture
 def tmpfs(tmp_path: Path) -> Iterator[Path]:
     """A 2 MiB tmpfs (root only; skipped where it cannot be mounted)."""
-    where = tmp_path / "mnt"
-    where.mkdir()
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(where)], capture_output=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
-    try:
+    with mounted_tmpfs(tmp_path / "mnt", "2m") as where:
         yield where
-    finally:
-        subprocess.run(["umount", "-l", str(where)], check=True)
 
 
 def test_tmpfs_too_small_fails_before_writing_with_the_figures(tmpfs: Path) -> None:

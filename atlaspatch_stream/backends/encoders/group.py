@@ -93,7 +93,7 @@ class _Ticket:
     host: dict[str, np.ndarray]
 
 
-class StreamedEncoders:
+class StreamedEncoders(EncoderGroup):
     """Encoders on a CUDA device, each on its own stream, through a ring of `slots` batches in flight.
 
     Args:
@@ -106,7 +106,7 @@ class StreamedEncoders:
 
     def __init__(self, encoders: Sequence[Encoder], device: str, *, batch_size: int, patch_size: int,
                  memory_budget: float) -> None:
-        self.encoders = list(encoders)
+        super().__init__(encoders)
         self.device = device
         self.batch_size = batch_size
         self.patch_size = patch_size
@@ -114,16 +114,6 @@ class StreamedEncoders:
         self._on_device = [e for e in self.encoders if isinstance(e, DeviceEncoder)]
         self._on_host = [e for e in self.encoders if not isinstance(e, DeviceEncoder)]
         self._ring: Any = None
-
-    @property
-    def names(self) -> tuple[str, ...]:
-        """Encoder names, in the order requested."""
-        return tuple(e.name for e in self.encoders)
-
-    @property
-    def dims(self) -> Mapping[str, int]:
-        """Declared output width of each encoder."""
-        return {e.name: int(e.dim) for e in self.encoders}
 
     @property
     def depth(self) -> int:
@@ -134,8 +124,7 @@ class StreamedEncoders:
         """Load every model, then build the ring (sized from the device's free memory and the budget)."""
         from ..streams import EncoderStreams, device_ops, plan_ring
 
-        for encoder in self.encoders:
-            encoder.warm_up()
+        super().warm_up()
         if self._on_device:
             plan = plan_ring(_free_bytes(self.device), self.memory_budget, self.batch_size, self.patch_size,
                              [e.dim for e in self._on_device])
@@ -144,7 +133,7 @@ class StreamedEncoders:
             self._ring = EncoderStreams(self._on_device, device_ops(self.device), batch_size=self.batch_size,
                                         slots=plan.slots)
 
-    def submit(self, pixels: Any, names: frozenset[str] | None) -> _Ticket:
+    def submit(self, pixels: Any, names: frozenset[str] | None) -> _Ticket:  # type: ignore[override]
         """Queue the batch on every device encoder's stream; run the host encoders on a host copy now."""
         wanted = {e.name for e in self.encoders if names is None or e.name in names}
         device = frozenset(e.name for e in self._on_device if e.name in wanted)
@@ -166,4 +155,4 @@ class StreamedEncoders:
         if self._ring is not None:
             self._ring.close()
             self._ring = None
-        EncoderGroup(self.encoders).close()
+        super().close()
