@@ -27,6 +27,9 @@ class SlideJob:
     stem: str
     mpp_override: float | None = None
     display: str = ""
+    # A node-local copy to read pixels from (`--stage-dir`); `path` still names the slide everywhere else
+    # (H5 attributes, locks, run report, reuse checks).
+    read_path: Path | None = None
 
     @property
     def name(self) -> str:

@@ -23,10 +23,11 @@ class RunReport:
     """Appends events to `<out>/atlaspatch-report.jsonl`; each line carries this run's id. Thread-safe.
 
     Nothing is written (and no folder created) until `open()`: a run that fails before it starts leaves no report.
+    With `output=None` nothing is ever written (a Ray worker's pipeline: the driver keeps the run's one report).
     """
 
-    def __init__(self, output: Path, command: str) -> None:
-        self.path = output / REPORT_NAME
+    def __init__(self, output: Path | None, command: str) -> None:
+        self.path = output / REPORT_NAME if output is not None else None
         self.run_id = uuid.uuid4().hex[:12]
         self.command = command
         self._lock = threading.Lock()
@@ -35,6 +36,8 @@ class RunReport:
         self.opened = False
 
     def _write(self, event: dict[str, Any]) -> None:
+        if self.path is None:
+            return
         line = orjson.dumps({"run": self.run_id, "time": time.time(), **event}, default=str) + b"\n"
         with self._lock:
             if self._file is None:
