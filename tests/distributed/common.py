@@ -15,15 +15,16 @@ from atlaspatch_stream.testing.synthetic import write_synthetic_slide
 
 CLI = [sys.executable, "-c", "from atlaspatch_stream.cli import main; main()"]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
+COUNT = 8
 PROCESS = ["--patch-size", "256", "--target-mag", "20", "--segmenter", "otsu", "--device", "cpu",
            "--feature-extractors", "color_stats"]
 
 
 def write_slides(folder: Path, count: int, *, width: int = 2048, height: int = 1536) -> Path:
-    """`count` small synthetic 40× slides of different sizes (so big-first order is not the name order)."""
+    """`count` small synthetic 40× slides `he00.svs`... of different sizes (big-first order is not the name order)."""
     folder.mkdir(parents=True, exist_ok=True)
     for i in range(count):
-        write_synthetic_slide(folder / f"s{i:02d}.svs", width=width + 256 * (i % 3), height=height, seed=i)
+        write_synthetic_slide(folder / f"he{i:02d}.svs", width=width + 256 * (i % 3), height=height, seed=i)
     return folder
 
 

@@ -20,24 +20,17 @@ from atlaspatch_stream.cli import cli
 from atlaspatch_stream.distributed import staging
 from atlaspatch_stream.distributed.local import ShardFeed
 from atlaspatch_stream.distributed.plan import plan_shard
-from atlaspatch_stream.distributed.staging import StageOptions, Stager, slide_bytes, slide_files, worth_staging
+from atlaspatch_stream.distributed.staging import (
+    StageOptions,
+    Stager,
+    slide_bytes,
+    slide_files,
+    worth_staging,
+)
 from atlaspatch_stream.items import SlideJob
 from atlaspatch_stream.sources import claims
-from tests.distributed.common import PROCESS, assert_same_outputs, config, slide_events, write_slides
+from tests.distributed.common import COUNT, PROCESS, assert_same_outputs, config, slide_events
 from tests.helpers import leftovers
-
-
-@pytest.fixture(scope="module")
-def slides(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_slides(tmp_path_factory.mktemp("stage_slides"), 6)
-
-
-@pytest.fixture(scope="module")
-def reference(slides: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The same slides processed without staging."""
-    out = tmp_path_factory.mktemp("reference")
-    assert sync.process_slides([slides], config(out)).ok
-    return out
 
 
 def _staged_run(slides: Path, out: Path, stage: StageOptions) -> tuple[api.RunSummary, dict, list[Path]]:
@@ -66,14 +59,14 @@ def _staged_run(slides: Path, out: Path, stage: StageOptions) -> tuple[api.RunSu
 
 def test_staged_slides_are_read_from_the_copy_and_named_by_the_original(slides: Path, reference: Path,
                                                                         tmp_path: Path) -> None:
-    """Six slides staged with room for all: each is opened from its copy under the stage folder, several copies
+    """Every slide staged with room for all: each is opened from its copy under the stage folder, several copies
     exist at once (the next is copied while this one is processed), and the H5s equal an unstaged run's, with
     `wsi_path`, `filename` and the run report naming the original slide; nothing is left in the stage folder."""
     out, stage_root = tmp_path / "out", tmp_path / "local"
     summary, stats, opened = _staged_run(slides, out, StageOptions(stage_root, max_gb=10))
-    assert summary.ok and summary.count("done") == 6
-    assert stats["staged"] == 6 and stats["peak_slides"] >= 2 and stats["used_bytes"] == 0
-    assert len(opened) == 6 and all(stage_root in p.parents for p in opened)
+    assert summary.ok and summary.count("done") == COUNT
+    assert stats["staged"] == COUNT and stats["peak_slides"] >= 2 and stats["used_bytes"] == 0
+    assert len(opened) == COUNT and all(stage_root in p.parents for p in opened)
     assert_same_outputs(out, reference)
     for path in (out / "patches").glob("*.h5"):
         with h5py.File(path) as f:
@@ -89,7 +82,7 @@ def test_the_budget_bounds_what_is_staged_at_once(slides: Path, reference: Path,
     biggest = max(slide_bytes(p) for p in slides.glob("*.svs"))
     out = tmp_path / "out"
     summary, stats, _ = _staged_run(slides, out, StageOptions(tmp_path / "local", max_gb=biggest * 1.5 / 1e9))
-    assert summary.ok and stats["staged"] == 6
+    assert summary.ok and stats["staged"] == COUNT
     assert stats["peak_slides"] == 1 and stats["peak_bytes"] <= biggest * 1.5
     assert_same_outputs(out, reference)
 
@@ -173,9 +166,8 @@ def test_a_killed_stager_s_folder_is_removed_by_the_next(tmp_path: Path) -> None
     left = Path(subprocess.run([sys.executable, "-c", code, str(root)], capture_output=True, text=True, check=True,
                                timeout=60).stdout.strip())
     assert left.exists()
-    with Stager(StageOptions(root)) as live:
-        with Stager(StageOptions(root)) as other:
-            assert not left.exists() and live.folder.exists() and other.folder.exists()
+    with Stager(StageOptions(root)) as live, Stager(StageOptions(root)) as other:
+        assert not left.exists() and live.folder.exists() and other.folder.exists()
 
 
 def test_done_or_taken_slides_are_not_worth_staging(slides: Path, tmp_path: Path) -> None:
