@@ -286,6 +286,7 @@ class Worker:
     alive: bool = True
     generation: int = 0
     restarts: int = 0
+    busy: int = 0  # slides sent and not yet answered
     lock: anyio.Lock = field(default_factory=anyio.Lock)
 
     @property
@@ -454,16 +455,26 @@ class RayEngine:
             if not worker.alive:
                 dispatch.give_back(attempt)
                 return
-            try:
-                result = await worker.actor.process.remote(attempt.job, attempt.tries > 0)
-            except ray.exceptions.RayError as exc:
-                await self._lost(worker, attempt, exc, dispatch)
-                await self._recover(worker, generation, dispatch, kill=not isinstance(exc, ray.exceptions.RayActorError))
+            outcome = await self._call(worker, attempt)
+            if isinstance(outcome, SlideResult):
+                dispatch.done(attempt)
+                extra = {**outcome.extra, "attempts": attempt.tries + 1} if attempt.tries else outcome.extra
+                await self._final(dataclasses.replace(outcome, extra=extra))
                 continue
-            dispatch.done(attempt)
-            if attempt.tries:
-                result = dataclasses.replace(result, extra={**result.extra, "attempts": attempt.tries + 1})
-            await self._final(result)
+            await self._lost(worker, attempt, outcome, dispatch)
+            await self._recover(worker, generation, dispatch, kill=not isinstance(outcome, ray.exceptions.RayActorError))
+
+    async def _call(self, worker: Worker, attempt: Attempt) -> SlideResult | Exception:
+        """The slide's result from `worker`, or the Ray error that says the worker died (or its pipeline broke)."""
+        ray = import_ray()
+        worker.busy += 1
+        try:
+            result: SlideResult = await worker.actor.process.remote(attempt.job, attempt.tries > 0)
+            return result
+        except ray.exceptions.RayError as exc:
+            return exc
+        finally:
+            worker.busy -= 1
 
     async def _lost(self, worker: Worker, attempt: Attempt, exc: BaseException, dispatch: Dispatch) -> None:
         """A worker died (or its pipeline broke) with the slide in flight: retry it elsewhere, or fail it."""
