@@ -312,6 +312,7 @@ class RayEngine:
         self.workers: list[Worker] = []
         self.tally = Tally()
         self.retried = 0
+        self.start_s = 0.0  # how long the workers took to start (placed, imported, models loaded)
         self.stop_reason: str | None = None
         self._results: list[SlideResult] = []
         self._on_result: OnResult | None = None
@@ -322,7 +323,7 @@ class RayEngine:
     def statistics(self) -> dict[str, Any]:
         """The driver's totals (one count per slide), live workers and retries."""
         return {**self.tally.statistics(), "engine": "ray", "workers_alive": sum(w.alive for w in self.workers),
-                "retried": self.retried, "stopped": self.stop_reason}
+                "workers_start_s": round(self.start_s, 3), "retried": self.retried, "stopped": self.stop_reason}
 
     async def process_slides(self, jobs: Sequence[SlideJob], *, stop: Stop | None = None,
                              on_result: OnResult | None = None) -> RunSummary:
@@ -360,6 +361,7 @@ class RayEngine:
         if not ray.is_initialized():
             raise ConfigError("Ray is not initialised: connect to a cluster first (the CLI's --ray-address does)")
         count, gpus = self._worker_count(ray)
+        started = time.perf_counter()
         actor_class = ray.remote(NodeWorker).options(
             num_cpus=1, num_gpus=gpus, max_restarts=self.options.max_restarts, max_task_retries=0,
             max_concurrency=self.options.in_flight + 2, scheduling_strategy="SPREAD")
@@ -375,6 +377,7 @@ class RayEngine:
         except BaseException:
             self._kill_all()
             raise
+        self.start_s = time.perf_counter() - started
         for worker, info in zip(self.workers, infos, strict=True):
             worker.pid, worker.host = info["pid"], info["host"]
         failed = next((info["error"] for info in infos if info["error"]), None)
