@@ -166,9 +166,17 @@ class Scaled:
             with _ray_session(self.request):
                 yield
             return
+        if self.request.stage is None:
+            yield
+            return
         from ..distributed.staging import Stager
 
-        with Stager(self.request.stage) if self.request.stage else contextlib.nullcontext() as stager:
+        try:
+            stager = Stager(self.request.stage)
+        except OSError as exc:
+            raise ConfigError(f"--stage-dir {self.request.stage.root}: cannot stage slides there "
+                              f"({exc.strerror or exc})") from None
+        with stager:
             self.stager = stager
             yield
 

@@ -27,6 +27,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -261,6 +262,22 @@ class Dispatch:
         self._changed = anyio.Event()
 
 
+def absolute(value: Any) -> Any:
+    """`value` with every `Path` inside it (dataclass fields, tuples) made absolute against this process's folder.
+
+    Workers run in other processes, often on other nodes, in folders of their own: a relative output, weights file
+    or slide path would name something else there.
+    """
+    if isinstance(value, Path):
+        return value.absolute()
+    if isinstance(value, tuple):
+        return tuple(absolute(v) for v in value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        changes = {f.name: absolute(getattr(value, f.name)) for f in dataclasses.fields(value) if f.init}
+        return dataclasses.replace(value, **changes)
+    return value
+
+
 def merge_worker_statistics(workers: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Totals over the workers' pipeline statistics (each counts what its current actor saw since it started)."""
     total: dict[str, Any] = {"finished": 0, "submitted": 0, "patches": 0, "by_status": {}}
@@ -300,13 +317,15 @@ class RayEngine:
 
     `await engine.process_slides(jobs, stop=..., on_result=...)` has the contract of `api.process_slides`: every
     job gets exactly one result, `stop` drains within `config.run.drain_timeout_s`, a systemic output failure stops
-    new slides, and `on_result(result, engine)` is called for each (`engine.statistics()` for progress).
+    new slides, and `on_result(result, engine)` is called for each (`engine.statistics()` for progress). Paths in
+    the settings and the jobs are made absolute before they are sent (the H5s' `wsi_path` is then absolute too);
+    results and the run report name slides as the caller's jobs do.
     """
 
     def __init__(self, config: PipelineConfig, *, options: RayOptions | None = None, mode: Mode = "features",
                  command: str = "process") -> None:
-        self.config = config
-        self.options = options or RayOptions()
+        self.config = absolute(config)
+        self.options = absolute(options or RayOptions())
         self.mode = mode
         self.command = command
         self.workers: list[Worker] = []
@@ -318,6 +337,7 @@ class RayEngine:
         self._on_result: OnResult | None = None
         self._report: RunReport | None = None
         self._dispatch: Dispatch | None = None
+        self._jobs: dict[int, SlideJob] = {}  # the caller's jobs, by id: results name slides as the caller did
         self._io = anyio.CapacityLimiter(1)
 
     def statistics(self) -> dict[str, Any]:
@@ -341,7 +361,9 @@ class RayEngine:
         report.begin({**dataclasses.asdict(self.config), "ray": dataclasses.asdict(self.options)})
         await self._start_workers(f"process ray:{report.run_id}")
         await anyio.to_thread.run_sync(report.open, limiter=self._io)
-        dispatch = self._dispatch = Dispatch(jobs, self.options.max_attempts, (w.index for w in self.workers))
+        self._jobs = {j.slide_id: j for j in jobs}
+        sent = [dataclasses.replace(j, path=j.path.absolute()) for j in jobs]
+        dispatch = self._dispatch = Dispatch(sent, self.options.max_attempts, (w.index for w in self.workers))
         status: RunStatus = "failed"
         try:
             cancelled = await self._run(dispatch, stop)
@@ -526,6 +548,7 @@ class RayEngine:
     async def _final(self, result: SlideResult) -> None:
         """Record one slide's final result: report line, totals, progress; a systemic output failure stops intake."""
         assert self._report is not None
+        result = dataclasses.replace(result, job=self._jobs.get(result.job.slide_id, result.job))
         await anyio.to_thread.run_sync(self._report.slide, result, limiter=self._io)
         self.tally.add(result)
         self._results.append(result)

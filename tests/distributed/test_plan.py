@@ -13,9 +13,10 @@ import anyio
 import pytest
 
 from atlaspatch_stream.distributed.plan import Shard, big_first, plan_shard, shard_of, steal_order
-from atlaspatch_stream.distributed.ray_engine import Dispatch, merge_worker_statistics
+from atlaspatch_stream.distributed.ray_engine import Dispatch, absolute, merge_worker_statistics
 from atlaspatch_stream.distributed.slurm import TemplateOptions, resolve_shard, sbatch_script, shard_from_env
 from atlaspatch_stream.items import SlideJob
+from tests.distributed.common import config
 
 STEMS = [f"case-{i:03d}_HE" for i in range(60)] + ["ümlaut slide", "a.b.c", "TCGA-XX-0001-01Z-00-DX1"]
 
@@ -181,3 +182,16 @@ def test_sbatch_template_is_a_valid_array_script(tmp_path: Path) -> None:
     subprocess.run(["bash", "-n", str(script)], check=True, timeout=30)
     cpu = sbatch_script(TemplateOptions(input="in", output="out", gpus=0))
     assert "--gres" not in cpu and "--device cpu" in cpu
+
+
+def test_settings_sent_to_workers_carry_absolute_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Workers run in folders of their own: a relative output folder or weights file becomes absolute (against the
+    driver's folder) before it is sent; everything else is unchanged."""
+    monkeypatch.chdir(tmp_path)
+    cfg = config(Path("out"))
+    cfg = type(cfg)(**{**cfg.__dict__, "encode": type(cfg.encode)(**{**cfg.encode.__dict__, "weights": (
+        ("resnet18", Path("w/resnet18.pth")),)})})
+    sent = absolute(cfg)
+    assert sent.write.output == tmp_path / "out"
+    assert sent.encode.weights == (("resnet18", tmp_path / "w" / "resnet18.pth"),)
+    assert sent.plan == cfg.plan and sent.encode.extractors == cfg.encode.extractors

@@ -121,3 +121,11 @@ def test_workflow_examples_call_shard_and_only_known_flags(name: str) -> None:
     assert {"--shard", "--steal", "--stage-dir"} <= flags
     known = _process_flags()
     assert flags - known == set(), f"{name} passes flags `process` does not know"
+
+
+def test_a_stage_dir_that_cannot_be_made_fails_with_one_line(slides: Path, tmp_path: Path) -> None:
+    """`--stage-dir` under a plain file: one line naming the folder, exit 1, no output."""
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    line = _one_line_error(["--stage-dir", str(blocker / "stage")], slides, tmp_path, code=1)
+    assert f"--stage-dir {blocker / 'stage'}: cannot stage slides there" in line
