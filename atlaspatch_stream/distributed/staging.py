@@ -142,27 +142,28 @@ class Stager:
 
     def stage(self, job: SlideJob) -> SlideJob:
         """Copy the slide (waiting for room in the budget); the job reading the copy, or `job` to read in place."""
-        files = slide_files(job.path) if job.path.exists() else None
-        if files is None:
-            return self._in_place(job, "a multi-file format read in place" if job.path.exists() else "")
         try:
-            size = sum(f.stat().st_size for f, _ in files)
+            files = slide_files(job.path)
+            size = sum(f.stat().st_size for f, _ in files) if files is not None else 0
         except OSError:
             return self._in_place(job, "")  # opening the original reports the problem
+        if files is None:
+            return self._in_place(job, "a multi-file format read in place")
         slot = self.folder / f"{job.slide_id}-{uuid.uuid4().hex[:6]}"
         if not self._reserve(job.slide_id, size, slot):
             return self._in_place(job, "")
+        started = time.perf_counter()
         try:
             self._check_room(size)
-            started = time.perf_counter()
             for source, relative in files:
                 self._copy(source, slot / relative)
-            self.stats.copy_s += time.perf_counter() - started
         except (OSError, _Closed) as exc:
             self.release(job)
             return self._in_place(job, "" if isinstance(exc, _Closed) else f"cannot stage it ({exc})")
-        self.stats.staged += 1
-        self.stats.staged_bytes += size
+        with self._cond:
+            self.stats.staged += 1
+            self.stats.staged_bytes += size
+            self.stats.copy_s += time.perf_counter() - started
         return dataclasses.replace(job, read_path=slot / job.path.name)
 
     async def stage_async(self, job: SlideJob) -> SlideJob:
@@ -229,7 +230,8 @@ class Stager:
                 fout.write(view[:n])
 
     def _in_place(self, job: SlideJob, why: str) -> SlideJob:
-        self.stats.in_place += 1
+        with self._cond:
+            self.stats.in_place += 1
         if why:
             log.warning("%s: read in place, not staged: %s", job.name, why)
         return job

@@ -129,3 +129,14 @@ def test_a_stage_dir_that_cannot_be_made_fails_with_one_line(slides: Path, tmp_p
     blocker.write_text("x")
     line = _one_line_error(["--stage-dir", str(blocker / "stage")], slides, tmp_path, code=1)
     assert f"--stage-dir {blocker / 'stage'}: cannot stage slides there" in line
+
+
+def test_the_scaling_modules_import_neither_ray_nor_torch() -> None:
+    """The CLI and every `distributed` module import without ray (it is imported when the Ray engine runs) and
+    without torch, so `atlaspatch --help` and SLURM shards stay light."""
+    code = ("import sys\n"
+            "import atlaspatch_stream.cli, atlaspatch_stream.distributed.ray_engine, atlaspatch_stream.distributed.local\n"
+            "import atlaspatch_stream.distributed.slurm, atlaspatch_stream.distributed.staging\n"
+            "print(','.join(m for m in ('ray', 'torch', 'h5py') if m in sys.modules))")
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
+    assert loaded.stdout.strip() == ""
