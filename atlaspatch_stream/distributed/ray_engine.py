@@ -361,6 +361,7 @@ class RayEngine:
         report.begin({**dataclasses.asdict(self.config), "ray": dataclasses.asdict(self.options)})
         await self._start_workers(f"process ray:{report.run_id}")
         await anyio.to_thread.run_sync(report.open, limiter=self._io)
+        self.tally = Tally()  # throughput from the first slide on, the workers' start-up apart
         self._jobs = {j.slide_id: j for j in jobs}
         sent = [dataclasses.replace(j, path=j.path.absolute()) for j in jobs]
         dispatch = self._dispatch = Dispatch(sent, self.options.max_attempts, (w.index for w in self.workers))
