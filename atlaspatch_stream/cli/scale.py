@@ -11,10 +11,10 @@ import logging
 import os
 import socket
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -24,6 +24,10 @@ from ..errors import ConfigError, MissingExtraError
 from ..items import SlideJob, SlideResult
 from ..pipeline import Mode
 from .runner import Engine, Progress, Statistics, write_line
+
+if TYPE_CHECKING:
+    from ..distributed.plan import Shard, ShardPlan
+    from ..distributed.staging import StageOptions, Stager
 
 SCALE_KEYS = ("shard", "steal", "stage_dir", "stage_max_gb", "engine", "ray_address", "workers", "max_attempts")
 RAY_CONNECT_TIMEOUT_S = 5.0
@@ -67,17 +71,17 @@ class BadFlag(click.ClickException):
 class ScaleRequest:
     """The scaling flags, checked."""
 
-    shard: Any  # distributed.plan.Shard | None
+    shard: Shard | None
     shard_source: str
     steal: bool
-    stage: Any  # distributed.staging.StageOptions | None
+    stage: StageOptions | None
     engine: str
     ray_address: str
     workers: int | None
     max_attempts: int
 
 
-def pop_request(params: dict[str, Any], env: dict[str, str] | None = None) -> ScaleRequest | None:
+def pop_request(params: dict[str, Any], env: Mapping[str, str] | None = None) -> ScaleRequest | None:
     """Take the scaling flags out of `params`; None when they change nothing (a plain local run).
 
     Raises:
@@ -89,7 +93,7 @@ def pop_request(params: dict[str, Any], env: dict[str, str] | None = None) -> Sc
 
     p = {k: params.pop(k, None) for k in SCALE_KEYS}
     try:
-        shard, source = resolve_shard(p["shard"], dict(os.environ) if env is None else env)
+        shard, source = resolve_shard(p["shard"], os.environ if env is None else env)
     except ValueError as exc:
         raise BadFlag(f"--shard {exc}" if p["shard"] is not None else f"SLURM array: {exc}") from None
     _check_combination(p)
@@ -142,8 +146,8 @@ class Scaled:
         self.request = request
         self.config = config
         self.mode = mode
-        self.plan: Any = None
-        self.stager: Any = None
+        self.plan: ShardPlan | None = None
+        self.stager: Stager | None = None
 
     def select(self, jobs: list[SlideJob]) -> list[SlideJob]:
         """This shard's slides, biggest first (the rest kept for stealing); one line says what was taken."""
@@ -188,6 +192,7 @@ class Scaled:
                      stop: Stop, command: str, on_result: Callable[[SlideResult, Statistics], None]) -> RunSummary:
         from ..distributed.local import ShardFeed
 
+        assert self.plan is not None, "select() plans the shard before the run"
         feed = ShardFeed(self.plan, config.write.output, config.write.skip_existing, steal=self.request.steal,
                          stager=self.stager, on_steal=lambda _job: progress.extend(1))
 
