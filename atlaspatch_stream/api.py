@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +46,7 @@ from .pipeline import Mode, Pipeline, running
 from .protocols import Backends
 from .report import RunReport, RunStatus
 
+Feeder = Callable[[Pipeline, Sequence[SlideJob]], Coroutine[Any, Any, None]]
 
 def default_mode(config: PipelineConfig) -> Mode:
     """"features" when encoders are requested, else "coords"."""
@@ -61,6 +62,7 @@ async def open_pipeline(
     command: str = "library",
     stop_on_output_failure: bool = False,
     redact: Callable[[str], str] | None = None,
+    run_report: bool = True,
 ) -> AsyncIterator[Pipeline]:
     """Start a pipeline (models loaded, stages ready) and yield it.
 
@@ -74,6 +76,8 @@ async def open_pipeline(
             slides (`stop_intake`), as `process` does; by default each slide meets the failure on its own (a service
             keeps answering, each request with the cause).
         redact: applied to slide names and messages in the run report (the daemon's path redaction).
+        run_report: write `<out>/atlaspatch-report.jsonl`; False where the caller keeps the report itself (the Ray
+            driver records every slide its workers return).
 
     Raises:
         WeightsError, MissingExtraError, ConfigError: before any slide is opened (and before the run report or any
@@ -82,7 +86,7 @@ async def open_pipeline(
     On normal exit the input is closed and in-flight slides drain; on error or cancellation the pipeline is
     cancelled, partial outputs are removed and locks released.
     """
-    report = RunReport(config.write.output, command, redact)
+    report = RunReport(config.write.output if run_report else None, command, redact)
     async with _open(config, mode, backends, report, stop_on_output_failure) as pipeline:
         yield pipeline
 
@@ -195,6 +199,7 @@ async def process_slides(
     on_result: Callable[[SlideResult, Pipeline], None] | None = None,
     stop: Stop | None = None,
     command: str = "library",
+    feed: Feeder | None = None,
 ) -> RunSummary:
     """Run every slide under `paths` through the pipeline and return all results.
 
@@ -206,6 +211,9 @@ async def process_slides(
         on_result: called on the event loop for each final result (progress displays).
         stop: a `Stop` hook to end the run early (the CLI's Ctrl-C); drains within `config.run.drain_timeout_s`.
         command: recorded in the run report.
+        feed: submits the jobs and closes the pipeline's input (default: in order, until intake stops); it reports
+            listed jobs it will not submit through `pipeline.cancel_unsubmitted`, and may submit more (the SLURM
+            shard runner stages each slide first and steals other shards' slides when its own are done).
 
     Every job gets exactly one result, also when the run is stopped: slides that never started are `cancelled`.
     After a systemic output failure (full disk, read-only output...) no later slide starts: each is `cancelled`
@@ -223,7 +231,7 @@ async def process_slides(
         async with _open(config, mode, backends, report, True) as pipeline, anyio.create_task_group() as tg:
             if stop is not None:
                 tg.start_soon(_watch_stop, stop, pipeline, scope, config.run.drain_timeout_s)
-            tg.start_soon(_feed, pipeline, jobs)
+            tg.start_soon(feed or _feed, pipeline, jobs)
             async with pipeline.results() as results:
                 async for result in results:
                     summary.results.append(result)

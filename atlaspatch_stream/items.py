@@ -28,6 +28,9 @@ class SlideJob:
     mpp_override: float | None = None
     display: str = ""
     pseudonym: str | None = None  # set when paths must not be recorded (the daemon's --pseudonymize)
+    # A node-local copy to read pixels from (`--stage-dir`); `path` still names the slide everywhere else
+    # (H5 attributes, locks, run report, reuse checks).
+    read_path: Path | None = None
 
     @property
     def name(self) -> str:

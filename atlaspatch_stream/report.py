@@ -25,11 +25,12 @@ class RunReport:
 
     Nothing is written (and no folder created) until `open()`: a run that fails before it starts leaves no report.
     Slides are named by `SlideJob.recorded_path` (the pseudonym when there is one); `redact` (e.g. the daemon's
-    path redactor) is applied to every slide name and message.
+    path redactor) is applied to every slide name and message. With `output=None` nothing is ever written (a Ray
+    worker's pipeline: the driver keeps the run's one report).
     """
 
-    def __init__(self, output: Path, command: str, redact: Callable[[str], str] | None = None) -> None:
-        self.path = output / REPORT_NAME
+    def __init__(self, output: Path | None, command: str, redact: Callable[[str], str] | None = None) -> None:
+        self.path = output / REPORT_NAME if output is not None else None
         self._redact = redact or (lambda text: text)
         self.run_id = uuid.uuid4().hex[:12]
         self.command = command
@@ -39,6 +40,8 @@ class RunReport:
         self.opened = False
 
     def _write(self, event: dict[str, Any]) -> None:
+        if self.path is None:
+            return
         line = orjson.dumps({"run": self.run_id, "time": time.time(), **event}, default=str) + b"\n"
         with self._lock:
             if self._file is None:

@@ -84,10 +84,10 @@ class BlockingPipeline:
 
 @contextmanager
 def open_pipeline(config: PipelineConfig, *, mode: Mode | None = None, backends: Backends | None = None,
-                  command: str = "library") -> Iterator[BlockingPipeline]:
+                  command: str = "library", run_report: bool = True) -> Iterator[BlockingPipeline]:
     """Blocking `api.open_pipeline`: the pipeline runs on an event loop in a background thread."""
     with anyio.from_thread.start_blocking_portal() as portal, portal.wrap_async_context_manager(
-        api.open_pipeline(config, mode=mode, backends=backends, command=command)
+        api.open_pipeline(config, mode=mode, backends=backends, command=command, run_report=run_report)
     ) as pipeline:
         yield BlockingPipeline(pipeline, portal)
 

@@ -81,10 +81,10 @@ class TiffSlides:
         self.config = config
 
     def open_slide(self, job: SlideJob) -> SlideHandle:
-        """Open a slide (SlideError on failure)."""
+        """Open a slide (SlideError on failure): its staged copy when it has one."""
         from .slides import open_slide
 
-        return open_slide(job.path, job.mpp_override, job.name)
+        return open_slide(job.read_path or job.path, job.mpp_override, job.name)
 
     def thumbnail(self, handle: SlideHandle) -> np.ndarray:
         """The segmentation thumbnail (upstream §3.2), with bounded memory."""

@@ -18,6 +18,7 @@ from .options import (
     watch_options,
 )
 from .runner import execute, exit_with
+from .scale import run_scaled_or_local, scale_options, slurm_template
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -30,6 +31,7 @@ def cli() -> None:
 @input_options
 @common_options
 @feature_options
+@scale_options
 def process(wsi_path: Path, **params: Any) -> None:
     """Segment tissue, extract patch coordinates and embed patches with the chosen encoders."""
     _run_slides(wsi_path, params, "features", "process")
@@ -38,6 +40,7 @@ def process(wsi_path: Path, **params: Any) -> None:
 @cli.command("segment-and-get-coords")
 @input_options
 @common_options
+@scale_options
 def segment_and_get_coords(wsi_path: Path, **params: Any) -> None:
     """Segment tissue and write patch coordinates (no features)."""
     _run_slides(wsi_path, params, "coords", "segment-and-get-coords")
@@ -87,7 +90,9 @@ def status(output: Path, state_dir: Path | None, as_json: bool, requeue: tuple[s
 def _run_slides(wsi_path: Path, params: dict[str, Any], mode: Mode, command: str) -> None:
     """Parse flags into a config, run the slides and leave with the exit status."""
     config = build_config(params, features=mode == "features")
-    exit_with(execute(config, wsi_path, mode, command, params["verbose"]))
+    if mode == "detect":
+        exit_with(execute(config, wsi_path, mode, command, params["verbose"]))
+    exit_with(run_scaled_or_local(config, wsi_path, params, mode, command))
 
 
 @cli.command("info")
@@ -122,6 +127,9 @@ def encoders(check: bool, strict: bool, weights: tuple[str, ...], names: tuple[s
     if check:
         exit_with(check_command(names, strict))
     list_command(dict(parse_weights(weights)), names)
+
+
+cli.add_command(slurm_template)
 
 
 def main() -> None:

@@ -12,10 +12,10 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Protocol, TextIO
 
 import anyio
 import click
@@ -24,11 +24,36 @@ from ..api import RunSummary, Stop, make_jobs, process_slides
 from ..config import PipelineConfig
 from ..errors import AtlasPatchError, describe, is_bug
 from ..items import SlideJob, SlideResult
-from ..pipeline import Mode, Pipeline
+from ..pipeline import Mode
 
 log = logging.getLogger("atlaspatch_stream")
 SIGNAL_EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143}
 PLAIN_PROGRESS_EVERY_S = 10.0
+Engine = Callable[..., Awaitable[RunSummary]]  # `api.process_slides`'s signature: the local pipeline, or Ray
+
+
+class Statistics(Protocol):
+    """What progress reads totals from: a `Pipeline`, or the Ray driver."""
+
+    def statistics(self) -> dict[str, Any]:
+        """Totals: `by_status`, `patches`, `patches_per_s`."""
+        ...
+
+
+class Scaling(Protocol):
+    """How `--shard`, `--steal`, `--stage-dir` and `--engine` change a run (`cli.scale.Scaled`)."""
+
+    def select(self, jobs: list[SlideJob]) -> list[SlideJob]:
+        """The slides this process takes, in order."""
+        ...
+
+    def engine(self, progress: Progress) -> Engine:
+        """What runs them."""
+        ...
+
+    def session(self) -> AbstractContextManager[None]:
+        """Held around the run (a Ray connection, a staging folder)."""
+        ...
 
 
 def write_line(text: str, stream: TextIO | None = None) -> None:
@@ -108,7 +133,15 @@ class Progress:
 
             self.bar = tqdm(total=total, desc=desc, unit="slide", file=self.stream, dynamic_ncols=True)
 
-    def update(self, result: SlideResult, pipeline: Pipeline) -> None:
+    def extend(self, count: int) -> None:
+        """`count` more slides to do (slides stolen from other shards)."""
+        self.total += count
+        if self.bar is not None:
+            self.bar.total = self.total
+            with contextlib.suppress(BrokenPipeError, OSError, ValueError):
+                self.bar.refresh()
+
+    def update(self, result: SlideResult, pipeline: Statistics) -> None:
         """One more slide finished: announce a failure, move the bar or print the periodic line."""
         self.done += 1
         stats = pipeline.statistics()
@@ -157,7 +190,7 @@ def _isatty(stream: TextIO) -> bool:
 
 
 async def run_with_signals(config: PipelineConfig, jobs: list[SlideJob], mode: Mode, command: str,
-                           progress: Progress) -> tuple[RunSummary, int | None]:
+                           progress: Progress, engine: Engine = process_slides) -> tuple[RunSummary, int | None]:
     """Run `jobs`; first SIGINT/SIGTERM stops intake and drains, a second cancels. Returns the signal's exit code."""
     stop = Stop()
     received: list[int] = []
@@ -176,8 +209,7 @@ async def run_with_signals(config: PipelineConfig, jobs: list[SlideJob], mode: M
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(watch)
-        summary = await process_slides(jobs, config, mode=mode, stop=stop, command=command,
-                                       on_result=progress.update)
+        summary = await engine(jobs, config, mode=mode, stop=stop, command=command, on_result=progress.update)
         tg.cancel_scope.cancel()
     return summary, SIGNAL_EXIT.get(signal.Signals(received[0])) if received else None
 
@@ -196,18 +228,22 @@ def one_line_errors(what: str) -> Iterator[None]:
         raise click.ClickException(f"{what}: {describe(exc)}") from exc
 
 
-def execute(config: PipelineConfig, wsi_path: Path, mode: Mode, command: str, verbose: bool) -> int:
+def execute(config: PipelineConfig, wsi_path: Path, mode: Mode, command: str, verbose: bool,
+            scale: Scaling | None = None) -> int:
     """Everything a slide command does after parsing; returns the exit status."""
     from ..sync import run
 
     desc = {"features": "Processing slides", "coords": "Processing slides", "detect": "Tissue detection"}[mode]
     check_output(config.write.output)
     jobs = discover([wsi_path], config)
+    jobs = scale.select(jobs) if scale is not None else jobs
     progress = Progress(len(jobs), desc)
     setup_logging(verbose, progress)
+    engine = scale.engine(progress) if scale is not None else process_slides
     try:
-        with one_line_errors("the run stopped"):
-            summary, signalled = run(lambda: run_with_signals(config, jobs, mode, command, progress))
+        with one_line_errors("the run stopped"), \
+                scale.session() if scale is not None else contextlib.nullcontext():
+            summary, signalled = run(lambda: run_with_signals(config, jobs, mode, command, progress, engine))
     finally:
         progress.close()
     status = summarize(summary, mode)

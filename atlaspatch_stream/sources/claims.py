@@ -42,6 +42,7 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
@@ -413,6 +414,26 @@ def try_claim(
     return None
 
 
+def break_claim(path: Path, gone: Callable[[Holder], bool], why: str, *, grace: float = DEFAULT_GRACE) -> bool:
+    """Remove the lock at `path` when `gone(holder)` says its holder is known to have stopped; True when removed.
+
+    For a holder that the rules above cannot judge dead yet: a Ray worker that died on another node holding a
+    slide's claim would block the slide for a whole lease, although its driver knows it is gone (the driver retries
+    a slide only when none of its live workers has it). Removed under the takeover guard, like a stale lock.
+    """
+    try:
+        snap = _snapshot(path)
+    except OSError:
+        return False  # `try_claim` meets and reports the problem
+    holder = parse_payload(snap.data) if snap is not None else None
+    if snap is None or holder is None or not gone(holder):
+        return False
+    if not _take_over(path, Verdict("stale", why, holder, snap), grace):
+        return False
+    log.warning("took over lock %s: %s (%s)", path, why, holder.describe())
+    return True
+
+
 def _translated(exc: OSError, path: Path) -> Exception:
     return output_error(exc, path) or exc
 
@@ -572,6 +593,11 @@ class SweepSummary:
             return "nothing to sweep"
         temps, locks = len(self.removed_temps), len(self.removed_locks)
         return f"swept {temps} temporary file{'s' * (temps != 1)} and {locks} stale lock{'s' * (locks != 1)}"
+
+
+def owner_runs(tag: str) -> bool | None:
+    """Whether the process an `owner_tag()` names still runs: True or False on this host, None for another host's."""
+    return _tag_runs(tag)
 
 
 def _tag_runs(tag: str) -> bool | None:

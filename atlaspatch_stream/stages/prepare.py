@@ -86,23 +86,35 @@ async def _prepare_one(job: SlideJob, book: SlideBook, slides: SlideSource, outp
 
 async def _decide(job: SlideJob, book: SlideBook, outputs: OutputStore | None, settings: PrepareSettings,
                   limiter: anyio.CapacityLimiter) -> ReuseDecision | None:
-    """The reuse decision, with the lock taken unless the slide is skipped; None when the slide finished here."""
+    """The reuse decision, with the lock taken unless the slide is skipped; None when the slide finished here.
+
+    The decision is made again once the lock is held: another process (a second shard, a resubmitted array task)
+    may have finished the slide between the first look and the lock, and must not see it processed twice.
+    """
     if outputs is None:
         return ReuseDecision("new")
-    decision = ReuseDecision("new")
     if settings.skip_existing:
-        decision = await anyio.to_thread.run_sync(outputs.reuse_decision, job, settings.encoders, limiter=limiter)
-        if decision.action == "mismatch":
-            await book.fail(job, "reuse", f"{job.name}: existing output {outputs.h5_path(job)} was made with other "
-                            f"settings ({decision.reason}); use --force to overwrite it or choose another --output")
-            return None
-        if decision.action == "skip":
+        decision = await _existing(job, book, outputs, settings, limiter)
+        if decision is None or decision.action == "skip":
             return decision
     lock = await anyio.to_thread.run_sync(outputs.acquire_lock, job, limiter=limiter)
     if lock is None:
         await book.finish(job, "locked", message=f"locked by another process ({outputs.lock_path(job)})")
         return None
     book.attach(job, lock=lock)
+    if not settings.skip_existing:
+        return ReuseDecision("new")
+    return await _existing(job, book, outputs, settings, limiter)
+
+
+async def _existing(job: SlideJob, book: SlideBook, outputs: OutputStore, settings: PrepareSettings,
+                    limiter: anyio.CapacityLimiter) -> ReuseDecision | None:
+    """What an existing output means for this slide; None (the slide failed) when it was made with other settings."""
+    decision = await anyio.to_thread.run_sync(outputs.reuse_decision, job, settings.encoders, limiter=limiter)
+    if decision.action == "mismatch":
+        await book.fail(job, "reuse", f"{job.name}: existing output {outputs.h5_path(job)} was made with other "
+                        f"settings ({decision.reason}); use --force to overwrite it or choose another --output")
+        return None
     return decision
 
 

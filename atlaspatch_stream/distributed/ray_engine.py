@@ -1,0 +1,589 @@
+"""The Ray engine: one `NodeWorker` actor per GPU in the cluster (or N CPU workers), each holding the unchanged
+pipeline through `sync.open_pipeline` (its models loaded once per actor), fed by a driver in this process.
+
+The driver keeps `in_flight` slides outstanding per worker (pull: a worker gets its next slide when one finishes,
+so slow and fast slides balance themselves), writes the run report and progress locally, and merges the workers'
+statistics into `run_end`. Workers write H5s straight to the shared output with the usual temporary name, rename
+and claim; the driver only moves slide paths and small result records, never pixels.
+
+Faults: a worker that dies (killed, out of memory, node lost) or whose pipeline breaks has its slides retried on
+other workers, each slide counted against `max_attempts`; Ray restarts the actor (up to `max_restarts`), which
+reloads its models. A slide that fails as a slide fails once, as in local mode. Claims are tagged with the run
+(`process ray:<run id>`), so a retry takes over at once the claim its dead worker left, even on another host where
+only the lease would tell: the driver gives a slide to one worker at a time, so no live worker of this run holds it.
+
+`ray` is imported inside functions only, and this module never calls `ray.init`: the caller connects (the CLI's
+`--ray-address`), and the library never starts a cluster.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import socket
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from .. import errors, outputs
+from ..api import RunSummary, Stop
+from ..backends.bundle import H5Outputs, SettingsRecord
+from ..config import PipelineConfig
+from ..errors import STOP_REASONS, AtlasPatchError, ConfigError, MissingExtraError
+from ..items import SlideJob, SlideResult
+from ..pipeline import Mode
+from ..report import RunReport, RunStatus
+from ..sources import claims
+from ..stages.book import Tally
+from .staging import StageOptions, Stager, worth_staging
+
+log = logging.getLogger("atlaspatch_stream")
+
+OnResult = Callable[[SlideResult, Any], None]
+
+
+def import_ray() -> Any:
+    """The `ray` module.
+
+    Raises:
+        MissingExtraError: the `[ray]` extra is not installed.
+    """
+    try:
+        import ray
+    except ImportError as exc:
+        raise MissingExtraError("--engine ray needs the ray extra: pip install 'atlaspatch-stream[ray]'",
+                                extra="ray") from exc
+    return ray
+
+
+@dataclass(frozen=True)
+class RayOptions:
+    """How the driver uses the cluster.
+
+    Attributes:
+        workers: N CPU workers; None: one worker per GPU in the cluster.
+        in_flight: slides outstanding per worker (a few keep its encoder batches full across slides).
+        max_attempts: tries per slide when workers die under it.
+        max_restarts: times Ray restarts each worker actor.
+        stage: stage slides on each worker's local disk.
+        start_timeout_s: how long the workers may take to start (place, import, load models).
+        close_timeout_s: how long they may take to close at the end.
+    """
+
+    workers: int | None = None
+    in_flight: int = 3
+    max_attempts: int = 3
+    max_restarts: int = 4
+    stage: StageOptions | None = None
+    start_timeout_s: float = 600.0
+    close_timeout_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        if self.workers is not None and self.workers < 1:
+            raise ConfigError(f"--workers must be at least 1, got {self.workers}")
+        if self.max_attempts < 1 or self.in_flight < 1 or self.max_restarts < 0:
+            raise ConfigError("--max-attempts and in_flight must be at least 1, max_restarts at least 0")
+
+
+# -- the worker (inside a Ray actor) ---------------------------------------------------------------------------------
+
+
+class NodeWorker:
+    """One pipeline on one GPU (or CPU), inside a Ray actor; its methods run in the actor's threads.
+
+    Start-up errors (weights, extras, settings) are kept and reported by `ready()`, so the driver can show the
+    cause instead of a bare actor death.
+    """
+
+    def __init__(self, config: PipelineConfig, mode: Mode, tag: str, stage: StageOptions | None) -> None:
+        from .. import sync
+        from ..backends.bundle import RealBackends
+
+        self.config = config
+        self.tag = tag
+        self.error: tuple[str, str] | None = None
+        self.stager: Stager | None = None
+        self._stack = contextlib.ExitStack()
+        try:
+            if stage is not None:
+                self.stager = self._stack.enter_context(Stager(stage))
+            backends = RealBackends(config)
+            backends.outputs = TaggedOutputs(config, backends.settings, tag)
+            self.pipeline = self._stack.enter_context(sync.open_pipeline(
+                config, mode=mode, backends=backends, command="ray-worker", run_report=False))
+        except Exception as exc:  # noqa: BLE001 - reported to the driver by ready()
+            self.error = (type(exc).__name__, " ".join(str(exc).split()) or errors.describe(exc))
+            self._stack.close()
+
+    def ready(self) -> dict[str, Any]:
+        """Where this worker runs, and its start-up error if any."""
+        return {"error": self.error, "pid": os.getpid(), "host": socket.gethostname()}
+
+    def process(self, job: SlideJob, retry: bool) -> SlideResult:
+        """Process one slide and return its result (for the driver's own `job`, whatever was staged).
+
+        On a retry, a claim of this run on the slide belongs to a worker that died: it is taken over at once.
+        """
+        if retry:
+            claims.break_claim(outputs.lock_path(self.config.write.output, job.stem),
+                               lambda holder: holder.purpose == self.tag, "its Ray worker died")
+        staged = job
+        if self.stager is not None and worth_staging(job, self.config.write.output, self.config.write.skip_existing):
+            staged = self.stager.stage(job)
+        try:
+            result = self.pipeline.process(staged)
+        finally:
+            if self.stager is not None:
+                self.stager.release(staged)
+        return dataclasses.replace(result, job=job)
+
+    def statistics(self) -> dict[str, Any]:
+        """The pipeline's statistics, where it runs, and what staging did."""
+        stats: dict[str, Any] = {**self.pipeline.statistics(), "pid": os.getpid(), "host": socket.gethostname()}
+        if self.stager is not None:
+            stats["staging"] = self.stager.statistics()
+        return stats
+
+    def close(self) -> None:
+        """Drain and close the pipeline (nothing is in flight when the driver calls this)."""
+        self._stack.close()
+
+    def abort(self) -> None:
+        """Cancel the pipeline: slides in flight are dropped, partial outputs removed, claims released."""
+        with contextlib.suppress(BaseException):
+            self._stack.__exit__(_Aborted, _Aborted("the run was stopped"), None)
+
+
+class _Aborted(Exception):
+    """Thrown into a worker's pipeline to cancel it."""
+
+
+class TaggedOutputs(H5Outputs):
+    """`H5Outputs` whose claims carry `tag` (`process ray:<run id>`) as their purpose, so a retry of this run can
+    take over at once the claim of a worker that died."""
+
+    def __init__(self, config: PipelineConfig, settings: SettingsRecord, tag: str) -> None:
+        super().__init__(config, settings)
+        self.tag = tag
+
+    def acquire_lock(self, job: SlideJob) -> claims.Claim | None:
+        """The slide's claim, tagged with the run."""
+        return claims.try_claim(self.lock_path(job), slide=str(job.path), purpose=self.tag)
+
+
+# -- the driver's bookkeeping (pure: no Ray) -------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class Attempt:
+    """A slide on its way through the workers: failed tries so far, and the workers it failed on."""
+
+    job: SlideJob
+    tries: int = 0
+    avoid: set[int] = field(default_factory=set)
+
+
+class Dispatch:
+    """Which slide each worker slot gets next: pending slides in order, retries first and on another worker.
+
+    A retried slide goes to a worker it has not failed on, unless every live worker has failed it. `take` waits while
+    nothing is pending but slides are still out (one may come back), and returns None once all is done or stopped.
+    """
+
+    def __init__(self, jobs: Iterable[SlideJob], max_attempts: int, workers: Iterable[int]) -> None:
+        self.pending: deque[Attempt] = deque(Attempt(j) for j in jobs)
+        self.running: dict[int, Attempt] = {}
+        self.live = set(workers)
+        self.max_attempts = max_attempts
+        self.stopped: str | None = None
+        self._changed = anyio.Event()
+
+    async def take(self, worker: int) -> Attempt | None:
+        """The next slide for a slot of `worker`, or None when there is nothing left for it."""
+        while self.stopped is None and worker in self.live:
+            attempt = self._pick(worker)
+            if attempt is not None:
+                self.running[attempt.job.slide_id] = attempt
+                return attempt
+            if not self.pending and not self.running:
+                return None
+            await self._changed.wait()
+        return None
+
+    def _pick(self, worker: int) -> Attempt | None:
+        for attempt in self.pending:
+            if worker not in attempt.avoid or self.live <= attempt.avoid:
+                self.pending.remove(attempt)
+                return attempt
+        return None
+
+    def done(self, attempt: Attempt) -> None:
+        """The slide has its final result."""
+        self.running.pop(attempt.job.slide_id, None)
+        self._notify()
+
+    def give_back(self, attempt: Attempt) -> None:
+        """The slide was taken but never sent (its worker is gone): it goes first again, no attempt counted."""
+        self.running.pop(attempt.job.slide_id, None)
+        self.pending.appendleft(attempt)
+        self._notify()
+
+    def retry(self, attempt: Attempt, worker: int) -> bool:
+        """The slide's worker died under it: queue it again first (True), or False when its attempts are used up."""
+        self.running.pop(attempt.job.slide_id, None)
+        attempt.tries += 1
+        attempt.avoid.add(worker)
+        if attempt.tries < self.max_attempts:
+            self.pending.appendleft(attempt)
+        self._notify()
+        return attempt.tries < self.max_attempts
+
+    def worker_gone(self, worker: int) -> None:
+        """`worker` will take nothing more."""
+        self.live.discard(worker)
+        self._notify()
+
+    def stop(self, reason: str) -> list[Attempt]:
+        """No more slides start; returns those that were still pending."""
+        self.stopped = reason
+        left, self.pending = list(self.pending), deque()
+        self._notify()
+        return left
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = anyio.Event()
+
+
+def absolute(value: Any) -> Any:
+    """`value` with every `Path` inside it (dataclass fields, tuples) made absolute against this process's folder.
+
+    Workers run in other processes, often on other nodes, in folders of their own: a relative output, weights file
+    or slide path would name something else there.
+    """
+    if isinstance(value, Path):
+        return value.absolute()
+    if isinstance(value, tuple):
+        return tuple(absolute(v) for v in value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        changes = {f.name: absolute(getattr(value, f.name)) for f in dataclasses.fields(value) if f.init}
+        return dataclasses.replace(value, **changes)
+    return value
+
+
+def merge_worker_statistics(workers: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Totals over the workers' pipeline statistics (each counts what its current actor saw since it started)."""
+    total: dict[str, Any] = {"finished": 0, "submitted": 0, "patches": 0, "by_status": {}}
+    for stats in workers.values():
+        for key in ("finished", "submitted", "patches"):
+            total[key] += int(stats.get(key, 0))
+        for status, count in stats.get("by_status", {}).items():
+            total["by_status"][status] = total["by_status"].get(status, 0) + count
+    return total
+
+
+# -- the driver ------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Worker:
+    """The driver's view of one worker actor."""
+
+    index: int
+    actor: Any
+    pid: int | None = None
+    host: str | None = None
+    alive: bool = True
+    generation: int = 0
+    restarts: int = 0
+    busy: int = 0  # slides sent and not yet answered
+    lock: anyio.Lock = field(default_factory=anyio.Lock)
+
+    @property
+    def name(self) -> str:
+        """`worker 1 (pid 123 on node-a)`."""
+        return f"worker {self.index} (pid {self.pid} on {self.host})"
+
+
+class RayEngine:
+    """Runs slides on a Ray cluster the caller has connected to (`ray.init`), one pipeline per worker actor.
+
+    `await engine.process_slides(jobs, stop=..., on_result=...)` has the contract of `api.process_slides`: every
+    job gets exactly one result, `stop` drains within `config.run.drain_timeout_s`, a systemic output failure stops
+    new slides, and `on_result(result, engine)` is called for each (`engine.statistics()` for progress). Paths in
+    the settings and the jobs are made absolute before they are sent (the H5s' `wsi_path` is then absolute too);
+    results and the run report name slides as the caller's jobs do.
+    """
+
+    def __init__(self, config: PipelineConfig, *, options: RayOptions | None = None, mode: Mode = "features",
+                 command: str = "process") -> None:
+        self.config = absolute(config)
+        self.options = absolute(options or RayOptions())
+        self.mode = mode
+        self.command = command
+        self.workers: list[Worker] = []
+        self.tally = Tally()
+        self.retried = 0
+        self.start_s = 0.0  # how long the workers took to start (placed, imported, models loaded)
+        self.stop_reason: str | None = None
+        self._results: list[SlideResult] = []
+        self._on_result: OnResult | None = None
+        self._report: RunReport | None = None
+        self._dispatch: Dispatch | None = None
+        self._jobs: dict[int, SlideJob] = {}  # the caller's jobs, by id: results name slides as the caller did
+        self._io = anyio.CapacityLimiter(1)
+
+    def statistics(self) -> dict[str, Any]:
+        """The driver's totals (one count per slide), live workers and retries."""
+        return {**self.tally.statistics(), "engine": "ray", "workers_alive": sum(w.alive for w in self.workers),
+                "workers_start_s": round(self.start_s, 3), "retried": self.retried, "stopped": self.stop_reason}
+
+    async def process_slides(self, jobs: Sequence[SlideJob], *, stop: Stop | None = None,
+                             on_result: OnResult | None = None) -> RunSummary:
+        """Run `jobs` on the workers; see the class docstring.
+
+        Raises:
+            ConfigError: Ray is not initialised, the cluster has no GPU and no `workers` were asked for, or it lacks
+                the CPUs for them.
+            WeightsError, MissingExtraError, AtlasPatchError: a worker could not start (its own error), before the
+                run report is written.
+        """
+        started = time.perf_counter()
+        self._on_result = on_result
+        report = self._report = RunReport(self.config.write.output, self.command)
+        report.begin({**dataclasses.asdict(self.config), "ray": dataclasses.asdict(self.options)})
+        await self._start_workers(f"process ray:{report.run_id}")
+        await anyio.to_thread.run_sync(report.open, limiter=self._io)
+        self.tally = Tally()  # throughput from the first slide on, the workers' start-up apart
+        self._jobs = {j.slide_id: j for j in jobs}
+        sent = [dataclasses.replace(j, path=j.path.absolute()) for j in jobs]
+        dispatch = self._dispatch = Dispatch(sent, self.options.max_attempts, (w.index for w in self.workers))
+        status: RunStatus = "failed"
+        try:
+            cancelled = await self._run(dispatch, stop)
+            await self._settle(dispatch, cancelled)
+            status = "interrupted" if self.stop_reason else "completed"
+        finally:
+            with anyio.CancelScope(shield=True):
+                stats = await self._finish_workers(drain=status != "failed" and not dispatch.running)
+                await anyio.to_thread.run_sync(report.end, stats, status, self.stop_reason, limiter=self._io)
+        results = self._results + _never_reported(jobs, self._results)
+        return RunSummary(results, time.perf_counter() - started, stats, self.stop_reason)
+
+    # -- start and end ----------------------------------------------------------------------------------------------
+
+    async def _start_workers(self, tag: str) -> None:
+        ray = import_ray()
+        if not ray.is_initialized():
+            raise ConfigError("Ray is not initialised: connect to a cluster first (the CLI's --ray-address does)")
+        count, gpus = self._worker_count(ray)
+        started = time.perf_counter()
+        actor_class = ray.remote(NodeWorker).options(
+            num_cpus=1, num_gpus=gpus, max_restarts=self.options.max_restarts, max_task_retries=0,
+            max_concurrency=self.options.in_flight + 2, scheduling_strategy="SPREAD")
+        self.workers = [Worker(i, actor_class.remote(self.config, self.mode, tag, self.options.stage))
+                        for i in range(count)]
+        try:
+            with anyio.fail_after(self.options.start_timeout_s):
+                infos = [await w.actor.ready.remote() for w in self.workers]
+        except TimeoutError:
+            self._kill_all()
+            raise ConfigError(f"{count} Ray worker(s) did not start within {self.options.start_timeout_s:g} s "
+                              f"(is the cluster busy?)") from None
+        except BaseException:
+            self._kill_all()
+            raise
+        self.start_s = time.perf_counter() - started
+        for worker, info in zip(self.workers, infos, strict=True):
+            worker.pid, worker.host = info["pid"], info["host"]
+        failed = next((info["error"] for info in infos if info["error"]), None)
+        if failed is not None:
+            self._kill_all()
+            raise _startup_error(*failed)
+
+    def _worker_count(self, ray: Any) -> tuple[int, int]:
+        """(workers, GPUs each): `workers` CPU workers, or one per GPU in the cluster."""
+        resources = ray.cluster_resources()
+        if self.options.workers is not None:
+            cpus = int(resources.get("CPU", 0))
+            if cpus < self.options.workers:
+                raise ConfigError(f"--workers {self.options.workers} needs {self.options.workers} CPUs in the Ray "
+                                  f"cluster, it has {cpus}")
+            return self.options.workers, 0
+        gpus = int(resources.get("GPU", 0))
+        if gpus < 1:
+            raise ConfigError("the Ray cluster has no GPU: pass --workers N to run N CPU workers")
+        return gpus, 1
+
+    async def _finish_workers(self, *, drain: bool) -> dict[str, Any]:
+        """Collect every worker's statistics, close (or abort) it and release its actor; the run_end statistics."""
+        per_worker: dict[str, dict[str, Any]] = {}
+        with anyio.move_on_after(self.options.close_timeout_s):
+            for worker in (w for w in self.workers if w.alive):
+                with contextlib.suppress(Exception):
+                    per_worker[f"worker-{worker.index}"] = {**await worker.actor.statistics.remote(),
+                                                            "restarts": worker.restarts}
+                with contextlib.suppress(Exception):
+                    await (worker.actor.close if drain else worker.actor.abort).remote()
+        self._kill_all()
+        return {**self.statistics(), "worker_totals": merge_worker_statistics(per_worker), "workers": per_worker}
+
+    def _kill_all(self) -> None:
+        ray = import_ray()
+        for worker in self.workers:
+            with contextlib.suppress(Exception):
+                ray.kill(worker.actor)
+
+    # -- the run ----------------------------------------------------------------------------------------------------
+
+    async def _run(self, dispatch: Dispatch, stop: Stop | None) -> bool:
+        """Every slot of every worker, until all is done; True when the run was cut short (forced stop, deadline)."""
+        with anyio.CancelScope() as scope:
+            async with anyio.create_task_group() as tg:
+                if stop is not None:
+                    tg.start_soon(self._watch_stop, stop, dispatch, scope)
+                async with anyio.create_task_group() as slots:
+                    for worker in self.workers:
+                        for _ in range(self.options.in_flight):
+                            slots.start_soon(self._slot, worker, dispatch)
+                tg.cancel_scope.cancel()
+        return scope.cancelled_caught
+
+    async def _watch_stop(self, stop: Stop, dispatch: Dispatch, scope: anyio.CancelScope) -> None:
+        """First request: no new slides, a drain deadline; force: cancel at once (as `api.process_slides`)."""
+        await stop.requested.wait()
+        await self._stop(dispatch, stop.reason or "interrupted")
+        scope.deadline = min(scope.deadline, anyio.current_time() + self.config.run.drain_timeout_s)
+        await stop.forced.wait()
+        scope.cancel()
+
+    async def _stop(self, dispatch: Dispatch, reason: str) -> None:
+        if dispatch.stopped is not None:
+            return
+        self.stop_reason = reason
+        for attempt in dispatch.stop(reason):
+            await self._final(SlideResult(attempt.job, "cancelled", message=f"not started: {reason}",
+                                          extra={"stage": "submit"}))
+
+    async def _slot(self, worker: Worker, dispatch: Dispatch) -> None:
+        """One of a worker's in-flight places: take a slide, run it there, record or retry it; until nothing is left."""
+        ray = import_ray()
+        while (attempt := await dispatch.take(worker.index)) is not None:
+            async with worker.lock:  # while its actor restarts, a worker's slots wait here
+                generation = worker.generation
+            if not worker.alive:
+                dispatch.give_back(attempt)
+                return
+            outcome = await self._call(worker, attempt)
+            if isinstance(outcome, SlideResult):
+                dispatch.done(attempt)
+                extra = {**outcome.extra, "attempts": attempt.tries + 1} if attempt.tries else outcome.extra
+                await self._final(dataclasses.replace(outcome, extra=extra))
+                continue
+            await self._lost(worker, attempt, outcome, dispatch)
+            await self._recover(worker, generation, dispatch, kill=not isinstance(outcome, ray.exceptions.RayActorError))
+
+    async def _call(self, worker: Worker, attempt: Attempt) -> SlideResult | Exception:
+        """The slide's result from `worker`, or the Ray error that says the worker died (or its pipeline broke)."""
+        ray = import_ray()
+        worker.busy += 1
+        try:
+            result: SlideResult = await worker.actor.process.remote(attempt.job, attempt.tries > 0)
+            return result
+        except ray.exceptions.RayError as exc:
+            return exc
+        finally:
+            worker.busy -= 1
+
+    async def _lost(self, worker: Worker, attempt: Attempt, exc: BaseException, dispatch: Dispatch) -> None:
+        """A worker died (or its pipeline broke) with the slide in flight: retry it elsewhere, or fail it."""
+        cause = _one_line(exc)
+        log.warning("%s lost %s: %s", worker.name, attempt.job.name, cause)
+        if dispatch.retry(attempt, worker.index):
+            self.retried += 1
+            return
+        await self._final(SlideResult(
+            attempt.job, "failed", message=f"{attempt.job.name}: its Ray worker died under it {attempt.tries} time(s) "
+            f"(--max-attempts {self.options.max_attempts}); last: {cause}",
+            extra={"stage": "worker", "error_kind": "worker_lost", "attempts": attempt.tries}))
+
+    async def _recover(self, worker: Worker, generation: int, dispatch: Dispatch, *, kill: bool) -> None:
+        """Once per death: wait for Ray to restart the actor (restarting a broken one first); retire it if it cannot."""
+        ray = import_ray()
+        async with worker.lock:
+            if worker.generation != generation or not worker.alive:
+                return
+            worker.generation += 1
+            if kill:
+                ray.kill(worker.actor, no_restart=False)
+            info = await self._wait_ready(worker)
+            if info is None or info["error"]:
+                log.warning("%s is gone: %s", worker.name, info["error"][1] if info else "it cannot be restarted")
+                worker.alive = False
+                dispatch.worker_gone(worker.index)
+                return
+            worker.restarts += 1
+            worker.pid, worker.host = info["pid"], info["host"]
+
+    async def _wait_ready(self, worker: Worker) -> dict[str, Any] | None:
+        """The restarted actor's `ready()`, or None once Ray says it is dead for good (or it takes too long)."""
+        ray = import_ray()
+        with anyio.move_on_after(self.options.start_timeout_s):
+            while True:
+                try:
+                    info: dict[str, Any] = await worker.actor.ready.remote()
+                    return info
+                except ray.exceptions.ActorUnavailableError:
+                    await anyio.sleep(0.5)  # restarting: Ray answers "unavailable" until the actor is back
+                except ray.exceptions.RayError:
+                    return None
+        return None
+
+    async def _final(self, result: SlideResult) -> None:
+        """Record one slide's final result: report line, totals, progress; a systemic output failure stops intake."""
+        assert self._report is not None
+        result = dataclasses.replace(result, job=self._jobs.get(result.job.slide_id, result.job))
+        await anyio.to_thread.run_sync(self._report.slide, result, limiter=self._io)
+        self.tally.add(result)
+        self._results.append(result)
+        if self._on_result is not None:
+            self._on_result(result, self)
+        if result.extra.get("systemic") and self._dispatch is not None:
+            await self._stop(self._dispatch, STOP_REASONS.get(str(result.extra.get("error_kind")), "output failure"))
+
+    async def _settle(self, dispatch: Dispatch, cancelled: bool) -> None:
+        """Give every slide still without a result its result: interrupted ones, and any no worker was left for."""
+        for attempt in list(dispatch.running.values()):
+            await self._final(SlideResult(attempt.job, "cancelled", message="interrupted before it finished",
+                                          extra={"stage": "cancelled"}))
+        if dispatch.pending and not cancelled:
+            self.stop_reason = self.stop_reason or "every Ray worker died"
+            for attempt in dispatch.stop(self.stop_reason):
+                await self._final(SlideResult(attempt.job, "failed", message=f"{attempt.job.name}: no Ray worker "
+                                              "was left to process it", extra={"stage": "worker"}))
+
+
+def _startup_error(kind: str, message: str) -> AtlasPatchError:
+    """A worker's start-up error as the same class the local pipeline would raise."""
+    known: dict[str, type[AtlasPatchError]] = {"WeightsError": errors.WeightsError, "ConfigError": ConfigError}
+    if kind == "MissingExtraError":
+        return MissingExtraError(message)
+    return known.get(kind, AtlasPatchError)(f"a Ray worker could not start: {message}")
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}".strip().rstrip(":")
+
+
+def _never_reported(jobs: Sequence[SlideJob], results: Sequence[SlideResult]) -> list[SlideResult]:
+    seen = {r.job.slide_id for r in results}
+    return [SlideResult(job, "cancelled", message="not started: the run was cancelled") for job in jobs
+            if job.slide_id not in seen]
