@@ -7,6 +7,7 @@ Exit statuses of `watch`: 0 after a clean drain (first SIGTERM/SIGINT) or a `--o
 from __future__ import annotations
 
 import logging
+import os
 import signal
 from pathlib import Path
 from typing import Any
@@ -74,6 +75,7 @@ def run_watch(input_folder: Path, config: PipelineConfig, *, once: bool, allow_r
     from ..ops.logs import RedactPaths
     from ..sync import run
 
+    os.umask(os.umask(0o022) | 0o022)  # whatever the caller's umask: nothing we create is group/other-writable
     redactor = RedactPaths() if config.watch.pseudonymize else None
     setup_daemon_logging(config.watch.log_format, redactor)
     with one_line_errors("the daemon stopped"):

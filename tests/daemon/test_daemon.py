@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import h5py
 import orjson
@@ -41,9 +42,9 @@ def _env(**more: str) -> dict[str, str]:
 
 
 def _start(folder: Path, out: Path, *extra: str, state: Path | None = None, env: dict[str, str] | None = None,
-           stderr: int | None = subprocess.PIPE) -> subprocess.Popen[str]:
+           stderr: int | None = subprocess.PIPE, **popen: Any) -> subprocess.Popen[str]:
     return subprocess.Popen([*CLI, "watch", str(folder), *_flags(out, *extra, state=state)], env=env or _env(),
-                            stdout=subprocess.PIPE, stderr=stderr, text=True)
+                            stdout=subprocess.PIPE, stderr=stderr, text=True, **popen)
 
 
 def _once(folder: Path, out: Path, *extra: str, state: Path | None = None) -> subprocess.CompletedProcess[str]:
@@ -348,7 +349,8 @@ def test_pseudonymize_keeps_paths_out_of_outputs_logs_and_metrics(tmp_path: Path
               for i in range(2)]
     out = tmp_path / "out"
     sock = tmp_path / "m.sock"
-    proc = _start(folder, out, "--pseudonymize", "--metrics", f"unix:{sock}", "--log-format", "json")
+    proc = _start(folder, out, "--pseudonymize", "--metrics", f"unix:{sock}", "--log-format", "json",
+                  preexec_fn=lambda: os.umask(0))  # even a permissive umask makes nothing group/other-writable
     try:
         _wait(lambda: _counts(out).get("done") == 2 and sock.exists(), 180, proc)
         client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -363,9 +365,12 @@ def test_pseudonymize_keeps_paths_out_of_outputs_logs_and_metrics(tmp_path: Path
         _, logs = proc.communicate(timeout=60)
     secrets = ("ACC-999", "PATIENT", *(str(p) for p in slides))  # the input folder itself is the operator's
     texts = {"logs": logs, "metrics": metrics.decode(), "report": (out / "atlaspatch-report.jsonl").read_text()}
+    state = out / ".atlaspatch"
+    for path in [*(out / "patches").glob("*.h5"), state / LEDGER_FILE, state / "status.json",
+                 state / "pseudonym.key", out / "atlaspatch-report.jsonl"]:
+        assert path.stat().st_mode & 0o022 == 0, path
     for path in (out / "patches").glob("*.h5"):
         assert all(s not in path.name for s in secrets)
-        assert path.stat().st_mode & 0o022 == 0
         with h5py.File(path, "r") as f:
             texts[path.name] = repr(dict(f.attrs)) + repr(f["passports"][:5].tolist())
     assert len(list((out / "patches").glob("*.h5"))) == 2
