@@ -95,6 +95,9 @@ async def open_pipeline(
 async def _open(config: PipelineConfig, mode: Mode | None, backends: Backends | None, report: RunReport,
                 stop_on_output_failure: bool) -> AsyncIterator[Pipeline]:
     """`open_pipeline` with a report the caller may still write to before `report.end()`."""
+    from .backends.streams import size_for_device
+
+    config = size_for_device(config)
     if backends is None:
         from .backends.bundle import RealBackends
 

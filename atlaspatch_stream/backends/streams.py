@@ -21,16 +21,20 @@ with a message that names the encoder and the sizes.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import queue
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
 from ..errors import AtlasPatchError
+
+if TYPE_CHECKING:
+    from ..config import PipelineConfig
 
 log = logging.getLogger("atlaspatch_stream")
 
@@ -394,3 +398,38 @@ def plan_ring(free_bytes: int, budget: float, batch_size: int, patch_size: int, 
     queue_depth = int(min(16, max(2, (total // 4) // max(1, batch_bytes))))
     cache = max(0, total - slots * slot_bytes - queue_depth * batch_bytes)
     return RingPlan(total, slots, cache, queue_depth)
+
+
+TILE_BYTES = 512 * 512 * 3  # a large decoded RGB tile: the unit of the decode-batch ceiling
+
+
+def free_bytes(device: str) -> int:
+    """Free memory of `device`: CUDA's, or the host's available memory (the ring's CPU stand-in)."""
+    import os
+
+    if device.startswith("cuda"):
+        import torch
+
+        return int(torch.cuda.mem_get_info(torch.device(device))[0])
+    return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+
+
+def size_for_device(config: PipelineConfig, free: int | None = None) -> PipelineConfig:
+    """On a CUDA feature device, the patch queue and the decode batch from `encode.gpu_memory_budget`.
+
+    `plan_ring`'s patch-queue share becomes the `patches` stream's depth (in reader chunks), and its tile-cache share
+    caps `read.decode_batch` (a reader holds the tiles of two decode batches at once: the one being cut and the one
+    decoded ahead), so a small GPU or a small budget shrinks both; the configured sizes stay the ceilings. On any
+    other device the configuration is returned unchanged. `free`: the device's free bytes (default: asked of it).
+    """
+    if not config.feature_device.startswith("cuda"):
+        return config
+    enc, read = config.encode, config.read
+    available = free_bytes(config.feature_device) if free is None else free
+    plan = plan_ring(available, enc.gpu_memory_budget, enc.batch_size, config.plan.patch_size, ())
+    chunks = max(2, -(-plan.patch_queue * enc.batch_size // read.chunk_patches))
+    decode_batch = int(min(read.decode_batch, max(16, plan.tile_cache_bytes // (2 * TILE_BYTES))))
+    log.debug("sized from %.1f GB free x %.2f: patch queue %d chunks, decode batch %d tiles",
+              available / 1e9, enc.gpu_memory_budget, chunks, decode_batch)
+    return config.replace(queues=dataclasses.replace(config.queues, patches=chunks),
+                          read=dataclasses.replace(read, decode_batch=decode_batch))

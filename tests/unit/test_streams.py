@@ -20,7 +20,9 @@ from atlaspatch_stream.backends.streams import (
     Ticket,
     device_ops,
     plan_ring,
+    size_for_device,
 )
+from atlaspatch_stream.config import load_config
 from atlaspatch_stream.testing.streams import SimulatedOps
 
 P = 24  # patch edge: small, so many batches run fast
@@ -256,3 +258,19 @@ def test_ring_plan_from_the_memory_budget() -> None:
     assert (plan.slots, plan.patch_queue) == (4, 16) and plan.tile_cache_bytes > 30 << 30
     small = plan_ring(1 << 20, 0.5, 512, 256, (1024,))
     assert (small.slots, small.patch_queue, small.tile_cache_bytes) == (2, 2, 0)
+
+
+def test_queue_depth_and_decode_batch_from_the_budget_on_cuda() -> None:
+    """On a CUDA feature device the patch queue (in reader chunks) and the decode batch come from the budget: a big
+    GPU keeps the configured ceilings' decode batch and gets a deep queue; a small one shrinks both. CPU runs keep
+    their configured sizes, and nothing here touches a device (free bytes given)."""
+    def config(device: str, budget: float = 0.5):  # noqa: ANN202
+        return load_config({"encode": {"device": device, "batch_size": 256, "gpu_memory_budget": budget},
+                            "plan": {"patch_size": 224}, "read": {"chunk_patches": 64}}, environ={})
+
+    big = size_for_device(config("cuda:0"), free=120 << 30)
+    assert big.queues.patches == 16 * 256 // 64 and big.read.decode_batch == config("cuda:0").read.decode_batch
+    small = size_for_device(config("cuda:1", 0.1), free=2 << 30)
+    assert 2 <= small.queues.patches < big.queues.patches and 16 <= small.read.decode_batch < big.read.decode_batch
+    cpu = config("cpu")
+    assert size_for_device(cpu, free=120 << 30) == cpu

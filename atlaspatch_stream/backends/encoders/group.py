@@ -69,17 +69,6 @@ class EncoderGroup:
             raise errors[0]
 
 
-def _free_bytes(device: str) -> int:
-    """Free memory of the feature device: CUDA's, or the host's available memory (the ring's CPU stand-in)."""
-    import os
-
-    if device.startswith("cuda"):
-        import torch
-
-        return int(torch.cuda.mem_get_info(torch.device(device))[0])
-    return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
-
-
 def _host(pixels: Any) -> np.ndarray:
     """Pixels as host numpy (a torch batch on a device is copied back)."""
     if isinstance(pixels, np.ndarray):
@@ -122,11 +111,11 @@ class StreamedEncoders(EncoderGroup):
 
     def warm_up(self) -> None:
         """Load every model, then build the ring (sized from the device's free memory and the budget)."""
-        from ..streams import EncoderStreams, device_ops, plan_ring
+        from ..streams import EncoderStreams, device_ops, free_bytes, plan_ring
 
         super().warm_up()
         if self._on_device:
-            plan = plan_ring(_free_bytes(self.device), self.memory_budget, self.batch_size, self.patch_size,
+            plan = plan_ring(free_bytes(self.device), self.memory_budget, self.batch_size, self.patch_size,
                              [e.dim for e in self._on_device])
             log.debug("encoder ring on %s: %d slots (budget %.1f GB)", self.device, plan.slots,
                       plan.budget_bytes / 1e9)
