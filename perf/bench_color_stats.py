@@ -2,8 +2,8 @@
 
     python perf/bench_color_stats.py [--batch 32] [--patch 224] [--seconds 8]
 
-The baseline is the previous implementation, kept verbatim below (`baseline_module`): float32 torch ops over every
-pixel, fed as the runtime fed it (uint8 -> float / 255, NCHW). Both run on the same drawn-tissue patches, alternating
+The baseline is the previous implementation, which the module keeps as its CUDA path (`baseline_module`): float32
+torch ops over every pixel, fed as the runtime fed it (uint8 -> float / 255, NCHW). Both run on the same drawn-tissue patches, alternating
 in rounds so that load on the shared machine hits both alike. Checks that the outputs agree (histograms exactly,
 means and stds to 1e-5) and prints one JSON line with both rates and their ratio; appends it to
 perf/results/bench_color_stats.jsonl.
@@ -18,49 +18,13 @@ import time
 import numpy as np
 from common import machine, write_result  # perf/common.py (scripts run from perf/)
 
-BINS, OD_MAX = 8, 2.5
 
+def baseline_module():  # noqa: ANN201
+    """The torch-ops module: the previous CPU implementation, kept as the CUDA path (same formulas, float32 over every
+    pixel)."""
+    from atlaspatch_stream.backends.encoders.color_stats import _module_class
 
-def baseline_module():  # noqa: ANN201 - the old module, verbatim but for the class wrapper
-    """The torch-ops `ColorStats` as it was before the table implementation (the baseline)."""
-    import torch
-    import torch.nn as nn
-
-    class ColorStats(nn.Module):
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            rgb = x.float().flatten(2)  # (B, 3, N)
-            spaces = [rgb, _hsv(rgb), _optical_density(rgb)]
-            means = torch.cat([s.mean(dim=2) for s in spaces], dim=1)
-            stds = torch.cat([s.std(dim=2, correction=0) for s in spaces], dim=1)
-            hists = [_histogram(rgb, 1.0), _histogram(spaces[1], 1.0), _histogram(spaces[2], OD_MAX)]
-            return torch.cat([means, stds, *hists], dim=1)
-
-    def _hsv(rgb: torch.Tensor) -> torch.Tensor:
-        r, g, b = rgb.unbind(dim=1)
-        value, argmax = rgb.max(dim=1)
-        delta = value - rgb.min(dim=1).values
-        safe = torch.where(delta > 0, delta, torch.ones_like(delta))
-        hue = torch.where(
-            argmax == 0,
-            ((g - b) / safe) % 6,
-            torch.where(argmax == 1, (b - r) / safe + 2, (r - g) / safe + 4),
-        )
-        hue = torch.where(delta > 0, hue / 6.0, torch.zeros_like(hue))
-        sat = torch.where(
-            value > 0, delta / torch.where(value > 0, value, torch.ones_like(value)), torch.zeros_like(value)
-        )
-        return torch.stack([hue, sat, value], dim=1)
-
-    def _optical_density(rgb: torch.Tensor) -> torch.Tensor:
-        return -torch.log10((rgb * 255.0 + 1.0) / 256.0)
-
-    def _histogram(values: torch.Tensor, top: float) -> torch.Tensor:
-        index = (values / top * BINS).floor().clamp(0, BINS - 1).long()  # (B, 3, N)
-        counts = torch.zeros(*index.shape[:2], BINS, device=values.device, dtype=torch.float32)
-        counts.scatter_add_(2, index, torch.ones_like(index, dtype=torch.float32))
-        return (counts / values.shape[2]).flatten(1)
-
-    return ColorStats().eval()
+    return _module_class()().eval()
 
 
 def baseline_encode(module, pixels: np.ndarray) -> np.ndarray:  # noqa: ANN001

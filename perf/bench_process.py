@@ -1,11 +1,12 @@
 """End-to-end `process` vs the bare encoder forward on the same number of pre-decoded batches, and vs upstream.
 
     python perf/bench_process.py [--slides 3] [--size 12000] [--encoder lunit_vit_small_patch16_dino]
-                                 [--decoder auto] [--malloc-arena-max 2]
+                                 [--decoder auto] [--no-cli-allocator]
 
 Writes large synthetic 40× slides (JPEG tiles, drawn tissue) and seeded random weights, then measures, each in its
 own process (so each peak RSS is that run's own, not the slide writer's): the whole pipeline (otsu segmentation,
-tile-once reading, cross-slide batches, one encoder, H5 writing); optionally the same with MALLOC_ARENA_MAX; the
+tile-once reading, cross-slide batches, one encoder, H5 writing) with glibc's default allocator, and again with the
+allocator settings the CLI applies (`atlaspatch_stream.cli.allocator`: what `atlaspatch process` users get); the
 encoder alone on as many random batches; and an upstream-style feature stage on the same coordinates (serial
 OpenSlide reads, PIL transforms, the model cast to fp32 on CPU). Prints one JSON line: wall times, their ratios
 (target ≤ 1.15 wall/encoder), per-stage busy seconds, mean queue fill, and the peak RSS of ours and of the
@@ -178,6 +179,13 @@ def child(args: argparse.Namespace) -> None:
     print("RESULT " + orjson.dumps({**out, "peak_rss_mb": peak_rss_mb()}).decode())
 
 
+def cli_allocator_env() -> dict[str, str]:
+    """The CLI's glibc settings as environment variables (the same values `tune_allocator` applies)."""
+    from atlaspatch_stream.cli.allocator import ARENA_MAX, MMAP_THRESHOLD
+
+    return {"MALLOC_ARENA_MAX": str(ARENA_MAX), "MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD)}
+
+
 def spawn(args: argparse.Namespace, folder: Path, what: str, env: dict[str, str] | None = None,
           patches: int = 0, out: str = "out") -> dict:
     """Run `child` in a subprocess and return its result line."""
@@ -206,8 +214,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--device", default="cpu", help="encoder device (cpu, cuda)")
     parser.add_argument("--decoder", default="auto", help="as --decoder")
-    parser.add_argument("--malloc-arena-max", type=int, default=0,
-                        help="also run the pipeline with MALLOC_ARENA_MAX set to this (0: skip)")
+    parser.add_argument("--no-cli-allocator", dest="cli_allocator", action="store_false",
+                        help="skip the second pipeline run with the CLI's allocator settings")
     parser.add_argument("--no-upstream", dest="upstream", action="store_false",
                         help="skip the upstream-style baseline (serial read_region + PIL + fp32 model)")
     parser.add_argument("--child", choices=["pipeline", "encoder", "upstream"], help=argparse.SUPPRESS)
@@ -224,8 +232,7 @@ def main() -> None:
         slides = write_slides(folder / "slides", args.slides, args.size)
         random_weights(args.encoder, folder)
         ours = spawn(args, folder, "pipeline")
-        arenas = spawn(args, folder, "pipeline", {"MALLOC_ARENA_MAX": str(args.malloc_arena_max)},
-                       out="out_arenas") if args.malloc_arena_max else None
+        tuned = spawn(args, folder, "pipeline", cli_allocator_env(), out="out_cli") if args.cli_allocator else None
         alone = spawn(args, folder, "encoder", patches=ours["patches"])
         upstream = spawn(args, folder, "upstream") if args.upstream else None
     import torch
@@ -242,8 +249,9 @@ def main() -> None:
         "stage_busy_s": {k: round(v, 2) for k, v in ours["busy"].items()}, "queue_fill_mean": ours["fills"],
         "statuses": ours["statuses"],
         "peak_rss_mb": ours["peak_rss_mb"],
-        "peak_rss_mb_malloc_arena_max": {"arenas": args.malloc_arena_max, "peak_rss_mb": arenas["peak_rss_mb"],
-                                         "wall_s": round(arenas["wall_s"], 2)} if arenas else None,
+        "cli_allocator": {"env": cli_allocator_env(), "peak_rss_mb": tuned["peak_rss_mb"],
+                          "wall_s": round(tuned["wall_s"], 2),
+                          "wall_vs_default_allocator": round(tuned["wall_s"] / wall, 3)} if tuned else None,
         "peak_rss_mb_encoder_alone": alone["peak_rss_mb"],
         "peak_rss_mb_upstream_style": upstream["peak_rss_mb"] if upstream else None,
         "note": "each measurement in its own process: peak RSS is that process's own (slide writing excluded)",

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from atlaspatch_stream.backends.encoders.group import EncoderGroup
+from atlaspatch_stream.backends.tiles import TilePageMeta, describe_levels, read_raw
 from atlaspatch_stream.config import (
     EncodeConfig,
     OpenConfig,
@@ -40,6 +41,24 @@ def fake_config(out: Path, extractors: tuple[str, ...] = ("a",), *, patch_size: 
         write=WriteConfig(output=out, write_batch=8, skip_existing=skip_existing),
         queues=queues or QueueConfig(),
     )
+
+
+def level_meta(path: Path, level: int = 0) -> TilePageMeta:
+    """The tile page of `path`'s pyramid level `level` (the slide must be tile-once readable)."""
+    found = describe_levels(path)
+    assert found is not None and found[1][level] is not None
+    return found[1][level]
+
+
+def all_raws(meta: TilePageMeta) -> list[bytes]:
+    """The raw (still compressed) bytes of every tile of the page, in tile order."""
+    fd = os.open(meta.path, os.O_RDONLY)
+    try:
+        raws = [read_raw(fd, meta, t) for t in range(meta.grid.count)]
+    finally:
+        os.close(fd)
+    assert all(r is not None for r in raws)
+    return raws  # type: ignore[return-value]
 
 
 def leftovers(out: Path) -> list[str]:

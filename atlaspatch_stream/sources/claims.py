@@ -621,9 +621,8 @@ def sweep_claims(
         grace: As in `try_claim`; also the age after which leftover publish and takeover files go.
     """
     summary = SweepSummary()
-    try:
-        entries = sorted(os.scandir(folder), key=lambda e: e.name)
-    except FileNotFoundError:
+    entries = _sorted_entries(folder)
+    if entries is None:
         return summary
     now = server_now(folder)
     for entry in entries:
@@ -635,6 +634,14 @@ def sweep_claims(
         elif _PUB_TEMP.match(entry.name) or _SIDE.match(entry.name):
             _sweep_leftover(path, now, grace, summary)
     return summary
+
+
+def _sorted_entries(folder: Path) -> list[os.DirEntry[str]] | None:
+    """The folder's entries by name; None when it does not exist."""
+    try:
+        return sorted(os.scandir(folder), key=lambda e: e.name)
+    except FileNotFoundError:
+        return None
 
 
 def _sweep_lock(path: Path, lease: float, grace: float, summary: SweepSummary) -> None:
@@ -669,9 +676,8 @@ def sweep_orphans(
     """
     folder = output_root / "patches"
     summary = sweep_claims(folder, lease=lease, grace=grace)
-    try:
-        entries = sorted(os.scandir(folder), key=lambda e: e.name)
-    except FileNotFoundError:
+    entries = _sorted_entries(folder)
+    if entries is None:
         return summary
     now = server_now(folder)
     for entry in entries:

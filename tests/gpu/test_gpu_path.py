@@ -2,29 +2,19 @@
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
 import torch
 
 from tests.conftest import real_slide
+from tests.helpers import all_raws, level_meta
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 
 def _cmu_level() -> tuple[object, list[bytes]]:
-    from atlaspatch_stream.backends.tiles import describe_levels, read_raw
-
-    path = real_slide("aperio/CMU-1-Small-Region.svs")
-    found = describe_levels(path)
-    assert found is not None and found[1][0] is not None
-    meta = found[1][0]
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        return meta, [read_raw(fd, meta, t) for t in range(meta.grid.count)]  # type: ignore[misc]
-    finally:
-        os.close(fd)
+    meta = level_meta(real_slide("aperio/CMU-1-Small-Region.svs"))
+    return meta, all_raws(meta)
 
 
 @pytest.mark.parametrize("backend", ["nvimgcodec", "dali"])

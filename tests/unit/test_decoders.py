@@ -3,7 +3,6 @@ tiles, the Aperio colour rule, routing with reasons, missing extras, and the til
 
 from __future__ import annotations
 
-import os
 import sys
 import threading
 import warnings
@@ -26,10 +25,11 @@ from atlaspatch_stream.backends.decoders.cpu import CpuDecoder
 from atlaspatch_stream.backends.decoders.dali import DaliDecoder
 from atlaspatch_stream.backends.decoders.nvimgcodec import NvImageCodecDecoder
 from atlaspatch_stream.backends.readers import TileOnceReader, make_patch_reader
-from atlaspatch_stream.backends.tiles import TilePageMeta, describe_levels, read_raw
+from atlaspatch_stream.backends.tiles import TilePageMeta, describe_levels
 from atlaspatch_stream.errors import MissingExtraError, SlideError
 from atlaspatch_stream.testing.synthetic import draw_tissue
 from tests.conftest import real_slide
+from tests.helpers import all_raws, level_meta
 from tests.unit.test_readers import LibHandle, collect, distinct_tiles, expected, grid_coords, random_coords
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -67,22 +67,6 @@ def write_tiled(path: Path, kind: str, width: int = 300, height: int = 200) -> P
     with tifffile.TiffWriter(path) as tw:
         tw.write(img, tile=(64, 64), description=HEAD.format(w=width, h=height), metadata=None, **SYNTHETIC[kind])
     return path
-
-
-def level_meta(path: Path, level: int = 0) -> TilePageMeta:
-    found = describe_levels(path)
-    assert found is not None and found[1][level] is not None
-    return found[1][level]
-
-
-def all_raws(meta: TilePageMeta) -> list[bytes]:
-    fd = os.open(meta.path, os.O_RDONLY)
-    try:
-        raws = [read_raw(fd, meta, t) for t in range(meta.grid.count)]
-    finally:
-        os.close(fd)
-    assert all(r is not None for r in raws)
-    return raws  # type: ignore[return-value]
 
 
 def assert_same_tiles(got: list[np.ndarray], want: list[np.ndarray]) -> None:

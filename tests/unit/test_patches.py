@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import cv2
 import numpy as np
 import pytest
@@ -12,10 +10,11 @@ import torch
 from atlaspatch_stream.backends.decoders.cpu import CpuDecoder
 from atlaspatch_stream.backends.patches import cut_patches, linear_coefficients, resize_linear
 from atlaspatch_stream.backends.readers import TileOnceReader
-from atlaspatch_stream.backends.tiles import cut_patch, describe_levels, read_raw, resize_patch
+from atlaspatch_stream.backends.tiles import cut_patch, resize_patch
 from atlaspatch_stream.testing.synthetic import draw_tissue
 from atlaspatch_stream.tileplan import TileGrid, tile_spans
 from tests.conftest import real_slide
+from tests.helpers import all_raws, level_meta
 from tests.unit.test_readers import LibHandle, collect, random_coords
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -62,18 +61,11 @@ def test_coefficients_clamp_at_the_borders() -> None:
 @pytest.fixture(scope="module")
 def cmu_tiles() -> tuple[dict[int, np.ndarray | None], TileGrid]:
     """Every decoded tile of CMU-1 (240² tiles, 2220×2967), with a few dropped as missing (None)."""
-    path = real_slide("aperio/CMU-1-Small-Region.svs")
-    found = describe_levels(path)
-    assert found is not None and found[1][0] is not None
-    meta = found[1][0]
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        tiles: dict[int, np.ndarray | None] = {
-            t: CpuDecoder().decode_batch([read_raw(fd, meta, t)], meta).pixels[0]  # type: ignore[list-item]
-            for t in range(meta.grid.count)
-        }
-    finally:
-        os.close(fd)
+    meta = level_meta(real_slide("aperio/CMU-1-Small-Region.svs"))
+    tiles: dict[int, np.ndarray | None] = {
+        t: CpuDecoder().decode_batch([raw], meta).pixels[0]  # type: ignore[misc]
+        for t, raw in enumerate(all_raws(meta))
+    }
     for t in (0, 17, 40):
         tiles[t] = None
     return tiles, meta.grid
