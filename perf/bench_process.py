@@ -1,7 +1,8 @@
 """End-to-end `process` vs the bare encoder forward on the same number of pre-decoded batches, and vs upstream.
 
     python perf/bench_process.py [--slides 3] [--size 12000] [--encoder lunit_vit_small_patch16_dino]
-                                 [--decoder auto] [--no-cli-allocator]
+                                 [--decoder auto] [--no-cli-allocator] [--work DIR]
+                                 [--variant read.slides_in_parallel=1 [--variant ...]]
 
 Writes large synthetic 40× slides (JPEG tiles, drawn tissue) and seeded random weights, then measures, each in its
 own process (so each peak RSS is that run's own, not the slide writer's): the whole pipeline (otsu segmentation,
@@ -10,7 +11,9 @@ allocator settings the CLI applies (`atlaspatch_stream.cli.allocator`: what `atl
 encoder alone on as many random batches; and an upstream-style feature stage on the same coordinates (serial
 OpenSlide reads, PIL transforms, the model cast to fp32 on CPU). Prints one JSON line: wall times, their ratios
 (target ≤ 1.15 wall/encoder), per-stage busy seconds, mean queue fill, and the peak RSS of ours and of the
-upstream-style baseline. Appends it to perf/results/bench_process.jsonl.
+upstream-style baseline. Each `--variant SECTION.KEY=VALUE[,SECTION.KEY=VALUE]` runs the pipeline once more (CLI
+allocator) with those settings changed, for trying queue depths and parallelism side by side. `--work DIR` keeps the
+slides and weights there (written once, reused). Appends the line to perf/results/bench_process.jsonl.
 """
 
 from __future__ import annotations
@@ -140,17 +143,38 @@ def upstream_style(config, out: Path, slides: list[Path]) -> float:
 
 
 def make_config(args: argparse.Namespace, folder: Path, weights: Path, out: str = "out"):  # noqa: ANN201
-    """The run's configuration (otsu, patch 224 at 20×, one encoder with local random weights)."""
+    """The run's configuration (otsu, patch 224 at 20×, one encoder with local random weights), plus the child's
+    `--override` settings."""
+    import orjson
+
     from atlaspatch_stream.config import load_config
 
-    return load_config({
+    settings: dict = {
         "plan": {"patch_size": 224, "target_mag": 20},
         "segment": {"segmenter": "otsu", "device": "cpu"},
         "encode": {"extractors": (args.encoder,), "device": args.device, "precision": args.precision,
                    "batch_size": args.batch, "weights": ((args.encoder, weights),)},
         "read": {"decoder": args.decoder},
         "write": {"output": folder / out},
-    }, environ={})
+    }
+    for key, value in orjson.loads(args.override).items():
+        section, name = key.split(".", 1)
+        settings.setdefault(section, {})[name] = value
+    return load_config(settings, environ={})
+
+
+def parse_variant(text: str) -> dict[str, object]:
+    """`read.slides_in_parallel=1,queues.patches=4` -> {"read.slides_in_parallel": 1, "queues.patches": 4}."""
+    import json
+
+    out: dict[str, object] = {}
+    for item in text.split(","):
+        key, _, value = item.partition("=")
+        try:
+            out[key.strip()] = json.loads(value)
+        except ValueError:
+            out[key.strip()] = value
+    return out
 
 
 def peak_rss_mb() -> float:
@@ -187,15 +211,19 @@ def cli_allocator_env() -> dict[str, str]:
 
 
 def spawn(args: argparse.Namespace, folder: Path, what: str, env: dict[str, str] | None = None,
-          patches: int = 0, out: str = "out") -> dict:
+          patches: int = 0, out: str = "out", override: dict | None = None) -> dict:
     """Run `child` in a subprocess and return its result line."""
+    import shutil
     import subprocess
 
     import orjson
 
+    if what == "pipeline":
+        shutil.rmtree(folder / out, ignore_errors=True)  # a kept --work folder: no H5 of an earlier run is reused
     command = [sys.executable, __file__, "--child", what, "--folder", str(folder), "--encoder", args.encoder,
                "--precision", args.precision, "--batch", str(args.batch), "--device", args.device,
-               "--decoder", args.decoder, "--patches", str(patches), "--out", out]
+               "--decoder", args.decoder, "--patches", str(patches), "--out", out,
+               "--override", orjson.dumps(override or {}).decode()]
     proc = subprocess.run(command, capture_output=True, text=True, env={**os.environ, **(env or {})},
                           cwd=Path(__file__).parent)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
@@ -218,6 +246,10 @@ def main() -> None:
                         help="skip the second pipeline run with the CLI's allocator settings")
     parser.add_argument("--no-upstream", dest="upstream", action="store_false",
                         help="skip the upstream-style baseline (serial read_region + PIL + fp32 model)")
+    parser.add_argument("--variant", action="append", default=[], type=parse_variant,
+                        help="SECTION.KEY=VALUE[,...]: one more pipeline run with these settings (repeatable)")
+    parser.add_argument("--work", help="keep slides and weights in this folder (reused when present)")
+    parser.add_argument("--override", default="{}", help=argparse.SUPPRESS)
     parser.add_argument("--child", choices=["pipeline", "encoder", "upstream"], help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
     parser.add_argument("--patches", type=int, default=0, help=argparse.SUPPRESS)
@@ -228,11 +260,15 @@ def main() -> None:
         child(args)
         return
     with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp)
-        slides = write_slides(folder / "slides", args.slides, args.size)
-        random_weights(args.encoder, folder)
+        folder = Path(args.work) if args.work else Path(tmp)
+        slides = sorted((folder / "slides").glob("*.svs"))
+        if len(slides) != args.slides or not (folder / f"{args.encoder}.safetensors").exists():
+            slides = write_slides(folder / "slides", args.slides, args.size)
+            random_weights(args.encoder, folder)
         ours = spawn(args, folder, "pipeline")
         tuned = spawn(args, folder, "pipeline", cli_allocator_env(), out="out_cli") if args.cli_allocator else None
+        variants = [{"settings": v, **spawn(args, folder, "pipeline", cli_allocator_env(), out=f"out_v{i}", override=v)}
+                    for i, v in enumerate(args.variant)]
         alone = spawn(args, folder, "encoder", patches=ours["patches"])
         upstream = spawn(args, folder, "upstream") if args.upstream else None
     import torch
@@ -252,6 +288,8 @@ def main() -> None:
         "cli_allocator": {"env": cli_allocator_env(), "peak_rss_mb": tuned["peak_rss_mb"],
                           "wall_s": round(tuned["wall_s"], 2),
                           "wall_vs_default_allocator": round(tuned["wall_s"] / wall, 3)} if tuned else None,
+        "variants_cli_allocator": [{"settings": v["settings"], "wall_s": round(v["wall_s"], 2),
+                                    "peak_rss_mb": v["peak_rss_mb"]} for v in variants] or None,
         "peak_rss_mb_encoder_alone": alone["peak_rss_mb"],
         "peak_rss_mb_upstream_style": upstream["peak_rss_mb"] if upstream else None,
         "note": "each measurement in its own process: peak RSS is that process's own (slide writing excluded)",
