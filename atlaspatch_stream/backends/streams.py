@@ -414,16 +414,30 @@ def free_bytes(device: str) -> int:
     return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
 
 
+def _cuda_present(device: str) -> bool:
+    """Whether `device` ("cuda" or "cuda:N") names a visible CUDA device."""
+    import torch
+
+    try:
+        index = torch.device(device).index or 0
+    except (RuntimeError, ValueError):
+        return False
+    return torch.cuda.is_available() and index < torch.cuda.device_count()
+
+
 def size_for_device(config: PipelineConfig, free: int | None = None) -> PipelineConfig:
     """On a CUDA feature device, the patch queue and the decode batch from `encode.gpu_memory_budget`.
 
     `plan_ring`'s patch-queue share becomes the `patches` stream's depth (in reader chunks), and its tile-cache share
     caps `read.decode_batch` (a reader holds the tiles of two decode batches at once: the one being cut and the one
-    decoded ahead), so a small GPU or a small budget shrinks both; the configured sizes stay the ceilings. On any
-    other device the configuration is returned unchanged. `free`: the device's free bytes (default: asked of it).
+    decoded ahead), so a small GPU or a small budget shrinks both; the configured sizes stay the ceilings. Without
+    encoders, on any other device, or when the CUDA device is not there, the configuration is returned unchanged.
+    `free`: the device's free bytes (default: asked of the device).
     """
-    if not config.feature_device.startswith("cuda"):
+    if not config.encode.extractors or not config.feature_device.startswith("cuda"):
         return config
+    if free is None and not _cuda_present(config.feature_device):
+        return config  # the backends fall back to the CPU (plain "cuda") or refuse the device, with their messages
     enc, read = config.encode, config.read
     available = free_bytes(config.feature_device) if free is None else free
     plan = plan_ring(available, enc.gpu_memory_budget, enc.batch_size, config.plan.patch_size, ())

@@ -22,9 +22,12 @@ import click
 
 from ..api import RunSummary, Stop, make_jobs, process_slides
 from ..config import PipelineConfig
-from ..errors import AtlasPatchError, describe, is_bug
+from ..errors import AtlasPatchError, describe, is_bug, single_error
 from ..items import SlideJob, SlideResult
 from ..pipeline import Mode
+
+if sys.version_info < (3, 11):  # pragma: no cover
+    from exceptiongroup import BaseExceptionGroup  # anyio depends on it there
 
 log = logging.getLogger("atlaspatch_stream")
 SIGNAL_EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143}
@@ -207,10 +210,13 @@ async def run_with_signals(config: PipelineConfig, jobs: list[SlideJob], mode: M
                 else:
                     stop.force()
 
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(watch)
-        summary = await engine(jobs, config, mode=mode, stop=stop, command=command, on_result=progress.update)
-        tg.cancel_scope.cancel()
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(watch)
+            summary = await engine(jobs, config, mode=mode, stop=stop, command=command, on_result=progress.update)
+            tg.cancel_scope.cancel()
+    except BaseExceptionGroup as group:  # the engine's error, not our signal watcher's task group around it
+        raise single_error(group) from None
     return summary, SIGNAL_EXIT.get(signal.Signals(received[0])) if received else None
 
 

@@ -292,3 +292,28 @@ def test_kill_9_leftovers_are_swept_by_the_next_run(forty: Path, tmp_path: Path)
                            env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
     assert again.returncode == 0, again.stderr[-2000:]
     assert leftovers(out) == [] and len(_complete_h5s(out)) == 40
+
+
+@pytest.mark.parametrize("error", [RuntimeError("CUDA driver too old"), ValueError("bad value")])
+def test_an_engine_error_comes_out_alone_not_in_the_signal_watchers_group(error: Exception) -> None:
+    """The CLI's signal watcher runs beside the engine in a task group; an error of the engine leaves
+    `run_with_signals` as itself (so it becomes one `Error:` line), never as an ExceptionGroup."""
+    import anyio
+
+    from atlaspatch_stream.config import load_config
+
+    async def failing_engine(*args: object, **kwargs: object) -> runner.RunSummary:
+        raise error
+
+    with open(os.devnull, "w") as sink:
+        progress = runner.Progress(0, "test", stream=sink)
+        try:
+            with pytest.raises(type(error)) as raised:
+                anyio.run(runner.run_with_signals, load_config({}, environ={}), [], "coords", "test", progress,
+                          failing_engine)
+        finally:
+            progress.close()
+    assert raised.value is error
+    with pytest.raises(Exception, match=r"the run stopped: .*(CUDA driver too old|bad value)"), \
+            runner.one_line_errors("the run stopped"):
+        raise raised.value

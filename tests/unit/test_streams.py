@@ -265,7 +265,8 @@ def test_queue_depth_and_decode_batch_from_the_budget_on_cuda() -> None:
     GPU keeps the configured ceilings' decode batch and gets a deep queue; a small one shrinks both. CPU runs keep
     their configured sizes, and nothing here touches a device (free bytes given)."""
     def config(device: str, budget: float = 0.5):  # noqa: ANN202
-        return load_config({"encode": {"device": device, "batch_size": 256, "gpu_memory_budget": budget},
+        return load_config({"encode": {"device": device, "batch_size": 256, "gpu_memory_budget": budget,
+                                       "extractors": ("color_stats",)},
                             "plan": {"patch_size": 224}, "read": {"chunk_patches": 64}}, environ={})
 
     big = size_for_device(config("cuda:0"), free=120 << 30)
@@ -274,3 +275,5 @@ def test_queue_depth_and_decode_batch_from_the_budget_on_cuda() -> None:
     assert 2 <= small.queues.patches < big.queues.patches and 16 <= small.read.decode_batch < big.read.decode_batch
     cpu = config("cpu")
     assert size_for_device(cpu, free=120 << 30) == cpu
+    if not torch.cuda.is_available():  # asked of the device: none here, so unchanged (the backends fall back)
+        assert size_for_device(config("cuda")) == config("cuda")
