@@ -13,7 +13,8 @@ OpenSlide reads, PIL transforms, the model cast to fp32 on CPU). Prints one JSON
 (target ≤ 1.15 wall/encoder), per-stage busy seconds, mean queue fill, and the peak RSS of ours and of the
 upstream-style baseline. Each `--variant SECTION.KEY=VALUE[,SECTION.KEY=VALUE]` runs the pipeline once more (CLI
 allocator) with those settings changed, for trying queue depths and parallelism side by side. `--work DIR` keeps the
-slides and weights there (written once, reused). Appends the line to perf/results/bench_process.jsonl.
+slides and weights there (written once, reused). `--baseline-tree DIR` runs the pipeline once more from another
+checkout (e.g. `git worktree add /tmp/before <commit>`), to show a change costs no speed. Appends the line to perf/results/bench_process.jsonl.
 """
 
 from __future__ import annotations
@@ -154,7 +155,7 @@ def make_config(args: argparse.Namespace, folder: Path, weights: Path, out: str 
         "segment": {"segmenter": "otsu", "device": "cpu"},
         "encode": {"extractors": (args.encoder,), "device": args.device, "precision": args.precision,
                    "batch_size": args.batch, "weights": ((args.encoder, weights),)},
-        "read": {"decoder": args.decoder},
+        "read": {"decoder": args.decoder} if args.decoder != "auto" else {},  # older trees know no decoder key
         "write": {"output": folder / out},
     }
     for key, value in orjson.loads(args.override).items():
@@ -203,6 +204,14 @@ def child(args: argparse.Namespace) -> None:
     print("RESULT " + orjson.dumps({**out, "peak_rss_mb": peak_rss_mb()}).decode())
 
 
+def _commit(tree: str) -> str:
+    """The short commit of a checkout."""
+    import subprocess
+
+    return subprocess.run(["git", "-C", tree, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                          check=False).stdout.strip()
+
+
 def cli_allocator_env() -> dict[str, str]:
     """The CLI's glibc settings as environment variables (the same values `tune_allocator` applies)."""
     from atlaspatch_stream.cli.allocator import ARENA_MAX, MMAP_THRESHOLD
@@ -248,6 +257,8 @@ def main() -> None:
                         help="skip the upstream-style baseline (serial read_region + PIL + fp32 model)")
     parser.add_argument("--variant", action="append", default=[], type=parse_variant,
                         help="SECTION.KEY=VALUE[,...]: one more pipeline run with these settings (repeatable)")
+    parser.add_argument("--baseline-tree", help="also run the pipeline from this checkout of an older commit "
+                        "(glibc defaults, as the library runs): 'no slower than before' measured in the same run")
     parser.add_argument("--work", help="keep slides and weights in this folder (reused when present)")
     parser.add_argument("--override", default="{}", help=argparse.SUPPRESS)
     parser.add_argument("--child", choices=["pipeline", "encoder", "upstream"], help=argparse.SUPPRESS)
@@ -269,6 +280,8 @@ def main() -> None:
         tuned = spawn(args, folder, "pipeline", cli_allocator_env(), out="out_cli") if args.cli_allocator else None
         variants = [{"settings": v, **spawn(args, folder, "pipeline", cli_allocator_env(), out=f"out_v{i}", override=v)}
                     for i, v in enumerate(args.variant)]
+        before = spawn(args, folder, "pipeline", {"PYTHONPATH": str(Path(args.baseline_tree).resolve())},
+                       out="out_before") if args.baseline_tree else None
         alone = spawn(args, folder, "encoder", patches=ours["patches"])
         upstream = spawn(args, folder, "upstream") if args.upstream else None
     import torch
@@ -288,6 +301,10 @@ def main() -> None:
         "cli_allocator": {"env": cli_allocator_env(), "peak_rss_mb": tuned["peak_rss_mb"],
                           "wall_s": round(tuned["wall_s"], 2),
                           "wall_vs_default_allocator": round(tuned["wall_s"] / wall, 3)} if tuned else None,
+        "baseline_tree": {"commit": _commit(args.baseline_tree), "wall_s": round(before["wall_s"], 2),
+                          "peak_rss_mb": before["peak_rss_mb"], "wall_ours_over_before": round(wall / before["wall_s"], 3),
+                          "wall_cli_allocator_over_before": round(tuned["wall_s"] / before["wall_s"], 3)
+                          if tuned else None} if before else None,
         "variants_cli_allocator": [{"settings": v["settings"], "wall_s": round(v["wall_s"], 2),
                                     "peak_rss_mb": v["peak_rss_mb"]} for v in variants] or None,
         "peak_rss_mb_encoder_alone": alone["peak_rss_mb"],
