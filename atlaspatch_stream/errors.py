@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import errno
+import importlib
 import os
 import re
 import sys
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import anyio
 
@@ -33,6 +34,14 @@ class MissingExtraError(AtlasPatchError):
     def __init__(self, message: str, *, extra: str | None = None) -> None:
         super().__init__(message)
         self.extra = extra
+
+
+def import_extra(module: str, extra: str, needs: str) -> Any:
+    """`module` imported, or MissingExtraError "`needs`: pip install 'atlaspatch-stream[`extra`]'" naming the extra."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise MissingExtraError(f"{needs}: pip install 'atlaspatch-stream[{extra}]'", extra=extra) from exc
 
 
 class SlideError(AtlasPatchError):

@@ -90,8 +90,8 @@ def mounted_tmpfs(where: Path, size: str) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(where)], check=False)
 
 
-# An upstream-style encoder plugin file: a tiny seeded CNN registered as `tiny_conv` (32 dims).
-TINY_PLUGIN = """
+# The body of an upstream-style encoder plugin file: imports and a loader of a tiny seeded CNN (32 dims).
+PLUGIN_LOADER = """
 import torch
 import torchvision.transforms as T
 from atlaspatch_stream.plugins import CustomEncoderComponents, register_custom_encoder
@@ -102,7 +102,10 @@ def _loader(device, dtype):
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, stride=2), torch.nn.AdaptiveAvgPool2d(2))
     preprocess = T.Compose([T.Resize(32), T.ToTensor(), T.Normalize((0.5,) * 3, (0.5,) * 3)])
     return CustomEncoderComponents(model=model, preprocess=preprocess, forward_fn=None)
+"""
 
+# An upstream-style encoder plugin file: that CNN registered as `tiny_conv`.
+TINY_PLUGIN = PLUGIN_LOADER + """
 
 def register_feature_extractors(registry, device, dtype, num_workers):
     register_custom_encoder(registry=registry, name="tiny_conv", embedding_dim=32, loader=_loader,

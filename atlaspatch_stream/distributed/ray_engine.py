@@ -36,7 +36,7 @@ from .. import errors, outputs
 from ..api import RunSummary, Stop
 from ..backends.bundle import H5Outputs, SettingsRecord
 from ..config import PipelineConfig
-from ..errors import STOP_REASONS, AtlasPatchError, ConfigError, MissingExtraError
+from ..errors import STOP_REASONS, AtlasPatchError, ConfigError, MissingExtraError, import_extra
 from ..items import SlideJob, SlideResult
 from ..pipeline import Mode
 from ..report import RunReport, RunStatus
@@ -55,12 +55,7 @@ def import_ray() -> Any:
     Raises:
         MissingExtraError: the `[ray]` extra is not installed.
     """
-    try:
-        import ray
-    except ImportError as exc:
-        raise MissingExtraError("--engine ray needs the ray extra: pip install 'atlaspatch-stream[ray]'",
-                                extra="ray") from exc
-    return ray
+    return import_extra("ray", "ray", "--engine ray needs the ray extra")
 
 
 @dataclass(frozen=True)

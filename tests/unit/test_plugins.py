@@ -13,19 +13,9 @@ import torch
 
 from atlaspatch_stream.backends.encoders import registry as reg
 from atlaspatch_stream.errors import ConfigError
+from tests.helpers import PLUGIN_LOADER
 
-PLUGIN = """
-import torch
-import torchvision.transforms as T
-from atlaspatch_stream.plugins import CustomEncoderComponents, register_custom_encoder
-
-
-def _loader(device, dtype):
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, stride=2), torch.nn.AdaptiveAvgPool2d(2))
-    preprocess = T.Compose([T.Resize(32), T.ToTensor(), T.Normalize((0.5,) * 3, (0.5,) * 3)])
-    return CustomEncoderComponents(model=model, preprocess=preprocess, forward_fn=None)
-
+PLUGIN = PLUGIN_LOADER + """
 
 class Means:
     name = "channel_means"

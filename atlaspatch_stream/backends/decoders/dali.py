@@ -18,20 +18,15 @@ from typing import Any
 
 import numpy as np
 
-from ...errors import MissingExtraError
+from ...errors import import_extra
 from ..tiles import TilePageMeta
 from .base import codec_of, full_jpeg, with_app14_rgb
 from .batched import BatchedDecoder, Engine, stack_on_device
 
-INSTALL_HINT = "pip install 'atlaspatch-stream[dali]'"
-
 
 def import_dali() -> Any:
     """The `nvidia.dali` module, or MissingExtraError naming the extra."""
-    try:
-        return importlib.import_module("nvidia.dali")
-    except ImportError as exc:
-        raise MissingExtraError(f"--decoder dali needs NVIDIA DALI: {INSTALL_HINT}") from exc
+    return import_extra("nvidia.dali", "dali", "--decoder dali needs NVIDIA DALI")
 
 
 class DaliDecoder(BatchedDecoder):

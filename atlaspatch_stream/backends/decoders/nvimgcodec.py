@@ -8,25 +8,19 @@ the stored components come out as they are (gpu.md §1.8); YCbCr JPEG with fancy
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
 
 import numpy as np
 
-from ...errors import MissingExtraError
+from ...errors import import_extra
 from ..tiles import TilePageMeta
 from .base import codec_of, full_jpeg
 from .batched import BatchedDecoder, Engine, stack_on_device
 
-INSTALL_HINT = "pip install 'atlaspatch-stream[gpu]'"
-
 
 def import_nvimgcodec() -> Any:
     """The nvImageCodec module, or MissingExtraError naming the extra."""
-    try:
-        return importlib.import_module("nvidia.nvimgcodec")
-    except ImportError as exc:
-        raise MissingExtraError(f"--decoder nvimgcodec needs NVIDIA nvImageCodec: {INSTALL_HINT}") from exc
+    return import_extra("nvidia.nvimgcodec", "gpu", "--decoder nvimgcodec needs NVIDIA nvImageCodec")
 
 
 class NvImageCodecDecoder(BatchedDecoder):
