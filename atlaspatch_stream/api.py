@@ -97,7 +97,8 @@ async def _open(config: PipelineConfig, mode: Mode | None, backends: Backends | 
     """`open_pipeline` with a report the caller may still write to before `report.end()`."""
     from .backends.streams import size_for_device
 
-    config = size_for_device(config)
+    # asks the CUDA device for its free memory (initialising CUDA): off the event loop, on a limiter of ours
+    config = await anyio.to_thread.run_sync(size_for_device, config, limiter=anyio.CapacityLimiter(1))
     if backends is None:
         from .backends.bundle import RealBackends
 
