@@ -47,8 +47,8 @@ async def run(
     `settings.slides_in_parallel` workers each read one slide at a time; the backend reader decodes tiles in its own
     threads, and each `next()` of its iterator runs in a worker thread under `limiter`. With `--save-images` the
     PNGs are written here from the same decoded pixels. How each level was decoded (the reader's `routes`: which
-    decoder, and why a GPU decoder was not used) is noted on the slide's result. Without encoders (`keep_pixels=False`) `send` is the writer's
-    stream and carries only row labels. A slide whose pixels cannot be read sends a `SlideFailed` to the writer
+    decoder, and why a GPU decoder was not used) is noted on the slide's result. Without encoders
+    (`keep_pixels=False`) `send` is the writer's stream and carries only row labels. A slide whose pixels cannot be read sends a `SlideFailed` to the writer
     (which drops its partial file) and the run goes on; bugs propagate. The reader's own threads are stopped on
     failure and cancellation. Closes `send` and `send_write` when `receive` ends.
     """
