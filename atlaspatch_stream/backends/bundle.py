@@ -270,10 +270,10 @@ class H5Outputs:
     def save_images(self, plan: PatchPlan, rows: np.ndarray, pixels: np.ndarray) -> None:
         """`--save-images`: `<out>/images/<stem>/<stem>_x{X}_y{Y}.png`, written atomically."""
         from .images import save_patch_pngs
+        from .patches import to_host
 
         stem = plan.slide.job.stem
-        host = pixels if isinstance(pixels, np.ndarray) else np.asarray(pixels.cpu().numpy())
-        save_patch_pngs(outputs.images_dir(self.config.write.output, stem), stem, plan.coords[rows], host)
+        save_patch_pngs(outputs.images_dir(self.config.write.output, stem), stem, plan.coords[rows], to_host(pixels))
 
     def sweep_orphans(self) -> None:
         """Remove temporary H5s and stale locks of processes that no longer run (logged when anything goes)."""

@@ -31,6 +31,7 @@ from ..errors import SlideError, describe, is_bug
 from ..protocols import DecodedTiles, PatchReader, SlideHandle, TileDecoder
 from ..tileplan import LevelPlan, chunk_bounds, plan_level
 from .decoders.cpu import CpuDecoder
+from .patches import to_host
 from .tiles import (
     TilePageMeta,
     check_tile,
@@ -492,7 +493,7 @@ class TileOnceReader:
             import torch
 
             return torch.as_tensor(pixels).to(self.decoder.device, non_blocking=True)
-        return pixels if isinstance(pixels, np.ndarray) else pixels.cpu().numpy()
+        return to_host(pixels)
 
 
 def _cut_range(

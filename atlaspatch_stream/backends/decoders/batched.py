@@ -13,8 +13,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
-
+from ..patches import to_host
 from ..tiles import TilePageMeta
 from .base import Codec, Counters, DecodedTiles, ResourcePool, codec_of, cuda_index
 from .probe import ProbeResult, compare, probe_tiles
@@ -140,18 +139,13 @@ class BatchedDecoder:
         with self._pool.borrow() as engine:
             for codec, (raw, meta, want) in probe_tiles().items():
                 try:
-                    got = _host(self._run(engine, [self._prepare(raw, meta)], meta)[0])
+                    got = to_host(self._run(engine, [self._prepare(raw, meta)], meta)[0])
                 except Exception:  # noqa: BLE001 - a backend that cannot decode a family fails its probe
                     got = None
                 results[codec] = compare(codec, got, want)
         return results
 
 
-def _host(pixels: Any) -> np.ndarray:
-    """A decoded tile as a host numpy array (for probes)."""
-    if isinstance(pixels, np.ndarray):
-        return pixels
-    return pixels.cpu().numpy()
 
 
 def stack_on_device(tensors: list[Any], stream: Any) -> list[Any]:

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from ...protocols import DeviceEncoder, Encoder
+from ..patches import to_host
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ class EncoderGroup:
     def submit(self, pixels: Any, names: frozenset[str] | None) -> dict[str, np.ndarray]:
         """Encode now: float32 (B, D) per encoder in `names` (None: all; reused slides need only their missing
         sets); the features are the ticket."""
-        host = _host(pixels)
+        host = to_host(pixels)
         return {e.name: e.encode(host) for e in self.encoders if names is None or e.name in names}
 
     def collect(self, ticket: object) -> dict[str, np.ndarray]:
@@ -67,13 +68,6 @@ class EncoderGroup:
                 errors.append(exc)
         if errors:
             raise errors[0]
-
-
-def _host(pixels: Any) -> np.ndarray:
-    """Pixels as host numpy (a torch batch on a device is copied back)."""
-    if isinstance(pixels, np.ndarray):
-        return pixels
-    return np.asarray(pixels.cpu().numpy())
 
 
 @dataclass(frozen=True)
@@ -128,7 +122,7 @@ class StreamedEncoders(EncoderGroup):
         device = frozenset(e.name for e in self._on_device if e.name in wanted)
         ring = self._ring.submit(pixels, device) if device and self._ring is not None else None
         host_names = [e for e in self._on_host if e.name in wanted]
-        host = {e.name: e.encode(_host(pixels)) for e in host_names} if host_names else {}
+        host = {e.name: e.encode(to_host(pixels)) for e in host_names} if host_names else {}
         return _Ticket(ring, host)
 
     def collect(self, ticket: object) -> dict[str, np.ndarray]:
