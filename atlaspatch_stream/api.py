@@ -95,7 +95,7 @@ async def open_pipeline(
 async def _open(config: PipelineConfig, mode: Mode | None, backends: Backends | None, report: RunReport,
                 stop_on_output_failure: bool) -> AsyncIterator[Pipeline]:
     """`open_pipeline` with a report the caller may still write to before `report.end()`."""
-    from .backends.streams import size_for_device
+    from .backends.cuda_streams import size_for_device
 
     # asks the CUDA device for its free memory (initialising CUDA): off the event loop, on a limiter of ours
     config = await anyio.to_thread.run_sync(size_for_device, config, limiter=anyio.CapacityLimiter(1))
@@ -277,11 +277,11 @@ def _never_reported(jobs: Sequence[SlideJob], results: Sequence[SlideResult]) ->
 
 
 def serve_folder(input_folder: Path, config: PipelineConfig, **options: Any) -> Any:
-    """Watch a folder and process each slide once it has fully arrived: see `atlaspatch_stream.folder.serve_folder`.
+    """Watch a folder and process each slide once it has fully arrived: see `atlaspatch_stream.daemon.service.serve_folder`.
 
     `async with serve_folder(folder, config) as service:` then `async with service.results() as results:`; each
     result is a `FolderResult` (the slide, its `SlideResult`, its ledger state); `service.stop()` drains.
     """
-    from .folder import serve_folder as serve
+    from .daemon.service import serve_folder as serve
 
     return serve(input_folder, config, **options)

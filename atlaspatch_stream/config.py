@@ -233,7 +233,7 @@ class WatchConfig:
         _require(self.log_format in get_args(LogFormat), f"unknown --log-format {self.log_format!r}")
         _require(all(isinstance(g, str) and g for g in self.ignore), "--ignore patterns must be non-empty strings")
         if self.metrics is not None:
-            from .ops.metrics import parse_bind
+            from .daemon.ops.metrics import parse_bind
 
             parse_bind(self.metrics)  # raises ConfigError naming the refused address
 

@@ -27,9 +27,9 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from .config import PipelineConfig
 from .errors import STOP_REASONS, OutputError, PipelineClosed, PipelineFull, single_error
 from .items import PatchBatch, PatchPlan, SlideJob, SlideResult, Thumbnail, TissueMask, WriteItem
+from .outputs.claims import DEFAULT_LEASE
 from .protocols import Backends
 from .report import RunReport
-from .sources.claims import DEFAULT_LEASE
 from .stages import encode, plan, prepare, read, segment, write
 from .stages.book import SlideBook
 

@@ -27,9 +27,8 @@ import h5py
 import numpy as np
 from common import machine, write_result  # perf/common.py (scripts run from perf/)
 
-from atlaspatch_stream.backends import h5store
-from atlaspatch_stream.backends.h5store import SlideH5, check_free_space, estimate_h5_bytes, passports
-from atlaspatch_stream.outputs import PASSPORT_DTYPE, SlideAttrs
+from atlaspatch_stream.outputs import PASSPORT_DTYPE, SlideAttrs, h5store
+from atlaspatch_stream.outputs.h5store import SlideH5, check_free_space, estimate_h5_bytes, passports
 
 DIMS = {"color_stats": 9, "resnet18": 512}  # the encoders
 WRITE_BATCH, BATCH = 8192, 32

@@ -27,7 +27,7 @@ at once, to <out>/gpu_check.jsonl; <out> is $OUT on the device, perf/results/ he
  6 numerics   CPU fp32 vs GPU fp32 (TF32 off) vs GPU fp16 features: cosine and relative L2
  7 sam2       SAM2 masks on the device vs the CPU at float32 (random seeded checkpoint)
  8 e2e        a 40× tiled TIFF written on the device -> TileOnceReader (nvimgcodec on the GPU, torch cut 512 -> 256)
-              -> EncoderStreams (ring, events, pinned features): patches/s and the ratio to section 5's bare rate
+              -> EncoderCudaStreams (ring, events, pinned features): patches/s and the ratio to section 5's bare rate
 """
 
 from __future__ import annotations
@@ -578,9 +578,9 @@ def e2e(c: Check) -> None:
 
     import tifffile
 
+    from atlaspatch_stream.backends.cuda_streams import EncoderCudaStreams, device_ops
     from atlaspatch_stream.backends.decoders.nvimgcodec import NvImageCodecDecoder
     from atlaspatch_stream.backends.readers import TileOnceReader
-    from atlaspatch_stream.backends.streams import EncoderStreams, device_ops
     from atlaspatch_stream.backends.tiles import page_meta
 
     seconds = 2.0 if c.dry else 20.0
@@ -597,7 +597,7 @@ def e2e(c: Check) -> None:
         for name, batch in (("resnet50", 512), ("uni_v1", 256)):
             b = 4 if c.dry else batch
             enc = _encoder(c, name, c.device, c.precision)
-            runner = EncoderStreams([enc], device_ops(c.device), batch_size=b, slots=3)
+            runner = EncoderCudaStreams([enc], device_ops(c.device), batch_size=b, slots=3)
             reader = TileOnceReader(threads=4, decoder=decoder, device_output=True)
             done, started, pending = 0, time.perf_counter(), []
             while time.perf_counter() - started < seconds:

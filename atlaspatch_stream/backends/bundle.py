@@ -18,9 +18,8 @@ from .. import __version__, outputs
 from ..config import PipelineConfig, geometry_fingerprint
 from ..geometry import Geometry
 from ..items import OpenedSlide, PatchPlan, SlideJob
-from ..outputs import ReuseDecision, SlideAttrs
+from ..outputs import ReuseDecision, SlideAttrs, claims
 from ..protocols import EncoderSet, Lock, Segmenter, SlideHandle, Store, TileDecoder
-from ..sources import claims
 
 log = logging.getLogger(__name__)
 
@@ -243,7 +242,7 @@ class H5Outputs:
 
     def reuse_decision(self, job: SlideJob, encoders: Sequence[str]) -> ReuseDecision:
         """Skip, reuse, refuse or process anew (upstream §2.6 plus the geometry check)."""
-        from .h5store import inspect_h5
+        from ..outputs.h5store import inspect_h5
 
         path = self.h5_path(job)
         existing = inspect_h5(path) if path.exists() else None
@@ -251,14 +250,14 @@ class H5Outputs:
 
     def read_coords(self, path: Path) -> np.ndarray:
         """The `coords` of a complete H5."""
-        from .h5store import read_coords
+        from ..outputs.h5store import read_coords
 
         return read_coords(path)
 
     def open_store(self, plan: PatchPlan, feature_dims: Mapping[str, int]) -> Store:
         """A new temporary H5 with coords (new slide), checked to have room for them and `feature_dims`; or the
         existing H5 (reuse: each added set is checked when it begins)."""
-        from .h5store import SlideH5
+        from ..outputs.h5store import SlideH5
 
         w, batch, job = self.config.write, self.config.encode.batch_size, plan.slide.job
         if plan.slide.reuse is not None:
@@ -269,7 +268,7 @@ class H5Outputs:
 
     def save_images(self, plan: PatchPlan, rows: np.ndarray, pixels: np.ndarray) -> None:
         """`--save-images`: `<out>/images/<stem>/<stem>_x{X}_y{Y}.png`, written atomically."""
-        from .images import save_patch_pngs
+        from ..outputs.images import save_patch_pngs
         from .patches import to_host
 
         stem = plan.slide.job.stem
@@ -333,7 +332,7 @@ class RealBackends:
         The tile decoder is built here too, so a missing decoder extra fails before any slide, as a missing weight
         file does.
         """
-        from .encoders.group import EncoderGroup, StreamedEncoders
+        from .encoders.group import CudaEncoderGroup, EncoderGroup
 
         names = self.config.encode.extractors
         if not names:
@@ -345,6 +344,6 @@ class RealBackends:
         device = feature_device(self.config)
         if device.startswith("cuda"):
             enc = self.config.encode
-            return StreamedEncoders(encoders, device, batch_size=enc.batch_size,
+            return CudaEncoderGroup(encoders, device, batch_size=enc.batch_size,
                                     patch_size=self.config.plan.patch_size, memory_budget=enc.gpu_memory_budget)
         return EncoderGroup(encoders)

@@ -26,8 +26,8 @@ from ..pipeline import Mode
 from .runner import Engine, Progress, Statistics, write_line
 
 if TYPE_CHECKING:
-    from ..distributed.plan import Shard, ShardPlan
-    from ..distributed.staging import StageOptions, Stager
+    from ..sources.local_copy import CopyOptions, LocalCopier
+    from ..sources.shards import Shard, ShardWork
 
 SCALE_KEYS = ("shard", "steal", "stage_dir", "stage_max_gb", "engine", "ray_address", "workers", "max_attempts")
 RAY_CONNECT_TIMEOUT_S = 5.0
@@ -74,7 +74,7 @@ class ScaleRequest:
     shard: Shard | None
     shard_source: str
     steal: bool
-    stage: StageOptions | None
+    stage: CopyOptions | None
     engine: str
     ray_address: str
     workers: int | None
@@ -88,8 +88,8 @@ def pop_request(params: dict[str, Any], env: Mapping[str, str] | None = None) ->
         BadFlag: a malformed or contradictory value.
         click.ClickException: `--engine ray` without the extra, or a Ray address that cannot be reached.
     """
-    from ..distributed.slurm import resolve_shard
-    from ..distributed.staging import DEFAULT_STAGE_MAX_GB, StageOptions
+    from ..sources.local_copy import DEFAULT_STAGE_MAX_GB, CopyOptions
+    from ..sources.slurm import resolve_shard
 
     p = {k: params.pop(k, None) for k in SCALE_KEYS}
     try:
@@ -97,7 +97,7 @@ def pop_request(params: dict[str, Any], env: Mapping[str, str] | None = None) ->
     except ValueError as exc:
         raise BadFlag(f"--shard {exc}" if p["shard"] is not None else f"SLURM array: {exc}") from None
     _check_combination(p)
-    stage = StageOptions(p["stage_dir"], p["stage_max_gb"] or DEFAULT_STAGE_MAX_GB) if p["stage_dir"] else None
+    stage = CopyOptions(p["stage_dir"], p["stage_max_gb"] or DEFAULT_STAGE_MAX_GB) if p["stage_dir"] else None
     engine = p["engine"] or "local"
     if shard is None and not p["steal"] and stage is None and engine == "local":
         return None
@@ -146,16 +146,16 @@ class Scaled:
         self.request = request
         self.config = config
         self.mode = mode
-        self.plan: ShardPlan | None = None
-        self.stager: Stager | None = None
+        self.plan: ShardWork | None = None
+        self.copier: LocalCopier | None = None
 
     def select(self, jobs: list[SlideJob]) -> list[SlideJob]:
         """This shard's slides, biggest first (the rest kept for stealing); one line says what was taken."""
-        from ..distributed.plan import plan_shard
-        from ..distributed.staging import slide_bytes
+        from ..sources.local_copy import slide_bytes
+        from ..sources.shards import split_shard
 
         sizes = {j.slide_id: slide_bytes(j.path) for j in jobs}
-        self.plan = plan_shard(jobs, self.request.shard, sizes)
+        self.plan = split_shard(jobs, self.request.shard, sizes)
         if self.request.shard is not None:
             tail = "; then unclaimed slides of other shards" if self.request.steal else ""
             hint = "" if self.request.shard_source == "--shard" else " (pass --shard 0/1 to take every slide)"
@@ -173,15 +173,15 @@ class Scaled:
         if self.request.stage is None:
             yield
             return
-        from ..distributed.staging import Stager
+        from ..sources.local_copy import LocalCopier
 
         try:
-            stager = Stager(self.request.stage)
+            copier = LocalCopier(self.request.stage)
         except OSError as exc:
             raise ConfigError(f"--stage-dir {self.request.stage.root}: cannot stage slides there "
                               f"({exc.strerror or exc})") from None
-        with stager:
-            self.stager = stager
+        with copier:
+            self.copier = copier
             yield
 
     def engine(self, progress: Progress) -> Engine:
@@ -190,11 +190,11 @@ class Scaled:
 
     async def _local(self, progress: Progress, jobs: list[SlideJob], config: PipelineConfig, *, mode: Mode,
                      stop: Stop, command: str, on_result: Callable[[SlideResult, Statistics], None]) -> RunSummary:
-        from ..distributed.local import ShardFeed
+        from ..sources.shard_feed import ShardFeed
 
         assert self.plan is not None, "select() plans the shard before the run"
         feed = ShardFeed(self.plan, config.write.output, config.write.skip_existing, steal=self.request.steal,
-                         stager=self.stager, on_steal=lambda _job: progress.extend(1))
+                         copier=self.copier, on_steal=lambda _job: progress.extend(1))
 
         def both(result: SlideResult, source: Statistics) -> None:
             feed.on_result(result)
@@ -276,7 +276,7 @@ def run_scaled_or_local(config: PipelineConfig, wsi_path: Path, params: dict[str
 @click.argument("process_args", nargs=-1, type=click.UNPROCESSED)
 def slurm_template(input_: str, process_args: tuple[str, ...], time_: str, **opts: Any) -> None:
     """Print a ready sbatch array script; arguments after `--` go to `atlaspatch process` inside it."""
-    from ..distributed.slurm import DEFAULT_PROCESS_ARGS, TemplateOptions, sbatch_script
+    from ..sources.slurm import DEFAULT_PROCESS_ARGS, TemplateOptions, sbatch_script
 
     args = process_args or DEFAULT_PROCESS_ARGS
     _check_process_args(click.get_current_context(), args)

@@ -25,7 +25,7 @@ log = logging.getLogger("atlaspatch_stream")
 def setup_daemon_logging(log_format: str, redactor: Any) -> None:
     """One stderr handler: our INFO lines (one per slide transition), third-party warnings; paths redacted when
     pseudonymising."""
-    from ..ops.logs import install_handler
+    from ..daemon.ops.logs import install_handler
 
     root = logging.getLogger()
     root.handlers.clear()
@@ -36,7 +36,7 @@ def setup_daemon_logging(log_format: str, redactor: Any) -> None:
 async def _serve(input_folder: Path, config: PipelineConfig, once: bool, allow_root: bool,
                  retry_quarantined: bool, redactor: Any) -> tuple[int, int | None]:
     """Run the service with signal handling; (failed slides, exit code of a cancelling second signal)."""
-    from ..folder import serve_folder
+    from ..daemon.service import serve_folder
 
     failed, received = 0, list[int]()
     outer = anyio.CancelScope()
@@ -72,7 +72,7 @@ async def _serve(input_folder: Path, config: PipelineConfig, once: bool, allow_r
 def run_watch(input_folder: Path, config: PipelineConfig, *, once: bool, allow_root: bool,
               retry_quarantined: bool) -> int:
     """`atlaspatch watch`: the exit status (see the module docstring)."""
-    from ..ops.logs import RedactPaths
+    from ..daemon.ops.logs import RedactPaths
     from ..sync import run
 
     os.umask(os.umask(0o022) | 0o022)  # whatever the caller's umask: nothing we create is group/other-writable
@@ -88,7 +88,7 @@ def run_watch(input_folder: Path, config: PipelineConfig, *, once: bool, allow_r
 def run_status(output: Path, state_dir: Path | None, as_json: bool, requeue: tuple[str, ...]) -> int:
     """`atlaspatch status OUTPUT`: counts per state, slides in flight, the last failures and the quarantine list."""
     from ..config import WatchConfig
-    from ..sources.ledger import LEDGER_FILE, read_status, requeue_slides
+    from ..daemon.ledger import LEDGER_FILE, read_status, requeue_slides
 
     state = state_dir or WatchConfig().state_path(output)
     ledger = state / LEDGER_FILE

@@ -38,11 +38,11 @@ from ..backends.bundle import H5Outputs, SettingsRecord
 from ..config import PipelineConfig
 from ..errors import STOP_REASONS, AtlasPatchError, ConfigError, MissingExtraError, import_extra
 from ..items import SlideJob, SlideResult
+from ..outputs import claims
 from ..pipeline import Mode
 from ..report import RunReport, RunStatus
-from ..sources import claims
+from ..sources.local_copy import CopyOptions, LocalCopier, worth_copying
 from ..stages.book import Tally
-from .staging import StageOptions, Stager, worth_staging
 
 log = logging.getLogger("atlaspatch_stream")
 
@@ -76,7 +76,7 @@ class RayOptions:
     in_flight: int = 3
     max_attempts: int = 3
     max_restarts: int = 4
-    stage: StageOptions | None = None
+    stage: CopyOptions | None = None
     start_timeout_s: float = 600.0
     close_timeout_s: float = 60.0
 
@@ -97,18 +97,18 @@ class NodeWorker:
     cause instead of a bare actor death.
     """
 
-    def __init__(self, config: PipelineConfig, mode: Mode, tag: str, stage: StageOptions | None) -> None:
+    def __init__(self, config: PipelineConfig, mode: Mode, tag: str, stage: CopyOptions | None) -> None:
         from .. import sync
         from ..backends.bundle import RealBackends
 
         self.config = config
         self.tag = tag
         self.error: tuple[str, str] | None = None
-        self.stager: Stager | None = None
+        self.copier: LocalCopier | None = None
         self._stack = contextlib.ExitStack()
         try:
             if stage is not None:
-                self.stager = self._stack.enter_context(Stager(stage))
+                self.copier = self._stack.enter_context(LocalCopier(stage))
             backends = RealBackends(config)
             backends.outputs = TaggedOutputs(config, backends.settings, tag)
             self.pipeline = self._stack.enter_context(sync.open_pipeline(
@@ -130,20 +130,20 @@ class NodeWorker:
             claims.break_claim(outputs.lock_path(self.config.write.output, job.stem),
                                lambda holder: holder.purpose == self.tag, "its Ray worker died")
         staged = job
-        if self.stager is not None and worth_staging(job, self.config.write.output, self.config.write.skip_existing):
-            staged = self.stager.stage(job)
+        if self.copier is not None and worth_copying(job, self.config.write.output, self.config.write.skip_existing):
+            staged = self.copier.copy(job)
         try:
             result = self.pipeline.process(staged)
         finally:
-            if self.stager is not None:
-                self.stager.release(staged)
+            if self.copier is not None:
+                self.copier.release(staged)
         return dataclasses.replace(result, job=job)
 
     def statistics(self) -> dict[str, Any]:
         """The pipeline's statistics, where it runs, and what staging did."""
         stats: dict[str, Any] = {**self.pipeline.statistics(), "pid": os.getpid(), "host": socket.gethostname()}
-        if self.stager is not None:
-            stats["staging"] = self.stager.statistics()
+        if self.copier is not None:
+            stats["staging"] = self.copier.statistics()
         return stats
 
     def close(self) -> None:

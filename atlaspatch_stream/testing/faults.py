@@ -25,7 +25,7 @@ import os
 import sys
 from collections.abc import Iterator, Sequence
 
-from ..backends.h5io import OsIO, use_os_io
+from ..outputs.h5io import OsIO, use_os_io
 
 Op = str  # "write" or "fsync"
 

@@ -35,7 +35,7 @@ class SimEvent:
 
 
 class SimulatedOps:
-    """`backends.streams.DeviceOps` with deferred, randomly interleaved streams on the CPU.
+    """`backends.cuda_streams.DeviceOps` with deferred, randomly interleaved streams on the CPU.
 
     Args:
         seed: Seeds the interleaving (each seed is one schedule).

@@ -21,7 +21,7 @@ import h5py
 import orjson
 import pytest
 
-from atlaspatch_stream.sources.ledger import LEDGER_FILE, LedgerError, read_status
+from atlaspatch_stream.daemon.ledger import LEDGER_FILE, LedgerError, read_status
 from atlaspatch_stream.testing.synthetic import write_synthetic_slide
 from tests.conftest import SHARED_SLIDES
 from tests.helpers import leftovers, mounted_tmpfs

@@ -13,8 +13,8 @@ from pathlib import Path
 import anyio
 import pytest
 
-from atlaspatch_stream.sources.clock import ManualClock
-from atlaspatch_stream.sources.ledger import (
+from atlaspatch_stream.daemon.clock import ManualClock
+from atlaspatch_stream.daemon.ledger import (
     Ledger,
     LedgerError,
     Observation,
@@ -197,7 +197,7 @@ async def test_newer_schema_and_closed_ledger_are_errors(tmp_path: Path) -> None
 CRASH = """
 import anyio, os, signal, sys
 sys.path.insert(0, {root!r})
-from atlaspatch_stream.sources.ledger import Ledger, Observation
+from atlaspatch_stream.daemon.ledger import Ledger, Observation
 async def main():
     async with Ledger.open({path!r}) as ledger:
         await ledger.reconcile({{"a.svs": Observation("a.svs", "a.svs", "file", 10, 1, "a")}})

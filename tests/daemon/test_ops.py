@@ -15,18 +15,23 @@ import anyio
 import orjson
 import pytest
 
-from atlaspatch_stream.errors import ConfigError
-from atlaspatch_stream.ops.logs import (
+from atlaspatch_stream.daemon.clock import ManualClock
+from atlaspatch_stream.daemon.ops.logs import (
     JsonLinesFormatter,
     Pseudonymizer,
     RedactPaths,
     TextFormatter,
     escape_control,
 )
-from atlaspatch_stream.ops.metrics import Bind, make_registry, parse_bind, render, serve_metrics
-from atlaspatch_stream.ops.notify import Notifier
-from atlaspatch_stream.ops.statusfile import StatusBoard, read_status_file, run_status_file, write_status
-from atlaspatch_stream.sources.clock import ManualClock
+from atlaspatch_stream.daemon.ops.metrics import Bind, make_registry, parse_bind, render, serve_metrics
+from atlaspatch_stream.daemon.ops.notify import Notifier
+from atlaspatch_stream.daemon.ops.statusfile import (
+    StatusBoard,
+    read_status_file,
+    run_status_file,
+    write_status,
+)
+from atlaspatch_stream.errors import ConfigError
 
 httpx = pytest.importorskip("httpx")
 text_string_to_metric_families = pytest.importorskip("prometheus_client.parser").text_string_to_metric_families

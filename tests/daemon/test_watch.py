@@ -19,12 +19,11 @@ import anyio
 import pytest
 
 from atlaspatch_stream.config import WatchConfig
-from atlaspatch_stream.errors import ConfigError
-from atlaspatch_stream.ops.logs import Pseudonymizer
-from atlaspatch_stream.ops.statusfile import StatusBoard, run_status_file
-from atlaspatch_stream.sources.clock import ManualClock
-from atlaspatch_stream.sources.ledger import Ledger, RetryPolicy, Settings
-from atlaspatch_stream.sources.watch import (
+from atlaspatch_stream.daemon.clock import ManualClock
+from atlaspatch_stream.daemon.ledger import Ledger, RetryPolicy, Settings
+from atlaspatch_stream.daemon.ops.logs import Pseudonymizer
+from atlaspatch_stream.daemon.ops.statusfile import StatusBoard, run_status_file
+from atlaspatch_stream.daemon.watcher import (
     FolderWatcher,
     IgnoreRules,
     MemoryEvents,
@@ -33,6 +32,7 @@ from atlaspatch_stream.sources.watch import (
     group_of,
     scan_tree,
 )
+from atlaspatch_stream.errors import ConfigError
 from tests.conftest import real_slide
 
 pytestmark = pytest.mark.anyio
@@ -456,7 +456,7 @@ async def test_pseudonymised_slides_carry_no_path(tmp_path: Path, caplog: pytest
     root, state = tmp_path / "in", tmp_path / "state"
     _copy(SMALL, root / "ACC-2024-991.svs")
     names = Pseudonymizer.from_key_file(state / "pseudonym.key")
-    caplog.set_level("INFO", logger="atlaspatch_stream.sources.watch")
+    caplog.set_level("INFO", logger="atlaspatch_stream.daemon.watcher")
     async with watching(root, state, pseudonym=names.pseudonym) as run:
         slide = (await run.wait_for(1, timeout=5))[0]
     expected = names.pseudonym("ACC-2024-991.svs")

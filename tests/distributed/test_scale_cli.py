@@ -135,8 +135,8 @@ def test_the_scaling_modules_import_neither_ray_nor_torch() -> None:
     """The CLI and every `distributed` module import without ray (it is imported when the Ray engine runs) and
     without torch, so `atlaspatch --help` and SLURM shards stay light."""
     code = ("import sys\n"
-            "import atlaspatch_stream.cli, atlaspatch_stream.distributed.ray_engine, atlaspatch_stream.distributed.local\n"
-            "import atlaspatch_stream.distributed.slurm, atlaspatch_stream.distributed.staging\n"
+            "import atlaspatch_stream.cli, atlaspatch_stream.distributed.ray_engine, atlaspatch_stream.sources.shards\n"
+            "import atlaspatch_stream.sources.slurm, atlaspatch_stream.sources.local_copy\n"
             "print(','.join(m for m in ('ray', 'torch', 'h5py') if m in sys.modules))")
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
     assert loaded.stdout.strip() == ""

@@ -12,8 +12,8 @@ from pathlib import Path
 from click.testing import CliRunner
 
 from atlaspatch_stream.cli import cli
-from atlaspatch_stream.distributed.plan import shard_of
-from atlaspatch_stream.sources.claims import DEFAULT_LEASE, Holder
+from atlaspatch_stream.outputs.claims import DEFAULT_LEASE, Holder
+from atlaspatch_stream.sources.shards import shard_of
 from tests.distributed.common import CLI, COUNT, ENV, PROCESS, assert_same_outputs, events, slide_events
 from tests.helpers import leftovers
 

@@ -55,13 +55,13 @@ def test_cutter_on_cuda_equals_cutter_on_cpu() -> None:
 
 def test_encoder_streams_on_cuda_equal_direct_encoding() -> None:
     """Batches through the CUDA ring (own streams, events, pinned features) give the features of a direct encode."""
+    from atlaspatch_stream.backends.cuda_streams import CudaOps, EncoderCudaStreams
     from atlaspatch_stream.backends.encoders.registry import get_spec
     from atlaspatch_stream.backends.encoders.runtime import TorchEncoder
-    from atlaspatch_stream.backends.streams import CudaOps, EncoderStreams
 
     torch.manual_seed(0)
     enc = TorchEncoder(get_spec("resnet18"), device="cuda:0", precision="float32", model=get_spec("resnet18").build())
-    runner = EncoderStreams([enc], CudaOps("cuda:0"), batch_size=16, slots=3)
+    runner = EncoderCudaStreams([enc], CudaOps("cuda:0"), batch_size=16, slots=3)
     rng = np.random.default_rng(1)
     inputs = [rng.integers(0, 256, (16, 224, 224, 3), dtype=np.uint8) for _ in range(5)]
     tickets = [runner.submit(torch.from_numpy(p).cuda() if i % 2 else p) for i, p in enumerate(inputs[:3])]

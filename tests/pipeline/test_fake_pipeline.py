@@ -23,8 +23,8 @@ from atlaspatch_stream.config import (
     WriteConfig,
 )
 from atlaspatch_stream.items import SlideResult
+from atlaspatch_stream.outputs import claims
 from atlaspatch_stream.report import REPORT_NAME
-from atlaspatch_stream.sources import claims
 from atlaspatch_stream.testing.fakes import FakeBackends, fake_jobs
 from tests.helpers import fake_config, h5_features, leftovers
 

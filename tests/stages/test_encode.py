@@ -147,7 +147,7 @@ def test_streamed_encoders_through_the_stage_equal_the_cpu_group(tmp_path: objec
     import torch
     import torch.nn as nn
 
-    from atlaspatch_stream.backends.encoders.group import StreamedEncoders
+    from atlaspatch_stream.backends.encoders.group import CudaEncoderGroup
     from atlaspatch_stream.backends.encoders.runtime import TorchEncoder
     from atlaspatch_stream.backends.encoders.spec import EncoderSpec, Preprocess
 
@@ -163,7 +163,7 @@ def test_streamed_encoders_through_the_stage_equal_the_cpu_group(tmp_path: objec
         return anyio.run(_run, chunks, make, 4)  # type: ignore[arg-type]
 
     reference = run(EncoderGroup([TorchEncoder(spec, device="cpu", precision="float32"), Recording("host")]))
-    streamed = StreamedEncoders([TorchEncoder(spec, device="cpu", precision="float32"), Recording("host")], "cpu",
+    streamed = CudaEncoderGroup([TorchEncoder(spec, device="cpu", precision="float32"), Recording("host")], "cpu",
                                 batch_size=4, patch_size=8, memory_budget=0.5)
     got = run(streamed)
     assert [len(f.rows) for f in got] == [len(f.rows) for f in reference]

@@ -14,8 +14,8 @@ from atlaspatch_stream import outputs
 from atlaspatch_stream.backends.bundle import H5Outputs, SettingsRecord
 from atlaspatch_stream.errors import single_error
 from atlaspatch_stream.items import SlideJob, Thumbnail
+from atlaspatch_stream.outputs import claims
 from atlaspatch_stream.protocols import SlideHandle
-from atlaspatch_stream.sources import claims
 from atlaspatch_stream.stages import prepare
 from atlaspatch_stream.testing.fakes import FakeBackends, FakeSlides
 from tests.helpers import fake_config

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from atlaspatch_stream.backends.bundle import RealBackends
+from atlaspatch_stream.backends.cuda_streams import EncoderCudaStreams, device_ops
 from atlaspatch_stream.backends.readers import TileOnceReader
-from atlaspatch_stream.backends.streams import EncoderStreams, device_ops
 from atlaspatch_stream.config import load_config
 from atlaspatch_stream.errors import ConfigError
 from tests.conftest import real_slide
@@ -61,7 +61,7 @@ def test_every_backend_puts_tensors_on_its_configured_device(tmp_path: Path) -> 
         params = {p.device for p in enc._model.parameters()} or {torch.device(enc.device)}
         assert params == {torch.device(enc.device)}
         assert str(enc.encode_device(pixels).device) == enc.device
-    runner = EncoderStreams(encoders, device_ops(decoder.device), batch_size=8, slots=2)
+    runner = EncoderCudaStreams(encoders, device_ops(decoder.device), batch_size=8, slots=2)
     feats = runner.collect(runner.submit(pixels))
     assert set(feats) == {"resnet18", "color_stats"} and all(np.isfinite(f).all() for f in feats.values())
     assert all(str(t.device) == decoder.device for t in runner._inputs)

@@ -1,8 +1,8 @@
 """The pipeline's `EncoderSet`s: the requested encoders run together on each decoded batch.
 
 - `EncoderGroup` (CPU): `submit` runs every encoder at once; one batch in flight.
-- `StreamedEncoders` (CUDA): every `DeviceEncoder` on its own CUDA stream, fed through a fixed ring of device slots
-  (`backends.streams.EncoderStreams`), so several batches are in flight and the device never waits for the host;
+- `CudaEncoderGroup` (CUDA): every `DeviceEncoder` on its own CUDA stream, fed through a fixed ring of device slots
+  (`backends.cuda_streams.EncoderCudaStreams`), so several batches are in flight and the device never waits for the host;
   encoders without a device path (plugins) run on the host copy at `submit`.
 """
 
@@ -76,7 +76,7 @@ class _Ticket:
     host: dict[str, np.ndarray]
 
 
-class StreamedEncoders(EncoderGroup):
+class CudaEncoderGroup(EncoderGroup):
     """Encoders on a CUDA device, each on its own stream, through a ring of `slots` batches in flight.
 
     Args:
@@ -105,15 +105,15 @@ class StreamedEncoders(EncoderGroup):
 
     def warm_up(self) -> None:
         """Load every model, then build the ring (sized from the device's free memory and the budget)."""
-        from ..streams import EncoderStreams, device_ops, free_bytes, plan_ring
+        from ..cuda_streams import EncoderCudaStreams, device_ops, free_bytes, ring_layout
 
         super().warm_up()
         if self._on_device:
-            plan = plan_ring(free_bytes(self.device), self.memory_budget, self.batch_size, self.patch_size,
+            plan = ring_layout(free_bytes(self.device), self.memory_budget, self.batch_size, self.patch_size,
                              [e.dim for e in self._on_device])
             log.debug("encoder ring on %s: %d slots (budget %.1f GB)", self.device, plan.slots,
                       plan.budget_bytes / 1e9)
-            self._ring = EncoderStreams(self._on_device, device_ops(self.device), batch_size=self.batch_size,
+            self._ring = EncoderCudaStreams(self._on_device, device_ops(self.device), batch_size=self.batch_size,
                                         slots=plan.slots)
 
     def submit(self, pixels: Any, names: frozenset[str] | None) -> _Ticket:  # type: ignore[override]

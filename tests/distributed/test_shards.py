@@ -12,10 +12,10 @@ from pathlib import Path
 import anyio
 import pytest
 
-from atlaspatch_stream.distributed.plan import Shard, big_first, plan_shard, shard_of, steal_order
 from atlaspatch_stream.distributed.ray_engine import Dispatch, absolute, merge_worker_statistics
-from atlaspatch_stream.distributed.slurm import TemplateOptions, resolve_shard, sbatch_script, shard_from_env
 from atlaspatch_stream.items import SlideJob
+from atlaspatch_stream.sources.shards import Shard, big_first, shard_of, split_shard, steal_order
+from atlaspatch_stream.sources.slurm import TemplateOptions, resolve_shard, sbatch_script, shard_from_env
 from tests.distributed.common import config
 
 STEMS = [f"case-{i:03d}_HE" for i in range(60)] + ["ümlaut slide", "a.b.c", "TCGA-XX-0001-01Z-00-DX1"]
@@ -28,7 +28,7 @@ def _jobs(stems: list[str]) -> list[SlideJob]:
 def test_shards_are_stable_across_processes_and_listing_orders() -> None:
     """A second interpreter with another hash seed assigns every stem the same shard, and shuffling the listing
     (another machine's order) gives each shard the same slides."""
-    code = ("import sys; from atlaspatch_stream.distributed.plan import shard_of\n"
+    code = ("import sys; from atlaspatch_stream.sources.shards import shard_of\n"
             "print(','.join(str(shard_of(s, 7)) for s in sys.argv[1:]))")
     env = {**os.environ, "PYTHONHASHSEED": "12345"}
     other = subprocess.run([sys.executable, "-c", code, *STEMS], capture_output=True, text=True, env=env,
@@ -38,8 +38,8 @@ def test_shards_are_stable_across_processes_and_listing_orders() -> None:
     shuffled = jobs[:]
     random.Random(3).shuffle(shuffled)
     for index in range(7):
-        mine = {j.stem for j in plan_shard(jobs, Shard(index, 7), {}).own}
-        theirs = {j.stem for j in plan_shard(shuffled, Shard(index, 7), {}).own}
+        mine = {j.stem for j in split_shard(jobs, Shard(index, 7), {}).own}
+        theirs = {j.stem for j in split_shard(shuffled, Shard(index, 7), {}).own}
         assert mine == theirs
 
 
@@ -50,7 +50,7 @@ def test_shards_cover_every_slide_exactly_once(count: int) -> None:
     jobs = _jobs(STEMS)
     owned: list[str] = []
     for index in range(count):
-        plan = plan_shard(jobs, Shard(index, count), {})
+        plan = split_shard(jobs, Shard(index, count), {})
         owned += [j.stem for j in plan.own]
         assert sorted(j.stem for j in plan.others) == sorted(set(STEMS) - {j.stem for j in plan.own})
     assert sorted(owned) == sorted(STEMS)
@@ -63,7 +63,7 @@ def test_big_slides_first_and_thieves_start_at_the_small_end() -> None:
     with the next one, taking each victim's smallest slide first."""
     jobs = _jobs(STEMS)
     sizes = {j.slide_id: (j.slide_id * 7919) % 1000 for j in jobs}
-    plan = plan_shard(jobs, Shard(1, 3), sizes)
+    plan = split_shard(jobs, Shard(1, 3), sizes)
     assert [sizes[j.slide_id] for j in plan.own] == sorted((sizes[j.slide_id] for j in plan.own), reverse=True)
     assert big_first(jobs[:3], {0: 5, 1: 5, 2: 9})[0].slide_id == 2
     order = steal_order(jobs, Shard(1, 3), sizes)

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 from anyio.abc import ByteStream, SocketAttribute, TaskStatus
 
-from ..errors import ConfigError
+from ...errors import ConfigError
 
 if TYPE_CHECKING:
     from .statusfile import StatusBoard

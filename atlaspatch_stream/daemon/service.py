@@ -29,19 +29,19 @@ import anyio
 from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from . import __version__
-from .api import default_mode, open_pipeline
-from .config import PipelineConfig
-from .errors import ConfigError
-from .items import SlideJob, SlideResult
+from .. import __version__
+from ..api import default_mode, open_pipeline
+from ..config import PipelineConfig
+from ..errors import ConfigError
+from ..items import SlideJob, SlideResult
+from ..pipeline import Mode, Pipeline
+from ..protocols import Backends
+from .clock import Clock, SystemClock
+from .ledger import LEDGER_FILE, ErrorKind, Ledger, RetryPolicy, Settings, classify_error
 from .ops.logs import Pseudonymizer, RedactPaths
 from .ops.notify import Notifier
 from .ops.statusfile import STATUS_FILE, StatusBoard, run_status_file
-from .pipeline import Mode, Pipeline
-from .protocols import Backends
-from .sources.clock import Clock, SystemClock
-from .sources.ledger import LEDGER_FILE, ErrorKind, Ledger, RetryPolicy, Settings, classify_error
-from .sources.watch import EventSource, FolderWatcher, ReadySlide
+from .watcher import EventSource, FolderWatcher, ReadySlide
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from atlaspatch_stream.sources.complete import (
+from atlaspatch_stream.daemon.complete import (
     check_slide,
     is_temporary_name,
     members,

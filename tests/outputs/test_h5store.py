@@ -8,10 +8,9 @@ import h5py
 import numpy as np
 import pytest
 
-from atlaspatch_stream.backends.h5store import TMP_PREFIX, SlideH5, inspect_h5, passports, read_coords
 from atlaspatch_stream.errors import SlideError
-from atlaspatch_stream.outputs import PASSPORT_FORMAT, SlideAttrs
-from atlaspatch_stream.sources import claims
+from atlaspatch_stream.outputs import PASSPORT_FORMAT, SlideAttrs, claims
+from atlaspatch_stream.outputs.h5store import TMP_PREFIX, SlideH5, inspect_h5, passports, read_coords
 
 UPSTREAM_ATTRS = {  # name -> h5py/numpy kind, as upstream stores them (§2.3): ints int64, strings vlen UTF-8
     "patch_size": "i8", "patch_size_level0": "i8", "level0_magnification": "i8", "target_magnification": "i8",

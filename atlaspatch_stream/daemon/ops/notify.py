@@ -14,7 +14,7 @@ import os
 import socket
 from collections.abc import Callable, Mapping
 
-from ..sources.clock import Clock, SystemClock
+from ..clock import Clock, SystemClock
 
 __all__ = ["Notifier"]
 

@@ -12,7 +12,7 @@ import shlex
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from .plan import Shard
+from .shards import Shard
 
 TASK_ID = "SLURM_ARRAY_TASK_ID"
 TASK_COUNT = "SLURM_ARRAY_TASK_COUNT"

@@ -17,24 +17,24 @@ from click.testing import CliRunner
 from atlaspatch_stream import api, sync
 from atlaspatch_stream.backends.bundle import RealBackends
 from atlaspatch_stream.cli import cli
-from atlaspatch_stream.distributed import staging
-from atlaspatch_stream.distributed.local import ShardFeed
-from atlaspatch_stream.distributed.plan import plan_shard
-from atlaspatch_stream.distributed.staging import (
-    StageOptions,
-    Stager,
+from atlaspatch_stream.items import SlideJob
+from atlaspatch_stream.outputs import claims
+from atlaspatch_stream.sources import local_copy as staging
+from atlaspatch_stream.sources.local_copy import (
+    CopyOptions,
+    LocalCopier,
     slide_bytes,
     slide_files,
-    worth_staging,
+    worth_copying,
 )
-from atlaspatch_stream.items import SlideJob
-from atlaspatch_stream.sources import claims
+from atlaspatch_stream.sources.shard_feed import ShardFeed
+from atlaspatch_stream.sources.shards import split_shard
 from tests.distributed.common import COUNT, PROCESS, assert_same_outputs, config, slide_events
 from tests.helpers import leftovers
 
 
-def _staged_run(slides: Path, out: Path, stage: StageOptions) -> tuple[api.RunSummary, dict, list[Path]]:
-    """Process `slides` through a staging feed; returns the summary, the stager's statistics and every path the
+def _staged_run(slides: Path, out: Path, stage: CopyOptions) -> tuple[api.RunSummary, dict, list[Path]]:
+    """Process `slides` through a staging feed; returns the summary, the copier's statistics and every path the
     slide backend was asked to open."""
     cfg = config(out)
     backends = RealBackends(cfg)
@@ -47,13 +47,13 @@ def _staged_run(slides: Path, out: Path, stage: StageOptions) -> tuple[api.RunSu
 
     backends.slides.open_slide = recording_open  # type: ignore[method-assign]
     jobs = api.make_jobs([slides], cfg)
-    with Stager(stage) as stager:
-        feed = ShardFeed(plan_shard(jobs, None, {}), out, True, stager=stager)
+    with LocalCopier(stage) as copier:
+        feed = ShardFeed(split_shard(jobs, None, {}), out, True, copier=copier)
         summary = sync.run(lambda: api.process_slides(jobs, cfg, backends=backends, feed=feed,
                                                       on_result=lambda r, _p: feed.on_result(r)))
-        stats = stager.statistics()
-        assert list(stager.folder.iterdir()) == []  # every copy deleted once its slide was done
-    assert not stager.folder.exists()
+        stats = copier.statistics()
+        assert list(copier.folder.iterdir()) == []  # every copy deleted once its slide was done
+    assert not copier.folder.exists()
     return summary, stats, opened
 
 
@@ -63,7 +63,7 @@ def test_staged_slides_are_read_from_the_copy_and_named_by_the_original(slides: 
     exist at once (the next is copied while this one is processed), and the H5s equal an unstaged run's, with
     `wsi_path`, `filename` and the run report naming the original slide; nothing is left in the stage folder."""
     out, stage_root = tmp_path / "out", tmp_path / "local"
-    summary, stats, opened = _staged_run(slides, out, StageOptions(stage_root, max_gb=10))
+    summary, stats, opened = _staged_run(slides, out, CopyOptions(stage_root, max_gb=10))
     assert summary.ok and summary.count("done") == COUNT
     assert stats["staged"] == COUNT and stats["peak_slides"] >= 2 and stats["used_bytes"] == 0
     assert len(opened) == COUNT and all(stage_root in p.parents for p in opened)
@@ -81,7 +81,7 @@ def test_the_budget_bounds_what_is_staged_at_once(slides: Path, reference: Path,
     budget, and every slide still done with the same outputs."""
     biggest = max(slide_bytes(p) for p in slides.glob("*.svs"))
     out = tmp_path / "out"
-    summary, stats, _ = _staged_run(slides, out, StageOptions(tmp_path / "local", max_gb=biggest * 1.5 / 1e9))
+    summary, stats, _ = _staged_run(slides, out, CopyOptions(tmp_path / "local", max_gb=biggest * 1.5 / 1e9))
     assert summary.ok and stats["staged"] == COUNT
     assert stats["peak_slides"] == 1 and stats["peak_bytes"] <= biggest * 1.5
     assert_same_outputs(out, reference)
@@ -92,28 +92,28 @@ def _job(path: Path, slide_id: int = 0) -> SlideJob:
 
 
 def test_a_copy_waits_for_room_and_close_releases_waiters(slides: Path, tmp_path: Path) -> None:
-    """With room for one slide, staging a second waits until the first is released; a third waiting when the stager
+    """With room for one slide, staging a second waits until the first is released; a third waiting when the copier
     closes gives up and is read in place."""
     paths = sorted(slides.glob("*.svs"))
-    with Stager(StageOptions(tmp_path / "local", max_gb=max(map(slide_bytes, paths)) * 1.2 / 1e9)) as stager:
-        first = stager.stage(_job(paths[0], 0))
+    with LocalCopier(CopyOptions(tmp_path / "local", max_gb=max(map(slide_bytes, paths)) * 1.2 / 1e9)) as copier:
+        first = copier.copy(_job(paths[0], 0))
         assert first.read_path is not None and first.read_path.read_bytes() == paths[0].read_bytes()
         done: list[SlideJob] = []
-        waiter = threading.Thread(target=lambda: done.append(stager.stage(_job(paths[1], 1))))
+        waiter = threading.Thread(target=lambda: done.append(copier.copy(_job(paths[1], 1))))
         waiter.start()
         time.sleep(0.3)
         assert done == []
-        stager.release(first)
+        copier.release(first)
         waiter.join(5)
         assert done and done[0].read_path is not None and not first.read_path.exists()
         third: list[SlideJob] = []
-        blocked = threading.Thread(target=lambda: third.append(stager.stage(_job(paths[2], 2))))
+        blocked = threading.Thread(target=lambda: third.append(copier.copy(_job(paths[2], 2))))
         blocked.start()
         time.sleep(0.3)
-        stager.close()
+        copier.close()
         blocked.join(5)
         assert third and third[0].read_path is None
-    assert not stager.folder.exists()
+    assert not copier.folder.exists()
 
 
 def test_multi_file_slides_are_staged_whole(tmp_path: Path) -> None:
@@ -132,15 +132,15 @@ def test_multi_file_slides_are_staged_whole(tmp_path: Path) -> None:
     vms.write_text("[Virtual Microscope Specimen]\n")
     assert [str(rel) for _, rel in slide_files(mrxs)] == ["case.mrxs", "case/Data0000.dat", "case/Slidedat.ini"]
     assert slide_bytes(dicom) == 300 and slide_files(vms) is None
-    with Stager(StageOptions(tmp_path / "local")) as stager:
-        staged = stager.stage(_job(mrxs))
+    with LocalCopier(CopyOptions(tmp_path / "local")) as copier:
+        staged = copier.copy(_job(mrxs))
         assert staged.read_path is not None and staged.read_path.name == "case.mrxs"
         assert (staged.read_path.parent / "case" / "Data0000.dat").stat().st_size == 1000
-        series = stager.stage(_job(dicom, 1))
+        series = copier.copy(_job(dicom, 1))
         assert series.read_path is not None and sorted(p.name for p in series.read_path.iterdir()) == [
             "0.dcm", "1.dcm", "2.dcm"]
-        assert stager.stage(_job(vms, 2)).read_path is None
-        assert stager.statistics()["in_place"] == 1
+        assert copier.copy(_job(vms, 2)).read_path is None
+        assert copier.statistics()["in_place"] == 1
 
 
 def test_no_room_on_the_local_disk_reads_in_place(slides: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
@@ -149,24 +149,24 @@ def test_no_room_on_the_local_disk_reads_in_place(slides: Path, tmp_path: Path, 
     and its room in the budget is given back."""
     monkeypatch.setattr(staging, "RESERVE", 1 << 62)
     path = sorted(slides.glob("*.svs"))[0]
-    with Stager(StageOptions(tmp_path / "local")) as stager:
-        assert stager.stage(_job(path)).read_path is None
-        assert stager.statistics()["used_bytes"] == 0
+    with LocalCopier(CopyOptions(tmp_path / "local")) as copier:
+        assert copier.copy(_job(path)).read_path is None
+        assert copier.statistics()["used_bytes"] == 0
     assert "read in place" in caplog.text and "GB free" in caplog.text
 
 
 def test_a_killed_stager_s_folder_is_removed_by_the_next(tmp_path: Path) -> None:
-    """A process that stops without closing its stager (as under kill -9) leaves its folder; the next stager on this
-    host removes it, and leaves alone the folder of a stager that still runs."""
+    """A process that stops without closing its copier (as under kill -9) leaves its folder; the next copier on this
+    host removes it, and leaves alone the folder of a copier that still runs."""
     root = tmp_path / "local"
     code = ("import os, sys; from pathlib import Path\n"
-            "from atlaspatch_stream.distributed.staging import StageOptions, Stager\n"
-            "s = Stager(StageOptions(Path(sys.argv[1]))); (s.folder / 'partial.svs').write_bytes(b'x'); "
+            "from atlaspatch_stream.sources.local_copy import CopyOptions, LocalCopier\n"
+            "s = LocalCopier(CopyOptions(Path(sys.argv[1]))); (s.folder / 'partial.svs').write_bytes(b'x'); "
             "print(s.folder); os._exit(0)")
     left = Path(subprocess.run([sys.executable, "-c", code, str(root)], capture_output=True, text=True, check=True,
                                timeout=60).stdout.strip())
     assert left.exists()
-    with Stager(StageOptions(root)) as live, Stager(StageOptions(root)) as other:
+    with LocalCopier(CopyOptions(root)) as live, LocalCopier(CopyOptions(root)) as other:
         assert not left.exists() and live.folder.exists() and other.folder.exists()
 
 
@@ -174,12 +174,12 @@ def test_done_or_taken_slides_are_not_worth_staging(slides: Path, tmp_path: Path
     """A slide whose H5 exists (with --skip-existing) or whose claim a live process holds is not copied."""
     path = sorted(slides.glob("*.svs"))[0]
     job, out = _job(path), tmp_path / "out"
-    assert worth_staging(job, out, True)
+    assert worth_copying(job, out, True)
     claim = claims.try_claim(out / "patches" / f"{job.stem}.lock", slide=str(path))
-    assert claim is not None and not worth_staging(job, out, True)
+    assert claim is not None and not worth_copying(job, out, True)
     claim.release()
     (out / "patches" / f"{job.stem}.h5").write_bytes(b"")
-    assert not worth_staging(job, out, True) and worth_staging(job, out, False)
+    assert not worth_copying(job, out, True) and worth_copying(job, out, False)
 
 
 def test_stage_dir_from_the_command_line(slides: Path, reference: Path, tmp_path: Path) -> None:
@@ -195,5 +195,5 @@ def test_stage_dir_from_the_command_line(slides: Path, reference: Path, tmp_path
 def test_stage_options_reject_a_zero_budget(tmp_path: Path) -> None:
     """A budget must be positive."""
     with pytest.raises(ValueError, match="stage-max-gb"):
-        StageOptions(tmp_path, max_gb=0)
-    assert dataclasses.replace(StageOptions(tmp_path), max_gb=2).max_bytes == 2_000_000_000
+        CopyOptions(tmp_path, max_gb=0)
+    assert dataclasses.replace(CopyOptions(tmp_path), max_gb=2).max_bytes == 2_000_000_000

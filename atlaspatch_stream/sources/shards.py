@@ -67,7 +67,7 @@ def big_first(jobs: Sequence[SlideJob], sizes: Mapping[int, int]) -> list[SlideJ
 
 
 @dataclass(frozen=True)
-class ShardPlan:
+class ShardWork:
     """What one process works on: its own slides, then (with stealing) the others, in the order to steal them."""
 
     shard: Shard | None
@@ -75,15 +75,15 @@ class ShardPlan:
     others: list[SlideJob] = field(default_factory=list)
 
 
-def plan_shard(jobs: Sequence[SlideJob], shard: Shard | None, sizes: Mapping[int, int]) -> ShardPlan:
+def split_shard(jobs: Sequence[SlideJob], shard: Shard | None, sizes: Mapping[int, int]) -> ShardWork:
     """Split `jobs` into this shard's slides (biggest first) and the other shards' (`steal_order`).
 
     Without a shard every slide is this process's own, biggest first.
     """
     if shard is None:
-        return ShardPlan(None, big_first(jobs, sizes))
+        return ShardWork(None, big_first(jobs, sizes))
     own = [j for j in jobs if shard.owns(j.stem)]
-    return ShardPlan(shard, big_first(own, sizes), steal_order(jobs, shard, sizes))
+    return ShardWork(shard, big_first(own, sizes), steal_order(jobs, shard, sizes))
 
 
 def steal_order(jobs: Sequence[SlideJob], shard: Shard, sizes: Mapping[int, int]) -> list[SlideJob]:

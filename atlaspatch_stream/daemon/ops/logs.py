@@ -24,7 +24,7 @@ from typing import IO, Any
 
 import orjson
 
-from ..errors import ConfigError
+from ...errors import ConfigError
 
 __all__ = ["JsonLinesFormatter", "Pseudonymizer", "RedactPaths", "TextFormatter", "escape_control", "install_handler"]
 

@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from atlaspatch_stream.errors import SlideError
-from atlaspatch_stream.sources.ledger import (
+from atlaspatch_stream.daemon.ledger import (
     Observation,
     RetryPolicy,
     Settings,
@@ -26,7 +25,8 @@ from atlaspatch_stream.sources.ledger import (
     settings_change,
     vanish,
 )
-from atlaspatch_stream.sources.naming import clean_stem, unique_stem, within
+from atlaspatch_stream.daemon.naming import clean_stem, unique_stem, within
+from atlaspatch_stream.errors import SlideError
 
 NOW = 1_700_000_000.0
 POLICY = RetryPolicy(max_attempts=3, base_s=60, factor=4, max_s=3600)

@@ -10,18 +10,18 @@ import pytest
 import torch
 import torch.nn as nn
 
-from atlaspatch_stream.backends.encoders.registry import get_spec
-from atlaspatch_stream.backends.encoders.runtime import TorchEncoder
-from atlaspatch_stream.backends.encoders.spec import EncoderSpec, Preprocess
-from atlaspatch_stream.backends.streams import (
+from atlaspatch_stream.backends.cuda_streams import (
+    EncoderCudaStreams,
     EncoderOutOfMemory,
-    EncoderStreams,
     InlineOps,
     Ticket,
     device_ops,
-    plan_ring,
+    ring_layout,
     size_for_device,
 )
+from atlaspatch_stream.backends.encoders.registry import get_spec
+from atlaspatch_stream.backends.encoders.runtime import TorchEncoder
+from atlaspatch_stream.backends.encoders.spec import EncoderSpec, Preprocess
 from atlaspatch_stream.config import load_config
 from atlaspatch_stream.testing.streams import SimulatedOps
 
@@ -53,7 +53,7 @@ def batches(n: int, seed: int, most: int = 8) -> list[np.ndarray]:
     return [rng.integers(0, 256, (int(rng.integers(1, most + 1)), P, P, 3), dtype=np.uint8) for _ in range(n)]
 
 
-def run_pipelined(runner: EncoderStreams, inputs: list[np.ndarray]) -> list[dict[str, np.ndarray]]:
+def run_pipelined(runner: EncoderCudaStreams, inputs: list[np.ndarray]) -> list[dict[str, np.ndarray]]:
     """Submit ahead as far as the ring allows, collect in order (as an encode stage would)."""
     out: list[dict[str, np.ndarray]] = []
     pending: list[Ticket] = []
@@ -78,13 +78,13 @@ def test_features_equal_direct_encoding_under_random_stream_schedules(encoders: 
     runs in a seeded random interleaving: every batch's features equal each encoder run on it directly, so the
     events order fill -> forward -> feature copy -> slot reuse under any schedule."""
     ops = SimulatedOps(seed)
-    runner = EncoderStreams(encoders, ops, batch_size=8, slots=3)
+    runner = EncoderCudaStreams(encoders, ops, batch_size=8, slots=3)
     inputs = batches(12, seed)
     assert_features(run_pipelined(runner, inputs), inputs, encoders)
     assert {name for _, name in ops.log} >= {"s0", "s1", "s2"}  # input stream and both encoder streams ran work
 
 
-class ForgetsToWait(EncoderStreams):
+class ForgetsToWait(EncoderCudaStreams):
     """A runner whose encoder streams do not wait for the slot to be filled (fault injection)."""
 
     def _run_lane(self, lane, k, rows):  # type: ignore[no-untyped-def]
@@ -92,7 +92,7 @@ class ForgetsToWait(EncoderStreams):
         self.ops.record(lane.done[k], lane.stream)
 
 
-class FreesEarly(EncoderStreams):
+class FreesEarly(EncoderCudaStreams):
     """A runner that gives a slot back before its encoders have finished (fault injection)."""
 
     def collect(self, ticket):  # type: ignore[no-untyped-def]
@@ -122,7 +122,7 @@ def test_submit_and_collect_from_two_threads(encoders: list[TorchEncoder]) -> No
     """A submitting thread and a collecting thread share one runner (simulated streams): every batch comes back in
     order with the right features, and the ring's two slots bound how far submission runs ahead."""
     ops = SimulatedOps(11)
-    runner = EncoderStreams(encoders, ops, batch_size=8, slots=2)
+    runner = EncoderCudaStreams(encoders, ops, batch_size=8, slots=2)
     inputs = batches(10, 5)
     tickets: list[Ticket] = []
     got: list[dict[str, np.ndarray]] = []
@@ -157,7 +157,7 @@ def test_submit_and_collect_from_two_threads(encoders: list[TorchEncoder]) -> No
 
 def test_a_full_ring_blocks_submit_until_a_collect(encoders: list[TorchEncoder]) -> None:
     """With both slots in flight a third submit waits; collecting one batch lets it through."""
-    runner = EncoderStreams(encoders, InlineOps(), batch_size=4, slots=2)
+    runner = EncoderCudaStreams(encoders, InlineOps(), batch_size=4, slots=2)
     first, _second = runner.submit(batches(1, 1, 4)[0]), runner.submit(batches(1, 2, 4)[0])
     entered, done = threading.Event(), threading.Event()
 
@@ -195,7 +195,7 @@ def test_out_of_memory_halves_the_batch_once_then_fails_clearly(encoders: list[T
     right features; one that fails even at 4 stops with EncoderOutOfMemory naming it and the batch sizes."""
     tiny = encoders[0]
     flaky = OomAbove(tiny, 4)
-    runner = EncoderStreams([flaky], InlineOps(), batch_size=8, slots=2)
+    runner = EncoderCudaStreams([flaky], InlineOps(), batch_size=8, slots=2)
     pixels = batches(1, 9, 8)[0]
     pixels = np.concatenate([pixels] * (8 // len(pixels) + 1))[:8]
     with caplog.at_level(logging.WARNING, logger="atlaspatch_stream"):
@@ -203,7 +203,7 @@ def test_out_of_memory_halves_the_batch_once_then_fails_clearly(encoders: list[T
     assert sum("out of device memory" in r.message for r in caplog.records) == 1
     assert flaky.sizes[0] == 8 and set(flaky.sizes[1:]) == {4}
     np.testing.assert_allclose(feats[1]["tiny"], tiny.encode(pixels), rtol=1e-5, atol=1e-6)
-    hopeless = EncoderStreams([OomAbove(tiny, 2)], InlineOps(), batch_size=8, slots=2)
+    hopeless = EncoderCudaStreams([OomAbove(tiny, 2)], InlineOps(), batch_size=8, slots=2)
     with pytest.raises(EncoderOutOfMemory, match=r"tiny ran out of device memory at 4 patches.*--feature-batch-size"):
         hopeless.submit(pixels)
 
@@ -223,7 +223,7 @@ class ShapeLog:
 def test_fixed_batch_encoders_always_see_full_batches(encoders: list[TorchEncoder]) -> None:
     """A compiled (fixed-shape) encoder gets full 8-row windows even for a 3-row tail; only the real rows return."""
     log = ShapeLog(encoders[0])
-    runner = EncoderStreams([log], InlineOps(), batch_size=8, slots=2)
+    runner = EncoderCudaStreams([log], InlineOps(), batch_size=8, slots=2)
     inputs = [batches(1, 4, 8)[0][:1].repeat(8, 0), batches(1, 5, 3)[0][:3]]
     got = run_pipelined(runner, inputs)
     assert log.shapes == [8, 8] and got[1]["tiny"].shape == (3, 6)
@@ -232,7 +232,7 @@ def test_fixed_batch_encoders_always_see_full_batches(encoders: list[TorchEncode
 
 def test_only_the_named_encoders_run(encoders: list[TorchEncoder]) -> None:
     """Rows of a reused slide that need only some encoders: the others neither run nor return features."""
-    runner = EncoderStreams(encoders, SimulatedOps(2), batch_size=8, slots=2)
+    runner = EncoderCudaStreams(encoders, SimulatedOps(2), batch_size=8, slots=2)
     ticket = runner.submit(batches(1, 6)[0], encoders=frozenset({"color_stats"}))
     assert set(runner.collect(ticket)) == {"color_stats"}
     assert runner.names == ["tiny", "color_stats"]
@@ -243,7 +243,7 @@ def test_device_tensors_stay_on_the_device(encoders: list[TorchEncoder]) -> None
     encoder's device output is on its device; device_ops picks InlineOps off CUDA."""
     ops = device_ops("cpu")
     assert isinstance(ops, InlineOps)
-    runner = EncoderStreams(encoders[:1], ops, batch_size=8, slots=2)
+    runner = EncoderCudaStreams(encoders[:1], ops, batch_size=8, slots=2)
     pixels = torch.from_numpy(batches(1, 7)[0])
     out = encoders[0].encode_device(pixels)
     assert out.device == pixels.device and out.dtype == torch.float32
@@ -254,9 +254,9 @@ def test_device_tensors_stay_on_the_device(encoders: list[TorchEncoder]) -> None
 def test_ring_plan_from_the_memory_budget() -> None:
     """Half of 80 GB free for batches of 512 at 256² with two encoders: 4 slots, a 16-deep patch queue, and the
     rest (tens of GB) for the decoded-tile cache; a tiny budget still gets 2 slots and 2 queued batches."""
-    plan = plan_ring(80 << 30, 0.5, 512, 256, (1024, 2048))
+    plan = ring_layout(80 << 30, 0.5, 512, 256, (1024, 2048))
     assert (plan.slots, plan.patch_queue) == (4, 16) and plan.tile_cache_bytes > 30 << 30
-    small = plan_ring(1 << 20, 0.5, 512, 256, (1024,))
+    small = ring_layout(1 << 20, 0.5, 512, 256, (1024,))
     assert (small.slots, small.patch_queue, small.tile_cache_bytes) == (2, 2, 0)
 
 

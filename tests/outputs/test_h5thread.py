@@ -11,7 +11,7 @@ from pathlib import Path
 import anyio
 import pytest
 
-from atlaspatch_stream.backends.h5thread import H5Executor, h5_executor
+from atlaspatch_stream.outputs.h5thread import H5Executor, h5_executor
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -100,7 +100,7 @@ def test_a_forked_child_gets_its_own_h5_thread() -> None:
         pytest.skip("no fork here")
     code = (
         "import os, threading\n"
-        "from atlaspatch_stream.backends.h5thread import h5_executor\n"
+        "from atlaspatch_stream.outputs.h5thread import h5_executor\n"
         "parent = h5_executor(); parent.submit(lambda: None)\n"
         "pid = os.fork()\n"
         "if pid == 0:\n"

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import h5py
 
-from atlaspatch_stream.sources import claims
+from atlaspatch_stream.outputs import claims
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -20,9 +20,9 @@ WRITER = textwrap.dedent("""
     import sys, time
     from pathlib import Path
     import numpy as np
-    from atlaspatch_stream.backends.h5store import SlideH5
+    from atlaspatch_stream.outputs.h5store import SlideH5
     from atlaspatch_stream.outputs import SlideAttrs
-    from atlaspatch_stream.sources import claims
+    from atlaspatch_stream.outputs import claims
     out, stem = Path(sys.argv[1]), sys.argv[2]
     claim = claims.try_claim(out / "patches" / f"{stem}.lock", slide=stem)
     assert claim is not None

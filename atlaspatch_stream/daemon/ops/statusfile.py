@@ -22,7 +22,7 @@ import anyio
 import orjson
 from anyio.abc import TaskStatus
 
-from ..sources.clock import Clock, SystemClock
+from ..clock import Clock, SystemClock
 
 __all__ = ["STATUS_FILE", "StatusBoard", "read_status_file", "run_status_file", "write_status"]
 

@@ -17,10 +17,10 @@ import anyio
 
 from .. import outputs
 from ..items import SlideJob, SlideResult
+from ..outputs import claims
 from ..pipeline import Pipeline
-from ..sources import claims
-from .plan import ShardPlan
-from .staging import Stager, worth_staging
+from .local_copy import LocalCopier, worth_copying
+from .shards import ShardWork
 
 log = logging.getLogger("atlaspatch_stream")
 
@@ -31,24 +31,24 @@ STEAL_POLL_S = 0.1
 
 
 class ShardFeed:
-    """Submits a shard's slides, then (with `steal`) unclaimed slides of other shards; stages each with `stager`.
+    """Submits a shard's slides, then (with `steal`) unclaimed slides of other shards; stages each with `copier`.
 
     Args:
-        plan: this process's slides and the others', in order (`plan.plan_shard`).
+        plan: this process's slides and the others', in order (`plan.split_shard`).
         output: the output root (where claims and H5s are looked up).
         skip_existing: the run's `--skip-existing` (a slide with an output is not staged, and never stolen).
         steal: take other shards' slides once this shard's are all submitted.
-        stager: copy each slide to local disk before it is read (`release` is called with each result).
+        copier: copy each slide to local disk before it is read (`release` is called with each result).
         on_steal: called with each stolen job just before it is submitted (progress totals).
     """
 
-    def __init__(self, plan: ShardPlan, output: Path, skip_existing: bool, *, steal: bool = False,
-                 stager: Stager | None = None, on_steal: Callable[[SlideJob], None] | None = None) -> None:
+    def __init__(self, plan: ShardWork, output: Path, skip_existing: bool, *, steal: bool = False,
+                 copier: LocalCopier | None = None, on_steal: Callable[[SlideJob], None] | None = None) -> None:
         self.plan = plan
         self.output = output
         self.skip_existing = skip_existing
         self.steal = steal
-        self.stager = stager
+        self.copier = copier
         self.on_steal = on_steal
         self.stolen = 0
         self._io = anyio.CapacityLimiter(1)
@@ -69,19 +69,19 @@ class ShardFeed:
 
     def release(self, job: SlideJob) -> None:
         """A slide's result is in: delete its staged copy."""
-        if self.stager is not None:
-            self.stager.release(job)
+        if self.copier is not None:
+            self.copier.release(job)
 
     def on_result(self, result: SlideResult) -> None:
         """For `process_slides(on_result=...)`: frees the slide's room in the staging budget."""
         self.release(result.job)
 
     async def _stage(self, job: SlideJob) -> SlideJob:
-        if self.stager is None:
+        if self.copier is None:
             return job
-        worth = await anyio.to_thread.run_sync(worth_staging, job, self.output, self.skip_existing,
+        worth = await anyio.to_thread.run_sync(worth_copying, job, self.output, self.skip_existing,
                                                limiter=self._io)
-        return await self.stager.stage_async(job) if worth else job
+        return await self.copier.copy_async(job) if worth else job
 
     async def _steal(self, pipeline: Pipeline) -> None:
         for job in self.plan.others:

@@ -17,7 +17,7 @@ import pytest
 
 from atlaspatch_stream import outputs
 from atlaspatch_stream.errors import OutputError
-from atlaspatch_stream.sources import claims
+from atlaspatch_stream.outputs import claims
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -77,7 +77,7 @@ def test_claim_publishes_full_payload_and_is_exclusive(tmp_path: Path) -> None:
 RACER = textwrap.dedent("""
     import sys, time
     from pathlib import Path
-    from atlaspatch_stream.sources import claims
+    from atlaspatch_stream.outputs import claims
     lock, go, stop = (Path(a) for a in sys.argv[1:4])
     while not go.exists():
         time.sleep(0.001)
@@ -284,7 +284,7 @@ def test_other_hosts_lock_is_judged_by_lease_on_the_server_clock(
 HOLDER = textwrap.dedent("""
     import sys, time
     from pathlib import Path
-    from atlaspatch_stream.sources import claims
+    from atlaspatch_stream.outputs import claims
     claims.HOST = "another-host"  # judged as a remote holder: only its heartbeat keeps the claim
     lock, stop_beating, check, lease = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), float(sys.argv[4])
     claim = claims.try_claim(lock, slide="s", lease=lease)

@@ -19,17 +19,15 @@ import h5py
 import numpy as np
 import pytest
 
-from atlaspatch_stream.backends import h5io
-from atlaspatch_stream.backends.h5store import (
+from atlaspatch_stream.errors import OutputError
+from atlaspatch_stream.outputs import SlideAttrs, claims, h5io
+from atlaspatch_stream.outputs.h5store import (
     SlideH5,
     check_free_space,
     estimate_h5_bytes,
     inspect_h5,
     read_coords,
 )
-from atlaspatch_stream.errors import OutputError
-from atlaspatch_stream.outputs import SlideAttrs
-from atlaspatch_stream.sources import claims
 from atlaspatch_stream.testing import faults
 from tests.helpers import mounted_tmpfs
 
@@ -175,8 +173,8 @@ MATRIX_CHILD = textwrap.dedent("""
     from pathlib import Path
     import numpy as np
     sys.path.insert(0, sys.argv[2])
-    from tests.unit.test_h5_faults import DIMS, write_slide, _coords, ATTRS
-    from atlaspatch_stream.backends.h5store import SlideH5
+    from tests.outputs.test_h5_faults import DIMS, write_slide, _coords, ATTRS
+    from atlaspatch_stream.outputs.h5store import SlideH5
     from atlaspatch_stream.errors import OutputError
     from atlaspatch_stream.testing import faults
     out, total = Path(sys.argv[1]), int(sys.argv[3])
@@ -253,8 +251,8 @@ REAL_ENOSPC_CHILD = textwrap.dedent("""
     from pathlib import Path
     import numpy as np
     sys.path.insert(0, sys.argv[2])
-    from tests.unit.test_h5_faults import ATTRS, _coords
-    from atlaspatch_stream.backends.h5store import SlideH5
+    from tests.outputs.test_h5_faults import ATTRS, _coords
+    from atlaspatch_stream.outputs.h5store import SlideH5
     from atlaspatch_stream.errors import OutputError
     out = Path(sys.argv[1])
     store = SlideH5.create(out / "s.h5", ATTRS, _coords(1000), "s", 64, 32, {"a": 256})
@@ -313,8 +311,8 @@ CHMOD_CHILD = textwrap.dedent("""
     from pathlib import Path
     import numpy as np
     sys.path.insert(0, sys.argv[2])
-    from tests.unit.test_h5_faults import ATTRS, _coords
-    from atlaspatch_stream.backends.h5store import SlideH5
+    from tests.outputs.test_h5_faults import ATTRS, _coords
+    from atlaspatch_stream.outputs.h5store import SlideH5
     from atlaspatch_stream.errors import OutputError
     if os.geteuid() == 0:  # root ignores permissions: write as an ordinary user (after the imports, which need root)
         os.setgid(65534)

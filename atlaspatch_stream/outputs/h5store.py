@@ -52,7 +52,7 @@ import numpy as np
 
 from ..errors import OutputError, SlideError, disk_full_before, free_bytes, output_error
 from ..outputs import PASSPORT_DTYPE, SlideAttrs
-from ..sources.claims import owned_temp_path
+from .claims import owned_temp_path
 from .h5io import OutputFile
 from .h5thread import h5_executor
 

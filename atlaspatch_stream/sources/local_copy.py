@@ -28,7 +28,7 @@ import anyio
 
 from .. import outputs
 from ..items import SlideJob
-from ..sources import claims
+from ..outputs import claims
 
 log = logging.getLogger("atlaspatch_stream")
 
@@ -40,7 +40,7 @@ _IN_PLACE_SUFFIXES = {".vms", ".vmu"}  # Hamamatsu VMS/VMU name their image file
 
 
 @dataclass(frozen=True)
-class StageOptions:
+class CopyOptions:
     """Where to stage slides, and how many gigabytes (10⁹ bytes) may be staged at once."""
 
     root: Path
@@ -84,7 +84,7 @@ def slide_bytes(path: Path) -> int:
         return 0
 
 
-def worth_staging(job: SlideJob, output: Path, skip_existing: bool) -> bool:
+def worth_copying(job: SlideJob, output: Path, skip_existing: bool) -> bool:
     """False when the pipeline will not read the slide's pixels anyway: its output exists, or a live process holds it.
 
     Only a hint (the claim taken when the slide starts decides); it saves copying slides that are done or taken.
@@ -98,7 +98,7 @@ def worth_staging(job: SlideJob, output: Path, skip_existing: bool) -> bool:
 
 
 @dataclass
-class StageStats:
+class CopyStats:
     """What staging did: slides copied, bytes, the most held at once, slides read in place, time copying/waiting."""
 
     staged: int = 0
@@ -110,29 +110,29 @@ class StageStats:
     wait_s: float = 0.0
 
 
-class Stager:
+class LocalCopier:
     """Copies slides into a private folder under `options.root`, within `options.max_bytes`. Thread-safe.
 
-    `stage(job)` (blocking) or `await stage_async(job)` returns the job with `read_path` set to the copy (or the job
+    `stage(job)` (blocking) or `await copy_async(job)` returns the job with `read_path` set to the copy (or the job
     unchanged when it is read in place); `release(job)` deletes the copy once its result is in; `close()` deletes
     everything left. Use it as a context manager.
     """
 
-    def __init__(self, options: StageOptions) -> None:
+    def __init__(self, options: CopyOptions) -> None:
         self.options = options
         root = Path(options.root)
         root.mkdir(parents=True, exist_ok=True)
         _sweep_dead(root)
         self.folder = root / f"atlaspatch-stage.{claims.owner_tag()}.{uuid.uuid4().hex[:8]}"
         self.folder.mkdir(mode=0o700)
-        self.stats = StageStats()
+        self.stats = CopyStats()
         self._cond = threading.Condition()
         self._used = 0
         self._held: dict[int, tuple[int, Path]] = {}
         self._closed = False
         self._limiter: anyio.CapacityLimiter | None = None
 
-    def __enter__(self) -> Stager:
+    def __enter__(self) -> LocalCopier:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -140,7 +140,7 @@ class Stager:
 
     # -- staging --------------------------------------------------------------------------------------------------
 
-    def stage(self, job: SlideJob) -> SlideJob:
+    def copy(self, job: SlideJob) -> SlideJob:
         """Copy the slide (waiting for room in the budget); the job reading the copy, or `job` to read in place."""
         try:
             files = slide_files(job.path)
@@ -166,7 +166,7 @@ class Stager:
             self.stats.copy_s += time.perf_counter() - started
         return dataclasses.replace(job, read_path=slot / job.path.name)
 
-    async def stage_async(self, job: SlideJob) -> SlideJob:
+    async def copy_async(self, job: SlideJob) -> SlideJob:
         """`stage` in a worker thread of its own; a cancelled caller returns at once (the copy stops at `close`)."""
         if self._limiter is None:
             self._limiter = anyio.CapacityLimiter(1)
@@ -193,7 +193,7 @@ class Stager:
         shutil.rmtree(self.folder, ignore_errors=True)
 
     def statistics(self) -> dict[str, Any]:
-        """`StageStats` as a dict, plus the bytes and slides staged now."""
+        """`CopyStats` as a dict, plus the bytes and slides staged now."""
         with self._cond:
             return {**dataclasses.asdict(self.stats), "used_bytes": self._used, "held": len(self._held)}
 

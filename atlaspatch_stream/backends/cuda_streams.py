@@ -200,7 +200,7 @@ class _Lane:
     halved: bool = False
 
 
-class EncoderStreams:
+class EncoderCudaStreams:
     """Runs every encoder on each batch, each encoder on its own stream, through a fixed ring of `slots` slots.
 
     Args:
@@ -375,7 +375,7 @@ def _float32() -> Any:
 
 
 @dataclass(frozen=True)
-class RingPlan:
+class RingLayout:
     """Sizes derived from one GPU memory budget (gpu.md §4.7)."""
 
     budget_bytes: int
@@ -384,7 +384,7 @@ class RingPlan:
     patch_queue: int
 
 
-def plan_ring(free_bytes: int, budget: float, batch_size: int, patch_size: int, dims: Sequence[int]) -> RingPlan:
+def ring_layout(free_bytes: int, budget: float, batch_size: int, patch_size: int, dims: Sequence[int]) -> RingLayout:
     """Ring slots, decoded-tile cache and patch-queue depth from `budget` × the device's free memory.
 
     One slot holds a uint8 batch on the device and in pinned staging, plus each encoder's pinned features. Slots take
@@ -397,7 +397,7 @@ def plan_ring(free_bytes: int, budget: float, batch_size: int, patch_size: int, 
     slots = int(min(4, max(2, (total // 4) // max(1, slot_bytes))))
     queue_depth = int(min(16, max(2, (total // 4) // max(1, batch_bytes))))
     cache = max(0, total - slots * slot_bytes - queue_depth * batch_bytes)
-    return RingPlan(total, slots, cache, queue_depth)
+    return RingLayout(total, slots, cache, queue_depth)
 
 
 TILE_BYTES = 512 * 512 * 3  # a large decoded RGB tile: the unit of the decode-batch ceiling
@@ -428,7 +428,7 @@ def _cuda_present(device: str) -> bool:
 def size_for_device(config: PipelineConfig, free: int | None = None) -> PipelineConfig:
     """On a CUDA feature device, the patch queue and the decode batch from `encode.gpu_memory_budget`.
 
-    `plan_ring`'s patch-queue share becomes the `patches` stream's depth (in reader chunks), and its tile-cache share
+    `ring_layout`'s patch-queue share becomes the `patches` stream's depth (in reader chunks), and its tile-cache share
     caps `read.decode_batch` (a reader holds the tiles of two decode batches at once: the one being cut and the one
     decoded ahead), so a small GPU or a small budget shrinks both; the configured sizes stay the ceilings. Without
     encoders, on any other device, or when the CUDA device is not there, the configuration is returned unchanged.
@@ -440,7 +440,7 @@ def size_for_device(config: PipelineConfig, free: int | None = None) -> Pipeline
         return config  # the backends fall back to the CPU (plain "cuda") or refuse the device, with their messages
     enc, read = config.encode, config.read
     available = free_bytes(config.feature_device) if free is None else free
-    plan = plan_ring(available, enc.gpu_memory_budget, enc.batch_size, config.plan.patch_size, ())
+    plan = ring_layout(available, enc.gpu_memory_budget, enc.batch_size, config.plan.patch_size, ())
     chunks = max(2, -(-plan.patch_queue * enc.batch_size // read.chunk_patches))
     decode_batch = int(min(read.decode_batch, max(16, plan.tile_cache_bytes // (2 * TILE_BYTES))))
     log.debug("sized from %.1f GB free x %.2f: patch queue %d chunks, decode batch %d tiles",
