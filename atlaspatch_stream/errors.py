@@ -7,10 +7,13 @@ import importlib
 import os
 import re
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
 import anyio
+
+from .items import Failure, FailureKind, RetryClass
 
 if sys.version_info < (3, 11):  # pragma: no cover
     from exceptiongroup import BaseExceptionGroup  # anyio depends on it there
@@ -47,12 +50,13 @@ def import_extra(module: str, extra: str, needs: str) -> Any:
 class SlideError(AtlasPatchError):
     """A problem confined to one slide (unreadable file, no magnification, corrupt tile, ...).
 
-    It becomes a `SlideFailed` record; the run goes on.
+    It becomes a `SlideFailed` record; the run goes on. `kind` is the failure kind it stands for.
     """
 
-    def __init__(self, message: str, *, slide: str | None = None) -> None:
+    def __init__(self, message: str, *, slide: str | None = None, kind: FailureKind = "unreadable") -> None:
         super().__init__(message)
         self.slide = slide
+        self.kind: FailureKind = kind
 
     def one_line(self) -> str:
         """The message as a single line naming the slide."""
@@ -96,21 +100,60 @@ def failure_message(name: str, exc: BaseException) -> str:
     return f"{name}: {describe(exc)}"
 
 
-def error_kind(exc: BaseException) -> str:
-    """A stable class of a slide's failure for ledgers and reports: an `OutputError`'s kind, `slide`, or the type."""
-    if isinstance(exc, OutputError):
-        return exc.kind
-    return "slide" if isinstance(exc, SlideError) else type(exc).__name__
-
-
-STOP_REASONS: dict[str, str] = {
+STOP_REASONS: dict[FailureKind, str] = {
     "disk_full": "output disk full",
     "quota": "output disk quota exceeded",
     "read_only": "output folder is read-only",
     "permission": "output folder is not writable",
-    "missing": "output folder is gone",
-    "io": "output I/O error",
+    "output_missing": "output folder is gone",
+    "output_io": "output I/O error",
+    "device": "the feature device failed",
 }
+
+# OS errors met while reading a slide that a later try may not meet (a share that hiccups, a file being replaced).
+_TRANSIENT_ERRNOS = frozenset({
+    errno.ENOENT, errno.EIO, errno.ESTALE, errno.ETIMEDOUT, errno.EAGAIN, errno.EINTR, errno.ECONNRESET,
+    errno.EHOSTDOWN, errno.ENOTCONN, errno.EBUSY,
+})
+
+
+def failure_of(exc: BaseException, stage: str) -> Failure:
+    """The typed failure of a slide whose `stage` raised `exc`: the one place an exception becomes a `Failure`.
+
+    Decided by the exception's class and its errno (through the cause/context chain), never by its message.
+    """
+    if isinstance(exc, OutputError):
+        return Failure(stage, _OUTPUT_KIND[exc.kind], "system" if exc.systemic else "transient", exc.errno)
+    if isinstance(exc, SlideError):
+        return Failure(stage, exc.kind, "slide")
+    if isinstance(exc, MemoryError) or _is_torch(exc, "OutOfMemoryError"):
+        return Failure(stage, "out_of_memory", "slide")
+    if _is_torch(exc, "AcceleratorError"):
+        return Failure(stage, "device", "system")
+    number = next((n for e in _chain(exc) if (n := getattr(e, "errno", None)) in _TRANSIENT_ERRNOS), None)
+    if number is not None or isinstance(exc, TimeoutError):
+        return Failure(stage, "input_io", "transient", number)
+    return Failure(stage, "unreadable", "slide")
+
+
+def refused(stage: str, kind: FailureKind, retry: RetryClass = "slide") -> Failure:
+    """A failure decided by our own checks rather than raised (a reuse refusal, an output-name collision)."""
+    return Failure(stage, kind, retry)
+
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    """`exc`, then its cause (or context), and so on; each once."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__ or current.__context__
+
+
+def _is_torch(exc: BaseException, name: str) -> bool:
+    """Whether `exc` is torch's exception class `name` (told by class, without importing torch)."""
+    return any(cls.__name__ == name and cls.__module__.startswith("torch") for cls in type(exc).__mro__)
 
 
 def single_error(group: BaseException) -> BaseException:
@@ -150,6 +193,10 @@ _KIND_OF_ERRNO: dict[int, OutputKind] = {
     errno.EIO: "io",
     errno.ESTALE: "io",
     errno.EFBIG: "io",
+}
+_OUTPUT_KIND: dict[OutputKind, FailureKind] = {
+    "disk_full": "disk_full", "quota": "quota", "read_only": "read_only", "permission": "permission",
+    "missing": "output_missing", "io": "output_io",
 }
 # HDF5 reports the OS failure inside its message ("... errno = 28, error message = 'No space left on device' ...");
 # h5py raises OSError (errno set only for some calls) or, from a destructor, RuntimeError with only the text.
@@ -212,18 +259,18 @@ def megabytes(n: int | None) -> str:
 
 
 def errno_of(exc: BaseException) -> int | None:
-    """The OS error number behind `exc`, from `errno`, HDF5's message text, or its cause/context chain."""
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
+    """The OS error number behind `exc`, from `errno`, HDF5's message text, or its cause/context chain.
+
+    HDF5 loses the errno of the OS call that failed under it but keeps it in its message ("errno = 28"): reading it
+    there is part of translating h5py's exceptions at the output edge, the one place message text is looked at.
+    """
+    for current in _chain(exc):
         number = getattr(current, "errno", None)
         if isinstance(number, int) and number in _KIND_OF_ERRNO:
             return number
         match = _ERRNO_IN_TEXT.search(str(current))
         if match and int(match.group(1) or match.group(2)) in _KIND_OF_ERRNO:
             return int(match.group(1) or match.group(2))
-        current = current.__cause__ or current.__context__
     return None
 
 

@@ -151,7 +151,8 @@ def plan_geometry(
         GeometryError: `base_mag` is None, or the target magnification exceeds it.
     """
     if base_mag is None:
-        raise GeometryError("WSI base magnification is required for patch extraction but is unknown")
+        raise GeometryError("WSI base magnification is required for patch extraction but is unknown",
+                            kind="no_magnification")
     if int(target_mag) > int(base_mag):
         raise GeometryError(
             f"target magnification {int(target_mag)}x exceeds the slide's base magnification {int(base_mag)}x"

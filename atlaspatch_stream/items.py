@@ -139,14 +139,45 @@ class FeatureBatch:
     read_seconds: float = 0.0
 
 
+FailureKind = Literal[
+    "disk_full", "quota", "read_only", "permission", "output_missing", "output_io",  # the output filesystem
+    "unreadable", "no_magnification", "no_tissue", "input_io",  # the slide, or reading it
+    "reuse_refused", "collision",  # an existing output, or a second slide with the same output name
+    "out_of_memory", "device", "worker_lost", "incomplete", "bug",
+]
+RetryClass = Literal["slide", "transient", "system"]
+
+
+@dataclass(frozen=True)
+class Failure:
+    """Why a slide failed, typed once where the exception is caught (`errors.failure_of`); pickles across Ray.
+
+    Attributes:
+        stage: the step it failed in (open, segment, plan, read, encode, write, reuse, discover, worker, check).
+        kind: what went wrong (one vocabulary for reports, the daemon's ledger and the Ray driver).
+        retry: `slide` (the slide's own fault: a charged attempt), `transient` (retry later, uncharged) or `system`
+            (the output or the device is the problem: later slides would fail the same way).
+        errno: the OS error number behind it, when there is one.
+    """
+
+    stage: str
+    kind: FailureKind
+    retry: RetryClass
+    errno: int | None = None
+
+    @property
+    def systemic(self) -> bool:
+        """True when the cause is the run's output or device, not this slide (`process` stops intake on it)."""
+        return self.retry == "system"
+
+
 @dataclass(frozen=True)
 class SlideFailed:
     """A per-slide failure record: flows to the writer and the run report; the run goes on."""
 
     job: SlideJob
-    stage: str
+    failure: Failure
     message: str
-    error: BaseException | None = None  # what raised (its class decides retries and run-level stops)
 
 
 # What the writer receives: a plan opens a file, batches fill it, a failure drops it.
@@ -166,7 +197,9 @@ class SlideResult:
     message: str = ""
     features: tuple[str, ...] = ()
     timings: dict[str, float] = field(default_factory=dict)
-    extra: dict[str, Any] = field(default_factory=dict)
+    failure: Failure | None = None  # set for `failed` results
+    attempts: int = 1  # tries it took (the Ray engine retries slides whose worker died)
+    notes: dict[str, object] = field(default_factory=dict)  # facts for the run report only (decode routes...)
 
     @property
     def ok(self) -> bool:

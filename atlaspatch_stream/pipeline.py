@@ -25,8 +25,8 @@ from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from .config import PipelineConfig
-from .errors import STOP_REASONS, OutputError, PipelineClosed, PipelineFull, single_error
-from .items import PatchBatch, PatchPlan, SlideJob, SlideResult, Thumbnail, TissueMask, WriteItem
+from .errors import STOP_REASONS, PipelineClosed, PipelineFull, refused, single_error
+from .items import Failure, PatchBatch, PatchPlan, SlideJob, SlideResult, Thumbnail, TissueMask, WriteItem
 from .outputs.claims import DEFAULT_LEASE
 from .protocols import Backends
 from .report import RunReport
@@ -196,7 +196,7 @@ class Pipeline:
         """
         collision = self._accept(job)
         if collision is not None:
-            await self.book.reject(job, "failed", collision, stage="discover")
+            await self.book.reject(job, "failed", collision, refused("discover", "collision"))
             return
         await self._send(job, wait=True)
 
@@ -206,7 +206,7 @@ class Pipeline:
             raise PipelineFull(_full(self.config))
         collision = self._accept(job)
         if collision is not None:
-            self.book.reject_nowait(job, "failed", collision, stage="discover")
+            self.book.reject_nowait(job, "failed", collision, refused("discover", "collision"))
             return
         self._send_now(job)
 
@@ -244,9 +244,9 @@ class Pipeline:
             self._accept(job)
             await self.book.reject(job, "cancelled", f"not started: {reason}")
 
-    def _stop_for(self, error: OutputError) -> None:
-        """A systemic output failure (full disk, read-only output...): no later slide starts."""
-        self.stop_intake(STOP_REASONS.get(error.kind, "output failure"))
+    def _stop_for(self, failure: Failure) -> None:
+        """A systemic failure (full disk, read-only output, a failed device): no later slide starts."""
+        self.stop_intake(STOP_REASONS.get(failure.kind, "output failure"))
 
     def results(self) -> MemoryObjectReceiveStream[SlideResult]:
         """Final results of `submit()`ted slides as they finish; ends when the input is closed and all drained."""
@@ -328,7 +328,7 @@ class Pipeline:
         self._routed.add(job.slide_id)
         try:
             if collision is not None:
-                await self.book.reject(job, "failed", collision, stage="discover")
+                await self.book.reject(job, "failed", collision, refused("discover", "collision"))
             else:
                 await send()
             await waiter.done.wait()

@@ -70,7 +70,7 @@ class RunReport:
             "event": "slide", "slide": name, "status": result.status, "message": self._redact(result.message),
             "h5": str(result.h5_path) if result.h5_path else None, "num_patches": result.num_patches,
             "features": list(result.features), "seconds": round(result.timings.get("total", 0.0), 6),
-            **{k: v for k, v in result.extra.items() if k not in {"num_patches"}},
+            **_failure_fields(result), **{k: v for k, v in result.notes.items() if k != "num_patches"},
         })
 
     def end(self, statistics: dict[str, Any], status: RunStatus, reason: str | None = None) -> None:
@@ -81,3 +81,13 @@ class RunReport:
             if self._file is not None:
                 self._file.close()
                 self._file = None
+
+
+def _failure_fields(result: SlideResult) -> dict[str, object]:
+    """The failure's stage, kind, retry class and systemic flag, and the attempts when there was more than one."""
+    fields: dict[str, object] = {"attempts": result.attempts} if result.attempts > 1 else {}
+    failure = result.failure
+    if failure is not None:
+        fields |= {"stage": failure.stage, "error_kind": failure.kind, "retry": failure.retry,
+                   "systemic": failure.systemic}
+    return fields

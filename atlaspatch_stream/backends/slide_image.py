@@ -27,7 +27,8 @@ class ImageHandle(BaseSlideHandle):
     def __init__(self, path: Path, mpp_override: float | None, name: str) -> None:
         super().__init__(path, name)
         if mpp_override is None:
-            raise SlideError("mpp is required for standard images: give it with --mpp-csv", slide=name)
+            raise SlideError("mpp is required for standard images: give it with --mpp-csv", slide=name,
+                             kind="no_magnification")
         try:
             mpp = validate_override(mpp_override)
         except ValueError as exc:

@@ -180,7 +180,7 @@ class BaseSlideHandle:
         magnification = self.info.magnification
         if magnification is None:
             raise SlideError("WSI base magnification is unknown (no objective power or mpp in its metadata); "
-                             "give its mpp with --mpp-csv", slide=self.name)
+                             "give its mpp with --mpp-csv", slide=self.name, kind="no_magnification")
         target_ds = magnification / power
         level = optimal_level(self.info.level_downsamples, target_ds)
         level_ds = self.info.level_downsamples[level]

@@ -37,7 +37,7 @@ from ..items import SlideJob, SlideResult
 from ..pipeline import Mode, Pipeline
 from ..protocols import Backends
 from .clock import Clock, SystemClock
-from .ledger import LEDGER_FILE, ErrorKind, Ledger, RetryPolicy, Settings, classify_error
+from .ledger import LEDGER_FILE, ErrorKind, Ledger, RetryPolicy, Settings
 from .ops.logs import Pseudonymizer, RedactPaths
 from .ops.notify import Notifier
 from .ops.statusfile import STATUS_FILE, StatusBoard, run_status_file
@@ -175,9 +175,10 @@ class FolderService:
         message = self.redactor.redact(result.message) if self.redactor is not None else result.message
         if result.status == "locked":  # another daemon works on it: ask again later, uncharged
             return "transient", f"locked by another process ({message})"
-        if result.extra.get("systemic"):
-            return "system", message
-        return classify_error(None, message, output_root=self.output), message
+        failure = result.failure
+        if failure is None:  # pragma: no cover - every failed result carries its failure
+            return "slide", message
+        return failure.retry, message
 
     def _patches(self, result: SlideResult) -> dict[str, int]:
         count = int(result.num_patches or 0)

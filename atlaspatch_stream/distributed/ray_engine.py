@@ -36,7 +36,7 @@ from .. import errors, outputs
 from ..api import RunSummary, Stop
 from ..backends.bundle import H5Outputs, SettingsRecord
 from ..config import PipelineConfig
-from ..errors import STOP_REASONS, AtlasPatchError, ConfigError, MissingExtraError, import_extra
+from ..errors import STOP_REASONS, AtlasPatchError, ConfigError, MissingExtraError, import_extra, refused
 from ..items import SlideJob, SlideResult
 from ..outputs import claims
 from ..pipeline import Mode
@@ -464,8 +464,7 @@ class RayEngine:
             return
         self.stop_reason = reason
         for attempt in dispatch.stop(reason):
-            await self._final(SlideResult(attempt.job, "cancelled", message=f"not started: {reason}",
-                                          extra={"stage": "submit"}))
+            await self._final(SlideResult(attempt.job, "cancelled", message=f"not started: {reason}"))
 
     async def _slot(self, worker: Worker, dispatch: Dispatch) -> None:
         """One of a worker's in-flight places: take a slide, run it there, record or retry it; until nothing is left."""
@@ -479,8 +478,7 @@ class RayEngine:
             outcome = await self._call(worker, attempt)
             if isinstance(outcome, SlideResult):
                 dispatch.done(attempt)
-                extra = {**outcome.extra, "attempts": attempt.tries + 1} if attempt.tries else outcome.extra
-                await self._final(dataclasses.replace(outcome, extra=extra))
+                await self._final(dataclasses.replace(outcome, attempts=attempt.tries + 1))
                 continue
             await self._lost(worker, attempt, outcome, dispatch)
             await self._recover(worker, generation, dispatch, kill=not isinstance(outcome, ray.exceptions.RayActorError))
@@ -507,7 +505,7 @@ class RayEngine:
         await self._final(SlideResult(
             attempt.job, "failed", message=f"{attempt.job.name}: its Ray worker died under it {attempt.tries} time(s) "
             f"(--max-attempts {self.options.max_attempts}); last: {cause}",
-            extra={"stage": "worker", "error_kind": "worker_lost", "attempts": attempt.tries}))
+            failure=refused("worker", "worker_lost", "transient"), attempts=attempt.tries))
 
     async def _recover(self, worker: Worker, generation: int, dispatch: Dispatch, *, kill: bool) -> None:
         """Once per death: wait for Ray to restart the actor (restarting a broken one first); retire it if it cannot."""
@@ -550,19 +548,19 @@ class RayEngine:
         self._results.append(result)
         if self._on_result is not None:
             self._on_result(result, self)
-        if result.extra.get("systemic") and self._dispatch is not None:
-            await self._stop(self._dispatch, STOP_REASONS.get(str(result.extra.get("error_kind")), "output failure"))
+        if result.failure is not None and result.failure.systemic and self._dispatch is not None:
+            await self._stop(self._dispatch, STOP_REASONS.get(result.failure.kind, "output failure"))
 
     async def _settle(self, dispatch: Dispatch, cancelled: bool) -> None:
         """Give every slide still without a result its result: interrupted ones, and any no worker was left for."""
         for attempt in list(dispatch.running.values()):
-            await self._final(SlideResult(attempt.job, "cancelled", message="interrupted before it finished",
-                                          extra={"stage": "cancelled"}))
+            await self._final(SlideResult(attempt.job, "cancelled", message="interrupted before it finished"))
         if dispatch.pending and not cancelled:
             self.stop_reason = self.stop_reason or "every Ray worker died"
             for attempt in dispatch.stop(self.stop_reason):
                 await self._final(SlideResult(attempt.job, "failed", message=f"{attempt.job.name}: no Ray worker "
-                                              "was left to process it", extra={"stage": "worker"}))
+                                              "was left to process it",
+                                              failure=refused("worker", "worker_lost", "transient")))
 
 
 def _startup_error(kind: str, message: str) -> AtlasPatchError:

@@ -12,8 +12,8 @@ from typing import Any
 import anyio
 from anyio.streams.memory import MemoryObjectSendStream
 
-from ..errors import OutputError, PipelineFull, error_kind
-from ..items import SlideJob, SlideResult, Status
+from ..errors import PipelineFull, failure_message, failure_of
+from ..items import Failure, SlideJob, SlideResult, Status
 from ..protocols import Lock, SlideHandle
 
 log = logging.getLogger(__name__)
@@ -57,7 +57,7 @@ class _Entry:
     handle: SlideHandle | None = None
     lock: Lock | None = None
     timings: dict[str, float] = field(default_factory=dict)
-    extra: dict[str, Any] = field(default_factory=dict)
+    notes: dict[str, object] = field(default_factory=dict)
 
 
 class SlideBook:
@@ -70,7 +70,7 @@ class SlideBook:
 
     def __init__(self, results: MemoryObjectSendStream[SlideResult], max_open: int,
                  limiter: anyio.CapacityLimiter,
-                 on_systemic: Callable[[OutputError], None] | None = None) -> None:
+                 on_systemic: Callable[[Failure], None] | None = None) -> None:
         self._results = results
         self.on_systemic = on_systemic
         self._slots = anyio.Semaphore(max_open)
@@ -129,11 +129,11 @@ class SlideBook:
         if entry is not None:
             entry.timings[stage] = entry.timings.get(stage, 0.0) + seconds
 
-    def note(self, job: SlideJob, **extra: Any) -> None:
-        """Attach extra facts to the slide's result (e.g. patch counts)."""
+    def note(self, job: SlideJob, **notes: object) -> None:
+        """Attach facts for the run report to the slide's result (e.g. patch counts, decode routes)."""
         entry = self._entries.get(job.slide_id)
         if entry is not None:
-            entry.extra.update(extra)
+            entry.notes.update(notes)
 
     @property
     def in_flight(self) -> int:
@@ -151,31 +151,30 @@ class SlideBook:
             await anyio.to_thread.run_sync(_release, entry, limiter=self._limiter)
             self._slots.release()
             entry.timings["total"] = time.perf_counter() - entry.started
-            extra = {**entry.extra, **kwargs.pop("extra", {})}
-            await self._send(SlideResult(job=job, status=status, timings=entry.timings, extra=extra, **kwargs))
+            await self._send(SlideResult(job=job, status=status, timings=entry.timings, notes=entry.notes, **kwargs))
 
-    async def fail(self, job: SlideJob, stage: str, message: str, error: BaseException | None = None) -> None:
-        """Finish a slide as failed in `stage`; `error` (what raised) is classed in the result's extra.
+    async def fail(self, job: SlideJob, failure: Failure, message: str) -> None:
+        """Finish a slide as failed.
 
-        A systemic output error (full disk, read-only output...) is also handed to `on_systemic`, which decides what
-        the run does about it (`process` stops starting slides; a daemon pauses intake).
+        A systemic failure (full disk, read-only output, a failed device) is also handed to `on_systemic`, which
+        decides what the run does about it (`process` stops starting slides; a daemon pauses intake).
         """
-        extra: dict[str, Any] = {"stage": stage}
-        if error is not None:
-            extra["error_kind"] = error_kind(error)
-            extra["systemic"] = isinstance(error, OutputError) and error.systemic
-        await self.finish(job, "failed", message=message, extra=extra)
-        if isinstance(error, OutputError) and error.systemic and self.on_systemic is not None:
-            self.on_systemic(error)
+        await self.finish(job, "failed", message=message, failure=failure)
+        if failure.systemic and self.on_systemic is not None:
+            self.on_systemic(failure)
 
-    async def reject(self, job: SlideJob, status: Status, message: str, stage: str = "submit") -> None:
+    async def fail_on(self, job: SlideJob, stage: str, exc: BaseException) -> None:
+        """Finish a slide whose `stage` raised `exc`: typed by `failure_of`, described in one line."""
+        await self.fail(job, failure_of(exc, stage), failure_message(job.name, exc))
+
+    async def reject(self, job: SlideJob, status: Status, message: str, failure: Failure | None = None) -> None:
         """The result of a job that never started (nothing to release)."""
         with anyio.CancelScope(shield=True):
-            await self._send(SlideResult(job=job, status=status, message=message, extra={"stage": stage}))
+            await self._send(SlideResult(job=job, status=status, message=message, failure=failure))
 
-    def reject_nowait(self, job: SlideJob, status: Status, message: str, stage: str = "submit") -> None:
+    def reject_nowait(self, job: SlideJob, status: Status, message: str, failure: Failure | None = None) -> None:
         """`reject()` without waiting; raises `PipelineFull` when the results backlog is full."""
-        result = SlideResult(job=job, status=status, message=message, extra={"stage": stage})
+        result = SlideResult(job=job, status=status, message=message, failure=failure)
         try:
             self._results.send_nowait(result)
         except anyio.WouldBlock:
@@ -205,7 +204,7 @@ class SlideBook:
             for entry in entries:
                 await anyio.to_thread.run_sync(_release, entry, limiter=self._limiter)
                 result = SlideResult(job=entry.job, status="cancelled", message="interrupted before it finished",
-                                     timings=entry.timings, extra={"stage": "cancelled"})
+                                     timings=entry.timings, notes=entry.notes)
                 self.tally.add(result)
                 results.append(result)
         return results

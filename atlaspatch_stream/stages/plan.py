@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from ..errors import SlideError, failure_message, is_bug
+from ..errors import SlideError, is_bug
 from ..items import PatchPlan, TissueMask, WriteItem
 from ..protocols import OutputStore, Planner
 from .book import SlideBook
@@ -86,7 +86,7 @@ async def _plan_one(item: TissueMask, book: SlideBook, planner: Planner, outputs
     except Exception as exc:  # a foreign per-slide failure becomes a record; bugs stop the run
         if is_bug(exc):
             raise
-        await book.fail(job, "plan", failure_message(job.name, exc), exc)
+        await book.fail_on(job, "plan", exc)
         return None
     book.time(job, "plan", time.perf_counter() - started)
     book.note(job, num_patches=plan.num_patches)
@@ -95,5 +95,5 @@ async def _plan_one(item: TissueMask, book: SlideBook, planner: Planner, outputs
 
 def _mask(item: TissueMask) -> np.ndarray:
     if item.mask is None:
-        raise SlideError("no tissue mask", slide=item.slide.job.name)
+        raise SlideError("no tissue mask", slide=item.slide.job.name, kind="no_tissue")
     return item.mask

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from ..errors import failure_message, is_bug
+from ..errors import is_bug, refused
 from ..items import OpenedSlide, Reuse, SlideJob, Thumbnail
 from ..outputs import ReuseDecision
 from ..protocols import OutputStore, SlideHandle, SlideSource
@@ -78,7 +78,7 @@ async def _prepare_one(job: SlideJob, book: SlideBook, slides: SlideSource, outp
     except Exception as exc:  # a foreign per-slide failure becomes a record; bugs stop the run
         if is_bug(exc):
             raise
-        await book.fail(job, "open", failure_message(job.name, exc), exc)
+        await book.fail_on(job, "open", exc)
         return None
     book.time(job, "open", time.perf_counter() - started)
     return Thumbnail(OpenedSlide(job, handle, reuse), image)
@@ -112,7 +112,8 @@ async def _existing(job: SlideJob, book: SlideBook, outputs: OutputStore, settin
     """What an existing output means for this slide; None (the slide failed) when it was made with other settings."""
     decision = await anyio.to_thread.run_sync(outputs.reuse_decision, job, settings.encoders, limiter=limiter)
     if decision.action == "mismatch":
-        await book.fail(job, "reuse", f"{job.name}: existing output {outputs.h5_path(job)} was made with other "
+        await book.fail(job, refused("reuse", "reuse_refused"), f"{job.name}: existing output {outputs.h5_path(job)} "
+                        "was made with other "
                         f"settings ({decision.reason}); use --force to overwrite it or choose another --output")
         return None
     return decision
@@ -126,7 +127,8 @@ async def _same_source(job: SlideJob, handle: SlideHandle, decision: ReuseDecisi
     why = decision.source.mismatch(job.recorded_filename, (handle.info.width, handle.info.height))
     if why is None:
         return True
-    await book.fail(job, "reuse", f"{job.name}: existing output {outputs.h5_path(job)} was not made from this slide "
+    await book.fail(job, refused("reuse", "reuse_refused"), f"{job.name}: existing output {outputs.h5_path(job)} "
+                    "was not made from this slide "
                     f"({why}); use --force to overwrite it or choose another --output")
     return False
 

@@ -11,7 +11,7 @@ import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from ..batching import slide_chunk
-from ..errors import SlideError, failure_message, is_bug
+from ..errors import SlideError, failure_message, failure_of, is_bug
 from ..items import PatchBatch, PatchPlan, SlideFailed, WriteItem
 from ..protocols import OutputStore, PixelSource
 from .book import SlideBook
@@ -96,7 +96,7 @@ async def _read_one(plan: PatchPlan, send: MemoryObjectSendStream[PatchBatch], b
     except Exception as exc:  # a foreign per-slide failure becomes a record; bugs stop the run
         if is_bug(exc):
             raise
-        return SlideFailed(job, "read", failure_message(job.name, exc), exc)
+        return SlideFailed(job, failure_of(exc, "read"), failure_message(job.name, exc))
     finally:
         close = getattr(iterator, "close", None)
         if close is not None:  # stop the reader's own decode threads, also on cancellation

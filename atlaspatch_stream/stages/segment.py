@@ -7,7 +7,7 @@ import time
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from ..errors import describe
+from ..errors import describe, failure_of
 from ..items import Thumbnail, TissueMask
 from ..protocols import Segmenter
 from .book import SlideBook
@@ -70,7 +70,7 @@ async def _segment(
         job = item.slide.job
         mask = by_id.get(job.slide_id)
         if isinstance(mask, BaseException):
-            await book.fail(job, "segment", f"{job.name}: segmentation failed: {describe(mask)}")
+            await book.fail(job, failure_of(mask, "segment"), f"{job.name}: segmentation failed: {describe(mask)}")
             continue
         if item.image is not None:
             book.time(job, "segment", share)

@@ -10,8 +10,8 @@ import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream
 
 from ..batching import RowTally, split_by_slide
-from ..errors import failure_message, is_bug
-from ..items import FeatureBatch, PatchBatch, PatchPlan, SlideJob, Status, WriteItem
+from ..errors import is_bug, refused
+from ..items import Failure, FeatureBatch, PatchBatch, PatchPlan, SlideJob, Status, WriteItem
 from ..protocols import OutputStore, Store
 from .book import SlideBook
 
@@ -75,7 +75,8 @@ async def run(
             async for item in receive:
                 await _dispatch(item, writer)
         for entry in list(writer.files.values()):
-            await _fail(entry, writer, "write", f"{entry.job.name}: pipeline ended before all rows arrived")
+            await _fail(entry, writer, refused("write", "bug"), f"{entry.job.name}: pipeline ended before all rows "
+                        "arrived")
     finally:
         with anyio.CancelScope(shield=True):
             for entry in list(writer.files.values()):
@@ -90,9 +91,9 @@ async def _dispatch(item: WriteItem, writer: _Writer) -> None:
     else:
         entry = writer.files.get(item.job.slide_id)
         if entry is not None:
-            await _fail(entry, writer, item.stage, item.message, item.error)
+            await _fail(entry, writer, item.failure, item.message)
         else:
-            await writer.book.fail(item.job, item.stage, item.message, item.error)
+            await writer.book.fail(item.job, item.failure, item.message)
 
 
 async def _open(plan: PatchPlan, writer: _Writer) -> None:
@@ -105,7 +106,7 @@ async def _open(plan: PatchPlan, writer: _Writer) -> None:
     except Exception as exc:  # e.g. disk full: this slide fails (the book decides what the run does about it)
         if is_bug(exc):
             raise
-        await writer.book.fail(job, "write", failure_message(job.name, exc), exc)
+        await writer.book.fail_on(job, "write", exc)
         return
     tally = RowTally(plan.num_patches) if writer.settings.count_rows and not names else None
     entry = _Open(plan, store, tuple(names), tally)
@@ -118,7 +119,7 @@ async def _open(plan: PatchPlan, writer: _Writer) -> None:
         except Exception as exc:
             if is_bug(exc):
                 raise
-            await _fail(entry, writer, "write", failure_message(job.name, exc), exc)
+            await _fail_on(entry, writer, exc)
             return
     await _maybe_finish(entry, writer)
 
@@ -137,7 +138,7 @@ async def _rows(batch: FeatureBatch | PatchBatch, writer: _Writer) -> None:
         except Exception as exc:
             if is_bug(exc):
                 raise
-            await _fail(entry, writer, "write", failure_message(entry.job.name, exc), exc)
+            await _fail_on(entry, writer, exc)
             continue
         await _maybe_finish(entry, writer)
 
@@ -176,14 +177,24 @@ async def _maybe_finish(entry: _Open, writer: _Writer) -> None:
             await anyio.to_thread.run_sync(entry.store.abort, limiter=writer.limiter)
         if is_bug(exc):
             raise
-        await writer.book.fail(job, "write", failure_message(job.name, exc), exc)
+        await writer.book.fail_on(job, "write", exc)
         return
     status: Status = "reused" if entry.plan.slide.reuse is not None else "done"
     await writer.book.finish(job, status, h5_path=path, num_patches=entry.plan.num_patches, features=entry.names)
 
 
-async def _fail(entry: _Open, writer: _Writer, stage: str, message: str, error: BaseException | None = None) -> None:
+async def _fail(entry: _Open, writer: _Writer, failure: Failure, message: str) -> None:
+    await _drop(entry, writer)
+    await writer.book.fail(entry.job, failure, message)
+
+
+async def _fail_on(entry: _Open, writer: _Writer, exc: BaseException) -> None:
+    await _drop(entry, writer)
+    await writer.book.fail_on(entry.job, "write", exc)
+
+
+async def _drop(entry: _Open, writer: _Writer) -> None:
+    """Forget the slide's open file and remove it."""
     writer.files.pop(entry.job.slide_id, None)
     with anyio.CancelScope(shield=True):
         await anyio.to_thread.run_sync(entry.store.abort, limiter=writer.limiter)
-    await writer.book.fail(entry.job, stage, message, error)

@@ -92,9 +92,9 @@ async def test_failures_in_every_stage_fail_alone(tmp_path: Path) -> None:
     results = await _results(config, stems, backends)
     assert {s: r.status for s, r in results.items()} == {
         "ok0": "done", "ok1": "done", "bad_seg": "failed", "bad_plan": "failed", "bad_write": "failed"}
-    assert results["bad_seg"].extra["stage"] == "segment" and "model diverged" in results["bad_seg"].message
-    assert results["bad_plan"].extra["stage"] == "plan" and "ValueError: contour math" in results["bad_plan"].message
-    assert results["bad_write"].extra["stage"] == "write" and "No space left" in results["bad_write"].message
+    assert results["bad_seg"].failure.stage == "segment" and "model diverged" in results["bad_seg"].message
+    assert results["bad_plan"].failure.stage == "plan" and "ValueError: contour math" in results["bad_plan"].message
+    assert results["bad_write"].failure.stage == "write" and "No space left" in results["bad_write"].message
     assert all(s in results[s].message for s in ("bad_seg", "bad_plan", "bad_write"))
     assert sorted(p.name for p in (tmp_path / "patches").glob("*.h5")) == ["ok0.h5", "ok1.h5"]
     assert leftovers(tmp_path) == []
@@ -152,7 +152,7 @@ async def test_short_reader_fails_slide_and_frees_its_slot(tmp_path: Path) -> No
     backends = FakeBackends(config, patches_per_slide=10)
     backends.pixels = ShortPixels()
     results = await _results(config, ["short", "s1", "s2"], backends)
-    assert results["short"].status == "failed" and results["short"].extra["stage"] == "read"
+    assert results["short"].status == "failed" and results["short"].failure.stage == "read"
     assert "returned 8 of 10" in results["short"].message
     assert results["s1"].status == "done" and results["s2"].status == "done"
     assert leftovers(tmp_path) == []

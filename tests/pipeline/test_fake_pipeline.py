@@ -89,8 +89,8 @@ async def test_one_failing_slide_fails_alone(tmp_path: Path) -> None:
                          fail_read=["bad_read"], patches_per_slide=12)
     assert {s: r.status for s, r in results.items()} == {
         "ok0": "done", "ok1": "done", "bad_open": "failed", "bad_read": "failed"}
-    assert results["bad_open"].extra["stage"] == "open" and "injected failure" in results["bad_open"].message
-    assert results["bad_read"].extra["stage"] == "read" and "corrupt tile" in results["bad_read"].message
+    assert results["bad_open"].failure.stage == "open" and "injected failure" in results["bad_open"].message
+    assert results["bad_read"].failure.stage == "read" and "corrupt tile" in results["bad_read"].message
     assert "bad_read.svs" in results["bad_read"].message
     assert not outputs.h5_path(tmp_path, "bad_open").exists()
     assert not outputs.h5_path(tmp_path, "bad_read").exists()
@@ -316,7 +316,7 @@ async def test_coords_mode_with_save_images_finishes_when_all_rows_read(tmp_path
     config = base.replace(write=WriteConfig(output=tmp_path, write_batch=8, save_images=True))
     results = await _run(config, ["s0", "bad"], patches_per_slide=7, fail_read=["bad"])
     assert results["s0"].status == "done" and results["s0"].num_patches == 7
-    assert results["bad"].status == "failed" and results["bad"].extra["stage"] == "read"
+    assert results["bad"].status == "failed" and results["bad"].failure.stage == "read"
     assert len(list((tmp_path / "images" / "s0").glob("s0_x*_y*.png"))) == 7
     with h5py.File(outputs.h5_path(tmp_path, "s0"), "r") as f:
         assert f["coords"].shape == (7, 5) and "features" not in f

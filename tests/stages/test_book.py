@@ -7,7 +7,7 @@ from pathlib import Path
 import anyio
 import pytest
 
-from atlaspatch_stream.items import SlideResult
+from atlaspatch_stream.items import Failure, SlideResult
 from atlaspatch_stream.stages.book import SlideBook
 from atlaspatch_stream.testing.fakes import FakeSlides
 
@@ -75,7 +75,7 @@ async def test_finish_releases_handle_and_lock_once_and_sends_one_result(books: 
     books.book.attach(job, handle=handle, lock=lock)
     books.book.time(job, "open", 0.5)
     await books.book.finish(job, "done", num_patches=7)
-    await books.book.fail(job, "write", "late failure")
+    await books.book.fail(job, Failure("write", "output_io", "transient"), "late failure")
     [result] = books.drained()
     assert result.status == "done" and result.timings["open"] == 0.5 and "total" in result.timings
     assert handle.closed and lock.released == 1

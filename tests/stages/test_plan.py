@@ -110,7 +110,7 @@ async def test_a_failing_plan_fails_alone_and_a_bug_propagates(books: Books, ope
     planner, outputs = _parts(tmp_path)
     to_write, _ = await _run(await _masks(opened, tmp_path, ["bad", "ok"]), books, planner, outputs, detect=False)
     [failed] = books.drained()
-    assert failed.job.stem == "bad" and failed.extra["stage"] == "plan" and "contour math" in failed.message
+    assert failed.job.stem == "bad" and failed.failure.stage == "plan" and "contour math" in failed.message
     assert [p.slide.job.stem for p in to_write] == ["ok"]  # type: ignore[union-attr]
     with pytest.raises(BaseException) as info:
         await _run(await _masks(opened, tmp_path / "b", ["buggy"]), books, planner, outputs, detect=False)

@@ -97,7 +97,7 @@ async def test_output_made_from_another_slide_fails(books: Books, tmp_path: Path
     await _complete_output(tmp_path, "s0", ("a",))
     items = await _run(books, jobs(tmp_path, 1), BiggerSlides(), _outputs(tmp_path))
     [result] = books.drained()
-    assert items == [] and result.status == "failed" and result.extra["stage"] == "reuse"
+    assert items == [] and result.status == "failed" and result.failure.stage == "reuse"
     assert "4096x4096" in result.message and "8192x4096" in result.message
 
 
@@ -123,7 +123,7 @@ async def test_open_failure_fails_alone(books: Books, tmp_path: Path) -> None:
     items = await _run(books, jobs(tmp_path, 3), FakeSlides(fail_open=["s1"]), _outputs(tmp_path))
     [result] = books.drained()
     assert sorted(t.slide.job.stem for t in items) == ["s0", "s2"]
-    assert result.job.stem == "s1" and result.extra["stage"] == "open" and result.message.startswith("s1.svs: ")
+    assert result.job.stem == "s1" and result.failure.stage == "open" and result.message.startswith("s1.svs: ")
     assert not os.path.exists(outputs.lock_path(tmp_path, "s1"))
 
 

@@ -71,7 +71,7 @@ async def test_a_failed_image_fails_alone_and_reused_slides_pass(books: Books, o
     items = await _thumbnails(opened, tmp_path, [32, 31, None])
     masks = await _run(items, books, OddSegmenter(), batch=3)
     [failed] = books.drained()
-    assert failed.job.stem == "s1" and failed.extra["stage"] == "segment" and "no convergence" in failed.message
+    assert failed.job.stem == "s1" and failed.failure.stage == "segment" and "no convergence" in failed.message
     assert [(m.slide.job.stem, m.mask is None) for m in masks] == [("s0", False), ("s2", True)]
 
 

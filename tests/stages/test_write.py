@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from atlaspatch_stream.backends.bundle import H5Outputs, SettingsRecord
-from atlaspatch_stream.items import FeatureBatch, PatchPlan, SlideFailed, WriteItem
+from atlaspatch_stream.items import Failure, FeatureBatch, PatchPlan, SlideFailed, WriteItem
 from atlaspatch_stream.protocols import Store
 from atlaspatch_stream.stages import write
 from atlaspatch_stream.testing.fakes import FakePlanner, fake_jobs
@@ -79,11 +79,11 @@ async def test_a_failure_record_drops_the_partial_file(books: Books, opened: Ope
     """Half of a slide's rows, then a SlideFailed from the reader: the slide fails with the reader's message, its
     temporary file is gone and no final file appears; rows arriving afterwards are ignored."""
     [p] = await _plans(opened, tmp_path, ["p"])
-    items: list[WriteItem] = [p, _features(p, [0, 1, 2]), SlideFailed(p.slide.job, "read", "p.svs: corrupt tile 7"),
+    items: list[WriteItem] = [p, _features(p, [0, 1, 2]), SlideFailed(p.slide.job, Failure("read", "unreadable", "slide"), "p.svs: corrupt tile 7"),
                               _features(p, [3, 4, 5])]
     await _run(items, books, tmp_path)
     [result] = books.drained()
-    assert result.status == "failed" and result.extra["stage"] == "read" and result.message == "p.svs: corrupt tile 7"
+    assert result.status == "failed" and result.failure.stage == "read" and result.message == "p.svs: corrupt tile 7"
     assert not (tmp_path / "patches" / "p.h5").exists() and leftovers(tmp_path) == []
 
 
@@ -95,7 +95,7 @@ async def test_an_output_that_cannot_be_created_fails_its_slide_only(books: Book
     await _run([bad, good, _features(good, list(range(6))), _features(bad, list(range(6)))], books, tmp_path)
     results = {r.job.stem: r for r in books.drained()}
     assert results["good"].status == "done" and results["nospace"].status == "failed"
-    assert results["nospace"].extra["stage"] == "write" and "No space left" in results["nospace"].message
+    assert results["nospace"].failure.stage == "write" and "No space left" in results["nospace"].message
 
 
 async def test_zero_patch_slide_finishes_with_empty_sets(books: Books, opened: Opened, tmp_path: Path) -> None:
