@@ -205,3 +205,53 @@ class SlideResult:
     def ok(self) -> bool:
         """True unless the slide failed or was cancelled before finishing."""
         return self.status not in ("failed", "cancelled")
+
+
+@dataclass(frozen=True)
+class Totals:
+    """Running totals of final results: slides by status, patches, throughput."""
+
+    finished: int = 0
+    by_status: dict[str, int] = field(default_factory=dict)
+    patches: int = 0
+    patches_per_s: float = 0.0
+    elapsed_s: float = 0.0
+
+    def count(self, *statuses: str) -> int:
+        """How many results have one of `statuses`."""
+        return sum(self.by_status.get(s, 0) for s in statuses)
+
+
+@dataclass(frozen=True)
+class EdgeStatistics:
+    """One bounded stream between two stages: items buffered, capacity, and the bytes an item may hold."""
+
+    used: int
+    size: int
+    bytes_per_item: int
+
+    @property
+    def fill(self) -> float:
+        """The share of the stream in use, 0..1."""
+        return self.used / max(1, self.size)
+
+
+@dataclass(frozen=True)
+class EngineStatistics:
+    """What an engine (the local pipeline, the Ray pool) reports about itself at one moment.
+
+    Attributes:
+        state: starting, running, draining, closed or failed.
+        totals: final results so far.
+        in_flight: slides started and not yet finished.
+        submitted: jobs handed to the engine.
+        stopped: why intake stopped, if it did.
+        streams: the local pipeline's streams by name (empty for engines without them).
+    """
+
+    state: str
+    totals: Totals
+    in_flight: int = 0
+    submitted: int = 0
+    stopped: str | None = None
+    streams: dict[str, EdgeStatistics] = field(default_factory=dict)

@@ -11,14 +11,15 @@ mode runs is decided by `StageSet.for_mode` alone; every stage is started the sa
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Generic, Literal, TypeVar
+from typing import Generic, Literal, Protocol, TypeVar, cast
 
 import anyio
 from anyio.abc import TaskGroup
@@ -26,9 +27,20 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 from .config import PipelineConfig
 from .errors import STOP_REASONS, PipelineClosed, PipelineFull, refused, single_error
-from .items import Failure, PatchBatch, PatchPlan, SlideJob, SlideResult, Thumbnail, TissueMask, WriteItem
+from .items import (
+    EdgeStatistics,
+    EngineStatistics,
+    Failure,
+    PatchBatch,
+    PatchPlan,
+    SlideJob,
+    SlideResult,
+    Thumbnail,
+    TissueMask,
+    WriteItem,
+)
 from .outputs.claims import DEFAULT_LEASE
-from .protocols import Backends
+from .protocols import Backends, OutputStore
 from .report import RunReport
 from .stages import encode, plan, prepare, read, segment, write
 from .stages.book import SlideBook
@@ -40,6 +52,11 @@ Mode = Literal["coords", "features", "detect"]
 HEARTBEAT_S = DEFAULT_LEASE / 3
 State = Literal["starting", "running", "draining", "closed", "failed"]
 T = TypeVar("T")
+
+
+def default_mode(config: PipelineConfig) -> Mode:
+    """"features" when encoders are requested, else "coords"."""
+    return "features" if config.encode.extractors else "coords"
 
 
 @dataclass
@@ -57,16 +74,29 @@ class Edge(Generic[T]):
         send, receive = anyio.create_memory_object_stream[T](size)
         return cls(name, send, receive, item_bytes)
 
-    def statistics(self) -> dict[str, int]:
+    def statistics(self) -> EdgeStatistics:
         """Items buffered, capacity, and bytes per item."""
         stats = self.send.statistics()
-        return {"used": stats.current_buffer_used, "size": int(stats.max_buffer_size),
-                "bytes_per_item": self.item_bytes}
+        return EdgeStatistics(stats.current_buffer_used, int(stats.max_buffer_size), self.item_bytes)
 
     def close(self) -> None:
         """Close both original ends (idempotent; clones held by stages are theirs to close)."""
         self.send.close()
         self.receive.close()
+
+
+class AnyEdge(Protocol):
+    """What every edge answers, whatever flows on it."""
+
+    name: str
+
+    def statistics(self) -> EdgeStatistics:
+        """Items buffered, capacity, and bytes per item."""
+        ...
+
+    def close(self) -> None:
+        """Close both original ends."""
+        ...
 
 
 @dataclass
@@ -97,7 +127,7 @@ class Streams:
             results=Edge.create("results", q.results, 1_000),
         )
 
-    def edges(self) -> list[Edge[Any]]:
+    def edges(self) -> list[AnyEdge]:
         """All edges, upstream first."""
         return [getattr(self, f.name) for f in fields(self)]
 
@@ -177,7 +207,8 @@ class Pipeline:
         self.state: State = "starting"
         self.heartbeat_s = HEARTBEAT_S
         self.submitted = 0
-        self.cancelled: list[SlideResult] = []  # slides torn down in flight (the run was cancelled)
+        self.torn_down: list[SlideResult] = []  # slides torn down in flight (aborted or cancelled)
+        self._abort = anyio.CancelScope()
         self._ids = itertools.count()
         self._waiters: dict[int, _Waiter] = {}
         self._routed: set[int] = set()  # jobs of process() callers: their results never go to results()
@@ -237,12 +268,15 @@ class Pipeline:
         """
         self.book.stop_intake(reason)
 
-    async def cancel_unsubmitted(self, jobs: Sequence[SlideJob]) -> None:
-        """Report jobs that will not be submitted because intake stopped: each finishes `cancelled`."""
-        reason = self.book.stop_reason or "the run was stopped"
-        for job in jobs:
-            self._accept(job)
-            await self.book.reject(job, "cancelled", f"not started: {reason}")
+    def abort(self) -> None:
+        """Cancel every stage now: slides in flight are torn down (`torn_down`), partial outputs removed, locks
+        released; `results()` then ends."""
+        self._abort.cancel()
+
+    @property
+    def stop_reason(self) -> str | None:
+        """Why intake stopped (a request, a systemic output failure), or None."""
+        return self.book.stop_reason
 
     def _stop_for(self, failure: Failure) -> None:
         """A systemic failure (full disk, read-only output, a failed device): no later slide starts."""
@@ -270,16 +304,11 @@ class Pipeline:
     def _next_id(self) -> int:
         return next(i for i in self._ids if i not in self._live)
 
-    def statistics(self) -> dict[str, Any]:
+    def statistics(self) -> EngineStatistics:
         """Queue fill per stream, slides in flight, totals and the state."""
-        return {
-            "state": self.state,
-            "streams": {e.name: e.statistics() for e in self.streams.edges()},
-            "in_flight": self.book.in_flight,
-            "submitted": self.submitted,
-            "stopped": self.book.stop_reason,
-            **self.book.tally.statistics(),
-        }
+        return EngineStatistics(state=self.state, totals=self.book.tally.totals(), in_flight=self.book.in_flight,
+                                submitted=self.submitted, stopped=self.book.stop_reason,
+                                streams={e.name: e.statistics() for e in self.streams.edges()})
 
     # -- intake internals -------------------------------------------------------------------------------------------
 
@@ -348,6 +377,10 @@ class Pipeline:
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Start every stage (downstream first), report ready, and run until the input is closed and drained."""
         beat = anyio.CancelScope()
+        with self._abort:
+            await self._run(beat, task_status)
+
+    async def _run(self, beat: anyio.CancelScope, task_status: anyio.abc.TaskStatus[None]) -> None:
         async with anyio.create_task_group() as outer:
             await outer.start(self._dispatch)
             outer.start_soon(self._heartbeat, beat)
@@ -360,13 +393,20 @@ class Pipeline:
                     task_status.started()
             finally:
                 beat.cancel()
-                self.cancelled = await self.book.release_all()
+                self.torn_down = await self.book.release_all()
+                await self._report_torn_down()
                 with anyio.CancelScope(shield=True):
                     await anyio.to_thread.run_sync(self.backends.pixels.close, limiter=self.limiters.io)
                 await self.book.aclose()
                 for edge in self.streams.edges():
                     if edge is not self.streams.results and edge is not self.streams.finished:
                         edge.close()
+
+    async def _report_torn_down(self) -> None:
+        if self.report is not None:
+            with anyio.CancelScope(shield=True):
+                for result in self.torn_down:
+                    await anyio.to_thread.run_sync(self.report.slide, result, limiter=self.limiters.io)
 
     async def _heartbeat(self, scope: anyio.CancelScope) -> None:
         """Refresh the locks of the slides in flight every third of the lock lease (other hosts judge them by age),
@@ -429,19 +469,20 @@ class Pipeline:
         await _start(tg, prepare.run, s.jobs.receive, s.thumbnails.send, book=self.book, slides=b.slides,
                      outputs=outputs, settings=settings_p, limiter=lim.open)
 
-    async def _start_read(self, tg: TaskGroup, outputs: Any) -> None:
+    async def _start_read(self, tg: TaskGroup, outputs: OutputStore) -> None:
         s, cfg = self.streams, self.config
         settings = read.ReadSettings(slides_in_parallel=cfg.read.slides_in_parallel, reader_threads=cfg.read.reader_threads,
                                      chunk=cfg.read.chunk_patches, patch_size=cfg.plan.patch_size,
                                      save_images=cfg.write.save_images, keep_pixels=self.stages.encode)
         # Without encoders, the row labels go straight to the writer (it counts them to know a slide is done).
-        out: MemoryObjectSendStream[Any] = s.patches.send if self.stages.encode else s.to_write.send.clone()
+        out = s.patches.send if self.stages.encode else cast(MemoryObjectSendStream[PatchBatch], s.to_write.send.clone())
         await _start(tg, read.run, s.plans.receive, out, s.to_write.send.clone(), book=self.book,
                      pixels=self.backends.pixels,
                      outputs=outputs, settings=settings, limiter=self.limiters.read)
 
 
-async def _start(tg: TaskGroup, stage: Callable[..., Coroutine[Any, Any, None]], *args: Any, **kwargs: Any) -> None:
+async def _start(tg: TaskGroup, stage: Callable[..., Coroutine[object, object, None]], *args: object,
+                 **kwargs: object) -> None:
     """Start one stage and wait until it reports ready (its set-up done)."""
     await tg.start(functools.partial(stage, *args, **kwargs))
 
@@ -456,12 +497,23 @@ def _collision(job: SlideJob, first: Path) -> str:
 
 
 @asynccontextmanager
-async def running(config: PipelineConfig, backends: Backends, mode: Mode, report: RunReport | None = None,
+async def running(config: PipelineConfig, backends: Backends | None, mode: Mode, report: RunReport | None = None,
                   stop_on_output_failure: bool = False) -> AsyncIterator[Pipeline]:
-    """Start a pipeline; on normal exit close the input and drain; on error or cancellation cancel it.
+    """Start a pipeline (sized for its device; the real backends unless `backends` are given; `report` begun); on
+    normal exit close the input and drain; on error or cancellation cancel it.
 
     Results not consumed by the caller are drained (they are still counted) when the block exits.
     """
+    from .backends.cuda_streams import size_for_device
+
+    # asks the CUDA device for its free memory (initialising CUDA): off the event loop, on a limiter of ours
+    config = await anyio.to_thread.run_sync(size_for_device, config, limiter=anyio.CapacityLimiter(1))
+    if backends is None:
+        from .backends.bundle import RealBackends
+
+        backends = RealBackends(config)
+    if report is not None:
+        report.begin(dataclasses.asdict(config))
     pipeline = Pipeline(config, backends, mode, report, stop_on_output_failure)
     try:
         async with anyio.create_task_group() as tg:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 import threading
@@ -14,7 +15,7 @@ from typing import Any, Literal
 import orjson
 
 from . import __version__
-from .items import SlideResult
+from .items import EngineStatistics, SlideResult
 
 REPORT_NAME = "atlaspatch-report.jsonl"
 RunStatus = Literal["completed", "interrupted", "failed"]
@@ -73,10 +74,11 @@ class RunReport:
             **_failure_fields(result), **{k: v for k, v in result.notes.items() if k != "num_patches"},
         })
 
-    def end(self, statistics: dict[str, Any], status: RunStatus, reason: str | None = None) -> None:
-        """The run's last line (only for a run that started), then close."""
+    def end(self, statistics: EngineStatistics, status: RunStatus, reason: str | None = None) -> None:
+        """The run's last line (only for a run that started): status, reason and the engine's statistics; then
+        close."""
         if self.opened:
-            self._write({"event": "run_end", "status": status, "reason": reason, **statistics})
+            self._write({"event": "run_end", "status": status, "reason": reason, **flat_statistics(statistics)})
         with self._lock:
             if self._file is not None:
                 self._file.close()
@@ -91,3 +93,9 @@ def _failure_fields(result: SlideResult) -> dict[str, object]:
         fields |= {"stage": failure.stage, "error_kind": failure.kind, "retry": failure.retry,
                    "systemic": failure.systemic}
     return fields
+
+
+def flat_statistics(statistics: EngineStatistics) -> dict[str, object]:
+    """The engine's statistics as one flat mapping: the totals' fields (`finished`, `by_status`...) beside the rest."""
+    fields = dataclasses.asdict(statistics)
+    return {**fields.pop("totals"), **fields}

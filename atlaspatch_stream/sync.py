@@ -12,7 +12,8 @@ import anyio.from_thread
 
 from . import api
 from .config import PipelineConfig
-from .items import SlideJob, SlideResult
+from .daemon.service import FolderStatistics
+from .items import EngineStatistics, SlideJob, SlideResult
 from .pipeline import Mode, Pipeline
 from .protocols import Backends
 
@@ -23,7 +24,7 @@ def process_slides(
     *,
     mode: Mode | None = None,
     backends: Backends | None = None,
-    on_result: Callable[[SlideResult, Pipeline], None] | None = None,
+    on_result: Callable[[SlideResult], None] | None = None,
     stop: api.Stop | None = None,
     command: str = "library",
 ) -> api.RunSummary:
@@ -76,9 +77,9 @@ class BlockingPipeline:
         """Final results of submitted slides as they finish, until the input is closed and everything has drained."""
         return _items(self._portal, self._pipeline.results())
 
-    def statistics(self) -> dict[str, Any]:
+    def statistics(self) -> EngineStatistics:
         """Queue fill per stream, slides in flight, totals and the state."""
-        stats: dict[str, Any] = self._portal.call(self._pipeline.statistics)
+        stats: EngineStatistics = self._portal.call(self._pipeline.statistics)
         return stats
 
 
@@ -107,9 +108,9 @@ class BlockingFolderService:
         """Stop intake; the slides in flight drain when the `with` block ends."""
         self._portal.call(self._service.stop, reason)
 
-    def statistics(self) -> dict[str, Any]:
+    def statistics(self) -> FolderStatistics:
         """Pipeline and watcher statistics."""
-        stats: dict[str, Any] = self._portal.call(self._service.statistics)
+        stats: FolderStatistics = self._portal.call(self._service.statistics)
         return stats
 
 

@@ -25,7 +25,6 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
@@ -36,6 +35,7 @@ from atlaspatch_stream.api import default_mode, open_pipeline
 from atlaspatch_stream.errors import NotASlideError, PipelineClosed, PipelineFull
 from atlaspatch_stream.items import SlideResult
 from atlaspatch_stream.pipeline import Pipeline
+from atlaspatch_stream.report import flat_statistics
 
 RETRY_AFTER_S = 5
 STATUS_CODES = {"done": 200, "reused": 200, "skipped": 200, "failed": 422, "locked": 409, "cancelled": 503}
@@ -110,7 +110,7 @@ async def submit_slide(body: SlideRequest, request: Request) -> JSONResponse:
 
 
 @app.get("/status")
-async def status(request: Request) -> dict[str, Any]:
+async def status(request: Request) -> dict[str, object]:
     """The pipeline's statistics: state, queue fill, slides in flight, totals, patches/s."""
     pipeline: Pipeline = request.app.state.pipeline
-    return pipeline.statistics()
+    return flat_statistics(pipeline.statistics())

@@ -6,41 +6,35 @@ reason (a full output disk); 130 after SIGINT and 143 after SIGTERM (drained or 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
 import signal
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractAsyncContextManager, AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any, Protocol, TextIO
 
-import anyio
 import click
 
-from ..api import RunSummary, Stop, make_jobs, process_slides
+from ..api import make_jobs
 from ..config import PipelineConfig
-from ..errors import AtlasPatchError, describe, is_bug, single_error
+from ..errors import AtlasPatchError, describe, is_bug
 from ..items import SlideJob, SlideResult
-from ..pipeline import Mode
+from ..pipeline import Mode, running
+from ..report import RunReport
+from ..run import Engine, JobSource, RunSummary, Stop, run_jobs
+from ..sources.job_list import JobList
 
 if sys.version_info < (3, 11):  # pragma: no cover
-    from exceptiongroup import BaseExceptionGroup  # anyio depends on it there
+    pass  # anyio depends on it there
 
 log = logging.getLogger("atlaspatch_stream")
 SIGNAL_EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143}
 PLAIN_PROGRESS_EVERY_S = 10.0
-Engine = Callable[..., Awaitable[RunSummary]]  # `api.process_slides`'s signature: the local pipeline, or Ray
-
-
-class Statistics(Protocol):
-    """What progress reads totals from: a `Pipeline`, or the Ray driver."""
-
-    def statistics(self) -> dict[str, Any]:
-        """Totals: `by_status`, `patches`, `patches_per_s`."""
-        ...
 
 
 class Scaling(Protocol):
@@ -50,8 +44,16 @@ class Scaling(Protocol):
         """The slides this process takes, in order."""
         ...
 
-    def engine(self, progress: Progress) -> Engine:
-        """What runs them."""
+    def source(self, jobs: list[SlideJob], progress: Progress) -> JobSource:
+        """Where the run takes them from (a shard that steals and copies slides to local disk)."""
+        ...
+
+    def opening(self, config: PipelineConfig, mode: Mode, report: RunReport) -> AbstractAsyncContextManager[Engine]:
+        """What runs them (the local pipeline, or the Ray pool), not yet opened."""
+        ...
+
+    def finished(self) -> None:
+        """Print what the scaling did (slides stolen), after the run."""
         ...
 
     def session(self) -> AbstractContextManager[None]:
@@ -129,7 +131,9 @@ class Progress:
         self.total = total
         self.desc = desc
         self.done = 0
-        self._last = time.monotonic()
+        self.failed = 0
+        self.patches = 0
+        self._started = self._last = time.monotonic()
         self.bar: Any = None
         if _isatty(self.stream):
             from tqdm import tqdm
@@ -144,26 +148,27 @@ class Progress:
             with contextlib.suppress(BrokenPipeError, OSError, ValueError):
                 self.bar.refresh()
 
-    def update(self, result: SlideResult, pipeline: Statistics) -> None:
+    def update(self, result: SlideResult) -> None:
         """One more slide finished: announce a failure, move the bar or print the periodic line."""
         self.done += 1
-        stats = pipeline.statistics()
-        failed = stats["by_status"].get("failed", 0)
+        self.failed += result.status == "failed"
+        if result.status in ("done", "reused"):
+            self.patches += result.num_patches or 0
         if result.status == "failed":
             self.message(f"[FAIL] {result.message}")
         elif result.status == "locked":
             self.message(f"[SKIP] {result.job.name}: {result.message}")
+        rate = self.patches / max(1e-9, time.monotonic() - self._started)
         if self.bar is not None:
-            self._bar_update(stats, failed)
+            self._bar_update(rate)
         elif time.monotonic() - self._last >= PLAIN_PROGRESS_EVERY_S:
             self._last = time.monotonic()
-            write_line(f"{self.desc}: {self.done}/{self.total} slides, {stats['patches_per_s']:.0f} patches/s, "
-                       f"{failed} failed", self.stream)
+            write_line(f"{self.desc}: {self.done}/{self.total} slides, {rate:.0f} patches/s, "
+                       f"{self.failed} failed", self.stream)
 
-    def _bar_update(self, stats: dict[str, Any], failed: int) -> None:
+    def _bar_update(self, rate: float) -> None:
         try:
-            self.bar.set_postfix(patches=stats["patches"], rate=f"{stats['patches_per_s']:.0f}/s", failed=failed,
-                                 refresh=False)
+            self.bar.set_postfix(patches=self.patches, rate=f"{rate:.0f}/s", failed=self.failed, refresh=False)
             self.bar.update(1)
         except (BrokenPipeError, OSError, ValueError):
             self.bar.disable = True
@@ -192,32 +197,62 @@ def _isatty(stream: TextIO) -> bool:
         return False
 
 
-async def run_with_signals(config: PipelineConfig, jobs: list[SlideJob], mode: Mode, command: str,
-                           progress: Progress, engine: Engine = process_slides) -> tuple[RunSummary, int | None]:
-    """Run `jobs`; first SIGINT/SIGTERM stops intake and drains, a second cancels. Returns the signal's exit code."""
+class Signals:
+    """SIGINT and SIGTERM for the rest of the process: each is recorded; while a run is on, the first stops intake
+    and drains, a second cancels at once.
+
+    Python-level handlers, installed once and never removed: a signal that lands after the run has drained (while
+    the summary is printed, or the event loop closes) is recorded and changes nothing, instead of killing the process
+    by the signal with no summary. The event loop is told through `call_soon_threadsafe`, as asyncio's own signal
+    handling does.
+    """
+
+    def __init__(self) -> None:
+        self.received: list[signal.Signals] = []
+        self._relay: Callable[[signal.Signals], None] | None = None
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+
+    @property
+    def exit_status(self) -> int | None:
+        """130 after SIGINT, 143 after SIGTERM (the first signal decides), None without one."""
+        return SIGNAL_EXIT[self.received[0]] if self.received else None
+
+    def _handle(self, signum: int, _frame: object) -> None:
+        sig = signal.Signals(signum)
+        self.received.append(sig)
+        if self._relay is not None:
+            self._relay(sig)
+
+    @contextmanager
+    def relayed(self, stop: Stop, announce: Callable[[str], None], drain_timeout_s: float) -> Iterator[None]:
+        """While the block runs on this event loop, signals stop the run through `stop`."""
+        loop = asyncio.get_running_loop()
+
+        def act(sig: signal.Signals) -> None:
+            if stop.requested.is_set():
+                stop.force()
+                return
+            announce(f"{sig.name}: no new slides start; finishing the slides in flight (at most "
+                     f"{drain_timeout_s:g} s; again to abort)")
+            stop.request(f"interrupted by {sig.name}")
+
+        self._relay = lambda sig: loop.call_soon_threadsafe(act, sig)
+        for sig in self.received:  # a signal that came before the loop ran
+            loop.call_soon(act, sig)
+        try:
+            yield
+        finally:
+            self._relay = None
+
+
+async def run_with_signals(config: PipelineConfig, source: JobSource, opening: AbstractAsyncContextManager[Engine],
+                           report: RunReport, progress: Progress, signals: Signals) -> RunSummary:
+    """Run every job of `source` on the engine `opening` opens, stopped by `signals`."""
     stop = Stop()
-    received: list[int] = []
-
-    async def watch() -> None:
-        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            async for signum in signals:
-                if not received:
-                    received.append(signum)
-                    name = signal.Signals(signum).name
-                    progress.message(f"{name}: no new slides start; finishing the slides in flight "
-                                     f"(at most {config.run.drain_timeout_s:g} s; again to abort)")
-                    stop.request(f"interrupted by {name}")
-                else:
-                    stop.force()
-
-    try:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(watch)
-            summary = await engine(jobs, config, mode=mode, stop=stop, command=command, on_result=progress.update)
-            tg.cancel_scope.cancel()
-    except BaseExceptionGroup as group:  # the engine's error, not our signal watcher's task group around it
-        raise single_error(group) from None
-    return summary, SIGNAL_EXIT.get(signal.Signals(received[0])) if received else None
+    with signals.relayed(stop, progress.message, config.run.drain_timeout_s):
+        return await run_jobs(source, opening, report=report, stop=stop, on_result=progress.update,
+                              drain_timeout_s=config.run.drain_timeout_s)
 
 
 @contextmanager
@@ -236,7 +271,11 @@ def one_line_errors(what: str) -> Iterator[None]:
 
 def execute(config: PipelineConfig, wsi_path: Path, mode: Mode, command: str, verbose: bool,
             scale: Scaling | None = None) -> int:
-    """Everything a slide command does after parsing; returns the exit status."""
+    """Everything a slide command does after parsing; returns the exit status.
+
+    The signal handlers stay until the process exits (`Signals`): every interrupted run exits 130 (143 for SIGTERM),
+    however late the signal lands.
+    """
     from ..sync import run
 
     desc = {"features": "Processing slides", "coords": "Processing slides", "detect": "Tissue detection"}[mode]
@@ -245,15 +284,20 @@ def execute(config: PipelineConfig, wsi_path: Path, mode: Mode, command: str, ve
     jobs = scale.select(jobs) if scale is not None else jobs
     progress = Progress(len(jobs), desc)
     setup_logging(verbose, progress)
-    engine = scale.engine(progress) if scale is not None else process_slides
+    report = RunReport(config.write.output, command)
+    source = scale.source(jobs, progress) if scale is not None else JobList(jobs)
+    opening = (scale.opening(config, mode, report) if scale is not None
+               else running(config, None, mode, report, stop_on_output_failure=True))
+    signals = Signals()
     try:
-        with one_line_errors("the run stopped"), \
-                scale.session() if scale is not None else contextlib.nullcontext():
-            summary, signalled = run(lambda: run_with_signals(config, jobs, mode, command, progress, engine))
+        with one_line_errors("the run stopped"), scale.session() if scale is not None else contextlib.nullcontext():
+            summary = run(lambda: run_with_signals(config, source, opening, report, progress, signals))
     finally:
         progress.close()
+    if scale is not None:
+        scale.finished()
     status = summarize(summary, mode)
-    return signalled if signalled is not None else status
+    return signals.exit_status if signals.exit_status is not None else status
 
 
 def summarize(summary: RunSummary, mode: Mode) -> int:

@@ -12,21 +12,25 @@ import os
 import socket
 import sys
 from collections.abc import Callable, Iterator, Mapping
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
 
-from ..api import RunSummary, Stop, process_slides
 from ..config import PipelineConfig
 from ..errors import ConfigError, MissingExtraError
-from ..items import SlideJob, SlideResult
-from ..pipeline import Mode
-from .runner import Engine, Progress, Statistics, write_line
+from ..items import SlideJob
+from ..pipeline import Mode, running
+from ..report import RunReport
+from ..run import Engine, JobSource
+from ..sources.job_list import JobList
+from .runner import Progress, write_line
 
 if TYPE_CHECKING:
     from ..sources.local_copy import CopyOptions, LocalCopier
+    from ..sources.shard_source import ShardSource
     from ..sources.shards import Shard, ShardWork
 
 SCALE_KEYS = ("shard", "steal", "stage_dir", "stage_max_gb", "engine", "ray_address", "workers", "max_attempts")
@@ -140,14 +144,15 @@ def _check_ray(address: str) -> None:
 
 
 class Scaled:
-    """`runner.Scaling` for a checked `ScaleRequest`: plans the shard, runs it locally or on Ray."""
+    """`runner.Scaling` for a checked `ScaleRequest`: splits the shard, runs it locally or on Ray."""
 
     def __init__(self, request: ScaleRequest, config: PipelineConfig, mode: Mode) -> None:
         self.request = request
         self.config = config
         self.mode = mode
-        self.plan: ShardWork | None = None
+        self.work: ShardWork | None = None
         self.copier: LocalCopier | None = None
+        self.shard: ShardSource | None = None
 
     def select(self, jobs: list[SlideJob]) -> list[SlideJob]:
         """This shard's slides, biggest first (the rest kept for stealing); one line says what was taken."""
@@ -155,13 +160,13 @@ class Scaled:
         from ..sources.shards import split_shard
 
         sizes = {j.slide_id: slide_bytes(j.path) for j in jobs}
-        self.plan = split_shard(jobs, self.request.shard, sizes)
+        self.work = split_shard(jobs, self.request.shard, sizes)
         if self.request.shard is not None:
             tail = "; then unclaimed slides of other shards" if self.request.steal else ""
             hint = "" if self.request.shard_source == "--shard" else " (pass --shard 0/1 to take every slide)"
-            write_line(f"Shard {self.request.shard} from {self.request.shard_source}: {len(self.plan.own)} of "
+            write_line(f"Shard {self.request.shard} from {self.request.shard_source}: {len(self.work.own)} of "
                        f"{len(jobs)} slide(s){tail}{hint}", sys.stderr)
-        return list(self.plan.own)
+        return list(self.work.own)
 
     @contextlib.contextmanager
     def session(self) -> Iterator[None]:
@@ -184,36 +189,32 @@ class Scaled:
             self.copier = copier
             yield
 
-    def engine(self, progress: Progress) -> Engine:
-        """The local pipeline fed by the shard (stealing, staging), or the Ray driver."""
-        return self._ray if self.request.engine == "ray" else lambda *a, **k: self._local(progress, *a, **k)
+    def source(self, jobs: list[SlideJob], progress: Progress) -> JobSource:
+        """This shard's slides, then (with --steal) other shards' unclaimed ones; each copied first with --stage-dir.
+        With --engine ray, the slides as they are (each worker copies its own)."""
+        if self.request.engine == "ray":
+            return JobList(jobs)
+        from ..sources.shard_source import ShardSource
 
-    async def _local(self, progress: Progress, jobs: list[SlideJob], config: PipelineConfig, *, mode: Mode,
-                     stop: Stop, command: str, on_result: Callable[[SlideResult, Statistics], None]) -> RunSummary:
-        from ..sources.shard_feed import ShardFeed
+        assert self.work is not None, "select() splits the shard before the run"
+        self.shard = ShardSource(self.work, self.config.write.output, self.config.write.skip_existing,
+                                 steal=self.request.steal, copier=self.copier, on_steal=lambda _job: progress.extend(1))
+        return self.shard
 
-        assert self.plan is not None, "select() plans the shard before the run"
-        feed = ShardFeed(self.plan, config.write.output, config.write.skip_existing, steal=self.request.steal,
-                         copier=self.copier, on_steal=lambda _job: progress.extend(1))
-
-        def both(result: SlideResult, source: Statistics) -> None:
-            feed.on_result(result)
-            on_result(result, source)
-
-        summary = await process_slides(jobs, config, mode=mode, stop=stop, command=command, on_result=both,
-                                       feed=feed)
-        if self.request.steal:
-            write_line(f"Took {feed.stolen} slide(s) of other shards")
-        return summary
-
-    async def _ray(self, jobs: list[SlideJob], config: PipelineConfig, *, mode: Mode, stop: Stop, command: str,
-                   on_result: Callable[[SlideResult, Statistics], None]) -> RunSummary:
+    def opening(self, config: PipelineConfig, mode: Mode, report: RunReport) -> AbstractAsyncContextManager[Engine]:
+        """The local pipeline, or the Ray workers."""
+        if self.request.engine != "ray":
+            return running(config, None, mode, report, stop_on_output_failure=True)
         from ..distributed.ray_engine import RayEngine, RayOptions
 
         options = RayOptions(workers=self.request.workers, max_attempts=self.request.max_attempts,
                              stage=self.request.stage)
-        engine = RayEngine(config, options=options, mode=mode, command=command)
-        return await engine.process_slides(jobs, stop=stop, on_result=on_result)
+        return RayEngine(config, options=options, mode=mode, command=report.command).open(report)
+
+    def finished(self) -> None:
+        """After the run: how many slides were stolen."""
+        if self.shard is not None and self.request.steal:
+            write_line(f"Took {self.shard.stolen} slide(s) of other shards")
 
 
 @contextlib.contextmanager

@@ -1,13 +1,15 @@
 """`serve_folder`: the daemon's library twin — every slide that has fully arrived in a folder, processed once.
 
 ```
-FolderWatcher (scan, settle, ledger) ─ReadySlide─▶ feed ─SlideJob─▶ Pipeline ─SlideResult─▶ collect ─▶ ledger
-                                                                                                    └─▶ results()
+FolderWatcher (scan, settle, ledger) ─ReadySlide─▶ FolderService (a JobSource) ─▶ run.drive ─▶ Pipeline
+                                                        ▲ settle(result): ledger, results()  │
+                                                        └────────────────────────────────────┘
 ```
 The watcher owns arrival (events are hints, rescans the truth, completeness checks) and the ledger's state machine;
-the unchanged pipeline does the work; `collect` reports each result back to the ledger (done, retry, quarantine,
-deferred) and to the caller. Backpressure runs end to end: while the pipeline is full, `submit` waits, the watcher's
-send waits, and ready slides stay in the ledger.
+`run.drive` owns the run contract (intake, stop and drain, every slide one result); the unchanged pipeline does
+the work. `settle` reports each result back to the ledger (done, retry, quarantine, deferred, by the failure's
+retry class) and to the caller. Backpressure runs end to end: while the pipeline is full, `submit` waits, the
+watcher's send waits, and ready slides stay in the ledger.
 
 Library rules: no signal handlers, no logging handlers, no `sys.exit`; blocking work only on limiters of its own.
 """
@@ -23,25 +25,25 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import anyio
 from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from .. import __version__
-from ..api import default_mode, open_pipeline
 from ..config import PipelineConfig
 from ..errors import ConfigError
-from ..items import SlideJob, SlideResult
-from ..pipeline import Mode, Pipeline
+from ..items import EngineStatistics, RetryClass, SlideJob, SlideResult
+from ..pipeline import Mode, Pipeline, default_mode, running
 from ..protocols import Backends
+from ..report import RunReport
+from ..run import Stop, drive, reporting
 from .clock import Clock, SystemClock
-from .ledger import LEDGER_FILE, ErrorKind, Ledger, RetryPolicy, Settings
+from .ledger import LEDGER_FILE, Ledger, RetryPolicy, Settings
 from .ops.logs import Pseudonymizer, RedactPaths
 from .ops.notify import Notifier
 from .ops.statusfile import STATUS_FILE, StatusBoard, run_status_file
-from .watcher import EventSource, FolderWatcher, ReadySlide
+from .watcher import EventSource, FolderWatcher, ReadySlide, WatchStatistics
 
 log = logging.getLogger(__name__)
 
@@ -57,9 +59,23 @@ class FolderResult:
     state: str  # the ledger state after the result: done, failed, quarantined, deferred, ready (released)
 
 
+@dataclass(frozen=True)
+class FolderStatistics:
+    """The folder service at one moment: its pipeline, its watcher, the slides in flight, whether it drains."""
+
+    pipeline: EngineStatistics
+    watch: WatchStatistics
+    in_flight: int
+    draining: bool
+
+
 @dataclass
 class FolderService:
-    """A running folder service (from `serve_folder`): iterate `results()`, `stop()` to drain, read `statistics()`."""
+    """A running folder service (from `serve_folder`): iterate `results()`, `stop()` to drain, read `statistics()`.
+
+    It is the `run.JobSource` of the daemon: `jobs()` are the slides the watcher finds ready, `settle()` reports
+    each result to the ledger.
+    """
 
     pipeline: Pipeline
     watcher: FolderWatcher
@@ -70,9 +86,11 @@ class FolderService:
     clock: Clock
     notifier: Notifier
     redactor: RedactPaths | None
+    _ready: MemoryObjectReceiveStream[ReadySlide]
     _results_send: MemoryObjectSendStream[FolderResult]
     _results: MemoryObjectReceiveStream[FolderResult]
     _watch_scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
+    _stop: Stop = field(default_factory=Stop)
     _in_flight: dict[int, ReadySlide] = field(default_factory=dict)
     drained: anyio.Event = field(default_factory=anyio.Event)
     stopping: bool = False
@@ -85,8 +103,8 @@ class FolderService:
         return self._results.clone()
 
     def stop(self, reason: str = "stopping") -> None:
-        """First phase of shutdown: no new slide is taken; the slides in flight finish (`serve_folder`'s exit waits
-        for them up to `drain_timeout_s`)."""
+        """First phase of shutdown: no new slide is taken; the slides in flight finish within `drain_timeout_s`
+        (then they are cancelled, partial outputs removed)."""
         if self.stopping:
             return
         self.stopping = True
@@ -95,15 +113,38 @@ class FolderService:
         log.info("%s: intake stopped, draining %d slide(s)", reason, len(self._in_flight),
                  extra={"event": "draining", "in_flight": len(self._in_flight)})
         self._watch_scope.cancel()
+        self._stop.request(reason)
 
     def scan_now(self) -> None:
         """Rescan the folder at once (SIGHUP)."""
         self.watcher.scan_now()
 
-    def statistics(self) -> dict[str, Any]:
+    def statistics(self) -> FolderStatistics:
         """The pipeline's statistics, the watcher's, and the slides in flight."""
-        return {"pipeline": self.pipeline.statistics(), "watch": self.watcher.statistics().__dict__,
-                "in_flight": len(self._in_flight), "draining": self.stopping}
+        return FolderStatistics(self.pipeline.statistics(), self.watcher.statistics(), len(self._in_flight),
+                                self.stopping)
+
+    # -- the job source ---------------------------------------------------------------------------------------------
+
+    async def jobs(self) -> AsyncIterator[SlideJob]:
+        """Each slide the watcher finds ready, as a job; ends when the watcher ends (`--once`, or stopped)."""
+        async for slide in self._ready:
+            job = self._job(slide)
+            self._in_flight[job.slide_id] = slide
+            yield job
+
+    async def settle(self, job: SlideJob, result: SlideResult) -> None:
+        """The slide's result back to the ledger, then to the caller."""
+        slide = self._in_flight.pop(job.slide_id, None)
+        if slide is None:  # pragma: no cover - every result belongs to a slide we gave out
+            return
+        state = await self._record(slide, result)
+        with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):  # nobody listens any more
+            await self._results_send.send(FolderResult(slide, result, state))
+
+    def unsent(self) -> list[SlideJob]:
+        """None: slides not taken stay `ready` in the ledger."""
+        return []
 
     # -- the loops ----------------------------------------------------------------------------------------------
 
@@ -118,39 +159,18 @@ class FolderService:
                 else:
                     await self.watcher.run(send, task_status=task_status)
 
-    async def _feed(self, receive: MemoryObjectReceiveStream[ReadySlide]) -> None:
-        """Ready slides into the pipeline (waits while it is full); closes its input when intake ends."""
-        async with receive:
-            async for slide in receive:
-                job = self._job(slide)
-                self._in_flight[job.slide_id] = slide
-                try:
-                    await self.pipeline.submit(job)
-                except BaseException:
-                    self._in_flight.pop(job.slide_id, None)
-                    with anyio.CancelScope(shield=True):
-                        await self.watcher.slide_released(slide)
-                    raise
-        await self.pipeline.close_input()
+    async def _drive(self, drain_timeout_s: float) -> None:
+        """The run contract over the watched folder, until the watcher ends or a stop has drained."""
+        try:
+            async with self._results_send:
+                await drive(self, self.pipeline, stop=self._stop, drain_timeout_s=drain_timeout_s)
+        finally:
+            self.drained.set()
 
     def _job(self, slide: ReadySlide) -> SlideJob:
         if self.redactor is not None and slide.pseudonym:
             self.redactor.add(slide.pseudonym, slide.path, slide.slide_id, slide.path.name)
         return SlideJob(slide.row_id, slide.path, slide.stem, display=slide.display, pseudonym=slide.pseudonym)
-
-    async def _collect(self) -> None:
-        """Every pipeline result back to the ledger (and the caller); the end of results means all drained."""
-        try:
-            async with self.pipeline.results() as results, self._results_send:
-                async for result in results:
-                    slide = self._in_flight.pop(result.job.slide_id, None)
-                    if slide is None:  # pragma: no cover - every result belongs to a slide we submitted
-                        continue
-                    state = await self._record(slide, result)
-                    with contextlib.suppress(anyio.BrokenResourceError):  # nobody listens any more: drop it
-                        await self._results_send.send(FolderResult(slide, result, state))
-        finally:
-            self.drained.set()
 
     async def _record(self, slide: ReadySlide, result: SlideResult) -> str:
         now = self.clock.now()
@@ -171,7 +191,7 @@ class FolderService:
         self.board.slide_finished(state, now)
         return state
 
-    def _classify(self, result: SlideResult) -> tuple[ErrorKind, str]:
+    def _classify(self, result: SlideResult) -> tuple[RetryClass, str]:
         message = self.redactor.redact(result.message) if self.redactor is not None else result.message
         if result.status == "locked":  # another daemon works on it: ask again later, uncharged
             return "transient", f"locked by another process ({message})"
@@ -190,7 +210,7 @@ class FolderService:
             counts = await self.ledger.counts()
             self.board.set_states(counts)
             stats = self.pipeline.statistics()
-            self.board.set_queue_fill({name: e["used"] / max(1, e["size"]) for name, e in stats["streams"].items()})
+            self.board.set_queue_fill({name: edge.fill for name, edge in stats.streams.items()})
             watch = self.watcher.statistics()
             self.board.paused_because = watch.paused_because
             if watch.last_scan_at is not None:
@@ -261,54 +281,66 @@ async def serve_folder(
     input_folder = Path(input_folder)
     if not input_folder.is_dir():
         raise ConfigError(f"Input folder does not exist: {input_folder}")
-    clock = clock or SystemClock()
     notifier = notifier or Notifier()
-    state = _state_dir(config)
     names = Pseudonymizer.from_key_file(watch.key_path(config.write.output)) if watch.pseudonymize else None
     if names is not None and redactor is None:
         redactor = RedactPaths()
-    outer = anyio.CancelScope()
-    with outer:
-        async with open_pipeline(config, mode=mode or default_mode(config), backends=backends, command="watch",
-                                 redact=redactor.redact if redactor is not None else None) as pipeline:
-            settings = Settings(pipeline.backends.outputs.settings_fingerprint(), tuple(config.encode.extractors))
-            async with Ledger.open(state / LEDGER_FILE, clock=clock, policy=RetryPolicy.from_config(watch)) as ledger:
-                try:
-                    async with _running(input_folder, config, pipeline, ledger, settings, state, clock, notifier,
-                                        redactor, names, events, mounts_text, once, metrics_started,
-                                        outer) as service:
-                        yield service
-                finally:
-                    with anyio.CancelScope(shield=True):
-                        await ledger.release_running()
+    parts = _Parts(input_folder, config, _state_dir(config), clock or SystemClock(), notifier, redactor, names, events,
+                   mounts_text, once, metrics_started)
+    report = RunReport(config.write.output, "watch", redactor.redact if redactor is not None else None)
+    opening = running(config, backends, mode or default_mode(config), report)
+    async with reporting(report, opening) as pipeline:
+        settings = Settings(pipeline.backends.outputs.settings_fingerprint(), tuple(config.encode.extractors))
+        policy = RetryPolicy.from_config(watch)
+        async with Ledger.open(parts.state / LEDGER_FILE, clock=parts.clock, policy=policy) as ledger:
+            try:
+                async with _serving(parts, pipeline, ledger, settings) as service:
+                    yield service
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await ledger.release_running()
     notifier.close()
 
 
+@dataclass(frozen=True)
+class _Parts:
+    """What `serve_folder` was given and made before the pipeline starts."""
+
+    input_folder: Path
+    config: PipelineConfig
+    state: Path
+    clock: Clock
+    notifier: Notifier
+    redactor: RedactPaths | None
+    names: Pseudonymizer | None
+    events: EventSource | None
+    mounts_text: str | None
+    once: bool
+    metrics_started: Callable[[str], None] | None
+
+
 @asynccontextmanager
-async def _running(input_folder: Path, config: PipelineConfig, pipeline: Pipeline, ledger: Ledger,
-                   settings: Settings, state: Path, clock: Clock, notifier: Notifier, redactor: RedactPaths | None,
-                   names: Pseudonymizer | None, events: EventSource | None, mounts_text: str | None, once: bool,
-                   metrics_started: Callable[[str], None] | None,
-                   outer: anyio.CancelScope) -> AsyncIterator[FolderService]:
-    """The watcher, feed, collect and operations tasks around a started pipeline and an open ledger."""
+async def _serving(parts: _Parts, pipeline: Pipeline, ledger: Ledger,
+                   settings: Settings) -> AsyncIterator[FolderService]:
+    """The watcher, the run and the operations tasks around a started pipeline and an open ledger."""
+    config = parts.config
     watch, output = config.watch, config.write.output
     board = StatusBoard(version=__version__, config_fp=settings.fingerprint, started_at=time.time())
     max_depth = watch.max_depth if config.source.recursive else min(1, watch.max_depth)
     watcher = FolderWatcher(
-        input_folder, ledger, settings, dataclasses.replace(watch, max_depth=max_depth), probe_dir=output / "patches",
-        exclude=[output, state], clock=clock, events=events, mounts_text=mounts_text,
-        pseudonym=names.pseudonym if names is not None else None,
+        parts.input_folder, ledger, settings, dataclasses.replace(watch, max_depth=max_depth),
+        probe_dir=output / "patches", exclude=[output, parts.state], clock=parts.clock, events=parts.events,
+        mounts_text=parts.mounts_text, pseudonym=parts.names.pseudonym if parts.names is not None else None,
     )
-    results_send, results_receive = anyio.create_memory_object_stream[FolderResult](64)
-    service = FolderService(pipeline, watcher, ledger, board, settings, output, clock, notifier, redactor,
-                            results_send, results_receive)
     ready_send, ready_receive = anyio.create_memory_object_stream[ReadySlide](1)
-    async with anyio.create_task_group() as tg:
-        await tg.start(service._watch, ready_send, once)
-        tg.start_soon(service._feed, ready_receive)
-        tg.start_soon(service._collect)
-        await _operations(tg, service, state, metrics_started)
-        notifier.ready(f"watching {input_folder}" if names is None else "watching")
+    results_send, results_receive = anyio.create_memory_object_stream[FolderResult](64)
+    service = FolderService(pipeline, watcher, ledger, board, settings, output, parts.clock, parts.notifier,
+                            parts.redactor, ready_receive, results_send, results_receive)
+    async with anyio.create_task_group() as tg, ready_receive:
+        await tg.start(service._watch, ready_send, parts.once)
+        tg.start_soon(service._drive, watch.drain_timeout_s)
+        await _operations(tg, service, parts.state, parts.metrics_started)
+        parts.notifier.ready(f"watching {parts.input_folder}" if parts.names is None else "watching")
         try:
             yield service
         except BaseException:
@@ -316,7 +348,8 @@ async def _running(input_folder: Path, config: PipelineConfig, pipeline: Pipelin
             raise
         finally:
             results_receive.close()
-        await _drain(service, watch.drain_timeout_s, outer)
+        service.stop()
+        await service.drained.wait()
         tg.cancel_scope.cancel()
 
 
@@ -335,14 +368,3 @@ async def _operations(tg: TaskGroup, service: FolderService, state: Path,
         log.info("metrics on %s", where, extra={"event": "metrics_started"})
         if metrics_started is not None:
             metrics_started(where)
-
-
-async def _drain(service: FolderService, timeout_s: float, outer: anyio.CancelScope) -> None:
-    """Stop intake; give the slides in flight `timeout_s` to finish, then cancel the rest (partials removed)."""
-    service.stop()
-    with anyio.move_on_after(timeout_s):
-        await service.drained.wait()
-    if not service.drained.is_set():
-        log.warning("drain deadline (%.0f s) reached: cancelling %d slide(s) in flight", timeout_s,
-                    len(service._in_flight), extra={"event": "drain_deadline"})
-        outer.cancel()

@@ -1,10 +1,11 @@
 """The Ray engine: one `NodeWorker` actor per GPU in the cluster (or N CPU workers), each holding the unchanged
-pipeline through `sync.open_pipeline` (its models loaded once per actor), fed by a driver in this process.
+pipeline through `sync.open_pipeline` (its models loaded once per actor), driven from this process.
 
-The driver keeps `in_flight` slides outstanding per worker (pull: a worker gets its next slide when one finishes,
-so slow and fast slides balance themselves), writes the run report and progress locally, and merges the workers'
-statistics into `run_end`. Workers write H5s straight to the shared output with the usual temporary name, rename
-and claim; the driver only moves slide paths and small result records, never pixels.
+`RayEngine` is a `run.Engine`: `run.drive` feeds it and owns the run contract (stop, drain, every slide one result,
+the report's life). The engine keeps `in_flight` slides outstanding per worker (pull: a worker gets its next slide
+when one finishes, so slow and fast slides balance themselves), writes each slide's report line locally, and merges
+the workers' statistics into `run_end`. Workers write H5s straight to the shared output with the usual temporary
+name, rename and claim; the driver only moves slide paths and small result records, never pixels.
 
 Faults: a worker that dies (killed, out of memory, node lost) or whose pipeline breaks has its slides retried on
 other workers, each slide counted against `max_attempts`; Ray restarts the actor (up to `max_restarts`), which
@@ -25,28 +26,37 @@ import os
 import socket
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import anyio
+from anyio.streams.memory import MemoryObjectReceiveStream
 
 from .. import errors, outputs
-from ..api import RunSummary, Stop
 from ..backends.bundle import H5Outputs, SettingsRecord
 from ..config import PipelineConfig
-from ..errors import STOP_REASONS, AtlasPatchError, ConfigError, MissingExtraError, import_extra, refused
-from ..items import SlideJob, SlideResult
+from ..errors import (
+    STOP_REASONS,
+    AtlasPatchError,
+    ConfigError,
+    MissingExtraError,
+    PipelineClosed,
+    import_extra,
+    refused,
+)
+from ..items import EngineStatistics, SlideJob, SlideResult
 from ..outputs import claims
 from ..pipeline import Mode
-from ..report import RunReport, RunStatus
-from ..sources.local_copy import CopyOptions, LocalCopier, worth_copying
+from ..report import RunReport, flat_statistics
+from ..run import OnResult, RunSummary, Stop, run_jobs, serving
+from ..sources.job_list import JobList
+from ..sources.local_copy import CopyOptions, LocalCopier
 from ..stages.book import Tally
 
 log = logging.getLogger("atlaspatch_stream")
-
-OnResult = Callable[[SlideResult, Any], None]
 
 
 def import_ray() -> Any:
@@ -129,19 +139,19 @@ class NodeWorker:
         if retry:
             claims.break_claim(outputs.lock_path(self.config.write.output, job.stem),
                                lambda holder: holder.purpose == self.tag, "its Ray worker died")
-        staged = job
-        if self.copier is not None and worth_copying(job, self.config.write.output, self.config.write.skip_existing):
-            staged = self.copier.copy(job)
+        write = self.config.write
+        copied = self.copier.copy_for(job, write.output, write.skip_existing) if self.copier is not None else job
         try:
-            result = self.pipeline.process(staged)
+            result = self.pipeline.process(copied)
         finally:
             if self.copier is not None:
-                self.copier.release(staged)
+                self.copier.release(copied)
         return dataclasses.replace(result, job=job)
 
     def statistics(self) -> dict[str, Any]:
         """The pipeline's statistics, where it runs, and what staging did."""
-        stats: dict[str, Any] = {**self.pipeline.statistics(), "pid": os.getpid(), "host": socket.gethostname()}
+        stats: dict[str, Any] = {**flat_statistics(self.pipeline.statistics()), "pid": os.getpid(),
+                                 "host": socket.gethostname()}
         if self.copier is not None:
             stats["staging"] = self.copier.statistics()
         return stats
@@ -189,7 +199,8 @@ class Dispatch:
     """Which slide each worker slot gets next: pending slides in order, retries first and on another worker.
 
     A retried slide goes to a worker it has not failed on, unless every live worker has failed it. `take` waits while
-    nothing is pending but slides are still out (one may come back), and returns None once all is done or stopped.
+    nothing is pending but more may come (the input is open, or slides are still out and may come back), and
+    returns None once all is done, the input closed, or intake stopped.
     """
 
     def __init__(self, jobs: Iterable[SlideJob], max_attempts: int, workers: Iterable[int]) -> None:
@@ -198,7 +209,22 @@ class Dispatch:
         self.live = set(workers)
         self.max_attempts = max_attempts
         self.stopped: str | None = None
+        self.closed = False
         self._changed = anyio.Event()
+
+    def add(self, job: SlideJob) -> None:
+        """One more slide to run."""
+        self.pending.append(Attempt(job))
+        self._notify()
+
+    def close(self) -> None:
+        """No more slides will be added."""
+        self.closed = True
+        self._notify()
+
+    async def changed(self) -> None:
+        """Until the next change (a slide taken, done, retried, a worker gone)."""
+        await self._changed.wait()
 
     async def take(self, worker: int) -> Attempt | None:
         """The next slide for a slot of `worker`, or None when there is nothing left for it."""
@@ -206,8 +232,9 @@ class Dispatch:
             attempt = self._pick(worker)
             if attempt is not None:
                 self.running[attempt.job.slide_id] = attempt
+                self._notify()
                 return attempt
-            if not self.pending and not self.running:
+            if self.closed and not self.pending and not self.running:
                 return None
             await self._changed.wait()
         return None
@@ -307,14 +334,26 @@ class Worker:
         return f"worker {self.index} (pid {self.pid} on {self.host})"
 
 
+@dataclass(frozen=True)
+class RayStatistics(EngineStatistics):
+    """The Ray engine's statistics: the driver's totals, live workers, start-up time, retries; at the end, each
+    worker's own pipeline statistics and their sum."""
+
+    engine: str = "ray"
+    workers_alive: int = 0
+    workers_start_s: float = 0.0
+    retried: int = 0
+    worker_totals: dict[str, Any] = field(default_factory=dict)
+    workers: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
 class RayEngine:
     """Runs slides on a Ray cluster the caller has connected to (`ray.init`), one pipeline per worker actor.
 
-    `await engine.process_slides(jobs, stop=..., on_result=...)` has the contract of `api.process_slides`: every
-    job gets exactly one result, `stop` drains within `config.run.drain_timeout_s`, a systemic output failure stops
-    new slides, and `on_result(result, engine)` is called for each (`engine.statistics()` for progress). Paths in
+    `async with engine.open(report) as engine:` starts the workers (their own start-up error comes out, before the
+    report's first line), then it is a `run.Engine` for `run.drive`; `process_slides(jobs, ...)` does both. Paths in
     the settings and the jobs are made absolute before they are sent (the H5s' `wsi_path` is then absolute too);
-    results and the run report name slides as the caller's jobs do.
+    results name slides as the caller's jobs do. A systemic output failure stops intake, as in a local run.
     """
 
     def __init__(self, config: PipelineConfig, *, options: RayOptions | None = None, mode: Mode = "features",
@@ -327,52 +366,111 @@ class RayEngine:
         self.tally = Tally()
         self.retried = 0
         self.start_s = 0.0  # how long the workers took to start (placed, imported, models loaded)
-        self.stop_reason: str | None = None
-        self._results: list[SlideResult] = []
-        self._on_result: OnResult | None = None
+        self.torn_down: list[SlideResult] = []
+        self._stop_reason: str | None = None
         self._report: RunReport | None = None
-        self._dispatch: Dispatch | None = None
+        self._dispatch = Dispatch([], self.options.max_attempts, [])
         self._jobs: dict[int, SlideJob] = {}  # the caller's jobs, by id: results name slides as the caller did
+        room = 2 * self.options.in_flight * max(1, self.options.workers or 1) + 8
+        self._send, self._receive = anyio.create_memory_object_stream[SlideResult](room)
+        self._abort = anyio.CancelScope()
+        self._final_stats: RayStatistics | None = None
         self._io = anyio.CapacityLimiter(1)
 
-    def statistics(self) -> dict[str, Any]:
-        """The driver's totals (one count per slide), live workers and retries."""
-        return {**self.tally.statistics(), "engine": "ray", "workers_alive": sum(w.alive for w in self.workers),
-                "workers_start_s": round(self.start_s, 3), "retried": self.retried, "stopped": self.stop_reason}
+    # -- run.Engine -------------------------------------------------------------------------------------------------
 
-    async def process_slides(self, jobs: Sequence[SlideJob], *, stop: Stop | None = None,
-                             on_result: OnResult | None = None) -> RunSummary:
-        """Run `jobs` on the workers; see the class docstring.
+    async def submit(self, job: SlideJob) -> None:
+        """Queue one slide; waits while every worker slot already has one waiting."""
+        while len(self._dispatch.pending) >= self._room() and not self._done():
+            await self._dispatch.changed()
+        if self._done():
+            raise PipelineClosed("the Ray engine takes no more slides")
+        self._jobs[job.slide_id] = job
+        self._dispatch.add(dataclasses.replace(job, path=job.path.absolute()))
+
+    def results(self) -> MemoryObjectReceiveStream[SlideResult]:
+        """Final results as the workers return them; ends when every slot has ended."""
+        return self._receive.clone()
+
+    async def close_input(self) -> None:
+        """No more slides: the workers finish what they have."""
+        self._dispatch.close()
+
+    def stop_intake(self, reason: str) -> None:
+        """No slide starts any more: those still pending finish `cancelled` ("not started: <reason>")."""
+        if self._dispatch.stopped is not None:
+            return
+        self._stop_reason = self._stop_reason or reason
+        for attempt in self._dispatch.stop(reason):
+            self._final_nowait(SlideResult(attempt.job, "cancelled", message=f"not started: {reason}"))
+
+    def abort(self) -> None:
+        """Cancel the slides in flight now (their workers' pipelines are aborted when the engine closes)."""
+        self._abort.cancel()
+
+    @property
+    def stop_reason(self) -> str | None:
+        """Why intake stopped: a request, a systemic failure, or every worker gone."""
+        return self._stop_reason
+
+    def statistics(self) -> RayStatistics:
+        """The driver's totals (one count per slide), live workers and retries; the workers' own at the end."""
+        if self._final_stats is not None:
+            return self._final_stats
+        return RayStatistics(state="running", totals=self.tally.totals(), in_flight=len(self._dispatch.running),
+                             submitted=len(self._jobs), stopped=self._stop_reason,
+                             workers_alive=sum(w.alive for w in self.workers),
+                             workers_start_s=round(self.start_s, 3), retried=self.retried)
+
+    # -- opening and running ----------------------------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def open(self, report: RunReport | None) -> AsyncIterator[RayEngine]:
+        """Start the workers (their start-up error comes out here), run their slots, and yield the engine; on exit
+        close the input, wait for the slots, collect the workers' statistics and close (or abort) them.
 
         Raises:
             ConfigError: Ray is not initialised, the cluster has no GPU and no `workers` were asked for, or it lacks
                 the CPUs for them.
-            WeightsError, MissingExtraError, AtlasPatchError: a worker could not start (its own error), before the
-                run report is written.
+            WeightsError, MissingExtraError, AtlasPatchError: a worker could not start (its own error).
         """
-        started = time.perf_counter()
-        self._on_result = on_result
-        report = self._report = RunReport(self.config.write.output, self.command)
-        report.begin({**dataclasses.asdict(self.config), "ray": dataclasses.asdict(self.options)})
-        await self._start_workers(f"process ray:{report.run_id}")
-        await anyio.to_thread.run_sync(report.open, limiter=self._io)
+        self._report = report
+        if report is not None:
+            report.begin({**dataclasses.asdict(self.config), "ray": dataclasses.asdict(self.options)})
+        await self._start_workers(f"process ray:{report.run_id if report is not None else os.getpid()}")
         self.tally = Tally()  # throughput from the first slide on, the workers' start-up apart
-        self._jobs = {j.slide_id: j for j in jobs}
-        sent = [dataclasses.replace(j, path=j.path.absolute()) for j in jobs]
-        dispatch = self._dispatch = Dispatch(sent, self.options.max_attempts, (w.index for w in self.workers))
-        status: RunStatus = "failed"
+        clean = False
         try:
-            cancelled = await self._run(dispatch, stop)
-            await self._settle(dispatch, cancelled)
-            status = "interrupted" if self.stop_reason else "completed"
+            async with serving(self, self._serve):
+                yield self
+            clean = not self._abort.cancel_called
         finally:
             with anyio.CancelScope(shield=True):
-                stats = await self._finish_workers(drain=status != "failed" and not dispatch.running)
-                await anyio.to_thread.run_sync(report.end, stats, status, self.stop_reason, limiter=self._io)
-        results = self._results + _never_reported(jobs, self._results)
-        return RunSummary(results, time.perf_counter() - started, stats, self.stop_reason)
+                self._final_stats = await self._finish_workers(drain=clean and not self._dispatch.running)
 
-    # -- start and end ----------------------------------------------------------------------------------------------
+    async def process_slides(self, jobs: Sequence[SlideJob], *, stop: Stop | None = None,
+                             on_result: OnResult | None = None) -> RunSummary:
+        """Run `jobs` on the workers with the run's report: `run.run_jobs` over this engine."""
+        report = RunReport(self.config.write.output, self.command)
+        return await run_jobs(JobList(jobs), self.open(report), report=report, stop=stop, on_result=on_result,
+                              drain_timeout_s=self.config.run.drain_timeout_s)
+
+    def _room(self) -> int:
+        return self.options.in_flight * max(1, sum(w.alive for w in self.workers))
+
+    def _done(self) -> bool:
+        return self._dispatch.stopped is not None or not self._dispatch.live
+
+    async def _serve(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Every slot of every worker until all is done (or aborted); then answer what is left and end `results()`."""
+        async with self._send:
+            with self._abort:
+                async with anyio.create_task_group() as slots:
+                    for worker in self.workers:
+                        for _ in range(self.options.in_flight):
+                            slots.start_soon(self._slot, worker)
+                    task_status.started()
+            await self._settle(aborted=self._abort.cancel_called)
 
     async def _start_workers(self, tag: str) -> None:
         ray = import_ray()
@@ -396,6 +494,7 @@ class RayEngine:
             self._kill_all()
             raise
         self.start_s = time.perf_counter() - started
+        self._dispatch = Dispatch([], self.options.max_attempts, (w.index for w in self.workers))
         for worker, info in zip(self.workers, infos, strict=True):
             worker.pid, worker.host = info["pid"], info["host"]
         failed = next((info["error"] for info in infos if info["error"]), None)
@@ -417,7 +516,7 @@ class RayEngine:
             raise ConfigError("the Ray cluster has no GPU: pass --workers N to run N CPU workers")
         return gpus, 1
 
-    async def _finish_workers(self, *, drain: bool) -> dict[str, Any]:
+    async def _finish_workers(self, *, drain: bool) -> RayStatistics:
         """Collect every worker's statistics, close (or abort) it and release its actor; the run_end statistics."""
         per_worker: dict[str, dict[str, Any]] = {}
         with anyio.move_on_after(self.options.close_timeout_s):
@@ -428,7 +527,8 @@ class RayEngine:
                 with contextlib.suppress(Exception):
                     await (worker.actor.close if drain else worker.actor.abort).remote()
         self._kill_all()
-        return {**self.statistics(), "worker_totals": merge_worker_statistics(per_worker), "workers": per_worker}
+        return dataclasses.replace(self.statistics(), state="closed", worker_totals=merge_worker_statistics(per_worker),
+                                   workers=per_worker)
 
     def _kill_all(self) -> None:
         ray = import_ray()
@@ -436,39 +536,12 @@ class RayEngine:
             with contextlib.suppress(Exception):
                 ray.kill(worker.actor)
 
-    # -- the run ----------------------------------------------------------------------------------------------------
+    # -- the slots ---------------------------------------------------------------------------------------------------
 
-    async def _run(self, dispatch: Dispatch, stop: Stop | None) -> bool:
-        """Every slot of every worker, until all is done; True when the run was cut short (forced stop, deadline)."""
-        with anyio.CancelScope() as scope:
-            async with anyio.create_task_group() as tg:
-                if stop is not None:
-                    tg.start_soon(self._watch_stop, stop, dispatch, scope)
-                async with anyio.create_task_group() as slots:
-                    for worker in self.workers:
-                        for _ in range(self.options.in_flight):
-                            slots.start_soon(self._slot, worker, dispatch)
-                tg.cancel_scope.cancel()
-        return scope.cancelled_caught
-
-    async def _watch_stop(self, stop: Stop, dispatch: Dispatch, scope: anyio.CancelScope) -> None:
-        """First request: no new slides, a drain deadline; force: cancel at once (as `api.process_slides`)."""
-        await stop.requested.wait()
-        await self._stop(dispatch, stop.reason or "interrupted")
-        scope.deadline = min(scope.deadline, anyio.current_time() + self.config.run.drain_timeout_s)
-        await stop.forced.wait()
-        scope.cancel()
-
-    async def _stop(self, dispatch: Dispatch, reason: str) -> None:
-        if dispatch.stopped is not None:
-            return
-        self.stop_reason = reason
-        for attempt in dispatch.stop(reason):
-            await self._final(SlideResult(attempt.job, "cancelled", message=f"not started: {reason}"))
-
-    async def _slot(self, worker: Worker, dispatch: Dispatch) -> None:
+    async def _slot(self, worker: Worker) -> None:
         """One of a worker's in-flight places: take a slide, run it there, record or retry it; until nothing is left."""
         ray = import_ray()
+        dispatch = self._dispatch
         while (attempt := await dispatch.take(worker.index)) is not None:
             async with worker.lock:  # while its actor restarts, a worker's slots wait here
                 generation = worker.generation
@@ -480,8 +553,8 @@ class RayEngine:
                 dispatch.done(attempt)
                 await self._final(dataclasses.replace(outcome, attempts=attempt.tries + 1))
                 continue
-            await self._lost(worker, attempt, outcome, dispatch)
-            await self._recover(worker, generation, dispatch, kill=not isinstance(outcome, ray.exceptions.RayActorError))
+            await self._lost(worker, attempt, outcome)
+            await self._recover(worker, generation, kill=not isinstance(outcome, ray.exceptions.RayActorError))
 
     async def _call(self, worker: Worker, attempt: Attempt) -> SlideResult | Exception:
         """The slide's result from `worker`, or the Ray error that says the worker died (or its pipeline broke)."""
@@ -495,11 +568,11 @@ class RayEngine:
         finally:
             worker.busy -= 1
 
-    async def _lost(self, worker: Worker, attempt: Attempt, exc: BaseException, dispatch: Dispatch) -> None:
+    async def _lost(self, worker: Worker, attempt: Attempt, exc: BaseException) -> None:
         """A worker died (or its pipeline broke) with the slide in flight: retry it elsewhere, or fail it."""
         cause = _one_line(exc)
         log.warning("%s lost %s: %s", worker.name, attempt.job.name, cause)
-        if dispatch.retry(attempt, worker.index):
+        if self._dispatch.retry(attempt, worker.index):
             self.retried += 1
             return
         await self._final(SlideResult(
@@ -507,7 +580,7 @@ class RayEngine:
             f"(--max-attempts {self.options.max_attempts}); last: {cause}",
             failure=refused("worker", "worker_lost", "transient"), attempts=attempt.tries))
 
-    async def _recover(self, worker: Worker, generation: int, dispatch: Dispatch, *, kill: bool) -> None:
+    async def _recover(self, worker: Worker, generation: int, *, kill: bool) -> None:
         """Once per death: wait for Ray to restart the actor (restarting a broken one first); retire it if it cannot."""
         ray = import_ray()
         async with worker.lock:
@@ -520,7 +593,7 @@ class RayEngine:
             if info is None or info["error"]:
                 log.warning("%s is gone: %s", worker.name, info["error"][1] if info else "it cannot be restarted")
                 worker.alive = False
-                dispatch.worker_gone(worker.index)
+                self._dispatch.worker_gone(worker.index)
                 return
             worker.restarts += 1
             worker.pid, worker.host = info["pid"], info["host"]
@@ -540,24 +613,38 @@ class RayEngine:
         return None
 
     async def _final(self, result: SlideResult) -> None:
-        """Record one slide's final result: report line, totals, progress; a systemic output failure stops intake."""
-        assert self._report is not None
-        result = dataclasses.replace(result, job=self._jobs.get(result.job.slide_id, result.job))
-        await anyio.to_thread.run_sync(self._report.slide, result, limiter=self._io)
-        self.tally.add(result)
-        self._results.append(result)
-        if self._on_result is not None:
-            self._on_result(result, self)
-        if result.failure is not None and result.failure.systemic and self._dispatch is not None:
-            await self._stop(self._dispatch, STOP_REASONS.get(result.failure.kind, "output failure"))
+        """Send one slide's final result (named as the caller's job) with its report line; a systemic failure stops
+        intake."""
+        result = self._counted(result)
+        if self._report is not None:
+            await anyio.to_thread.run_sync(self._report.slide, result, limiter=self._io)
+        await self._send.send(result)
+        if result.failure is not None and result.failure.systemic:
+            self.stop_intake(STOP_REASONS.get(result.failure.kind, "output failure"))
 
-    async def _settle(self, dispatch: Dispatch, cancelled: bool) -> None:
-        """Give every slide still without a result its result: interrupted ones, and any no worker was left for."""
-        for attempt in list(dispatch.running.values()):
-            await self._final(SlideResult(attempt.job, "cancelled", message="interrupted before it finished"))
-        if dispatch.pending and not cancelled:
-            self.stop_reason = self.stop_reason or "every Ray worker died"
-            for attempt in dispatch.stop(self.stop_reason):
+    def _final_nowait(self, result: SlideResult) -> None:
+        """`_final` without waiting, for a slide that never started (intake stopped); the stream has room for every
+        slide `submit` let in."""
+        result = self._counted(result)
+        if self._report is not None:
+            self._report.slide(result)
+        self._send.send_nowait(result)
+
+    def _counted(self, result: SlideResult) -> SlideResult:
+        result = dataclasses.replace(result, job=self._jobs.get(result.job.slide_id, result.job))
+        self.tally.add(result)
+        return result
+
+    async def _settle(self, *, aborted: bool) -> None:
+        """After the slots: slides in flight when aborted are torn down; slides no worker was left for fail."""
+        for attempt in list(self._dispatch.running.values()):
+            result = self._counted(SlideResult(attempt.job, "cancelled", message="interrupted before it finished"))
+            self.torn_down.append(result)
+            if self._report is not None:
+                await anyio.to_thread.run_sync(self._report.slide, result, limiter=self._io)
+        if self._dispatch.pending and not aborted:
+            self._stop_reason = self._stop_reason or "every Ray worker died"
+            for attempt in self._dispatch.stop(self._stop_reason):
                 await self._final(SlideResult(attempt.job, "failed", message=f"{attempt.job.name}: no Ray worker "
                                               "was left to process it",
                                               failure=refused("worker", "worker_lost", "transient")))
@@ -574,9 +661,3 @@ def _startup_error(kind: str, message: str) -> AtlasPatchError:
 def _one_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0] if text else ''}".strip().rstrip(":")
-
-
-def _never_reported(jobs: Sequence[SlideJob], results: Sequence[SlideResult]) -> list[SlideResult]:
-    seen = {r.job.slide_id for r in results}
-    return [SlideResult(job, "cancelled", message="not started: the run was cancelled") for job in jobs
-            if job.slide_id not in seen]

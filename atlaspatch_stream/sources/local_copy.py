@@ -166,13 +166,17 @@ class LocalCopier:
             self.stats.copy_s += time.perf_counter() - started
         return dataclasses.replace(job, read_path=slot / job.path.name)
 
-    async def copy_async(self, job: SlideJob) -> SlideJob:
-        """`stage` in a worker thread of its own; a cancelled caller returns at once (the copy stops at `close`)."""
+    def copy_for(self, job: SlideJob, output: Path, skip_existing: bool) -> SlideJob:
+        """The job reading a local copy when the run will read the slide's pixels (`worth_copying`), else `job`."""
+        return self.copy(job) if worth_copying(job, output, skip_existing) else job
+
+    async def copy_async(self, job: SlideJob, output: Path, skip_existing: bool) -> SlideJob:
+        """`copy_for` in a worker thread of its own; a cancelled caller returns at once (the copy stops at `close`)."""
         if self._limiter is None:
             self._limiter = anyio.CapacityLimiter(1)
-        staged: SlideJob = await anyio.to_thread.run_sync(self.stage, job, abandon_on_cancel=True,
-                                                           limiter=self._limiter)
-        return staged
+        copied: SlideJob = await anyio.to_thread.run_sync(self.copy_for, job, output, skip_existing,
+                                                          abandon_on_cancel=True, limiter=self._limiter)
+        return copied
 
     def release(self, job: SlideJob) -> None:
         """Delete the slide's copy (nothing when it has none) and free its room in the budget."""

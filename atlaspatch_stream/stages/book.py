@@ -13,7 +13,7 @@ import anyio
 from anyio.streams.memory import MemoryObjectSendStream
 
 from ..errors import PipelineFull, failure_message, failure_of
-from ..items import Failure, SlideJob, SlideResult, Status
+from ..items import Failure, SlideJob, SlideResult, Status, Totals
 from ..protocols import Lock, SlideHandle
 
 log = logging.getLogger(__name__)
@@ -38,16 +38,11 @@ class Tally:
         """How many results have one of `statuses`."""
         return sum(self.by_status.get(s, 0) for s in statuses)
 
-    def statistics(self) -> dict[str, Any]:
+    def totals(self) -> Totals:
         """Totals, throughput and elapsed time."""
         elapsed = time.perf_counter() - self.started
-        return {
-            "finished": self.finished,
-            "by_status": dict(self.by_status),
-            "patches": self.patches,
-            "patches_per_s": self.patches / elapsed if elapsed > 0 else 0.0,
-            "elapsed_s": elapsed,
-        }
+        return Totals(finished=self.finished, by_status=dict(self.by_status), patches=self.patches,
+                      patches_per_s=self.patches / elapsed if elapsed > 0 else 0.0, elapsed_s=elapsed)
 
 
 @dataclass

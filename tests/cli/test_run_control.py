@@ -113,6 +113,24 @@ def test_second_signal_cancels_at_once(forty: Path, tmp_path: Path) -> None:
     assert [e for e in _events(out) if e["event"] == "run_end"][-1]["status"] == "interrupted"
 
 
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGINT, signal.SIGTERM])
+def test_a_signal_after_the_drain_changes_nothing(forty: Path, tmp_path: Path, sig: signal.Signals) -> None:
+    """One signal stops the run; a second lands just after the drain has finished (run_end written, the summary
+    about to be printed): the process still exits 130 (143 for SIGTERM) with its summary line, never by the
+    signal. (Before, the second signal met no handler and killed it in most tries.)"""
+    out = tmp_path / "out"
+    proc = _start(forty, out, "--max-open-slides", "2")
+    _wait_for_first_slide(proc, out)
+    proc.send_signal(sig)
+    end = time.monotonic() + 60
+    while not any(e["event"] == "run_end" for e in _events(out)) and time.monotonic() < end:
+        time.sleep(0.002)
+    proc.send_signal(sig)
+    stdout, _ = proc.communicate(timeout=60)
+    assert proc.returncode == {signal.SIGINT: 130, signal.SIGTERM: 143}[sig]
+    assert b"Stopped early (interrupted by" in stdout
+
+
 def test_output_name_collision_fails_the_second_slide(tmp_path: Path) -> None:
     """a/x.svs and b/x.tif would both write patches/x.h5: the first keeps the name, the second gets one [FAIL] line
     naming both paths and suggesting separate --output folders; exit 1."""
@@ -295,25 +313,35 @@ def test_kill_9_leftovers_are_swept_by_the_next_run(forty: Path, tmp_path: Path)
 
 
 @pytest.mark.parametrize("error", [RuntimeError("CUDA driver too old"), ValueError("bad value")])
-def test_an_engine_error_comes_out_alone_not_in_the_signal_watchers_group(error: Exception) -> None:
-    """The CLI's signal watcher runs beside the engine in a task group; an error of the engine leaves
-    `run_with_signals` as itself (so it becomes one `Error:` line), never as an ExceptionGroup."""
+def test_an_engine_error_comes_out_alone(error: Exception, tmp_path: Path) -> None:
+    """An engine that fails to open: its error leaves `run_with_signals` as itself (so it becomes one `Error:`
+    line), never as an ExceptionGroup, and no report is written."""
+    import signal
+    from contextlib import asynccontextmanager
+
     import anyio
 
     from atlaspatch_stream.config import load_config
+    from atlaspatch_stream.report import RunReport
+    from atlaspatch_stream.sources.job_list import JobList
 
-    async def failing_engine(*args: object, **kwargs: object) -> runner.RunSummary:
+    @asynccontextmanager
+    async def failing_engine():  # type: ignore[no-untyped-def]
         raise error
+        yield
 
+    kept = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     with open(os.devnull, "w") as sink:
         progress = runner.Progress(0, "test", stream=sink)
         try:
             with pytest.raises(type(error)) as raised:
-                anyio.run(runner.run_with_signals, load_config({}, environ={}), [], "coords", "test", progress,
-                          failing_engine)
+                anyio.run(runner.run_with_signals, load_config({}, environ={}), JobList([]), failing_engine(),
+                          RunReport(tmp_path / "out", "test"), progress, runner.Signals())
         finally:
             progress.close()
-    assert raised.value is error
+            for sig, handler in kept.items():
+                signal.signal(sig, handler)
+    assert raised.value is error and not (tmp_path / "out").exists()
     with pytest.raises(Exception, match=r"the run stopped: .*(CUDA driver too old|bad value)"), \
             runner.one_line_errors("the run stopped"):
         raise raised.value

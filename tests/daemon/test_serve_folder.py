@@ -116,4 +116,4 @@ def test_blocking_twin_serves_and_stops(tmp_path: Path) -> None:
         service.stop()
         rest = list(results)
         stats = service.statistics()
-    assert first.state == "done" and rest == [] and stats["draining"]
+    assert first.state == "done" and rest == [] and stats.draining

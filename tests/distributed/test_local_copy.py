@@ -27,14 +27,14 @@ from atlaspatch_stream.sources.local_copy import (
     slide_files,
     worth_copying,
 )
-from atlaspatch_stream.sources.shard_feed import ShardFeed
+from atlaspatch_stream.sources.shard_source import ShardSource
 from atlaspatch_stream.sources.shards import split_shard
 from tests.distributed.common import COUNT, PROCESS, assert_same_outputs, config, slide_events
 from tests.helpers import leftovers
 
 
 def _staged_run(slides: Path, out: Path, stage: CopyOptions) -> tuple[api.RunSummary, dict, list[Path]]:
-    """Process `slides` through a staging feed; returns the summary, the copier's statistics and every path the
+    """Process `slides` through a shard source that copies each slide; returns the summary, the copier's statistics and every path the
     slide backend was asked to open."""
     cfg = config(out)
     backends = RealBackends(cfg)
@@ -48,9 +48,8 @@ def _staged_run(slides: Path, out: Path, stage: CopyOptions) -> tuple[api.RunSum
     backends.slides.open_slide = recording_open  # type: ignore[method-assign]
     jobs = api.make_jobs([slides], cfg)
     with LocalCopier(stage) as copier:
-        feed = ShardFeed(split_shard(jobs, None, {}), out, True, copier=copier)
-        summary = sync.run(lambda: api.process_slides(jobs, cfg, backends=backends, feed=feed,
-                                                      on_result=lambda r, _p: feed.on_result(r)))
+        source = ShardSource(split_shard(jobs, None, {}), out, True, copier=copier)
+        summary = sync.run(lambda: api.process_slides(source, cfg, backends=backends))
         stats = copier.statistics()
         assert list(copier.folder.iterdir()) == []  # every copy deleted once its slide was done
     assert not copier.folder.exists()

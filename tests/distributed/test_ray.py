@@ -82,13 +82,14 @@ def test_a_worker_killed_mid_run_still_finishes_every_slide(cluster: str, slides
     out = tmp_path / "out"
     killed: list[int] = []
 
-    def kill_one(result: SlideResult, engine: RayEngine) -> None:
+    engine = RayEngine(config(out), options=RayOptions(workers=2))
+
+    def kill_one(result: SlideResult) -> None:
         busy = [w for w in engine.workers if w.busy and w.pid]
         if not killed and busy:
             killed.append(busy[0].pid or 0)
             os.kill(busy[0].pid or 0, signal.SIGKILL)
 
-    engine = RayEngine(config(out), options=RayOptions(workers=2))
     summary = _run(engine, slides, kill_one)
     assert killed and summary.ok and summary.count("done") == COUNT
     assert any(r.attempts > 1 for r in summary.results)
@@ -119,7 +120,7 @@ def test_a_stop_drains_the_slides_in_flight_and_cancels_the_rest(cluster: str, s
     out = tmp_path / "out"
     stop = api.Stop()
     engine = RayEngine(config(out), options=RayOptions(workers=1, in_flight=2))
-    summary = _run(engine, slides, lambda result, _engine: stop.request("interrupted by SIGINT"), stop)
+    summary = _run(engine, slides, lambda result: stop.request("interrupted by SIGINT"), stop)
     assert summary.stop_reason == "interrupted by SIGINT" and not summary.ok
     statuses = Counter(r.status for r in summary.results)
     assert sum(statuses.values()) == COUNT and 1 <= statuses["done"] <= 3

@@ -119,6 +119,7 @@ async def test_dispatch_retries_a_slide_first_and_on_another_worker() -> None:
     jobs = _jobs(["a", "b", "c"])
     with anyio.fail_after(5):
         dispatch = Dispatch(jobs, max_attempts=2, workers=[0, 1])
+        dispatch.close()
         first = await dispatch.take(0)
         assert first is not None and first.job.stem == "a"
         assert dispatch.retry(first, 0) is True
@@ -139,6 +140,7 @@ async def test_dispatch_waits_while_slides_are_out() -> None:
     jobs = _jobs(["only"])
     with anyio.fail_after(5):
         dispatch = Dispatch(jobs, max_attempts=3, workers=[0, 1])
+        dispatch.close()
         out = await dispatch.take(0)
         assert out is not None
         got: list[object] = []

@@ -61,7 +61,7 @@ async def test_results_end_after_close_input(tmp_path: Path) -> None:
     assert all(r.status == "done" and r.num_patches == 10 and r.features == ("a",) for r in results)
     for r in results:
         assert r.h5_path == outputs.h5_path(tmp_path, r.job.stem) and r.h5_path.exists()
-    assert pipeline.statistics()["finished"] == 3 and pipeline.statistics()["in_flight"] == 0
+    assert pipeline.statistics().totals.finished == 3 and pipeline.statistics().in_flight == 0
     assert leftovers(tmp_path) == []
     assert all(h.closed for h in backends.opened)
 
@@ -140,12 +140,12 @@ async def test_backpressure_bounds_open_slides_and_queues(tmp_path: Path) -> Non
 
             async def poll() -> None:
                 nonlocal peak_flight, peak_used
-                while pipeline.statistics()["finished"] < 8:
+                while pipeline.statistics().totals.finished < 8:
                     stats = pipeline.statistics()
-                    peak_flight = max(peak_flight, stats["in_flight"])
-                    for s in stats["streams"].values():
-                        assert s["used"] <= s["size"]
-                        peak_used = max(peak_used, s["used"])
+                    peak_flight = max(peak_flight, stats.in_flight)
+                    for s in stats.streams.values():
+                        assert s.used <= s.size
+                        peak_used = max(peak_used, s.used)
                     await anyio.sleep(0.005)
 
             async with anyio.create_task_group() as tg:
@@ -276,7 +276,7 @@ async def test_locked_slide_reported_and_stale_lock_taken_over(tmp_path: Path) -
         results = {r.job.stem: r for r in summary.results}
         assert results["held"].status == "locked" and "held.lock" in results["held"].message
         assert results["stale"].status == "done" and results["free"].status == "done"
-        assert summary.count("locked") == 1 and summary.statistics["by_status"] == {"locked": 1, "done": 2}
+        assert summary.count("locked") == 1 and summary.statistics.totals.by_status == {"locked": 1, "done": 2}
         assert live_lock.read_text().startswith(f"pid={child.pid},")
         assert not outputs.h5_path(tmp_path, "held").exists()
         assert not outputs.lock_path(tmp_path, "stale").exists()

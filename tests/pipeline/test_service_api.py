@@ -129,7 +129,7 @@ async def test_cancelled_caller_withdraws_a_slide_that_has_not_started(tmp_path:
     assert [r.status for r in results] == ["done"]
     assert [h.info.path for h in backends.opened] == [str(first.path)]
     assert not (tmp_path / "patches" / "s1.h5").exists()
-    assert pipeline.statistics()["by_status"] == {"done": 1, "cancelled": 1}
+    assert pipeline.statistics().totals.by_status == {"done": 1, "cancelled": 1}
 
 
 async def test_cancelled_caller_of_a_started_slide_lets_it_finish(tmp_path: Path) -> None:
@@ -203,7 +203,7 @@ async def test_broken_device_wakes_waiting_callers_with_pipeline_closed(tmp_path
                 tg.start_soon(request, job)
     assert [str(e) for e in raised] == ["CUDA error: device lost"]
     assert len(errors) == 3 and all("device lost" in str(e.__cause__) for e in errors)
-    assert holder[0].statistics()["state"] == "failed"
+    assert holder[0].statistics().state == "failed"
 
 
 async def test_closed_pipeline_refuses_new_slides(tmp_path: Path) -> None:
@@ -269,4 +269,4 @@ def test_blocking_process_from_several_threads(tmp_path: Path) -> None:
             t.join(timeout=20)
         stats = pipeline.statistics()
     assert results == {j.slide_id: j.stem for j in jobs}
-    assert stats["by_status"] == {"done": 4}
+    assert stats.totals.by_status == {"done": 4}

@@ -34,7 +34,7 @@ def test_blocking_pipeline_submit_from_a_thread_and_iterate_results(tmp_path: Pa
         feeder.start()
         results = list(pipeline.results())
         feeder.join()
-        assert pipeline.statistics()["finished"] == 3
+        assert pipeline.statistics().totals.finished == 3
     assert sorted(r.job.stem for r in results) == ["s0", "s1", "s2"]
     assert all(r.status == "done" for r in results)
 

@@ -79,7 +79,7 @@ async def test_finish_releases_handle_and_lock_once_and_sends_one_result(books: 
     [result] = books.drained()
     assert result.status == "done" and result.timings["open"] == 0.5 and "total" in result.timings
     assert handle.closed and lock.released == 1
-    assert books.book.tally.statistics()["by_status"] == {"done": 1} and books.book.tally.patches == 7
+    assert books.book.tally.totals().by_status == {"done": 1} and books.book.tally.patches == 7
 
 
 async def test_release_all_returns_cancelled_results_for_slides_in_flight(books: Books, tmp_path: Path) -> None:
