@@ -18,14 +18,13 @@ import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
+# TEMPORARY re-export for daemon/complete.py and daemon/watcher.py until they import `formats` (the room test flags
+# those imports meanwhile); remove it then.
+from ..formats import DICOM_EXTENSIONS, IMAGE_EXTENSIONS, SUPPORTED_EXTENSIONS, TIFF_EXTENSIONS  # noqa: F401
+
 MPP_MIN = 0.1
 MPP_MAX = 10.0
 
-TIFF_EXTENSIONS = frozenset({".svs", ".tif", ".tiff", ".ndpi", ".scn", ".bif"})
-OPENSLIDE_EXTENSIONS = frozenset({".mrxs", ".vms", ".vmu", ".biff", ".dcm", ".dicom"})
-IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif"})
-DICOM_EXTENSIONS = frozenset({".dcm", ".dicom"})
-SUPPORTED_EXTENSIONS = TIFF_EXTENSIONS | OPENSLIDE_EXTENSIONS | IMAGE_EXTENSIONS
 
 # Upstream step 2: the first parseable key wins (`hamamatsu.XResolution` is kept for parity, though its unit is odd).
 _MPP_KEYS = (

@@ -10,18 +10,20 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from ..backends.bundle import H5Outputs, LatticePlanner, SettingsRecord, slide_attrs
+from ..backends.bundle import LatticePlanner
 from ..backends.encoders.group import EncoderGroup
 from ..config import PipelineConfig
 from ..errors import SlideError
-from ..geometry import plan_geometry
-from ..items import OpenedSlide, PatchPlan, SlideInfo, SlideJob
+from ..geometry import Geometry, plan_geometry
+from ..items import OpenedSlide, PatchPlan, Pixels, SlideInfo, SlideJob
+from ..outputs import SlideAttrs, visualization_dir
+from ..outputs.h5outputs import H5Outputs, SettingsRecord, slide_attrs
 from ..protocols import SlideHandle
 
 
@@ -119,15 +121,17 @@ class FakeSlides:
         return handle.thumbnail(1.25, 1024, 1)
 
 
-class FakePlanner(LatticePlanner):
-    """`patches_per_slide` patches in a row (0 for stems containing 'empty'), with real output attributes.
+class FakePlanner:
+    """`patches_per_slide` patches in a row (0 for stems containing 'empty'), with real output attributes (`Planner`).
 
-    Overlays (`detect_overlays`) are the real ones, drawn on the fake handle's thumbnail.
+    Overlays (`detect_overlays`) are the real planner's, drawn on the fake handle's thumbnail.
     """
 
     def __init__(self, config: PipelineConfig, settings: SettingsRecord, patches_per_slide: int) -> None:
-        super().__init__(config, settings)
+        self.config = config
+        self.settings = settings
         self.patches_per_slide = patches_per_slide
+        self._overlays = LatticePlanner(config, self._attrs, visualization_dir(config.write.output))
 
     def plan(self, slide: OpenedSlide, mask: np.ndarray) -> PatchPlan:
         """A single row of patches along y=0."""
@@ -137,7 +141,36 @@ class FakePlanner(LatticePlanner):
         xs = np.arange(n, dtype=np.int32) * geometry.ps_src
         coords = np.stack([xs, np.zeros(n, np.int32), *[np.full(n, v, np.int32) for v in
                            (geometry.read_size, geometry.read_size, 0)]], axis=1).reshape(n, 5)
-        return PatchPlan(slide, geometry, coords, slide_attrs(slide, geometry, self.settings))
+        return PatchPlan(slide, geometry, coords, self._attrs(slide, geometry))
+
+    def detect_overlays(self, slide: OpenedSlide, mask: np.ndarray) -> list[Path]:
+        """The real mask overlays."""
+        return self._overlays.detect_overlays(slide, mask)
+
+    def _attrs(self, slide: OpenedSlide, geometry: Geometry) -> SlideAttrs:
+        return slide_attrs(slide, geometry, self.settings)
+
+
+class FakeChunks:
+    """A `PatchChunks` over any iterator of (rows, pixels); `close()` closes it when it is a generator."""
+
+    routes = ""  # fakes decode nothing worth reporting
+
+    def __init__(self, chunks: Iterator[tuple[np.ndarray, Pixels]]) -> None:
+        self._chunks = chunks
+        self.closed = False
+
+    def __iter__(self) -> FakeChunks:
+        return self
+
+    def __next__(self) -> tuple[np.ndarray, Pixels]:
+        return next(self._chunks)
+
+    def close(self) -> None:
+        """Stop the iterator (runs a generator's `finally`)."""
+        self.closed = True
+        if isinstance(self._chunks, Generator):
+            self._chunks.close()
 
 
 class FakePixels:
@@ -147,9 +180,11 @@ class FakePixels:
         self.fail_read = set(fail_read)
         self.read_delay = read_delay
 
-    def iter_patches(self, plan: PatchPlan, patch_size: int, chunk: int, threads: int) -> Iterator[
-            tuple[np.ndarray, np.ndarray]]:
+    def iter_patches(self, plan: PatchPlan, patch_size: int, chunk: int, threads: int) -> FakeChunks:
         """Chunks of `chunk` rows, `read_delay` seconds each."""
+        return FakeChunks(self._chunks(plan, patch_size, chunk))
+
+    def _chunks(self, plan: PatchPlan, patch_size: int, chunk: int) -> Iterator[tuple[np.ndarray, Pixels]]:
         handle, coords = plan.slide.handle, plan.coords
         for start in range(0, len(coords), chunk):
             if plan.slide.job.stem in self.fail_read and start >= len(coords) // 2:

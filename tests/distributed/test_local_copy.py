@@ -15,7 +15,7 @@ import pytest
 from click.testing import CliRunner
 
 from atlaspatch_stream import api, sync
-from atlaspatch_stream.backends.bundle import RealBackends
+from atlaspatch_stream.assembly import RealBackends
 from atlaspatch_stream.cli import cli
 from atlaspatch_stream.items import SlideJob
 from atlaspatch_stream.outputs import claims
