@@ -1,8 +1,9 @@
 """The contract between stages and backends: one Protocol per kind of backend, and the `Backends` bundle.
 
 Stages call these blocking methods in worker threads, each under a limiter of the pipeline's own. The real
-implementations live in `backends/` and `outputs/`, composed by `assembly.RealBackends`; `testing.fakes` implements the same Protocols
-with small deterministic stand-ins. This module is part of the pure core: it imports no backend module.
+implementations live in `backends/` and `outputs/`, composed by `assembly.RealBackends`; `testing.fakes` implements
+the same Protocols with small deterministic stand-ins (tests/conformance checks both alike). This module is part of
+the pure core: it imports no backend module (one type, for type checking only) and names no `Any`.
 
 Errors: a problem confined to one slide is raised as `SlideError` with its `slide` set; an output I/O failure as
 `OutputError`; anything of `errors.BUG_TYPES` is a bug and stops the run.
@@ -78,7 +79,7 @@ class DecodedTiles:
             stream waits on it before reading the pixels.
     """
 
-    pixels: list[Pixels]
+    pixels: Sequence[Pixels]
     ready: object | None = None
 
 

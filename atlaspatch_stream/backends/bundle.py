@@ -16,13 +16,16 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ..batching import to_host
 from ..config import PipelineConfig
 from ..geometry import Contours, Geometry
 from ..items import OpenedSlide, PatchPlan, SlideJob
 from ..protocols import PatchChunks, SlideHandle, TileDecoder
 
 if TYPE_CHECKING:
+    from ..assembly import RealBackends  # noqa: F401 - the temporary re-export below, for mypy
     from ..outputs import SlideAttrs
+    from ..outputs.h5outputs import H5Outputs, SettingsRecord  # noqa: F401 - the temporary re-export below
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +88,7 @@ class LatticePlanner:
         keep = np.zeros(len(coords), dtype=bool)
         reader = make_patch_reader(slide.handle, self.config.read.reader_threads, self.pixels.decoder())
         for rows, pixels in reader.iter_patches(slide.handle, coords, cfg.patch_size, self.config.read.chunk_patches):
-            keep[rows] = keep_patches(pixels, cfg.white_thresh, cfg.black_thresh)
+            keep[rows] = keep_patches(to_host(pixels), cfg.white_thresh, cfg.black_thresh)
         return coords[keep]
 
     def _visualize(self, slide: OpenedSlide, mask: np.ndarray, contours: Contours, coords: np.ndarray,

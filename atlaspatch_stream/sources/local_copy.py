@@ -167,10 +167,10 @@ class LocalCopier:
         return dataclasses.replace(job, read_path=slot / job.path.name)
 
     async def copy_async(self, job: SlideJob) -> SlideJob:
-        """`stage` in a worker thread of its own; a cancelled caller returns at once (the copy stops at `close`)."""
+        """`copy` in a worker thread of its own; a cancelled caller returns at once (the copy stops at `close`)."""
         if self._limiter is None:
             self._limiter = anyio.CapacityLimiter(1)
-        staged: SlideJob = await anyio.to_thread.run_sync(self.stage, job, abandon_on_cancel=True,
+        staged: SlideJob = await anyio.to_thread.run_sync(self.copy, job, abandon_on_cancel=True,
                                                            limiter=self._limiter)
         return staged
 

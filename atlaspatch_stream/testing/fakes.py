@@ -1,9 +1,10 @@
 """Fake backends for stage and pipeline tests: no slides, no models, controllable delays and failures.
 
-Each fake implements one Protocol of `atlaspatch_stream.protocols`; `FakeBackends` composes them with the real H5
-output store (real lock files, real HDF5 files), so tests exercise end-of-stream, cancellation, backpressure and
-per-slide failures quickly against real outputs. Tests replace a single part (e.g. `backends.pixels = ...`) to inject
-a specific failure.
+Each fake declares the Protocol of `atlaspatch_stream.protocols` it implements (mypy checks it) and subclasses no real
+backend; tests/conformance runs the same checks on each fake and on the real part. `FakeBackends` composes them with
+the real H5 output store (real lock files, real HDF5 files), so tests exercise end-of-stream, cancellation,
+backpressure and per-slide failures quickly against real outputs. Tests replace a single part (e.g.
+`backends.pixels = ...`) to inject a specific failure.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import time
 from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -24,11 +26,20 @@ from ..geometry import Geometry, plan_geometry
 from ..items import OpenedSlide, PatchPlan, Pixels, SlideInfo, SlideJob
 from ..outputs import SlideAttrs, visualization_dir
 from ..outputs.h5outputs import H5Outputs, SettingsRecord, slide_attrs
-from ..protocols import SlideHandle
+from ..protocols import (
+    Backends,
+    Encoder,
+    PatchChunks,
+    PixelSource,
+    Planner,
+    Segmenter,
+    SlideHandle,
+    SlideSource,
+)
 
 
 @dataclass
-class FakeHandle:
+class FakeHandle(SlideHandle):
     """A 'slide' of `width` × `height` at 40×, one level."""
 
     info: SlideInfo
@@ -53,7 +64,7 @@ class FakeHandle:
 
 
 @dataclass
-class FakeSegmenter:
+class FakeSegmenter(Segmenter):
     """Everything is tissue, after `delay` seconds per batch; records batch sizes."""
 
     name: str = "fake"
@@ -75,7 +86,7 @@ class FakeSegmenter:
 
 
 @dataclass
-class FakeEncoder:
+class FakeEncoder(Encoder):
     """Mean colour per patch (dim 3), optionally slow."""
 
     name: str = "fake_mean"
@@ -96,7 +107,7 @@ class FakeEncoder:
         """Nothing to free."""
 
 
-class FakeSlides:
+class FakeSlides(SlideSource):
     """Fake slide access (`SlideSource`): 4096² at 40×; stems in `fail_open` fail to open; counts open handles."""
 
     def __init__(self, fail_open: Sequence[str] = ()) -> None:
@@ -121,7 +132,7 @@ class FakeSlides:
         return handle.thumbnail(1.25, 1024, 1)
 
 
-class FakePlanner:
+class FakePlanner(Planner):
     """`patches_per_slide` patches in a row (0 for stems containing 'empty'), with real output attributes (`Planner`).
 
     Overlays (`detect_overlays`) are the real planner's, drawn on the fake handle's thumbnail.
@@ -151,7 +162,7 @@ class FakePlanner:
         return slide_attrs(slide, geometry, self.settings)
 
 
-class FakeChunks:
+class FakeChunks(PatchChunks):
     """A `PatchChunks` over any iterator of (rows, pixels); `close()` closes it when it is a generator."""
 
     routes = ""  # fakes decode nothing worth reporting
@@ -173,7 +184,7 @@ class FakeChunks:
             self._chunks.close()
 
 
-class FakePixels:
+class FakePixels(PixelSource):
     """Deterministic pixels from the handle (`PixelSource`); stems in `fail_read` fail half-way; optional delay."""
 
     def __init__(self, fail_read: Sequence[str] = (), read_delay: float = 0.0) -> None:
@@ -251,3 +262,7 @@ class FakeBackends:
 def fake_jobs(folder: Path, stems: Sequence[str]) -> list[SlideJob]:
     """Jobs for files that need not exist (fake backends never read them)."""
     return [SlideJob(i, folder / f"{s}.svs", s, None, display=f"{s}.svs") for i, s in enumerate(stems)]
+
+
+if TYPE_CHECKING:  # `Backends` exposes read-only parts, which the fakes' tests replace: checked structurally here
+    _checked: type[Backends] = FakeBackends
