@@ -87,7 +87,7 @@ class FakeSegmenter(Segmenter):
 
 @dataclass
 class FakeEncoder(Encoder):
-    """Mean colour per patch (dim 3), optionally slow."""
+    """Mean colour per patch (R, G, B means, repeated to `dim` columns), optionally slow."""
 
     name: str = "fake_mean"
     dim: int = 3
@@ -98,10 +98,11 @@ class FakeEncoder(Encoder):
         """Nothing to load."""
 
     def encode(self, pixels: np.ndarray) -> np.ndarray:
-        """float32 (B, 3) channel means."""
+        """float32 (B, dim): the channel means, cycled."""
         self.calls += 1
         time.sleep(self.delay)
-        return pixels.reshape(len(pixels), -1, 3).mean(axis=1).astype(np.float32)
+        means = pixels.reshape(len(pixels), -1, 3).mean(axis=1).astype(np.float32)
+        return means[:, np.arange(self.dim) % 3]
 
     def close(self) -> None:
         """Nothing to free."""

@@ -8,6 +8,7 @@ as the parts they stand in for, so stage tests on fakes say something about the 
 
 from __future__ import annotations
 
+import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -16,7 +17,11 @@ import pytest
 
 from atlaspatch_stream.assembly import RealBackends
 from atlaspatch_stream.backends.bundle import LatticePlanner, TiffSlides, TilePixels
+from atlaspatch_stream.backends.decoders.cpu import CpuDecoder
+from atlaspatch_stream.backends.encoders.group import EncoderGroup
+from atlaspatch_stream.backends.readers import RegionReader, TileOnceReader
 from atlaspatch_stream.backends.segment_otsu import OtsuSegmenter
+from atlaspatch_stream.backends.tiles import describe_levels, read_raw
 from atlaspatch_stream.config import PipelineConfig
 from atlaspatch_stream.geometry import plan_geometry
 from atlaspatch_stream.items import OpenedSlide, PatchPlan, SlideJob
@@ -25,12 +30,15 @@ from atlaspatch_stream.outputs.h5outputs import H5Outputs, SettingsRecord, slide
 from atlaspatch_stream.protocols import (
     Backends,
     Encoder,
+    EncoderSet,
     OutputStore,
+    PatchReader,
     PixelSource,
     Planner,
     Segmenter,
     SlideHandle,
     SlideSource,
+    TileDecoder,
 )
 from atlaspatch_stream.testing import write_synthetic_slide
 from atlaspatch_stream.testing.fakes import (
@@ -195,6 +203,94 @@ def test_planner_and_pixel_source(kind: str, slide_file: Path, tmp_path: Path) -
         check_pixel_source(pixels, check_planner(planner, slide, mask), chunk=3)
     finally:
         handle.close()
+
+
+# -- TileDecoder and PatchReader (no fakes: the fakes' pixels come from `FakePixels`) -------------------------------
+
+
+def check_tile_decoder(decoder: TileDecoder, slide: Path) -> None:
+    """Decodes a batch of the level's stored tiles into one uint8 (tile_h, tile_w, 3) array each, in order."""
+    levels = describe_levels(slide)
+    assert levels is not None and levels[1][0] is not None
+    meta = levels[1][0]
+    decoder.warm_up()
+    assert decoder.unsupported(meta) is None and decoder.batch_size >= 1
+    fd = os.open(slide, os.O_RDONLY)
+    try:
+        raws = [raw for raw in (read_raw(fd, meta, i) for i in range(3)) if raw is not None]
+    finally:
+        os.close(fd)
+    decoded = decoder.decode_batch(raws, meta)
+    assert len(decoded.pixels) == len(raws) == 3
+    for tile in decoded.pixels:
+        assert isinstance(tile, np.ndarray) and tile.dtype == np.uint8
+        assert tile.shape == (meta.grid.tile_h, meta.grid.tile_w, 3)
+    assert (decoded.ready is None) == (decoder.device == "cpu")
+    assert "decoder" in decoder.statistics()
+    decoder.close()
+
+
+def test_tile_decoder_cpu(slide_file: Path) -> None:
+    """The CPU decoder (imagecodecs) honours `TileDecoder`."""
+    check_tile_decoder(CpuDecoder(), slide_file)
+
+
+def check_patch_reader(reader: PatchReader, handle: SlideHandle, coords: np.ndarray) -> np.ndarray:
+    """Every row once, in chunks of at most `chunk`, uint8 (b, P, P, 3); returns the pixels in row order."""
+    out = np.zeros((len(coords), PATCH, PATCH, 3), np.uint8)
+    seen = np.zeros(len(coords), np.int64)
+    for rows, pixels in reader.iter_patches(handle, coords, PATCH, 4):
+        assert 0 < len(rows) <= 4 and isinstance(pixels, np.ndarray) and pixels.dtype == np.uint8
+        out[rows] = pixels
+        seen[rows] += 1
+    assert (seen == 1).all()
+    return out
+
+
+def test_patch_readers_agree(slide_file: Path, tmp_path: Path) -> None:
+    """The tile-once reader and the `read_region` reader both honour `PatchReader`, with the same pixels."""
+    handle = TiffSlides(_config(tmp_path)).open_slide(_job(slide_file))
+    try:
+        coords = np.array([[x, y, 64, 64, 0] for x, y in ((0, 0), (200, 130), (700, 500), (960, 704))], np.int32)
+        tile_once = check_patch_reader(TileOnceReader(threads=2), handle, coords)
+        region = check_patch_reader(RegionReader(threads=2), handle, coords)
+        np.testing.assert_array_equal(tile_once, region)
+    finally:
+        handle.close()
+
+
+# -- EncoderSet -----------------------------------------------------------------------------------------------------
+
+
+def check_encoder_set(encoders: EncoderSet) -> None:
+    """Batches submitted in order come back in order, float32 (B, D) per requested encoder, D as declared."""
+    encoders.warm_up()
+    assert set(encoders.dims) == set(encoders.names) and encoders.depth >= 1
+    rng = np.random.default_rng(2)
+    batches = [rng.integers(0, 255, (n, PATCH, PATCH, 3), dtype=np.uint8) for n in (3, 5)]
+    tickets = [encoders.submit(b, None) for b in batches[: encoders.depth]]
+    results = [encoders.collect(t) for t in tickets]
+    for batch in batches[encoders.depth:]:
+        results.append(encoders.collect(encoders.submit(batch, None)))
+    for batch, features in zip(batches, results, strict=True):
+        assert set(features) == set(encoders.names)
+        for name, values in features.items():
+            assert values.shape == (len(batch), encoders.dims[name]) and values.dtype == np.float32
+    first = encoders.names[:1]
+    only = encoders.collect(encoders.submit(batches[0], frozenset(first)))
+    assert set(only) == set(first)
+    encoders.close()
+
+
+@pytest.mark.parametrize("kind", ["real", "fake"])
+def test_encoder_set(kind: str, tmp_path: Path) -> None:
+    """The encoder group over `color_stats` (real, torch on the CPU) and over two `FakeEncoder`s."""
+    if kind == "fake":
+        check_encoder_set(EncoderGroup([FakeEncoder("a"), FakeEncoder("b", dim=5)]))
+        return
+    config = _config(tmp_path)
+    check_encoder_set(RealBackends(config.replace(encode=replace(config.encode, extractors=("color_stats",))))
+                      .make_encoders())
 
 
 # -- OutputStore (no fake: the fakes write through the real H5 store) -----------------------------------------------
