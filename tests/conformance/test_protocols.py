@@ -297,11 +297,17 @@ def test_encoder_set(kind: str, tmp_path: Path) -> None:
 
 
 def check_output_store(outputs: OutputStore, plan: PatchPlan) -> None:
-    """Lock, reuse decision, a store that becomes complete and final, then the decision to skip it."""
+    """Lock (exclusive, released once), reuse decision, a store aborted without a trace, one that becomes complete
+    and final, then the decision to skip it."""
     job = plan.slide.job
     assert outputs.reuse_decision(job, ("a",)).action == "new"
     lock = outputs.acquire_lock(job)
     assert lock is not None and outputs.lock_path(job).exists()
+    assert outputs.acquire_lock(job) is None  # held by a live process
+    dropped = outputs.open_store(plan, {"a": 2})
+    dropped.begin_feature("a", 2)
+    dropped.abort()
+    assert not outputs.h5_path(job).exists() and list(outputs.h5_path(job).parent.iterdir()) == [outputs.lock_path(job)]
     store = outputs.open_store(plan, {"a": 2})
     store.begin_feature("a", 2)
     assert store.has_feature("a") and not store.complete()

@@ -143,6 +143,17 @@ def test_multi_file_slides_are_staged_whole(tmp_path: Path) -> None:
         assert copier.statistics()["in_place"] == 1
 
 
+@pytest.mark.anyio
+async def test_copy_async_copies_in_a_worker_thread(tmp_path: Path) -> None:
+    """`copy_async` (what the shard feed awaits) stages the slide as `copy` does."""
+    slide = tmp_path / "in" / "a.svs"
+    slide.parent.mkdir()
+    slide.write_bytes(b"\1" * 500)
+    with LocalCopier(CopyOptions(tmp_path / "local")) as copier:
+        staged = await copier.copy_async(_job(slide))
+        assert staged.read_path is not None and staged.read_path.read_bytes() == slide.read_bytes()
+
+
 def test_no_room_on_the_local_disk_reads_in_place(slides: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                   caplog: pytest.LogCaptureFixture) -> None:
     """When the local disk cannot hold the copy and its reserve, the slide is read where it is, with a warning,
