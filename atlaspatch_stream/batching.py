@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import cast
 
 import numpy as np
 
-from .items import PatchBatch
+from .items import PatchBatch, Pixels
 
 
 def concat(parts: list[PatchBatch]) -> PatchBatch:
@@ -28,13 +28,22 @@ def concat(parts: list[PatchBatch]) -> PatchBatch:
     )
 
 
-def concat_pixels(arrays: Sequence[Any]) -> Any:
+def concat_pixels(arrays: Sequence[Pixels]) -> Pixels:
     """Rows of every array in order: numpy when all are numpy, else one torch tensor on the tensors' device."""
-    if all(isinstance(a, np.ndarray) for a in arrays):
-        return np.concatenate(arrays)
+    hosts = [a for a in arrays if isinstance(a, np.ndarray)]
+    if len(hosts) == len(arrays):
+        return np.concatenate(hosts)
     torch = sys.modules["torch"]  # a tensor is among them, so torch is loaded (this module never imports it)
     device = next(a.device for a in arrays if not isinstance(a, np.ndarray))
-    return torch.cat([torch.as_tensor(a, device=device) if isinstance(a, np.ndarray) else a for a in arrays])
+    tensors = [torch.as_tensor(a, device=device) if isinstance(a, np.ndarray) else a for a in arrays]
+    return cast(Pixels, torch.cat(tensors))
+
+
+def to_host(pixels: Pixels) -> np.ndarray:
+    """Pixels as a host numpy array: numpy as it is, a torch tensor (on any device) copied back."""
+    if isinstance(pixels, np.ndarray):
+        return pixels
+    return np.asarray(pixels.cpu().numpy())
 
 
 def _union(sets: list[frozenset[str] | None]) -> frozenset[str] | None:
@@ -85,7 +94,7 @@ class Batcher:
 
 
 def slide_chunk(
-    slide_id: int, rows: np.ndarray, pixels: Any, seconds: float, encoders: frozenset[str] | None
+    slide_id: int, rows: np.ndarray, pixels: Pixels | None, seconds: float, encoders: frozenset[str] | None
 ) -> PatchBatch:
     """One reader chunk of a single slide; `pixels=None` sends only the row labels (no encoder runs)."""
     ids = np.full(rows.shape[0], slide_id, dtype=np.int64)

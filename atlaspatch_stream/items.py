@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Literal, Protocol, TypeAlias
 
 import numpy as np
 
@@ -16,6 +16,36 @@ if TYPE_CHECKING:
     from .geometry import Geometry
     from .outputs import SlideAttrs
     from .protocols import SlideHandle
+
+
+class DevicePixels(Protocol):
+    """A torch tensor on the feature device, as the GPU path hands pixels on (the core never imports torch)."""
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """(B, P, P, 3)."""
+        ...
+
+    @property
+    def device(self) -> object:
+        """The tensor's device."""
+        ...
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: slice) -> DevicePixels: ...
+
+    def cpu(self) -> DevicePixels:
+        """A copy on the host."""
+        ...
+
+    def numpy(self) -> np.ndarray:
+        """The host tensor's data as numpy."""
+        ...
+
+
+# Decoded patches, uint8 (B, P, P, 3): host numpy, or a torch tensor on the feature device (the GPU path).
+Pixels: TypeAlias = np.ndarray | DevicePixels
 
 
 @dataclass(frozen=True)
@@ -74,6 +104,37 @@ class Reuse:
     missing: tuple[str, ...]
 
 
+ReuseAction = Literal["new", "skip", "reuse", "mismatch"]
+
+
+@dataclass(frozen=True)
+class ReuseDecision:
+    """What to do with a slide whose output may already exist."""
+
+    action: ReuseAction
+    num_patches: int = 0
+    missing: tuple[str, ...] = ()
+    reason: str = ""
+    source: SourceRecord | None = None  # what the existing file says it was made from
+
+
+@dataclass(frozen=True)
+class SourceRecord:
+    """The slide an existing output file was made from, as its root attributes record it (`outputs.layout`)."""
+
+    filename: str | None
+    level0: tuple[int, int] | None
+
+    def mismatch(self, filename: str, level0: tuple[int, int]) -> str | None:
+        """Why the file was not made from a slide named `filename` of level-0 size `level0` (None when it was)."""
+        if self.filename is not None and self.filename != filename:
+            return f"it was made from {self.filename!r}"
+        if self.level0 is not None and tuple(self.level0) != tuple(level0):
+            w, h = self.level0
+            return f"it was made from a slide of {w}x{h} pixels, this one is {level0[0]}x{level0[1]}"
+        return None
+
+
 @dataclass(frozen=True)
 class OpenedSlide:
     """A slide whose handle is open and whose lock is held."""
@@ -120,7 +181,7 @@ class PatchBatch:
 
     slide_ids: np.ndarray  # int64 (B,)
     rows: np.ndarray  # int64 (B,)
-    pixels: Any  # uint8 (B, P, P, 3): numpy, or a torch tensor on the feature device (the GPU path)
+    pixels: Pixels  # uint8 (B, P, P, 3)
     read_seconds: float = 0.0
     encoders: frozenset[str] | None = None  # encoders these rows need (reused slides); None = all
 

@@ -509,7 +509,7 @@ async def running(config: PipelineConfig, backends: Backends | None, mode: Mode,
     # asks the CUDA device for its free memory (initialising CUDA): off the event loop, on a limiter of ours
     config = await anyio.to_thread.run_sync(size_for_device, config, limiter=anyio.CapacityLimiter(1))
     if backends is None:
-        from .backends.bundle import RealBackends
+        from .assembly import RealBackends
 
         backends = RealBackends(config)
     if report is not None:

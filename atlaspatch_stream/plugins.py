@@ -15,11 +15,10 @@ This module imports no torch; the adapters that run plugin models live in `backe
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from .backends.encoders.spec import CustomEncoderComponents
 from .errors import ConfigError
 
 __all__ = [
@@ -29,21 +28,6 @@ __all__ = [
     "register_custom_encoder",
     "load_plugin",
 ]
-
-
-@dataclass
-class CustomEncoderComponents:
-    """What a custom loader returns.
-
-    Attributes:
-        model: a torch `nn.Module`; it is moved to the device and dtype and set to `eval()`.
-        preprocess: PIL.Image -> CHW tensor, run on the CPU per patch.
-        forward_fn: batch tensor -> (B, D) tensor; defaults to `model(batch)`. Higher-rank outputs are flattened.
-    """
-
-    model: Any
-    preprocess: Callable[[Any], Any]
-    forward_fn: Callable[[Any], Any] | None = None
 
 
 class CustomEncoderLoader(Protocol):

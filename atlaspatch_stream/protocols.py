@@ -1,8 +1,9 @@
 """The contract between stages and backends: one Protocol per kind of backend, and the `Backends` bundle.
 
 Stages call these blocking methods in worker threads, each under a limiter of the pipeline's own. The real
-implementations live in `backends/` (`backends.bundle.RealBackends`); `testing.fakes` implements the same Protocols
-with small deterministic stand-ins. This module is part of the pure core: it imports no backend module.
+implementations live in `backends/` and `outputs/`, composed by `assembly.RealBackends`; `testing.fakes` implements
+the same Protocols with small deterministic stand-ins (tests/conformance checks both alike). This module is part of
+the pure core: it imports no backend module (one type, for type checking only) and names no `Any`.
 
 Errors: a problem confined to one slide is raised as `SlideError` with its `slide` set; an output I/O failure as
 `OutputError`; anything of `errors.BUG_TYPES` is a bug and stops the run.
@@ -13,13 +14,13 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import numpy as np
 
 if TYPE_CHECKING:
-    from .items import OpenedSlide, PatchPlan, SlideInfo, SlideJob
-    from .outputs import ReuseDecision
+    from .backends.tiles import TilePageMeta
+    from .items import DevicePixels, OpenedSlide, PatchPlan, Pixels, ReuseDecision, SlideInfo, SlideJob
 
 
 @runtime_checkable
@@ -78,14 +79,14 @@ class DecodedTiles:
             stream waits on it before reading the pixels.
     """
 
-    pixels: list[Any]
-    ready: Any = None
+    pixels: Sequence[Pixels]
+    ready: object | None = None
 
 
 class TileDecoder(Protocol):
     """Decodes batches of tiles of one pyramid level (`backends.decoders`: cpu, dali, nvimgcodec).
 
-    Thread-safe: the readers of several slides share one decoder. `page_meta` is a `backends.tiles.TilePageMeta`.
+    Thread-safe: the readers of several slides share one decoder. `meta` describes the level's tiles.
 
     Attributes:
         name: "cpu", "dali" or "nvimgcodec".
@@ -101,15 +102,15 @@ class TileDecoder(Protocol):
         """Build pipelines or decoder objects and run the start-up colour probes (idempotent)."""
         ...
 
-    def unsupported(self, page_meta: Any) -> str | None:
+    def unsupported(self, meta: TilePageMeta) -> str | None:
         """Why this decoder cannot decode the level's tiles exactly (the reader then uses `cpu`), or None."""
         ...
 
-    def decode_batch(self, raws: Sequence[bytes], page_meta: Any) -> DecodedTiles:
+    def decode_batch(self, raws: Sequence[bytes], meta: TilePageMeta) -> DecodedTiles:
         """Decode stored tiles of the level. Raises on a corrupt tile (the reader then isolates it)."""
         ...
 
-    def statistics(self) -> dict[str, Any]:
+    def statistics(self) -> Mapping[str, object]:
         """Counters: tiles and batches decoded, seconds spent."""
         ...
 
@@ -123,7 +124,7 @@ class PatchReader(Protocol):
 
     def iter_patches(
         self, handle: SlideHandle, coords: np.ndarray, patch_size: int, chunk: int
-    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    ) -> Iterator[tuple[np.ndarray, Pixels]]:
         """Yield (row indices int64 (b,), pixels uint8 (b, patch_size, patch_size, 3)) covering every row once."""
         ...
 
@@ -159,7 +160,7 @@ class DeviceEncoder(Protocol):
     device: str
     fixed_batch: bool  # True when the model is compiled for one batch shape: pass full batches, pad the tail
 
-    def encode_device(self, pixels: Any) -> Any:
+    def encode_device(self, pixels: DevicePixels) -> DevicePixels:
         """uint8 (B, P, P, 3) torch tensor -> float32 (B, dim) torch tensor on `device`, queued on the current stream.
 
         Nothing waits for the work: the caller orders it with CUDA events.
@@ -194,7 +195,7 @@ class EncoderSet(Protocol):
         """Load every model (weights, device, one dummy batch)."""
         ...
 
-    def submit(self, pixels: Any, names: frozenset[str] | None) -> object:
+    def submit(self, pixels: Pixels, names: frozenset[str] | None) -> object:
         """Start encoding uint8 (B, P, P, 3) pixels (numpy, or torch on the device) with the encoders in `names`
         (None: all); returns the ticket to `collect`."""
         ...
@@ -272,11 +273,32 @@ class Planner(Protocol):
         ...
 
 
+class PatchChunks(Protocol):
+    """One slide's patch chunks, as `PixelSource.iter_patches` returns them: an iterator that also says how the
+    slide was read, and that can be stopped part-way.
+
+    Each `next()` blocks (stages call it in a worker thread) and yields (rows int64 (b,), pixels uint8 (b, P, P, 3)).
+    """
+
+    @property
+    def routes(self) -> str:
+        """How each level was decoded (which decoder, and why a GPU one was not used), for the run report; "" when
+        there is nothing to tell."""
+        ...
+
+    def __iter__(self) -> Iterator[tuple[np.ndarray, Pixels]]: ...
+
+    def __next__(self) -> tuple[np.ndarray, Pixels]: ...
+
+    def close(self) -> None:
+        """Stop reading: the reader's own threads are joined and its files closed (idempotent; also mid-slide)."""
+        ...
+
+
 class PixelSource(Protocol):
     """Reads the pixels of a slide's planned patches, each tile read and decoded once."""
 
-    def iter_patches(self, plan: PatchPlan, patch_size: int, chunk: int, threads: int) -> Iterator[
-            tuple[np.ndarray, np.ndarray]]:
+    def iter_patches(self, plan: PatchPlan, patch_size: int, chunk: int, threads: int) -> PatchChunks:
         """Chunks (rows int64 (b,), pixels uint8 (b, P, P, 3)) covering every planned row once."""
         ...
 
@@ -317,7 +339,7 @@ class OutputStore(Protocol):
         """
         ...
 
-    def save_images(self, plan: PatchPlan, rows: np.ndarray, pixels: np.ndarray) -> None:
+    def save_images(self, plan: PatchPlan, rows: np.ndarray, pixels: Pixels) -> None:
         """`--save-images`: one PNG per patch, written atomically."""
         ...
 

@@ -87,7 +87,7 @@ async def run_pipeline(config, slides: list[Path]) -> tuple[float, dict, dict, l
 
 def encoder_alone(config, patches: int) -> float:
     """Seconds for the same encoder on `patches` random uint8 patches in batches of the configured size."""
-    from atlaspatch_stream.backends.bundle import RealBackends
+    from atlaspatch_stream.assembly import RealBackends
 
     [encoder] = RealBackends(config).make_encoders().encoders
     encoder.warm_up()
@@ -114,7 +114,7 @@ def upstream_style(config, out: Path, slides: list[Path]) -> float:
     from PIL import Image
     from torchvision import transforms as T
 
-    from atlaspatch_stream.backends.bundle import RealBackends
+    from atlaspatch_stream.assembly import RealBackends
 
     [encoder] = RealBackends(config).make_encoders().encoders
     encoder.warm_up()

@@ -21,11 +21,6 @@ from dataclasses import dataclass
 MPP_MIN = 0.1
 MPP_MAX = 10.0
 
-TIFF_EXTENSIONS = frozenset({".svs", ".tif", ".tiff", ".ndpi", ".scn", ".bif"})
-OPENSLIDE_EXTENSIONS = frozenset({".mrxs", ".vms", ".vmu", ".biff", ".dcm", ".dicom"})
-IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif"})
-DICOM_EXTENSIONS = frozenset({".dcm", ".dicom"})
-SUPPORTED_EXTENSIONS = TIFF_EXTENSIONS | OPENSLIDE_EXTENSIONS | IMAGE_EXTENSIONS
 
 # Upstream step 2: the first parseable key wins (`hamamatsu.XResolution` is kept for parity, though its unit is odd).
 _MPP_KEYS = (

@@ -23,13 +23,6 @@ import numpy as np
 
 from ..tileplan import TileGrid
 
-
-def to_host(pixels: Any) -> np.ndarray:
-    """Pixels as a host numpy array: numpy as it is, a torch tensor (on any device) copied back."""
-    if isinstance(pixels, np.ndarray):
-        return pixels
-    return np.asarray(pixels.cpu().numpy())
-
 _COEF_BITS = 11
 _COEF_SCALE = 1 << _COEF_BITS
 # Canvas bytes per sub-batch: bounds the gather's temporary on small GPUs and on CPU.

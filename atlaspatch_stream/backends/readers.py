@@ -20,18 +20,19 @@ from __future__ import annotations
 import os
 import threading
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
 
+from ..batching import to_host
 from ..errors import SlideError, describe, is_bug
+from ..items import Pixels
 from ..protocols import DecodedTiles, PatchReader, SlideHandle, TileDecoder
 from ..tileplan import LevelPlan, chunk_bounds, plan_level
 from .decoders.cpu import CpuDecoder
-from .patches import to_host
 from .tiles import (
     TilePageMeta,
     check_tile,
@@ -101,27 +102,26 @@ def supports_tile_once(handle: Any) -> bool:
 
 
 class PatchIterator:
-    """One slide's patch chunks (an iterator, closable) that also tells how the slide was read.
+    """One slide's patch chunks (`protocols.PatchChunks`): an iterator, closable, that tells how the slide was read.
 
     Attributes:
         reader: The reader producing the chunks; `routes` says which decoder read each level and why.
     """
 
-    def __init__(self, reader: Any, chunks: Iterator[tuple[np.ndarray, Any]]) -> None:
+    def __init__(self, reader: Any, chunks: Iterator[tuple[np.ndarray, Pixels]]) -> None:
         self.reader = reader
         self._chunks = chunks
 
     def __iter__(self) -> PatchIterator:
         return self
 
-    def __next__(self) -> tuple[np.ndarray, Any]:
+    def __next__(self) -> tuple[np.ndarray, Pixels]:
         return next(self._chunks)
 
     def close(self) -> None:
         """Stop the reader: joins its threads and closes its file (also mid-slide)."""
-        close = getattr(self._chunks, "close", None)
-        if close is not None:
-            close()
+        if isinstance(self._chunks, Generator):  # the readers' chunks are generators: closing one stops its threads
+            self._chunks.close()
 
     @property
     def routes(self) -> str:
@@ -286,7 +286,7 @@ class TileOnceReader:
 
     def iter_patches(
         self, handle: SlideHandle, coords: np.ndarray, patch_size: int, chunk: int
-    ) -> Iterator[tuple[np.ndarray, Any]]:
+    ) -> Iterator[tuple[np.ndarray, Pixels]]:
         """Yield (rows int64 (b,), pixels uint8 (b, patch_size, patch_size, 3)); rows in row-band order, b <= chunk.
 
         Pixels are numpy, or torch on the decoder's device with `device_output`. Levels that cannot be read

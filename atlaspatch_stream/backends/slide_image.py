@@ -13,7 +13,7 @@ import numpy as np
 
 from ..errors import SlideError, describe
 from .metadata import ResolvedMetadata, magnification_from_mpp, validate_override
-from .slides import BaseSlideHandle, NotRGBError, make_info
+from .slide_base import BaseSlideHandle, NotRGBError, make_info
 
 # Modes whose `.convert("RGB")` is what upstream feeds on; 16/32-bit and float modes are refused.
 _ACCEPTED_MODES = {"RGB", "RGBA", "RGBX", "P", "PA", "L", "LA", "1", "CMYK", "YCbCr"}

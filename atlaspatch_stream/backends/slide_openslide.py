@@ -12,7 +12,7 @@ import numpy as np
 
 from ..errors import SlideError, describe
 from .metadata import normalize_properties, resolve_metadata
-from .slides import BaseSlideHandle, make_info
+from .slide_base import BaseSlideHandle, make_info
 
 
 class OpenSlideHandle(BaseSlideHandle):

@@ -11,7 +11,7 @@ import numpy as np
 
 from ..errors import SlideError, describe
 from .metadata import normalize_properties, resolve_metadata
-from .slides import BaseSlideHandle, NotRGBError, make_info
+from .slide_base import BaseSlideHandle, NotRGBError, make_info
 
 _RGB_PHOTOMETRICS = {"RGB", "YCBCR"}
 

@@ -98,7 +98,7 @@ def _run_slides(wsi_path: Path, params: dict[str, Any], mode: Mode, command: str
 @cli.command("info")
 def info() -> None:
     """Supported slide formats and the output layout."""
-    from ..backends.metadata import IMAGE_EXTENSIONS, SUPPORTED_EXTENSIONS
+    from ..formats import IMAGE_EXTENSIONS, SUPPORTED_EXTENSIONS
 
     click.echo("Supported whole-slide formats: " + " ".join(sorted(SUPPORTED_EXTENSIONS - IMAGE_EXTENSIONS)))
     click.echo("Supported plain images (need --mpp-csv): " + " ".join(sorted(IMAGE_EXTENSIONS)))

@@ -237,7 +237,10 @@ class Signals:
                      f"{drain_timeout_s:g} s; again to abort)")
             stop.request(f"interrupted by {sig.name}")
 
-        self._relay = lambda sig: loop.call_soon_threadsafe(act, sig)
+        def relay(sig: signal.Signals) -> None:
+            loop.call_soon_threadsafe(act, sig)
+
+        self._relay = relay
         for sig in self.received:  # a signal that came before the loop ran
             loop.call_soon(act, sig)
         try:

@@ -38,8 +38,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Literal
 
-from ..backends.metadata import DICOM_EXTENSIONS, IMAGE_EXTENSIONS, TIFF_EXTENSIONS
 from ..errors import describe
+from ..formats import DICOM_EXTENSIONS, IMAGE_EXTENSIONS, TIFF_EXTENSIONS
 
 __all__ = [
     "Readiness",

@@ -37,9 +37,9 @@ from typing import Literal
 import anyio
 from anyio.abc import ObjectSendStream, TaskGroup, TaskStatus
 
-from ..backends.metadata import DICOM_EXTENSIONS, SUPPORTED_EXTENSIONS
 from ..config import WatchConfig
 from ..errors import ConfigError
+from ..formats import DICOM_EXTENSIONS, SUPPORTED_EXTENSIONS
 from .clock import Clock, SystemClock
 from .complete import (
     Signature,

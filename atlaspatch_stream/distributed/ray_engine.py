@@ -36,7 +36,6 @@ import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream
 
 from .. import errors, outputs
-from ..backends.bundle import H5Outputs, SettingsRecord
 from ..config import PipelineConfig
 from ..errors import (
     STOP_REASONS,
@@ -49,6 +48,7 @@ from ..errors import (
 )
 from ..items import EngineStatistics, SlideJob, SlideResult
 from ..outputs import claims
+from ..outputs.h5outputs import H5Outputs, SettingsRecord
 from ..pipeline import Mode
 from ..report import RunReport, flat_statistics
 from ..run import OnResult, RunSummary, Stop, run_jobs, serving
@@ -109,7 +109,7 @@ class NodeWorker:
 
     def __init__(self, config: PipelineConfig, mode: Mode, tag: str, stage: CopyOptions | None) -> None:
         from .. import sync
-        from ..backends.bundle import RealBackends
+        from ..assembly import RealBackends
 
         self.config = config
         self.tag = tag

@@ -10,7 +10,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
+
+from ..items import ReuseDecision, SourceRecord
 
 PASSPORT_FORMAT = "{stem}__x{X}_y{Y}_rw{RW}_rh{RH}_lv{LV}_mag{MAG}_tmag{TMAG}_total{N}"
 PASSPORT_VERSION = 2
@@ -87,43 +89,13 @@ def visualization_dir(output: Path) -> Path:
     return output / "visualization"
 
 
-Action = Literal["new", "skip", "reuse", "mismatch"]
-
-
-@dataclass(frozen=True)
-class ReuseDecision:
-    """What to do with a slide whose output may already exist."""
-
-    action: Action
-    num_patches: int = 0
-    missing: tuple[str, ...] = ()
-    reason: str = ""
-    source: SourceRecord | None = None  # what the existing file says it was made from
-
-
-@dataclass(frozen=True)
-class SourceRecord:
-    """The slide an existing output file was made from, as its root attributes record it."""
-
-    filename: str | None
-    level0: tuple[int, int] | None
-
-    @classmethod
-    def from_attrs(cls, attrs: Mapping[str, Any]) -> SourceRecord:
-        """Read `filename`, `level0_width` and `level0_height` (each may be missing in files of other tools)."""
-        width, height = attrs.get("level0_width"), attrs.get("level0_height")
-        level0 = (int(width), int(height)) if width is not None and height is not None else None
-        name = attrs.get("filename")
-        return cls(str(name) if name is not None else None, level0)
-
-    def mismatch(self, filename: str, level0: tuple[int, int]) -> str | None:
-        """Why the file was not made from a slide named `filename` of level-0 size `level0` (None when it was)."""
-        if self.filename is not None and self.filename != filename:
-            return f"it was made from {self.filename!r}"
-        if self.level0 is not None and tuple(self.level0) != tuple(level0):
-            w, h = self.level0
-            return f"it was made from a slide of {w}x{h} pixels, this one is {level0[0]}x{level0[1]}"
-        return None
+def source_record(attrs: Mapping[str, Any]) -> SourceRecord:
+    """What an output's root attributes say it was made from: `filename`, `level0_width` and `level0_height` (each
+    may be missing in files of other tools)."""
+    width, height = attrs.get("level0_width"), attrs.get("level0_height")
+    level0 = (int(width), int(height)) if width is not None and height is not None else None
+    name = attrs.get("filename")
+    return SourceRecord(str(name) if name is not None else None, level0)
 
 
 GEOMETRY_KEYS = ("patch_size", "target_magnification", "overlap")
@@ -160,7 +132,7 @@ def decide_reuse(
     """
     if existing is None:
         return ReuseDecision("new")
-    source = SourceRecord.from_attrs(existing.attrs)
+    source = source_record(existing.attrs)
     diffs = geometry_mismatch(existing.attrs, wanted)
     if diffs:
         return ReuseDecision("mismatch", reason="; ".join(diffs), source=source)

@@ -13,8 +13,8 @@ import logging
 import math
 from pathlib import Path
 
-from ..backends.metadata import DICOM_EXTENSIONS, SUPPORTED_EXTENSIONS
 from ..errors import ConfigError, NotASlideError
+from ..formats import DICOM_EXTENSIONS, SUPPORTED_EXTENSIONS
 from ..items import SlideJob
 
 __all__ = ["discover_slides", "load_mpp_csv", "mpp_for", "slide_job", "stem_for"]

@@ -113,7 +113,7 @@ class CopyStats:
 class LocalCopier:
     """Copies slides into a private folder under `options.root`, within `options.max_bytes`. Thread-safe.
 
-    `stage(job)` (blocking) or `await copy_async(job)` returns the job with `read_path` set to the copy (or the job
+    `copy(job)` (blocking) or `await copy_async(job)` returns the job with `read_path` set to the copy (or the job
     unchanged when it is read in place); `release(job)` deletes the copy once its result is in; `close()` deletes
     everything left. Use it as a context manager.
     """

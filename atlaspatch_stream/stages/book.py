@@ -7,7 +7,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
 
 import anyio
 from anyio.streams.memory import MemoryObjectSendStream
@@ -137,7 +137,9 @@ class SlideBook:
 
     # -- the end of a slide ---------------------------------------------------------------------------------------
 
-    async def finish(self, job: SlideJob, status: Status, **kwargs: Any) -> None:
+    async def finish(self, job: SlideJob, status: Status, *, h5_path: Path | None = None,
+                     num_patches: int | None = None, message: str = "", features: tuple[str, ...] = (),
+                     failure: Failure | None = None) -> None:
         """Release what the slide holds and send its result. A second call for the same slide is ignored."""
         entry = self._entries.pop(job.slide_id, None)
         if entry is None:
@@ -146,7 +148,9 @@ class SlideBook:
             await anyio.to_thread.run_sync(_release, entry, limiter=self._limiter)
             self._slots.release()
             entry.timings["total"] = time.perf_counter() - entry.started
-            await self._send(SlideResult(job=job, status=status, timings=entry.timings, notes=entry.notes, **kwargs))
+            await self._send(SlideResult(job=job, status=status, h5_path=h5_path, num_patches=num_patches,
+                                         message=message, features=features, timings=entry.timings, failure=failure,
+                                         notes=entry.notes))
 
     async def fail(self, job: SlideJob, failure: Failure, message: str) -> None:
         """Finish a slide as failed.

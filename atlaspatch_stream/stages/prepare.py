@@ -9,8 +9,7 @@ import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from ..errors import is_bug, refused
-from ..items import OpenedSlide, Reuse, SlideJob, Thumbnail
-from ..outputs import ReuseDecision
+from ..items import OpenedSlide, Reuse, ReuseDecision, SlideJob, Thumbnail
 from ..protocols import OutputStore, SlideHandle, SlideSource
 from .book import SlideBook
 from .workers import run_workers

@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from ..batching import slide_chunk
 from ..errors import SlideError, failure_message, failure_of, is_bug
-from ..items import PatchBatch, PatchPlan, SlideFailed, WriteItem
-from ..protocols import OutputStore, PixelSource
+from ..items import PatchBatch, PatchPlan, Pixels, SlideFailed, WriteItem
+from ..protocols import OutputStore, PatchChunks, PixelSource
 from .book import SlideBook
 from .workers import run_workers
+
+if TYPE_CHECKING:
+    import numpy as np
 
 
 @dataclass(frozen=True)
@@ -69,9 +71,9 @@ async def _read_one(plan: PatchPlan, send: MemoryObjectSendStream[PatchBatch], b
                     outputs: OutputStore, settings: ReadSettings, limiter: anyio.CapacityLimiter) -> SlideFailed | None:
     """Send every chunk of one slide; a `SlideFailed` when its pixels cannot be read."""
     job = plan.slide.job
-    iterator: Iterator[tuple[Any, Any]] | None = None
+    chunks: PatchChunks | None = None
     try:
-        iterator = chunks = await anyio.to_thread.run_sync(
+        chunks = await anyio.to_thread.run_sync(
             pixels.iter_patches, plan, settings.patch_size, settings.chunk, settings.reader_threads, limiter=limiter
         )
         sent = 0
@@ -90,21 +92,19 @@ async def _read_one(plan: PatchPlan, send: MemoryObjectSendStream[PatchBatch], b
         if sent != plan.num_patches:
             # A short reader would leave the slide open (and its slot taken) until the run ends: fail it now.
             raise SlideError(f"reader returned {sent} of {plan.num_patches} patches", slide=job.name)
-        routes = getattr(chunks, "routes", None)
-        if routes:
-            book.note(job, decode_routes=routes)
+        if chunks.routes:
+            book.note(job, decode_routes=chunks.routes)
     except Exception as exc:  # a foreign per-slide failure becomes a record; bugs stop the run
         if is_bug(exc):
             raise
         return SlideFailed(job, failure_of(exc, "read"), failure_message(job.name, exc))
     finally:
-        close = getattr(iterator, "close", None)
-        if close is not None:  # stop the reader's own decode threads, also on cancellation
+        if chunks is not None:  # stop the reader's own decode threads, also on cancellation
             with anyio.CancelScope(shield=True):
-                await anyio.to_thread.run_sync(close, limiter=limiter)
+                await anyio.to_thread.run_sync(chunks.close, limiter=limiter)
     return None
 
 
-def _next(iterator: Iterator[tuple[Any, Any]]) -> tuple[Any, Any] | None:
+def _next(chunks: PatchChunks) -> tuple[np.ndarray, Pixels] | None:
     """The reader's next chunk, or None at its end."""
-    return next(iterator, None)
+    return next(chunks, None)

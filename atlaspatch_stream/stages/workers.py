@@ -4,39 +4,44 @@ from __future__ import annotations
 
 from collections.abc import Callable, Coroutine, Sequence
 from contextlib import AsyncExitStack
-from typing import Any, TypeVar
+from typing import Protocol, TypeVar
 
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 T = TypeVar("T")
+U = TypeVar("U")
+V = TypeVar("V")
+
+
+class _Closable(Protocol):
+    async def aclose(self) -> None: ...
 
 
 async def run_workers(
     n: int,
     receive: MemoryObjectReceiveStream[T],
-    send: MemoryObjectSendStream[Any] | None,
-    worker: Callable[..., Coroutine[Any, Any, None]],
-    *more: MemoryObjectSendStream[Any] | None,
+    send: MemoryObjectSendStream[U] | None,
+    worker: Callable[..., Coroutine[object, object, None]],
+    *more: MemoryObjectSendStream[V] | None,
 ) -> None:
     """Run `n` copies of `worker(rx, tx, *more_tx)`, each with its own clones; close the originals on exit.
 
     A `None` output stays `None` for every worker. End-of-stream flows downstream once every clone of a send end is
     closed; a closed consumer flows upstream.
     """
-    sends = (send, *more)
     async with AsyncExitStack() as stack:
         await stack.enter_async_context(receive)
-        for stream in sends:
+        for stream in (send, *more):
             if stream is not None:
                 await stack.enter_async_context(stream)
         async with anyio.create_task_group() as tg:
             for _ in range(n):
-                clones = [s.clone() if s is not None else None for s in sends]
-                tg.start_soon(worker, receive.clone(), *clones)
+                clones = [s.clone() if s is not None else None for s in more]
+                tg.start_soon(worker, receive.clone(), send.clone() if send is not None else None, *clones)
 
 
-def closing(streams: Sequence[MemoryObjectSendStream[Any] | None]) -> AsyncExitStack:
+def closing(streams: Sequence[_Closable | None]) -> AsyncExitStack:
     """An exit stack that closes every given send end (None skipped) when the block ends."""
     stack = AsyncExitStack()
     for stream in streams:

@@ -1,32 +1,45 @@
 """Fake backends for stage and pipeline tests: no slides, no models, controllable delays and failures.
 
-Each fake implements one Protocol of `atlaspatch_stream.protocols`; `FakeBackends` composes them with the real H5
-output store (real lock files, real HDF5 files), so tests exercise end-of-stream, cancellation, backpressure and
-per-slide failures quickly against real outputs. Tests replace a single part (e.g. `backends.pixels = ...`) to inject
-a specific failure.
+Each fake declares the Protocol of `atlaspatch_stream.protocols` it implements (mypy checks it) and subclasses no real
+backend; tests/conformance runs the same checks on each fake and on the real part. `FakeBackends` composes them with
+the real H5 output store (real lock files, real HDF5 files), so tests exercise end-of-stream, cancellation,
+backpressure and per-slide failures quickly against real outputs. Tests replace a single part (e.g.
+`backends.pixels = ...`) to inject a specific failure.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..backends.bundle import H5Outputs, LatticePlanner, SettingsRecord, slide_attrs
+from ..backends.bundle import LatticePlanner
 from ..backends.encoders.group import EncoderGroup
 from ..config import PipelineConfig
 from ..errors import SlideError
-from ..geometry import plan_geometry
-from ..items import OpenedSlide, PatchPlan, SlideInfo, SlideJob
-from ..protocols import SlideHandle
+from ..geometry import Geometry, plan_geometry
+from ..items import OpenedSlide, PatchPlan, Pixels, SlideInfo, SlideJob
+from ..outputs import SlideAttrs, visualization_dir
+from ..outputs.h5outputs import H5Outputs, SettingsRecord, slide_attrs
+from ..protocols import (
+    Backends,
+    Encoder,
+    PatchChunks,
+    PixelSource,
+    Planner,
+    Segmenter,
+    SlideHandle,
+    SlideSource,
+)
 
 
 @dataclass
-class FakeHandle:
+class FakeHandle(SlideHandle):
     """A 'slide' of `width` × `height` at 40×, one level."""
 
     info: SlideInfo
@@ -51,7 +64,7 @@ class FakeHandle:
 
 
 @dataclass
-class FakeSegmenter:
+class FakeSegmenter(Segmenter):
     """Everything is tissue, after `delay` seconds per batch; records batch sizes."""
 
     name: str = "fake"
@@ -73,8 +86,8 @@ class FakeSegmenter:
 
 
 @dataclass
-class FakeEncoder:
-    """Mean colour per patch (dim 3), optionally slow."""
+class FakeEncoder(Encoder):
+    """Mean colour per patch (R, G, B means, repeated to `dim` columns), optionally slow."""
 
     name: str = "fake_mean"
     dim: int = 3
@@ -85,16 +98,17 @@ class FakeEncoder:
         """Nothing to load."""
 
     def encode(self, pixels: np.ndarray) -> np.ndarray:
-        """float32 (B, 3) channel means."""
+        """float32 (B, dim): the channel means, cycled."""
         self.calls += 1
         time.sleep(self.delay)
-        return pixels.reshape(len(pixels), -1, 3).mean(axis=1).astype(np.float32)
+        means = pixels.reshape(len(pixels), -1, 3).mean(axis=1).astype(np.float32)
+        return means[:, np.arange(self.dim) % 3]
 
     def close(self) -> None:
         """Nothing to free."""
 
 
-class FakeSlides:
+class FakeSlides(SlideSource):
     """Fake slide access (`SlideSource`): 4096² at 40×; stems in `fail_open` fail to open; counts open handles."""
 
     def __init__(self, fail_open: Sequence[str] = ()) -> None:
@@ -119,15 +133,17 @@ class FakeSlides:
         return handle.thumbnail(1.25, 1024, 1)
 
 
-class FakePlanner(LatticePlanner):
-    """`patches_per_slide` patches in a row (0 for stems containing 'empty'), with real output attributes.
+class FakePlanner(Planner):
+    """`patches_per_slide` patches in a row (0 for stems containing 'empty'), with real output attributes (`Planner`).
 
-    Overlays (`detect_overlays`) are the real ones, drawn on the fake handle's thumbnail.
+    Overlays (`detect_overlays`) are the real planner's, drawn on the fake handle's thumbnail.
     """
 
     def __init__(self, config: PipelineConfig, settings: SettingsRecord, patches_per_slide: int) -> None:
-        super().__init__(config, settings)
+        self.config = config
+        self.settings = settings
         self.patches_per_slide = patches_per_slide
+        self._overlays = LatticePlanner(config, self._attrs, visualization_dir(config.write.output))
 
     def plan(self, slide: OpenedSlide, mask: np.ndarray) -> PatchPlan:
         """A single row of patches along y=0."""
@@ -137,19 +153,50 @@ class FakePlanner(LatticePlanner):
         xs = np.arange(n, dtype=np.int32) * geometry.ps_src
         coords = np.stack([xs, np.zeros(n, np.int32), *[np.full(n, v, np.int32) for v in
                            (geometry.read_size, geometry.read_size, 0)]], axis=1).reshape(n, 5)
-        return PatchPlan(slide, geometry, coords, slide_attrs(slide, geometry, self.settings))
+        return PatchPlan(slide, geometry, coords, self._attrs(slide, geometry))
+
+    def detect_overlays(self, slide: OpenedSlide, mask: np.ndarray) -> list[Path]:
+        """The real mask overlays."""
+        return self._overlays.detect_overlays(slide, mask)
+
+    def _attrs(self, slide: OpenedSlide, geometry: Geometry) -> SlideAttrs:
+        return slide_attrs(slide, geometry, self.settings)
 
 
-class FakePixels:
+class FakeChunks(PatchChunks):
+    """A `PatchChunks` over any iterator of (rows, pixels); `close()` closes it when it is a generator."""
+
+    routes = ""  # fakes decode nothing worth reporting
+
+    def __init__(self, chunks: Iterator[tuple[np.ndarray, Pixels]]) -> None:
+        self._chunks = chunks
+        self.closed = False
+
+    def __iter__(self) -> FakeChunks:
+        return self
+
+    def __next__(self) -> tuple[np.ndarray, Pixels]:
+        return next(self._chunks)
+
+    def close(self) -> None:
+        """Stop the iterator (runs a generator's `finally`)."""
+        self.closed = True
+        if isinstance(self._chunks, Generator):
+            self._chunks.close()
+
+
+class FakePixels(PixelSource):
     """Deterministic pixels from the handle (`PixelSource`); stems in `fail_read` fail half-way; optional delay."""
 
     def __init__(self, fail_read: Sequence[str] = (), read_delay: float = 0.0) -> None:
         self.fail_read = set(fail_read)
         self.read_delay = read_delay
 
-    def iter_patches(self, plan: PatchPlan, patch_size: int, chunk: int, threads: int) -> Iterator[
-            tuple[np.ndarray, np.ndarray]]:
+    def iter_patches(self, plan: PatchPlan, patch_size: int, chunk: int, threads: int) -> FakeChunks:
         """Chunks of `chunk` rows, `read_delay` seconds each."""
+        return FakeChunks(self._chunks(plan, patch_size, chunk))
+
+    def _chunks(self, plan: PatchPlan, patch_size: int, chunk: int) -> Iterator[tuple[np.ndarray, Pixels]]:
         handle, coords = plan.slide.handle, plan.coords
         for start in range(0, len(coords), chunk):
             if plan.slide.job.stem in self.fail_read and start >= len(coords) // 2:
@@ -216,3 +263,7 @@ class FakeBackends:
 def fake_jobs(folder: Path, stems: Sequence[str]) -> list[SlideJob]:
     """Jobs for files that need not exist (fake backends never read them)."""
     return [SlideJob(i, folder / f"{s}.svs", s, None, display=f"{s}.svs") for i, s in enumerate(stems)]
+
+
+if TYPE_CHECKING:  # `Backends` exposes read-only parts, which the fakes' tests replace: checked structurally here
+    _checked: type[Backends] = FakeBackends

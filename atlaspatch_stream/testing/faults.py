@@ -1,6 +1,6 @@
 """Fault injection for output tests: make the k-th OS write (or fsync) under HDF5 fail with ENOSPC, EIO, ...
 
-The fault is injected where a real full or failing disk strikes: in `h5io.OsIO`, the `pwrite`/`fsync` calls that
+The fault is injected where a real full or failing disk strikes: in `h5io`'s `FileCalls`, the `pwrite`/`fsync` calls that
 HDF5's file driver makes for every output H5 (through `OutputFile`, h5py's fileobj driver). Everything above it runs
 for real: HDF5's chunk and metadata caches decide when bytes are written (mostly at flush and close, not when rows
 are handed over), and the store must notice a failure that HDF5 hit inside a deferred flush. Injecting higher, by
@@ -25,13 +25,14 @@ import os
 import sys
 from collections.abc import Iterator, Sequence
 
-from ..outputs.h5io import OsIO, use_os_io
+from ..outputs.h5io import FileCalls, OsIO, use_os_io
 
 Op = str  # "write" or "fsync"
 
 
-class WriteFaults(OsIO):
-    """An `OsIO` whose `at`-th counted operation raises `OSError(errno)` (and every later one when `sticky`).
+class WriteFaults(FileCalls):
+    """The real OS calls (`h5io.OsIO`), except that the `at`-th counted operation raises `OSError(errno)` (and every
+    later one when `sticky`).
 
     Attributes:
         count: Counted operations so far (`ops` only).
@@ -49,16 +50,25 @@ class WriteFaults(OsIO):
         self.sticky = sticky
         self.count = 0
         self.failed = 0
+        self._os = OsIO()
 
     def pwrite_all(self, fd: int, data: memoryview, offset: int) -> None:
         """Count, maybe fail, then write."""
         self._maybe_fail("write")
-        super().pwrite_all(fd, data, offset)
+        self._os.pwrite_all(fd, data, offset)
+
+    def pread_into(self, fd: int, buf: memoryview, offset: int) -> int:
+        """Read (never failed)."""
+        return self._os.pread_into(fd, buf, offset)
+
+    def ftruncate(self, fd: int, size: int) -> None:
+        """Truncate (never failed)."""
+        self._os.ftruncate(fd, size)
 
     def fsync(self, fd: int) -> None:
         """Count, maybe fail, then fsync."""
         self._maybe_fail("fsync")
-        super().fsync(fd)
+        self._os.fsync(fd)
 
     def _maybe_fail(self, op: Op) -> None:
         if op not in self.ops:

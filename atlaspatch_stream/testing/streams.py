@@ -17,6 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..backends.cuda_streams import DeviceOps
+
 
 @dataclass(eq=False)
 class SimStream:
@@ -34,7 +36,7 @@ class SimEvent:
     fired: int = 0
 
 
-class SimulatedOps:
+class SimulatedOps(DeviceOps):
     """`backends.cuda_streams.DeviceOps` with deferred, randomly interleaved streams on the CPU.
 
     Args:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from atlaspatch_stream.backends.bundle import RealBackends
+from atlaspatch_stream.assembly import RealBackends
 from atlaspatch_stream.cli import cli
 from atlaspatch_stream.cli.options import build_config
 from atlaspatch_stream.errors import ConfigError

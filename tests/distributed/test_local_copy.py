@@ -15,7 +15,7 @@ import pytest
 from click.testing import CliRunner
 
 from atlaspatch_stream import api, sync
-from atlaspatch_stream.backends.bundle import RealBackends
+from atlaspatch_stream.assembly import RealBackends
 from atlaspatch_stream.cli import cli
 from atlaspatch_stream.items import SlideJob
 from atlaspatch_stream.outputs import claims
@@ -140,6 +140,17 @@ def test_multi_file_slides_are_staged_whole(tmp_path: Path) -> None:
             "0.dcm", "1.dcm", "2.dcm"]
         assert copier.copy(_job(vms, 2)).read_path is None
         assert copier.statistics()["in_place"] == 1
+
+
+@pytest.mark.anyio
+async def test_copy_async_copies_in_a_worker_thread(tmp_path: Path) -> None:
+    """`copy_async` (what the shard source awaits) copies the slide as `copy` does, when its output is not there."""
+    slide = tmp_path / "in" / "a.svs"
+    slide.parent.mkdir()
+    slide.write_bytes(b"\1" * 500)
+    with LocalCopier(CopyOptions(tmp_path / "local")) as copier:
+        staged = await copier.copy_async(_job(slide), tmp_path / "out", True)
+        assert staged.read_path is not None and staged.read_path.read_bytes() == slide.read_bytes()
 
 
 def test_no_room_on_the_local_disk_reads_in_place(slides: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from atlaspatch_stream import outputs
-from atlaspatch_stream.backends.bundle import RealBackends
+from atlaspatch_stream.assembly import RealBackends
 from atlaspatch_stream.config import PipelineConfig, PlanConfig, WriteConfig
 from atlaspatch_stream.outputs import SlideAttrs
 from atlaspatch_stream.outputs.h5store import SlideH5, inspect_h5

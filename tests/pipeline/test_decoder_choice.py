@@ -10,7 +10,7 @@ import numpy as np
 import orjson
 import pytest
 
-from atlaspatch_stream.backends.bundle import RealBackends
+from atlaspatch_stream.assembly import RealBackends
 from atlaspatch_stream.config import load_config
 from atlaspatch_stream.errors import MissingExtraError
 from atlaspatch_stream.sync import process_slides

@@ -12,14 +12,15 @@ import pytest
 
 from atlaspatch_stream import outputs
 from atlaspatch_stream.api import process_slides
-from atlaspatch_stream.backends.bundle import H5Outputs
 from atlaspatch_stream.config import (
     PipelineConfig,
 )
 from atlaspatch_stream.errors import SlideError
 from atlaspatch_stream.items import OpenedSlide, PatchPlan, SlideJob, SlideResult
+from atlaspatch_stream.outputs.h5outputs import H5Outputs
 from atlaspatch_stream.testing.fakes import (
     FakeBackends,
+    FakeChunks,
     FakePixels,
     FakePlanner,
     FakeSegmenter,
@@ -139,9 +140,9 @@ async def test_slide_error_message_names_slide_once(tmp_path: Path) -> None:
 class ShortPixels(FakePixels):
     """The `short` slide's reader stops one chunk early (a backend bug that must not hold the slide open)."""
 
-    def iter_patches(self, plan: PatchPlan, patch_size: int, chunk: int, threads: int) -> Any:
+    def iter_patches(self, plan: PatchPlan, patch_size: int, chunk: int, threads: int) -> FakeChunks:
         chunks = list(super().iter_patches(plan, patch_size, chunk, threads))
-        return iter(chunks[:-1] if plan.slide.job.stem == "short" else chunks)
+        return FakeChunks(iter(chunks[:-1] if plan.slide.job.stem == "short" else chunks))
 
 
 async def test_short_reader_fails_slide_and_frees_its_slot(tmp_path: Path) -> None:

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from atlaspatch_stream.api import process_slides
-from atlaspatch_stream.backends.bundle import H5Outputs, SettingsRecord
 from atlaspatch_stream.errors import single_error
 from atlaspatch_stream.items import OpenedSlide, PatchPlan, Reuse, TissueMask, WriteItem
+from atlaspatch_stream.outputs.h5outputs import H5Outputs, SettingsRecord
 from atlaspatch_stream.stages import plan
 from atlaspatch_stream.testing.fakes import FakeBackends, FakePlanner, fake_jobs
 from tests.helpers import fake_config

@@ -11,10 +11,10 @@ import anyio
 import pytest
 
 from atlaspatch_stream import outputs
-from atlaspatch_stream.backends.bundle import H5Outputs, SettingsRecord
 from atlaspatch_stream.errors import single_error
 from atlaspatch_stream.items import SlideJob, Thumbnail
 from atlaspatch_stream.outputs import claims
+from atlaspatch_stream.outputs.h5outputs import H5Outputs, SettingsRecord
 from atlaspatch_stream.protocols import SlideHandle
 from atlaspatch_stream.stages import prepare
 from atlaspatch_stream.testing.fakes import FakeBackends, FakeSlides

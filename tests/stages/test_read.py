@@ -10,10 +10,10 @@ import anyio
 import numpy as np
 import pytest
 
-from atlaspatch_stream.backends.bundle import H5Outputs, SettingsRecord
-from atlaspatch_stream.items import PatchBatch, PatchPlan, SlideFailed, WriteItem
+from atlaspatch_stream.items import PatchBatch, PatchPlan, Pixels, SlideFailed, WriteItem
+from atlaspatch_stream.outputs.h5outputs import H5Outputs, SettingsRecord
 from atlaspatch_stream.stages import read
-from atlaspatch_stream.testing.fakes import FakePixels, FakePlanner, fake_jobs
+from atlaspatch_stream.testing.fakes import FakeChunks, FakePixels, FakePlanner, fake_jobs
 from tests.helpers import fake_config
 
 from .conftest import Opened
@@ -29,9 +29,10 @@ class CountingPixels(FakePixels):
         self.produced = 0
         self.closed: list[str] = []
 
-    def iter_patches(self, plan: PatchPlan, patch_size: int, chunk: int, threads: int) -> Iterator[
-            tuple[np.ndarray, np.ndarray]]:
-        chunks = super().iter_patches(plan, patch_size, chunk, threads)
+    def iter_patches(self, plan: PatchPlan, patch_size: int, chunk: int, threads: int) -> FakeChunks:
+        return FakeChunks(self._counted(plan, super().iter_patches(plan, patch_size, chunk, threads)))
+
+    def _counted(self, plan: PatchPlan, chunks: FakeChunks) -> Iterator[tuple[np.ndarray, Pixels]]:
         try:
             for index, item in enumerate(chunks):
                 if plan.slide.job.stem == "short" and index == 2:

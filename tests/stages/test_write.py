@@ -11,8 +11,8 @@ import h5py
 import numpy as np
 import pytest
 
-from atlaspatch_stream.backends.bundle import H5Outputs, SettingsRecord
 from atlaspatch_stream.items import Failure, FeatureBatch, PatchPlan, SlideFailed, WriteItem
+from atlaspatch_stream.outputs.h5outputs import H5Outputs, SettingsRecord
 from atlaspatch_stream.protocols import Store
 from atlaspatch_stream.stages import write
 from atlaspatch_stream.testing.fakes import FakePlanner, fake_jobs

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from atlaspatch_stream.backends.bundle import RealBackends
+from atlaspatch_stream.assembly import RealBackends
 from atlaspatch_stream.backends.cuda_streams import EncoderCudaStreams, device_ops
 from atlaspatch_stream.backends.readers import TileOnceReader
 from atlaspatch_stream.config import load_config

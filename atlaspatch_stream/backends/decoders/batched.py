@@ -13,7 +13,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from ..patches import to_host
+from ...batching import to_host
 from ..tiles import TilePageMeta
 from .base import Codec, Counters, DecodedTiles, ResourcePool, codec_of, cuda_index
 from .probe import ProbeResult, compare, probe_tiles

@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from ...batching import to_host
 from ...protocols import DeviceEncoder, Encoder
-from ..patches import to_host
 
 log = logging.getLogger(__name__)
 

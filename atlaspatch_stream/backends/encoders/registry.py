@@ -281,10 +281,3 @@ def _source_text(spec: EncoderSpec) -> str:
     if source.kind == "torchvision":
         return f"torchvision:{source.filename}"
     return "local file" if source.kind == "local" else "none"
-
-
-def check_encoders(names: Sequence[str] | None = None) -> list[Any]:
-    """Meta-device build + pooled forward of each encoder; see `check.check_encoders`."""
-    from .check import check_encoders as run
-
-    return run(names)

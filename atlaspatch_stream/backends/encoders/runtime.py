@@ -370,7 +370,7 @@ class CustomTorchEncoder:
     def __init__(
         self, name: str, dim: int, loader: Any, device: Any, dtype: Any, non_blocking: bool = False
     ) -> None:
-        from ...plugins import CustomEncoderComponents
+        from .spec import CustomEncoderComponents
 
         parts = loader(device, dtype)
         if not isinstance(parts, CustomEncoderComponents):

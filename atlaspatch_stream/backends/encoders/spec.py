@@ -121,3 +121,18 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 HALF = (0.5, 0.5, 0.5)
+
+
+@dataclass
+class CustomEncoderComponents:
+    """What a custom loader returns (`plugins.register_custom_encoder`; defined here so the runtime needs no plugins).
+
+    Attributes:
+        model: a torch `nn.Module`; it is moved to the device and dtype and set to `eval()`.
+        preprocess: PIL.Image -> CHW tensor, run on the CPU per patch.
+        forward_fn: batch tensor -> (B, D) tensor; defaults to `model(batch)`. Higher-rank outputs are flattened.
+    """
+
+    model: Any
+    preprocess: Callable[[Any], Any]
+    forward_fn: Callable[[Any], Any] | None = None

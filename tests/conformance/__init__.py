@@ -1,0 +1,1 @@
+"""Conformance tests: each protocol checked against the real part and the fake (trio-style `check_*`)."""
