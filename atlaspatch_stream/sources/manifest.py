@@ -35,7 +35,7 @@ def read_manifest(path: Path) -> Manifest:
     Raises:
         ConfigError: one line naming the manifest row and the rule it breaks.
     """
-    path = Path(path).resolve()
+    path = Path(os.path.abspath(path))
     cases: dict[str, list[Path]] = {}
     mpp: dict[Path, float] = {}
     stems: dict[str, Path] = {}
@@ -80,7 +80,7 @@ def _case_id(value: str | None, where: str) -> str:
 def _slide(value: str | None, folder: Path, where: str) -> Path:
     if not value:
         raise ConfigError(f"{where}: empty slide_path")
-    slide = (folder / value).resolve()
+    slide = Path(os.path.abspath(folder / value))  # normalised, symbolic links kept (their names are the stems)
     if not slide.exists():
         raise ConfigError(f"{where}: slide {value} not found (resolved to {slide})")
     return slide

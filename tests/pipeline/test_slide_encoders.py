@@ -1,0 +1,230 @@
+"""Slide and patient embeddings (encode-slide, encode-patient, process --slide-encoders) on synthetic slides, with
+MOOZY built from the `moozy` package with seeded random weights on the CPU, and the weight-free mean pooling."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from atlaspatch_stream.cli import cli
+from atlaspatch_stream.testing.synthetic import write_synthetic_slide
+
+pytest.importorskip("moozy")
+
+from atlaspatch_stream.testing.slide_models import write_lunit_weights, write_moozy_checkpoint  # noqa: E402
+
+BASE = ["--patch-size", "224", "--target-mag", "20", "--segmenter", "otsu", "--device", "cpu",
+        "--feature-precision", "float32", "--feature-batch-size", "8"]
+UPSTREAM_SLIDE_ATTRS = {"encoder_name", "source_patch_encoder", "num_patches", "patch_size", "patch_size_level0",
+                        "target_magnification"}
+
+
+@pytest.fixture(scope="module")
+def slides(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two small synthetic 40x slides (9 and 6 patches of 224 px at 20x)."""
+    folder = tmp_path_factory.mktemp("slides")
+    write_synthetic_slide(folder / "a.svs", width=2048, height=2048, seed=3)
+    write_synthetic_slide(folder / "b.svs", width=2048, height=1536, seed=4)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
+    """`--weights` flags for a seeded random MOOZY checkpoint (small shape) and Lunit ViT-S/8."""
+    folder = tmp_path_factory.mktemp("weights")
+    moozy = write_moozy_checkpoint(folder / "moozy.pt", seed=1)
+    lunit = write_lunit_weights(folder / "lunit.safetensors", seed=2)
+    return ["--weights", f"moozy={moozy}", "--weights", f"lunit_vit_small_patch8_dino={lunit}"]
+
+
+def _cli(args: list[str]) -> tuple[int, str]:
+    result = CliRunner().invoke(cli, args, catch_exceptions=False)
+    return result.exit_code, result.stdout + result.stderr
+
+
+def _slide_embeddings(out: Path) -> dict[tuple[str, str], tuple[np.ndarray, dict]]:
+    found = {}
+    for path in sorted((out / "patches").glob("*.h5")):
+        with h5py.File(path, "r") as f:
+            for name, ds in f.get("slide_features", {}).items():
+                found[(path.stem, name)] = (ds[...], dict(ds.attrs))
+    return found
+
+
+def test_encode_slide_moozy_and_mean_schema(slides: Path, weights: list[str], tmp_path: Path) -> None:
+    """encode-slide with moozy and mean-<lunit>: upstream's dataset and attributes in each slide's H5, the patch
+    features computed on the way; mean pooling equals the mean of features/<patch encoder>; nothing temporary left."""
+    out = tmp_path / "out"
+    code, text = _cli(["encode-slide", str(slides), "-o", str(out), *BASE, *weights,
+                       "--slide-encoders", "moozy,mean-lunit_vit_small_patch8_dino"])
+    assert code == 0, text
+    found = _slide_embeddings(out)
+    assert set(found) == {(s, n) for s in "ab" for n in ("moozy", "mean-lunit_vit_small_patch8_dino")}
+    for stem in "ab":
+        vector, attrs = found[(stem, "moozy")]
+        assert vector.shape == (64,) and vector.dtype == np.float32  # the checkpoint's width (768 for the real one)
+        assert UPSTREAM_SLIDE_ATTRS <= set(attrs)
+        assert attrs["source_patch_encoder"] == "lunit_vit_small_patch8_dino"
+        assert (attrs["patch_size"], attrs["patch_size_level0"], attrs["target_magnification"]) == (224, 448, 20)
+        assert attrs["token_cap"] == 0 and attrs["subsampled"] == 0  # no cap on the CPU
+        with h5py.File(out / "patches" / f"{stem}.h5", "r") as f:
+            features = f["features/lunit_vit_small_patch8_dino"][...]
+            assert attrs["num_patches"] == f.attrs["num_patches"] == len(features)
+            assert [n for n in f["slide_features"] if n.startswith("__tmp_")] == []
+        mean, _ = found[(stem, "mean-lunit_vit_small_patch8_dino")]
+        np.testing.assert_allclose(mean, features.astype(np.float64).mean(axis=0), rtol=1e-6)
+    assert not list((out / "patches").glob("*.lock")) and not list((out / "patches").glob(".*"))
+
+
+def test_streamed_equals_two_pass_and_reuse(slides: Path, weights: list[str], tmp_path: Path) -> None:
+    """process --slide-encoders (one run) gives the same embeddings as process followed by encode-slide; a rerun
+    reuses them (file untouched), --force recomputes them equal."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    enc = ["--slide-encoders", "moozy"]
+    assert _cli(["process", str(slides), "-o", str(one), *BASE, *weights,
+                 "--feature-extractors", "lunit_vit_small_patch8_dino", *enc])[0] == 0
+    assert _cli(["process", str(slides), "-o", str(two), *BASE, *weights,
+                 "--feature-extractors", "lunit_vit_small_patch8_dino"])[0] == 0
+    assert _slide_embeddings(two) == {}
+    assert _cli(["encode-slide", str(slides), "-o", str(two), *BASE, *weights, *enc])[0] == 0
+    streamed, two_pass = _slide_embeddings(one), _slide_embeddings(two)
+    assert streamed.keys() == two_pass.keys() and len(streamed) == 2
+    for key in streamed:
+        np.testing.assert_array_equal(streamed[key][0], two_pass[key][0])
+    before = (one / "patches" / "a.h5").stat().st_mtime_ns
+    assert _cli(["encode-slide", str(slides), "-o", str(one), *BASE, *weights, *enc])[0] == 0
+    assert (one / "patches" / "a.h5").stat().st_mtime_ns == before
+    assert _cli(["encode-slide", str(slides), "-o", str(one), *BASE, *weights, *enc, "--force"])[0] == 0
+    for key, (vector, _) in _slide_embeddings(one).items():
+        np.testing.assert_array_equal(vector, streamed[key][0])
+
+
+def test_target_mag_and_patch_size_refused_before_any_slide(slides: Path, weights: list[str], tmp_path: Path) -> None:
+    """A --target-mag or --patch-size other than the encoder's stops the run with one line and writes nothing."""
+    out = tmp_path / "out"
+    args = ["encode-slide", str(slides), "-o", str(out), "--segmenter", "otsu", "--device", "cpu", *weights,
+            "--slide-encoders", "moozy"]
+    code, text = _cli([*args, "--patch-size", "224", "--target-mag", "40"])
+    assert code == 1 and "moozy was trained at 20x: use --target-mag 20 (got 40)" in text
+    code, text = _cli([*args, "--patch-size", "256", "--target-mag", "20"])
+    assert code == 1 and "moozy needs --patch-size 224" in text
+    assert not out.exists()
+
+
+def test_missing_weights_one_line(slides: Path, tmp_path: Path) -> None:
+    """Without the MOOZY checkpoint (offline, empty cache) the run stops before any slide with one line naming it."""
+    code, text = _cli(["encode-slide", str(slides), "-o", str(tmp_path / "o"), *BASE, "--slide-encoders", "moozy"])
+    assert code == 1
+    line = [t for t in text.splitlines() if t.startswith("Error:")]
+    assert len(line) == 1 and "AtlasAnalyticsLab/MOOZY" in line[0] and "--weights moozy=PATH" in line[0]
+    assert not (tmp_path / "o" / "patches").exists()
+
+
+def test_geometry_mismatch_fails_only_its_slide(slides: Path, tmp_path: Path) -> None:
+    """An existing H5 made at another patch size fails only its own slide (upstream aborts the whole run)."""
+    out = tmp_path / "out"
+    other = ["--patch-size", "256", "--target-mag", "20", "--segmenter", "otsu", "--device", "cpu"]
+    assert _cli(["segment-and-get-coords", str(slides / "a.svs"), "-o", str(out), *other])[0] == 0
+    code, text = _cli(["encode-slide", str(slides), "-o", str(out), *BASE, "--slide-encoders", "mean-color_stats"])
+    assert code == 1
+    fails = [t for t in text.splitlines() if t.startswith("[FAIL]")]
+    assert len(fails) == 1 and "a.svs" in fails[0] and "use --force" in fails[0]
+    assert set(_slide_embeddings(out)) == {("b", "mean-color_stats")}
+
+
+def _manifest(folder: Path, rows: list[str]) -> Path:
+    path = folder / "manifest.csv"
+    path.write_text("case_id,slide_path,mpp\n" + "\n".join(rows) + "\n")
+    return path
+
+
+def test_encode_patient_files_attributes_and_reuse(slides: Path, weights: list[str], tmp_path: Path) -> None:
+    """encode-patient: one file per case with upstream's dataset and attributes (JSON source lists); a one-slide
+    case equals that slide's moozy slide embedding; a rerun reuses the files; no lock or temporary file is left."""
+    folder = tmp_path / "m"
+    folder.mkdir()
+    for stem in "ab":
+        os.symlink(slides / f"{stem}.svs", folder / f"{stem}.svs")
+    manifest = _manifest(folder, ["p1,a.svs,", "p1,b.svs,", "p2,b.svs,"])
+    out = tmp_path / "out"
+    code, text = _cli(["encode-patient", str(manifest), "-o", str(out), *BASE, *weights,
+                       "--patient-encoders", "moozy"])
+    assert code == 0, text
+    assert "Completed 2 patient embedding(s), failures: 0" in text
+    folder_out = out / "patient_features" / "moozy"
+    assert sorted(p.name for p in folder_out.iterdir()) == ["p1.h5", "p2.h5"]
+    with h5py.File(folder_out / "p1.h5", "r") as f:
+        assert f["features"].shape == (64,) and f["features"].dtype == np.float32
+        attrs = dict(f.attrs)
+    assert attrs["encoder_name"] == "moozy" and attrs["num_slides"] == 2
+    assert attrs["source_patch_encoder"] == "lunit_vit_small_patch8_dino"
+    assert attrs["source_manifest"] == str(manifest)
+    h5s = json.loads(attrs["source_slide_h5_paths"])
+    assert [Path(p).name for p in h5s] == ["a.h5", "b.h5"]
+    summaries = json.loads(attrs["source_slide_patch_summaries"])
+    assert [set(s) for s in summaries] == [{"h5_path", "num_patches", "patch_size_level0", "patch_size",
+                                           "target_magnification", "wsi_path"}] * 2
+    assert _cli(["encode-slide", str(slides / "b.svs"), "-o", str(out), *BASE, *weights,
+                 "--slide-encoders", "moozy"])[0] == 0
+    with h5py.File(folder_out / "p2.h5", "r") as f, h5py.File(out / "patches" / "b.h5", "r") as g:
+        np.testing.assert_allclose(f["features"][...], g["slide_features/moozy"][...], rtol=1e-6)
+    before = (folder_out / "p1.h5").stat().st_mtime_ns
+    assert _cli(["encode-patient", str(manifest), "-o", str(out), *BASE, *weights,
+                 "--patient-encoders", "moozy"])[0] == 0
+    assert (folder_out / "p1.h5").stat().st_mtime_ns == before
+    assert sorted(p.name for p in folder_out.iterdir()) == ["p1.h5", "p2.h5"]
+
+
+@pytest.mark.parametrize(("rows", "expected"), [
+    (["p1,missing.svs,"], "slide missing.svs not found"),
+    ([",a.svs,"], "case id '' cannot name a file"),
+    (["..,a.svs,"], "case id '..' cannot name a file"),
+    (["x/y,a.svs,"], "case id 'x/y' cannot name a file"),
+    (["p1,a.svs,", "p1,a.svs,"], "is listed twice for case 'p1'"),
+    (["p1,a.svs,0.25", "p2,a.svs,0.5"], "two mpp values"),
+    (["p1,a.svs,", "p2,sub/a.svs,"], "share the stem 'a'"),
+])
+def test_manifest_errors_one_line_before_any_slide(slides: Path, tmp_path: Path, rows: list[str],
+                                                   expected: str) -> None:
+    """Each of upstream's manifest rules is one `Error:` line naming the row, before any slide is opened."""
+    folder = tmp_path / "m"
+    (folder / "sub").mkdir(parents=True)
+    os.symlink(slides / "a.svs", folder / "a.svs")
+    os.symlink(slides / "b.svs", folder / "sub" / "a.svs")
+    code, text = _cli(["encode-patient", str(_manifest(folder, rows)), "-o", str(tmp_path / "out"), *BASE,
+                       "--patient-encoders", "mean-color_stats"])
+    lines = [t for t in text.splitlines() if t.strip()]
+    assert code == 1 and len(lines) == 1 and expected in lines[0] and "manifest.csv line" in lines[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_killed_mid_write_leaves_no_partial_embedding(slides: Path, tmp_path: Path) -> None:
+    """A process killed (SIGKILL) after writing the temporary dataset and before the rename leaves no
+    slide_features/<name>; the next run writes it and drops the leftover."""
+    out = tmp_path / "out"
+    assert _cli(["process", str(slides / "a.svs"), "-o", str(out), *BASE, "--feature-extractors", "color_stats"])[0] == 0
+    h5 = out / "patches" / "a.h5"
+    code = (
+        "import os, numpy as np\n"
+        "from pathlib import Path\n"
+        "from atlaspatch_stream.backends.h5store import SlideH5\n"
+        f"store = SlideH5.open_existing(Path({str(h5)!r}), 0)\n"
+        "store.put_dataset('slide_features', 'mean-color_stats', np.ones(3, np.float32), {})\n"
+        "os.kill(os.getpid(), 9)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], env=os.environ.copy())
+    assert proc.returncode == -9
+    with h5py.File(h5, "r") as f:
+        assert "mean-color_stats" not in f.get("slide_features", {})
+    assert _cli(["encode-slide", str(slides / "a.svs"), "-o", str(out), *BASE,
+                 "--slide-encoders", "mean-color_stats"])[0] == 0
+    with h5py.File(h5, "r") as f:
+        assert list(f["slide_features"]) == ["mean-color_stats"]
