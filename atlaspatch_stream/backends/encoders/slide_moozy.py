@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from ...errors import import_extra
+from ...errors import MissingExtraError
 from ...protocols import Embedding, SlideEncoder, SlideInputs
 from ..h5thread import h5_executor
 from ..weights import fetch_hf_file
@@ -27,8 +27,13 @@ REPO_ID = "AtlasAnalyticsLab/MOOZY"
 CHECKPOINT = "moozy.pt"
 
 
-def _require_package() -> Any:
-    return import_extra("moozy", "moozy", "the moozy slide/patient encoder needs the moozy package")
+def _require_package() -> None:
+    try:
+        import moozy  # noqa: F401
+    except ImportError as exc:
+        raise MissingExtraError(
+            "slide encoder moozy needs the 'moozy' extra: pip install --no-deps 'moozy>=0.1.1' (its declared wandb "
+            "and scikit-survival are not needed for inference)", extra="moozy") from exc
 
 
 def checkpoint_path(context: BuildContext) -> Path:
