@@ -28,7 +28,7 @@ EMBEDDED = ("done", "reused", "skipped")
 
 def _encoder_list(flag: str, required: bool) -> Any:
     return click.option(flag, required=required, default=None,
-                        help="Encoder names separated by commas and/or spaces (moozy, "
+                        help="Encoder names separated by commas and/or spaces (titan, prism, moozy, "
                              "mean-<patch encoder>, plugins); each names the patch encoder it needs.")
 
 

@@ -1,4 +1,4 @@
-"""Slide and patient encoders: upstream 1.1's `moozy`, `mean-<patch encoder>` pooling, and
+"""Slide and patient encoders: upstream 1.1's `titan`, `prism` and `moozy`, `mean-<patch encoder>` pooling, and
 plugins (`register_slide_encoders(registry, device)` in a `--feature-plugin` file).
 
 Each slide encoder names the patch encoder whose features it reads, the patch size it needs and the magnification it
@@ -74,7 +74,23 @@ def _prepare_moozy(spec: SlideEncoderSpec, context: BuildContext) -> None:
     prepare(spec, context)
 
 
+def _build_hf(spec: SlideEncoderSpec, context: BuildContext) -> SlideEncoder:
+    from .slide_hf import build
+
+    return build(spec, context)
+
+
+def _prepare_hf(spec: SlideEncoderSpec, context: BuildContext) -> None:
+    from .slide_hf import prepare
+
+    prepare(spec, context)
+
+
 BUILTIN: dict[str, SlideEncoderSpec] = {
+    "titan": SlideEncoderSpec("titan", "conch_v15", 768, 512, 20, False, "titan",
+                              "Hugging Face MahmoodLab/TITAN (gated; the repo's own code)", _build_hf, _prepare_hf),
+    "prism": SlideEncoderSpec("prism", "virchow_v1", 1280, 224, 20, False, "prism",
+                              "Hugging Face paige-ai/Prism (gated; the repo's own code)", _build_hf, _prepare_hf),
     "moozy": SlideEncoderSpec("moozy", "lunit_vit_small_patch8_dino", 768, 224, 20, True, "moozy",
                               "Hugging Face AtlasAnalyticsLab/MOOZY, file moozy.pt", _build_moozy, _prepare_moozy),
 }
