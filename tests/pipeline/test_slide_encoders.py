@@ -228,3 +228,30 @@ def test_killed_mid_write_leaves_no_partial_embedding(slides: Path, tmp_path: Pa
                  "--slide-encoders", "mean-color_stats"])[0] == 0
     with h5py.File(h5, "r") as f:
         assert list(f["slide_features"]) == ["mean-color_stats"]
+
+
+def test_moozy_equals_the_package_own_encoder(slides: Path, weights: list[str], tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Our moozy slide and patient embeddings equal the moozy package's own end-to-end `run_encoding` over the same
+    H5s (a one-slide case, and a two-slide case), with the same seeded random checkpoint."""
+    import moozy.encoding
+
+    folder = tmp_path / "m"
+    folder.mkdir()
+    for stem in "ab":
+        os.symlink(slides / f"{stem}.svs", folder / f"{stem}.svs")
+    out = tmp_path / "out"
+    manifest = _manifest(folder, ["p1,a.svs,", "p1,b.svs,"])
+    assert _cli(["encode-slide", str(folder), "-o", str(out), *BASE, *weights, "--slide-encoders", "moozy"])[0] == 0
+    assert _cli(["encode-patient", str(manifest), "-o", str(out), *BASE, *weights,
+                 "--patient-encoders", "moozy"])[0] == 0
+    checkpoint = weights[1].split("=", 1)[1]
+    monkeypatch.setattr(moozy.encoding, "ensure_checkpoint", lambda: checkpoint)  # its hub download step only
+    h5s = [str(out / "patches" / f"{stem}.h5") for stem in "ab"]
+    moozy.encoding.run_encoding(h5s[:1], str(tmp_path / "ref_a.h5"))
+    moozy.encoding.run_encoding(h5s, str(tmp_path / "ref_p1.h5"))
+    with h5py.File(tmp_path / "ref_a.h5", "r") as ref, h5py.File(h5s[0], "r") as ours:
+        np.testing.assert_allclose(ours["slide_features/moozy"][...], ref["features"][...], rtol=1e-5, atol=1e-6)
+    with h5py.File(tmp_path / "ref_p1.h5", "r") as ref, \
+            h5py.File(out / "patient_features" / "moozy" / "p1.h5", "r") as ours:
+        np.testing.assert_allclose(ours["features"][...], ref["features"][...], rtol=1e-5, atol=1e-6)
