@@ -255,3 +255,26 @@ def test_moozy_equals_the_package_own_encoder(slides: Path, weights: list[str], 
     with h5py.File(tmp_path / "ref_p1.h5", "r") as ref, \
             h5py.File(out / "patient_features" / "moozy" / "p1.h5", "r") as ours:
         np.testing.assert_allclose(ours["features"][...], ref["features"][...], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_real_slide_patient_and_slide(weights: list[str], tmp_path: Path) -> None:
+    """A real Aperio slide: encode-patient writes its case file, then encode-slide reuses the patch features and
+    writes the slide embedding, which equals the one-slide case's embedding (upstream's definition for moozy)."""
+    from ..conftest import real_slide
+
+    source = real_slide("aperio/CMU-1-Small-Region.svs")
+    folder = tmp_path / "m"
+    folder.mkdir()
+    os.symlink(source, folder / source.name)
+    out = tmp_path / "out"
+    code, text = _cli(["encode-patient", str(_manifest(folder, [f"cmu1,{source.name},"])), "-o", str(out), *BASE,
+                       *weights, "--patient-encoders", "moozy"])
+    assert code == 0, text
+    code, text = _cli(["encode-slide", str(folder), "-o", str(out), *BASE, *weights, "--slide-encoders", "moozy"])
+    assert code == 0, text
+    (vector, attrs), = _slide_embeddings(out).values()
+    assert attrs["num_patches"] > 0 and attrs["patch_size_level0"] == 224  # a 20x scan: level-0 patches of 224
+    with h5py.File(out / "patient_features" / "moozy" / "cmu1.h5", "r") as f:
+        np.testing.assert_allclose(f["features"][...], vector, rtol=1e-5, atol=1e-6)
+        assert json.loads(f.attrs["source_slide_patch_summaries"])[0]["num_patches"] == attrs["num_patches"]
