@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..config import PipelineConfig
-from ..errors import ConfigError
+from ..errors import ConfigError, SlideError
 from ..items import SlideJob
 from ..outputs import lock_path
 from ..protocols import Lock, SlideEncoder, SlideInputs
@@ -38,6 +38,8 @@ class SlideEmbedderH5:
             if encoder.patch_encoder not in inputs:
                 inputs[encoder.patch_encoder] = store.read_slide_inputs(h5_path, encoder.patch_encoder)
             slide = inputs[encoder.patch_encoder]
+            if not slide.num_patches:
+                raise SlideError(f"{h5_path}: no patches, so no slide embedding")
             if not self.force and store.slide_embedding_current(
                     store.existing_slide_embedding(h5_path, encoder.name), encoder.dim, slide, encoder.patch_encoder):
                 continue

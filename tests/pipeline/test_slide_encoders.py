@@ -278,3 +278,10 @@ def test_real_slide_patient_and_slide(weights: list[str], tmp_path: Path) -> Non
     with h5py.File(out / "patient_features" / "moozy" / "cmu1.h5", "r") as f:
         np.testing.assert_allclose(f["features"][...], vector, rtol=1e-5, atol=1e-6)
         assert json.loads(f.attrs["source_slide_patch_summaries"])[0]["num_patches"] == attrs["num_patches"]
+
+
+def test_info_names_embedding_outputs() -> None:
+    """`info` gains 1.1's two lines on where slide and patient embeddings go."""
+    code, text = _cli(["info"])
+    assert code == 0
+    assert "slide_features/<encoder>" in text and "patient_features/<encoder>/<case_id>.h5" in text

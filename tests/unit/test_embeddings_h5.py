@@ -23,7 +23,8 @@ from atlaspatch_stream.testing import faults
 def _slide_h5(path: Path, n: int = 5, dim: int = 3) -> Path:
     """A complete slide H5 as the pipeline writes it (coords, root attributes, one feature set)."""
     with h5py.File(path, "w") as f:
-        f.create_dataset("coords", data=np.array([[i * 448, 0, 448, 448, 0] for i in range(n)], dtype=np.int32))
+        coords = np.array([[i * 448, 0, 448, 448, 0] for i in range(n)], dtype=np.int32).reshape(n, 5)
+        f.create_dataset("coords", data=coords)
         f.create_dataset("features/enc", data=np.arange(n * dim, dtype=np.float32).reshape(n, dim))
         f.attrs.update({"num_patches": n, "patch_size": 224, "patch_size_level0": 448, "target_magnification": 20,
                         "wsi_path": "/slides/s.svs"})
@@ -173,3 +174,17 @@ def test_plugin_slide_encoder(tmp_path: Path) -> None:
     np.testing.assert_array_equal(embedding.vector, [12, 13, 14])
     with pytest.raises(ConfigError, match="already registered"):
         build_slide_registry(config).register("moozy", patch_encoder="x", dim=1, builder=encoder.__class__)
+
+
+def test_zero_patch_slide_fails_alone(tmp_path: Path) -> None:
+    """A slide without patches has no embedding: a SlideError for that slide, nothing written."""
+    from atlaspatch_stream.backends.encoders.slide_mean import MeanPooling
+    from atlaspatch_stream.backends.slide_embedder import SlideEmbedderH5
+    from atlaspatch_stream.errors import SlideError
+
+    h5 = _slide_h5(tmp_path / "s.h5", n=0)
+    embedder = SlideEmbedderH5([MeanPooling("mean-enc", "enc")], tmp_path, force=False)
+    with pytest.raises(SlideError, match="no patches"):
+        embedder.embed(h5)
+    with h5py.File(h5, "r") as f:
+        assert "slide_features" not in f
