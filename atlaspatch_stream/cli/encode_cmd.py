@@ -11,6 +11,7 @@ import click
 from ..config import PipelineConfig
 from ..items import SlideJob
 from ..sources.manifest import Manifest
+from ..stages.embed import EMBEDDED
 from .options import FEATURE_OPTIONS, _apply, build_config, common_options, input_options
 from .runner import (
     Progress,
@@ -22,8 +23,6 @@ from .runner import (
     summarize,
     write_line,
 )
-
-EMBEDDED = ("done", "reused", "skipped")
 
 
 def _encoder_list(flag: str, required: bool) -> Any:

@@ -285,3 +285,18 @@ def test_info_names_embedding_outputs() -> None:
     code, text = _cli(["info"])
     assert code == 0
     assert "slide_features/<encoder>" in text and "patient_features/<encoder>/<case_id>.h5" in text
+
+
+def test_watch_with_slide_encoders(slides: Path, tmp_path: Path) -> None:
+    """`watch --once --slide-encoders`: the daemon's slides get their slide embedding in the same run."""
+    import shutil
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    shutil.copy(slides / "b.svs", folder / "b.svs")
+    out = tmp_path / "out"
+    code, text = _cli(["watch", str(folder), "-o", str(out), "--patch-size", "224", "--target-mag", "20",
+                       "--segmenter", "otsu", "--device", "cpu", "--once", "--settle-s", "0", "--allow-root",
+                       "--slide-encoders", "mean-color_stats"])
+    assert code == 0, text
+    assert set(_slide_embeddings(out)) == {("b", "mean-color_stats")}
