@@ -300,3 +300,23 @@ def test_watch_with_slide_encoders(slides: Path, tmp_path: Path) -> None:
                        "--slide-encoders", "mean-color_stats"])
     assert code == 0, text
     assert set(_slide_embeddings(out)) == {("b", "mean-color_stats")}
+
+
+def test_library_slide_encoders(slides: Path, tmp_path: Path) -> None:
+    """The library: `encode.slide_encoders` in the config embeds each slide in the same run; a slide encoder
+    whose patch encoder is not among the extractors stops the pipeline before any slide, naming it."""
+    from atlaspatch_stream.config import load_config
+    from atlaspatch_stream.errors import ConfigError
+    from atlaspatch_stream.sync import process_slides
+
+    def config(extractors: tuple[str, ...]):  # noqa: ANN202
+        return load_config({"plan": {"patch_size": 224, "target_mag": 20},
+                            "segment": {"segmenter": "otsu", "device": "cpu"},
+                            "encode": {"device": "cpu", "extractors": extractors,
+                                       "slide_encoders": ("mean-color_stats",)},
+                            "write": {"output": tmp_path / "out"}}, environ={})
+
+    with pytest.raises(ConfigError, match="add color_stats to the feature extractors"):
+        process_slides([slides / "a.svs"], config(("resnet18",)))
+    summary = process_slides([slides / "a.svs"], config(("color_stats",)))
+    assert summary.ok and summary.results[0].extra["slide_features"] == ("mean-color_stats",)
