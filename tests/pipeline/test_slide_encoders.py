@@ -59,13 +59,23 @@ def _slide_embeddings(out: Path) -> dict[tuple[str, str], tuple[np.ndarray, dict
     return found
 
 
-def test_encode_slide_moozy_and_mean_schema(slides: Path, weights: list[str], tmp_path: Path) -> None:
-    """encode-slide with moozy and mean-<lunit>: upstream's dataset and attributes in each slide's H5, the patch
-    features computed on the way; mean pooling equals the mean of features/<patch encoder>; nothing temporary left."""
-    out = tmp_path / "out"
-    code, text = _cli(["encode-slide", str(slides), "-o", str(out), *BASE, *weights,
+@pytest.fixture(scope="module")
+def encoded(slides: Path, weights: list[str], tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(input folder, output) of one `encode-slide --slide-encoders moozy,mean-<lunit>` run from raw slides."""
+    folder = tmp_path_factory.mktemp("in")
+    for stem in "ab":
+        os.symlink(slides / f"{stem}.svs", folder / f"{stem}.svs")
+    out = tmp_path_factory.mktemp("encoded")
+    code, text = _cli(["encode-slide", str(folder), "-o", str(out), *BASE, *weights,
                        "--slide-encoders", "moozy,mean-lunit_vit_small_patch8_dino"])
     assert code == 0, text
+    return folder, out
+
+
+def test_encode_slide_moozy_and_mean_schema(encoded: tuple[Path, Path]) -> None:
+    """encode-slide with moozy and mean-<lunit>: upstream's dataset and attributes in each slide's H5, the patch
+    features computed on the way; mean pooling equals the mean of features/<patch encoder>; nothing temporary left."""
+    _, out = encoded
     found = _slide_embeddings(out)
     assert set(found) == {(s, n) for s in "ab" for n in ("moozy", "mean-lunit_vit_small_patch8_dino")}
     for stem in "ab":
@@ -84,27 +94,77 @@ def test_encode_slide_moozy_and_mean_schema(slides: Path, weights: list[str], tm
     assert not list((out / "patches").glob("*.lock")) and not list((out / "patches").glob(".*"))
 
 
-def test_streamed_equals_two_pass_and_reuse(slides: Path, weights: list[str], tmp_path: Path) -> None:
-    """process --slide-encoders (one run) gives the same embeddings as process followed by encode-slide; a rerun
-    reuses them (file untouched), --force recomputes them equal."""
+def test_streamed_equals_two_pass_and_reuse(encoded: tuple[Path, Path], weights: list[str], tmp_path: Path) -> None:
+    """process --slide-encoders (one run) gives the same embeddings as process followed by encode-slide (and as
+    encode-slide from raw slides); a rerun reuses them (file untouched), --force recomputes them equal."""
+    folder, encoded_out = encoded
     one, two = tmp_path / "one", tmp_path / "two"
     enc = ["--slide-encoders", "moozy"]
-    assert _cli(["process", str(slides), "-o", str(one), *BASE, *weights,
+    assert _cli(["process", str(folder), "-o", str(one), *BASE, *weights,
                  "--feature-extractors", "lunit_vit_small_patch8_dino", *enc])[0] == 0
-    assert _cli(["process", str(slides), "-o", str(two), *BASE, *weights,
+    assert _cli(["process", str(folder), "-o", str(two), *BASE, *weights,
                  "--feature-extractors", "lunit_vit_small_patch8_dino"])[0] == 0
     assert _slide_embeddings(two) == {}
-    assert _cli(["encode-slide", str(slides), "-o", str(two), *BASE, *weights, *enc])[0] == 0
+    assert _cli(["encode-slide", str(folder), "-o", str(two), *BASE, *weights, *enc])[0] == 0
     streamed, two_pass = _slide_embeddings(one), _slide_embeddings(two)
     assert streamed.keys() == two_pass.keys() and len(streamed) == 2
     for key in streamed:
         np.testing.assert_array_equal(streamed[key][0], two_pass[key][0])
+        np.testing.assert_array_equal(streamed[key][0], _slide_embeddings(encoded_out)[key][0])
     before = (one / "patches" / "a.h5").stat().st_mtime_ns
-    assert _cli(["encode-slide", str(slides), "-o", str(one), *BASE, *weights, *enc])[0] == 0
+    assert _cli(["encode-slide", str(folder), "-o", str(one), *BASE, *weights, *enc])[0] == 0
     assert (one / "patches" / "a.h5").stat().st_mtime_ns == before
-    assert _cli(["encode-slide", str(slides), "-o", str(one), *BASE, *weights, *enc, "--force"])[0] == 0
-    for key, (vector, _) in _slide_embeddings(one).items():
-        np.testing.assert_array_equal(vector, streamed[key][0])
+    assert _cli(["encode-slide", str(folder / "b.svs"), "-o", str(one), *BASE, *weights, *enc, "--force"])[0] == 0
+    np.testing.assert_array_equal(_slide_embeddings(one)[("b", "moozy")][0], streamed[("b", "moozy")][0])
+
+
+def _manifest(folder: Path, rows: list[str], name: str = "manifest.csv") -> Path:
+    path = folder / name
+    path.write_text("case_id,slide_path,mpp\n" + "\n".join(rows) + "\n")
+    return path
+
+
+def test_encode_patient_schema_reuse_and_package_equality(encoded: tuple[Path, Path], weights: list[str],
+                                                          tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """encode-patient over existing patch features: one file per case with upstream's dataset and attributes (JSON
+    source lists); a one-slide case equals that slide's moozy slide embedding; the slide and patient embeddings equal
+    the moozy package's own end-to-end `run_encoding` on the same H5s; a rerun reuses the files."""
+    import moozy.encoding
+
+    folder, out = encoded
+    manifest = _manifest(folder, ["p1,a.svs,", "p1,b.svs,", "p2,b.svs,"], "patients.csv")
+    args = ["encode-patient", str(manifest), "-o", str(out), *BASE, *weights, "--patient-encoders", "moozy"]
+    code, text = _cli(args)
+    assert code == 0, text
+    assert "Completed 2 patient embedding(s), failures: 0" in text
+    cases = out / "patient_features" / "moozy"
+    assert sorted(p.name for p in cases.iterdir()) == ["p1.h5", "p2.h5"]
+    with h5py.File(cases / "p1.h5", "r") as f:
+        assert f["features"].shape == (64,) and f["features"].dtype == np.float32
+        patient, attrs = f["features"][...], dict(f.attrs)
+    assert attrs["encoder_name"] == "moozy" and attrs["num_slides"] == 2
+    assert attrs["source_patch_encoder"] == "lunit_vit_small_patch8_dino"
+    assert attrs["source_manifest"] == str(manifest)
+    h5s = json.loads(attrs["source_slide_h5_paths"])
+    assert [Path(p).name for p in h5s] == ["a.h5", "b.h5"]
+    summaries = json.loads(attrs["source_slide_patch_summaries"])
+    assert [set(s) for s in summaries] == [{"h5_path", "num_patches", "patch_size_level0", "patch_size",
+                                           "target_magnification", "wsi_path"}] * 2
+    slides = _slide_embeddings(out)
+    with h5py.File(cases / "p2.h5", "r") as f:
+        np.testing.assert_allclose(f["features"][...], slides[("b", "moozy")][0], rtol=1e-6)
+    checkpoint = weights[1].split("=", 1)[1]
+    monkeypatch.setattr(moozy.encoding, "ensure_checkpoint", lambda: checkpoint)  # its hub download step only
+    moozy.encoding.run_encoding(h5s[:1], str(tmp_path / "ref_a.h5"))
+    moozy.encoding.run_encoding(h5s, str(tmp_path / "ref_p1.h5"))
+    with h5py.File(tmp_path / "ref_a.h5", "r") as ref:
+        np.testing.assert_allclose(slides[("a", "moozy")][0], ref["features"][...], rtol=1e-5, atol=1e-6)
+    with h5py.File(tmp_path / "ref_p1.h5", "r") as ref:
+        np.testing.assert_allclose(patient, ref["features"][...], rtol=1e-5, atol=1e-6)
+    before = (cases / "p1.h5").stat().st_mtime_ns
+    assert _cli(args)[0] == 0
+    assert (cases / "p1.h5").stat().st_mtime_ns == before
+    assert sorted(p.name for p in cases.iterdir()) == ["p1.h5", "p2.h5"]
 
 
 def test_target_mag_and_patch_size_refused_before_any_slide(slides: Path, weights: list[str], tmp_path: Path) -> None:
@@ -138,49 +198,6 @@ def test_geometry_mismatch_fails_only_its_slide(slides: Path, tmp_path: Path) ->
     fails = [t for t in text.splitlines() if t.startswith("[FAIL]")]
     assert len(fails) == 1 and "a.svs" in fails[0] and "use --force" in fails[0]
     assert set(_slide_embeddings(out)) == {("b", "mean-color_stats")}
-
-
-def _manifest(folder: Path, rows: list[str]) -> Path:
-    path = folder / "manifest.csv"
-    path.write_text("case_id,slide_path,mpp\n" + "\n".join(rows) + "\n")
-    return path
-
-
-def test_encode_patient_files_attributes_and_reuse(slides: Path, weights: list[str], tmp_path: Path) -> None:
-    """encode-patient: one file per case with upstream's dataset and attributes (JSON source lists); a one-slide
-    case equals that slide's moozy slide embedding; a rerun reuses the files; no lock or temporary file is left."""
-    folder = tmp_path / "m"
-    folder.mkdir()
-    for stem in "ab":
-        os.symlink(slides / f"{stem}.svs", folder / f"{stem}.svs")
-    manifest = _manifest(folder, ["p1,a.svs,", "p1,b.svs,", "p2,b.svs,"])
-    out = tmp_path / "out"
-    code, text = _cli(["encode-patient", str(manifest), "-o", str(out), *BASE, *weights,
-                       "--patient-encoders", "moozy"])
-    assert code == 0, text
-    assert "Completed 2 patient embedding(s), failures: 0" in text
-    folder_out = out / "patient_features" / "moozy"
-    assert sorted(p.name for p in folder_out.iterdir()) == ["p1.h5", "p2.h5"]
-    with h5py.File(folder_out / "p1.h5", "r") as f:
-        assert f["features"].shape == (64,) and f["features"].dtype == np.float32
-        attrs = dict(f.attrs)
-    assert attrs["encoder_name"] == "moozy" and attrs["num_slides"] == 2
-    assert attrs["source_patch_encoder"] == "lunit_vit_small_patch8_dino"
-    assert attrs["source_manifest"] == str(manifest)
-    h5s = json.loads(attrs["source_slide_h5_paths"])
-    assert [Path(p).name for p in h5s] == ["a.h5", "b.h5"]
-    summaries = json.loads(attrs["source_slide_patch_summaries"])
-    assert [set(s) for s in summaries] == [{"h5_path", "num_patches", "patch_size_level0", "patch_size",
-                                           "target_magnification", "wsi_path"}] * 2
-    assert _cli(["encode-slide", str(slides / "b.svs"), "-o", str(out), *BASE, *weights,
-                 "--slide-encoders", "moozy"])[0] == 0
-    with h5py.File(folder_out / "p2.h5", "r") as f, h5py.File(out / "patches" / "b.h5", "r") as g:
-        np.testing.assert_allclose(f["features"][...], g["slide_features/moozy"][...], rtol=1e-6)
-    before = (folder_out / "p1.h5").stat().st_mtime_ns
-    assert _cli(["encode-patient", str(manifest), "-o", str(out), *BASE, *weights,
-                 "--patient-encoders", "moozy"])[0] == 0
-    assert (folder_out / "p1.h5").stat().st_mtime_ns == before
-    assert sorted(p.name for p in folder_out.iterdir()) == ["p1.h5", "p2.h5"]
 
 
 @pytest.mark.parametrize(("rows", "expected"), [
@@ -228,33 +245,6 @@ def test_killed_mid_write_leaves_no_partial_embedding(slides: Path, tmp_path: Pa
                  "--slide-encoders", "mean-color_stats"])[0] == 0
     with h5py.File(h5, "r") as f:
         assert list(f["slide_features"]) == ["mean-color_stats"]
-
-
-def test_moozy_equals_the_package_own_encoder(slides: Path, weights: list[str], tmp_path: Path,
-                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    """Our moozy slide and patient embeddings equal the moozy package's own end-to-end `run_encoding` over the same
-    H5s (a one-slide case, and a two-slide case), with the same seeded random checkpoint."""
-    import moozy.encoding
-
-    folder = tmp_path / "m"
-    folder.mkdir()
-    for stem in "ab":
-        os.symlink(slides / f"{stem}.svs", folder / f"{stem}.svs")
-    out = tmp_path / "out"
-    manifest = _manifest(folder, ["p1,a.svs,", "p1,b.svs,"])
-    assert _cli(["encode-slide", str(folder), "-o", str(out), *BASE, *weights, "--slide-encoders", "moozy"])[0] == 0
-    assert _cli(["encode-patient", str(manifest), "-o", str(out), *BASE, *weights,
-                 "--patient-encoders", "moozy"])[0] == 0
-    checkpoint = weights[1].split("=", 1)[1]
-    monkeypatch.setattr(moozy.encoding, "ensure_checkpoint", lambda: checkpoint)  # its hub download step only
-    h5s = [str(out / "patches" / f"{stem}.h5") for stem in "ab"]
-    moozy.encoding.run_encoding(h5s[:1], str(tmp_path / "ref_a.h5"))
-    moozy.encoding.run_encoding(h5s, str(tmp_path / "ref_p1.h5"))
-    with h5py.File(tmp_path / "ref_a.h5", "r") as ref, h5py.File(h5s[0], "r") as ours:
-        np.testing.assert_allclose(ours["slide_features/moozy"][...], ref["features"][...], rtol=1e-5, atol=1e-6)
-    with h5py.File(tmp_path / "ref_p1.h5", "r") as ref, \
-            h5py.File(out / "patient_features" / "moozy" / "p1.h5", "r") as ours:
-        np.testing.assert_allclose(ours["features"][...], ref["features"][...], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.slow
