@@ -310,3 +310,26 @@ def test_library_slide_encoders(slides: Path, tmp_path: Path) -> None:
         process_slides([slides / "a.svs"], config(("resnet18",)))
     summary = process_slides([slides / "a.svs"], config(("color_stats",)))
     assert summary.ok and summary.results[0].extra["slide_features"] == ("mean-color_stats",)
+
+
+def test_slide_locked_by_another_process_is_not_embedded(slides: Path, tmp_path: Path) -> None:
+    """A slide whose patch features exist but whose lock a live process holds is reported locked and not embedded
+    (the embedding takes `patches/<stem>.lock`, purpose slide-embedding); once released it is embedded."""
+    out = tmp_path / "out"
+    base = [*BASE, "--slide-encoders", "mean-color_stats"]
+    assert _cli(["process", str(slides / "a.svs"), "-o", str(out), *BASE, "--feature-extractors", "color_stats"])[0] == 0
+    lock = out / "patches" / "a.lock"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import time\nfrom pathlib import Path\nfrom atlaspatch_stream.sources import claims\n"
+        f"claims.try_claim(Path({str(lock)!r}), slide='a')\nprint('held', flush=True)\ntime.sleep(60)\n")],
+        stdout=subprocess.PIPE, text=True, env=os.environ.copy())
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        code, text = _cli(["encode-slide", str(slides / "a.svs"), "-o", str(out), *base])
+        assert code == 0 and "[SKIP]" in text and "locked by another process" in text
+        assert _slide_embeddings(out) == {}
+    finally:
+        holder.kill()
+        holder.wait()
+    assert _cli(["encode-slide", str(slides / "a.svs"), "-o", str(out), *base])[0] == 0
+    assert set(_slide_embeddings(out)) == {("a", "mean-color_stats")}
