@@ -1,4 +1,5 @@
-"""`RealBackends`: the blocking work of every stage, composed of the real backends and the H5 outputs.
+"""`RealBackends` (the blocking work of every stage) and the slide and patient embedders, composed of the real
+backends and the H5 outputs.
 
 The one place the `backends/` parts and the `outputs/` store meet: backends know nothing of the output layout (the
 planner is handed the attribute builder and the overlay folder), the outputs nothing of slides or models. Backend
@@ -7,17 +8,21 @@ modules are imported inside the methods, so importing this module stays light.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import partial
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .backends.bundle import LatticePlanner, TiffSlides, TilePixels, feature_device
 from .config import PipelineConfig
+from .errors import ConfigError
 from .outputs import visualization_dir
 from .outputs.h5outputs import H5Outputs, SettingsRecord, slide_attrs
 from .protocols import EncoderSet, Segmenter
 
 if TYPE_CHECKING:
     from .backends.encoders.registry import EncoderRegistry
+    from .outputs.embeddings import PatientEmbedder, SlideEmbedderH5
 
 
 class RealBackends:
@@ -85,3 +90,37 @@ class RealBackends:
             return CudaEncoderGroup(encoders, device, batch_size=enc.batch_size,
                                     patch_size=self.config.plan.patch_size, memory_budget=enc.gpu_memory_budget)
         return EncoderGroup(encoders)
+
+
+def make_slide_embedder(config: PipelineConfig) -> SlideEmbedderH5:
+    """The run's slide encoders on the feature device, extras and weights checked (not yet warmed up).
+
+    Raises:
+        ConfigError: an unknown slide encoder, or its patch encoder is not among `encode.extractors`.
+        MissingExtraError, WeightsError: before any slide.
+    """
+    from .backends.encoders.slide_registry import build_slide_registry
+    from .outputs.embeddings import SlideEmbedderH5
+    from .outputs.h5thread import h5_executor
+
+    enc = config.encode
+    registry = build_slide_registry(config, feature_device(config), h5_executor().submit)
+    for name in enc.slide_encoders:
+        needed = registry.spec(name).patch_encoder
+        if needed not in enc.extractors:
+            raise ConfigError(f"slide encoder {name} reads features/{needed}: add {needed} to the feature extractors")
+    registry.prepare(enc.slide_encoders)
+    encoders = [registry.create(name) for name in enc.slide_encoders]
+    return SlideEmbedderH5(encoders, config.write.output, force=not config.write.skip_existing)
+
+
+def make_patient_embedder(config: PipelineConfig, names: Sequence[str], manifest: Path) -> PatientEmbedder:
+    """The requested patient encoders on the feature device (extras and weights checked), not yet warmed up."""
+    from .backends.encoders.slide_registry import build_slide_registry
+    from .outputs.embeddings import PatientEmbedder
+    from .outputs.h5thread import h5_executor
+
+    registry = build_slide_registry(config, feature_device(config), h5_executor().submit)
+    registry.prepare(names)
+    encoders = [registry.create(name) for name in names]
+    return PatientEmbedder(encoders, config.write.output, manifest, force=not config.write.skip_existing)

@@ -140,6 +140,7 @@ class EncodeConfig:
     """Patch encoders."""
 
     extractors: tuple[str, ...] = ()
+    slide_encoders: tuple[str, ...] = ()  # embedded as each slide's patch features complete (stages/embed.py)
     device: str | None = None  # None -> SegmentConfig.device
     batch_size: int = 32
     precision: Precision = "float16"

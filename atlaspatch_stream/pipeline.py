@@ -42,7 +42,7 @@ from .items import (
 from .outputs.claims import DEFAULT_LEASE
 from .protocols import Backends, OutputStore
 from .report import RunReport
-from .stages import encode, plan, prepare, read, segment, write
+from .stages import embed, encode, plan, prepare, read, segment, write
 from .stages.book import SlideBook
 
 if sys.version_info < (3, 11):  # pragma: no cover
@@ -203,7 +203,13 @@ class Pipeline:
         self.streams = Streams.from_config(config)
         self.limiters = Limiters.from_config(config)
         on_systemic = self._stop_for if stop_on_output_failure else None
-        self.book = SlideBook(self.streams.finished.send, config.open.max_open_slides, self.limiters.io, on_systemic)
+        book_args = (self.streams.finished.send, config.open.max_open_slides, self.limiters.io, on_systemic)
+        # --slide-encoders: slides with a final H5 pass through stage `embed` before their result is issued
+        self.to_embed: Edge[embed.Finished] | None = None
+        if self.stages.encode and config.encode.slide_encoders:
+            self.to_embed = Edge.create("to_embed", config.queues.results, 1_000)
+        self.book = (embed.EmbeddingBook(*book_args, embed=self.to_embed.send) if self.to_embed is not None
+                     else SlideBook(*book_args))
         self.state: State = "starting"
         self.heartbeat_s = HEARTBEAT_S
         self.submitted = 0
@@ -401,6 +407,8 @@ class Pipeline:
                 for edge in self.streams.edges():
                     if edge is not self.streams.results and edge is not self.streams.finished:
                         edge.close()
+                if self.to_embed is not None:
+                    self.to_embed.close()
 
     async def _report_torn_down(self) -> None:
         if self.report is not None:
@@ -445,13 +453,15 @@ class Pipeline:
     async def _start_stages(self, tg: TaskGroup) -> None:
         s, cfg, lim, b, on = self.streams, self.config, self.limiters, self.backends, self.stages
         outputs = b.outputs if on.write else None
+        if self.to_embed is not None:
+            await self._start_embed(tg)
         if on.write:
             encoders = await anyio.to_thread.run_sync(b.make_encoders, limiter=lim.device) if on.encode else None
             dims = dict(encoders.dims) if encoders is not None else {}
             settings = write.WriteSettings(encoders=encoders.names if encoders else (), dims=dims,
                                            count_rows=on.read and not on.encode)
-            await _start(tg, write.run, s.to_write.receive, book=self.book, outputs=b.outputs, settings=settings,
-                         limiter=lim.h5)
+            await _start(tg, _closing(write.run, self.to_embed), s.to_write.receive, book=self.book,
+                         outputs=b.outputs, settings=settings, limiter=lim.h5)
             if encoders is not None:
                 await _start(tg, encode.run, s.patches.receive, s.to_write.send.clone(), encoders=encoders,
                              batch_size=cfg.encode.batch_size, limiter=lim.device)
@@ -469,6 +479,14 @@ class Pipeline:
         await _start(tg, prepare.run, s.jobs.receive, s.thumbnails.send, book=self.book, slides=b.slides,
                      outputs=outputs, settings=settings_p, limiter=lim.open)
 
+    async def _start_embed(self, tg: TaskGroup) -> None:
+        from .assembly import make_slide_embedder
+
+        assert self.to_embed is not None and isinstance(self.book, embed.EmbeddingBook)
+        embedder = await anyio.to_thread.run_sync(make_slide_embedder, self.config, limiter=self.limiters.device)
+        await _start(tg, embed.run, self.to_embed.receive, book=self.book, embedder=embedder,
+                     limiter=self.limiters.device)
+
     async def _start_read(self, tg: TaskGroup, outputs: OutputStore) -> None:
         s, cfg = self.streams, self.config
         settings = read.ReadSettings(slides_in_parallel=cfg.read.slides_in_parallel, reader_threads=cfg.read.reader_threads,
@@ -485,6 +503,21 @@ async def _start(tg: TaskGroup, stage: Callable[..., Coroutine[object, object, N
                  **kwargs: object) -> None:
     """Start one stage and wait until it reports ready (its set-up done)."""
     await tg.start(functools.partial(stage, *args, **kwargs))
+
+
+def _closing(stage: Callable[..., Coroutine[object, object, None]], edge: Edge[embed.Finished] | None
+             ) -> Callable[..., Coroutine[object, object, None]]:
+    """`stage`, closing `edge`'s sending end when it ends (the writer: no slide finishes after it)."""
+    if edge is None:
+        return stage
+
+    async def run(*args: object, **kwargs: object) -> None:
+        try:
+            await stage(*args, **kwargs)
+        finally:
+            edge.send.close()
+
+    return run
 
 
 def _full(config: PipelineConfig) -> str:

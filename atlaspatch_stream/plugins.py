@@ -7,7 +7,8 @@ A plugin file written for upstream AtlasPatch works after changing its import li
 The file must define `register_feature_extractors(registry, device, dtype, num_workers)`; it is called with keyword
 arguments after the built-ins are registered. Inside it, either call `register_custom_encoder(...)` or, lower level,
 `registry.register(name, builder)` where `builder()` returns an object with `name`, `embedding_dim`,
-`extract_batch(list_of_HWC_uint8_RGB, *, batch_size) -> ndarray (n, D)` and `cleanup()`.
+`extract_batch(list_of_HWC_uint8_RGB, *, batch_size) -> ndarray (n, D)` and `cleanup()`. A file may define
+`register_slide_encoders(registry, device)` instead or as well (slide encoders: `load_slide_plugin`).
 
 This module imports no torch; the adapters that run plugin models live in `backends.encoders.runtime`.
 """
@@ -27,6 +28,7 @@ __all__ = [
     "CustomRegistryHook",
     "register_custom_encoder",
     "load_plugin",
+    "load_slide_plugin",
 ]
 
 
@@ -87,6 +89,8 @@ def load_plugin(path: Path, *, registry: Any, device: Any, dtype: Any, num_worke
     module = _import_file(path)
     hook = getattr(module, "register_feature_extractors", None)
     if not callable(hook):
+        if callable(getattr(module, "register_slide_encoders", None)):
+            return  # a file of slide encoders only (`load_slide_plugin`)
         raise ConfigError(
             f"feature plugin {path} defines no register_feature_extractors(registry, device, dtype, num_workers)"
         )
@@ -105,3 +109,17 @@ def _import_file(path: Path) -> Any:
     except Exception as exc:
         raise ConfigError(f"feature plugin {path} failed to import: {type(exc).__name__}: {exc}") from exc
     return module
+
+
+def load_slide_plugin(path: Path, *, registry: Any, device: str) -> None:
+    """Call a plugin file's optional `register_slide_encoders(registry, device)` hook with keyword arguments.
+
+    Inside it, `registry.register(name, patch_encoder=..., dim=..., builder=..., patch_size=None, target_mag=None,
+    patient=False)`, where `builder()` returns a `protocols.SlideEncoder`. A file without the hook adds nothing.
+
+    Raises:
+        ConfigError: the file is missing or fails to import.
+    """
+    hook = getattr(_import_file(Path(path)), "register_slide_encoders", None)
+    if callable(hook):
+        hook(registry=registry, device=device)

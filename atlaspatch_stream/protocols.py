@@ -168,6 +168,85 @@ class DeviceEncoder(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class SlideInputs:
+    """What a slide or patient encoder reads of one slide's H5: its patch features and geometry.
+
+    Attributes:
+        h5_path: The slide's H5 (complete, final).
+        wsi_path: The slide the H5 was made from (its `wsi_path` attribute).
+        features: float32 (N, D): `features/<patch encoder>`.
+        coords: int64 (N, 2): level-0 x, y of each patch.
+        patch_size: Patch edge at the target magnification.
+        patch_size_level0: Patch edge in level-0 pixels.
+        target_magnification: The magnification the patches were cut at.
+    """
+
+    h5_path: Path
+    wsi_path: str
+    features: np.ndarray
+    coords: np.ndarray
+    patch_size: int
+    patch_size_level0: int
+    target_magnification: int
+
+    @property
+    def num_patches(self) -> int:
+        """N, the number of patches."""
+        return int(self.features.shape[0])
+
+
+@dataclass(frozen=True)
+class Embedding:
+    """One slide or patient embedding: float32 (D,) and attributes of ours to record beside upstream's."""
+
+    vector: np.ndarray
+    attrs: Mapping[str, object]
+
+
+class SlideEncoder(Protocol):
+    """A slide (or patient) encoder: the patch features of one slide, or of a case's slides, -> one vector."""
+
+    name: str
+    patch_encoder: str  # whose features it reads: `features/<patch_encoder>`
+    dim: int
+
+    def warm_up(self) -> None:
+        """Load the model onto the feature device (before any slide)."""
+        ...
+
+    def encode(self, slides: Sequence[SlideInputs]) -> Embedding:
+        """One slide (a one-item sequence) or one case's slides, in order -> float32 (dim,)."""
+        ...
+
+    def close(self) -> None:
+        """Free device memory."""
+        ...
+
+
+class SlideEmbedder(Protocol):
+    """The blocking work of stage `embed`: slide embeddings into finished slide H5s."""
+
+    def warm_up(self) -> None:
+        """Load every slide encoder onto the feature device."""
+        ...
+
+    def claim(self, job: SlideJob) -> Lock | None:
+        """Take the slide's lock for the embedding (phase `slide-embedding`); None when another process holds it."""
+        ...
+
+    def embed(self, h5_path: Path) -> tuple[str, ...]:
+        """Write each slide encoder's `slide_features/<name>` unless a current one exists; the names written.
+
+        Raises SlideError (the slide's inputs are unusable) or OutputError (the write failed).
+        """
+        ...
+
+    def close(self) -> None:
+        """Free device memory."""
+        ...
+
+
 class EncoderSet(Protocol):
     """Every requested encoder, run together on each decoded batch (each batch is decoded once for all).
 

@@ -25,5 +25,8 @@ $VENV/bin/python -c "import sam2" 2>/dev/null || SAM2_BUILD_CUDA=0 $PIP install 
 case ",$EXTRAS," in
   *,musk,*) EXTRAS="${EXTRAS//,musk/}"; $PIP install -q "einops>=0.7"; $PIP install -q --no-deps "torchscale>=0.3" "fairscale>=0.4" ;;
 esac
+case ",$EXTRAS," in
+  *,moozy,*) EXTRAS="${EXTRAS//,moozy/}"; $PIP install -q --no-deps "moozy>=0.1.1" ;;
+esac
 $PIP install -q $CONSTRAINTS -e ".[$EXTRAS]"
 echo "installed into $VENV (extras: $EXTRAS)"

@@ -9,6 +9,12 @@ import click
 
 from .. import __version__
 from ..pipeline import Mode
+from .encode_cmd import (
+    encode_patient_command,
+    encode_slide_command,
+    slide_encoders_option,
+    with_slide_encoders,
+)
 from .options import (
     build_config,
     common_options,
@@ -31,9 +37,11 @@ def cli() -> None:
 @input_options
 @common_options
 @feature_options
+@slide_encoders_option
 @scale_options
 def process(wsi_path: Path, **params: Any) -> None:
-    """Segment tissue, extract patch coordinates and embed patches with the chosen encoders."""
+    """Segment tissue, extract patch coordinates and embed patches with the chosen encoders (and slides, with
+    --slide-encoders, as each slide's patch features complete)."""
     _run_slides(wsi_path, params, "features", "process")
 
 
@@ -57,6 +65,7 @@ def detect_tissue(wsi_path: Path, **params: Any) -> None:
 @input_options
 @common_options
 @watch_options
+@slide_encoders_option
 def watch(wsi_path: Path, **params: Any) -> None:
     """Watch INPUT (the WSI_PATH folder) and process each slide once it has fully arrived, until stopped.
 
@@ -68,7 +77,7 @@ def watch(wsi_path: Path, **params: Any) -> None:
 
     if not wsi_path.is_dir():
         raise click.UsageError(f"watch needs a folder, not a file: {wsi_path}")
-    config = build_config(params, features=True)
+    config = with_slide_encoders(build_config(params, features=True), params)
     exit_with(run_watch(wsi_path, config, once=params["once"], allow_root=params["allow_root"],
                         retry_quarantined=params["retry_quarantined"]))
 
@@ -90,6 +99,8 @@ def status(output: Path, state_dir: Path | None, as_json: bool, requeue: tuple[s
 def _run_slides(wsi_path: Path, params: dict[str, Any], mode: Mode, command: str) -> None:
     """Parse flags into a config, run the slides and leave with the exit status."""
     config = build_config(params, features=mode == "features")
+    if mode == "features":
+        config = with_slide_encoders(config, params)
     if mode == "detect":
         exit_with(execute(config, wsi_path, mode, command, params["verbose"]))
     exit_with(run_scaled_or_local(config, wsi_path, params, mode, command))
@@ -110,6 +121,8 @@ def info() -> None:
         "<output>/patches/<stem>.lock            while a slide is being processed",
         "<output>/images/<stem>/<stem>_x{X}_y{Y}.png      with --save-images",
         "<output>/visualization/<stem>.png, <stem>_mask.png, <stem>_mask_bw.png, <stem>_contours.png",
+        "<output>/patches/<stem>.h5 slide_features/<encoder>   slide embedding (D,) float32 (encode-slide)",
+        "<output>/patient_features/<encoder>/<case_id>.h5     patient embedding 'features' (D,) (encode-patient)",
         "<output>/atlaspatch-report.jsonl        run report: one JSON event per slide and stage",
     ):
         click.echo("  " + line)
@@ -130,6 +143,8 @@ def encoders(check: bool, strict: bool, weights: tuple[str, ...], names: tuple[s
 
 
 cli.add_command(slurm_template)
+cli.add_command(encode_slide_command)
+cli.add_command(encode_patient_command)
 
 
 def main() -> None:

@@ -274,7 +274,15 @@ def one_line_errors(what: str) -> Iterator[None]:
 
 def execute(config: PipelineConfig, wsi_path: Path, mode: Mode, command: str, verbose: bool,
             scale: Scaling | None = None) -> int:
-    """Everything a slide command does after parsing; returns the exit status.
+    """Everything a slide command does after parsing; returns the exit status."""
+    check_output(config.write.output)
+    jobs = discover([wsi_path], config)
+    return run_command(config, jobs, mode, command, verbose, scale)[1]
+
+
+def run_command(config: PipelineConfig, jobs: list[SlideJob], mode: Mode, command: str, verbose: bool,
+                scale: Scaling | None = None) -> tuple[RunSummary, int]:
+    """Run `jobs` with progress, signals and the summary lines; returns the summary and the exit status.
 
     The signal handlers stay until the process exits (`Signals`): every interrupted run exits 130 (143 for SIGTERM),
     however late the signal lands.
@@ -282,8 +290,6 @@ def execute(config: PipelineConfig, wsi_path: Path, mode: Mode, command: str, ve
     from ..sync import run
 
     desc = {"features": "Processing slides", "coords": "Processing slides", "detect": "Tissue detection"}[mode]
-    check_output(config.write.output)
-    jobs = discover([wsi_path], config)
     jobs = scale.select(jobs) if scale is not None else jobs
     progress = Progress(len(jobs), desc)
     setup_logging(verbose, progress)
@@ -300,7 +306,7 @@ def execute(config: PipelineConfig, wsi_path: Path, mode: Mode, command: str, ve
     if scale is not None:
         scale.finished()
     status = summarize(summary, mode)
-    return signals.exit_status if signals.exit_status is not None else status
+    return summary, signals.exit_status if signals.exit_status is not None else status
 
 
 def summarize(summary: RunSummary, mode: Mode) -> int:

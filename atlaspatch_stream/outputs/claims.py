@@ -674,7 +674,11 @@ def sweep_orphans(
 
     Files of live processes (this one included) are never touched.
     """
-    folder = output_root / "patches"
+    return sweep_folder(output_root / "patches", lease=lease, grace=grace)
+
+
+def sweep_folder(folder: Path, *, lease: float = DEFAULT_LEASE, grace: float = DEFAULT_GRACE) -> SweepSummary:
+    """`sweep_orphans` for one folder of `<name>.lock` files and `.<name>.h5.tmp.*` files (also patient files)."""
     summary = sweep_claims(folder, lease=lease, grace=grace)
     entries = _sorted_entries(folder)
     if entries is None:

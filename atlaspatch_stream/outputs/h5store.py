@@ -166,6 +166,7 @@ class SlideH5:
         self._datasets: dict[str, h5py.Dataset] = {}
         self._filled: dict[str, np.ndarray] = {}
         self._planned = set(planned)
+        self._staged: list[tuple[str, str]] = []  # (group, name) of small datasets renamed at finalize
         self._reserved = reserved
         self._base_size = handle.size
         self._dev = os.fstat(handle.fd).st_dev if handle.fd is not None else -1
@@ -357,6 +358,35 @@ class SlideH5:
             ds[start:stop] = vals[offset : offset + stop - start]
         self._filled[name][rows_sorted] = True
 
+    def put_dataset(self, group: str, name: str, data: np.ndarray, attrs: Mapping[str, Any]) -> None:
+        """Write a small dataset as `<group>/__tmp_<name>`; `finalize` renames it to `<group>/<name>` (replacing an
+        older one) after the file is synced, so `<group>/<name>` is never seen partial (slide embeddings)."""
+        self._call(self._put_dataset, group, name, data, attrs)
+
+    def _put_dataset(self, group: str, name: str, data: np.ndarray, attrs: Mapping[str, Any]) -> None:
+        grp = self._require_file().require_group(group)
+        try:
+            if TMP_PREFIX + name in grp:
+                del grp[TMP_PREFIX + name]
+            ds = grp.create_dataset(TMP_PREFIX + name, data=data)
+            for key, value in attrs.items():
+                ds.attrs[key] = value
+            ds.id.close()
+        finally:
+            grp.id.close()
+        self._staged.append((group, name))
+
+    def _publish_staged(self) -> None:
+        file = self._require_file()
+        for group, name in self._staged:
+            grp = file[group]
+            try:
+                if name in grp:
+                    del grp[name]
+                grp.move(TMP_PREFIX + name, name)
+            finally:
+                grp.id.close()
+
     def missing_rows(self, name: str) -> int:
         """How many rows of `name` are still unwritten."""
         filled = self._filled[name]
@@ -390,6 +420,7 @@ class SlideH5:
             group = self._features_group()
             for name in self._filled:
                 group.move(TMP_PREFIX + name, name)
+        self._publish_staged()
         self._close_file(flush=True)
         self._check_poison()
         self._handle.sync()
@@ -439,6 +470,10 @@ class SlideH5:
             self._datasets.pop(name).id.close()
             if TMP_PREFIX + name in group:
                 del group[TMP_PREFIX + name]
+        file = self._require_file()
+        for grp_name, name in self._staged:
+            if f"{grp_name}/{TMP_PREFIX}{name}" in file:
+                del file[f"{grp_name}/{TMP_PREFIX}{name}"]
 
     # -- guarded execution on the H5 thread -----------------------------------------------------------------------
 

@@ -232,7 +232,9 @@ def build_registry(
     Raises:
         ConfigError: `--weights` for an unknown name, or a plugin that fails to import / register.
     """
-    unknown = sorted(k for k in weights if k.lower() not in _builtin_specs())
+    from .slide_registry import is_slide_encoder
+
+    unknown = sorted(k for k in weights if k.lower() not in _builtin_specs() and not is_slide_encoder(k))
     if unknown:
         raise ConfigError(f"--weights given for unknown encoder(s): {', '.join(unknown)}")
     registry = EncoderRegistry(device=device, precision=precision, weights=weights, num_workers=num_workers,

@@ -1,0 +1,119 @@
+"""Stage `embed`: slides whose patch features are complete -> slide embeddings, in the same run.
+
+Upstream 1.1 runs the whole patch pipeline, re-opens every H5, then runs the slide encoder over all slides. Here a
+slide's result is held back by `EmbeddingBook` the moment its H5 is final (new, extended or already complete), and
+this stage embeds it on the feature device while later slides are still being read; only then is its result issued
+and its lock released.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import anyio
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+from ..errors import is_bug
+from ..items import Failure, SlideJob, SlideResult, Status
+from ..protocols import SlideEmbedder
+from .book import SlideBook
+
+EMBEDDED: frozenset[Status] = frozenset({"done", "reused", "skipped"})
+
+
+@dataclass(frozen=True)
+class Finished:
+    """A slide whose H5 is final, waiting for its slide embeddings, with what its result will say."""
+
+    job: SlideJob
+    status: Status
+    h5_path: Path
+    num_patches: int | None
+    message: str
+    features: tuple[str, ...]
+
+
+class EmbeddingBook(SlideBook):
+    """A `SlideBook` that sends slides finishing with an H5 to stage `embed` instead of issuing their result.
+
+    Their slot, handle and lock stay held until `issue()`; failures and every other status pass straight through.
+    """
+
+    def __init__(self, results: MemoryObjectSendStream[SlideResult], max_open: int, limiter: anyio.CapacityLimiter,
+                 on_systemic: Callable[[Failure], None] | None = None, *,
+                 embed: MemoryObjectSendStream[Finished]) -> None:
+        super().__init__(results, max_open, limiter, on_systemic)
+        self._embed = embed
+
+    async def finish(self, job: SlideJob, status: Status, *, h5_path: Path | None = None,
+                     num_patches: int | None = None, message: str = "", features: tuple[str, ...] = (),
+                     failure: Failure | None = None) -> None:
+        """Hold a slide back for its embeddings when its H5 is final; else finish it as `SlideBook` does."""
+        if status in EMBEDDED and h5_path is not None and job.slide_id in self._entries:
+            await self._embed.send(Finished(job, status, h5_path, num_patches, message, features))
+            return
+        await super().finish(job, status, h5_path=h5_path, num_patches=num_patches, message=message,
+                             features=features, failure=failure)
+
+    async def issue(self, item: Finished, status: Status, message: str | None = None, **notes: object) -> None:
+        """Issue the held-back result of `item` (with `status`, a new `message` if given, and `notes` for the
+        report)."""
+        self.note(item.job, **notes)
+        await super().finish(item.job, status, h5_path=item.h5_path, num_patches=item.num_patches,
+                             message=item.message if message is None else message, features=item.features)
+
+    def holds_lock(self, job: SlideJob) -> bool:
+        """Whether the slide's lock is held (new or extended files; not slides skipped before locking)."""
+        entry = self._entries.get(job.slide_id)
+        return entry is not None and entry.lock is not None
+
+
+async def run(
+    receive: MemoryObjectReceiveStream[Finished],
+    *,
+    book: EmbeddingBook,
+    embedder: SlideEmbedder,
+    limiter: anyio.CapacityLimiter,
+    task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    """Finished slides -> `slide_features/<encoder>` in their H5, then their result (through `book`).
+
+    Loads the slide encoders before reporting ready (bad weights stop the run before any slide). Each slide takes
+    its lock if it does not hold it yet (purpose `slide-embedding`; held elsewhere -> `locked`), then the embeddings
+    run in a worker thread under `limiter` (the feature device's). A slide whose inputs are unusable or whose write
+    fails is failed alone (stage `embed`); bugs propagate. A slide skipped by the patch pipeline that gains an
+    embedding is `reused`. Ends when `receive` ends (the writer has finished).
+    """
+    await anyio.to_thread.run_sync(embedder.warm_up, limiter=limiter)
+    task_status.started()
+    try:
+        async with receive:
+            async for item in receive:
+                await _embed_one(item, book, embedder, limiter)
+    finally:
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(embedder.close, limiter=limiter)
+
+
+async def _embed_one(item: Finished, book: EmbeddingBook, embedder: SlideEmbedder,
+                     limiter: anyio.CapacityLimiter) -> None:
+    job, started = item.job, time.perf_counter()
+    try:
+        if not book.holds_lock(job):
+            lock = await anyio.to_thread.run_sync(embedder.claim, job, limiter=limiter)
+            if lock is None:
+                await book.issue(item, "locked", f"locked by another process while embedding ({item.h5_path})")
+                return
+            book.attach(job, lock=lock)
+        written = await anyio.to_thread.run_sync(embedder.embed, item.h5_path, limiter=limiter)
+    except Exception as exc:  # a slide's unusable inputs or failed write fail that slide only
+        if is_bug(exc):
+            raise
+        await book.fail_on(job, "embed", exc)
+        return
+    book.time(job, "embed", time.perf_counter() - started)
+    status: Status = "reused" if item.status == "skipped" and written else item.status
+    await book.issue(item, status, slide_features=written)
