@@ -3,7 +3,7 @@
 Layout (reference `service-and-daemon.md` §2):
 
 - **Rules** are pure functions from a record (and what was observed) to a `Change`; they are tested without a
-  database: `observe`, `vanish`, `reconcile` (start-up and rescans), `on_done`, `on_error` (error classes and full-jitter
+  database: `observe`, `vanish`, `reconcile` (start-up and rescans), `on_done`, `on_error` (the typed failure's retry class, full-jitter
   backoff), `settings_change`, `requeue`, `release`, `resume`, `due`.
 - **`_Store`** applies rules on one `sqlite3` connection inside `BEGIN IMMEDIATE` transactions and answers the
   status queries.
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import errno
 import hashlib
 import os
 import queue
@@ -39,6 +38,7 @@ from anyio.lowlevel import current_token
 
 from ..config import PipelineConfig, WatchConfig, geometry_fingerprint
 from ..errors import AtlasPatchError
+from ..items import Failure
 from .clock import Clock, SystemClock
 from .complete import SlideKind
 from .naming import unique_stem
@@ -46,7 +46,6 @@ from .naming import unique_stem
 __all__ = [
     "LEDGER_FILE",
     "Change",
-    "ErrorKind",
     "FailureEvent",
     "Ledger",
     "LedgerError",
@@ -58,7 +57,6 @@ __all__ = [
     "State",
     "backoff_s",
     "classify_change",
-    "classify_error",
     "due",
     "needs_rerun",
     "observe",
@@ -77,7 +75,6 @@ __all__ = [
 
 State = Literal["seen", "ready", "running", "done", "failed", "quarantined", "deferred", "missing"]
 STATES: tuple[str, ...] = get_args(State)
-ErrorKind = Literal["slide", "transient", "system", "incomplete"]
 SCHEMA_VERSION = 1
 LEDGER_FILE = "ledger.sqlite3"  # inside the state folder (`WatchConfig.state_path`), on a local disk
 BUSY_TIMEOUT_MS = 5000
@@ -346,37 +343,40 @@ def on_done(record: SlideRecord, output_h5: str, settings: Settings, now: float)
 
 
 def on_error(
-    record: SlideRecord, kind: ErrorKind, message: str, now: float, policy: RetryPolicy, rng: random.Random,
+    record: SlideRecord, failure: Failure, message: str, now: float, policy: RetryPolicy, rng: random.Random,
     settings: Settings | None = None,
 ) -> Change:
-    """A failure, by class (reference §2.3).
+    """A failure, by its retry class (reference §2.3); the record keeps `failure.kind`, the event its class too.
 
     - slide (corrupt, unsupported, no tissue, no magnification; or a broken completeness check): one attempt
       charged; `failed` with a full-jitter backoff, or `quarantined` once `max_attempts` are used.
-    - incomplete (quiet but never complete): `quarantined` at once; a change to the file brings it back.
-    - transient (vanished, I/O error on a share): `failed` with a backoff on the uncharged count; never quarantined.
+    - kind "incomplete" (quiet but never complete): `quarantined` at once; a change to the file brings it back.
+    - transient (vanished, I/O error on a share, locked by another worker): `failed` with a backoff on the
+      uncharged count; never quarantined.
     - system (disk full, output unwritable, device lost): `deferred`, uncharged; the caller pauses intake.
     """
-    detail = {"kind": kind, "message": message}
+    kind, retry = failure.kind, failure.retry
+    detail = {"kind": kind, "retry": retry, "stage": failure.stage, "message": message}
     base: dict[str, Any] = {"error_kind": kind, "error_msg": message, "started_at": None}
     if settings is not None:
         base["settings_fp"] = settings.fingerprint
     if record.state == "missing":
-        return Change(record, _with(record, now, **base), f"{kind} error after its source vanished", detail)
-    if kind == "system":
-        return Change(record, _with(record, now, state="deferred", **base), "system error: deferred", detail)
-    if kind == "transient":
+        return Change(record, _with(record, now, **base), f"{retry} error after its source vanished", detail)
+    if retry == "system":
+        return Change(record, _with(record, now, state="deferred", **base), f"system error ({kind}): deferred", detail)
+    if retry == "transient":
         count = record.transient + 1
         delay = backoff_s(count, policy, rng)
         after = _with(record, now, state="failed", transient=count, next_attempt_at=now + delay, **base)
-        return Change(record, after, "transient error: retry, not charged", {**detail, "retry_in_s": round(delay, 3)})
+        return Change(record, after, f"transient error ({kind}): retry, not charged",
+                      {**detail, "retry_in_s": round(delay, 3)})
     attempts = record.attempts + 1
     if kind == "incomplete" or attempts >= policy.max_attempts:
         after = _with(record, now, state="quarantined", attempts=attempts, transient=0, next_attempt_at=None, **base)
-        return Change(record, after, f"quarantined after {attempts} attempt(s)", detail)
+        return Change(record, after, f"quarantined after {attempts} attempt(s) ({kind})", detail)
     delay = backoff_s(attempts, policy, rng)
     after = _with(record, now, state="failed", attempts=attempts, transient=0, next_attempt_at=now + delay, **base)
-    return Change(record, after, f"attempt {attempts} failed", {**detail, "retry_in_s": round(delay, 3)})
+    return Change(record, after, f"attempt {attempts} failed ({kind})", {**detail, "retry_in_s": round(delay, 3)})
 
 
 def reconcile(
@@ -418,57 +418,6 @@ def reconcile(
         for slide_id in list(known):
             step(settings_change(known[slide_id], settings, now))
     return changes
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Error classes
-
-_SYSTEM_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
-_ACCESS_ERRNOS = frozenset({errno.EACCES, errno.EPERM})
-_TRANSIENT_ERRNOS = frozenset({
-    errno.ENOENT, errno.EIO, errno.ESTALE, errno.ETIMEDOUT, errno.EAGAIN, errno.EINTR, errno.ECONNRESET,
-    errno.EHOSTDOWN, errno.ENOTCONN, errno.EBUSY,
-})
-_SYSTEM_TEXT = ("no space left on device", "disk quota exceeded", "read-only file system", "errno = 28",
-                "cuda error", "device-side assert", "cudaerrordevicesunavailable", "device lost", "nvml")
-_TRANSIENT_TEXT = ("stale file handle", "input/output error", "no such file or directory", "vanished",
-                   "resource temporarily unavailable", "timed out", "errno = 5")
-
-
-def _chain(exc: BaseException | None) -> Iterator[BaseException]:
-    seen: set[int] = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        yield exc
-        exc = exc.__cause__ or exc.__context__
-
-
-def _under(path: Any, root: Path | None) -> bool:
-    if root is None or not path:
-        return False
-    with contextlib.suppress(TypeError, ValueError, OSError):
-        return Path(os.fspath(path)).resolve().is_relative_to(Path(root).resolve())
-    return False
-
-
-def classify_error(exc: BaseException | None = None, message: str = "", *, output_root: Path | None = None) -> ErrorKind:
-    """Class a failure: "system" (never the slide's fault), "transient" (retry uncharged) or "slide".
-
-    Looks at errno values through the exception chain first, then at the message text (h5py and the readers often
-    lose the errno but keep its words). EACCES/EPERM count as system only on a path under `output_root`.
-    """
-    for item in _chain(exc):
-        code = getattr(item, "errno", None)
-        if code in _SYSTEM_ERRNOS or (code in _ACCESS_ERRNOS and _under(getattr(item, "filename", None), output_root)):
-            return "system"
-        if code in _TRANSIENT_ERRNOS or isinstance(item, TimeoutError):
-            return "transient"
-    text = " ".join([message, *(str(e) for e in _chain(exc))]).lower()
-    if any(needle in text for needle in _SYSTEM_TEXT):
-        return "system"
-    if any(needle in text for needle in _TRANSIENT_TEXT):
-        return "transient"
-    return "slide"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -943,14 +892,14 @@ class Ledger:
 
         return await self._run(lambda s: s.one(slide_id, rule))
 
-    async def finish_error(self, slide_id: str, version: int, kind: ErrorKind, message: str) -> Change | None:
+    async def finish_error(self, slide_id: str, version: int, failure: Failure, message: str) -> Change | None:
         """The pipeline (or the completeness check) failed a slide; see `on_error` for what each class does."""
         now = self._clock.now()
 
         def rule(r: SlideRecord) -> Change | None:
             if r.version != version:
                 return None
-            return on_error(r, kind, message, now, self._policy, self._rng, self.settings)
+            return on_error(r, failure, message, now, self._policy, self._rng, self.settings)
 
         return await self._run(lambda s: s.one(slide_id, rule))
 

@@ -32,12 +32,12 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from .. import __version__
 from ..api import default_mode, open_pipeline
 from ..config import PipelineConfig
-from ..errors import ConfigError
-from ..items import SlideJob, SlideResult
+from ..errors import ConfigError, refused
+from ..items import Failure, SlideJob, SlideResult
 from ..pipeline import Mode, Pipeline
 from ..protocols import Backends
 from .clock import Clock, SystemClock
-from .ledger import LEDGER_FILE, ErrorKind, Ledger, RetryPolicy, Settings
+from .ledger import LEDGER_FILE, Ledger, RetryPolicy, Settings
 from .ops.logs import Pseudonymizer, RedactPaths
 from .ops.notify import Notifier
 from .ops.statusfile import STATUS_FILE, StatusBoard, run_status_file
@@ -164,21 +164,17 @@ class FolderService:
         if result.status == "cancelled":
             await self.watcher.slide_released(slide)
             return "ready"
-        kind, message = self._classify(result)
-        await self.watcher.slide_failed(slide, kind, message)
+        failure, message = self._classify(result)
+        await self.watcher.slide_failed(slide, failure, message)
         record = await self.ledger.get(slide.slide_id)
         state = record.state if record is not None else "failed"
         self.board.slide_finished(state, now)
         return state
 
-    def _classify(self, result: SlideResult) -> tuple[ErrorKind, str]:
+    def _classify(self, result: SlideResult) -> tuple[Failure, str]:
+        """The result's typed failure (a `locked` slide: transient, uncharged) and its message, redacted."""
         message = self.redactor.redact(result.message) if self.redactor is not None else result.message
-        if result.status == "locked":  # another daemon works on it: ask again later, uncharged
-            return "transient", f"locked by another process ({message})"
-        failure = result.failure
-        if failure is None:  # pragma: no cover - every failed result carries its failure
-            return "slide", message
-        return failure.retry, message
+        return result.failure or refused("prepare", "locked", "transient"), message
 
     def _patches(self, result: SlideResult) -> dict[str, int]:
         count = int(result.num_patches or 0)

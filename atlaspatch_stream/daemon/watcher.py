@@ -39,7 +39,8 @@ from anyio.abc import ObjectSendStream, TaskGroup, TaskStatus
 
 from ..backends.metadata import DICOM_EXTENSIONS, SUPPORTED_EXTENSIONS
 from ..config import WatchConfig
-from ..errors import ConfigError
+from ..errors import ConfigError, refused
+from ..items import Failure
 from .clock import Clock, SystemClock
 from .complete import (
     Signature,
@@ -52,7 +53,7 @@ from .complete import (
     signature,
     slide_identity,
 )
-from .ledger import Change, ErrorKind, Ledger, Observation, Settings, SlideRecord
+from .ledger import Change, Ledger, Observation, Settings, SlideRecord
 
 __all__ = [
     "NETWORK_FILESYSTEMS",
@@ -639,12 +640,12 @@ class FolderWatcher:
         self._changed(change)
         self._settle_wake.set()
 
-    async def slide_failed(self, slide: ReadySlide, kind: ErrorKind, message: str) -> None:
-        """The pipeline failed the slide; a system error also pauses intake until a write probe succeeds."""
+    async def slide_failed(self, slide: ReadySlide, failure: Failure, message: str) -> None:
+        """The pipeline failed the slide; a system failure also pauses intake until a write probe succeeds."""
         self._in_flight.pop(slide.slide_id, None)
-        change = await self.ledger.finish_error(slide.slide_id, slide.version, kind, message)
+        change = await self.ledger.finish_error(slide.slide_id, slide.version, failure, message)
         self._changed(change)
-        if kind == "system":
+        if failure.systemic:
             self.pause(message)
         self._settle_wake.set()
 
@@ -822,13 +823,15 @@ class FolderWatcher:
     async def _complete(self, entry: _Settling, current: Signature, now: float) -> None:
         readiness = await anyio.to_thread.run_sync(check_slide, entry.path, entry.kind, limiter=self.limiter)
         if readiness.state == "broken":
-            self._changed(await self.ledger.finish_error(entry.slide_id, entry.version, "slide",
+            self._changed(await self.ledger.finish_error(entry.slide_id, entry.version,
+                                                         refused("check", "unreadable"),
                                                          f"{entry.display}: {readiness.reason}"))
             return
         if not readiness.ready:
             if now - entry.stable_since >= self.config.settle_max_wait_s:
                 message = f"{entry.display}: never completed ({readiness.reason})"
-                self._changed(await self.ledger.finish_error(entry.slide_id, entry.version, "incomplete", message))
+                self._changed(await self.ledger.finish_error(entry.slide_id, entry.version,
+                                                             refused("check", "incomplete"), message))
             else:
                 log.debug("%s: quiet but not complete yet (%s)", entry.display, readiness.reason)
                 self._schedule(entry.slide_id, now + max(self.config.settle_s, 4 * self._recheck_s))

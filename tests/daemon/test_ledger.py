@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import sqlite3
@@ -25,9 +26,12 @@ from atlaspatch_stream.daemon.ledger import (
     requeue_slides,
     retry_quarantined,
 )
+from atlaspatch_stream.items import Failure
 
 pytestmark = pytest.mark.anyio
 SETTINGS = Settings("geo", ("resnet50",))
+SLIDE = Failure("read", "unreadable", "slide")
+DISK_FULL = Failure("write", "disk_full", "system", errno.ENOSPC)
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -112,7 +116,7 @@ async def test_quarantine_status_and_operator_retry(tmp_path: Path) -> None:
             for _attempt in range(3):
                 record = await _take(ledger)
                 assert record is not None and record.slide_id == "bad.svs"
-                await ledger.finish_error("bad.svs", record.version, "slide", "bad.svs: Bogus marker length")
+                await ledger.finish_error("bad.svs", record.version, SLIDE, "bad.svs: Bogus marker length")
                 due_at = await ledger.next_due()
                 if due_at is not None:
                     clock.advance(due_at - clock.now())
@@ -236,7 +240,7 @@ async def test_release_running_and_resume_deferred(tmp_path: Path) -> None:
             await _ready(ledger, "a.svs", "b.svs")
             a, b = await _take(ledger), await _take(ledger)
             assert a is not None and b is not None
-            await ledger.finish_error("b.svs", b.version, "system", "No space left on device")
+            await ledger.finish_error("b.svs", b.version, DISK_FULL, "No space left on device")
             assert [c.after.slide_id for c in await ledger.release_running()] == ["a.svs"]
             assert [c.after.state for c in await ledger.resume_deferred()] == ["ready"]
             counts = await ledger.counts()

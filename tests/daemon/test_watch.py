@@ -3,6 +3,7 @@ reconciliation across a restart, backpressure, the system-error pause and retrie
 
 from __future__ import annotations
 
+import errno
 import gc
 import os
 import shutil
@@ -33,6 +34,7 @@ from atlaspatch_stream.daemon.watcher import (
     scan_tree,
 )
 from atlaspatch_stream.errors import ConfigError
+from atlaspatch_stream.items import Failure
 from tests.conftest import real_slide
 
 pytestmark = pytest.mark.anyio
@@ -359,7 +361,8 @@ async def test_system_error_pauses_intake_until_a_probe_write_succeeds(tmp_path:
     async with watching(root, state, probe_dir=probe, probe_s=0.2, rescan_s=0.3) as run:
         _copy(SMALL, root / "a.svs")
         first = (await run.wait_for(1, timeout=5))[0]
-        await run.watcher.slide_failed(first, "system", "write a.h5: No space left on device")
+        await run.watcher.slide_failed(first, Failure("write", "disk_full", "system", errno.ENOSPC),
+                                       "write a.h5: No space left on device")
         _copy(SMALL, root / "b.svs")
         await anyio.sleep(1.0)
         assert len(run.received) == 1
