@@ -41,7 +41,7 @@ from .ledger import LEDGER_FILE, Ledger, RetryPolicy, Settings
 from .ops.logs import Pseudonymizer, RedactPaths
 from .ops.notify import Notifier
 from .ops.statusfile import STATUS_FILE, StatusBoard, run_status_file
-from .watcher import EventSource, FolderWatcher, ReadySlide
+from .watcher import EventSource, FolderWatcher, ReadySlide, WatcherOptions
 
 log = logging.getLogger(__name__)
 
@@ -290,11 +290,9 @@ async def _running(input_folder: Path, config: PipelineConfig, pipeline: Pipelin
     watch, output = config.watch, config.write.output
     board = StatusBoard(version=__version__, config_fp=settings.fingerprint, started_at=time.time())
     max_depth = watch.max_depth if config.source.recursive else min(1, watch.max_depth)
-    watcher = FolderWatcher(
-        input_folder, ledger, settings, dataclasses.replace(watch, max_depth=max_depth), probe_dir=output / "patches",
-        exclude=[output, state], clock=clock, events=events, mounts_text=mounts_text,
-        pseudonym=names.pseudonym if names is not None else None,
-    )
+    options = WatcherOptions(input_folder, dataclasses.replace(watch, max_depth=max_depth), output / "patches",
+                             (output, state), events, names.pseudonym if names is not None else None, mounts_text)
+    watcher = FolderWatcher(options, ledger, settings, clock=clock)
     results_send, results_receive = anyio.create_memory_object_stream[FolderResult](64)
     service = FolderService(pipeline, watcher, ledger, board, settings, output, clock, notifier, redactor,
                             results_send, results_receive)

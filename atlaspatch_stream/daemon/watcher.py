@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Literal
 
 import anyio
-from anyio.abc import ObjectSendStream, TaskGroup, TaskStatus
+from anyio.abc import ObjectSendStream, TaskStatus
 
 from ..backends.metadata import DICOM_EXTENSIONS, SUPPORTED_EXTENSIONS
 from ..config import WatchConfig
@@ -65,6 +65,7 @@ __all__ = [
     "MemoryEvents",
     "ReadySlide",
     "WatchStatistics",
+    "WatcherOptions",
     "choose_mode",
     "group_of",
     "probe_writable",
@@ -415,12 +416,16 @@ class MemoryEvents:
 
 
 class IntakeGate:
-    """Open unless a system error paused intake; the dispatcher waits here while paused."""
+    """Open unless a system failure paused intake; the dispatcher waits here while paused, the probe until paused.
+
+    Any task may pause it; only the watcher's own tasks wait on it (no task is started on another's behalf).
+    """
 
     def __init__(self) -> None:
         self.paused_because: str | None = None
         self._open = anyio.Event()
         self._open.set()
+        self._paused = anyio.Event()
 
     def pause(self, reason: str) -> bool:
         """Pause intake (the first reason is kept); True when this call paused it."""
@@ -428,16 +433,45 @@ class IntakeGate:
             return False
         self.paused_because = reason
         self._open = anyio.Event()
+        self._paused.set()
         return True
 
     def resume(self) -> None:
         """Open intake again."""
         self.paused_because = None
+        self._paused = anyio.Event()
         self._open.set()
 
     async def wait_open(self) -> None:
         """Return when intake is open."""
         await self._open.wait()
+
+    async def wait_paused(self) -> None:
+        """Return when intake is paused."""
+        await self._paused.wait()
+
+
+@dataclass(frozen=True)
+class WatcherOptions:
+    """What a `FolderWatcher` watches and how.
+
+    Attributes:
+        root: INPUT, the watched folder.
+        watch: a `WatchConfig` (settle, rescan, mode, ignore, depth, probe interval).
+        probe_dir: where a write probe tests recovery from a system failure (the output's patches folder).
+        exclude: folders never scanned (the output and state folders, when they lie inside INPUT).
+        events: the event source for "events" mode (default: watchfiles); ignored in "poll" mode.
+        pseudonym: maps a slide ID to its pseudonym (`Pseudonymizer.pseudonym`) when pseudonymisation is on.
+        mounts_text: `/proc/mounts` content for `auto` mode (read from the system when None).
+    """
+
+    root: Path
+    watch: WatchConfig
+    probe_dir: Path
+    exclude: tuple[Path, ...] = ()
+    events: EventSource | None = None
+    pseudonym: Callable[[str], str] | None = None
+    mounts_text: str | None = None
 
 
 @dataclass(frozen=True)
@@ -521,49 +555,41 @@ def log_change(change: Change) -> None:
 class FolderWatcher:
     """Watches INPUT and sends each fully arrived slide downstream once; see the module docstring for the rules.
 
+    `run` (or `run_once`) opens the watcher's one task group and is the only task that starts tasks in it; other
+    tasks (the service collecting results) only report through `slide_done`, `slide_failed`, `slide_released` and
+    `scan_now`, which update the ledger and set events the watcher's own tasks wait on.
+
     Args:
-        root: INPUT, the watched folder.
+        options: what to watch and how (`WatcherOptions`).
         ledger: the open ledger (this watcher is its only user inside the process).
         settings: the output-shaping settings of this run (start-up re-queues what they need).
-        watch: a `WatchConfig` (settle, rescan, mode, ignore, depth, probe interval).
-        probe_dir: where a write probe tests recovery from a system error (the output's patches folder).
-        exclude: folders never scanned (the output and state folders, when they lie inside INPUT).
         clock: time source (inject `ManualClock` in tests).
-        events: the event source for "events" mode (default: watchfiles); ignored in "poll" mode.
         limiter: for every blocking call of the watcher; a private one of 4 tokens by default.
-        pseudonym: maps a slide ID to its pseudonym (`Pseudonymizer.pseudonym`) when pseudonymisation is on.
-        mounts_text: `/proc/mounts` content for `auto` mode (read from the system when None).
         on_change: called with every ledger change the watcher makes (for the status board); logging is built in.
     """
 
     def __init__(
         self,
-        root: Path,
+        options: WatcherOptions,
         ledger: Ledger,
         settings: Settings,
-        watch: WatchConfig,
         *,
-        probe_dir: Path,
-        exclude: Sequence[Path] = (),
         clock: Clock | None = None,
-        events: EventSource | None = None,
         limiter: anyio.CapacityLimiter | None = None,
-        pseudonym: Callable[[str], str] | None = None,
-        mounts_text: str | None = None,
         on_change: Callable[[Change], None] | None = None,
     ) -> None:
-        self.root = Path(root).resolve()  # excluded folders and symlink targets are compared resolved
+        self.root = Path(options.root).resolve()  # excluded folders and symlink targets are compared resolved
         self.ledger = ledger
         self.settings = settings
-        self.config = watch
-        self.probe_dir = Path(probe_dir)
+        self.config = options.watch
+        self.probe_dir = Path(options.probe_dir)
         self.clock = clock or SystemClock()
         self.limiter = limiter or anyio.CapacityLimiter(4)
         self.gate = IntakeGate()
-        self.rules = IgnoreRules(tuple(watch.ignore), tuple(Path(p).resolve() for p in exclude))
-        self._events_source = events or watchfiles_events
-        self._pseudonym = pseudonym
-        self._mounts_text = mounts_text
+        self.rules = IgnoreRules(tuple(options.watch.ignore), tuple(Path(p).resolve() for p in options.exclude))
+        self._events_source = options.events or watchfiles_events
+        self._pseudonym = options.pseudonym
+        self._mounts_text = options.mounts_text
         self._on_change = on_change
         self.mode: Mode = "poll"
         self.filesystem: str | None = None
@@ -577,8 +603,6 @@ class FolderWatcher:
         self._scans = 0
         self._events = 0
         self._last_scan_at: float | None = None
-        self._tg: TaskGroup | None = None
-        self._probing = False
 
     # -- public API
 
@@ -602,19 +626,16 @@ class FolderWatcher:
             await self._watch(send, task_status)
 
     async def _watch(self, send: ObjectSendStream[ReadySlide], task_status: TaskStatus[None]) -> None:
-        try:
-            async with anyio.create_task_group() as tg:
-                self._tg = tg
-                if self.mode == "events":
-                    tg.start_soon(self._events_loop)
-                await self._rescan(startup=True)
-                task_status.started()
-                tg.start_soon(self._rescan_loop)
-                tg.start_soon(self._settle_loop)
-                await self._dispatch_loop(send)
-                tg.cancel_scope.cancel()  # the consumer is gone: nothing more to watch for
-        finally:
-            self._tg = None
+        async with anyio.create_task_group() as tg:
+            if self.mode == "events":
+                tg.start_soon(self._events_loop)
+            await self._rescan(startup=True)
+            task_status.started()
+            tg.start_soon(self._rescan_loop)
+            tg.start_soon(self._settle_loop)
+            tg.start_soon(self._probe_loop)
+            await self._dispatch_loop(send)
+            tg.cancel_scope.cancel()  # the consumer is gone: nothing more to watch for
 
     async def run_once(self, send: ObjectSendStream[ReadySlide]) -> int:
         """`--once`: send every slide ready now, then close `send`; returns how many were sent.
@@ -656,12 +677,10 @@ class FolderWatcher:
         self._ready_wake.set()
 
     def pause(self, reason: str) -> None:
-        """Pause intake (a system error) and probe the output every `probe_s` until a write succeeds."""
+        """Pause intake (a system failure); the watcher's probe task then tests the output every `probe_s` until a
+        write succeeds."""
         if self.gate.pause(reason):
             log.error("intake paused: %s", reason, extra={"event": "intake_paused", "reason": reason})
-        if not self._probing and self._tg is not None:
-            self._probing = True
-            self._tg.start_soon(self._probe_loop)
 
     def scan_now(self) -> None:
         """Ask for a rescan at once (SIGHUP)."""
@@ -885,7 +904,9 @@ class FolderWatcher:
                 return
 
     async def _probe_loop(self) -> None:
-        try:
+        """Whenever intake is paused: probe the output every `probe_s`; on the first good write resume intake."""
+        while True:
+            await self.gate.wait_paused()
             while True:
                 await self.clock.sleep_until(self.clock.now() + self.config.probe_s)
                 failure = await anyio.to_thread.run_sync(probe_writable, self.probe_dir, limiter=self.limiter)
@@ -896,6 +917,3 @@ class FolderWatcher:
             self.gate.resume()
             log.warning("intake resumed: the output is writable again", extra={"event": "intake_resumed"})
             self._ready_wake.set()
-        finally:
-            self._probing = False
-

@@ -29,6 +29,7 @@ from atlaspatch_stream.daemon.watcher import (
     IgnoreRules,
     MemoryEvents,
     ReadySlide,
+    WatcherOptions,
     choose_mode,
     group_of,
     scan_tree,
@@ -70,9 +71,8 @@ async def watching(
     policy = RetryPolicy.from_config(config)
     async with Ledger.open(state / "ledger.sqlite3", policy=policy) as ledger, anyio.create_task_group() as tg:
         send, receive = anyio.create_memory_object_stream[ReadySlide](buffer)
-        watcher = FolderWatcher(root, ledger, SETTINGS, config, probe_dir=probe_dir or state / "probe",
-                                events=events, exclude=[state], mounts_text=mounts_text, clock=clock,
-                                pseudonym=pseudonym)
+        options = WatcherOptions(root, config, probe_dir or state / "probe", (state,), events, pseudonym, mounts_text)
+        watcher = FolderWatcher(options, ledger, SETTINGS, clock=clock)
         run = Run(watcher, ledger)
 
         async def consumer() -> None:
@@ -419,8 +419,8 @@ async def test_once_sends_what_is_ready_now_and_closes(tmp_path: Path) -> None:
     send, receive = anyio.create_memory_object_stream[ReadySlide](16)
     with anyio.fail_after(10):
         async with Ledger.open(state / "ledger.sqlite3") as ledger:
-            watcher = FolderWatcher(root, ledger, SETTINGS, WatchConfig(settle_s=30, watch_mode="poll"),
-                                    probe_dir=state, exclude=[state])
+            watcher = FolderWatcher(WatcherOptions(root, WatchConfig(settle_s=30, watch_mode="poll"), state, (state,)),
+                                    ledger, SETTINGS)
             sent = await watcher.run_once(send)
             with receive:
                 received = [s.slide_id async for s in receive]
@@ -493,8 +493,8 @@ async def test_touched_done_slide_is_not_redone_but_new_content_is(tmp_path: Pat
 async def test_missing_input_folder_is_a_config_error(tmp_path: Path) -> None:
     """Watching a folder that does not exist fails at once with a one-line ConfigError naming it."""
     async with Ledger.open(tmp_path / "l.db") as ledger:
-        watcher = FolderWatcher(tmp_path / "nope", ledger, SETTINGS, WatchConfig(watch_mode="poll"),
-                                probe_dir=tmp_path)
+        watcher = FolderWatcher(WatcherOptions(tmp_path / "nope", WatchConfig(watch_mode="poll"), tmp_path), ledger,
+                                SETTINGS)
         send, receive = anyio.create_memory_object_stream[ReadySlide](1)
         with anyio.fail_after(5), pytest.raises(ConfigError, match="does not exist"):
             await watcher.run(send)
