@@ -38,6 +38,7 @@ from ..pipeline import Mode, Pipeline
 from ..protocols import Backends
 from .clock import Clock, SystemClock
 from .ledger import LEDGER_FILE, Ledger, RetryPolicy, Settings
+from .ledger.holder import check_free
 from .ops.logs import Pseudonymizer, RedactPaths
 from .ops.notify import Notifier
 from .ops.statusfile import STATUS_FILE, StatusBoard, run_status_file
@@ -157,8 +158,9 @@ class FolderService:
         for stage, seconds in result.timings.items():
             if stage != "total":
                 self.board.add_stage_busy(stage, seconds)
-        if result.status in FINISHED_OK:
-            await self.watcher.slide_done(slide, result.h5_path or "", self.settings)
+        if result.status in FINISHED_OK or (result.status == "locked" and await self._done_elsewhere(slide, result)):
+            h5 = result.h5_path or self.pipeline.backends.outputs.h5_path(result.job)
+            await self.watcher.slide_done(slide, h5, self.settings)
             self.board.slide_finished("done", now, self._patches(result))
             return "done"
         if result.status == "cancelled":
@@ -170,6 +172,18 @@ class FolderService:
         state = record.state if record is not None else "failed"
         self.board.slide_finished(state, now)
         return state
+
+    async def _done_elsewhere(self, slide: ReadySlide, result: SlideResult) -> bool:
+        """`--once`: a slide locked by another live worker is waited for; True once its complete H5 is there."""
+        if not self.watcher.once:
+            return False  # the daemon asks again later (transient, uncharged)
+        outputs, job = self.pipeline.backends.outputs, result.job
+        done = await self.watcher.other_worker_finished(
+            slide, outputs.lock_path(job), lambda: outputs.reuse_decision(job, self.settings.encoders).action == "skip"
+        )
+        if done:
+            log.info("%s: done by another worker", slide.display, extra={"event": "done_elsewhere"})
+        return done
 
     def _classify(self, result: SlideResult) -> tuple[Failure, str]:
         """The result's typed failure (a `locked` slide: transient, uncharged) and its message, redacted."""
@@ -209,8 +223,11 @@ def _refuse_root(allow_root: bool) -> None:
 
 
 def _state_dir(config: PipelineConfig) -> Path:
+    """The daemon's state folder, created; refused at once when a live daemon holds it (`Ledger.open` then holds it
+    for this one)."""
     state = config.watch.state_path(config.write.output)
     state.mkdir(parents=True, exist_ok=True, mode=0o750)
+    check_free(state / LEDGER_FILE)
     return state
 
 

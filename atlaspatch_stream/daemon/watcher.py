@@ -41,6 +41,7 @@ from ..backends.metadata import DICOM_EXTENSIONS, SUPPORTED_EXTENSIONS
 from ..config import WatchConfig
 from ..errors import ConfigError, refused
 from ..items import Failure
+from ..outputs.claims import judge
 from .clock import Clock, SystemClock
 from .complete import (
     Signature,
@@ -536,6 +537,7 @@ class _Settling:
     display: str
     signature: Signature | None = None
     stable_since: float = 0.0
+    waiting: str = "not looked at yet"  # why it is not ready yet (what `--once` reports when it leaves the slide)
 
 
 def log_change(change: Change) -> None:
@@ -603,6 +605,8 @@ class FolderWatcher:
         self._scans = 0
         self._events = 0
         self._last_scan_at: float | None = None
+        self.once = False  # set by `run_once`
+        self.left: dict[str, str] = {}  # `--once`: the slides it left unsettled, and why
 
     # -- public API
 
@@ -638,21 +642,43 @@ class FolderWatcher:
             tg.cancel_scope.cancel()  # the consumer is gone: nothing more to watch for
 
     async def run_once(self, send: ObjectSendStream[ReadySlide]) -> int:
-        """`--once`: send every slide ready now, then close `send`; returns how many were sent.
+        """`--once`: send every slide present now once it has settled, then close `send`; returns how many were sent.
 
-        "Ready now" means: already `ready` in the ledger, or quiet for `settle_s` judged by its mtime age, and
-        complete. Slides still arriving stay `seen` for the next run.
+        A slide is sent when it is already `ready` in the ledger, or once it is quiet for `settle_s` (judged by its
+        mtime age, so a slide copied long ago is taken at once) and complete. Slides still changing or incomplete
+        are waited for, at most `settle_s` in all; what is left then stays `seen` for the next run, and `left` says
+        why, by slide.
         """
+        self.once = True
         sent = 0
         async with send:
             await self._rescan(startup=True)
-            for entry in list(self._settling.values()):
-                await self._check(entry, judge_by_mtime=True)
-            while (taken := await self.ledger.take_next()) is not None:
-                self._changed(taken)
-                await self._send(send, taken.after)
-                sent += 1
+            deadline = self.clock.now() + self.config.settle_s
+            while True:
+                for entry in list(self._settling.values()):
+                    await self._check(entry, judge_by_mtime=True)
+                while (taken := await self.ledger.take_next()) is not None:
+                    self._changed(taken)
+                    await self._send(send, taken.after)
+                    sent += 1
+                if not self._settling or self.clock.now() >= deadline:
+                    break
+                await self.clock.sleep_until(min(deadline, self.clock.now() + self._recheck_s))
+        self.left = {entry.display: entry.waiting for entry in self._settling.values()}
+        if self.left:
+            log.warning("--once: left %d slide(s) that did not settle within %g s: %s", len(self.left),
+                        self.config.settle_s, ", ".join(f"{name} ({why})" for name, why in sorted(self.left.items())),
+                        extra={"event": "once_left", "left": len(self.left)})
         return sent
+
+    async def other_worker_finished(self, slide: ReadySlide, lock: Path, complete: Callable[[], bool]) -> bool:
+        """`--once`, for a slide another live worker holds: wait while its lock at `lock` is held, then tell whether
+        `complete()` finds its output complete (the slide is then done by that worker, not failed here)."""
+        log.info("%s: locked by another live worker; waiting for it", slide.display,
+                 extra={"event": "waiting_for_other_worker", "slide": slide.display})
+        while (await anyio.to_thread.run_sync(judge, lock, limiter=self.limiter)).state == "held":
+            await self.clock.sleep_until(self.clock.now() + self._recheck_s)
+        return await anyio.to_thread.run_sync(complete, limiter=self.limiter)
 
     async def slide_done(self, slide: ReadySlide, output_h5: Path | str, settings: Settings | None = None) -> None:
         """The pipeline wrote the slide's H5 (report it with the settings that made it)."""
@@ -824,7 +850,8 @@ class FolderWatcher:
             return
         try:
             current = await anyio.to_thread.run_sync(signature, entry.path, entry.kind, limiter=self.limiter)
-        except OSError:
+        except OSError as exc:
+            entry.waiting = f"unreadable now: {exc.strerror or exc}"
             self._schedule(entry.slide_id, now + max(self.config.settle_s, self._recheck_s))
             return  # vanished or unreadable for now; a rescan marks a deleted slide missing
         if current != entry.signature:
@@ -834,6 +861,7 @@ class FolderWatcher:
             # copy just before a cron run leaves every ctime fresh); pre-sized copies are the completeness check's.
             entry.stable_since = min(entry.stable_since, current.mtime_ns / 1e9)
         if now - entry.stable_since < self.config.settle_s:
+            entry.waiting = f"still changing: not quiet for {self.config.settle_s:g} s"
             if not judge_by_mtime:
                 self._schedule(entry.slide_id, min(entry.stable_since + self.config.settle_s, now + self._recheck_s))
             return
@@ -852,6 +880,7 @@ class FolderWatcher:
                 self._changed(await self.ledger.finish_error(entry.slide_id, entry.version,
                                                              refused("check", "incomplete"), message))
             else:
+                entry.waiting = f"quiet but not complete: {readiness.reason}"
                 log.debug("%s: quiet but not complete yet (%s)", entry.display, readiness.reason)
                 self._schedule(entry.slide_id, now + max(self.config.settle_s, 4 * self._recheck_s))
             return

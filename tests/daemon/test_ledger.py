@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import random
+import socket
 import sqlite3
 import stat
 import subprocess
@@ -254,3 +255,19 @@ def test_status_json_is_read_only(tmp_path: Path) -> None:
         read_status(missing)
     assert not missing.exists()
     assert os.listdir(tmp_path) == []
+
+
+async def test_a_held_ledger_is_refused_naming_its_holder(tmp_path: Path) -> None:
+    """While one `Ledger` holds a state folder, opening it again is refused with one line naming the holder's host
+    and pid; once closed (or its process gone) the next opener takes it."""
+    path = tmp_path / "state" / "ledger.sqlite3"
+    with anyio.fail_after(10):
+        async with Ledger.open(path):
+            with pytest.raises(LedgerError) as refused:
+                async with Ledger.open(path):
+                    pass
+            message = str(refused.value)
+            assert f"pid {os.getpid()} on {socket.gethostname()}" in message and "\n" not in message
+            assert str(path.parent) in message
+        async with Ledger.open(path) as ledger:
+            assert (await ledger.counts())["done"] == 0

@@ -407,27 +407,41 @@ async def test_a_changed_running_slide_waits_for_its_previous_run(tmp_path: Path
         assert second.version == 2
 
 
-async def test_once_sends_what_is_ready_now_and_closes(tmp_path: Path) -> None:
-    """`--once` with settle_s = 30: two slides last modified an hour ago are sent; one written just now is not
-    (it stays `seen`); the stream is closed when done."""
+async def test_once_takes_slides_present_at_start_once_they_settle(tmp_path: Path) -> None:
+    """`--once` with settle_s = 1 right after a copy: two slides modified an hour ago are sent at once; one written
+    just now is sent once it has been quiet for 1 s; one still being written to is left `seen`, and `left` says
+    it was still changing. The stream is closed when done, within about settle_s."""
     root, state = tmp_path / "in", tmp_path / "state"
     old = time.time() - 3600
     for name in ("old1.svs", "old2.svs"):
         path = _copy(SMALL, root / name)
         os.utime(path, (old, old))
     _copy(SMALL, root / "fresh.svs")
+    growing = _copy(SMALL, root / "growing.svs")
     send, receive = anyio.create_memory_object_stream[ReadySlide](16)
+
+    async def keep_writing() -> None:
+        while True:
+            with growing.open("ab") as handle:
+                handle.write(b"\0" * 1024)
+            await anyio.sleep(0.1)
+
     with anyio.fail_after(10):
         async with Ledger.open(state / "ledger.sqlite3") as ledger:
-            watcher = FolderWatcher(WatcherOptions(root, WatchConfig(settle_s=30, watch_mode="poll"), state, (state,)),
+            watcher = FolderWatcher(WatcherOptions(root, WatchConfig(settle_s=1, watch_mode="poll"), state, (state,)),
                                     ledger, SETTINGS)
-            sent = await watcher.run_once(send)
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(keep_writing)
+                started = time.monotonic()
+                sent = await watcher.run_once(send)
+                took = time.monotonic() - started
+                tg.cancel_scope.cancel()
             with receive:
                 received = [s.slide_id async for s in receive]
-            fresh = await ledger.get("fresh.svs")
-    assert sent == 2 and sorted(received) == ["old1.svs", "old2.svs"]
-    assert fresh is not None and fresh.state == "seen"
-
+            left = await ledger.get("growing.svs")
+    assert sent == 3 and sorted(received) == ["fresh.svs", "old1.svs", "old2.svs"]
+    assert left is not None and left.state == "seen" and 1.0 <= took < 4.0
+    assert list(watcher.left) == ["growing.svs"] and watcher.left["growing.svs"].startswith("still changing")
 
 
 async def test_settle_period_under_a_manual_clock(tmp_path: Path) -> None:

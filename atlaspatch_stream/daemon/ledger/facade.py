@@ -16,6 +16,7 @@ import anyio
 from ...items import Failure
 from ...outputs.writer_thread import WriterThread
 from ..clock import Clock, SystemClock
+from .holder import hold
 from .states import (
     Change,
     Observation,
@@ -68,15 +69,28 @@ class Ledger:
     @contextlib.asynccontextmanager
     async def open(cls, path: Path, *, clock: Clock | None = None, policy: RetryPolicy | None = None,
                    rng: random.Random | None = None) -> AsyncIterator[Ledger]:
-        """Open (creating it 0640, WAL mode) the ledger at `path`; closes the writer thread on exit.
+        """Open (creating it 0640, WAL mode) the ledger at `path`, holding its lock (`holder`) until exit, when the
+        writer thread is closed too.
 
         Raises:
-            LedgerError: the database cannot be opened or has a newer schema.
+            LedgerError: a live daemon holds the ledger, or the database cannot be opened or has a newer schema.
         """
-        writer = WriterThread("atlaspatch-ledger")
         limiter = anyio.CapacityLimiter(1)
+        claim = await anyio.to_thread.run_sync(hold, Path(path), limiter=limiter)
         try:
-            store = await writer.acall(open_store, Path(path), limiter=limiter)
+            async with cls._opened(Path(path), limiter, clock, policy, rng) as ledger:
+                yield ledger
+        finally:
+            claim.release()
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def _opened(cls, path: Path, limiter: anyio.CapacityLimiter, clock: Clock | None,
+                      policy: RetryPolicy | None, rng: random.Random | None) -> AsyncIterator[Ledger]:
+        """The writer thread and the store on it, for as long as the ledger is open."""
+        writer = WriterThread("atlaspatch-ledger")
+        try:
+            store = await writer.acall(open_store, path, limiter=limiter)
         except BaseException as exc:
             writer.stop()
             if isinstance(exc, sqlite3.Error | OSError):
