@@ -12,6 +12,10 @@ Rules (reference `service-and-daemon.md` §1 and §6.2):
   pass its completeness check (`sources.complete`) before the ledger marks it `ready`.
 - Ready slides go downstream through a bounded send stream, oldest first, one ledger row at a time: while the
   consumer is full, ready rows simply wait in the ledger (memory stays flat however many are waiting).
+- `--once` (`run_once`) takes the slides present at start once they settle, waiting at most `settle_s`, and says
+  what it left and why (`left`); a slide another live worker holds is waited for (`other_worker_finished`).
+- The watcher's tasks live in the one task group `run` opens; other tasks only report results (`slide_done`,
+  `slide_failed`, `slide_released`) and set events those tasks wait on.
 
 Every blocking call (scans, stats, completeness checks, event waits) goes through this watcher's own
 `CapacityLimiter`, never anyio's default limiter.
@@ -677,7 +681,7 @@ class FolderWatcher:
         log.info("%s: locked by another live worker; waiting for it", slide.display,
                  extra={"event": "waiting_for_other_worker", "slide": slide.display})
         while (await anyio.to_thread.run_sync(judge, lock, limiter=self.limiter)).state == "held":
-            await self.clock.sleep_until(self.clock.now() + self._recheck_s)
+            await self.clock.sleep_until(self.clock.now() + min(self._recheck_s, 1.0))
         return await anyio.to_thread.run_sync(complete, limiter=self.limiter)
 
     async def slide_done(self, slide: ReadySlide, output_h5: Path | str, settings: Settings | None = None) -> None:
