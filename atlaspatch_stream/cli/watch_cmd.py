@@ -128,7 +128,8 @@ def run_status(output: Path, state_dir: Path | None, as_json: bool, requeue: tup
     state = state_dir or WatchConfig().state_path(output)
     ledger = state / LEDGER_FILE
     if not ledger.exists():
-        raise click.ClickException(f"no daemon ledger at {ledger} (is {output} the output of `atlaspatch watch`?)")
+        raise click.ClickException(f"no daemon ledger at {ledger} (is {output} the output of `atlaspatch watch` "
+                                   f"on this host? pass the daemon's --state if it had one)")
     if requeue:
         try:
             changes = requeue_slides(ledger, list(requeue))
