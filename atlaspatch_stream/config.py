@@ -205,7 +205,7 @@ class WatchConfig:
     watch_mode: WatchMode = "auto"  # auto: poll on network filesystems (from /proc/mounts), events otherwise
     ignore: tuple[str, ...] = ()  # extra glob patterns never taken (matched on the name and the relative path)
     max_depth: int = 8  # sub-folder levels scanned below the input folder
-    state_dir: Path | None = None  # ledger and status file; None = <output>/.atlaspatch
+    state_dir: Path | None = None  # ledger and status file; None = $XDG_STATE_HOME/atlaspatch/<hash of the output>
     max_attempts: int = 3  # slide errors before a slide is quarantined
     backoff_base_s: float = 60.0  # first retry delay ceiling; delays are full-jitter uniform(0, ceiling)
     backoff_factor: float = 4.0  # the ceiling grows by this factor per attempt
@@ -215,7 +215,7 @@ class WatchConfig:
     status_interval_s: float = 5.0  # status.json is replaced this often
     metrics: str | None = None  # "127.0.0.1:PORT" or "unix:PATH"; None = no listening socket at all
     pseudonymize: bool = False  # keyed hash instead of paths in H5 attributes, logs and metrics
-    key_file: Path | None = None  # the site key for pseudonyms; None = <state>/pseudonym.key (created 0600)
+    key_file: Path | None = None  # the site key for pseudonyms; None = <state_dir or OUTPUT/.atlaspatch>/pseudonym.key
     log_format: LogFormat = "text"  # "json": one JSON object per line for log shippers
 
     def __post_init__(self) -> None:
@@ -239,12 +239,23 @@ class WatchConfig:
             parse_bind(self.metrics)  # raises ConfigError naming the refused address
 
     def state_path(self, output: Path) -> Path:
-        """The state folder: `state_dir`, or `<output>/.atlaspatch`."""
-        return self.state_dir if self.state_dir is not None else Path(output) / ".atlaspatch"
+        """The state folder: `state_dir`, or a local one per output, `$XDG_STATE_HOME/atlaspatch/<hash>` (default
+        `~/.local/state`), keyed by the resolved output path: SQLite's WAL never sits on the output share, and two
+        daemons on one output never share a ledger unless told to."""
+        if self.state_dir is not None:
+            return self.state_dir
+        xdg = os.environ.get("XDG_STATE_HOME", "")
+        base = Path(xdg) if os.path.isabs(xdg) else Path.home() / ".local" / "state"
+        key = hashlib.sha256(os.fsencode(Path(output).resolve())).hexdigest()[:16]
+        return base / "atlaspatch" / key
 
     def key_path(self, output: Path) -> Path:
-        """The pseudonym key file: `key_file`, or `<state>/pseudonym.key`."""
-        return self.key_file if self.key_file is not None else self.state_path(output) / "pseudonym.key"
+        """The pseudonym key file: `key_file`, or `<state_dir>/pseudonym.key`, or (no `state_dir`)
+        `<output>/.atlaspatch/pseudonym.key`: the key names the outputs, so by default it stays with them and every
+        daemon on one output uses the same one."""
+        if self.key_file is not None:
+            return self.key_file
+        return (self.state_dir if self.state_dir is not None else Path(output) / ".atlaspatch") / "pseudonym.key"
 
 
 @dataclass(frozen=True)

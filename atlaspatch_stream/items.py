@@ -203,7 +203,7 @@ class FeatureBatch:
 FailureKind = Literal[
     "disk_full", "quota", "read_only", "permission", "output_missing", "output_io",  # the output filesystem
     "unreadable", "no_magnification", "no_tissue", "input_io",  # the slide, or reading it
-    "reuse_refused", "collision",  # an existing output, or a second slide with the same output name
+    "reuse_refused", "collision", "locked",  # an existing output, a second slide with its name, another's lock
     "out_of_memory", "device", "worker_lost", "incomplete", "bug",
 ]
 RetryClass = Literal["slide", "transient", "system"]

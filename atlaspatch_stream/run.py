@@ -167,9 +167,9 @@ class _Run:
         """Settle one final result with its source, keep it, tell the caller; a result `ours` (made here, not by the
         engine) also gets its report line."""
         job = self.given.pop(result.job.slide_id, result.job)
-        with anyio.CancelScope(shield=True):
-            await self.source.settle(job, result)
-            if ours and self.report is not None:
+        await self.source.settle(job, result)  # may wait (the daemon's --once waits for another worker's slide)
+        if ours and self.report is not None:
+            with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(self.report.slide, result, limiter=self.io)
         self.summary.results.append(result)
         if self.on_result is not None:

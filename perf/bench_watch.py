@@ -192,6 +192,8 @@ def main() -> None:
     parser.add_argument("--memory-slides", type=int, default=1000)
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-watch-"))
+    ENV["XDG_STATE_HOME"] = str(work / "state")  # the daemons' default state folders, inside the scratch folder
+    os.environ["XDG_STATE_HOME"] = ENV["XDG_STATE_HOME"]  # and this process's view of them (`state_path`)
     try:
         notes = machine("atlaspatch-stream", "watchfiles")
         write_result("bench_watch", {"part": "latency", **latency(work / "lat", args.latency_slides, args.settle_s),

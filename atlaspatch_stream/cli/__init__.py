@@ -71,7 +71,8 @@ def watch(wsi_path: Path, **params: Any) -> None:
 
     Every `process` flag applies (--feature-extractors is optional: without it, coordinates only). The first
     SIGTERM/SIGINT stops intake and drains the slides in flight within --drain-timeout (default 120 s); a second
-    cancels at once. State (ledger, status.json) lives in --state, default OUTPUT/.atlaspatch.
+    cancels at once. State (ledger, status.json) lives in --state, by default a local folder per output,
+    $XDG_STATE_HOME/atlaspatch/<hash of OUTPUT>; a state folder in use by a live daemon is refused.
     """
     from .watch_cmd import run_watch
 
@@ -85,7 +86,7 @@ def watch(wsi_path: Path, **params: Any) -> None:
 @cli.command("status")
 @click.argument("output", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--state", "state_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="The daemon's state folder, if not OUTPUT/.atlaspatch.")
+              help="The daemon's state folder, if not its default for OUTPUT.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option("--requeue", multiple=True, metavar="SLIDE",
               help="Give a slide (its path relative to INPUT) a new set of attempts (repeatable).")

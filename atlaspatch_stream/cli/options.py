@@ -110,7 +110,8 @@ WATCH_OPTIONS: list[Decorator] = [
                  help="Names never taken, besides hidden files, *.part, *.tmp, *.partial and ~* (repeatable)."),
     click.option("--once", is_flag=True, help="Process every slide ready now, then exit (cron, tests)."),
     click.option("--state", "state_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-                 help="Folder of the ledger and status file, on a local disk [OUTPUT/.atlaspatch]."),
+                 help="Folder of the ledger and status file, on a local disk, one per daemon "
+                      "[$XDG_STATE_HOME/atlaspatch/<hash of OUTPUT>]."),
     click.option("--max-attempts", type=click.IntRange(min=1), default=None, show_default="3",
                  help="Slide errors before a slide is quarantined (gave up after N attempts)."),
     click.option("--retry-quarantined", is_flag=True, help="Give every quarantined slide a new set of attempts."),

@@ -1,7 +1,9 @@
 """`atlaspatch watch` (the daemon over an input folder) and `atlaspatch status` (its ledger, read-only).
 
-Exit statuses of `watch`: 0 after a clean drain (first SIGTERM/SIGINT) or a `--once` run without failures; 1 when a
-`--once` run had failures, or on a start-up error; 130/143 when a second signal cancelled the drain.
+Exit statuses of `watch`: 0 after a clean drain (first SIGTERM/SIGINT) or a `--once` run without failures (slides
+another worker finished while this one waited count as done); 1 when a `--once` run had failures, or on a start-up
+error (a state folder a live daemon holds, too); 130/143 when a second signal cancelled the drain. A `--once` run
+ends with one summary line on stdout: done, failed, and the slides it left unsettled, with why.
 """
 
 from __future__ import annotations
@@ -9,8 +11,9 @@ from __future__ import annotations
 import logging
 import os
 import signal
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import click
@@ -18,6 +21,9 @@ import orjson
 
 from ..config import PipelineConfig
 from .runner import SIGNAL_EXIT, one_line_errors, write_line
+
+if TYPE_CHECKING:
+    from ..daemon.service import FolderResult
 
 log = logging.getLogger("atlaspatch_stream")
 
@@ -33,12 +39,38 @@ def setup_daemon_logging(log_format: str, redactor: Any) -> None:
     log.setLevel(logging.INFO)
 
 
+@dataclass
+class _Tally:
+    """What a `watch` run did with the slides it took (and, `--once`, the slides it left and why)."""
+
+    done: int = 0
+    elsewhere: int = 0  # done by another worker while this one waited (`--once`)
+    failed: int = 0
+    left: dict[str, str] = field(default_factory=dict)
+
+    def count(self, outcome: FolderResult) -> None:
+        """One slide's outcome."""
+        self.done += outcome.state == "done"
+        self.elsewhere += outcome.state == "done" and outcome.result.status == "locked"
+        self.failed += outcome.state in ("failed", "quarantined")
+
+    def once_line(self, settle_s: float) -> str:
+        """The `--once` summary: done, failed, and what it left unsettled, with why."""
+        line = f"watch --once: {self.done} done"
+        line += f" ({self.elsewhere} by another worker)" if self.elsewhere else ""
+        line += f", {self.failed} failed"
+        if self.left:
+            reasons = "; ".join(f"{name} ({why})" for name, why in sorted(self.left.items()))
+            line += f"; left {len(self.left)} slide(s) that did not settle within {settle_s:g} s: {reasons}"
+        return line
+
+
 async def _serve(input_folder: Path, config: PipelineConfig, once: bool, allow_root: bool,
-                 retry_quarantined: bool, redactor: Any) -> tuple[int, int | None]:
-    """Run the service with signal handling; (failed slides, exit code of a cancelling second signal)."""
+                 retry_quarantined: bool, redactor: Any) -> tuple[_Tally, int | None]:
+    """Run the service with signal handling; (what it did, exit code of a cancelling second signal)."""
     from ..daemon.service import serve_folder
 
-    failed, received = 0, list[int]()
+    tally, received = _Tally(), list[int]()
     outer = anyio.CancelScope()
     with outer:
         async with serve_folder(input_folder, config, once=once, allow_root=allow_root, redactor=redactor) as service:
@@ -63,10 +95,11 @@ async def _serve(input_folder: Path, config: PipelineConfig, once: bool, allow_r
                 tg.start_soon(signals)
                 async with service.results() as results:
                     async for outcome in results:
-                        failed += outcome.state in ("failed", "quarantined")
+                        tally.count(outcome)
                 tg.cancel_scope.cancel()
+            tally.left = dict(service.watcher.left)
     second = SIGNAL_EXIT.get(signal.Signals(received[0])) if len(received) > 1 else None
-    return failed, second
+    return tally, second
 
 
 def run_watch(input_folder: Path, config: PipelineConfig, *, once: bool, allow_root: bool,
@@ -79,10 +112,12 @@ def run_watch(input_folder: Path, config: PipelineConfig, *, once: bool, allow_r
     redactor = RedactPaths() if config.watch.pseudonymize else None
     setup_daemon_logging(config.watch.log_format, redactor)
     with one_line_errors("the daemon stopped"):
-        failed, second = run(lambda: _serve(input_folder, config, once, allow_root, retry_quarantined, redactor))
+        tally, second = run(lambda: _serve(input_folder, config, once, allow_root, retry_quarantined, redactor))
     if second is not None:
         return second
-    return 1 if once and failed else 0
+    if once:
+        write_line(tally.once_line(config.watch.settle_s))
+    return 1 if once and tally.failed else 0
 
 
 def run_status(output: Path, state_dir: Path | None, as_json: bool, requeue: tuple[str, ...]) -> int:
@@ -93,7 +128,8 @@ def run_status(output: Path, state_dir: Path | None, as_json: bool, requeue: tup
     state = state_dir or WatchConfig().state_path(output)
     ledger = state / LEDGER_FILE
     if not ledger.exists():
-        raise click.ClickException(f"no daemon ledger at {ledger} (is {output} the output of `atlaspatch watch`?)")
+        raise click.ClickException(f"no daemon ledger at {ledger} (is {output} the output of `atlaspatch watch` "
+                                   f"on this host? pass the daemon's --state if it had one)")
     if requeue:
         try:
             changes = requeue_slides(ledger, list(requeue))

@@ -32,18 +32,19 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 from .. import __version__
 from ..config import PipelineConfig
-from ..errors import ConfigError
-from ..items import EngineStatistics, RetryClass, SlideJob, SlideResult
+from ..errors import ConfigError, refused
+from ..items import EngineStatistics, Failure, SlideJob, SlideResult
 from ..pipeline import Mode, Pipeline, default_mode, running
 from ..protocols import Backends
 from ..report import RunReport
 from ..run import Stop, drive, reporting
 from .clock import Clock, SystemClock
 from .ledger import LEDGER_FILE, Ledger, RetryPolicy, Settings
+from .ledger.holder import check_free
 from .ops.logs import Pseudonymizer, RedactPaths
 from .ops.notify import Notifier
 from .ops.statusfile import STATUS_FILE, StatusBoard, run_status_file
-from .watcher import EventSource, FolderWatcher, ReadySlide, WatchStatistics
+from .watcher import EventSource, FolderWatcher, ReadySlide, WatcherOptions, WatchStatistics
 
 log = logging.getLogger(__name__)
 
@@ -177,28 +178,37 @@ class FolderService:
         for stage, seconds in result.timings.items():
             if stage != "total":
                 self.board.add_stage_busy(stage, seconds)
-        if result.status in FINISHED_OK:
-            await self.watcher.slide_done(slide, result.h5_path or "", self.settings)
+        if result.status in FINISHED_OK or (result.status == "locked" and await self._done_elsewhere(slide, result)):
+            h5 = result.h5_path or self.pipeline.backends.outputs.h5_path(result.job)
+            await self.watcher.slide_done(slide, h5, self.settings)
             self.board.slide_finished("done", now, self._patches(result))
             return "done"
         if result.status == "cancelled":
             await self.watcher.slide_released(slide)
             return "ready"
-        kind, message = self._classify(result)
-        await self.watcher.slide_failed(slide, kind, message)
+        failure, message = self._classify(result)
+        await self.watcher.slide_failed(slide, failure, message)
         record = await self.ledger.get(slide.slide_id)
         state = record.state if record is not None else "failed"
         self.board.slide_finished(state, now)
         return state
 
-    def _classify(self, result: SlideResult) -> tuple[RetryClass, str]:
+    async def _done_elsewhere(self, slide: ReadySlide, result: SlideResult) -> bool:
+        """`--once`: a slide locked by another live worker is waited for; True once its complete H5 is there."""
+        if not self.watcher.once:
+            return False  # the daemon asks again later (transient, uncharged)
+        outputs, job = self.pipeline.backends.outputs, result.job
+        done = await self.watcher.other_worker_finished(
+            slide, outputs.lock_path(job), lambda: outputs.reuse_decision(job, self.settings.encoders).action == "skip"
+        )
+        if done:
+            log.info("%s: done by another worker", slide.display, extra={"event": "done_elsewhere"})
+        return done
+
+    def _classify(self, result: SlideResult) -> tuple[Failure, str]:
+        """The result's typed failure (a `locked` slide: transient, uncharged) and its message, redacted."""
         message = self.redactor.redact(result.message) if self.redactor is not None else result.message
-        if result.status == "locked":  # another daemon works on it: ask again later, uncharged
-            return "transient", f"locked by another process ({message})"
-        failure = result.failure
-        if failure is None:  # pragma: no cover - every failed result carries its failure
-            return "slide", message
-        return failure.retry, message
+        return result.failure or refused("prepare", "locked", "transient"), message
 
     def _patches(self, result: SlideResult) -> dict[str, int]:
         count = int(result.num_patches or 0)
@@ -233,8 +243,11 @@ def _refuse_root(allow_root: bool) -> None:
 
 
 def _state_dir(config: PipelineConfig) -> Path:
+    """The daemon's state folder, created; refused at once when a live daemon holds it (`Ledger.open` then holds it
+    for this one)."""
     state = config.watch.state_path(config.write.output)
     state.mkdir(parents=True, exist_ok=True, mode=0o750)
+    check_free(state / LEDGER_FILE)
     return state
 
 
@@ -327,11 +340,10 @@ async def _serving(parts: _Parts, pipeline: Pipeline, ledger: Ledger,
     watch, output = config.watch, config.write.output
     board = StatusBoard(version=__version__, config_fp=settings.fingerprint, started_at=time.time())
     max_depth = watch.max_depth if config.source.recursive else min(1, watch.max_depth)
-    watcher = FolderWatcher(
-        parts.input_folder, ledger, settings, dataclasses.replace(watch, max_depth=max_depth),
-        probe_dir=output / "patches", exclude=[output, parts.state], clock=parts.clock, events=parts.events,
-        mounts_text=parts.mounts_text, pseudonym=parts.names.pseudonym if parts.names is not None else None,
-    )
+    options = WatcherOptions(parts.input_folder, dataclasses.replace(watch, max_depth=max_depth), output / "patches",
+                             (output, parts.state), parts.events,
+                             parts.names.pseudonym if parts.names is not None else None, parts.mounts_text)
+    watcher = FolderWatcher(options, ledger, settings, clock=parts.clock)
     ready_send, ready_receive = anyio.create_memory_object_stream[ReadySlide](1)
     results_send, results_receive = anyio.create_memory_object_stream[FolderResult](64)
     service = FolderService(pipeline, watcher, ledger, board, settings, output, parts.clock, parts.notifier,

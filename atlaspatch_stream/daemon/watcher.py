@@ -12,6 +12,10 @@ Rules (reference `service-and-daemon.md` §1 and §6.2):
   pass its completeness check (`sources.complete`) before the ledger marks it `ready`.
 - Ready slides go downstream through a bounded send stream, oldest first, one ledger row at a time: while the
   consumer is full, ready rows simply wait in the ledger (memory stays flat however many are waiting).
+- `--once` (`run_once`) takes the slides present at start once they settle, waiting at most `settle_s`, and says
+  what it left and why (`left`); a slide another live worker holds is waited for (`other_worker_finished`).
+- The watcher's tasks live in the one task group `run` opens; other tasks only report results (`slide_done`,
+  `slide_failed`, `slide_released`) and set events those tasks wait on.
 
 Every blocking call (scans, stats, completeness checks, event waits) goes through this watcher's own
 `CapacityLimiter`, never anyio's default limiter.
@@ -35,11 +39,13 @@ from pathlib import Path
 from typing import Literal
 
 import anyio
-from anyio.abc import ObjectSendStream, TaskGroup, TaskStatus
+from anyio.abc import ObjectSendStream, TaskStatus
 
 from ..config import WatchConfig
-from ..errors import ConfigError
+from ..errors import ConfigError, refused
 from ..formats import DICOM_EXTENSIONS, SUPPORTED_EXTENSIONS
+from ..items import Failure
+from ..outputs.claims import judge
 from .clock import Clock, SystemClock
 from .complete import (
     Signature,
@@ -52,7 +58,7 @@ from .complete import (
     signature,
     slide_identity,
 )
-from .ledger import Change, ErrorKind, Ledger, Observation, Settings, SlideRecord
+from .ledger import Change, Ledger, Observation, Settings, SlideRecord
 
 __all__ = [
     "NETWORK_FILESYSTEMS",
@@ -64,6 +70,7 @@ __all__ = [
     "MemoryEvents",
     "ReadySlide",
     "WatchStatistics",
+    "WatcherOptions",
     "choose_mode",
     "group_of",
     "probe_writable",
@@ -414,12 +421,16 @@ class MemoryEvents:
 
 
 class IntakeGate:
-    """Open unless a system error paused intake; the dispatcher waits here while paused."""
+    """Open unless a system failure paused intake; the dispatcher waits here while paused, the probe until paused.
+
+    Any task may pause it; only the watcher's own tasks wait on it (no task is started on another's behalf).
+    """
 
     def __init__(self) -> None:
         self.paused_because: str | None = None
         self._open = anyio.Event()
         self._open.set()
+        self._paused = anyio.Event()
 
     def pause(self, reason: str) -> bool:
         """Pause intake (the first reason is kept); True when this call paused it."""
@@ -427,16 +438,45 @@ class IntakeGate:
             return False
         self.paused_because = reason
         self._open = anyio.Event()
+        self._paused.set()
         return True
 
     def resume(self) -> None:
         """Open intake again."""
         self.paused_because = None
+        self._paused = anyio.Event()
         self._open.set()
 
     async def wait_open(self) -> None:
         """Return when intake is open."""
         await self._open.wait()
+
+    async def wait_paused(self) -> None:
+        """Return when intake is paused."""
+        await self._paused.wait()
+
+
+@dataclass(frozen=True)
+class WatcherOptions:
+    """What a `FolderWatcher` watches and how.
+
+    Attributes:
+        root: INPUT, the watched folder.
+        watch: a `WatchConfig` (settle, rescan, mode, ignore, depth, probe interval).
+        probe_dir: where a write probe tests recovery from a system failure (the output's patches folder).
+        exclude: folders never scanned (the output and state folders, when they lie inside INPUT).
+        events: the event source for "events" mode (default: watchfiles); ignored in "poll" mode.
+        pseudonym: maps a slide ID to its pseudonym (`Pseudonymizer.pseudonym`) when pseudonymisation is on.
+        mounts_text: `/proc/mounts` content for `auto` mode (read from the system when None).
+    """
+
+    root: Path
+    watch: WatchConfig
+    probe_dir: Path
+    exclude: tuple[Path, ...] = ()
+    events: EventSource | None = None
+    pseudonym: Callable[[str], str] | None = None
+    mounts_text: str | None = None
 
 
 @dataclass(frozen=True)
@@ -501,6 +541,7 @@ class _Settling:
     display: str
     signature: Signature | None = None
     stable_since: float = 0.0
+    waiting: str = "not looked at yet"  # why it is not ready yet (what `--once` reports when it leaves the slide)
 
 
 def log_change(change: Change) -> None:
@@ -520,49 +561,41 @@ def log_change(change: Change) -> None:
 class FolderWatcher:
     """Watches INPUT and sends each fully arrived slide downstream once; see the module docstring for the rules.
 
+    `run` (or `run_once`) opens the watcher's one task group and is the only task that starts tasks in it; other
+    tasks (the service collecting results) only report through `slide_done`, `slide_failed`, `slide_released` and
+    `scan_now`, which update the ledger and set events the watcher's own tasks wait on.
+
     Args:
-        root: INPUT, the watched folder.
+        options: what to watch and how (`WatcherOptions`).
         ledger: the open ledger (this watcher is its only user inside the process).
         settings: the output-shaping settings of this run (start-up re-queues what they need).
-        watch: a `WatchConfig` (settle, rescan, mode, ignore, depth, probe interval).
-        probe_dir: where a write probe tests recovery from a system error (the output's patches folder).
-        exclude: folders never scanned (the output and state folders, when they lie inside INPUT).
         clock: time source (inject `ManualClock` in tests).
-        events: the event source for "events" mode (default: watchfiles); ignored in "poll" mode.
         limiter: for every blocking call of the watcher; a private one of 4 tokens by default.
-        pseudonym: maps a slide ID to its pseudonym (`Pseudonymizer.pseudonym`) when pseudonymisation is on.
-        mounts_text: `/proc/mounts` content for `auto` mode (read from the system when None).
         on_change: called with every ledger change the watcher makes (for the status board); logging is built in.
     """
 
     def __init__(
         self,
-        root: Path,
+        options: WatcherOptions,
         ledger: Ledger,
         settings: Settings,
-        watch: WatchConfig,
         *,
-        probe_dir: Path,
-        exclude: Sequence[Path] = (),
         clock: Clock | None = None,
-        events: EventSource | None = None,
         limiter: anyio.CapacityLimiter | None = None,
-        pseudonym: Callable[[str], str] | None = None,
-        mounts_text: str | None = None,
         on_change: Callable[[Change], None] | None = None,
     ) -> None:
-        self.root = Path(root).resolve()  # excluded folders and symlink targets are compared resolved
+        self.root = Path(options.root).resolve()  # excluded folders and symlink targets are compared resolved
         self.ledger = ledger
         self.settings = settings
-        self.config = watch
-        self.probe_dir = Path(probe_dir)
+        self.config = options.watch
+        self.probe_dir = Path(options.probe_dir)
         self.clock = clock or SystemClock()
         self.limiter = limiter or anyio.CapacityLimiter(4)
         self.gate = IntakeGate()
-        self.rules = IgnoreRules(tuple(watch.ignore), tuple(Path(p).resolve() for p in exclude))
-        self._events_source = events or watchfiles_events
-        self._pseudonym = pseudonym
-        self._mounts_text = mounts_text
+        self.rules = IgnoreRules(tuple(options.watch.ignore), tuple(Path(p).resolve() for p in options.exclude))
+        self._events_source = options.events or watchfiles_events
+        self._pseudonym = options.pseudonym
+        self._mounts_text = options.mounts_text
         self._on_change = on_change
         self.mode: Mode = "poll"
         self.filesystem: str | None = None
@@ -576,8 +609,8 @@ class FolderWatcher:
         self._scans = 0
         self._events = 0
         self._last_scan_at: float | None = None
-        self._tg: TaskGroup | None = None
-        self._probing = False
+        self.once = False  # set by `run_once`
+        self.left: dict[str, str] = {}  # `--once`: the slides it left unsettled, and why
 
     # -- public API
 
@@ -601,36 +634,55 @@ class FolderWatcher:
             await self._watch(send, task_status)
 
     async def _watch(self, send: ObjectSendStream[ReadySlide], task_status: TaskStatus[None]) -> None:
-        try:
-            async with anyio.create_task_group() as tg:
-                self._tg = tg
-                if self.mode == "events":
-                    tg.start_soon(self._events_loop)
-                await self._rescan(startup=True)
-                task_status.started()
-                tg.start_soon(self._rescan_loop)
-                tg.start_soon(self._settle_loop)
-                await self._dispatch_loop(send)
-                tg.cancel_scope.cancel()  # the consumer is gone: nothing more to watch for
-        finally:
-            self._tg = None
+        async with anyio.create_task_group() as tg:
+            if self.mode == "events":
+                tg.start_soon(self._events_loop)
+            await self._rescan(startup=True)
+            task_status.started()
+            tg.start_soon(self._rescan_loop)
+            tg.start_soon(self._settle_loop)
+            tg.start_soon(self._probe_loop)
+            await self._dispatch_loop(send)
+            tg.cancel_scope.cancel()  # the consumer is gone: nothing more to watch for
 
     async def run_once(self, send: ObjectSendStream[ReadySlide]) -> int:
-        """`--once`: send every slide ready now, then close `send`; returns how many were sent.
+        """`--once`: send every slide present now once it has settled, then close `send`; returns how many were sent.
 
-        "Ready now" means: already `ready` in the ledger, or quiet for `settle_s` judged by its mtime age, and
-        complete. Slides still arriving stay `seen` for the next run.
+        A slide is sent when it is already `ready` in the ledger, or once it is quiet for `settle_s` (judged by its
+        mtime age, so a slide copied long ago is taken at once) and complete. Slides still changing or incomplete
+        are waited for, at most `settle_s` in all; what is left then stays `seen` for the next run, and `left` says
+        why, by slide.
         """
+        self.once = True
         sent = 0
         async with send:
             await self._rescan(startup=True)
-            for entry in list(self._settling.values()):
-                await self._check(entry, judge_by_mtime=True)
-            while (taken := await self.ledger.take_next()) is not None:
-                self._changed(taken)
-                await self._send(send, taken.after)
-                sent += 1
+            deadline = self.clock.now() + self.config.settle_s
+            while True:
+                for entry in list(self._settling.values()):
+                    await self._check(entry, judge_by_mtime=True)
+                while (taken := await self.ledger.take_next()) is not None:
+                    self._changed(taken)
+                    await self._send(send, taken.after)
+                    sent += 1
+                if not self._settling or self.clock.now() >= deadline:
+                    break
+                await self.clock.sleep_until(min(deadline, self.clock.now() + self._recheck_s))
+        self.left = {entry.display: entry.waiting for entry in self._settling.values()}
+        if self.left:
+            log.warning("--once: left %d slide(s) that did not settle within %g s: %s", len(self.left),
+                        self.config.settle_s, ", ".join(f"{name} ({why})" for name, why in sorted(self.left.items())),
+                        extra={"event": "once_left", "left": len(self.left)})
         return sent
+
+    async def other_worker_finished(self, slide: ReadySlide, lock: Path, complete: Callable[[], bool]) -> bool:
+        """`--once`, for a slide another live worker holds: wait while its lock at `lock` is held, then tell whether
+        `complete()` finds its output complete (the slide is then done by that worker, not failed here)."""
+        log.info("%s: locked by another live worker; waiting for it", slide.display,
+                 extra={"event": "waiting_for_other_worker", "slide": slide.display})
+        while (await anyio.to_thread.run_sync(judge, lock, limiter=self.limiter)).state == "held":
+            await self.clock.sleep_until(self.clock.now() + min(self._recheck_s, 1.0))
+        return await anyio.to_thread.run_sync(complete, limiter=self.limiter)
 
     async def slide_done(self, slide: ReadySlide, output_h5: Path | str, settings: Settings | None = None) -> None:
         """The pipeline wrote the slide's H5 (report it with the settings that made it)."""
@@ -639,12 +691,12 @@ class FolderWatcher:
         self._changed(change)
         self._settle_wake.set()
 
-    async def slide_failed(self, slide: ReadySlide, kind: ErrorKind, message: str) -> None:
-        """The pipeline failed the slide; a system error also pauses intake until a write probe succeeds."""
+    async def slide_failed(self, slide: ReadySlide, failure: Failure, message: str) -> None:
+        """The pipeline failed the slide; a system failure also pauses intake until a write probe succeeds."""
         self._in_flight.pop(slide.slide_id, None)
-        change = await self.ledger.finish_error(slide.slide_id, slide.version, kind, message)
+        change = await self.ledger.finish_error(slide.slide_id, slide.version, failure, message)
         self._changed(change)
-        if kind == "system":
+        if failure.systemic:
             self.pause(message)
         self._settle_wake.set()
 
@@ -655,12 +707,10 @@ class FolderWatcher:
         self._ready_wake.set()
 
     def pause(self, reason: str) -> None:
-        """Pause intake (a system error) and probe the output every `probe_s` until a write succeeds."""
+        """Pause intake (a system failure); the watcher's probe task then tests the output every `probe_s` until a
+        write succeeds."""
         if self.gate.pause(reason):
             log.error("intake paused: %s", reason, extra={"event": "intake_paused", "reason": reason})
-        if not self._probing and self._tg is not None:
-            self._probing = True
-            self._tg.start_soon(self._probe_loop)
 
     def scan_now(self) -> None:
         """Ask for a rescan at once (SIGHUP)."""
@@ -804,7 +854,8 @@ class FolderWatcher:
             return
         try:
             current = await anyio.to_thread.run_sync(signature, entry.path, entry.kind, limiter=self.limiter)
-        except OSError:
+        except OSError as exc:
+            entry.waiting = f"unreadable now: {exc.strerror or exc}"
             self._schedule(entry.slide_id, now + max(self.config.settle_s, self._recheck_s))
             return  # vanished or unreadable for now; a rescan marks a deleted slide missing
         if current != entry.signature:
@@ -814,6 +865,7 @@ class FolderWatcher:
             # copy just before a cron run leaves every ctime fresh); pre-sized copies are the completeness check's.
             entry.stable_since = min(entry.stable_since, current.mtime_ns / 1e9)
         if now - entry.stable_since < self.config.settle_s:
+            entry.waiting = f"still changing: not quiet for {self.config.settle_s:g} s"
             if not judge_by_mtime:
                 self._schedule(entry.slide_id, min(entry.stable_since + self.config.settle_s, now + self._recheck_s))
             return
@@ -822,14 +874,17 @@ class FolderWatcher:
     async def _complete(self, entry: _Settling, current: Signature, now: float) -> None:
         readiness = await anyio.to_thread.run_sync(check_slide, entry.path, entry.kind, limiter=self.limiter)
         if readiness.state == "broken":
-            self._changed(await self.ledger.finish_error(entry.slide_id, entry.version, "slide",
+            self._changed(await self.ledger.finish_error(entry.slide_id, entry.version,
+                                                         refused("check", "unreadable"),
                                                          f"{entry.display}: {readiness.reason}"))
             return
         if not readiness.ready:
             if now - entry.stable_since >= self.config.settle_max_wait_s:
                 message = f"{entry.display}: never completed ({readiness.reason})"
-                self._changed(await self.ledger.finish_error(entry.slide_id, entry.version, "incomplete", message))
+                self._changed(await self.ledger.finish_error(entry.slide_id, entry.version,
+                                                             refused("check", "incomplete"), message))
             else:
+                entry.waiting = f"quiet but not complete: {readiness.reason}"
                 log.debug("%s: quiet but not complete yet (%s)", entry.display, readiness.reason)
                 self._schedule(entry.slide_id, now + max(self.config.settle_s, 4 * self._recheck_s))
             return
@@ -882,7 +937,9 @@ class FolderWatcher:
                 return
 
     async def _probe_loop(self) -> None:
-        try:
+        """Whenever intake is paused: probe the output every `probe_s`; on the first good write resume intake."""
+        while True:
+            await self.gate.wait_paused()
             while True:
                 await self.clock.sleep_until(self.clock.now() + self.config.probe_s)
                 failure = await anyio.to_thread.run_sync(probe_writable, self.probe_dir, limiter=self.limiter)
@@ -893,6 +950,3 @@ class FolderWatcher:
             self.gate.resume()
             log.warning("intake resumed: the output is writable again", extra={"event": "intake_resumed"})
             self._ready_wake.set()
-        finally:
-            self._probing = False
-

@@ -12,6 +12,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,6 +22,7 @@ import h5py
 import orjson
 import pytest
 
+from atlaspatch_stream.config import WatchConfig
 from atlaspatch_stream.daemon.ledger import LEDGER_FILE, LedgerError, read_status
 from atlaspatch_stream.testing.synthetic import write_synthetic_slide
 from tests.conftest import SHARED_SLIDES
@@ -52,9 +54,14 @@ def _once(folder: Path, out: Path, *extra: str, state: Path | None = None) -> su
                           capture_output=True, text=True, timeout=300)
 
 
+def _state(out: Path) -> Path:
+    """The default state folder of a daemon writing to `out` (under the test's $XDG_STATE_HOME)."""
+    return WatchConfig().state_path(out)
+
+
 def _counts(out: Path, state: Path | None = None) -> dict[str, int]:
     """Slides per state, read-only ({} while the daemon is still creating its ledger)."""
-    ledger = (state or out / ".atlaspatch") / LEDGER_FILE
+    ledger = (state or _state(out)) / LEDGER_FILE
     try:
         return read_status(ledger).counts
     except LedgerError:
@@ -124,11 +131,11 @@ def test_kill_9_at_random_moments_loses_nothing_and_charges_nothing(tmp_path: Pa
             assert name
     done = _once(folder, out)
     assert done.returncode == 0, done.stderr[-2000:]
-    status = read_status(out / ".atlaspatch" / LEDGER_FILE)
+    status = read_status(_state(out) / LEDGER_FILE)
     assert status.counts["done"] == 9 and sum(status.counts.values()) == 9
     assert all(r["attempts"] == 0 for r in status.to_json()["in_flight"] + status.to_json()["quarantined"])
     assert len(_complete(out)) == 9 and leftovers(out) == []
-    assert _max_attempts(out / ".atlaspatch") == 0
+    assert _max_attempts(_state(out)) == 0
 
 
 def test_two_daemons_share_the_work_and_take_over_a_dead_ones_claims(synthetic: Path, tmp_path: Path) -> None:
@@ -183,7 +190,7 @@ def test_sigterm_drains_within_the_deadline_and_a_second_signal_cancels_at_once(
     counts = _counts(out)
     assert counts["running"] == 0 and counts["done"] >= 1 and sum(counts.values()) == 12
     assert counts["failed"] == counts["quarantined"] == 0 and leftovers(out) == []
-    assert _max_attempts(out / ".atlaspatch") == 0
+    assert _max_attempts(_state(out)) == 0
     proc = _start(folder, out, "--max-open-slides", "2", "--drain-timeout", "60")
     _wait(lambda: _counts(out).get("running", 0) >= 1, 120, proc)
     proc.send_signal(signal.SIGTERM)
@@ -365,9 +372,9 @@ def test_pseudonymize_keeps_paths_out_of_outputs_logs_and_metrics(tmp_path: Path
         _, logs = proc.communicate(timeout=60)
     secrets = ("ACC-999", "PATIENT", *(str(p) for p in slides))  # the input folder itself is the operator's
     texts = {"logs": logs, "metrics": metrics.decode(), "report": (out / "atlaspatch-report.jsonl").read_text()}
-    state = out / ".atlaspatch"
+    state = _state(out)
     for path in [*(out / "patches").glob("*.h5"), state / LEDGER_FILE, state / "status.json",
-                 state / "pseudonym.key", out / "atlaspatch-report.jsonl"]:
+                 out / ".atlaspatch" / "pseudonym.key", out / "atlaspatch-report.jsonl"]:
         assert path.stat().st_mode & 0o022 == 0, path
     for path in (out / "patches").glob("*.h5"):
         assert all(s not in path.name for s in secrets)
@@ -377,3 +384,82 @@ def test_pseudonymize_keeps_paths_out_of_outputs_logs_and_metrics(tmp_path: Path
     for where, text in texts.items():
         for secret in secrets:
             assert secret not in text, (where, secret)
+
+
+def test_default_state_is_local_per_output_and_a_held_one_is_refused(synthetic: Path, tmp_path: Path) -> None:
+    """Without --state the ledger lives in a local folder per output ($XDG_STATE_HOME/atlaspatch/<hash>), never on
+    the output; a second daemon on the same output with default settings is refused at once with one line naming
+    the first one's host and pid (no shared ledger). Once the first has stopped, its state is taken again (nothing
+    left to do)."""
+    out = tmp_path / "out"
+    first = _start(synthetic, out)
+    try:
+        _wait(lambda: _counts(out).get("done") == 6, 180, first)
+        second = subprocess.run([*CLI, "watch", str(synthetic), *_flags(out, "--once")], capture_output=True,
+                                text=True, env=_env(), timeout=120)
+    finally:
+        first.send_signal(signal.SIGTERM)
+        first.communicate(timeout=60)
+    assert second.returncode == 1
+    lines = second.stderr.strip().splitlines()
+    assert len(lines) == 1 and "in use by a live daemon" in lines[0], second.stderr
+    assert f"pid {first.pid} on {socket.gethostname()}" in lines[0] and str(_state(out)) in lines[0]
+    assert _state(out).is_relative_to(tmp_path / "xdg-state" / "atlaspatch") and not (out / ".atlaspatch").exists()
+    again = _once(synthetic, out)
+    assert again.returncode == 0 and again.stdout.strip() == "watch --once: 0 done, 0 failed", again  # all done
+    assert _counts(out)["done"] == 6
+
+
+def test_once_right_after_a_copy_takes_the_slides_once_they_settle(tmp_path: Path) -> None:
+    """`watch --once` started right after a copy (settle 6 s, longer than the daemon takes to start): the slides
+    present at start are processed once they are quiet; one still being written is left, and the summary says so
+    and why. Exit 0: nothing failed."""
+    folder = tmp_path / "in"
+    for i in range(3):
+        write_synthetic_slide(folder / f"s{i}.svs", width=2048, height=1536, seed=i)
+    growing = write_synthetic_slide(folder / "growing.svs", width=2048, height=1536, seed=9)
+    stop = threading.Event()
+
+    def keep_writing() -> None:
+        while not stop.wait(0.2):
+            with growing.open("ab") as handle:
+                handle.write(b"\0" * 4096)
+
+    writer = threading.Thread(target=keep_writing)
+    writer.start()
+    try:
+        done = _once(folder, tmp_path / "out", "--settle-s", "6")
+    finally:
+        stop.set()
+        writer.join()
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = done.stdout.strip().splitlines()[-1]
+    assert summary.startswith("watch --once: 3 done, 0 failed; left 1 slide(s) that did not settle within 6 s: "
+                              "growing.svs (still changing"), summary
+    assert sorted(_complete(tmp_path / "out")) == ["s0", "s1", "s2"]
+    counts = _counts(tmp_path / "out")
+    assert (counts["done"], counts["seen"], sum(counts.values())) == (3, 1, 4)
+
+
+def test_two_once_daemons_on_one_output_wait_for_each_other_and_both_exit_0(tmp_path: Path) -> None:
+    """Two `--once` daemons, each with its own --state, on one input and one output: each slide is processed
+    exactly once; a slide the other daemon holds is waited for and, once its complete H5 is there, counts as done
+    by another worker (not a failure): both ledgers end with every slide done, and both exit 0."""
+    folder = tmp_path / "in"
+    for i in range(6):
+        write_synthetic_slide(folder / f"s{i}.svs", width=4096, height=3072, seed=i)
+    out = tmp_path / "out"
+    procs = [subprocess.Popen([*CLI, "watch", str(folder), *_flags(out, "--once", state=tmp_path / name)],
+                              env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for name in ("state-a", "state-b")]
+    results = [proc.communicate(timeout=300) for proc in procs]
+    for proc, (stdout, stderr) in zip(procs, results, strict=True):
+        assert proc.returncode == 0, stderr[-2000:]
+        assert stdout.strip().splitlines()[-1].startswith("watch --once: 6 done"), stdout
+    assert any("by another worker" in stdout for stdout, _ in results), results
+    for name in ("state-a", "state-b"):
+        counts = _counts(out, tmp_path / name)
+        assert counts["done"] == 6 and sum(counts.values()) == 6, counts
+    done = [e["slide"] for e in _report(out) if e["event"] == "slide" and e["status"] == "done"]
+    assert sorted(done) == sorted(str(p) for p in folder.iterdir())
+    assert len(_complete(out)) == 6 and leftovers(out) == []

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import random
+import socket
 import sqlite3
 import stat
 import subprocess
@@ -25,9 +27,12 @@ from atlaspatch_stream.daemon.ledger import (
     requeue_slides,
     retry_quarantined,
 )
+from atlaspatch_stream.items import Failure
 
 pytestmark = pytest.mark.anyio
 SETTINGS = Settings("geo", ("resnet50",))
+SLIDE = Failure("read", "unreadable", "slide")
+DISK_FULL = Failure("write", "disk_full", "system", errno.ENOSPC)
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -112,7 +117,7 @@ async def test_quarantine_status_and_operator_retry(tmp_path: Path) -> None:
             for _attempt in range(3):
                 record = await _take(ledger)
                 assert record is not None and record.slide_id == "bad.svs"
-                await ledger.finish_error("bad.svs", record.version, "slide", "bad.svs: Bogus marker length")
+                await ledger.finish_error("bad.svs", record.version, SLIDE, "bad.svs: Bogus marker length")
                 due_at = await ledger.next_due()
                 if due_at is not None:
                     clock.advance(due_at - clock.now())
@@ -236,7 +241,7 @@ async def test_release_running_and_resume_deferred(tmp_path: Path) -> None:
             await _ready(ledger, "a.svs", "b.svs")
             a, b = await _take(ledger), await _take(ledger)
             assert a is not None and b is not None
-            await ledger.finish_error("b.svs", b.version, "system", "No space left on device")
+            await ledger.finish_error("b.svs", b.version, DISK_FULL, "No space left on device")
             assert [c.after.slide_id for c in await ledger.release_running()] == ["a.svs"]
             assert [c.after.state for c in await ledger.resume_deferred()] == ["ready"]
             counts = await ledger.counts()
@@ -250,3 +255,19 @@ def test_status_json_is_read_only(tmp_path: Path) -> None:
         read_status(missing)
     assert not missing.exists()
     assert os.listdir(tmp_path) == []
+
+
+async def test_a_held_ledger_is_refused_naming_its_holder(tmp_path: Path) -> None:
+    """While one `Ledger` holds a state folder, opening it again is refused with one line naming the holder's host
+    and pid; once closed (or its process gone) the next opener takes it."""
+    path = tmp_path / "state" / "ledger.sqlite3"
+    with anyio.fail_after(10):
+        async with Ledger.open(path):
+            with pytest.raises(LedgerError) as refused:
+                async with Ledger.open(path):
+                    pass
+            message = str(refused.value)
+            assert f"pid {os.getpid()} on {socket.gethostname()}" in message and "\n" not in message
+            assert str(path.parent) in message
+        async with Ledger.open(path) as ledger:
+            assert (await ledger.counts())["done"] == 0

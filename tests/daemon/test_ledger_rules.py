@@ -1,4 +1,4 @@
-"""The ledger's rules as pure functions: reconciliation, error classes, backoff, settings changes, operator actions."""
+"""The ledger's rules as pure functions: reconciliation, typed failures, backoff, settings changes, operator actions."""
 
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ from atlaspatch_stream.daemon.ledger import (
     Settings,
     SlideRecord,
     backoff_s,
-    classify_error,
     due,
     observe,
     on_done,
@@ -26,11 +25,17 @@ from atlaspatch_stream.daemon.ledger import (
     vanish,
 )
 from atlaspatch_stream.daemon.naming import clean_stem, unique_stem, within
-from atlaspatch_stream.errors import SlideError
+from atlaspatch_stream.errors import SlideError, failure_of, refused
+from atlaspatch_stream.items import Failure
 
 NOW = 1_700_000_000.0
 POLICY = RetryPolicy(max_attempts=3, base_s=60, factor=4, max_s=3600)
 SETTINGS = Settings("geo1", ("resnet50",))
+# The one failure vocabulary: typed where the exception is caught, read by the ledger as it is.
+SLIDE = failure_of(SlideError("Bogus marker length", slide="a.svs"), "read")
+STALE = failure_of(OSError(errno.ESTALE, "Stale file handle"), "read")
+DISK_FULL = Failure("write", "disk_full", "system", errno.ENOSPC)
+INCOMPLETE = refused("check", "incomplete")
 
 
 def _obs(slide_id: str, size: int = 100, mtime_ns: int = 5, fingerprint: str | None = None) -> Observation:
@@ -113,16 +118,16 @@ def test_slide_errors_back_off_then_quarantine() -> None:
     record = _record("a.svs", "running")
     delays = []
     for limit in (60, 240):
-        change = on_error(record, "slide", "corrupt tile", NOW, POLICY, random.Random(7))
+        change = on_error(record, SLIDE, "corrupt tile", NOW, POLICY, random.Random(7))
         record = change.after
         assert record.state == "failed" and record.error_msg == "corrupt tile"
         delays.append(record.next_attempt_at - NOW)  # type: ignore[operator]
         assert 0 <= delays[-1] <= limit
         record = due(record, record.next_attempt_at).after  # type: ignore[arg-type, union-attr]
-    final = on_error(record, "slide", "corrupt tile", NOW, POLICY, random.Random(7)).after
+    final = on_error(record, SLIDE, "corrupt tile", NOW, POLICY, random.Random(7)).after
     assert (final.state, final.attempts, final.next_attempt_at) == ("quarantined", 3, None)
     again = _record("a.svs", "running")
-    assert on_error(again, "slide", "x", NOW, POLICY, random.Random(7)).after.next_attempt_at == NOW + delays[0]
+    assert on_error(again, SLIDE, "x", NOW, POLICY, random.Random(7)).after.next_attempt_at == NOW + delays[0]
 
 
 def test_transient_errors_are_never_charged_and_system_errors_defer() -> None:
@@ -130,18 +135,30 @@ def test_transient_errors_are_never_charged_and_system_errors_defer() -> None:
     a system error defers the slide without charge."""
     record = _record("a.svs", "running")
     for _ in range(20):
-        record = on_error(record, "transient", "Stale file handle", NOW, POLICY, random.Random(1)).after
+        record = on_error(record, STALE, "Stale file handle", NOW, POLICY, random.Random(1)).after
         assert record.state == "failed" and record.attempts == 0
         assert record.next_attempt_at - NOW <= POLICY.max_s  # type: ignore[operator]
-    system = on_error(_record("b.svs", "running", attempts=2), "system", "No space left on device", NOW, POLICY,
+    system = on_error(_record("b.svs", "running", attempts=2), DISK_FULL, "No space left on device", NOW, POLICY,
                       random.Random(1)).after
     assert (system.state, system.attempts) == ("deferred", 2)
 
 
 def test_never_completed_is_quarantined_at_once() -> None:
     """A slide that stayed quiet but incomplete past the limit is quarantined with its reason."""
-    after = on_error(_record("a.svs", "seen"), "incomplete", "never completed", NOW, POLICY, random.Random()).after
+    after = on_error(_record("a.svs", "seen"), INCOMPLETE, "never completed", NOW, POLICY, random.Random()).after
     assert after.state == "quarantined" and after.error_kind == "incomplete"
+
+
+def test_the_record_keeps_the_failure_kind_and_the_event_its_retry_class() -> None:
+    """The ledger stores the typed failure's kind (no second vocabulary); its event detail adds class and stage."""
+    assert (SLIDE.retry, STALE.retry) == ("slide", "transient")
+    change = on_error(_record("a.svs", "running"), STALE, "Stale file handle", NOW, POLICY, random.Random(1))
+    assert change.after.error_kind == "input_io" and change.after.attempts == 0
+    assert dict(change.detail) | {"retry_in_s": 0} == {"kind": "input_io", "retry": "transient", "stage": "read",
+                                                        "message": "Stale file handle", "retry_in_s": 0}
+    locked = on_error(_record("b.svs", "running"), refused("prepare", "locked", "transient"), "locked", NOW, POLICY,
+                      random.Random(1)).after
+    assert (locked.state, locked.attempts, locked.error_kind) == ("failed", 0, "locked")
 
 
 def test_backoff_grows_and_is_capped() -> None:
@@ -191,41 +208,6 @@ def test_due_only_when_the_time_has_come() -> None:
     assert due(record, NOW + 9) is None
     promoted = due(record, NOW + 10)
     assert promoted is not None and promoted.after.state == "seen"
-
-
-@pytest.mark.parametrize(
-    ("exc", "message", "kind"),
-    [
-        (OSError(errno.ENOSPC, "No space left on device"), "", "system"),
-        (OSError(errno.EROFS, "Read-only file system"), "", "system"),
-        (PermissionError(errno.EACCES, "Permission denied", "/out/patches/a.h5"), "", "system"),
-        (PermissionError(errno.EACCES, "Permission denied", "/in/a.svs"), "", "slide"),
-        (FileNotFoundError(errno.ENOENT, "No such file or directory", "/in/a.svs"), "", "transient"),
-        (OSError(errno.ESTALE, "Stale file handle"), "", "transient"),
-        (TimeoutError("read timed out"), "", "transient"),
-        (OSError("Can't write data (file write failed: errno = 28, error message = 'No space left on device')"), "",
-         "system"),
-        (RuntimeError("CUDA error: device-side assert triggered"), "", "system"),
-        (SlideError("Bogus marker length", slide="a.svs"), "", "slide"),
-        (None, "no magnification in the metadata", "slide"),
-        (None, "write: [Errno 28] No space left on device", "system"),
-    ],
-)
-def test_error_classes(exc: BaseException | None, message: str, kind: str) -> None:
-    """errno values first (through the chain), then the words h5py and the readers keep; EACCES is a system error
-    only on the output."""
-    assert classify_error(exc, message, output_root=Path("/out")) == kind
-
-
-def test_error_class_follows_the_exception_chain() -> None:
-    """A SlideError raised from an ESTALE OSError is transient (the share hiccuped, the slide is fine)."""
-    try:
-        try:
-            raise OSError(errno.ESTALE, "Stale file handle")
-        except OSError as inner:
-            raise SlideError("cannot read tile") from inner
-    except SlideError as outer:
-        assert classify_error(outer) == "transient"
 
 
 def test_output_stems_avoid_upstream_collisions_safely() -> None:

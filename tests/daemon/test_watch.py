@@ -3,6 +3,7 @@ reconciliation across a restart, backpressure, the system-error pause and retrie
 
 from __future__ import annotations
 
+import errno
 import gc
 import os
 import shutil
@@ -28,11 +29,13 @@ from atlaspatch_stream.daemon.watcher import (
     IgnoreRules,
     MemoryEvents,
     ReadySlide,
+    WatcherOptions,
     choose_mode,
     group_of,
     scan_tree,
 )
 from atlaspatch_stream.errors import ConfigError
+from atlaspatch_stream.items import Failure
 from tests.conftest import real_slide
 
 pytestmark = pytest.mark.anyio
@@ -68,9 +71,8 @@ async def watching(
     policy = RetryPolicy.from_config(config)
     async with Ledger.open(state / "ledger.sqlite3", policy=policy) as ledger, anyio.create_task_group() as tg:
         send, receive = anyio.create_memory_object_stream[ReadySlide](buffer)
-        watcher = FolderWatcher(root, ledger, SETTINGS, config, probe_dir=probe_dir or state / "probe",
-                                events=events, exclude=[state], mounts_text=mounts_text, clock=clock,
-                                pseudonym=pseudonym)
+        options = WatcherOptions(root, config, probe_dir or state / "probe", (state,), events, pseudonym, mounts_text)
+        watcher = FolderWatcher(options, ledger, SETTINGS, clock=clock)
         run = Run(watcher, ledger)
 
         async def consumer() -> None:
@@ -359,7 +361,8 @@ async def test_system_error_pauses_intake_until_a_probe_write_succeeds(tmp_path:
     async with watching(root, state, probe_dir=probe, probe_s=0.2, rescan_s=0.3) as run:
         _copy(SMALL, root / "a.svs")
         first = (await run.wait_for(1, timeout=5))[0]
-        await run.watcher.slide_failed(first, "system", "write a.h5: No space left on device")
+        await run.watcher.slide_failed(first, Failure("write", "disk_full", "system", errno.ENOSPC),
+                                       "write a.h5: No space left on device")
         _copy(SMALL, root / "b.svs")
         await anyio.sleep(1.0)
         assert len(run.received) == 1
@@ -404,27 +407,41 @@ async def test_a_changed_running_slide_waits_for_its_previous_run(tmp_path: Path
         assert second.version == 2
 
 
-async def test_once_sends_what_is_ready_now_and_closes(tmp_path: Path) -> None:
-    """`--once` with settle_s = 30: two slides last modified an hour ago are sent; one written just now is not
-    (it stays `seen`); the stream is closed when done."""
+async def test_once_takes_slides_present_at_start_once_they_settle(tmp_path: Path) -> None:
+    """`--once` with settle_s = 1 right after a copy: two slides modified an hour ago are sent at once; one written
+    just now is sent once it has been quiet for 1 s; one still being written to is left `seen`, and `left` says
+    it was still changing. The stream is closed when done, within about settle_s."""
     root, state = tmp_path / "in", tmp_path / "state"
     old = time.time() - 3600
     for name in ("old1.svs", "old2.svs"):
         path = _copy(SMALL, root / name)
         os.utime(path, (old, old))
     _copy(SMALL, root / "fresh.svs")
+    growing = _copy(SMALL, root / "growing.svs")
     send, receive = anyio.create_memory_object_stream[ReadySlide](16)
+
+    async def keep_writing() -> None:
+        while True:
+            with growing.open("ab") as handle:
+                handle.write(b"\0" * 1024)
+            await anyio.sleep(0.1)
+
     with anyio.fail_after(10):
         async with Ledger.open(state / "ledger.sqlite3") as ledger:
-            watcher = FolderWatcher(root, ledger, SETTINGS, WatchConfig(settle_s=30, watch_mode="poll"),
-                                    probe_dir=state, exclude=[state])
-            sent = await watcher.run_once(send)
+            watcher = FolderWatcher(WatcherOptions(root, WatchConfig(settle_s=1, watch_mode="poll"), state, (state,)),
+                                    ledger, SETTINGS)
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(keep_writing)
+                started = time.monotonic()
+                sent = await watcher.run_once(send)
+                took = time.monotonic() - started
+                tg.cancel_scope.cancel()
             with receive:
                 received = [s.slide_id async for s in receive]
-            fresh = await ledger.get("fresh.svs")
-    assert sent == 2 and sorted(received) == ["old1.svs", "old2.svs"]
-    assert fresh is not None and fresh.state == "seen"
-
+            left = await ledger.get("growing.svs")
+    assert sent == 3 and sorted(received) == ["fresh.svs", "old1.svs", "old2.svs"]
+    assert left is not None and left.state == "seen" and 1.0 <= took < 4.0
+    assert list(watcher.left) == ["growing.svs"] and watcher.left["growing.svs"].startswith("still changing")
 
 
 async def test_settle_period_under_a_manual_clock(tmp_path: Path) -> None:
@@ -490,8 +507,8 @@ async def test_touched_done_slide_is_not_redone_but_new_content_is(tmp_path: Pat
 async def test_missing_input_folder_is_a_config_error(tmp_path: Path) -> None:
     """Watching a folder that does not exist fails at once with a one-line ConfigError naming it."""
     async with Ledger.open(tmp_path / "l.db") as ledger:
-        watcher = FolderWatcher(tmp_path / "nope", ledger, SETTINGS, WatchConfig(watch_mode="poll"),
-                                probe_dir=tmp_path)
+        watcher = FolderWatcher(WatcherOptions(tmp_path / "nope", WatchConfig(watch_mode="poll"), tmp_path), ledger,
+                                SETTINGS)
         send, receive = anyio.create_memory_object_stream[ReadySlide](1)
         with anyio.fail_after(5), pytest.raises(ConfigError, match="does not exist"):
             await watcher.run(send)

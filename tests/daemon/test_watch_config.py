@@ -3,6 +3,7 @@ example systemd unit agree with each other."""
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -18,14 +19,27 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_defaults_and_derived_paths() -> None:
     """Issue defaults (settle 30 s, rescan 60 s, auto mode, 3 attempts, drain 120 s, no metrics); the state folder
-    and key file default under OUTPUT/.atlaspatch."""
+    folder defaults to a local one per output under $XDG_STATE_HOME; the key file stays with the output."""
     watch = PipelineConfig().watch
     assert (watch.settle_s, watch.rescan_s, watch.watch_mode, watch.max_attempts, watch.drain_timeout_s) == (
         30.0, 60.0, "auto", 3, 120.0)
     assert watch.metrics is None and watch.pseudonymize is False and watch.log_format == "text"
-    assert watch.state_path(Path("/out")) == Path("/out/.atlaspatch")
+    state = watch.state_path(Path("/out"))
+    assert state.parent == Path(os.environ["XDG_STATE_HOME"]) / "atlaspatch" and len(state.name) == 16
+    assert watch.state_path(Path("/out/../out")) == state != watch.state_path(Path("/out2"))
     assert watch.key_path(Path("/out")) == Path("/out/.atlaspatch/pseudonym.key")
     assert WatchConfig(state_dir=Path("/var/lib/a")).key_path(Path("/out")) == Path("/var/lib/a/pseudonym.key")
+
+
+def test_default_state_folder_without_xdg_state_home(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """No (or a relative) $XDG_STATE_HOME: ~/.local/state, as the XDG base directory spec says."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for value in (None, "relative/dir"):
+        if value is None:
+            monkeypatch.delenv("XDG_STATE_HOME")
+        else:
+            monkeypatch.setenv("XDG_STATE_HOME", value)
+        assert WatchConfig().state_path(Path("/out")).parent == tmp_path / ".local" / "state" / "atlaspatch"
 
 
 @pytest.mark.parametrize(
@@ -84,12 +98,14 @@ def _unit() -> dict[str, list[str]]:
 
 
 def test_systemd_unit_matches_the_daemon() -> None:
-    """The example unit: Type=notify, a non-root user, watchdog, mixed kill mode with a stop timeout longer than the
+    """The example unit: Type=notify, a non-root user, its state in StateDirectory=, watchdog, mixed kill mode with a stop timeout longer than the
     drain deadline of daemon.toml, and the sandbox of the reference (no network, no capabilities, read-only system)."""
     unit = _unit()
     drain = load_config(toml_path=ROOT / "configs" / "daemon.toml", environ={}).watch.drain_timeout_s
     assert unit["Type"] == ["notify"] and unit["User"][0] not in ("root", "0")
     assert "atlaspatch watch" in unit["ExecStart"][0]
+    # The state folder is systemd's StateDirectory (local, this unit's own), passed to the daemon as --state.
+    assert unit["StateDirectory"] == ["atlaspatch"] and "--state ${STATE_DIRECTORY}" in unit["ExecStart"][0]
     assert int(unit["WatchdogSec"][0]) > 0 and unit["KillMode"] == ["mixed"]
     assert int(unit["TimeoutStopSec"][0]) >= drain + 30
     for key, value in [("UMask", "0027"), ("ProtectSystem", "strict"), ("NoNewPrivileges", "yes"),

@@ -11,7 +11,8 @@ from pathlib import Path
 import anyio
 import pytest
 
-from atlaspatch_stream.outputs.h5thread import H5Executor, h5_executor
+from atlaspatch_stream.outputs.h5thread import h5_executor
+from atlaspatch_stream.outputs.writer_thread import WriterThread
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -27,7 +28,7 @@ class _Tracked:
 
 def test_submit_runs_on_the_h5_thread_in_order_and_returns_results() -> None:
     """Calls from several threads all run on the one H5 thread, one at a time, and each caller gets its result."""
-    executor = H5Executor(name="test-h5")
+    executor = WriterThread("test-h5")
     seen: list[str] = []
     running = [0]
     overlap = []
@@ -53,7 +54,7 @@ def test_submit_runs_on_the_h5_thread_in_order_and_returns_results() -> None:
 def test_errors_come_back_and_their_frames_release_objects_on_the_h5_thread() -> None:
     """An exception raised on the H5 thread reaches the caller; what its frames held is released on the H5 thread
     (so an h5py object never dies in another thread through a traceback), and the thread keeps serving."""
-    executor = H5Executor(name="test-h5-err")
+    executor = WriterThread("test-h5-err")
     _Tracked.released_on.clear()
 
     def fails() -> None:
@@ -69,7 +70,7 @@ def test_errors_come_back_and_their_frames_release_objects_on_the_h5_thread() ->
 
 def test_a_call_made_on_the_h5_thread_runs_inline() -> None:
     """A submitted function that submits again (store methods calling each other) does not deadlock."""
-    executor = H5Executor(name="test-h5-inline")
+    executor = WriterThread("test-h5-inline")
     assert executor.submit(lambda: executor.submit(lambda: threading.current_thread().name)) == "test-h5-inline"
     assert not executor.on_thread()
 
