@@ -147,6 +147,7 @@ class EncodeConfig:
     plugins: tuple[Path, ...] = ()
     compile: bool = False  # --compile: torch.compile the encoders (CUDA; minutes of warm-up per model)
     gpu_memory_budget: float = 0.5  # share of the feature GPU's free memory for rings, queues and batches
+    allow_nonfinite: bool = False  # keep feature rows with NaN/Inf (counted in the H5 and the report); else fail
 
     def __post_init__(self) -> None:
         _require(self.batch_size > 0, "--feature-batch-size must be > 0")

@@ -60,6 +60,10 @@ class SlideError(AtlasPatchError):
         return f"{self.slide}: {text}" if self.slide else text
 
 
+class NonfiniteFeatures(SlideError):
+    """An encoder wrote NaN or Inf feature rows for a slide (and `--allow-nonfinite` was not given)."""
+
+
 def describe(exc: BaseException) -> str:
     """A one-line description of a foreign exception, for per-slide failure records."""
     text = " ".join(str(exc).split())

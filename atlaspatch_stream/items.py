@@ -129,6 +129,18 @@ class PatchBatch:
 
 
 @dataclass(frozen=True)
+class Encoded:
+    """What the encoders made of one batch: float32 (B, D) per encoder, and where a row holds NaN or Inf.
+
+    `nonfinite` maps an encoder to a bool (B,) mask of its rows with a non-finite value; encoders whose rows are all
+    finite are absent (the usual case: an empty dict). The mask is computed where the features are (on the device).
+    """
+
+    features: dict[str, np.ndarray]
+    nonfinite: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class FeatureBatch:
     """Features of one `PatchBatch` from every requested encoder, float32 (B, D) each."""
 
@@ -137,6 +149,7 @@ class FeatureBatch:
     features: dict[str, np.ndarray]
     encode_seconds: float = 0.0
     read_seconds: float = 0.0
+    nonfinite: dict[str, np.ndarray] = field(default_factory=dict)  # as `Encoded.nonfinite`
 
 
 @dataclass(frozen=True)

@@ -409,7 +409,8 @@ class Pipeline:
             encoders = await anyio.to_thread.run_sync(b.make_encoders, limiter=lim.device) if on.encode else None
             dims = dict(encoders.dims) if encoders is not None else {}
             settings = write.WriteSettings(encoders=encoders.names if encoders else (), dims=dims,
-                                           count_rows=on.read and not on.encode)
+                                           count_rows=on.read and not on.encode,
+                                           allow_nonfinite=cfg.encode.allow_nonfinite)
             await _start(tg, write.run, s.to_write.receive, book=self.book, outputs=b.outputs, settings=settings,
                          limiter=lim.h5)
             if encoders is not None:

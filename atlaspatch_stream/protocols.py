@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 import numpy as np
 
 if TYPE_CHECKING:
-    from .items import OpenedSlide, PatchPlan, SlideInfo, SlideJob
+    from .items import Encoded, OpenedSlide, PatchPlan, SlideInfo, SlideJob
     from .outputs import ReuseDecision
 
 
@@ -199,8 +199,8 @@ class EncoderSet(Protocol):
         (None: all); returns the ticket to `collect`."""
         ...
 
-    def collect(self, ticket: object) -> dict[str, np.ndarray]:
-        """float32 (B, D) per encoder of a submitted batch (waits for it)."""
+    def collect(self, ticket: object) -> Encoded:
+        """float32 (B, D) per encoder of a submitted batch and its non-finite rows, counted on the device (waits)."""
         ...
 
     def close(self) -> None:
@@ -237,6 +237,10 @@ class Store(Protocol):
 
     def complete(self) -> bool:
         """True when every open feature set has all its rows."""
+        ...
+
+    def set_feature_attrs(self, name: str, attrs: Mapping[str, int]) -> None:
+        """Attributes of the open feature set `name` (kept when it is renamed at finalize)."""
         ...
 
     def finalize(self) -> Path:

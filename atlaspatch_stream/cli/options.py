@@ -88,6 +88,8 @@ FEATURE_OPTIONS: list[Decorator] = [
     click.option("--feature-precision", type=click.Choice(["float32", "float16", "bfloat16"], case_sensitive=False),
                  default=None, show_default="float16",
                  help="float32 exact; float16 = fp16 autocast on CUDA, on CPU bf16 where native else fp32; bfloat16 = bf16."),
+    click.option("--allow-nonfinite", is_flag=True, default=None,
+                 help="Keep feature rows with NaN/Inf (counted in the H5 and the run report) instead of failing."),
     click.option("--decoder", type=click.Choice(["auto", "cpu", "dali", "nvimgcodec"]), default=None,
                  show_default="auto",
                  help="Tile decoder: auto = dali with CUDA and DALI, else nvimgcodec with CUDA, else cpu (imagecodecs)."),
@@ -182,6 +184,7 @@ def build_config(params: dict[str, Any], *, features: bool) -> PipelineConfig:
             "plugins": tuple(p.get("feature_plugin") or ()),
             "weights": parse_weights(tuple(p.get("weights") or ())),
             "compile": p.get("compile_encoders") or None,
+            "allow_nonfinite": p.get("allow_nonfinite") or None,
         }
         workers = p.get("feature_num_workers")
         flags["read"] = {"reader_threads": max(1, workers) if workers is not None else None,

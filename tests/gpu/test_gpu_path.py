@@ -65,6 +65,6 @@ def test_encoder_streams_on_cuda_equal_direct_encoding() -> None:
     rng = np.random.default_rng(1)
     inputs = [rng.integers(0, 256, (16, 224, 224, 3), dtype=np.uint8) for _ in range(5)]
     tickets = [runner.submit(torch.from_numpy(p).cuda() if i % 2 else p) for i, p in enumerate(inputs[:3])]
-    got = [runner.collect(t)["resnet18"] for t in tickets]
+    got = [runner.collect(t).features["resnet18"] for t in tickets]
     for feats, pixels in zip(got, inputs, strict=False):
         np.testing.assert_allclose(feats, enc.encode(pixels), rtol=1e-4, atol=1e-4)
