@@ -285,3 +285,20 @@ def serve_folder(input_folder: Path, config: PipelineConfig, **options: Any) -> 
     from .folder import serve_folder as serve
 
     return serve(input_folder, config, **options)
+
+
+async def check_outputs(out: Path, expect: Any = None, *, threads: int | None = None) -> list[Any]:
+    """Validate every H5 under `<out>/patches` (read only, in a worker thread): a `qc.check.Verdict` per file.
+
+    `expect` is a `qc.check.Expectations` (patch size, target magnification, encoders, slide folder) or None.
+    """
+    from .qc.check import check_outputs as check
+
+    return await anyio.to_thread.run_sync(lambda: check(out, expect, threads=threads))
+
+
+async def write_report(out: Path, **options: Any) -> Path:
+    """Write the QC gallery `<out>/qc/index.html` (in a worker thread); returns its path. See `qc.report`."""
+    from .qc.report import write_report as write
+
+    return await anyio.to_thread.run_sync(lambda: write(out, **options))

@@ -7,6 +7,7 @@ which are imported here lazily, so `import atlaspatch_stream` stays light.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -70,8 +71,16 @@ def slide_attrs(slide: OpenedSlide, geometry: Geometry, settings: SettingsRecord
         vendor=info.vendor,
         institution=None if job.pseudonym else info.institution,  # an identifier of the site: not with pseudonyms
         stain=info.stain,
-        extra=settings.attrs(),
+        extra={**settings.attrs(), "source_size": _file_size(job.path)},
     )
+
+
+def _file_size(path: Path) -> int | None:
+    """The slide file's byte size, recorded so `atlaspatch check` can tell a replaced slide (None for a folder)."""
+    try:
+        return os.stat(path).st_size if os.path.isfile(path) else None
+    except OSError:
+        return None
 
 
 class TiffSlides:
