@@ -171,29 +171,49 @@ def check_h5(path: Path, expect: Expectations) -> Verdict:
 
     try:
         with h5py.File(path, "r", locking=False) as f:
-            attrs = {k: _plain(v) for k, v in f.attrs.items()}
-            code, detail, num = _content_verdict(f, attrs, expect)
+            opened = _Opened.read(f)
+            code, detail, num = _content_verdict(opened, expect)
     except (OSError, RuntimeError, KeyError, ValueError, TypeError) as exc:
         return Verdict(path, "corrupt", describe(exc))
-    slide = _slide_path(attrs, expect)
+    slide = _slide_path(opened.attrs, expect)
     if slide is None or not slide.exists():
         return Verdict(path, code, detail, "slide_gone", num)
     if code == "ok":
-        changed = slide_change(attrs, slide)
+        changed = slide_change(opened.attrs, slide)
         if changed:
             return Verdict(path, "slide_changed", changed, None, num)
     return Verdict(path, code, detail, None, num)
 
 
-def _content_verdict(f: Any, attrs: Mapping[str, Any], expect: Expectations) -> tuple[Code, str, int | None]:
-    problem = _schema_problem(f, attrs)
+@dataclass(frozen=True)
+class _Opened:
+    """An open H5's attributes and datasets, each looked up once (h5py lookups dominate on small files)."""
+
+    attrs: dict[str, Any]
+    coords: Any
+    passports: Any
+    sets: dict[str, Any]  # every features/ dataset, temporary ones included
+
+    @classmethod
+    def read(cls, f: Any) -> _Opened:
+        group = f.get("features")
+        sets = {n: group[n] for n in group} if group is not None and hasattr(group, "keys") else {}
+        return cls({k: _plain(v) for k, v in f.attrs.items()}, f.get("coords"), f.get("passports"), sets)
+
+    def final_sets(self) -> dict[str, Any]:
+        """The feature sets under their final names."""
+        return {n: ds for n, ds in self.sets.items() if not n.startswith(TMP_SET_PREFIX)}
+
+
+def _content_verdict(f: _Opened, expect: Expectations) -> tuple[Code, str, int | None]:
+    problem = _schema_problem(f)
     if problem:
         return "schema", problem, None
-    num = int(attrs.get("num_patches", f["coords"].shape[0]))
+    num = int(f.attrs.get("num_patches", f.coords.shape[0]))
     checks: list[tuple[Code, Any]] = [
         ("incomplete", lambda: _incomplete(f, num)),
-        ("geometry_mismatch", lambda: _geometry(attrs, expect)),
-        ("coords_out_of_bounds", lambda: _out_of_bounds(f["coords"], attrs)),
+        ("geometry_mismatch", lambda: _geometry(f.attrs, expect)),
+        ("coords_out_of_bounds", lambda: _out_of_bounds(f.coords, f.attrs)),
         ("missing_features", lambda: _missing(f, expect.encoders)),
         ("nonfinite_features", lambda: _nonfinite(f)),
     ]
@@ -204,35 +224,29 @@ def _content_verdict(f: Any, attrs: Mapping[str, Any], expect: Expectations) -> 
     return "ok", "", num
 
 
-def _schema_problem(f: Any, attrs: Mapping[str, Any]) -> str:
-    missing = [k for k in REQUIRED_ATTRS if k not in attrs]
+def _schema_problem(f: _Opened) -> str:
+    missing = [k for k in REQUIRED_ATTRS if k not in f.attrs]
     if missing:
         return "missing attribute(s) " + ", ".join(missing)
-    for name in ("coords", "passports"):
-        if name not in f:
+    for name, ds in (("coords", f.coords), ("passports", f.passports)):
+        if ds is None or not hasattr(ds, "dtype"):
             return f"missing dataset {name}"
-    coords, passports = f["coords"], f["passports"]
+    coords, passports = f.coords, f.passports
     if coords.dtype != np.int32 or coords.ndim != 2 or coords.shape[1] != 5:
         return f"coords is {coords.dtype} {coords.shape}, expected int32 (N, 5)"
     if passports.dtype.kind != "S" or passports.ndim != 1:
         return f"passports is {passports.dtype} {passports.shape}, expected fixed bytes (N,)"
-    for name, ds in _feature_sets(f, with_temp=False).items():
+    for name, ds in f.final_sets().items():
         if ds.dtype != np.float32 or ds.ndim != 2:
             return f"features/{name} is {ds.dtype} {ds.shape}, expected float32 (N, D)"
     return ""
 
 
-def _feature_sets(f: Any, *, with_temp: bool) -> dict[str, Any]:
-    group = f.get("features")
-    if group is None or not hasattr(group, "keys"):
-        return {}
-    return {n: group[n] for n in group if with_temp or not n.startswith(TMP_SET_PREFIX)}
-
-
-def _incomplete(f: Any, num: int) -> str:
-    if f["coords"].shape[0] != num or f["passports"].shape[0] != num:
-        return f"coords has {f['coords'].shape[0]} rows, passports {f['passports'].shape[0]}, num_patches is {num}"
-    for name, ds in _feature_sets(f, with_temp=True).items():
+def _incomplete(f: _Opened, num: int) -> str:
+    rows, passports = f.coords.shape[0], f.passports.shape[0]
+    if rows != num or passports != num:
+        return f"coords has {rows} rows, passports {passports}, num_patches is {num}"
+    for name, ds in f.sets.items():
         if name.startswith(TMP_SET_PREFIX):
             return f"features/{name} is a feature set still being written"
         if ds.shape[0] != num:
@@ -257,15 +271,15 @@ def _out_of_bounds(coords: Any, attrs: Mapping[str, Any]) -> str:
     return ""
 
 
-def _missing(f: Any, encoders: tuple[str, ...]) -> str:
-    have = {n.lower() for n in _feature_sets(f, with_temp=False)}
+def _missing(f: _Opened, encoders: tuple[str, ...]) -> str:
+    have = {n.lower() for n in f.final_sets()}
     lacking = [e for e in encoders if e.lower() not in have]
     return ("no features/" + ", features/".join(lacking)) if lacking else ""
 
 
-def _nonfinite(f: Any) -> str:
+def _nonfinite(f: _Opened) -> str:
     found = []
-    for name, ds in _feature_sets(f, with_temp=False).items():
+    for name, ds in f.final_sets().items():
         bad = sum(int((~np.isfinite(block).all(axis=1)).sum()) for _, block in _blocks(ds))
         if bad:
             found.append(f"features/{name}: {bad} of {ds.shape[0]} rows with NaN or Inf")
