@@ -167,6 +167,7 @@ class WriteConfig:
     visualize_grids: bool = False
     visualize_mask: bool = False
     visualize_contours: bool = False
+    qc: bool = False  # --qc: save <out>/qc/thumbs/<stem>.jpg and .mask.png from the segmented thumbnail
 
     def __post_init__(self) -> None:
         _require(self.write_batch > 0, "--write-batch must be > 0")

@@ -97,6 +97,7 @@ class TissueMask:
 
     slide: OpenedSlide
     mask: np.ndarray | None
+    thumbnail: np.ndarray | None = None  # the segmented thumbnail, carried only for `--qc` (saved by `plan`)
 
 
 @dataclass(frozen=True)

@@ -325,6 +325,10 @@ class OutputStore(Protocol):
         """`--save-images`: one PNG per patch, written atomically."""
         ...
 
+    def save_qc_thumbnail(self, stem: str, thumbnail: np.ndarray, mask: np.ndarray) -> None:
+        """`--qc`: `<out>/qc/thumbs/<stem>.jpg` (small) and `<stem>.mask.png` from the segmented thumbnail."""
+        ...
+
     def sweep_orphans(self) -> None:
         """At start: remove temporary files and stale locks left by processes that no longer run."""
         ...

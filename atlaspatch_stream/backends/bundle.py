@@ -258,6 +258,12 @@ class H5Outputs:
         existing = inspect_h5(path) if path.exists() else None
         return outputs.decide_reuse(existing, encoders, self.settings.attrs())
 
+    def save_qc_thumbnail(self, stem: str, thumbnail: np.ndarray, mask: np.ndarray) -> None:
+        """`--qc`: `<out>/qc/thumbs/<stem>.jpg` and `<stem>.mask.png` (what `atlaspatch report` draws cards from)."""
+        from .visualize import write_qc_thumbnail
+
+        write_qc_thumbnail(outputs.qc_thumbs_dir(self.config.write.output), stem, thumbnail, mask)
+
     def read_coords(self, path: Path) -> np.ndarray:
         """The `coords` of a complete H5."""
         from .h5store import read_coords

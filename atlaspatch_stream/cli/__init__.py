@@ -17,7 +17,7 @@ from .options import (
     parse_weights,
     watch_options,
 )
-from .qc_cmd import check
+from .qc_cmd import check, report
 from .runner import execute, exit_with
 from .scale import run_scaled_or_local, scale_options, slurm_template
 
@@ -132,6 +132,7 @@ def encoders(check: bool, strict: bool, weights: tuple[str, ...], names: tuple[s
 
 cli.add_command(slurm_template)
 cli.add_command(check)
+cli.add_command(report)
 
 
 def main() -> None:

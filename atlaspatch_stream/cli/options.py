@@ -69,6 +69,8 @@ COMMON_OPTIONS: list[Decorator] = [
     click.option("--visualize-grids", is_flag=True, help="<out>/visualization/<stem>.png"),
     click.option("--visualize-mask", is_flag=True, help="<out>/visualization/<stem>_mask.png and _mask_bw.png"),
     click.option("--visualize-contours", is_flag=True, help="<out>/visualization/<stem>_contours.png"),
+    click.option("--qc", is_flag=True, help="Save a small JPEG thumbnail and tissue mask per slide under "
+                                            "<out>/qc/thumbs/ for `atlaspatch report` (no second read)."),
     click.option("--skip-existing/--force", default=None, show_default="True",
                  help="Skip or reuse slides whose output exists (--force re-segments and overwrites)."),
 ]
@@ -174,7 +176,7 @@ def build_config(params: dict[str, Any], *, features: bool) -> PipelineConfig:
         flags["write"].update({k: p.get(k) for k in ("write_batch", "skip_existing")})
         # plain flags: only an explicit flag overrides the environment or the TOML file
         flags["write"].update({k: p.get(k) or None for k in ("save_images", "visualize_grids", "visualize_mask",
-                                                             "visualize_contours")})
+                                                             "visualize_contours", "qc")})
     if features:
         flags["encode"] = {
             "extractors": parse_feature_list(p["feature_extractors"]) if p.get("feature_extractors") else None,

@@ -133,3 +133,23 @@ class _CheckProgress:
         """Remove the bar."""
         if self.bar is not None:
             self.bar.close()
+
+
+@click.command("report")
+@click.argument("output", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="Cards drawn at once [CPUs, ≤ 8].")
+@click.option("--page-size", type=click.IntRange(min=1), default=50, show_default=True, help="Slides per page.")
+def report(output: Path, threads: int | None, page_size: int) -> None:
+    """Write the QC gallery OUTPUT/qc/index.html (self-contained: open it from disk, no network needed)."""
+    from ..errors import MissingExtraError, import_extra
+
+    try:
+        import_extra("jinja2", "qc", "atlaspatch report needs Jinja2")
+        import_extra("matplotlib", "qc", "atlaspatch report needs matplotlib")
+    except MissingExtraError as exc:
+        raise click.ClickException(str(exc)) from exc
+    from ..qc.report import write_report
+
+    started = time.perf_counter()
+    page = write_report(output, threads=threads, page_size=page_size)
+    write_line(f"wrote {page} in {time.perf_counter() - started:.1f} s")

@@ -311,6 +311,14 @@ def slide_change(attrs: Mapping[str, Any], slide: Path) -> str:
     return ""
 
 
+def read_summary(path: Path) -> tuple[dict[str, Any], np.ndarray]:
+    """An H5's root attributes and its coords (int32 (N, 5)), for the report's cards."""
+    import h5py
+
+    with h5py.File(path, "r", locking=False) as f:
+        return {k: _plain(v) for k, v in f.attrs.items()}, np.asarray(f["coords"][...], dtype=np.int32)
+
+
 def _plain(value: Any) -> Any:
     if isinstance(value, bytes):
         return value.decode("utf-8", "replace")
