@@ -211,8 +211,8 @@ def read_qc_image(path: Path) -> np.ndarray:
 
 
 def draw_qc_card(thumb: np.ndarray, mask: np.ndarray | None, level0_size: tuple[int, int], coords: np.ndarray,
-                 patch_size_level0: int, max_size: int = 384) -> np.ndarray:
-    """A card image: the thumbnail (at most `max_size` px) with the patch grid (1 px, dark) and the tissue contours
+                 patch_size_level0: int, max_size: int = QC_THUMB_MAX) -> np.ndarray:
+    """A card image: the thumbnail (at most `max_size` px; a `--qc` thumbnail is already that small) with the patch grid (1 px, dark) and the tissue contours
     (red, 2 px) of `mask` (any size; None: no contours) drawn on it. Returns RGB uint8."""
     from .contours import mask_to_contours
 
