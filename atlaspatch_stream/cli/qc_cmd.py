@@ -12,7 +12,7 @@ import click
 import orjson
 
 from .options import parse_feature_list
-from .runner import exit_with, write_line
+from .runner import exit_with, quiet_slide_libraries, write_line
 
 PLAIN_PROGRESS_EVERY_S = 10.0
 
@@ -150,6 +150,7 @@ def report(output: Path, threads: int | None, page_size: int) -> None:
         raise click.ClickException(str(exc)) from exc
     from ..qc.report import write_report
 
+    quiet_slide_libraries(False)  # a slide that cannot give a thumbnail is listed as missing on the page
     started = time.perf_counter()
     page = write_report(output, threads=threads, page_size=page_size)
     write_line(f"wrote {page} in {time.perf_counter() - started:.1f} s")
