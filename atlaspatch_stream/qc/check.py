@@ -13,7 +13,7 @@ read-only without HDF5 file locking and its arrays are read in blocks. One verdi
     slide_changed         the source slide (when still there) has another byte size or file name than recorded
 
 Orphans are reported beside the verdict: temporary files whose writer is gone, stale locks, and H5s whose slide is
-gone. h5py is imported lazily (`import atlaspatch_stream` stays light).
+gone. The H5 itself is read by `backends.h5check` (h5py, imported lazily: `import atlaspatch_stream` stays light).
 """
 
 from __future__ import annotations
@@ -25,9 +25,7 @@ from collections.abc import Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, get_args
-
-import numpy as np
+from typing import Any, Literal, cast, get_args
 
 from ..errors import describe
 
@@ -36,11 +34,7 @@ Code = Literal["ok", "corrupt", "incomplete", "schema", "geometry_mismatch", "co
 CODES: tuple[str, ...] = get_args(Code)
 Orphan = Literal["temp_file", "stale_lock", "slide_gone"]
 
-REQUIRED_ATTRS = ("patch_size", "patch_size_level0", "level0_magnification", "target_magnification", "overlap",
-                  "level0_width", "level0_height", "wsi_path", "filename")
-TMP_SET_PREFIX = "__tmp_"  # a feature set still being written (upstream and ours)
 _TEMP_FILE = re.compile(r"^\.(?P<stem>.+)\.h5\.tmp\.(?:(?P<tag>[0-9a-f]{10}-\d+-\d+)\.[0-9a-f]{12}|[0-9a-f]{32})$")
-_BLOCK_BYTES = 4 << 20  # features are scanned for NaN/Inf this many bytes at a time
 
 
 @dataclass(frozen=True)
@@ -167,131 +161,21 @@ def _lock_verdict(path: Path) -> Verdict | None:
 
 def check_h5(path: Path, expect: Expectations) -> Verdict:
     """Open one H5 read-only and return the first problem found (or `ok`), with the orphan flag for a gone slide."""
-    import h5py
+    from ..backends.h5check import inspect_output
 
     try:
-        with h5py.File(path, "r", locking=False) as f:
-            opened = _Opened.read(f)
-            code, detail, num = _content_verdict(opened, expect)
+        found = inspect_output(path, expect.patch_size, expect.target_mag, expect.encoders)
     except (OSError, RuntimeError, KeyError, ValueError, TypeError) as exc:
         return Verdict(path, "corrupt", describe(exc))
-    slide = _slide_path(opened.attrs, expect)
+    code = cast(Code, found.code)
+    slide = _slide_path(found.attrs, expect)
     if slide is None or not slide.exists():
-        return Verdict(path, code, detail, "slide_gone", num)
+        return Verdict(path, code, found.detail, "slide_gone", found.num_patches)
     if code == "ok":
-        changed = slide_change(opened.attrs, slide)
+        changed = slide_change(found.attrs, slide)
         if changed:
-            return Verdict(path, "slide_changed", changed, None, num)
-    return Verdict(path, code, detail, None, num)
-
-
-@dataclass(frozen=True)
-class _Opened:
-    """An open H5's attributes and datasets, each looked up once (h5py lookups dominate on small files)."""
-
-    attrs: dict[str, Any]
-    coords: Any
-    passports: Any
-    sets: dict[str, Any]  # every features/ dataset, temporary ones included
-
-    @classmethod
-    def read(cls, f: Any) -> _Opened:
-        group = f.get("features")
-        sets = {n: group[n] for n in group} if group is not None and hasattr(group, "keys") else {}
-        return cls({k: _plain(v) for k, v in f.attrs.items()}, f.get("coords"), f.get("passports"), sets)
-
-    def final_sets(self) -> dict[str, Any]:
-        """The feature sets under their final names."""
-        return {n: ds for n, ds in self.sets.items() if not n.startswith(TMP_SET_PREFIX)}
-
-
-def _content_verdict(f: _Opened, expect: Expectations) -> tuple[Code, str, int | None]:
-    problem = _schema_problem(f)
-    if problem:
-        return "schema", problem, None
-    num = int(f.attrs.get("num_patches", f.coords.shape[0]))
-    checks: list[tuple[Code, Any]] = [
-        ("incomplete", lambda: _incomplete(f, num)),
-        ("geometry_mismatch", lambda: _geometry(f.attrs, expect)),
-        ("coords_out_of_bounds", lambda: _out_of_bounds(f.coords, f.attrs)),
-        ("missing_features", lambda: _missing(f, expect.encoders)),
-        ("nonfinite_features", lambda: _nonfinite(f)),
-    ]
-    for code, check in checks:
-        detail = check()
-        if detail:
-            return code, detail, num
-    return "ok", "", num
-
-
-def _schema_problem(f: _Opened) -> str:
-    missing = [k for k in REQUIRED_ATTRS if k not in f.attrs]
-    if missing:
-        return "missing attribute(s) " + ", ".join(missing)
-    for name, ds in (("coords", f.coords), ("passports", f.passports)):
-        if ds is None or not hasattr(ds, "dtype"):
-            return f"missing dataset {name}"
-    coords, passports = f.coords, f.passports
-    if coords.dtype != np.int32 or coords.ndim != 2 or coords.shape[1] != 5:
-        return f"coords is {coords.dtype} {coords.shape}, expected int32 (N, 5)"
-    if passports.dtype.kind != "S" or passports.ndim != 1:
-        return f"passports is {passports.dtype} {passports.shape}, expected fixed bytes (N,)"
-    for name, ds in f.final_sets().items():
-        if ds.dtype != np.float32 or ds.ndim != 2:
-            return f"features/{name} is {ds.dtype} {ds.shape}, expected float32 (N, D)"
-    return ""
-
-
-def _incomplete(f: _Opened, num: int) -> str:
-    rows, passports = f.coords.shape[0], f.passports.shape[0]
-    if rows != num or passports != num:
-        return f"coords has {rows} rows, passports {passports}, num_patches is {num}"
-    for name, ds in f.sets.items():
-        if name.startswith(TMP_SET_PREFIX):
-            return f"features/{name} is a feature set still being written"
-        if ds.shape[0] != num:
-            return f"features/{name} has {ds.shape[0]} rows, num_patches is {num}"
-    return ""
-
-
-def _geometry(attrs: Mapping[str, Any], expect: Expectations) -> str:
-    wanted = {"patch_size": expect.patch_size, "target_magnification": expect.target_mag}
-    diffs = [f"{k}={attrs[k]} (expected {v})" for k, v in wanted.items() if v is not None and int(attrs[k]) != v]
-    return "; ".join(diffs)
-
-
-def _out_of_bounds(coords: Any, attrs: Mapping[str, Any]) -> str:
-    width, height = int(attrs["level0_width"]), int(attrs["level0_height"])
-    for start, block in _blocks(coords):
-        bad = ((block[:, 0] < 0) | (block[:, 0] >= width) | (block[:, 1] < 0) | (block[:, 1] >= height)
-               | (block[:, 2] <= 0) | (block[:, 3] <= 0) | (block[:, 4] < 0))
-        if bad.any():
-            row = start + int(np.argmax(bad))
-            return f"row {row}: {block[row - start].tolist()} outside the {width}x{height} slide"
-    return ""
-
-
-def _missing(f: _Opened, encoders: tuple[str, ...]) -> str:
-    have = {n.lower() for n in f.final_sets()}
-    lacking = [e for e in encoders if e.lower() not in have]
-    return ("no features/" + ", features/".join(lacking)) if lacking else ""
-
-
-def _nonfinite(f: _Opened) -> str:
-    found = []
-    for name, ds in f.final_sets().items():
-        bad = sum(int((~np.isfinite(block).all(axis=1)).sum()) for _, block in _blocks(ds))
-        if bad:
-            found.append(f"features/{name}: {bad} of {ds.shape[0]} rows with NaN or Inf")
-    return "; ".join(found)
-
-
-def _blocks(ds: Any) -> Iterator[tuple[int, np.ndarray]]:
-    """(first row, rows) blocks of about `_BLOCK_BYTES` each (flat memory whatever the slide's size)."""
-    row_bytes = max(1, int(np.prod(ds.shape[1:], dtype=np.int64)) * ds.dtype.itemsize)
-    step = max(1, _BLOCK_BYTES // row_bytes)
-    for start in range(0, ds.shape[0], step):
-        yield start, ds[start : start + step]
+            return Verdict(path, "slide_changed", changed, None, found.num_patches)
+    return Verdict(path, code, found.detail, None, found.num_patches)
 
 
 def _slide_path(attrs: Mapping[str, Any], expect: Expectations) -> Path | None:
@@ -309,22 +193,6 @@ def slide_change(attrs: Mapping[str, Any], slide: Path) -> str:
     if recorded is not None and slide.is_file() and slide.stat().st_size != int(recorded):
         return f"slide {slide} is {slide.stat().st_size} bytes, was {int(recorded)} when processed"
     return ""
-
-
-def read_summary(path: Path) -> tuple[dict[str, Any], np.ndarray]:
-    """An H5's root attributes and its coords (int32 (N, 5)), for the report's cards."""
-    import h5py
-
-    with h5py.File(path, "r", locking=False) as f:
-        return {k: _plain(v) for k, v in f.attrs.items()}, np.asarray(f["coords"][...], dtype=np.int32)
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, bytes):
-        return value.decode("utf-8", "replace")
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
 
 
 @dataclass(frozen=True)

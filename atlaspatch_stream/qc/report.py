@@ -147,7 +147,7 @@ def _thumbnail(out: Path, stem: str, slide: str, attrs: Mapping[str, Any]) -> tu
 
 def _h5_summary(h5: str | None) -> tuple[dict[str, Any], np.ndarray]:
     """An H5's root attributes and coords; nothing when it is absent or unreadable (its verdict says why)."""
-    from .check import read_summary
+    from ..backends.h5check import read_summary
 
     empty = np.zeros((0, 5), np.int32)
     if not h5:
