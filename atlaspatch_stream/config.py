@@ -214,6 +214,7 @@ class WatchConfig:
     probe_s: float = 60.0  # while intake is paused by a system error: seconds between output write probes
     drain_timeout_s: float = 120.0  # first SIGTERM: in-flight slides get this long to finish
     status_interval_s: float = 5.0  # status.json is replaced this often
+    qc_report_s: float = 300.0  # the QC gallery <output>/qc/index.html is rebuilt this often when slides finished; 0 = off
     metrics: str | None = None  # "127.0.0.1:PORT" or "unix:PATH"; None = no listening socket at all
     pseudonymize: bool = False  # keyed hash instead of paths in H5 attributes, logs and metrics
     key_file: Path | None = None  # the site key for pseudonyms; None = <state>/pseudonym.key (created 0600)
@@ -232,6 +233,7 @@ class WatchConfig:
         _require(self.probe_s > 0, "probe_s must be > 0")
         _require(self.drain_timeout_s >= 0, "--drain-timeout must be >= 0")
         _require(self.status_interval_s > 0, "status_interval_s must be > 0")
+        _require(self.qc_report_s >= 0, "qc_report_s must be >= 0")
         _require(self.log_format in get_args(LogFormat), f"unknown --log-format {self.log_format!r}")
         _require(all(isinstance(g, str) and g for g in self.ignore), "--ignore patterns must be non-empty strings")
         if self.metrics is not None:

@@ -17,7 +17,7 @@ from .options import (
     parse_weights,
     watch_options,
 )
-from .qc_cmd import check, report
+from .qc_cmd import build_report, check, report
 from .runner import execute, exit_with
 from .scale import run_scaled_or_local, scale_options, slurm_template
 
@@ -81,11 +81,15 @@ def watch(wsi_path: Path, **params: Any) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option("--requeue", multiple=True, metavar="SLIDE",
               help="Give a slide (its path relative to INPUT) a new set of attempts (repeatable).")
-def status(output: Path, state_dir: Path | None, as_json: bool, requeue: tuple[str, ...]) -> None:
+@click.option("--report", "rebuild", is_flag=True, help="Also rebuild the QC gallery OUTPUT/qc/index.html now.")
+def status(output: Path, state_dir: Path | None, as_json: bool, requeue: tuple[str, ...], rebuild: bool) -> None:
     """The daemon's ledger: slides per state, in flight, the last 10 failures and the quarantine list."""
     from .watch_cmd import run_status
 
-    exit_with(run_status(output, state_dir, as_json, requeue))
+    code = run_status(output, state_dir, as_json, requeue)
+    if rebuild:
+        build_report(output, to_stderr=as_json)
+    exit_with(code)
 
 
 def _run_slides(wsi_path: Path, params: dict[str, Any], mode: Mode, command: str) -> None:

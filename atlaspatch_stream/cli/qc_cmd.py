@@ -141,6 +141,12 @@ class _CheckProgress:
 @click.option("--page-size", type=click.IntRange(min=1), default=50, show_default=True, help="Slides per page.")
 def report(output: Path, threads: int | None, page_size: int) -> None:
     """Write the QC gallery OUTPUT/qc/index.html (self-contained: open it from disk, no network needed)."""
+    build_report(output, threads=threads, page_size=page_size)
+
+
+def build_report(output: Path, *, threads: int | None = None, page_size: int = 50, to_stderr: bool = False) -> None:
+    """Write the gallery and say where (on stderr when stdout carries JSON), or one line naming the missing `qc`
+    extra."""
     from ..errors import MissingExtraError, import_extra
 
     try:
@@ -153,4 +159,4 @@ def report(output: Path, threads: int | None, page_size: int) -> None:
     quiet_slide_libraries(False)  # a slide that cannot give a thumbnail is listed as missing on the page
     started = time.perf_counter()
     page = write_report(output, threads=threads, page_size=page_size)
-    write_line(f"wrote {page} in {time.perf_counter() - started:.1f} s")
+    write_line(f"wrote {page} in {time.perf_counter() - started:.1f} s", sys.stderr if to_stderr else None)
