@@ -60,7 +60,7 @@ def run_check(output: Path, expect: Any, *, as_json: bool, requeue: bool, state_
         if as_json:
             write_line(orjson.dumps(verdict.to_json()).decode())
         elif not verdict.ok or verdict.orphan:
-            progress.message(_row(verdict, output))
+            progress.message(_row(verdict))
         progress.advance()
     progress.close()
     seconds = time.perf_counter() - started
@@ -72,10 +72,9 @@ def run_check(output: Path, expect: Any, *, as_json: bool, requeue: bool, state_
     return 0 if set(counts) <= {"ok"} else 1
 
 
-def _row(verdict: Any, output: Path) -> str:
+def _row(verdict: Any) -> str:
     orphan = f" [orphan: {verdict.orphan}]" if verdict.orphan else ""
-    name = verdict.path.relative_to(output / "patches") if verdict.path.is_relative_to(output) else verdict.path
-    return f"{verdict.code:<21} {name}  {verdict.detail}{orphan}"
+    return f"{verdict.code:<21} {verdict.path.name}  {verdict.detail}{orphan}"
 
 
 def _requeue(output: Path, rebuild: list[Any], state_dir: Path | None) -> dict[str, int]:

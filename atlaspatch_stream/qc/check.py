@@ -54,14 +54,19 @@ class Verdict:
 
     @property
     def stem(self) -> str:
-        """The slide's output stem (`<stem>.h5`, `.<stem>.h5.tmp...`, `<stem>.lock`)."""
-        match = _TEMP_FILE.match(self.path.name)
-        return match.group("stem") if match else self.path.name.rsplit(".", 1)[0]
+        """The slide's output stem."""
+        return stem_of(self.path)
 
     def to_json(self) -> dict[str, Any]:
         """A plain dict for `--json` and the report."""
         return {"path": str(self.path), "stem": self.stem, "code": self.code, "detail": self.detail,
                 "orphan": self.orphan, "num_patches": self.num_patches}
+
+
+def stem_of(path: Path) -> str:
+    """The output stem a file under `<out>/patches` belongs to (`<stem>.h5`, `.<stem>.h5.tmp...`, `<stem>.lock`)."""
+    match = _TEMP_FILE.match(path.name)
+    return match.group("stem") if match else path.name.rsplit(".", 1)[0]
 
 
 @dataclass(frozen=True)
@@ -228,5 +233,5 @@ def requeue(verdicts: list[Verdict], ledger: Path | None) -> Requeued:
     if ledger is not None and ledger.exists() and deleted:
         from ..sources.ledger import requeue_outputs
 
-        marked = len(requeue_outputs(ledger, sorted({Verdict(p, "ok").stem for p in deleted})))
+        marked = len(requeue_outputs(ledger, sorted({stem_of(p) for p in deleted})))
     return Requeued(tuple(deleted), marked)

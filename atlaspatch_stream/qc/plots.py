@@ -1,4 +1,4 @@
-"""The report's run-level plots: matplotlib figures rendered to SVG text (Agg, no display needed)."""
+"""The report's run-level plots: matplotlib figures rendered to SVG text (no pyplot, no display, no global state)."""
 
 from __future__ import annotations
 
@@ -10,10 +10,7 @@ FIGSIZE = (5.0, 2.8)
 
 
 def _figure() -> tuple[Any, Any]:
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # a bare Figure draws without pyplot or a chosen backend
 
     fig = Figure(figsize=FIGSIZE, layout="constrained")
     return fig, fig.add_subplot()

@@ -63,9 +63,9 @@ def write_report(out: Path, *, threads: int | None = None, page_size: int = 50) 
         cards = list(pool.map(lambda row: make_card(out, row), rows))
     for row, card in zip(rows, cards, strict=True):
         row.update(image=card.image, thumb=card.source, tissue=card.tissue_fraction, **card.facts)
-    mark_outliers(rows)
+    median = mark_outliers(rows)
     plots = write_plots(qc / "plots", log, rows)
-    page = render(rows, log, plots, page_size, time.perf_counter() - started)
+    page = render(rows, log, plots, median, page_size, time.perf_counter() - started)
     return _write_text(qc / "index.html", page)
 
 
@@ -177,8 +177,8 @@ def write_plots(folder: Path, log: RunLog, rows: Sequence[Mapping[str, Any]]) ->
     return written
 
 
-def render(rows: list[dict[str, Any]], log: RunLog, plots: Mapping[str, str], page_size: int,
-           build_seconds: float) -> str:
+def render(rows: list[dict[str, Any]], log: RunLog, plots: Mapping[str, str], median: float | None,
+           page_size: int, build_seconds: float) -> str:
     """The page, from the package's Jinja2 template."""
     import jinja2
 
@@ -191,7 +191,7 @@ def render(rows: list[dict[str, Any]], log: RunLog, plots: Mapping[str, str], pa
         settings=settings, encoders=settings.get("encode", {}).get("extractors", []),
         versions=_versions(), machine=log.start.get("machine", {}), missing=missing,
         statuses=sorted({r["status"] for r in rows}), verdicts=sorted({r["verdict"] for r in rows}),
-        median=mark_outliers(rows), built=time.strftime("%Y-%m-%d %H:%M:%S %Z"), build_seconds=build_seconds,
+        median=median, outlier_factor=OUTLIER_FACTOR, built=time.strftime("%Y-%m-%d %H:%M:%S %Z"), build_seconds=build_seconds,
         tool_version=__version__)
 
 
