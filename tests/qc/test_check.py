@@ -7,14 +7,17 @@ import shutil
 import time
 from pathlib import Path
 
+import anyio
 import h5py
 import numpy as np
 import orjson
 import pytest
 from click.testing import CliRunner
 
+import atlaspatch_stream
+from atlaspatch_stream import sync
 from atlaspatch_stream.cli import cli
-from atlaspatch_stream.qc.check import Expectations, check_outputs
+from atlaspatch_stream.qc.check import Expectations
 from atlaspatch_stream.testing.synthetic import write_synthetic_slide
 
 ARGS = ["--patch-size", "256", "--target-mag", "20", "--segmenter", "otsu", "--device", "cpu",
@@ -189,6 +192,9 @@ def test_an_h5_written_to_upstreams_schema_passes(tmp_path: Path) -> None:
                             "creation_date": "2026-01-01T00:00:00+00:00", "filename": "up.svs", "mpp": 0.25,
                             "magnification": 40, "num_patches": n})
             f.create_dataset("features/resnet50", data=np.ones((n, 8), dtype=np.float32))
-    verdicts = check_outputs(tmp_path / "out", Expectations(patch_size=256, target_mag=20, encoders=("resnet50",)))
+    expect = Expectations(patch_size=256, target_mag=20, encoders=("resnet50",))
+    verdicts = sync.check_outputs(tmp_path / "out", expect)
     assert sorted((v.stem, v.code, v.orphan) for v in verdicts) == [("empty", "ok", "slide_gone"),
                                                                    ("up", "ok", "slide_gone")]
+    from_async = anyio.run(lambda: atlaspatch_stream.check_outputs(tmp_path / "out", expect))
+    assert sorted(from_async, key=lambda v: v.stem) == sorted(verdicts, key=lambda v: v.stem)
