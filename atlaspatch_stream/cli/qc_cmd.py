@@ -47,6 +47,7 @@ def run_check(output: Path, expect: Any, *, as_json: bool, requeue: bool, state_
     """Stream verdicts to stdout (problems as table rows, or every file as JSON), count them, requeue if asked."""
     from ..qc.check import count_candidates, iter_verdicts
 
+    quiet_slide_libraries(False)  # a slide that no longer opens gets its verdict; tifffile's own line is noise
     counts: Counter[str] = Counter()
     orphans: Counter[str] = Counter()
     rebuild = []

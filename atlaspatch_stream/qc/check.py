@@ -191,13 +191,30 @@ def _slide_path(attrs: Mapping[str, Any], expect: Expectations) -> Path | None:
 
 
 def slide_change(attrs: Mapping[str, Any], slide: Path) -> str:
-    """How the slide at `slide` differs from what the H5 recorded (file name, byte size); "" when it matches."""
+    """How the slide at `slide` differs from what the H5 recorded: its file name, then its byte size (our files) or,
+    for files without one (upstream's), its level-0 size read from the slide; "" when it matches."""
     if slide.name != str(attrs["filename"]):
         return f"slide {slide} is not {attrs['filename']!r}"
     recorded = attrs.get("source_size")
-    if recorded is not None and slide.is_file() and slide.stat().st_size != int(recorded):
-        return f"slide {slide} is {slide.stat().st_size} bytes, was {int(recorded)} when processed"
-    return ""
+    if recorded is None:
+        return _level0_change(attrs, slide)
+    size = slide.stat().st_size if slide.is_file() else int(recorded)
+    return "" if size == int(recorded) else f"slide {slide} is {size} bytes, was {int(recorded)} when processed"
+
+
+def _level0_change(attrs: Mapping[str, Any], slide: Path) -> str:
+    from ..backends.slides import open_slide
+    from ..errors import SlideError
+
+    try:
+        handle = open_slide(slide)
+    except SlideError as exc:
+        return f"slide {slide} no longer opens: {exc}"
+    try:
+        now, was = (handle.info.width, handle.info.height), (int(attrs["level0_width"]), int(attrs["level0_height"]))
+    finally:
+        handle.close()
+    return f"slide {slide} is {now[0]}x{now[1]}, was {was[0]}x{was[1]} when processed" if now != was else ""
 
 
 @dataclass(frozen=True)

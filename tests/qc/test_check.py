@@ -176,22 +176,41 @@ def test_requeue_marks_the_daemon_ledger_record_for_retry(made: Path, tmp_path: 
     assert orjson.loads(status.stdout)["counts"].get("seen") == 1, status.stdout
 
 
-def test_an_h5_written_to_upstreams_schema_passes(tmp_path: Path) -> None:
-    """A file as upstream writes it (§2: coords int32 (N, 5), passports S160, its root attributes only, a feature
-    set without attributes) is ok, as is a zero-patch file."""
+def _upstream_h5(path: Path, n: int, level0: tuple[int, int] = (4096, 2048)) -> None:
+    """An H5 as upstream writes it (§2): coords int32 (N, 5), passports S160, its root attributes only, a feature
+    set without attributes."""
+    with h5py.File(path, "w") as f:
+        coords = np.array([[i * 512, 256, 512, 512, 0] for i in range(n)], dtype=np.int32).reshape(n, 5)
+        f.create_dataset("coords", data=coords, maxshape=(None, 5))
+        f.create_dataset("passports", data=np.array([b"p"] * n, dtype="S160"), maxshape=(None,))
+        f.attrs.update({"patch_size": 256, "patch_size_level0": 512, "level0_magnification": 40,
+                        "target_magnification": 20, "overlap": 0, "level0_width": level0[0],
+                        "level0_height": level0[1], "wsi_path": "slides/up.svs", "passport_format": "{stem}",
+                        "passport_version": 2, "creation_date": "2026-01-01T00:00:00+00:00", "filename": "up.svs",
+                        "mpp": 0.25, "magnification": 40, "num_patches": n})
+        f.create_dataset("features/resnet50", data=np.ones((n, 8), dtype=np.float32))
+
+
+def test_an_upstream_h5_whose_slide_has_another_size_is_slide_changed(tmp_path: Path) -> None:
+    """Upstream's files record no byte size: with the slide found (--slides), its level-0 size is read from the slide
+    itself; a file made from a 2048x1536 slide passes, one recording 4096x2048 is `slide_changed`."""
     patches = tmp_path / "out" / "patches"
     patches.mkdir(parents=True)
-    for stem, n in (("up", 4), ("empty", 0)):
-        with h5py.File(patches / f"{stem}.h5", "w") as f:
-            coords = np.array([[i * 512, 256, 512, 512, 0] for i in range(n)], dtype=np.int32).reshape(n, 5)
-            f.create_dataset("coords", data=coords, maxshape=(None, 5))
-            f.create_dataset("passports", data=np.array([b"p"] * n, dtype="S160"), maxshape=(None,))
-            f.attrs.update({"patch_size": 256, "patch_size_level0": 512, "level0_magnification": 40,
-                            "target_magnification": 20, "overlap": 0, "level0_width": 4096, "level0_height": 2048,
-                            "wsi_path": "slides/up.svs", "passport_format": "{stem}", "passport_version": 2,
-                            "creation_date": "2026-01-01T00:00:00+00:00", "filename": "up.svs", "mpp": 0.25,
-                            "magnification": 40, "num_patches": n})
-            f.create_dataset("features/resnet50", data=np.ones((n, 8), dtype=np.float32))
+    write_synthetic_slide(tmp_path / "slides" / "up.svs", width=2048, height=1536)
+    _upstream_h5(patches / "same.h5", 2, (2048, 1536))
+    _upstream_h5(patches / "other.h5", 2, (4096, 2048))
+    code, verdicts, _ = _check(tmp_path / "out", "--slides", str(tmp_path / "slides"))
+    assert code == 1 and verdicts["same.h5"]["code"] == "ok"
+    assert verdicts["other.h5"]["code"] == "slide_changed" and "2048x1536, was 4096x2048" in verdicts["other.h5"][
+        "detail"]
+
+
+def test_an_h5_written_to_upstreams_schema_passes(tmp_path: Path) -> None:
+    """A file as upstream writes it (`_upstream_h5`) is ok, as is a zero-patch one; their slide is gone."""
+    patches = tmp_path / "out" / "patches"
+    patches.mkdir(parents=True)
+    _upstream_h5(patches / "up.h5", 4)
+    _upstream_h5(patches / "empty.h5", 0)
     expect = Expectations(patch_size=256, target_mag=20, encoders=("resnet50",))
     verdicts = sync.check_outputs(tmp_path / "out", expect)
     assert sorted((v.stem, v.code, v.orphan) for v in verdicts) == [("empty", "ok", "slide_gone"),
