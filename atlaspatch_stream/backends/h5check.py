@@ -151,7 +151,8 @@ def _blocks(ds: Any) -> Iterator[tuple[int, np.ndarray]]:
         yield start, ds[start : start + step]
 
 
-def read_summary(path: Path) -> tuple[dict[str, Any], np.ndarray]:
-    """An H5's root attributes and its coords (int32 (N, 5)), for the report's cards."""
+def read_summary(path: Path, *, coords: bool = True) -> tuple[dict[str, Any], np.ndarray]:
+    """An H5's root attributes and its coords (int32 (N, 5); (0, 5) unless `coords`), for the report's cards."""
     with h5py.File(path, "r", locking=False) as f:
-        return {k: _plain(v) for k, v in f.attrs.items()}, np.asarray(f["coords"][...], dtype=np.int32)
+        rows = np.asarray(f["coords"][...], dtype=np.int32) if coords else np.zeros((0, 5), np.int32)
+        return {k: _plain(v) for k, v in f.attrs.items()}, rows

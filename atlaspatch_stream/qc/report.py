@@ -102,58 +102,88 @@ def mark_outliers(rows: Sequence[dict[str, Any]]) -> float | None:
 
 
 def make_card(out: Path, row: Mapping[str, Any]) -> Card:
-    """Draw one slide's card (`<out>/qc/cards/<stem>.jpg`) from its QC thumbnail or its slide, with its H5's grid."""
-    from ..backends.visualize import draw_qc_card, write_qc_card
-
-    stem = row["stem"]
-    attrs, coords = _h5_summary(row.get("h5"))
-    thumb, mask, source = _thumbnail(out, stem, row.get("slide", ""), attrs)
+    """One slide's card, `<out>/qc/cards/<stem>.jpg`: drawn from its `--qc` thumbnail or its slide, with its H5's
+    patch grid; a card newer than all of those is kept as it is (the daemon's refreshes redraw only what changed)."""
+    stem, h5 = row["stem"], Path(row["h5"]) if row.get("h5") else None
+    attrs = _h5_read(h5, coords=False)[0]
     facts = {"target_mag": attrs.get("target_magnification"), "base_mag": attrs.get("level0_magnification"),
              "mpp": attrs.get("mpp")}
-    if thumb is None:
+    source, picture, mask_path = _thumbnail_source(out, stem, row.get("slide", ""), attrs)
+    if picture is None:
         return Card(None, "missing", None, facts)
-    size = (int(attrs.get("level0_width") or thumb.shape[1]), int(attrs.get("level0_height") or thumb.shape[0]))
-    card = draw_qc_card(thumb, mask, size, coords, int(attrs.get("patch_size_level0") or 0))
-    write_qc_card(out / "qc" / "cards" / f"{stem}.jpg", card)
+    from ..backends.visualize import read_qc_image
+
+    mask = read_qc_image(mask_path) if mask_path is not None else None
     tissue = float((mask > 127).mean()) if mask is not None else None
+    card = out / "qc" / "cards" / f"{stem}.jpg"
+    if not _newer(card, [h5, picture, mask_path]) and not _draw_card(card, source, picture, mask, h5, attrs):
+        return Card(None, "missing", tissue, facts)
     return Card(f"cards/{stem}.jpg", source, tissue, facts)
 
 
-def _thumbnail(out: Path, stem: str, slide: str, attrs: Mapping[str, Any]) -> tuple[Any, Any, str]:
-    """(thumbnail, mask or None, source): the `--qc` files first, else the slide itself if it is still there."""
-    from ..backends.visualize import QC_THUMB_MAX, read_qc_image
-
+def _thumbnail_source(out: Path, stem: str, slide: str, attrs: Mapping[str, Any]) -> tuple[str, Path | None,
+                                                                                         Path | None]:
+    """(source, picture, mask): the `--qc` files first ("run"), else the slide itself if it is still there."""
     saved = qc_thumbs_dir(out) / f"{stem}.jpg"
     if saved.exists():
-        mask_path = saved.with_name(f"{stem}.mask.png")
-        return read_qc_image(saved), read_qc_image(mask_path) if mask_path.exists() else None, "run"
+        mask = saved.with_name(f"{stem}.mask.png")
+        return "run", saved, mask if mask.exists() else None
     path = Path(slide or str(attrs.get("wsi_path") or ""))
-    if not path.name or not path.exists():
-        return None, None, "missing"
+    if path.name and path.exists():
+        return "slide", path, None
+    return "missing", None, None
+
+
+def _newer(card: Path, sources: Sequence[Path | None]) -> bool:
+    try:
+        made = card.stat().st_mtime_ns
+        return all(made >= p.stat().st_mtime_ns for p in sources if p is not None)
+    except FileNotFoundError:
+        return False
+
+
+def _draw_card(card: Path, source: str, picture: Path, mask: np.ndarray | None, h5: Path | None,
+               attrs: Mapping[str, Any]) -> bool:
+    """Draw and write the card; False when the slide gives no thumbnail."""
+    from ..backends.visualize import draw_qc_card, read_qc_image, write_qc_card
+
+    thumb = read_qc_image(picture) if source == "run" else _slide_thumbnail(picture)
+    if thumb is None:
+        return False
+    coords = _h5_read(h5, coords=True)[1]
+    size = (int(attrs.get("level0_width") or thumb.shape[1]), int(attrs.get("level0_height") or thumb.shape[0]))
+    write_qc_card(card, draw_qc_card(thumb, mask, size, coords, int(attrs.get("patch_size_level0") or 0)))
+    return True
+
+
+def _slide_thumbnail(path: Path) -> np.ndarray | None:
+    """The slide library's own thumbnail (at most the `--qc` size), or None when the slide does not give one."""
     from ..backends.slides import open_slide
+    from ..backends.visualize import QC_THUMB_MAX
     from ..errors import SlideError
 
     try:
         handle = open_slide(path)
     except SlideError:
-        return None, None, "missing"
+        return None
     try:
-        return handle.overlay_thumbnail(QC_THUMB_MAX), None, "slide"
+        return handle.overlay_thumbnail(QC_THUMB_MAX)
     except SlideError:
-        return None, None, "missing"
+        return None
     finally:
         handle.close()
 
 
-def _h5_summary(h5: str | None) -> tuple[dict[str, Any], np.ndarray]:
-    """An H5's root attributes and coords; nothing when it is absent or unreadable (its verdict says why)."""
+def _h5_read(h5: Path | None, *, coords: bool) -> tuple[dict[str, Any], np.ndarray]:
+    """An H5's root attributes (and coords when asked); nothing when it is absent or unreadable (its verdict says
+    why)."""
     from ..backends.h5check import read_summary
 
     empty = np.zeros((0, 5), np.int32)
-    if not h5:
+    if h5 is None:
         return {}, empty
     try:
-        return read_summary(Path(h5))
+        return read_summary(h5, coords=coords)
     except (OSError, KeyError, ValueError):
         return {}, empty
 

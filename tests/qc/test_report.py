@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -64,3 +65,24 @@ def test_outliers_and_verdicts_reach_the_table(tmp_path: Path) -> None:
     assert rows["blank"]["patches"] == 0 and rows["blank"]["outlier"] == "zero"
     assert rows["s0"]["outlier"] == "" and rows["s0"]["tissue"] > 0
     assert rows["s2"]["verdict"] == "corrupt" and rows["s0"]["verdict"] == "ok"
+
+
+def test_a_rebuild_redraws_only_the_cards_whose_inputs_changed(tmp_path: Path) -> None:
+    """Two slides with --qc, the gallery built; a second build keeps both card files as they were; after s1's H5 is
+    rewritten (newer than its card) the third build redraws s1's card alone."""
+    slides, out = tmp_path / "slides", tmp_path / "out"
+    for i in range(2):
+        write_synthetic_slide(slides / f"s{i}.svs", width=2048, height=1536, seed=i)
+    done = CliRunner().invoke(cli, ["segment-and-get-coords", str(slides), "-o", str(out), "--qc", *ARGS])
+    assert done.exit_code == 0, done.output
+    cards = out / "qc" / "cards"
+    write_report(out)
+    first = {p.name: p.stat().st_mtime_ns for p in cards.iterdir()}
+    write_report(out)
+    assert {p.name: p.stat().st_mtime_ns for p in cards.iterdir()} == first
+    h5 = out / "patches" / "s1.h5"
+    later = first["s1.jpg"] + 1  # just newer than its card
+    os.utime(h5, ns=(later, later))
+    write_report(out)
+    again = {p.name: p.stat().st_mtime_ns for p in cards.iterdir()}
+    assert again["s0.jpg"] == first["s0.jpg"] and again["s1.jpg"] > first["s1.jpg"]
