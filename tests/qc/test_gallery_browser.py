@@ -78,3 +78,32 @@ def test_gallery_in_headless_chromium(chromium: str, gallery: Path, tmp_path: Pa
     assert page.console_errors == []
     folder = gallery.parent.as_uri()
     assert page.requests and all(url.startswith(folder) for url in page.requests), page.requests
+
+
+def test_a_page_of_10000_slides_stays_paged(chromium: str, tmp_path: Path) -> None:
+    """The page rendered for 10,000 slides (rows only, no images): the DOM holds one page (50 rows, 50 cards), the
+    count says 10000; a name filter finds one slide, the patch filter the 100 zero-patch ones (two pages)."""
+    from atlaspatch_stream.qc.report import mark_outliers, render
+    from atlaspatch_stream.qc.runlog import RunLog
+
+    rows = [{"stem": f"s{i:05d}", "slide": f"slides/s{i:05d}.svs", "status": "done", "message": "",
+             "patches": 0 if i % 100 == 0 else 400 + i % 50, "stages": {"read": 0.5}, "seconds": 1.0,
+             "verdict": "ok", "verdict_detail": "", "image": None, "thumb": "missing", "tissue": None}
+            for i in range(10_000)]
+    page = tmp_path / "index.html"
+    page.write_text(render(rows, RunLog(), {}, mark_outliers(rows), 50, 0.0))
+    with open_page(chromium, tmp_path / "profile") as tab:
+        tab.call("Page.navigate", url=page.as_uri())
+        tab.wait_for("Page.loadEventFired")
+        assert tab.evaluate("[document.querySelectorAll('#slides tbody tr').length, "
+                            "document.querySelectorAll('#cards .card').length]") == [50, 50]
+        assert tab.evaluate("document.getElementById('count').textContent") == "10000 of 10000 slides"
+        found = tab.evaluate("""(() => { const f = document.getElementById('f-text'); f.value = 's09999';
+            f.dispatchEvent(new Event('input')); return [...document.querySelectorAll('#slides tbody tr')]
+            .map((tr) => tr.cells[0].textContent); })()""")
+        assert found == ["s09999"]
+        zero = tab.evaluate("""(() => { document.getElementById('f-text').value = '';
+            const f = document.getElementById('f-patches'); f.value = 'zero'; f.dispatchEvent(new Event('input'));
+            return [document.getElementById('count').textContent, document.getElementById('page').textContent]; })()""")
+        assert zero == ["100 of 10000 slides", " page 1 of 2 "]
+    assert tab.console_errors == []
