@@ -116,6 +116,8 @@ def info() -> None:
         "<output>/images/<stem>/<stem>_x{X}_y{Y}.png      with --save-images",
         "<output>/visualization/<stem>.png, <stem>_mask.png, <stem>_mask_bw.png, <stem>_contours.png",
         "<output>/atlaspatch-report.jsonl        run report: one JSON event per slide and stage",
+        "<output>/qc/thumbs/<stem>.jpg, .mask.png  with --qc (for atlaspatch report)",
+        "<output>/qc/index.html                  QC gallery: atlaspatch report",
     ):
         click.echo("  " + line)
 
