@@ -184,7 +184,7 @@ def check_h5(path: Path, expect: Expectations) -> Verdict:
 
 
 def _slide_path(attrs: Mapping[str, Any], expect: Expectations) -> Path | None:
-    if expect.slides is not None:
+    if expect.slides is not None and attrs.get("filename"):
         return expect.slides / str(attrs["filename"])
     recorded = attrs.get("wsi_path")
     return Path(str(recorded)) if recorded else None

@@ -73,6 +73,11 @@ def _truncate(run: Path) -> None:
     os.truncate(path, path.stat().st_size // 2)
 
 
+def _drop_filename(run: Path) -> None:
+    with h5py.File(_h5(run, "s0"), "a") as f:
+        del f.attrs["filename"]
+
+
 def _drop_passports(run: Path) -> None:
     with h5py.File(_h5(run, "s0"), "a") as f:
         del f["passports"]
@@ -101,6 +106,7 @@ def _grow_slide(run: Path) -> None:
 @pytest.mark.parametrize(("breakage", "code", "words"), [
     (_truncate, "corrupt", "truncated"),
     (_drop_passports, "schema", "missing dataset passports"),
+    (_drop_filename, "schema", "missing attribute(s) filename"),
     (_claim_more_rows, "incomplete", "num_patches"),
     (_coords_outside, "coords_out_of_bounds", "outside"),
     (_nan_rows, "nonfinite_features", "2 of"),
@@ -109,7 +115,7 @@ def _grow_slide(run: Path) -> None:
 def test_each_breakage_gets_its_reason_code(run: Path, breakage, code: str, words: str) -> None:  # type: ignore[no-untyped-def]
     """Break s0 one way: its verdict has that reason code and says what is wrong; the other two stay ok; exit 1."""
     breakage(run)
-    exit_code, verdicts, summary = _check(run / "out")
+    exit_code, verdicts, summary = _check(run / "out", "--slides", str(run / "slides"))
     assert exit_code == 1
     assert verdicts["s0.h5"]["code"] == code and words in verdicts["s0.h5"]["detail"], verdicts["s0.h5"]
     assert verdicts["s1.h5"]["code"] == verdicts["s2.h5"]["code"] == "ok"
