@@ -179,7 +179,7 @@ class QueueConfig:
 
     jobs: int = 64  # SlideJob: < 1 KB each
     thumbnails: int = 8  # Thumbnail: <= 1024*1024*3 B = 3 MB each
-    masks: int = 8  # TissueMask: <= 1 MB each
+    masks: int = 8  # TissueMask: <= 1 MB each (+ its <= 3 MB thumbnail with --qc)
     plans: int = 8  # PatchPlan: N*20 B coords (1M patches = 20 MB)
     patches: int = 8  # PatchBatch: chunk_patches * P*P*3 B (64 * 256² * 3 = 12.6 MB)
     features: int = 8  # FeatureBatch: batch * D * 4 B (< 1 MB typical)
