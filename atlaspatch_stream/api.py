@@ -33,6 +33,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import anyio
 
@@ -45,9 +46,12 @@ from .report import RunReport
 from .run import JobSource, OnResult, RunSummary, Stop, reporting, run_jobs
 from .sources.job_list import JobList
 
+if TYPE_CHECKING:
+    from .qc.check import Expectations, Verdict
+
 __all__ = [
-    "FolderResult", "FolderService", "JobList", "JobSource", "RunSummary", "Stop", "default_mode", "make_jobs",
-    "open_pipeline", "process_slides", "serve_folder",
+    "FolderResult", "FolderService", "JobList", "JobSource", "RunSummary", "Stop", "check_outputs", "default_mode",
+    "make_jobs", "open_pipeline", "process_slides", "serve_folder", "write_report",
 ]
 
 
@@ -146,3 +150,22 @@ async def _jobs(slides: Sequence[Path | str] | Sequence[SlideJob], config: Pipel
         return jobs
     found = [Path(p) for p in slides if not isinstance(p, SlideJob)]
     return await anyio.to_thread.run_sync(make_jobs, found, config, limiter=anyio.CapacityLimiter(1))
+
+
+async def check_outputs(out: Path, expect: Expectations | None = None, *, threads: int | None = None) -> list[Verdict]:
+    """Validate every H5 under `<out>/patches` (read only, in a worker thread): a `qc.check.Verdict` per file.
+
+    `expect` holds what the files must match (patch size, target magnification, encoders, slide folder), if known.
+    """
+    from .qc.check import check_outputs as check
+
+    return await anyio.to_thread.run_sync(lambda: check(out, expect, threads=threads),
+                                          limiter=anyio.CapacityLimiter(1))
+
+
+async def write_report(out: Path, *, threads: int | None = None, page_size: int = 50) -> Path:
+    """Write the QC gallery `<out>/qc/index.html` (in a worker thread); returns its path. See `qc.report`."""
+    from .qc.report import write_report as write
+
+    return await anyio.to_thread.run_sync(lambda: write(out, threads=threads, page_size=page_size),
+                                          limiter=anyio.CapacityLimiter(1))

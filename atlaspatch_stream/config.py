@@ -148,6 +148,7 @@ class EncodeConfig:
     plugins: tuple[Path, ...] = ()
     compile: bool = False  # --compile: torch.compile the encoders (CUDA; minutes of warm-up per model)
     gpu_memory_budget: float = 0.5  # share of the feature GPU's free memory for rings, queues and batches
+    allow_nonfinite: bool = False  # keep feature rows with NaN/Inf (counted in the H5 and the report); else fail
 
     def __post_init__(self) -> None:
         _require(self.batch_size > 0, "--feature-batch-size must be > 0")
@@ -167,6 +168,7 @@ class WriteConfig:
     visualize_grids: bool = False
     visualize_mask: bool = False
     visualize_contours: bool = False
+    qc: bool = False  # --qc: save <out>/qc/thumbs/<stem>.jpg and .mask.png from the segmented thumbnail
 
     def __post_init__(self) -> None:
         _require(self.write_batch > 0, "--write-batch must be > 0")
@@ -178,7 +180,7 @@ class QueueConfig:
 
     jobs: int = 64  # SlideJob: < 1 KB each
     thumbnails: int = 8  # Thumbnail: <= 1024*1024*3 B = 3 MB each
-    masks: int = 8  # TissueMask: <= 1 MB each
+    masks: int = 8  # TissueMask: <= 1 MB each (+ its <= 3 MB thumbnail with --qc)
     plans: int = 8  # PatchPlan: N*20 B coords (1M patches = 20 MB)
     patches: int = 8  # PatchBatch: chunk_patches * P*P*3 B (64 * 256² * 3 = 12.6 MB)
     features: int = 8  # FeatureBatch: batch * D * 4 B (< 1 MB typical)
@@ -213,6 +215,7 @@ class WatchConfig:
     probe_s: float = 60.0  # while intake is paused by a system error: seconds between output write probes
     drain_timeout_s: float = 120.0  # first SIGTERM: in-flight slides get this long to finish
     status_interval_s: float = 5.0  # status.json is replaced this often
+    qc_report_s: float = 300.0  # the QC gallery <output>/qc/index.html is rebuilt this often when slides finished; 0 = off
     metrics: str | None = None  # "127.0.0.1:PORT" or "unix:PATH"; None = no listening socket at all
     pseudonymize: bool = False  # keyed hash instead of paths in H5 attributes, logs and metrics
     key_file: Path | None = None  # the site key for pseudonyms; None = <state_dir or OUTPUT/.atlaspatch>/pseudonym.key
@@ -231,6 +234,7 @@ class WatchConfig:
         _require(self.probe_s > 0, "probe_s must be > 0")
         _require(self.drain_timeout_s >= 0, "--drain-timeout must be >= 0")
         _require(self.status_interval_s > 0, "status_interval_s must be > 0")
+        _require(self.qc_report_s >= 0, "qc_report_s must be >= 0")
         _require(self.log_format in get_args(LogFormat), f"unknown --log-format {self.log_format!r}")
         _require(all(isinstance(g, str) and g for g in self.ignore), "--ignore patterns must be non-empty strings")
         if self.metrics is not None:

@@ -158,6 +158,7 @@ class TissueMask:
 
     slide: OpenedSlide
     mask: np.ndarray | None
+    thumbnail: np.ndarray | None = None  # the segmented thumbnail, carried only for `--qc` (saved by `plan`)
 
 
 @dataclass(frozen=True)
@@ -190,6 +191,18 @@ class PatchBatch:
 
 
 @dataclass(frozen=True)
+class Encoded:
+    """What the encoders made of one batch: float32 (B, D) per encoder, and where a row holds NaN or Inf.
+
+    `nonfinite` maps an encoder to a bool (B,) mask of its rows with a non-finite value; encoders whose rows are all
+    finite are absent (the usual case: an empty dict). The mask is computed where the features are (on the device).
+    """
+
+    features: dict[str, np.ndarray]
+    nonfinite: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class FeatureBatch:
     """Features of one `PatchBatch` from every requested encoder, float32 (B, D) each."""
 
@@ -198,12 +211,14 @@ class FeatureBatch:
     features: dict[str, np.ndarray]
     encode_seconds: float = 0.0
     read_seconds: float = 0.0
+    nonfinite: dict[str, np.ndarray] = field(default_factory=dict)  # as `Encoded.nonfinite`
 
 
 FailureKind = Literal[
     "disk_full", "quota", "read_only", "permission", "output_missing", "output_io",  # the output filesystem
     "unreadable", "no_magnification", "no_tissue", "input_io",  # the slide, or reading it
     "reuse_refused", "collision", "locked",  # an existing output, a second slide with its name, another's lock
+    "nonfinite",  # an encoder wrote NaN or Inf feature rows (and --allow-nonfinite was not given)
     "out_of_memory", "device", "worker_lost", "incomplete", "bug",
 ]
 RetryClass = Literal["slide", "transient", "system"]

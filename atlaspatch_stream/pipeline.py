@@ -430,7 +430,8 @@ class Pipeline:
         async with self.streams.finished.receive as finished, self.streams.results.send as out:
             async for result in finished:
                 if self.report is not None:
-                    await anyio.to_thread.run_sync(self.report.slide, result, limiter=self.limiters.io)
+                    queues = {e.name: e.statistics().used for e in self.streams.edges()}  # occupancy over time
+                    await anyio.to_thread.run_sync(self.report.slide, result, queues, limiter=self.limiters.io)
                 slide_id = result.job.slide_id
                 self._live.discard(slide_id)
                 if slide_id in self._routed:
@@ -459,7 +460,8 @@ class Pipeline:
             encoders = await anyio.to_thread.run_sync(b.make_encoders, limiter=lim.device) if on.encode else None
             dims = dict(encoders.dims) if encoders is not None else {}
             settings = write.WriteSettings(encoders=encoders.names if encoders else (), dims=dims,
-                                           count_rows=on.read and not on.encode)
+                                           count_rows=on.read and not on.encode,
+                                           allow_nonfinite=cfg.encode.allow_nonfinite)
             await _start(tg, _closing(write.run, self.to_embed), s.to_write.receive, book=self.book,
                          outputs=b.outputs, settings=settings, limiter=lim.h5)
             if encoders is not None:
@@ -473,7 +475,7 @@ class Pipeline:
                      h5_limiter=lim.h5)
         segmenter = await anyio.to_thread.run_sync(b.make_segmenter, limiter=lim.segment)
         await _start(tg, segment.run, s.thumbnails.receive, s.masks.send, book=self.book, segmenter=segmenter,
-                     batch_size=cfg.segment.seg_batch_size, limiter=lim.segment)
+                     batch_size=cfg.segment.seg_batch_size, limiter=lim.segment, keep_thumbnails=cfg.write.qc)
         settings_p = prepare.PrepareSettings(workers=cfg.open.open_workers, encoders=cfg.encode.extractors
                                              if on.encode else (), skip_existing=cfg.write.skip_existing)
         await _start(tg, prepare.run, s.jobs.receive, s.thumbnails.send, book=self.book, slides=b.slides,

@@ -20,7 +20,16 @@ import numpy as np
 
 if TYPE_CHECKING:
     from .backends.tiles import TilePageMeta
-    from .items import DevicePixels, OpenedSlide, PatchPlan, Pixels, ReuseDecision, SlideInfo, SlideJob
+    from .items import (
+        DevicePixels,
+        Encoded,
+        OpenedSlide,
+        PatchPlan,
+        Pixels,
+        ReuseDecision,
+        SlideInfo,
+        SlideJob,
+    )
 
 
 @runtime_checkable
@@ -279,8 +288,8 @@ class EncoderSet(Protocol):
         (None: all); returns the ticket to `collect`."""
         ...
 
-    def collect(self, ticket: object) -> dict[str, np.ndarray]:
-        """float32 (B, D) per encoder of a submitted batch (waits for it)."""
+    def collect(self, ticket: object) -> Encoded:
+        """float32 (B, D) per encoder of a submitted batch and its non-finite rows, counted on the device (waits)."""
         ...
 
     def close(self) -> None:
@@ -317,6 +326,10 @@ class Store(Protocol):
 
     def complete(self) -> bool:
         """True when every open feature set has all its rows."""
+        ...
+
+    def set_feature_attrs(self, name: str, attrs: Mapping[str, int]) -> None:
+        """Attributes of the open feature set `name` (kept when it is renamed at finalize)."""
         ...
 
     def finalize(self) -> Path:
@@ -420,6 +433,10 @@ class OutputStore(Protocol):
 
     def save_images(self, plan: PatchPlan, rows: np.ndarray, pixels: Pixels) -> None:
         """`--save-images`: one PNG per patch, written atomically."""
+        ...
+
+    def save_qc_thumbnail(self, stem: str, thumbnail: np.ndarray, mask: np.ndarray) -> None:
+        """`--qc`: `<out>/qc/thumbs/<stem>.jpg` (small) and `<stem>.mask.png` from the segmented thumbnail."""
         ...
 
     def sweep_orphans(self) -> None:

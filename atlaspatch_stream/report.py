@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+import platform
 import socket
 import threading
 import time
@@ -19,6 +21,14 @@ from .items import EngineStatistics, SlideResult
 
 REPORT_NAME = "atlaspatch-report.jsonl"
 RunStatus = Literal["completed", "interrupted", "failed"]
+
+
+def machine() -> dict[str, Any]:
+    """The machine a run ran on: CPU model, cores, OS and Python (for the QC report)."""
+    cpu = platform.processor()
+    with contextlib.suppress(OSError, StopIteration), open("/proc/cpuinfo") as fh:
+        cpu = next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
+    return {"cpu": cpu, "cores": os.cpu_count(), "os": platform.platform(), "python": platform.python_version()}
 
 
 class RunReport:
@@ -59,10 +69,12 @@ class RunReport:
         """The run has started (models loaded): write its first line (command, version, host and settings)."""
         self.opened = True
         self._write({"event": "run_start", "command": self.command, "version": __version__,
-                     "host": socket.gethostname(), "pid": os.getpid(), "settings": self._settings})
+                     "host": socket.gethostname(), "pid": os.getpid(), "machine": machine(),
+                     "settings": self._settings})
 
-    def slide(self, result: SlideResult) -> None:
-        """One line per stage with its busy seconds, then one line with the slide's outcome."""
+    def slide(self, result: SlideResult, queues: dict[str, int] | None = None) -> None:
+        """One line per stage with its busy seconds, then one line with the slide's outcome (and, when given, the
+        items in each queue as the slide finished: occupancy over time, sampled per slide)."""
         name = self._redact(result.job.recorded_path)
         for stage, seconds in result.timings.items():
             if stage != "total":
@@ -72,6 +84,7 @@ class RunReport:
             "h5": str(result.h5_path) if result.h5_path else None, "num_patches": result.num_patches,
             "features": list(result.features), "seconds": round(result.timings.get("total", 0.0), 6),
             **_failure_fields(result), **{k: v for k, v in result.notes.items() if k != "num_patches"},
+            **({"queues": queues} if queues is not None else {}),
         })
 
     def end(self, statistics: EngineStatistics, status: RunStatus, reason: str | None = None) -> None:

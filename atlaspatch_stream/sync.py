@@ -128,6 +128,20 @@ def make_jobs(paths: Sequence[Path], config: PipelineConfig) -> list[SlideJob]:
     return api.make_jobs(paths, config)
 
 
+def check_outputs(out: Path, expect: Any = None, *, threads: int | None = None) -> list[Any]:
+    """Blocking `api.check_outputs`: a `qc.check.Verdict` per file under `<out>/patches`."""
+    from .qc.check import check_outputs as check
+
+    return check(out, expect, threads=threads)
+
+
+def write_report(out: Path, **options: Any) -> Path:
+    """Blocking `api.write_report`: the QC gallery `<out>/qc/index.html`."""
+    from .qc.report import write_report as write
+
+    return write(out, **options)
+
+
 def _items(portal: Any, stream: Any) -> Iterator[Any]:
     """The items of a receive stream of the portal's loop, from this thread, until it ends; then close it."""
     try:

@@ -7,9 +7,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${VENV:-.venv}"
 EXTRAS="fast"
+TEST=0
 while [ $# -gt 0 ]; do
   case "$1" in
-    --test) EXTRAS="$EXTRAS,test" ;;
+    --test) EXTRAS="$EXTRAS,test"; TEST=1 ;;
     --extras) shift; EXTRAS="$EXTRAS,$1" ;;
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
@@ -29,4 +30,10 @@ case ",$EXTRAS," in
   *,moozy,*) EXTRAS="${EXTRAS//,moozy/}"; $PIP install -q --no-deps "moozy>=0.1.1" ;;
 esac
 $PIP install -q $CONSTRAINTS -e ".[$EXTRAS]"
+if [ "$TEST" = 1 ] && ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+  # the QC gallery's browser test drives Debian's chromium (it skips without one)
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+  { $SUDO apt-get update -q && $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; } \
+    || echo "chromium not installed: the QC gallery's browser test will skip" >&2
+fi
 echo "installed into $VENV (extras: $EXTRAS)"

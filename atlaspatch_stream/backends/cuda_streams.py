@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from ..errors import AtlasPatchError
+from ..items import Encoded
 
 if TYPE_CHECKING:
     from ..config import PipelineConfig
@@ -230,6 +231,7 @@ class EncoderCudaStreams:
         self._staging: list[Any] = []
         self._features = [[ops.empty((batch_size, lane.encoder.dim), _float32(), True) for lane in self._lanes]
                           for _ in range(slots)]
+        self._bad = [[ops.empty((batch_size,), _bool(), True) for _ in self._lanes] for _ in range(slots)]
         self._lock = threading.Lock()
 
     @property
@@ -260,25 +262,29 @@ class EncoderCudaStreams:
         """True when `collect(ticket)` would not block (poll from the event loop if you like)."""
         return all(self.ops.query(self._lanes[i].done[ticket.slot]) for i in ticket.lanes)
 
-    def collect(self, ticket: Ticket) -> dict[str, np.ndarray]:
-        """Wait for a submitted batch (worker thread), return {encoder name: float32 (n, dim)}, free its slot."""
+    def collect(self, ticket: Ticket) -> Encoded:
+        """Wait for a submitted batch (worker thread), return float32 (n, dim) per encoder and the rows the device
+        found non-finite; free its slot."""
         k, rows = ticket.slot, ticket.rows
         try:
-            out = {}
+            out, nonfinite = {}, {}
             if not ticket.lanes:  # no encoder read the slot: still let its copy finish before the slot is reused
                 self.ops.synchronize(self._filled[k])
             for i in ticket.lanes:
                 lane = self._lanes[i]
                 self.ops.synchronize(lane.done[k])
                 out[lane.encoder.name] = self._features[k][i][:rows].numpy().copy()
-            return out
+                bad = self._bad[k][i][:rows].numpy()
+                if bad.any():
+                    nonfinite[lane.encoder.name] = bad.copy()
+            return Encoded(out, nonfinite)
         finally:
             self._free.put(k)
 
     def close(self) -> None:
         """Drop the ring, so its device and pinned memory go back at once."""
         with self._lock:
-            self._inputs, self._staging, self._features = [], [], []
+            self._inputs, self._staging, self._features, self._bad = [], [], [], []
 
     # -- internals ------------------------------------------------------------------------------------------------
 
@@ -325,15 +331,19 @@ class EncoderCudaStreams:
 
     def _lane_work(self, lane: _Lane, k: int, rows: int) -> Callable[[], None]:
         """The work of one encoder on slot k: preprocess + forward per micro-batch, async copy of the features."""
-        slot, features = self._inputs[k], self._features[k][lane.index]
+        slot, features, bad = self._inputs[k], self._features[k][lane.index], self._bad[k][lane.index]
         encoder, micro = lane.encoder, lane.micro
 
         def work() -> None:
+            import torch
+
             for start, stop in _ranges(rows, micro):
                 # A compiled model sees one shape: run the whole micro-batch window, pad rows included.
                 end = start + micro if getattr(encoder, "fixed_batch", False) else stop
-                out = encoder.encode_device(slot[start : min(end, slot.shape[0])])
-                features[start:stop].copy_(out[: stop - start], non_blocking=True)
+                out = encoder.encode_device(slot[start : min(end, slot.shape[0])])[: stop - start]
+                features[start:stop].copy_(out, non_blocking=True)
+                # counted on the device: one bool per row crosses to the host, never a second copy of the features
+                bad[start:stop].copy_(torch.isfinite(out).all(dim=1).logical_not_(), non_blocking=True)
 
         return work
 
@@ -372,6 +382,12 @@ def _float32() -> Any:
     import torch
 
     return torch.float32
+
+
+def _bool() -> Any:
+    import torch
+
+    return torch.bool
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,8 @@ from PIL import Image
 
 from ..geometry import Contours, scale_contours
 
-__all__ = ["write_contour_overlay", "write_grid_overlay", "write_mask_overlays"]
+__all__ = ["draw_qc_card", "read_qc_image", "write_qc_card", "write_contour_overlay", "write_grid_overlay", "write_mask_overlays",
+           "write_qc_thumbnail"]
 
 MASK_GREEN = np.array([0, 255, 0], dtype=np.uint16)
 MASK_ALPHA = 80  # out of 255
@@ -31,6 +32,8 @@ INFO_ALPHA = 230  # out of 255
 TISSUE_RGB = (255, 0, 0)
 HOLE_RGB = (0, 0, 255)
 _FONT = cv2.FONT_HERSHEY_SIMPLEX
+QC_THUMB_MAX = 512  # px, long side of `--qc` thumbnails
+GRID_RGB = (20, 20, 20)
 
 
 def write_mask_overlays(out_dir: Path, stem: str, thumb: np.ndarray, mask: np.ndarray) -> list[Path]:
@@ -175,13 +178,59 @@ def _rgb(thumb: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(arr[:, :, :3])
 
 
-def _write_png(path: Path, pixels: np.ndarray) -> Path:
-    """Write a PNG atomically: a temporary name in the same folder, then `os.replace`."""
+def _write_png(path: Path, pixels: np.ndarray, image_format: str = "PNG", **options: int) -> Path:
+    """Write a PNG (or `image_format`) atomically: a temporary name in the same folder, then `os.replace`."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
-        Image.fromarray(pixels).save(tmp, format="PNG")
+        Image.fromarray(pixels).save(tmp, format=image_format, **options)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+# -- QC (`process --qc`, `atlaspatch report`) -----------------------------------------------------------------------
+
+
+def write_qc_thumbnail(folder: Path, stem: str, thumb: np.ndarray, mask: np.ndarray) -> tuple[Path, Path]:
+    """Write `<stem>.jpg` (the segmented thumbnail, at most `QC_THUMB_MAX` px) and `<stem>.mask.png` (its tissue
+    mask, 0/255, same size) into `folder`; both atomically."""
+    image = Image.fromarray(_rgb(thumb))
+    image.thumbnail((QC_THUMB_MAX, QC_THUMB_MAX), Image.Resampling.BILINEAR)
+    small = np.asarray(image)
+    bw = resize_mask_nearest(mask, (small.shape[1], small.shape[0]))
+    return (_write_png(Path(folder) / f"{stem}.jpg", small, "JPEG", quality=85),
+            _write_png(Path(folder) / f"{stem}.mask.png", bw))
+
+
+def read_qc_image(path: Path) -> np.ndarray:
+    """A QC thumbnail (RGB) or mask (grey) as saved by `write_qc_thumbnail`."""
+    with Image.open(path) as image:
+        return np.asarray(image.convert("L" if path.suffix == ".png" else "RGB"))
+
+
+def draw_qc_card(thumb: np.ndarray, mask: np.ndarray | None, level0_size: tuple[int, int], coords: np.ndarray,
+                 patch_size_level0: int, max_size: int = QC_THUMB_MAX) -> np.ndarray:
+    """A card image: the thumbnail (at most `max_size` px; a `--qc` thumbnail is already that small) with the patch grid (1 px, dark) and the tissue contours
+    (red, 2 px) of `mask` (any size; None: no contours) drawn on it. Returns RGB uint8."""
+    from .contours import mask_to_contours
+
+    image = Image.fromarray(_rgb(thumb))
+    image.thumbnail((max_size, max_size), Image.Resampling.BILINEAR)
+    img = np.array(image)
+    sx, sy = img.shape[1] / level0_size[0], img.shape[0] / level0_size[1]
+    rects = _patch_rectangles(np.asarray(coords), patch_size_level0, sx, sy)
+    if rects:
+        cv2.polylines(img, rects, isClosed=True, color=GRID_RGB, thickness=1)
+    if mask is not None:
+        contours = mask_to_contours(mask, 0.0)
+        scaled = scale_contours(contours, img.shape[1] / mask.shape[1], img.shape[0] / mask.shape[0])
+        if scaled.tissue:
+            cv2.drawContours(img, list(scaled.tissue), -1, TISSUE_RGB, 2)
+    return img
+
+
+def write_qc_card(path: Path, card: np.ndarray) -> Path:
+    """Write a card image as JPEG, atomically."""
+    return _write_png(Path(path), card, "JPEG", quality=80)

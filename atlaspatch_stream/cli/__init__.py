@@ -23,6 +23,7 @@ from .options import (
     parse_weights,
     watch_options,
 )
+from .qc_cmd import build_report, check, report
 from .runner import execute, exit_with
 from .scale import run_scaled_or_local, scale_options, slurm_template
 
@@ -90,11 +91,15 @@ def watch(wsi_path: Path, **params: Any) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option("--requeue", multiple=True, metavar="SLIDE",
               help="Give a slide (its path relative to INPUT) a new set of attempts (repeatable).")
-def status(output: Path, state_dir: Path | None, as_json: bool, requeue: tuple[str, ...]) -> None:
+@click.option("--report", "rebuild", is_flag=True, help="Also rebuild the QC gallery OUTPUT/qc/index.html now.")
+def status(output: Path, state_dir: Path | None, as_json: bool, requeue: tuple[str, ...], rebuild: bool) -> None:
     """The daemon's ledger: slides per state, in flight, the last 10 failures and the quarantine list."""
     from .watch_cmd import run_status
 
-    exit_with(run_status(output, state_dir, as_json, requeue))
+    code = run_status(output, state_dir, as_json, requeue)
+    if rebuild:
+        build_report(output, to_stderr=as_json)
+    exit_with(code)
 
 
 def _run_slides(wsi_path: Path, params: dict[str, Any], mode: Mode, command: str) -> None:
@@ -125,6 +130,8 @@ def info() -> None:
         "<output>/patches/<stem>.h5 slide_features/<encoder>   slide embedding (D,) float32 (encode-slide)",
         "<output>/patient_features/<encoder>/<case_id>.h5     patient embedding 'features' (D,) (encode-patient)",
         "<output>/atlaspatch-report.jsonl        run report: one JSON event per slide and stage",
+        "<output>/qc/thumbs/<stem>.jpg, .mask.png  with --qc (for atlaspatch report)",
+        "<output>/qc/index.html                  QC gallery: atlaspatch report",
     ):
         click.echo("  " + line)
 
@@ -146,6 +153,8 @@ def encoders(check: bool, strict: bool, weights: tuple[str, ...], names: tuple[s
 cli.add_command(slurm_template)
 cli.add_command(encode_slide_command)
 cli.add_command(encode_patient_command)
+cli.add_command(check)
+cli.add_command(report)
 
 
 def main() -> None:

@@ -69,6 +69,8 @@ COMMON_OPTIONS: list[Decorator] = [
     click.option("--visualize-grids", is_flag=True, help="<out>/visualization/<stem>.png"),
     click.option("--visualize-mask", is_flag=True, help="<out>/visualization/<stem>_mask.png and _mask_bw.png"),
     click.option("--visualize-contours", is_flag=True, help="<out>/visualization/<stem>_contours.png"),
+    click.option("--qc", is_flag=True, help="Save a small JPEG thumbnail and tissue mask per slide under "
+                                            "<out>/qc/thumbs/ for `atlaspatch report` (no second read)."),
     click.option("--skip-existing/--force", default=None, show_default="True",
                  help="Skip or reuse slides whose output exists (--force re-segments and overwrites)."),
 ]
@@ -88,6 +90,8 @@ FEATURE_OPTIONS: list[Decorator] = [
     click.option("--feature-precision", type=click.Choice(["float32", "float16", "bfloat16"], case_sensitive=False),
                  default=None, show_default="float16",
                  help="float32 exact; float16 = fp16 autocast on CUDA, on CPU bf16 where native else fp32; bfloat16 = bf16."),
+    click.option("--allow-nonfinite", is_flag=True, default=None,
+                 help="Keep feature rows with NaN/Inf (counted in the H5 and the run report) instead of failing."),
     click.option("--decoder", type=click.Choice(["auto", "cpu", "dali", "nvimgcodec"]), default=None,
                  show_default="auto",
                  help="Tile decoder: auto = dali with CUDA and DALI, else nvimgcodec with CUDA, else cpu (imagecodecs)."),
@@ -173,7 +177,7 @@ def build_config(params: dict[str, Any], *, features: bool) -> PipelineConfig:
         flags["write"].update({k: p.get(k) for k in ("write_batch", "skip_existing")})
         # plain flags: only an explicit flag overrides the environment or the TOML file
         flags["write"].update({k: p.get(k) or None for k in ("save_images", "visualize_grids", "visualize_mask",
-                                                             "visualize_contours")})
+                                                             "visualize_contours", "qc")})
     if features:
         flags["encode"] = {
             "extractors": parse_feature_list(p["feature_extractors"]) if p.get("feature_extractors") else None,
@@ -183,6 +187,7 @@ def build_config(params: dict[str, Any], *, features: bool) -> PipelineConfig:
             "plugins": tuple(p.get("feature_plugin") or ()),
             "weights": parse_weights(tuple(p.get("weights") or ())),
             "compile": p.get("compile_encoders") or None,
+            "allow_nonfinite": p.get("allow_nonfinite") or None,
         }
         workers = p.get("feature_num_workers")
         flags["read"] = {"reader_threads": max(1, workers) if workers is not None else None,

@@ -102,6 +102,18 @@ def setup_logging(verbose: bool, progress: Progress) -> None:
     root.handlers[:] = [handler]
     root.setLevel(logging.WARNING if verbose else logging.ERROR)
     log.setLevel(logging.DEBUG if verbose else logging.WARNING)
+    quiet_slide_libraries(verbose)
+
+
+# Libraries whose own log lines about a broken slide repeat what its [FAIL] line says (e.g. tifffile's
+# "ERROR | tifffile | <tifffile.TiffPages @8> invalid page offset ..." for a truncated file).
+SLIDE_LIBRARIES = ("tifffile", "tiffslide", "openslide", "imagecodecs", "zarr", "numcodecs")
+
+
+def quiet_slide_libraries(verbose: bool) -> None:
+    """Slide libraries say nothing without -v (the slide's [FAIL] line carries the cause); warnings with -v."""
+    for name in SLIDE_LIBRARIES:
+        logging.getLogger(name).setLevel(logging.WARNING if verbose else logging.CRITICAL)
 
 
 def check_output(output: Path) -> None:

@@ -373,6 +373,10 @@ async def _operations(tg: TaskGroup, service: FolderService, state: Path,
                                                        interval_s=watch.status_interval_s, task_status=task_status))
     tg.start_soon(service._refresh, watch.status_interval_s)
     tg.start_soon(service.notifier.run_watchdog)
+    if watch.qc_report_s > 0:
+        from .qc.refresh import refresh_gallery
+
+        tg.start_soon(refresh_gallery, service.output, watch.qc_report_s)
     if watch.metrics is not None:
         from .ops.metrics import make_registry, parse_bind, serve_metrics
 

@@ -18,10 +18,12 @@ from .layout import (
     h5_path,
     images_dir,
     lock_path,
+    qc_thumbs_dir,
     visualization_dir,
 )
 
 __all__ = [
     "GEOMETRY_KEYS", "PASSPORT_DTYPE", "PASSPORT_FORMAT", "PASSPORT_VERSION", "ReuseDecision", "SlideAttrs",
-    "SourceRecord", "decide_reuse", "geometry_mismatch", "h5_path", "images_dir", "lock_path", "visualization_dir",
+    "SourceRecord", "decide_reuse", "geometry_mismatch", "h5_path", "images_dir", "lock_path", "qc_thumbs_dir",
+    "visualization_dir",
 ]

@@ -59,6 +59,7 @@ _MAX_PAYLOAD = 64 * 1024
 # link() answers these where the filesystem has no hard links (SMB/CIFS without unix extensions, some FUSE mounts).
 _NO_LINK = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS, errno.EMLINK}
 _NO_LINK_DEVS: set[int] = set()
+_NO_LINK_LOCK = threading.Lock()  # several claims can meet a link-less filesystem at once: warn once per device
 _TAG = re.compile(r"^([0-9a-f]{10})-(\d+)-(\d+)$")
 
 
@@ -446,12 +447,20 @@ def _publish(path: Path, payload: bytes) -> os.stat_result | None:
         try:
             return _publish_linked(tmp, path, payload)
         except _NoHardLinks:
-            _NO_LINK_DEVS.add(dev)
-            log.warning("%s: no hard links on this filesystem; lock files fall back to O_EXCL", path.parent)
+            _note_no_links(dev, path.parent)
         finally:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
     return _publish_exclusive(path, payload)
+
+
+def _note_no_links(dev: int, folder: Path) -> None:
+    """Remember a device without hard links; the warning is printed once per device, whichever claim found it."""
+    with _NO_LINK_LOCK:
+        first = dev not in _NO_LINK_DEVS
+        _NO_LINK_DEVS.add(dev)
+    if first:
+        log.warning("%s: no hard links on this filesystem; lock files fall back to O_EXCL", folder)
 
 
 class _NoHardLinks(Exception):

@@ -6,6 +6,7 @@ imported by the methods that need them, so importing this module stays light.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from ..geometry import Geometry
 from ..items import OpenedSlide, PatchPlan, Pixels, ReuseDecision, SlideJob
 from ..protocols import Lock, Store
 from . import claims
-from .layout import SlideAttrs, decide_reuse, h5_path, images_dir, lock_path
+from .layout import SlideAttrs, decide_reuse, h5_path, images_dir, lock_path, qc_thumbs_dir
 
 
 class SettingsRecord:
@@ -66,8 +67,16 @@ def slide_attrs(slide: OpenedSlide, geometry: Geometry, settings: SettingsRecord
         vendor=info.vendor,
         institution=None if job.pseudonym else info.institution,  # an identifier of the site: not with pseudonyms
         stain=info.stain,
-        extra=settings.attrs(),
+        extra={**settings.attrs(), "source_size": _file_size(job.path)},
     )
+
+
+def _file_size(path: Path) -> int | None:
+    """The slide file's byte size, recorded so `atlaspatch check` can tell a replaced slide (None for a folder)."""
+    try:
+        return os.stat(path).st_size if os.path.isfile(path) else None
+    except OSError:
+        return None
 
 
 class H5Outputs:
@@ -100,6 +109,12 @@ class H5Outputs:
         path = self.h5_path(job)
         existing = inspect_h5(path) if path.exists() else None
         return decide_reuse(existing, encoders, self.settings.attrs())
+
+    def save_qc_thumbnail(self, stem: str, thumbnail: np.ndarray, mask: np.ndarray) -> None:
+        """`--qc`: `<out>/qc/thumbs/<stem>.jpg` and `<stem>.mask.png` (what `atlaspatch report` draws cards from)."""
+        from ..backends.visualize import write_qc_thumbnail
+
+        write_qc_thumbnail(qc_thumbs_dir(self.config.write.output), stem, thumbnail, mask)
 
     def read_coords(self, path: Path) -> np.ndarray:
         """The `coords` of a complete H5."""

@@ -396,6 +396,10 @@ class SlideH5:
         """True when every open feature set has all its rows."""
         return all(self.missing_rows(name) == 0 for name in self._filled)
 
+    def set_feature_attrs(self, name: str, attrs: Mapping[str, int]) -> None:
+        """Attributes of the open feature set `name` (e.g. `nonfinite_rows`); they travel with its rename."""
+        self._call(self._datasets[name].attrs.update, dict(attrs))
+
     # -- end ------------------------------------------------------------------------------------------------------
 
     def finalize(self) -> Path:

@@ -84,6 +84,11 @@ def images_dir(output: Path, stem: str) -> Path:
     return output / "images" / stem
 
 
+def qc_thumbs_dir(output: Path) -> Path:
+    """`<out>/qc/thumbs/` (`--qc`: `<stem>.jpg` and `<stem>.mask.png`)."""
+    return output / "qc" / "thumbs"
+
+
 def visualization_dir(output: Path) -> Path:
     """`<out>/visualization/`."""
     return output / "visualization"

@@ -28,8 +28,10 @@ async def run(
     The stage reports ready at once and loads its models (weights already found by `make_encoders`) while the first
     slides are opened and segmented, so the first batch does not wait for the load; a weight file that cannot be
     loaded stops the run from here. Rows from several slides share a batch (the device never idles between slides);
-    a partial batch runs as soon as nothing more is queued, so a slow reader never stalls a slide's last rows. Each forward runs in a worker thread under `limiter` (device submissions). Closes
-    `send` when `receive` ends. Encoder errors are bugs or a broken device: they propagate and stop the run.
+    a partial batch runs as soon as nothing more is queued, so a slow reader never stalls a slide's last rows. Each
+    forward runs in a worker thread under `limiter` (device submissions). Rows with NaN or Inf are counted where the
+    features are and travel with the batch (`FeatureBatch.nonfinite`); the writer decides. Closes `send` when
+    `receive` ends. Encoder errors are bugs or a broken device: they propagate and stop the run.
     """
     task_status.started()
     batcher = Batcher(batch_size)
@@ -84,8 +86,8 @@ class _InFlight:
 
     async def _collect_oldest(self) -> None:
         item = self.pending.popleft()
-        features = await anyio.to_thread.run_sync(self.encoders.collect, item.ticket, limiter=self.limiter)
+        encoded = await anyio.to_thread.run_sync(self.encoders.collect, item.ticket, limiter=self.limiter)
         batch = item.batch
-        await self.send.send(FeatureBatch(batch.slide_ids, batch.rows, features,
+        await self.send.send(FeatureBatch(batch.slide_ids, batch.rows, encoded.features,
                                           encode_seconds=time.perf_counter() - item.started,
-                                          read_seconds=batch.read_seconds))
+                                          read_seconds=batch.read_seconds, nonfinite=encoded.nonfinite))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -9,7 +10,7 @@ from typing import TYPE_CHECKING
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from ..errors import SlideError, is_bug
+from ..errors import SlideError, describe, is_bug
 from ..items import PatchPlan, TissueMask, WriteItem
 from ..protocols import OutputStore, Planner
 from .book import SlideBook
@@ -17,6 +18,8 @@ from .workers import closing, run_workers
 
 if TYPE_CHECKING:
     import numpy as np
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -90,7 +93,21 @@ async def _plan_one(item: TissueMask, book: SlideBook, planner: Planner, outputs
         return None
     book.time(job, "plan", time.perf_counter() - started)
     book.note(job, num_patches=plan.num_patches)
+    if item.thumbnail is not None and item.mask is not None and outputs is not None:
+        await _save_qc(outputs, item, item.thumbnail, item.mask, limiter)
     return plan
+
+
+async def _save_qc(outputs: OutputStore, item: TissueMask, thumbnail: np.ndarray, mask: np.ndarray,
+                   limiter: anyio.CapacityLimiter) -> None:
+    """`--qc`: the slide's QC thumbnail and mask; a failure here is a warning, never the slide's failure."""
+    try:
+        await anyio.to_thread.run_sync(outputs.save_qc_thumbnail, item.slide.job.stem, thumbnail, mask,
+                                       limiter=limiter)
+    except Exception as exc:
+        if is_bug(exc):
+            raise
+        log.warning("%s: QC thumbnail not saved: %s", item.slide.job.name, describe(exc))
 
 
 def _mask(item: TissueMask) -> np.ndarray:

@@ -21,6 +21,7 @@ async def run(
     segmenter: Segmenter,
     batch_size: int,
     limiter: anyio.CapacityLimiter,
+    keep_thumbnails: bool = False,
     task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     """Thumbnail -> TissueMask.
@@ -30,7 +31,8 @@ async def run(
     current one runs) and segments them in one call in a worker thread under `limiter`. Items without an image
     (reused slides) pass through with no mask. A thumbnail whose segmentation fails fails alone; an exception raised
     by the segmenter itself (a broken device, a bug) propagates and stops the run. Closes `send` when `receive` ends;
-    one worker (the device is the bottleneck).
+    one worker (the device is the bottleneck). With `keep_thumbnails` (`--qc`) each mask carries its thumbnail on
+    to `plan`, which saves the QC thumbnail from it (no second read of the slide).
     """
     await anyio.to_thread.run_sync(segmenter.warm_up, limiter=limiter)
     task_status.started()
@@ -38,7 +40,7 @@ async def run(
         async with receive, send:
             async for first in receive:
                 batch = [first, *_drain(receive, batch_size - 1)]
-                for item in await _segment(batch, book, segmenter, limiter):
+                for item in await _segment(batch, book, segmenter, limiter, keep_thumbnails):
                     await send.send(item)
     finally:
         with anyio.CancelScope(shield=True):
@@ -57,7 +59,7 @@ def _drain(receive: MemoryObjectReceiveStream[Thumbnail], n: int) -> list[Thumbn
 
 
 async def _segment(
-    batch: list[Thumbnail], book: SlideBook, segmenter: Segmenter, limiter: anyio.CapacityLimiter
+    batch: list[Thumbnail], book: SlideBook, segmenter: Segmenter, limiter: anyio.CapacityLimiter, keep: bool
 ) -> list[TissueMask]:
     todo = [t for t in batch if t.image is not None]
     started = time.perf_counter()
@@ -74,5 +76,5 @@ async def _segment(
             continue
         if item.image is not None:
             book.time(job, "segment", share)
-        out.append(TissueMask(item.slide, mask))
+        out.append(TissueMask(item.slide, mask, item.image if keep else None))
     return out

@@ -25,6 +25,7 @@ class _Open:
     store: Store
     names: tuple[str, ...]
     tally: RowTally | None = None  # set when rows are counted without features (--save-images, no encoder)
+    nonfinite: dict[str, int] = field(default_factory=dict)  # encoder -> rows with NaN/Inf written so far
 
     @property
     def job(self) -> SlideJob:
@@ -38,6 +39,7 @@ class WriteSettings:
     encoders: tuple[str, ...]
     dims: Mapping[str, int]
     count_rows: bool  # pixels are read (e.g. --save-images) but no encoder runs: finish when all rows were read
+    allow_nonfinite: bool = False  # --allow-nonfinite: keep rows with NaN/Inf (counted in the H5 and the report)
 
 
 @dataclass
@@ -151,6 +153,8 @@ def _account(entry: _Open, book: SlideBook, batch: FeatureBatch | PatchBatch, sh
 
 def _write_features(entry: _Open, batch: FeatureBatch, sel: np.ndarray) -> None:
     rows = batch.rows[sel]
+    for name, mask in batch.nonfinite.items():
+        entry.nonfinite[name] = entry.nonfinite.get(name, 0) + int(mask[sel].sum())
     for name in entry.names:
         values = batch.features[name][sel]
         if not entry.store.has_feature(name):
@@ -168,9 +172,17 @@ async def _maybe_finish(entry: _Open, writer: _Writer) -> None:
     if not _complete(entry):
         return
     job = entry.job
+    bad = {name: n for name, n in entry.nonfinite.items() if n and name in entry.names}
+    if bad and not writer.settings.allow_nonfinite:
+        message = f"{job.name}: {nonfinite_message(bad, entry.plan.num_patches)}"
+        await _fail(entry, writer, refused("encode", "nonfinite"), message)
+        return
     writer.files.pop(job.slide_id, None)
     try:
         with anyio.CancelScope(shield=True):
+            for name, n in bad.items():
+                await anyio.to_thread.run_sync(entry.store.set_feature_attrs, name, {"nonfinite_rows": n},
+                                               limiter=writer.limiter)
             path = await anyio.to_thread.run_sync(entry.store.finalize, limiter=writer.limiter)
     except Exception as exc:
         with anyio.CancelScope(shield=True):
@@ -180,7 +192,17 @@ async def _maybe_finish(entry: _Open, writer: _Writer) -> None:
         await writer.book.fail_on(job, "write", exc)
         return
     status: Status = "reused" if entry.plan.slide.reuse is not None else "done"
+    if bad:
+        writer.book.note(job, nonfinite_rows=bad)
     await writer.book.finish(job, status, h5_path=path, num_patches=entry.plan.num_patches, features=entry.names)
+
+
+def nonfinite_message(bad: Mapping[str, int], num_patches: int) -> str:
+    """The cause of a slide failed for NaN/Inf features: each encoder, its bad rows, and the fix."""
+    counts = ", ".join(f"encoder {name} wrote {n} of {num_patches} feature rows with NaN or Inf" for name, n in
+                       bad.items())
+    return (f"{counts} (a float16 overflow?): use --feature-precision bfloat16 or float32 "
+            "(or --allow-nonfinite to keep such rows)")
 
 
 async def _fail(entry: _Open, writer: _Writer, failure: Failure, message: str) -> None:

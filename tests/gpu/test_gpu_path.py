@@ -65,6 +65,28 @@ def test_encoder_streams_on_cuda_equal_direct_encoding() -> None:
     rng = np.random.default_rng(1)
     inputs = [rng.integers(0, 256, (16, 224, 224, 3), dtype=np.uint8) for _ in range(5)]
     tickets = [runner.submit(torch.from_numpy(p).cuda() if i % 2 else p) for i, p in enumerate(inputs[:3])]
-    got = [runner.collect(t)["resnet18"] for t in tickets]
+    got = [runner.collect(t).features["resnet18"] for t in tickets]
     for feats, pixels in zip(got, inputs, strict=False):
         np.testing.assert_allclose(feats, enc.encode(pixels), rtol=1e-4, atol=1e-4)
+
+
+def test_nonfinite_rows_are_counted_on_the_device() -> None:
+    """A device encoder whose fp16 activations overflow for bright patches, through the CUDA ring: the rows with
+    Inf come back as the bool mask computed on the device (untested until a GPU is lent: skipped without CUDA)."""
+    from atlaspatch_stream.backends.cuda_streams import EncoderCudaStreams, device_ops
+
+    class Overflows:
+        name, dim, device, fixed_batch = "fp16", 2, "cuda:0", False
+
+        def warm_up(self) -> None:
+            """Nothing to load."""
+
+        def encode_device(self, pixels: torch.Tensor) -> torch.Tensor:
+            act = pixels[:, 0, 0, 0].half() * 1024.0  # > 65504 once the pixel passes 64: Inf in float16
+            return torch.stack([act, act], dim=1).float()
+
+    pixels = torch.zeros((6, 4, 4, 3), dtype=torch.uint8, device="cuda:0")
+    pixels[[1, 4], 0, 0, 0] = 200
+    ring = EncoderCudaStreams([Overflows()], device_ops("cuda:0"), batch_size=8, slots=2)
+    got = ring.collect(ring.submit(pixels))
+    assert got.nonfinite["fp16"].tolist() == [False, True, False, False, True, False]

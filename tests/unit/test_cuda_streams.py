@@ -23,6 +23,7 @@ from atlaspatch_stream.backends.encoders.registry import get_spec
 from atlaspatch_stream.backends.encoders.runtime import TorchEncoder
 from atlaspatch_stream.backends.encoders.spec import EncoderSpec, Preprocess
 from atlaspatch_stream.config import load_config
+from atlaspatch_stream.items import Encoded
 from atlaspatch_stream.testing.streams import SimulatedOps
 
 P = 24  # patch edge: small, so many batches run fast
@@ -59,9 +60,9 @@ def run_pipelined(runner: EncoderCudaStreams, inputs: list[np.ndarray]) -> list[
     pending: list[Ticket] = []
     for pixels in inputs:
         if len(pending) == runner.slots:
-            out.append(runner.collect(pending.pop(0)))
+            out.append(runner.collect(pending.pop(0)).features)
         pending.append(runner.submit(pixels))
-    out += [runner.collect(t) for t in pending]
+    out += [runner.collect(t).features for t in pending]
     return out
 
 
@@ -100,7 +101,7 @@ class FreesEarly(EncoderCudaStreams):
         out = {}
         for i in ticket.lanes:
             out[self._lanes[i].encoder.name] = self._features[ticket.slot][i][: ticket.rows].numpy().copy()
-        return out
+        return Encoded(out)
 
 
 @pytest.mark.parametrize("broken", [ForgetsToWait, FreesEarly])
@@ -127,6 +128,7 @@ def test_submit_and_collect_from_two_threads(encoders: list[TorchEncoder]) -> No
     tickets: list[Ticket] = []
     got: list[dict[str, np.ndarray]] = []
     ahead: list[int] = []
+    collecting = [0]  # collects begun: a slot is freed only inside one, so this bounds submission without a race
     cond = threading.Condition()
 
     def producer() -> None:
@@ -134,7 +136,7 @@ def test_submit_and_collect_from_two_threads(encoders: list[TorchEncoder]) -> No
             t = runner.submit(pixels)
             with cond:
                 tickets.append(t)
-                ahead.append(len(tickets) - len(got))
+                ahead.append(len(tickets) - collecting[0])
                 cond.notify()
 
     def consumer() -> None:
@@ -142,7 +144,8 @@ def test_submit_and_collect_from_two_threads(encoders: list[TorchEncoder]) -> No
             with cond:
                 cond.wait_for(lambda i=i: len(tickets) > i, timeout=30)
                 t = tickets[i]
-            feats = runner.collect(t)
+                collecting[0] += 1
+            feats = runner.collect(t).features
             with cond:
                 got.append(feats)
 
@@ -234,7 +237,7 @@ def test_only_the_named_encoders_run(encoders: list[TorchEncoder]) -> None:
     """Rows of a reused slide that need only some encoders: the others neither run nor return features."""
     runner = EncoderCudaStreams(encoders, SimulatedOps(2), batch_size=8, slots=2)
     ticket = runner.submit(batches(1, 6)[0], encoders=frozenset({"color_stats"}))
-    assert set(runner.collect(ticket)) == {"color_stats"}
+    assert set(runner.collect(ticket).features) == {"color_stats"}
     assert runner.names == ["tiny", "color_stats"]
 
 
@@ -247,7 +250,7 @@ def test_device_tensors_stay_on_the_device(encoders: list[TorchEncoder]) -> None
     pixels = torch.from_numpy(batches(1, 7)[0])
     out = encoders[0].encode_device(pixels)
     assert out.device == pixels.device and out.dtype == torch.float32
-    np.testing.assert_allclose(runner.collect(runner.submit(pixels))["tiny"], out.numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(runner.collect(runner.submit(pixels)).features["tiny"], out.numpy(), rtol=1e-5, atol=1e-6)
     runner.close()
 
 

@@ -62,7 +62,7 @@ def test_every_backend_puts_tensors_on_its_configured_device(tmp_path: Path) -> 
         assert params == {torch.device(enc.device)}
         assert str(enc.encode_device(pixels).device) == enc.device
     runner = EncoderCudaStreams(encoders, device_ops(decoder.device), batch_size=8, slots=2)
-    feats = runner.collect(runner.submit(pixels))
+    feats = runner.collect(runner.submit(pixels)).features
     assert set(feats) == {"resnet18", "color_stats"} and all(np.isfinite(f).all() for f in feats.values())
     assert all(str(t.device) == decoder.device for t in runner._inputs)
     for enc in encoders:

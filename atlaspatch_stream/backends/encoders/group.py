@@ -16,9 +16,16 @@ from typing import Any
 import numpy as np
 
 from ...batching import to_host
+from ...items import Encoded
 from ...protocols import DeviceEncoder, Encoder
 
 log = logging.getLogger(__name__)
+
+
+def nonfinite_rows(features: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Bool (B,) masks of the rows holding NaN or Inf, for the encoders that have any (host features, on the CPU)."""
+    masks = {name: ~np.isfinite(values).all(axis=1) for name, values in features.items()}
+    return {name: mask for name, mask in masks.items() if mask.any()}
 
 
 class EncoderGroup:
@@ -47,15 +54,16 @@ class EncoderGroup:
         for encoder in self.encoders:
             encoder.warm_up()
 
-    def submit(self, pixels: Any, names: frozenset[str] | None) -> dict[str, np.ndarray]:
+    def submit(self, pixels: Any, names: frozenset[str] | None) -> Encoded:
         """Encode now: float32 (B, D) per encoder in `names` (None: all; reused slides need only their missing
-        sets); the features are the ticket."""
+        sets) and their non-finite rows; the result is the ticket."""
         host = to_host(pixels)
-        return {e.name: e.encode(host) for e in self.encoders if names is None or e.name in names}
+        features = {e.name: e.encode(host) for e in self.encoders if names is None or e.name in names}
+        return Encoded(features, nonfinite_rows(features))
 
-    def collect(self, ticket: object) -> dict[str, np.ndarray]:
-        """The features `submit` computed."""
-        assert isinstance(ticket, dict)
+    def collect(self, ticket: object) -> Encoded:
+        """What `submit` computed."""
+        assert isinstance(ticket, Encoded)
         return ticket
 
     def close(self) -> None:
@@ -73,7 +81,7 @@ class EncoderGroup:
 @dataclass(frozen=True)
 class _Ticket:
     ring: Any  # the ring's ticket (None when no device encoder was asked)
-    host: dict[str, np.ndarray]
+    host: Encoded
 
 
 class CudaEncoderGroup(EncoderGroup):
@@ -123,15 +131,15 @@ class CudaEncoderGroup(EncoderGroup):
         ring = self._ring.submit(pixels, device) if device and self._ring is not None else None
         host_names = [e for e in self._on_host if e.name in wanted]
         host = {e.name: e.encode(to_host(pixels)) for e in host_names} if host_names else {}
-        return _Ticket(ring, host)
+        return _Ticket(ring, Encoded(host, nonfinite_rows(host)))
 
-    def collect(self, ticket: object) -> dict[str, np.ndarray]:
+    def collect(self, ticket: object) -> Encoded:
         """Wait for the device encoders of a submitted batch (events, not a device-wide synchronize)."""
         assert isinstance(ticket, _Ticket)
-        out = dict(ticket.host)
-        if ticket.ring is not None:
-            out.update(self._ring.collect(ticket.ring))
-        return out
+        if ticket.ring is None:
+            return ticket.host
+        ring = self._ring.collect(ticket.ring)
+        return Encoded({**ticket.host.features, **ring.features}, {**ticket.host.nonfinite, **ring.nonfinite})
 
     def close(self) -> None:
         """Drop the ring and free every model's memory, even when one close fails."""

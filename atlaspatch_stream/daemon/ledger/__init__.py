@@ -32,7 +32,14 @@ from .states import (
     settings_change,
     vanish,
 )
-from .status import FailureEvent, LedgerStatus, read_status, requeue_slides, retry_quarantined
+from .status import (
+    FailureEvent,
+    LedgerStatus,
+    read_status,
+    requeue_outputs,
+    requeue_slides,
+    retry_quarantined,
+)
 from .store import LEDGER_FILE, SCHEMA_VERSION, LedgerError
 
 __all__ = [
@@ -60,6 +67,7 @@ __all__ = [
     "reconcile",
     "release",
     "requeue",
+    "requeue_outputs",
     "requeue_slides",
     "resume",
     "retry_quarantined",

@@ -123,3 +123,17 @@ def retry_quarantined(path: Path, *, clock: Clock | None = None) -> list[Change]
     now = (clock or SystemClock()).now()
     with _store(path, read_only=False) as store:
         return store.many("state = 'quarantined'", (), lambda r: requeue(r, now))
+
+
+def requeue_outputs(path: Path, stems: Sequence[str], *, clock: Clock | None = None) -> list[Change]:
+    """`atlaspatch check OUTPUT --requeue`: the slides whose output stems are `stems` back to `seen` for a retry
+    (a slide running now or whose source is missing is left as it is)."""
+    now = (clock or SystemClock()).now()
+    changes: list[Change] = []
+    with _store(path, read_only=False) as store:
+        for start in range(0, len(stems), 500):  # SQLite caps the parameters of one statement
+            chunk = tuple(stems[start : start + 500])
+            marks = ", ".join("?" for _ in chunk)
+            changes += store.many(f"output_stem IN ({marks}) AND state NOT IN ('running', 'missing')", chunk,
+                                  lambda r: requeue(r, now))
+    return changes
