@@ -10,7 +10,7 @@ import orjson
 import pytest
 from click.testing import CliRunner
 
-from atlaspatch_stream.backends.encoders.group import EncoderGroup, StreamedEncoders
+from atlaspatch_stream.backends.encoders.group import CudaEncoderGroup, EncoderGroup
 from atlaspatch_stream.cli import cli
 from atlaspatch_stream.testing.fakes import FakeEncoder
 from atlaspatch_stream.testing.synthetic import write_synthetic_slide
@@ -104,7 +104,7 @@ def test_cpu_and_ring_paths_report_the_same_nonfinite_rows() -> None:
     pixels = np.zeros((6, 4, 4, 3), dtype=np.uint8)
     pixels[[1, 4], 0, 0, 0] = 200
     cpu = EncoderGroup([_Overflows(name="x"), FakeEncoder(name="ok")])
-    ring = StreamedEncoders([_Overflows(name="x"), FakeEncoder(name="ok")], "cpu", batch_size=8, patch_size=4,
+    ring = CudaEncoderGroup([_Overflows(name="x"), FakeEncoder(name="ok")], "cpu", batch_size=8, patch_size=4,
                             memory_budget=0.5)
     for group in (cpu, ring):
         group.warm_up()
