@@ -80,8 +80,8 @@ def _row(verdict: Any) -> str:
 
 def _requeue(output: Path, rebuild: list[Any], state_dir: Path | None) -> dict[str, int]:
     from ..config import WatchConfig
+    from ..daemon.ledger import LEDGER_FILE
     from ..qc.check import requeue
-    from ..sources.ledger import LEDGER_FILE
 
     ledger = (state_dir or WatchConfig().state_path(output)) / LEDGER_FILE
     done = requeue(rebuild, ledger if ledger.exists() else None)

@@ -374,7 +374,7 @@ async def _operations(tg: TaskGroup, service: FolderService, state: Path,
     tg.start_soon(service._refresh, watch.status_interval_s)
     tg.start_soon(service.notifier.run_watchdog)
     if watch.qc_report_s > 0:
-        from .qc.refresh import refresh_gallery
+        from ..qc.refresh import refresh_gallery
 
         tg.start_soon(refresh_gallery, service.output, watch.qc_report_s)
     if watch.metrics is not None:

@@ -263,22 +263,24 @@ def test_patch_readers_agree(slide_file: Path, tmp_path: Path) -> None:
 
 
 def check_encoder_set(encoders: EncoderSet) -> None:
-    """Batches submitted in order come back in order, float32 (B, D) per requested encoder, D as declared."""
+    """Batches submitted in order come back in order, float32 (B, D) per requested encoder, D as declared, and
+    (random pixels through these encoders) no row is marked non-finite."""
     encoders.warm_up()
     assert set(encoders.dims) == set(encoders.names) and encoders.depth >= 1
     rng = np.random.default_rng(2)
     batches = [rng.integers(0, 255, (n, PATCH, PATCH, 3), dtype=np.uint8) for n in (3, 5)]
     tickets = [encoders.submit(b, None) for b in batches[: encoders.depth]]
-    results = [encoders.collect(t) for t in tickets]
+    encoded = [encoders.collect(t) for t in tickets]
     for batch in batches[encoders.depth:]:
-        results.append(encoders.collect(encoders.submit(batch, None)))
-    for batch, features in zip(batches, results, strict=True):
+        encoded.append(encoders.collect(encoders.submit(batch, None)))
+    assert all(not e.nonfinite for e in encoded)
+    for batch, features in zip(batches, [e.features for e in encoded], strict=True):
         assert set(features) == set(encoders.names)
         for name, values in features.items():
             assert values.shape == (len(batch), encoders.dims[name]) and values.dtype == np.float32
     first = encoders.names[:1]
     only = encoders.collect(encoders.submit(batches[0], frozenset(first)))
-    assert set(only) == set(first)
+    assert set(only.features) == set(first)
     encoders.close()
 
 
