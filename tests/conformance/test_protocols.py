@@ -3,15 +3,19 @@
 Each section holds a `check_<protocol>` function that states what every implementation must do, run against the
 real part (a synthetic tiled TIFF read by tiffslide, Otsu, the tile-once reader, the colour-statistics encoder, the
 real H5 store) and against the fake of `atlaspatch_stream.testing.fakes` where one exists. Fakes pass the same checks
-as the parts they stand in for, so stage tests on fakes say something about the real run.
+as the parts they stand in for, so stage tests on fakes say something about the real run. The run layer's two
+protocols are here too: `run.Engine` (the local pipeline against `testing.engines.FakeEngine`; the Ray engine keeps
+it in tests/distributed) and `run.JobSource` (a job list, a shard).
 """
 
 from __future__ import annotations
 
 import os
+from contextlib import AbstractAsyncContextManager
 from dataclasses import replace
 from pathlib import Path
 
+import anyio
 import numpy as np
 import pytest
 
@@ -24,9 +28,10 @@ from atlaspatch_stream.backends.segment_otsu import OtsuSegmenter
 from atlaspatch_stream.backends.tiles import describe_levels, read_raw
 from atlaspatch_stream.config import PipelineConfig
 from atlaspatch_stream.geometry import plan_geometry
-from atlaspatch_stream.items import OpenedSlide, PatchPlan, SlideJob
+from atlaspatch_stream.items import OpenedSlide, PatchPlan, SlideJob, SlideResult
 from atlaspatch_stream.outputs import visualization_dir
 from atlaspatch_stream.outputs.h5outputs import H5Outputs, SettingsRecord, slide_attrs
+from atlaspatch_stream.pipeline import running
 from atlaspatch_stream.protocols import (
     Backends,
     Encoder,
@@ -40,7 +45,12 @@ from atlaspatch_stream.protocols import (
     SlideSource,
     TileDecoder,
 )
+from atlaspatch_stream.run import Engine, JobSource, drive
+from atlaspatch_stream.sources.job_list import JobList
+from atlaspatch_stream.sources.shard_source import ShardSource
+from atlaspatch_stream.sources.shards import split_shard
 from atlaspatch_stream.testing import write_synthetic_slide
+from atlaspatch_stream.testing.engines import FakeEngine
 from atlaspatch_stream.testing.fakes import (
     FakeBackends,
     FakeEncoder,
@@ -356,3 +366,54 @@ def test_backends(kind: str, tmp_path: Path) -> None:
     """`RealBackends` (Otsu, no encoders) and `FakeBackends` compose their parts alike."""
     config = _config(tmp_path)
     check_backends(RealBackends(config) if kind == "real" else FakeBackends(config))
+
+
+# -- Engine and JobSource (the run layer) ----------------------------------------------------------------------------
+
+
+def _run_jobs(count: int) -> list[SlideJob]:
+    return [SlideJob(i, Path(f"/slides/s{i}.svs"), f"s{i}") for i in range(count)]
+
+
+async def check_engine(opening: AbstractAsyncContextManager[Engine], count: int) -> None:
+    """`drive` over a job list: every job one `done` result, nothing torn down, no stop, totals that match."""
+    async with opening as engine:
+        summary = await drive(JobList(_run_jobs(count)), engine)
+        assert sorted(r.job.slide_id for r in summary.results) == list(range(count))
+        assert summary.count("done") == count and summary.ok and not engine.torn_down
+        stats = engine.statistics()
+        assert stats.totals.count("done") == count and stats.stopped is None
+
+
+@pytest.mark.parametrize("kind", ["real", "fake"])
+async def test_engine(kind: str, tmp_path: Path) -> None:
+    """The local `Pipeline` (with fake backends, so no slides are needed) and `FakeEngine` keep the same contract."""
+    with anyio.fail_after(60):
+        if kind == "fake":
+            await check_engine(FakeEngine().open(), 5)
+            return
+        config = fake_config(tmp_path / "out")
+        await check_engine(running(config, FakeBackends(config), "features"), 5)
+
+
+async def check_job_source(source: JobSource, listed: list[SlideJob], take: int) -> None:
+    """Jobs come out in order, each once; those not taken are `unsent()`; settling a taken job is accepted."""
+    taken: list[SlideJob] = []
+    async for job in source.jobs():
+        taken.append(job)
+        await source.settle(job, SlideResult(job, "done"))
+        if len(taken) == take:
+            break
+    assert [j.slide_id for j in taken] == [j.slide_id for j in listed[:take]]
+    assert [j.slide_id for j in source.unsent()] == [j.slide_id for j in listed[take:]]
+
+
+@pytest.mark.parametrize("kind", ["job_list", "shard"])
+async def test_job_source(kind: str, tmp_path: Path) -> None:
+    """`JobList` and a `ShardSource` without stealing or copies give out a list the same way."""
+    listed = _run_jobs(6)
+    source: JobSource = (JobList(listed) if kind == "job_list"
+                         else ShardSource(split_shard(listed, None, {}), tmp_path, True))
+    expected = listed if kind == "job_list" else list(split_shard(listed, None, {}).own)
+    with anyio.fail_after(10):
+        await check_job_source(source, expected, 4)
