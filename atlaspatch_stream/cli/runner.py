@@ -210,8 +210,8 @@ def _isatty(stream: TextIO) -> bool:
 
 
 class Signals:
-    """SIGINT and SIGTERM for the rest of the process: each is recorded; while a run is on, the first stops intake
-    and drains, a second cancels at once.
+    """SIGINT and SIGTERM (and `also`, e.g. the daemon's SIGHUP) for the rest of the process: each is recorded and,
+    while a run is on, handed to it on its event loop.
 
     Python-level handlers, installed once and never removed: a signal that lands after the run has drained (while
     the summary is printed, or the event loop closes) is recorded and changes nothing, instead of killing the process
@@ -219,10 +219,10 @@ class Signals:
     handling does.
     """
 
-    def __init__(self) -> None:
-        self.received: list[signal.Signals] = []
+    def __init__(self, also: tuple[signal.Signals, ...] = ()) -> None:
+        self.received: list[signal.Signals] = []  # SIGINT and SIGTERM, in order
         self._relay: Callable[[signal.Signals], None] | None = None
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in (signal.SIGINT, signal.SIGTERM, *also):
             signal.signal(sig, self._handle)
 
     @property
@@ -232,22 +232,16 @@ class Signals:
 
     def _handle(self, signum: int, _frame: object) -> None:
         sig = signal.Signals(signum)
-        self.received.append(sig)
+        if sig in SIGNAL_EXIT:
+            self.received.append(sig)
         if self._relay is not None:
             self._relay(sig)
 
     @contextmanager
-    def relayed(self, stop: Stop, announce: Callable[[str], None], drain_timeout_s: float) -> Iterator[None]:
-        """While the block runs on this event loop, signals stop the run through `stop`."""
+    def relayed(self, act: Callable[[signal.Signals], None]) -> Iterator[None]:
+        """While the block runs on this event loop, each signal calls `act(signal)` there (`received` says how many
+        came before)."""
         loop = asyncio.get_running_loop()
-
-        def act(sig: signal.Signals) -> None:
-            if stop.requested.is_set():
-                stop.force()
-                return
-            announce(f"{sig.name}: no new slides start; finishing the slides in flight (at most "
-                     f"{drain_timeout_s:g} s; again to abort)")
-            stop.request(f"interrupted by {sig.name}")
 
         def relay(sig: signal.Signals) -> None:
             loop.call_soon_threadsafe(act, sig)
@@ -260,12 +254,26 @@ class Signals:
         finally:
             self._relay = None
 
+    @contextmanager
+    def stopping(self, stop: Stop, announce: Callable[[str], None], drain_timeout_s: float) -> Iterator[None]:
+        """While the block runs, the first SIGINT/SIGTERM requests `stop` (announced), a second forces it."""
+        def act(sig: signal.Signals) -> None:
+            if stop.requested.is_set():
+                stop.force()
+                return
+            announce(f"{sig.name}: no new slides start; finishing the slides in flight (at most "
+                     f"{drain_timeout_s:g} s; again to abort)")
+            stop.request(f"interrupted by {sig.name}")
+
+        with self.relayed(act):
+            yield
+
 
 async def run_with_signals(config: PipelineConfig, source: JobSource, opening: AbstractAsyncContextManager[Engine],
                            report: RunReport, progress: Progress, signals: Signals) -> RunSummary:
     """Run every job of `source` on the engine `opening` opens, stopped by `signals`."""
     stop = Stop()
-    with signals.relayed(stop, progress.message, config.run.drain_timeout_s):
+    with signals.stopping(stop, progress.message, config.run.drain_timeout_s):
         return await run_jobs(source, opening, report=report, stop=stop, on_result=progress.update,
                               drain_timeout_s=config.run.drain_timeout_s)
 

@@ -20,7 +20,7 @@ import click
 import orjson
 
 from ..config import PipelineConfig
-from .runner import SIGNAL_EXIT, one_line_errors, write_line
+from .runner import Signals, one_line_errors, write_line
 
 if TYPE_CHECKING:
     from ..daemon.service import FolderResult
@@ -66,11 +66,11 @@ class _Tally:
 
 
 async def _serve(input_folder: Path, config: PipelineConfig, once: bool, allow_root: bool,
-                 retry_quarantined: bool, redactor: Any) -> tuple[_Tally, int | None]:
-    """Run the service with signal handling; (what it did, exit code of a cancelling second signal)."""
+                 retry_quarantined: bool, redactor: Any, signals: Signals) -> _Tally:
+    """Run the service: SIGHUP rescans, the first SIGTERM/SIGINT drains, a second cancels the drain."""
     from ..daemon.service import serve_folder
 
-    tally, received = _Tally(), list[int]()
+    tally = _Tally()
     outer = anyio.CancelScope()
     with outer:
         async with serve_folder(input_folder, config, once=once, allow_root=allow_root, redactor=redactor) as service:
@@ -78,28 +78,21 @@ async def _serve(input_folder: Path, config: PipelineConfig, once: bool, allow_r
                 changes = await service.ledger.retry_quarantined()
                 log.info("%d quarantined slide(s) get a new set of attempts", len(changes))
                 service.scan_now()
-            async with anyio.create_task_group() as tg:
 
-                async def signals() -> None:
-                    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as stream:
-                        async for signum in stream:
-                            if signum == signal.SIGHUP:
-                                service.scan_now()
-                            elif not received:
-                                received.append(signum)
-                                service.stop(f"{signal.Signals(signum).name} received")
-                            else:
-                                received.append(signum)
-                                outer.cancel()
+            def act(sig: signal.Signals) -> None:
+                if sig == signal.SIGHUP:
+                    service.scan_now()
+                elif len(signals.received) == 1:
+                    service.stop(f"{sig.name} received")
+                else:
+                    outer.cancel()
 
-                tg.start_soon(signals)
+            with signals.relayed(act):
                 async with service.results() as results:
                     async for outcome in results:
                         tally.count(outcome)
-                tg.cancel_scope.cancel()
             tally.left = dict(service.watcher.left)
-    second = SIGNAL_EXIT.get(signal.Signals(received[0])) if len(received) > 1 else None
-    return tally, second
+    return tally
 
 
 def run_watch(input_folder: Path, config: PipelineConfig, *, once: bool, allow_root: bool,
@@ -111,10 +104,11 @@ def run_watch(input_folder: Path, config: PipelineConfig, *, once: bool, allow_r
     os.umask(os.umask(0o022) | 0o022)  # whatever the caller's umask: nothing we create is group/other-writable
     redactor = RedactPaths() if config.watch.pseudonymize else None
     setup_daemon_logging(config.watch.log_format, redactor)
+    signals = Signals(also=(signal.SIGHUP,))
     with one_line_errors("the daemon stopped"):
-        tally, second = run(lambda: _serve(input_folder, config, once, allow_root, retry_quarantined, redactor))
-    if second is not None:
-        return second
+        tally = run(lambda: _serve(input_folder, config, once, allow_root, retry_quarantined, redactor, signals))
+    if len(signals.received) > 1:  # a second signal cancelled the drain
+        return signals.exit_status or 1
     if once:
         write_line(tally.once_line(config.watch.settle_s))
     return 1 if once and tally.failed else 0
