@@ -210,7 +210,7 @@ class Dispatch:
         self.max_attempts = max_attempts
         self.stopped: str | None = None
         self.closed = False
-        self._changed = anyio.Event()
+        self._changed: anyio.Event | None = None  # made on the event loop, when somebody first waits
 
     def add(self, job: SlideJob) -> None:
         """One more slide to run."""
@@ -224,6 +224,8 @@ class Dispatch:
 
     async def changed(self) -> None:
         """Until the next change (a slide taken, done, retried, a worker gone)."""
+        if self._changed is None:
+            self._changed = anyio.Event()
         await self._changed.wait()
 
     async def take(self, worker: int) -> Attempt | None:
@@ -236,7 +238,7 @@ class Dispatch:
                 return attempt
             if self.closed and not self.pending and not self.running:
                 return None
-            await self._changed.wait()
+            await self.changed()
         return None
 
     def _pick(self, worker: int) -> Attempt | None:
@@ -280,8 +282,9 @@ class Dispatch:
         return left
 
     def _notify(self) -> None:
-        self._changed.set()
-        self._changed = anyio.Event()
+        if self._changed is not None:
+            self._changed.set()
+            self._changed = None
 
 
 def absolute(value: Any) -> Any:
@@ -373,7 +376,7 @@ class RayEngine:
         self._jobs: dict[int, SlideJob] = {}  # the caller's jobs, by id: results name slides as the caller did
         room = 2 * self.options.in_flight * max(1, self.options.workers or 1) + 8
         self._send, self._receive = anyio.create_memory_object_stream[SlideResult](room)
-        self._abort = anyio.CancelScope()
+        self._abort: anyio.CancelScope | None = None  # made by `open`, on the event loop
         self._final_stats: RayStatistics | None = None
         self._io = anyio.CapacityLimiter(1)
 
@@ -406,7 +409,8 @@ class RayEngine:
 
     def abort(self) -> None:
         """Cancel the slides in flight now (their workers' pipelines are aborted when the engine closes)."""
-        self._abort.cancel()
+        if self._abort is not None:
+            self._abort.cancel()
 
     @property
     def stop_reason(self) -> str | None:
@@ -439,11 +443,12 @@ class RayEngine:
             report.begin({**dataclasses.asdict(self.config), "ray": dataclasses.asdict(self.options)})
         await self._start_workers(f"process ray:{report.run_id if report is not None else os.getpid()}")
         self.tally = Tally()  # throughput from the first slide on, the workers' start-up apart
+        self._abort = abort = anyio.CancelScope()
         clean = False
         try:
             async with serving(self, self._serve):
                 yield self
-            clean = not self._abort.cancel_called
+            clean = not abort.cancel_called
         finally:
             with anyio.CancelScope(shield=True):
                 self._final_stats = await self._finish_workers(drain=clean and not self._dispatch.running)
@@ -463,6 +468,7 @@ class RayEngine:
 
     async def _serve(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Every slot of every worker until all is done (or aborted); then answer what is left and end `results()`."""
+        assert self._abort is not None, "open() made the abort scope"
         async with self._send:
             with self._abort:
                 async with anyio.create_task_group() as slots:
