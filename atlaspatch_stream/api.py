@@ -108,6 +108,10 @@ async def _open(config: PipelineConfig, mode: Mode | None, backends: Backends | 
     status: RunStatus = "failed"
     try:
         async with running(config, backends, mode or default_mode(config), report, stop_on_output_failure) as pipeline:
+            from .backends.encoders.runtime import precision_ran
+
+            ran = {name: how for name, how in precision_ran().items() if name in config.encode.extractors}
+            report.begin({**dataclasses.asdict(config), "precision_ran": ran})  # the models are loaded now
             await anyio.to_thread.run_sync(report.open, limiter=pipeline.limiters.io)
             yield pipeline
             status = "interrupted" if pipeline.book.stop_reason else "completed"
