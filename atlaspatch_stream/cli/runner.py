@@ -25,6 +25,7 @@ from ..config import PipelineConfig
 from ..errors import AtlasPatchError, describe, is_bug, single_error
 from ..items import SlideJob, SlideResult
 from ..pipeline import Mode
+from .allocator import release_free_memory
 
 if sys.version_info < (3, 11):  # pragma: no cover
     from exceptiongroup import BaseExceptionGroup  # anyio depends on it there
@@ -210,10 +211,14 @@ async def run_with_signals(config: PipelineConfig, jobs: list[SlideJob], mode: M
                 else:
                     stop.force()
 
+    def on_result(result: SlideResult, pipeline: Statistics) -> None:
+        progress.update(result, pipeline)
+        release_free_memory()  # what the slide's buffers left free in glibc's arenas goes back to the system
+
     try:
         async with anyio.create_task_group() as tg:
             tg.start_soon(watch)
-            summary = await engine(jobs, config, mode=mode, stop=stop, command=command, on_result=progress.update)
+            summary = await engine(jobs, config, mode=mode, stop=stop, command=command, on_result=on_result)
             tg.cancel_scope.cancel()
     except BaseExceptionGroup as group:  # the engine's error, not our signal watcher's task group around it
         raise single_error(group) from None
