@@ -553,6 +553,11 @@ async def running(config: PipelineConfig, backends: Backends | None, mode: Mode,
     try:
         async with anyio.create_task_group() as tg:
             await tg.start(pipeline.run)
+            if report is not None:  # the models are loaded now: say which precision each encoder's forward runs in
+                from .backends.encoders.runtime import precision_ran
+
+                ran = {name: how for name, how in precision_ran().items() if name in config.encode.extractors}
+                report.begin({**dataclasses.asdict(config), "precision_ran": ran})
             try:
                 yield pipeline
             except BaseException:

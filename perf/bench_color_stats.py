@@ -1,19 +1,27 @@
-"""`color_stats` on CPU: the table/histogram implementation against the torch-ops implementation it replaced.
+"""`color_stats` on CPU: this tree's implementation against an earlier commit's and against the torch ops.
 
-    python perf/bench_color_stats.py [--batch 32] [--patch 224] [--seconds 8]
+    python perf/bench_color_stats.py [--batch 32] [--patch 224] [--seconds 8] [--baseline-rev 1ea700c]
 
-The baseline is the previous implementation, which the module keeps as its CUDA path (`baseline_module`): float32
-torch ops over every pixel, fed as the runtime fed it (uint8 -> float / 255, NCHW). Both run on the same drawn-tissue patches, alternating
-in rounds so that load on the shared machine hits both alike. Checks that the outputs agree (histograms exactly,
-means and stds to 1e-5) and prints one JSON line with both rates and their ratio; appends it to
-perf/results/bench_color_stats.jsonl.
+Two baselines, each on the same drawn-tissue patches, all three alternating in rounds so that load on the shared
+machine hits them alike:
+- the CPU implementation of an earlier commit (`--baseline-rev`, read from git history into a module of its own):
+  the outputs must be equal, all 90 values bit for bit;
+- the torch-ops module, which the package keeps as its CUDA path (`baseline_module`): float32 torch ops over every
+  pixel, fed as the runtime fed it (uint8 -> float / 255, NCHW): histograms must be identical, means and stds
+  within 1e-5.
+The speedup over the earlier commit is the median of the per-round ratios (each round runs both back to back).
+Prints one JSON line with the rates and ratios; appends it to perf/results/bench_color_stats.jsonl.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import subprocess
 import sys
 import time
+from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 from common import machine, write_result  # perf/common.py (scripts run from perf/)
@@ -25,6 +33,22 @@ def baseline_module():  # noqa: ANN201
     from atlaspatch_stream.backends.encoders.color_stats import _module_class
 
     return _module_class()().eval()
+
+
+def module_at(rev: str) -> ModuleType:
+    """The `color_stats` module as it was at git revision `rev`, imported beside the current one."""
+    root = Path(__file__).resolve().parents[1]
+    relative = "atlaspatch_stream/backends/encoders/color_stats.py"
+    source = subprocess.run(["git", "-C", str(root), "show", f"{rev}:{relative}"], capture_output=True, text=True,
+                            check=True).stdout
+    name = f"atlaspatch_stream.backends.encoders._color_stats_at_{rev}"
+    spec = importlib.util.spec_from_loader(name, loader=None)
+    assert spec is not None
+    module = importlib.util.module_from_spec(spec)
+    module.__package__ = "atlaspatch_stream.backends.encoders"
+    sys.modules[name] = module
+    exec(compile(source, f"{rev}:{relative}", "exec"), module.__dict__)  # noqa: S102 - our own history
+    return module
 
 
 def baseline_encode(module, pixels: np.ndarray) -> np.ndarray:  # noqa: ANN001
@@ -56,11 +80,13 @@ def rate(run, pixels: np.ndarray, seconds: float) -> float:  # noqa: ANN001
 
 
 def main() -> int:
-    """Check agreement, time both in alternating rounds, print and save one JSON line."""
+    """Check agreement, time all three in alternating rounds, print and save one JSON line."""
     parser = argparse.ArgumentParser()
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--patch", type=int, default=224)
-    parser.add_argument("--seconds", type=float, default=8.0, help="per implementation, split over 4 rounds")
+    parser.add_argument("--seconds", type=float, default=8.0, help="per implementation, split over the rounds")
+    parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--baseline-rev", default="1ea700c", help="git revision of the earlier CPU implementation")
     args = parser.parse_args()
     import torch
 
@@ -68,24 +94,31 @@ def main() -> int:
 
     encoder = build_registry(device="cpu", precision="float32", weights={}, plugins=(), num_workers=0).create(
         "color_stats")
-    old = baseline_module()
+    before, torch_ops = module_at(args.baseline_rev).cpu_color_stats, baseline_module()
     pixels = patches(args.batch, args.patch)
-    new_out, old_out = encoder.encode(pixels), baseline_encode(old, pixels)
-    hist_equal = bool(np.array_equal(new_out[:, 18:], old_out[:, 18:]))
-    moment_diff = float(np.abs(new_out[:, :18] - old_out[:, :18]).max())
-    if not hist_equal or moment_diff > 1e-5:
-        print(f"outputs differ: histograms equal={hist_equal}, max mean/std difference {moment_diff}")
+    new_out, before_out, torch_out = encoder.encode(pixels), before(pixels), baseline_encode(torch_ops, pixels)
+    equal_before = bool(np.array_equal(new_out, before_out))
+    hist_equal = bool(np.array_equal(new_out[:, 18:], torch_out[:, 18:]))
+    moment_diff = float(np.abs(new_out[:, :18] - torch_out[:, :18]).max())
+    if not equal_before or not hist_equal or moment_diff > 1e-5:
+        print(f"outputs differ: equal to {args.baseline_rev}={equal_before}, histograms equal to the torch ops="
+              f"{hist_equal}, max mean/std difference {moment_diff}")
         return 1
-    rounds, new_rates, old_rates = 4, [], []
-    for _ in range(rounds):
-        new_rates.append(rate(encoder.encode, pixels, args.seconds / rounds))
-        old_rates.append(rate(lambda p: baseline_encode(old, p), pixels, args.seconds / rounds))
-    new_rate, old_rate = float(np.median(new_rates)), float(np.median(old_rates))
+    runs = {"new": encoder.encode, "before": before, "torch": lambda p: baseline_encode(torch_ops, p)}
+    rates: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(args.rounds):
+        for name, run in runs.items():
+            rates[name].append(rate(run, pixels, args.seconds / args.rounds))
+    median = {name: float(np.median(r)) for name, r in rates.items()}
+    paired = [n / b for n, b in zip(rates["new"], rates["before"], strict=True)]
     write_result("bench_color_stats", {
         "bench": "color_stats", "date": time.strftime("%Y-%m-%d"), "batch": args.batch, "patch": args.patch,
-        "new_patches_per_s": round(new_rate, 1), "baseline_patches_per_s": round(old_rate, 1),
-        "speedup": round(new_rate / old_rate, 2), "histograms_identical": hist_equal,
-        "max_mean_std_difference": moment_diff,
+        "new_patches_per_s": round(median["new"], 1),
+        "before_rev": args.baseline_rev, "before_patches_per_s": round(median["before"], 1),
+        "speedup_vs_before": round(float(np.median(paired)), 2),
+        "speedups_vs_before_per_round": [round(x, 2) for x in paired],
+        "baseline_patches_per_s": round(median["torch"], 1), "speedup": round(median["new"] / median["torch"], 2),
+        "equal_to_before": equal_before, "histograms_identical": hist_equal, "max_mean_std_difference": moment_diff,
         "machine": machine("torch", "numpy", "opencv-python-headless", torch_threads=torch.get_num_threads()),
     })
     return 0

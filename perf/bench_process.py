@@ -1,20 +1,23 @@
-"""End-to-end `process` vs the bare encoder forward on the same number of pre-decoded batches, and vs upstream.
+"""End-to-end `process` under allocator settings side by side, vs the bare encoder and an upstream-style stage.
 
     python perf/bench_process.py [--slides 3] [--size 12000] [--encoder lunit_vit_small_patch16_dino]
-                                 [--decoder auto] [--no-cli-allocator] [--work DIR]
-                                 [--variant read.slides_in_parallel=1 [--variant ...]]
+                                 [--allocators cli_default,glibc_defaults[,small_footprint,mmap_32mib]]
+                                 [--rounds 1] [--decoder auto] [--work DIR] [--no-upstream]
+                                 [--variant read.slides_in_parallel=1 [--variant ...]] [--baseline-tree DIR]
 
 Writes large synthetic 40× slides (JPEG tiles, drawn tissue) and seeded random weights, then measures, each in its
 own process (so each peak RSS is that run's own, not the slide writer's): the whole pipeline (otsu segmentation,
-tile-once reading, cross-slide batches, one encoder, H5 writing) with glibc's default allocator, and again with the
-allocator settings the CLI applies (`atlaspatch_stream.cli.allocator`: what `atlaspatch process` users get); the
-encoder alone on as many random batches; and an upstream-style feature stage on the same coordinates (serial
-OpenSlide reads, PIL transforms, the model cast to fp32 on CPU). Prints one JSON line: wall times, their ratios
-(target ≤ 1.15 wall/encoder), per-stage busy seconds, mean queue fill, and the peak RSS of ours and of the
-upstream-style baseline. Each `--variant SECTION.KEY=VALUE[,SECTION.KEY=VALUE]` runs the pipeline once more (CLI
-allocator) with those settings changed, for trying queue depths and parallelism side by side. `--work DIR` keeps the
-slides and weights there (written once, reused). `--baseline-tree DIR` runs the pipeline once more from another
-checkout (e.g. `git worktree add /tmp/before <commit>`), to show a change costs no speed. Appends the line to perf/results/bench_process.jsonl.
+tile-once reading, cross-slide batches, one encoder, H5 writing) under each allocator configuration of
+`--allocators` (`allocators()`: `cli_default` is what `atlaspatch process` does on this CPU, `glibc_defaults` the
+library as is), alternated for `--rounds` rounds with the order rotated; the encoder alone on as many random
+batches; and an upstream-style feature stage on the same coordinates (serial OpenSlide reads, PIL transforms, the
+model cast to fp32 on CPU). Prints one JSON line: per configuration the median wall, user and system seconds and
+peak RSS with the paired wall ratio to the first configuration; the first configuration's ratios to the encoder
+alone (target ≤ 1.15) and to the upstream-style stage (wall and peak RSS); per-stage busy seconds; the CPU flags
+that decide precision and allocator (AVX-512, AVX-512 BF16, AMX). `--variant SECTION.KEY=VALUE[,...]` runs the
+pipeline once more with those settings changed. `--work DIR` keeps the slides and weights there (written once,
+reused). `--baseline-tree DIR` runs the pipeline once more from another checkout (e.g. `git worktree add /tmp/before
+<commit>`), to show a change costs no speed. Appends the line to perf/results/bench_process.jsonl.
 """
 
 from __future__ import annotations
@@ -55,9 +58,11 @@ def random_weights(name: str, folder: Path) -> Path:
     return path
 
 
-async def run_pipeline(config, slides: list[Path]) -> tuple[float, dict, dict, list]:
-    """Wall seconds, per-stage busy seconds, mean queue fill, results."""
+async def run_pipeline(config, slides: list[Path], trim: bool = False) -> tuple[float, dict, dict, list]:
+    """Wall seconds, per-stage busy seconds, mean queue fill, results; with `trim`, freed memory is given back after
+    each slide as the CLI does it."""
     from atlaspatch_stream.api import make_jobs, open_pipeline
+    from atlaspatch_stream.cli.allocator import release_free_memory
 
     busy: dict[str, float] = {}
     fills: dict[str, list[float]] = {}
@@ -77,6 +82,8 @@ async def run_pipeline(config, slides: list[Path]) -> tuple[float, dict, dict, l
                 await pipeline.submit(job)
             await pipeline.close_input()
             async for result in pipeline.results():
+                if trim:
+                    release_free_memory()
                 results.append(result)
                 for stage, seconds in result.timings.items():
                     busy[stage] = busy.get(stage, 0.0) + seconds
@@ -194,14 +201,18 @@ def child(args: argparse.Namespace) -> None:
     config = make_config(args, folder, folder / f"{args.encoder}.safetensors", args.out)
     slides = sorted((folder / "slides").glob("*.svs"))
     if args.child == "pipeline":
-        wall, busy, fills, results = anyio.run(run_pipeline, config, slides)
+        wall, busy, fills, results = anyio.run(run_pipeline, config, slides, args.trim)
         out = {"wall_s": wall, "busy": busy, "fills": fills, "patches": sum(r.num_patches or 0 for r in results),
                "statuses": sorted({r.status for r in results})}
     elif args.child == "encoder":
         out = {"wall_s": encoder_alone(config, args.patches)}
     else:
-        out = {"wall_s": upstream_style(config, folder / "out", slides)}
-    print("RESULT " + orjson.dumps({**out, "peak_rss_mb": peak_rss_mb()}).decode())
+        out = {"wall_s": upstream_style(config, folder / args.out, slides)}
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    print("RESULT " + orjson.dumps({**out, "peak_rss_mb": peak_rss_mb(), "user_s": usage.ru_utime,
+                                    "sys_s": usage.ru_stime}).decode())
 
 
 def _commit(tree: str) -> str:
@@ -212,15 +223,25 @@ def _commit(tree: str) -> str:
                           check=False).stdout.strip()
 
 
-def cli_allocator_env() -> dict[str, str]:
-    """The CLI's glibc settings as environment variables (the same values `tune_allocator` applies)."""
-    from atlaspatch_stream.cli.allocator import ARENA_MAX, MMAP_THRESHOLD
+def allocators() -> dict[str, tuple[dict[str, str], bool]]:
+    """The allocator configurations a pipeline run can take, as (glibc variables, trim after each slide):
+    `cli_default` is what `atlaspatch` chooses on this CPU (`cli.allocator`); `glibc_defaults` is the library as is;
+    `small_footprint` the fixed 1 MiB mmap threshold and two arenas (the CLI's choice on CPUs without native bf16);
+    `mmap_32mib` glibc's defaults with a fixed 32 MiB threshold."""
+    from atlaspatch_stream.cli.allocator import SMALL_FOOTPRINT, choose_settings, cpu_flags
 
-    return {"MALLOC_ARENA_MAX": str(ARENA_MAX), "MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD)}
+    def variables(settings: dict[str, tuple[int, int]]) -> dict[str, str]:
+        return {name: str(value) for name, (_, value) in settings.items()}
+
+    with open("/proc/cpuinfo") as fh:
+        chosen = choose_settings(cpu_flags(fh.read()), {})
+    return {"cli_default": (variables(chosen), True), "glibc_defaults": ({}, False),
+            "small_footprint": (variables(SMALL_FOOTPRINT), False),
+            "mmap_32mib": ({"MALLOC_MMAP_THRESHOLD_": "33554432"}, False)}
 
 
 def spawn(args: argparse.Namespace, folder: Path, what: str, env: dict[str, str] | None = None,
-          patches: int = 0, out: str = "out", override: dict | None = None) -> dict:
+          patches: int = 0, out: str = "out", override: dict | None = None, trim: bool = False) -> dict:
     """Run `child` in a subprocess and return its result line."""
     import shutil
     import subprocess
@@ -232,13 +253,49 @@ def spawn(args: argparse.Namespace, folder: Path, what: str, env: dict[str, str]
     command = [sys.executable, __file__, "--child", what, "--folder", str(folder), "--encoder", args.encoder,
                "--precision", args.precision, "--batch", str(args.batch), "--device", args.device,
                "--decoder", args.decoder, "--patches", str(patches), "--out", out,
-               "--override", orjson.dumps(override or {}).decode()]
-    proc = subprocess.run(command, capture_output=True, text=True, env={**os.environ, **(env or {})},
+               "--override", orjson.dumps(override or {}).decode()] + (["--trim"] if trim else [])
+    plain = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    proc = subprocess.run(command, capture_output=True, text=True, env={**plain, **(env or {})},
                           cwd=Path(__file__).parent)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode or not lines:
         raise SystemExit(f"{what} child failed:\n{proc.stderr[-3000:]}")
     return orjson.loads(lines[-1][len("RESULT "):])
+
+
+def cpu_flags_noted() -> dict[str, bool]:
+    """Which of the CPU flags that decide precision and allocator settings this CPU has."""
+    from atlaspatch_stream.cli.allocator import NATIVE_BF16_FLAGS, cpu_flags, has_native_bf16
+
+    with open("/proc/cpuinfo") as fh:
+        flags = cpu_flags(fh.read())
+    return {**{name: name in flags for name in ("avx512f", *NATIVE_BF16_FLAGS)}, "native_bf16": has_native_bf16(flags)}
+
+
+def alternate(args: argparse.Namespace, folder: Path, names: list[str]) -> dict[str, dict]:
+    """Each allocator configuration once per round, the order rotated each round (so drift on a shared machine hits
+    all alike); per configuration the median wall, CPU and peak RSS, and the median of its per-round wall ratio to
+    the first configuration."""
+    configs = allocators()
+    runs: dict[str, list[dict]] = {name: [] for name in names}
+    for round_ in range(args.rounds):
+        order = names[round_ % len(names):] + names[: round_ % len(names)]
+        for name in order:
+            env, trim = configs[name]
+            runs[name].append(spawn(args, folder, "pipeline", env, out=f"out_{name}", trim=trim))
+    first = runs[names[0]]
+    summary = {}
+    for name, rs in runs.items():
+        summary[name] = {
+            "env": configs[name][0], "trim_after_each_slide": configs[name][1],
+            **{key: round(float(np.median([r[key] for r in rs])), 2)
+               for key in ("wall_s", "user_s", "sys_s", "peak_rss_mb")},
+            "wall_s_runs": [round(r["wall_s"], 1) for r in rs], "peak_rss_mb_runs": [r["peak_rss_mb"] for r in rs],
+            f"wall_over_{names[0]}_paired": round(float(np.median([r["wall_s"] / f["wall_s"]
+                                                                  for r, f in zip(rs, first, strict=True)])), 3),
+            "patches": rs[0]["patches"], "statuses": rs[0]["statuses"], "busy": rs[-1]["busy"],
+        }
+    return summary
 
 
 def main() -> None:
@@ -251,16 +308,20 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--device", default="cpu", help="encoder device (cpu, cuda)")
     parser.add_argument("--decoder", default="auto", help="as --decoder")
-    parser.add_argument("--no-cli-allocator", dest="cli_allocator", action="store_false",
-                        help="skip the second pipeline run with the CLI's allocator settings")
+    parser.add_argument("--allocators", default="cli_default,glibc_defaults",
+                        help="pipeline runs, comma-separated, the first is the reference: " + ", ".join(
+                            ["cli_default", "glibc_defaults", "small_footprint", "mmap_32mib"]))
+    parser.add_argument("--rounds", type=int, default=1, help="rounds of the allocator configurations, alternated")
     parser.add_argument("--no-upstream", dest="upstream", action="store_false",
                         help="skip the upstream-style baseline (serial read_region + PIL + fp32 model)")
     parser.add_argument("--variant", action="append", default=[], type=parse_variant,
-                        help="SECTION.KEY=VALUE[,...]: one more pipeline run with these settings (repeatable)")
+                        help="SECTION.KEY=VALUE[,...]: one more pipeline run (CLI default allocator) with these "
+                             "settings (repeatable)")
     parser.add_argument("--baseline-tree", help="also run the pipeline from this checkout of an older commit "
                         "(glibc defaults, as the library runs): 'no slower than before' measured in the same run")
     parser.add_argument("--work", help="keep slides and weights in this folder (reused when present)")
     parser.add_argument("--override", default="{}", help=argparse.SUPPRESS)
+    parser.add_argument("--trim", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--child", choices=["pipeline", "encoder", "upstream"], help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
     parser.add_argument("--patches", type=int, default=0, help=argparse.SUPPRESS)
@@ -270,46 +331,46 @@ def main() -> None:
     if args.child:
         child(args)
         return
+    names = args.allocators.split(",")
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(args.work) if args.work else Path(tmp)
         slides = sorted((folder / "slides").glob("*.svs"))
         if len(slides) != args.slides or not (folder / f"{args.encoder}.safetensors").exists():
             slides = write_slides(folder / "slides", args.slides, args.size)
             random_weights(args.encoder, folder)
-        ours = spawn(args, folder, "pipeline")
-        tuned = spawn(args, folder, "pipeline", cli_allocator_env(), out="out_cli") if args.cli_allocator else None
-        variants = [{"settings": v, **spawn(args, folder, "pipeline", cli_allocator_env(), out=f"out_v{i}", override=v)}
+        pipelines = alternate(args, folder, names)
+        env, trim = allocators()["cli_default"]
+        variants = [{"settings": v, **spawn(args, folder, "pipeline", env, out=f"out_v{i}", override=v, trim=trim)}
                     for i, v in enumerate(args.variant)]
         before = spawn(args, folder, "pipeline", {"PYTHONPATH": str(Path(args.baseline_tree).resolve())},
                        out="out_before") if args.baseline_tree else None
+        ours = pipelines[names[0]]
         alone = spawn(args, folder, "encoder", patches=ours["patches"])
-        upstream = spawn(args, folder, "upstream") if args.upstream else None
+        # the upstream-style stage reads the coordinates the reference run wrote
+        upstream = spawn(args, folder, "upstream", out=f"out_{names[0]}") if args.upstream else None
     import torch
 
     wall, patches = ours["wall_s"], ours["patches"]
     line = {
         "bench": "process", "date": time.strftime("%Y-%m-%d"), "encoder": args.encoder, "precision": args.precision,
         "decoder": args.decoder, "slides": len(slides), "slide_px": [args.size, int(args.size * 0.75)],
-        "patches": patches, "wall_s": round(wall, 2), "encoder_alone_s": round(alone["wall_s"], 2),
-        "ratio_wall_to_encoder": round(wall / alone["wall_s"], 3),
+        "patches": patches, "reference": names[0], "rounds": args.rounds, "wall_s": wall,
+        "encoder_alone_s": round(alone["wall_s"], 2), "ratio_wall_to_encoder": round(wall / alone["wall_s"], 3),
         "upstream_style_feature_stage_s": round(upstream["wall_s"], 2) if upstream else None,
         "speedup_vs_upstream_style": round(upstream["wall_s"] / wall, 2) if upstream else None,
-        "patches_per_s": round(patches / wall, 1), "slides_per_h": round(len(slides) / wall * 3600, 1),
-        "stage_busy_s": {k: round(v, 2) for k, v in ours["busy"].items()}, "queue_fill_mean": ours["fills"],
-        "statuses": ours["statuses"],
         "peak_rss_mb": ours["peak_rss_mb"],
-        "cli_allocator": {"env": cli_allocator_env(), "peak_rss_mb": tuned["peak_rss_mb"],
-                          "wall_s": round(tuned["wall_s"], 2),
-                          "wall_vs_default_allocator": round(tuned["wall_s"] / wall, 3)} if tuned else None,
+        "peak_rss_over_upstream_style": round(ours["peak_rss_mb"] / upstream["peak_rss_mb"], 3) if upstream else None,
+        "patches_per_s": round(patches / wall, 1), "slides_per_h": round(len(slides) / wall * 3600, 1),
+        "pipelines": pipelines,
         "baseline_tree": {"commit": _commit(args.baseline_tree), "wall_s": round(before["wall_s"], 2),
-                          "peak_rss_mb": before["peak_rss_mb"], "wall_ours_over_before": round(wall / before["wall_s"], 3),
-                          "wall_cli_allocator_over_before": round(tuned["wall_s"] / before["wall_s"], 3)
-                          if tuned else None} if before else None,
-        "variants_cli_allocator": [{"settings": v["settings"], "wall_s": round(v["wall_s"], 2),
-                                    "peak_rss_mb": v["peak_rss_mb"]} for v in variants] or None,
+                          "peak_rss_mb": before["peak_rss_mb"],
+                          "wall_ours_over_before": round(wall / before["wall_s"], 3)} if before else None,
+        "variants": [{"settings": v["settings"], "wall_s": round(v["wall_s"], 2),
+                      "peak_rss_mb": v["peak_rss_mb"]} for v in variants] or None,
         "peak_rss_mb_encoder_alone": alone["peak_rss_mb"],
         "peak_rss_mb_upstream_style": upstream["peak_rss_mb"] if upstream else None,
         "note": "each measurement in its own process: peak RSS is that process's own (slide writing excluded)",
+        "cpu_flags": cpu_flags_noted(),
         "machine": machine("torch", "timm", "imagecodecs", torch_threads=torch.get_num_threads()),
     }
     write_result("bench_process", line)

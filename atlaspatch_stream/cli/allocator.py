@@ -1,12 +1,24 @@
-"""glibc allocator settings for the command line: the pipeline's large, short-lived buffers go back to the system.
+"""glibc allocator settings for the command line, chosen by the kind of CPU, and the release of freed memory.
 
-The pipeline allocates many megabyte-sized buffers (decoded tiles, patch chunks, batches) from several threads.
-With glibc's defaults, each thread gets its own arena (up to 8 per core) and the mmap threshold grows dynamically
-once large blocks have been freed, so later large buffers come from the arenas and are kept after `free`: peak RSS
-grows well above what is in use (measured: 1.94 GB for `process` with resnet18 on four 12000×9000 slides, 1.41 GB
-with the settings below; upstream-style 1.44 GB). A fixed 1 MiB mmap threshold returns every large buffer when it
-is freed; two arenas bound the fragmentation. The library never changes process-wide settings: only the CLI calls
-this, before heavy imports (like `MALLOC_ARENA_MAX=2 MALLOC_MMAP_THRESHOLD_=1048576` in the environment).
+The pipeline allocates many megabyte-sized buffers (decoded tiles, patch chunks, batches, activations) from several
+threads. glibc's defaults give each thread its own arena and raise the mmap threshold once large blocks have been
+freed, so later large buffers come from the arenas and are kept after `free`: peak RSS grows above what is in use. A
+fixed 1 MiB mmap threshold and two arenas return every large buffer at once, but then each of those buffers is an
+mmap/munmap pair plus fresh page faults. What that costs depends on how fast the rest is:
+
+- on a CPU without native bf16 (no AVX-512 BF16, no AMX) the forward pass is slow and the fixed threshold costs a
+  few per cent of the wall time for about a quarter less peak memory: the CLI sets it there (`SMALL_FOOTPRINT`);
+- on a CPU with native bf16 the forward pass is about twice as fast, so the same system time weighs more (up to
+  1.35× the wall time in paired runs): the CLI leaves glibc's defaults there, and memory has to come from fewer
+  bytes instead.
+
+On both, `release_free_memory` (glibc's `malloc_trim`) hands the free pages of every arena back after each slide,
+so a long run does not keep its high-water mark between slides (it does not lower the peak itself). Figures:
+README "Performance".
+
+glibc's own variables (`MALLOC_MMAP_THRESHOLD_`, `MALLOC_ARENA_MAX`, ...) win over all of this: a setting the
+environment names is never changed. The library never changes process-wide settings: only the CLI calls
+`tune_allocator`, before heavy imports, and `release_free_memory` between slides.
 """
 
 from __future__ import annotations
@@ -14,26 +26,69 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+from collections.abc import Mapping
+from functools import cache
+from typing import Any
 
 M_MMAP_THRESHOLD = -3
 M_ARENA_MAX = -8
 MMAP_THRESHOLD = 1 << 20
 ARENA_MAX = 2
+SMALL_FOOTPRINT = {"MALLOC_MMAP_THRESHOLD_": (M_MMAP_THRESHOLD, MMAP_THRESHOLD), "MALLOC_ARENA_MAX": (M_ARENA_MAX, ARENA_MAX)}
+NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16", "amx_tile")
 
 
-def tune_allocator() -> bool:
-    """Apply the settings through `mallopt` unless the environment already sets them; False where not glibc."""
+def cpu_flags(cpuinfo: str) -> set[str]:
+    """The feature flags of the first processor in /proc/cpuinfo's text."""
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def has_native_bf16(flags: set[str]) -> bool:
+    """Whether the CPU computes bf16 in hardware (AVX-512 BF16 or AMX), where bf16 autocast halves the forward."""
+    return any(flag in flags for flag in NATIVE_BF16_FLAGS)
+
+
+def choose_settings(flags: set[str], environ: Mapping[str, str]) -> dict[str, tuple[int, int]]:
+    """The `mallopt` settings the CLI applies, by the variable glibc reads for each: the small footprint on CPUs
+    without native bf16, none on CPUs with it; any setting whose variable the environment names is left out."""
+    chosen = {} if has_native_bf16(flags) else SMALL_FOOTPRINT
+    return {name: setting for name, setting in chosen.items() if name not in environ}
+
+
+def tune_allocator(cpuinfo_path: str = "/proc/cpuinfo", environ: Mapping[str, str] | None = None) -> dict[str, int]:
+    """Apply `choose_settings` for this CPU through `mallopt`; returns what was applied ({} where nothing was, or not
+    glibc)."""
+    libc = _libc()
+    if libc is None:
+        return {}
+    try:
+        with open(cpuinfo_path) as fh:
+            flags = cpu_flags(fh.read())
+    except OSError:
+        flags = set()
+    chosen = choose_settings(flags, os.environ if environ is None else environ)
+    return {name: value for name, (param, value) in chosen.items() if libc.mallopt(param, value)}
+
+
+def release_free_memory() -> None:
+    """Give the free pages of every glibc arena back to the system (`malloc_trim(0)`); nothing where not glibc."""
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+@cache
+def _libc() -> Any:
+    """glibc through ctypes, or None (another C library, or none found)."""
     name = ctypes.util.find_library("c")
     if name is None:
-        return False
+        return None
     try:
         libc = ctypes.CDLL(name)
-        mallopt = libc.mallopt
+        libc.mallopt, libc.malloc_trim  # noqa: B018 - both exist only in glibc
     except (OSError, AttributeError):
-        return False
-    ok = True
-    if "MALLOC_MMAP_THRESHOLD_" not in os.environ:
-        ok = bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and ok
-    if "MALLOC_ARENA_MAX" not in os.environ:
-        ok = bool(mallopt(M_ARENA_MAX, ARENA_MAX)) and ok
-    return ok
+        return None
+    return libc

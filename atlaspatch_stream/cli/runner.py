@@ -28,9 +28,7 @@ from ..pipeline import Mode, running
 from ..report import RunReport
 from ..run import Engine, JobSource, RunSummary, Stop, run_jobs
 from ..sources.job_list import JobList
-
-if sys.version_info < (3, 11):  # pragma: no cover
-    pass  # anyio depends on it there
+from .allocator import release_free_memory
 
 log = logging.getLogger("atlaspatch_stream")
 SIGNAL_EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143}
@@ -273,8 +271,13 @@ async def run_with_signals(config: PipelineConfig, source: JobSource, opening: A
                            report: RunReport, progress: Progress, signals: Signals) -> RunSummary:
     """Run every job of `source` on the engine `opening` opens, stopped by `signals`."""
     stop = Stop()
+
+    def on_result(result: SlideResult) -> None:
+        progress.update(result)
+        release_free_memory()  # what the slide's buffers left free in glibc's arenas goes back to the system
+
     with signals.stopping(stop, progress.message, config.run.drain_timeout_s):
-        return await run_jobs(source, opening, report=report, stop=stop, on_result=progress.update,
+        return await run_jobs(source, opening, report=report, stop=stop, on_result=on_result,
                               drain_timeout_s=config.run.drain_timeout_s)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +20,9 @@ import numpy as np
 
 from ...errors import ConfigError
 from .spec import EncoderSpec, Preprocess
+
+log = logging.getLogger(__name__)
+_PRECISION_RAN: dict[str, str] = {}  # encoder name -> what its forward runs in, as `precision_ran` says it
 
 _CONV_FAMILIES = ("resnet", "convnext")
 
@@ -202,6 +206,30 @@ def autocast_dtype(device: str, precision: str) -> Any:
     raise ConfigError(f"unknown precision {precision!r}")
 
 
+def precision_label(device: str, precision: str) -> str:
+    """What a requested precision runs as on a device, in words: "float32", "bfloat16 autocast" or "float16
+    autocast", with the reason where "float16" became something else on a CPU."""
+    dtype = autocast_dtype(device, precision)
+    ran = "float32" if dtype is None else f"{str(dtype).removeprefix('torch.')} autocast"
+    if precision == "float16" and not device.startswith("cuda"):
+        why = "this CPU has native bf16" if dtype is not None else "no native bf16 on this CPU"
+        return f"{ran} (float16 requested; {why})"
+    return ran
+
+
+def precision_ran() -> dict[str, str]:
+    """Per encoder warmed up in this process, what its forward runs in (`precision_label`; "exact (weight-free)" for
+    encoders with their own uint8 path)."""
+    return dict(_PRECISION_RAN)
+
+
+def _record_precision(name: str, ran: str) -> None:
+    """Remember what `name` runs in and log it once (shown with -v)."""
+    if _PRECISION_RAN.get(name) != ran:
+        log.info("encoder %s runs in %s", name, ran)
+    _PRECISION_RAN[name] = ran
+
+
 @functools.lru_cache(maxsize=1)
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU computes bf16 in hardware (AVX512-BF16 or AMX tiles)."""
@@ -254,6 +282,9 @@ class TorchEncoder:
             if self._ready:
                 return
             self._model = self._prepared_model()
+            weight_free = getattr(self._model, "takes_uint8", False)
+            _record_precision(self.name, "exact (weight-free)" if weight_free else
+                              precision_label(self.device, self.precision))
             if self._compiled is None:  # a compiled model compiles at its first full batch, not at a dummy one
                 edge = self.spec.input_size or 224
                 self._run(np.zeros((1, edge, edge, 3), dtype=np.uint8))
