@@ -43,7 +43,8 @@ def _events(out: Path) -> list[dict]:
     path = out / "atlaspatch-report.jsonl"
     if not path.exists():
         return []
-    return [orjson.loads(line) for line in path.read_bytes().splitlines() if line.strip()]
+    complete = path.read_bytes().split(b"\n")[:-1]  # a line still being written has no newline yet
+    return [orjson.loads(line) for line in complete if line.strip()]
 
 
 def _start(folder: Path, out: Path, *extra: str) -> subprocess.Popen[bytes]:

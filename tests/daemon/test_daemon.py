@@ -95,7 +95,10 @@ def _max_attempts(state: Path) -> int:
 
 def _report(out: Path) -> list[dict]:
     path = out / "atlaspatch-report.jsonl"
-    return [orjson.loads(line) for line in path.read_bytes().splitlines() if line.strip()] if path.exists() else []
+    if not path.exists():
+        return []
+    complete = path.read_bytes().split(b"\n")[:-1]  # a line still being written (the run goes on) has no newline yet
+    return [orjson.loads(line) for line in complete if line.strip()]
 
 
 @pytest.fixture

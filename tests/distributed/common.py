@@ -61,7 +61,10 @@ def assert_same_outputs(out: Path, reference: Path) -> None:
 def events(out: Path) -> list[dict]:
     """Every line of the run report(s) under `out`."""
     path = out / "atlaspatch-report.jsonl"
-    return [orjson.loads(line) for line in path.read_bytes().splitlines() if line.strip()] if path.exists() else []
+    if not path.exists():
+        return []
+    complete = path.read_bytes().split(b"\n")[:-1]  # a line still being written (the run goes on) has no newline yet
+    return [orjson.loads(line) for line in complete if line.strip()]
 
 
 def slide_events(out: Path) -> list[dict]:
