@@ -224,9 +224,9 @@ def precision_ran() -> dict[str, str]:
 
 
 def _record_precision(name: str, ran: str) -> None:
-    """Remember what `name` runs in and log it once (shown with -v)."""
-    if _PRECISION_RAN.get(name) != ran:
-        log.info("encoder %s runs in %s", name, ran)
+    """Remember what `name` runs in and log it (shown with -v): once per run, since each run warms each encoder up
+    once."""
+    log.info("encoder %s runs in %s", name, ran)
     _PRECISION_RAN[name] = ran
 
 
