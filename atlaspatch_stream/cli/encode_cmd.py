@@ -13,7 +13,15 @@ from ..items import SlideJob
 from ..sources.manifest import Manifest
 from ..stages.embed import EMBEDDED
 from .options import FEATURE_OPTIONS, _apply, build_config, common_options, input_options
-from .runner import SIGNAL_EXIT, check_output, exit_with, one_line_errors, run_command, write_line
+from .runner import (
+    SIGNAL_EXIT,
+    check_output,
+    exit_with,
+    ignore_late_signals,
+    one_line_errors,
+    run_command,
+    write_line,
+)
 
 
 def _encoder_list(flag: str, required: bool) -> Any:
@@ -70,8 +78,10 @@ def encode_patient(manifest_path: Path, params: dict[str, Any]) -> int:
     check_output(config.write.output)
     slide_status, exit_status = _run_slides(config, manifest, params["verbose"])
     if exit_status in SIGNAL_EXIT.values():
+        ignore_late_signals()
         return exit_status
     failed = _embed_cases(config, manifest, names, slide_status)
+    ignore_late_signals()
     return 1 if failed or exit_status else 0
 
 

@@ -267,6 +267,17 @@ class Signals:
             yield
 
 
+def ignore_late_signals() -> None:
+    """The command is over and its exit status decided: from now on SIGINT and SIGTERM are ignored.
+
+    While the interpreter shuts down, Python puts its own handlers back to the default, so a signal landing in that
+    last stretch (a second Ctrl-C just after the drain) would still kill the process by the signal; an ignored
+    signal stays ignored through the shutdown.
+    """
+    for sig in SIGNAL_EXIT:
+        signal.signal(sig, signal.SIG_IGN)
+
+
 async def run_with_signals(config: PipelineConfig, source: JobSource, opening: AbstractAsyncContextManager[Engine],
                            report: RunReport, progress: Progress, signals: Signals) -> RunSummary:
     """Run every job of `source` on the engine `opening` opens, stopped by `signals`."""
@@ -300,7 +311,9 @@ def execute(config: PipelineConfig, wsi_path: Path, mode: Mode, command: str, ve
     """Everything a slide command does after parsing; returns the exit status."""
     check_output(config.write.output)
     jobs = discover([wsi_path], config)
-    return run_command(config, jobs, mode, command, verbose, scale)[1]
+    status = run_command(config, jobs, mode, command, verbose, scale)[1]
+    ignore_late_signals()
+    return status
 
 
 def run_command(config: PipelineConfig, jobs: list[SlideJob], mode: Mode, command: str, verbose: bool,

@@ -20,7 +20,7 @@ import click
 import orjson
 
 from ..config import PipelineConfig
-from .runner import Signals, one_line_errors, write_line
+from .runner import Signals, ignore_late_signals, one_line_errors, write_line
 
 if TYPE_CHECKING:
     from ..daemon.service import FolderResult
@@ -107,6 +107,7 @@ def run_watch(input_folder: Path, config: PipelineConfig, *, once: bool, allow_r
     signals = Signals(also=(signal.SIGHUP,))
     with one_line_errors("the daemon stopped"):
         tally = run(lambda: _serve(input_folder, config, once, allow_root, retry_quarantined, redactor, signals))
+    ignore_late_signals()
     if len(signals.received) > 1:  # a second signal cancelled the drain
         return signals.exit_status or 1
     if once:
