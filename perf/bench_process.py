@@ -72,8 +72,8 @@ async def run_pipeline(config, slides: list[Path], trim: bool = False) -> tuple[
 
         async def sample() -> None:
             while True:
-                for name, s in pipeline.statistics()["streams"].items():
-                    fills.setdefault(name, []).append(s["used"] / max(1, s["size"]))
+                for name, edge in pipeline.statistics().streams.items():
+                    fills.setdefault(name, []).append(edge.fill)
                 await anyio.sleep(0.25)
 
         async with anyio.create_task_group() as tg:

@@ -71,7 +71,7 @@ def by_owner(snapshot: tracemalloc.Snapshot, top: int) -> dict[str, float]:
 
 def preload(config) -> None:  # noqa: ANN001
     """Import what the run imports and build its encoder once, so the trace holds the run's own buffers."""
-    from atlaspatch_stream.backends.bundle import RealBackends
+    from atlaspatch_stream.assembly import RealBackends
 
     [encoder] = RealBackends(config).make_encoders().encoders
     encoder.warm_up()
@@ -89,7 +89,7 @@ def model_and_activations(config) -> dict[str, float]:  # noqa: ANN001
     import numpy as np
     from torch.profiler import ProfilerActivity, profile
 
-    from atlaspatch_stream.backends.bundle import RealBackends
+    from atlaspatch_stream.assembly import RealBackends
 
     before = rss_mb()
     [encoder] = RealBackends(config).make_encoders().encoders
