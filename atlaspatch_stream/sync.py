@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.from_thread
@@ -16,6 +16,9 @@ from .daemon.service import FolderStatistics
 from .items import EngineStatistics, SlideJob, SlideResult
 from .pipeline import Mode, Pipeline
 from .protocols import Backends
+
+if TYPE_CHECKING:
+    from .qc.check import Expectations, Verdict
 
 
 def process_slides(
@@ -128,18 +131,18 @@ def make_jobs(paths: Sequence[Path], config: PipelineConfig) -> list[SlideJob]:
     return api.make_jobs(paths, config)
 
 
-def check_outputs(out: Path, expect: Any = None, *, threads: int | None = None) -> list[Any]:
+def check_outputs(out: Path, expect: Expectations | None = None, *, threads: int | None = None) -> list[Verdict]:
     """Blocking `api.check_outputs`: a `qc.check.Verdict` per file under `<out>/patches`."""
     from .qc.check import check_outputs as check
 
     return check(out, expect, threads=threads)
 
 
-def write_report(out: Path, **options: Any) -> Path:
+def write_report(out: Path, *, threads: int | None = None, page_size: int = 50) -> Path:
     """Blocking `api.write_report`: the QC gallery `<out>/qc/index.html`."""
     from .qc.report import write_report as write
 
-    return write(out, **options)
+    return write(out, threads=threads, page_size=page_size)
 
 
 def _items(portal: Any, stream: Any) -> Iterator[Any]:

@@ -94,7 +94,11 @@ class FolderService:
     _stop: Stop = field(default_factory=Stop)
     _in_flight: dict[int, ReadySlide] = field(default_factory=dict)
     drained: anyio.Event = field(default_factory=anyio.Event)
-    stopping: bool = False
+
+    @property
+    def stopping(self) -> bool:
+        """Whether `stop()` was called (intake stopped, the slides in flight draining)."""
+        return self._stop.requested.is_set()
 
     def results(self) -> MemoryObjectReceiveStream[FolderResult]:
         """Each slide's outcome as it finishes; ends once intake stopped (or `--once` ran out) and all drained.
@@ -108,7 +112,6 @@ class FolderService:
         (then they are cancelled, partial outputs removed)."""
         if self.stopping:
             return
-        self.stopping = True
         self.board.draining = True
         self.notifier.stopping(f"{reason}: draining {len(self._in_flight)} slide(s)")
         log.info("%s: intake stopped, draining %d slide(s)", reason, len(self._in_flight),

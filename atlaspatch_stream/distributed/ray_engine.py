@@ -370,6 +370,7 @@ class RayEngine:
         self.retried = 0
         self.start_s = 0.0  # how long the workers took to start (placed, imported, models loaded)
         self.torn_down: list[SlideResult] = []
+        self._unreported: list[SlideResult] = []  # never started: report lines still to write
         self._stop_reason: str | None = None
         self._report: RunReport | None = None
         self._dispatch = Dispatch([], self.options.max_attempts, [])
@@ -630,10 +631,9 @@ class RayEngine:
 
     def _final_nowait(self, result: SlideResult) -> None:
         """`_final` without waiting, for a slide that never started (intake stopped); the stream has room for every
-        slide `submit` let in."""
+        slide `submit` let in. Its report line is written by `_settle`, in a worker thread, not here on the loop."""
         result = self._counted(result)
-        if self._report is not None:
-            self._report.slide(result)
+        self._unreported.append(result)
         self._send.send_nowait(result)
 
     def _counted(self, result: SlideResult) -> SlideResult:
@@ -642,12 +642,14 @@ class RayEngine:
         return result
 
     async def _settle(self, *, aborted: bool) -> None:
-        """After the slots: slides in flight when aborted are torn down; slides no worker was left for fail."""
-        for attempt in list(self._dispatch.running.values()):
-            result = self._counted(SlideResult(attempt.job, "cancelled", message="interrupted before it finished"))
-            self.torn_down.append(result)
-            if self._report is not None:
-                await anyio.to_thread.run_sync(self._report.slide, result, limiter=self._io)
+        """After the slots: slides in flight when aborted are torn down; slides no worker was left for fail; the
+        report lines of slides that never started are written."""
+        self.torn_down = [self._counted(SlideResult(attempt.job, "cancelled", message="interrupted before it finished"))
+                          for attempt in self._dispatch.running.values()]
+        if self._report is not None:
+            with anyio.CancelScope(shield=True):
+                for result in [*self._unreported, *self.torn_down]:
+                    await anyio.to_thread.run_sync(self._report.slide, result, limiter=self._io)
         if self._dispatch.pending and not aborted:
             self._stop_reason = self._stop_reason or "every Ray worker died"
             for attempt in self._dispatch.stop(self._stop_reason):

@@ -130,6 +130,15 @@ class SlideBook:
         if entry is not None:
             entry.notes.update(notes)
 
+    def admitted(self, job: SlideJob) -> bool:
+        """Whether the slide is in flight (admitted and not yet finished)."""
+        return job.slide_id in self._entries
+
+    def holds_lock(self, job: SlideJob) -> bool:
+        """Whether the slide holds its lock (new or extended files; not slides skipped before locking)."""
+        entry = self._entries.get(job.slide_id)
+        return entry is not None and entry.lock is not None
+
     @property
     def in_flight(self) -> int:
         """Slides admitted and not yet finished."""

@@ -52,7 +52,7 @@ class EmbeddingBook(SlideBook):
                      num_patches: int | None = None, message: str = "", features: tuple[str, ...] = (),
                      failure: Failure | None = None) -> None:
         """Hold a slide back for its embeddings when its H5 is final; else finish it as `SlideBook` does."""
-        if status in EMBEDDED and h5_path is not None and job.slide_id in self._entries:
+        if status in EMBEDDED and h5_path is not None and self.admitted(job):
             await self._embed.send(Finished(job, status, h5_path, num_patches, message, features))
             return
         await super().finish(job, status, h5_path=h5_path, num_patches=num_patches, message=message,
@@ -64,11 +64,6 @@ class EmbeddingBook(SlideBook):
         self.note(item.job, **notes)
         await super().finish(item.job, status, h5_path=item.h5_path, num_patches=item.num_patches,
                              message=item.message if message is None else message, features=item.features)
-
-    def holds_lock(self, job: SlideJob) -> bool:
-        """Whether the slide's lock is held (new or extended files; not slides skipped before locking)."""
-        entry = self._entries.get(job.slide_id)
-        return entry is not None and entry.lock is not None
 
 
 async def run(
