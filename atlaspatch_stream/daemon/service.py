@@ -98,7 +98,7 @@ class FolderService:
     @property
     def stopping(self) -> bool:
         """Whether `stop()` was called (intake stopped, the slides in flight draining)."""
-        return self._stop.requested.is_set()
+        return self._watch_scope.cancel_called
 
     def results(self) -> MemoryObjectReceiveStream[FolderResult]:
         """Each slide's outcome as it finishes; ends once intake stopped (or `--once` ran out) and all drained.
@@ -108,16 +108,15 @@ class FolderService:
         return self._results.clone()
 
     def stop(self, reason: str = "stopping") -> None:
-        """First phase of shutdown: no new slide is taken; the slides in flight finish within `drain_timeout_s`
-        (then they are cancelled, partial outputs removed)."""
+        """First phase of shutdown: the watcher takes no new slide; every slide already handed to the pipeline
+        finishes (`serve_folder`'s exit waits `drain_timeout_s` for them, then cancels what is left)."""
         if self.stopping:
             return
         self.board.draining = True
         self.notifier.stopping(f"{reason}: draining {len(self._in_flight)} slide(s)")
         log.info("%s: intake stopped, draining %d slide(s)", reason, len(self._in_flight),
                  extra={"event": "draining", "in_flight": len(self._in_flight)})
-        self._watch_scope.cancel()
-        self._stop.request(reason)
+        self._watch_scope.cancel()  # the job source ends, so the run closes the pipeline's input and drains it
 
     def scan_now(self) -> None:
         """Rescan the folder at once (SIGHUP)."""
@@ -364,7 +363,13 @@ async def _serving(parts: _Parts, pipeline: Pipeline, ledger: Ledger,
         finally:
             results_receive.close()
         service.stop()
-        await service.drained.wait()
+        with anyio.move_on_after(watch.drain_timeout_s):
+            await service.drained.wait()
+        if not service.drained.is_set():
+            log.warning("drain deadline (%.0f s) reached: cancelling %d slide(s) in flight", watch.drain_timeout_s,
+                        len(service._in_flight), extra={"event": "drain_deadline"})
+            service._stop.force()  # the run aborts the pipeline: partial outputs removed, slides back to ready
+            await service.drained.wait()
         tg.cancel_scope.cancel()
 
 
