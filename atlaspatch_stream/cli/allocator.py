@@ -6,7 +6,7 @@ freed, so later large buffers come from the arenas and are kept after `free`: pe
 fixed 1 MiB mmap threshold and two arenas return every large buffer at once, but then each of those buffers is an
 mmap/munmap pair plus fresh page faults. What that costs depends on how fast the rest is:
 
-- on a CPU without native bf16 (no AVX-512 BF16, no AMX) the forward pass is slow and the fixed threshold costs a
+- on a CPU without native bf16 (`atlaspatch_stream.cpu`: no AVX-512 BF16 or AMX, or their use disabled) the forward pass is slow and the fixed threshold costs a
   few per cent of the wall time for about a quarter less peak memory: the CLI sets it there (`SMALL_FOOTPRINT`);
 - on a CPU with native bf16 the forward pass is about twice as fast, so the same system time weighs more (up to
   1.35× the wall time in paired runs): the CLI leaves glibc's defaults there, and memory has to come from fewer
@@ -30,31 +30,19 @@ from collections.abc import Mapping
 from functools import cache
 from typing import Any
 
+from atlaspatch_stream.cpu import has_native_bf16, read_cpu_flags
+
 M_MMAP_THRESHOLD = -3
 M_ARENA_MAX = -8
 MMAP_THRESHOLD = 1 << 20
 ARENA_MAX = 2
 SMALL_FOOTPRINT = {"MALLOC_MMAP_THRESHOLD_": (M_MMAP_THRESHOLD, MMAP_THRESHOLD), "MALLOC_ARENA_MAX": (M_ARENA_MAX, ARENA_MAX)}
-NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16", "amx_tile")
-
-
-def cpu_flags(cpuinfo: str) -> set[str]:
-    """The feature flags of the first processor in /proc/cpuinfo's text."""
-    for line in cpuinfo.splitlines():
-        if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
-    return set()
-
-
-def has_native_bf16(flags: set[str]) -> bool:
-    """Whether the CPU computes bf16 in hardware (AVX-512 BF16 or AMX), where bf16 autocast halves the forward."""
-    return any(flag in flags for flag in NATIVE_BF16_FLAGS)
 
 
 def choose_settings(flags: set[str], environ: Mapping[str, str]) -> dict[str, tuple[int, int]]:
     """The `mallopt` settings the CLI applies, by the variable glibc reads for each: the small footprint on CPUs
     without native bf16, none on CPUs with it; any setting whose variable the environment names is left out."""
-    chosen = {} if has_native_bf16(flags) else SMALL_FOOTPRINT
+    chosen = {} if has_native_bf16(flags, environ) else SMALL_FOOTPRINT
     return {name: setting for name, setting in chosen.items() if name not in environ}
 
 
@@ -64,12 +52,7 @@ def tune_allocator(cpuinfo_path: str = "/proc/cpuinfo", environ: Mapping[str, st
     libc = _libc()
     if libc is None:
         return {}
-    try:
-        with open(cpuinfo_path) as fh:
-            flags = cpu_flags(fh.read())
-    except OSError:
-        flags = set()
-    chosen = choose_settings(flags, os.environ if environ is None else environ)
+    chosen = choose_settings(read_cpu_flags(cpuinfo_path), os.environ if environ is None else environ)
     return {name: value for name, (param, value) in chosen.items() if libc.mallopt(param, value)}
 
 

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from atlaspatch_stream.cli.allocator import SMALL_FOOTPRINT, choose_settings, cpu_flags, has_native_bf16
+from atlaspatch_stream.cli.allocator import SMALL_FOOTPRINT, choose_settings
+from atlaspatch_stream.cpu import cpu_flags, has_native_bf16
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc only")
 
@@ -55,8 +56,18 @@ def _probe(tmp_path: Path, cpuinfo: str, what: str, env: dict[str, str] | None =
 
 def test_cpu_kind_from_cpuinfo_flags() -> None:
     """AVX-512 BF16 or AMX count as native bf16; AVX2 alone does not; a text without flags has none."""
-    assert has_native_bf16(cpu_flags(ZEN4)) and has_native_bf16(cpu_flags(SAPPHIRE_RAPIDS))
-    assert not has_native_bf16(cpu_flags(ZEN2)) and cpu_flags("processor : 0\n") == set()
+    assert has_native_bf16(cpu_flags(ZEN4), {}) and has_native_bf16(cpu_flags(SAPPHIRE_RAPIDS), {})
+    assert not has_native_bf16(cpu_flags(ZEN2), {}) and cpu_flags("processor : 0\n") == set()
+
+
+@pytest.mark.parametrize("limit", [{"ONEDNN_MAX_CPU_ISA": "AVX2"}, {"DNNL_MAX_CPU_ISA": "avx512_core"},
+                                   {"ATEN_CPU_CAPABILITY": "avx2"}, {"ATEN_CPU_CAPABILITY": "default"}])
+def test_an_isa_limit_below_bf16_counts_as_a_cpu_without_it(limit: dict[str, str]) -> None:
+    """Where the math libraries may not use AVX-512 BF16, bf16 is emulated: the CPU counts as one without native bf16,
+    for the allocator and for precision alike; limits at or above bf16 change nothing."""
+    assert not has_native_bf16(cpu_flags(ZEN4), limit)
+    assert choose_settings(cpu_flags(ZEN4), limit) == SMALL_FOOTPRINT
+    assert has_native_bf16(cpu_flags(ZEN4), {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16", "ATEN_CPU_CAPABILITY": "avx512"})
 
 
 def test_small_footprint_only_without_native_bf16_and_the_environment_wins() -> None:

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import orjson
 from click.testing import CliRunner
 
-from atlaspatch_stream.backends.encoders.runtime import cpu_has_native_bf16, precision_label
+from atlaspatch_stream.backends.encoders.runtime import precision_label
 from atlaspatch_stream.cli import cli
+from atlaspatch_stream.cpu import native_bf16
 from atlaspatch_stream.report import REPORT_NAME
 from atlaspatch_stream.testing.synthetic import write_synthetic_slide
 
@@ -16,12 +20,20 @@ from atlaspatch_stream.testing.synthetic import write_synthetic_slide
 def test_float16_on_a_cpu_is_named_for_what_runs() -> None:
     """float16 on a CPU runs bf16 autocast where the CPU has native bf16, else float32, and the label says why."""
     label = precision_label("cpu", "float16")
-    if cpu_has_native_bf16():
+    if native_bf16():
         assert label == "bfloat16 autocast (float16 requested; this CPU has native bf16)"
     else:
         assert label == "float32 (float16 requested; no native bf16 on this CPU)"
     assert precision_label("cpu", "float32") == "float32"
     assert precision_label("cuda", "float16") == "float16 autocast"
+
+
+def test_float16_runs_float32_where_the_math_libraries_may_not_use_avx512() -> None:
+    """Under `ONEDNN_MAX_CPU_ISA=AVX2` bf16 would be emulated (slow) even on a bf16 CPU: float16 runs float32."""
+    probe = "from atlaspatch_stream.backends.encoders.runtime import precision_label; print(precision_label('cpu', 'float16'))"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
+                         env={**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"}).stdout.strip()
+    assert out == "float32 (float16 requested; no native bf16 on this CPU)"
 
 
 def test_process_says_once_which_precision_ran_and_records_it(tmp_path: Path) -> None:

@@ -198,10 +198,10 @@ def test_cls_plus_mean_pooling_skips_prefix_tokens() -> None:
 def test_reduced_precision_runs_autocast_and_stays_close() -> None:
     """The precision -> autocast mapping per device; bf16 autocast on CPU stays close to float32 (cosine > 0.99)."""
     assert autocast_dtype("cpu", "float32") is None
-    from atlaspatch_stream.backends.encoders.runtime import cpu_has_native_bf16
+    from atlaspatch_stream.cpu import native_bf16
 
     # float16 on a CPU: bf16 only where the CPU has it natively, else upstream's float32 (emulated bf16 is slow)
-    assert autocast_dtype("cpu", "float16") is (torch.bfloat16 if cpu_has_native_bf16() else None)
+    assert autocast_dtype("cpu", "float16") is (torch.bfloat16 if native_bf16() else None)
     assert autocast_dtype("cuda", "float16") is torch.float16
     assert autocast_dtype("cuda:0", "bfloat16") is torch.bfloat16
     torch.manual_seed(0)

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from ...cpu import native_bf16
 from ...errors import ConfigError
 from .spec import EncoderSpec, Preprocess
 
@@ -202,7 +203,7 @@ def autocast_dtype(device: str, precision: str) -> Any:
     if precision == "float16":
         if device.startswith("cuda"):
             return torch.float16
-        return torch.bfloat16 if cpu_has_native_bf16() else None
+        return torch.bfloat16 if native_bf16() else None
     raise ConfigError(f"unknown precision {precision!r}")
 
 
@@ -230,12 +231,6 @@ def _record_precision(name: str, ran: str) -> None:
     _PRECISION_RAN[name] = ran
 
 
-@functools.lru_cache(maxsize=1)
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU computes bf16 in hardware (AVX512-BF16 or AMX tiles)."""
-    import torch
-
-    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 
 class TorchEncoder:
