@@ -14,10 +14,8 @@ from pathlib import Path
 
 import anyio
 
-from .. import outputs
 from ..items import SlideJob, SlideResult
-from ..outputs import claims
-from .local_copy import LocalCopier
+from .local_copy import LocalCopier, free_to_take
 from .shards import ShardWork
 
 log = logging.getLogger("atlaspatch_stream")
@@ -76,27 +74,23 @@ class ShardSource:
         return list(self.work.own[self._next:])
 
     async def _given(self, job: SlideJob) -> SlideJob:
+        """`job`, counted as unsettled; copied to local disk in a worker thread when that is worth it (a cancelled
+        run returns at once: the copy stops when the copier closes)."""
         self._unsettled += 1
         if self.copier is None:
             return job
-        return await self.copier.copy_async(job, self.output, self.skip_existing)
+        copied: SlideJob = await anyio.to_thread.run_sync(self.copier.copy_for, job, self.output, self.skip_existing,
+                                                          abandon_on_cancel=True, limiter=self._io)
+        return copied
 
     async def _stolen(self) -> AsyncIterator[SlideJob]:
         for job in self.work.others:
             while self._unsettled >= STEAL_IN_FLIGHT:
                 await self._settled.wait()
-            if not await anyio.to_thread.run_sync(self._unclaimed, job, limiter=self._io):
+            # no output yet and no live claim: a slide its owner has not started, or whose owner died
+            if not await anyio.to_thread.run_sync(free_to_take, job, self.output, True, limiter=self._io):
                 continue
             self.stolen += 1
             if self.on_steal is not None:
                 self.on_steal(job)
             yield await self._given(job)
-
-    def _unclaimed(self, job: SlideJob) -> bool:
-        """No output yet and no live claim: a slide its owner has not started, or whose owner died."""
-        if outputs.h5_path(self.output, job.stem).exists():
-            return False
-        try:
-            return claims.judge(outputs.lock_path(self.output, job.stem)).state != "held"
-        except OSError:
-            return True  # the claim taken when it starts meets (and reports) the problem
