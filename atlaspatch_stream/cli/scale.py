@@ -11,7 +11,7 @@ import logging
 import os
 import socket
 import sys
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,7 +85,7 @@ class ScaleRequest:
     max_attempts: int
 
 
-def pop_request(params: dict[str, Any], env: Mapping[str, str] | None = None) -> ScaleRequest | None:
+def pop_request(params: dict[str, Any]) -> ScaleRequest | None:
     """Take the scaling flags out of `params`; None when they change nothing (a plain local run).
 
     Raises:
@@ -97,7 +97,7 @@ def pop_request(params: dict[str, Any], env: Mapping[str, str] | None = None) ->
 
     p = {k: params.pop(k, None) for k in SCALE_KEYS}
     try:
-        shard, source = resolve_shard(p["shard"], os.environ if env is None else env)
+        shard, source = resolve_shard(p["shard"], os.environ)
     except ValueError as exc:
         raise BadFlag(f"--shard {exc}" if p["shard"] is not None else f"SLURM array: {exc}") from None
     _check_combination(p)

@@ -480,6 +480,9 @@ class RayEngine:
         try:
             with anyio.fail_after(self.options.start_timeout_s):
                 infos = [await w.actor.ready.remote() for w in self.workers]
+            failed = next((info["error"] for info in infos if info["error"]), None)
+            if failed is not None:
+                raise _startup_error(*failed)
         except TimeoutError:
             self._kill_all()
             raise ConfigError(f"{count} Ray worker(s) did not start within {self.options.start_timeout_s:g} s "
@@ -491,10 +494,6 @@ class RayEngine:
         self._dispatch = Dispatch([], self.options.max_attempts, (w.index for w in self.workers))
         for worker, info in zip(self.workers, infos, strict=True):
             worker.pid, worker.host = info["pid"], info["host"]
-        failed = next((info["error"] for info in infos if info["error"]), None)
-        if failed is not None:
-            self._kill_all()
-            raise _startup_error(*failed)
 
     def _worker_count(self) -> tuple[int, int]:
         """(workers, GPUs each): `workers` CPU workers, or one per GPU in the cluster."""

@@ -110,7 +110,7 @@ class CopyStats:
     wait_s: float = 0.0
 
 
-class LocalCopier:
+class LocalCopier(contextlib.AbstractContextManager["LocalCopier"]):
     """Copies slides into a private folder under `options.root`, within `options.max_bytes`. Thread-safe.
 
     `copy(job)` (blocking) returns the job with `read_path` set to the copy (or the job unchanged when it is read in
@@ -130,9 +130,6 @@ class LocalCopier:
         self._used = 0
         self._held: dict[int, tuple[int, Path]] = {}
         self._closed = False
-
-    def __enter__(self) -> LocalCopier:
-        return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
