@@ -108,8 +108,7 @@ def pop_request(params: dict[str, Any]) -> ScaleRequest | None:
     address = p["ray_address"] or "auto"
     if engine == "ray":
         _check_ray(address)
-    return ScaleRequest(shard, source, bool(p["steal"]), stage, engine, address, p["workers"],
-                        p["max_attempts"] or 3)
+    return ScaleRequest(shard, source, bool(p["steal"]), stage, engine, address, p["workers"], p["max_attempts"] or 3)
 
 
 def _check_combination(p: dict[str, Any]) -> None:

@@ -322,8 +322,7 @@ class Worker:
     actor: Any
     pid: int | None = None
     host: str | None = None
-    generation: int = 0
-    restarts: int = 0
+    restarts: int = 0  # also which life of the actor a slot saw: a death is recovered once
     busy: int = 0  # slides sent and not yet answered
     lock: anyio.Lock = field(default_factory=anyio.Lock)
 
@@ -535,7 +534,7 @@ class RayEngine:
         dispatch = self._dispatch
         while (attempt := await dispatch.take(worker.index)) is not None:
             async with worker.lock:  # while its actor restarts, a worker's slots wait here
-                generation = worker.generation
+                life = worker.restarts
             if worker.index not in dispatch.live:
                 dispatch.give_back(attempt)
                 return
@@ -545,7 +544,7 @@ class RayEngine:
                 await self._final(dataclasses.replace(outcome, job=attempt.job, attempts=attempt.tries + 1))
                 continue
             await self._lost(worker, attempt, outcome)
-            await self._recover(worker, generation, kill=not isinstance(outcome, self._ray.exceptions.RayActorError))
+            await self._recover(worker, life, kill=not isinstance(outcome, self._ray.exceptions.RayActorError))
 
     async def _call(self, worker: Worker, attempt: Attempt) -> SlideResult | Exception:
         """The slide's result from `worker`, or the Ray error that says the worker died (or its pipeline broke)."""
@@ -570,12 +569,11 @@ class RayEngine:
             f"(--max-attempts {self.options.max_attempts}); last: {cause}",
             failure=refused("worker", "worker_lost", "transient"), attempts=attempt.tries))
 
-    async def _recover(self, worker: Worker, generation: int, *, kill: bool) -> None:
+    async def _recover(self, worker: Worker, life: int, *, kill: bool) -> None:
         """Once per death: wait for Ray to restart the actor (restarting a broken one first); retire it if it cannot."""
         async with worker.lock:
-            if worker.generation != generation or worker.index not in self._dispatch.live:
+            if worker.restarts != life or worker.index not in self._dispatch.live:
                 return
-            worker.generation += 1
             if kill:
                 self._ray.kill(worker.actor, no_restart=False)
             info = await self._wait_ready(worker)
