@@ -145,10 +145,9 @@ def _check_ray(address: str) -> None:
 class Scaled:
     """`runner.Scaling` for a checked `ScaleRequest`: splits the shard, runs it locally or on Ray."""
 
-    def __init__(self, request: ScaleRequest, config: PipelineConfig, mode: Mode) -> None:
+    def __init__(self, request: ScaleRequest, config: PipelineConfig) -> None:
         self.request = request
         self.config = config
-        self.mode = mode
         self.work: ShardWork | None = None
         self.copier: LocalCopier | None = None
         self.shard: ShardSource | None = None
@@ -248,7 +247,7 @@ def run_scaled_or_local(config: PipelineConfig, wsi_path: Path, params: dict[str
     from .runner import execute
 
     request = pop_request(params)
-    scale = Scaled(request, config, mode) if request is not None else None
+    scale = Scaled(request, config) if request is not None else None
     return execute(config, wsi_path, mode, command, params["verbose"], scale)
 
 
