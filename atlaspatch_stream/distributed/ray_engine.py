@@ -37,15 +37,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream
 
 from .. import errors, outputs
 from ..config import PipelineConfig
-from ..errors import (
-    STOP_REASONS,
-    AtlasPatchError,
-    ConfigError,
-    MissingExtraError,
-    PipelineClosed,
-    import_extra,
-    refused,
-)
+from ..errors import STOP_REASONS, ConfigError, PipelineClosed, import_extra, refused
 from ..items import EngineStatistics, SlideJob, SlideResult
 from ..outputs import claims
 from ..outputs.h5outputs import H5Outputs, SettingsRecord
@@ -624,12 +616,12 @@ class RayEngine:
                                               failure=refused("worker", "worker_lost", "transient")))
 
 
-def _startup_error(kind: str, message: str) -> AtlasPatchError:
+def _startup_error(kind: str, message: str) -> errors.AtlasPatchError:
     """A worker's start-up error as the same class the local pipeline would raise."""
-    known: dict[str, type[AtlasPatchError]] = {"WeightsError": errors.WeightsError, "ConfigError": ConfigError}
+    known: dict[str, type[errors.AtlasPatchError]] = {"WeightsError": errors.WeightsError, "ConfigError": ConfigError}
     if kind == "MissingExtraError":
-        return MissingExtraError(message)
-    return known.get(kind, AtlasPatchError)(f"a Ray worker could not start: {message}")
+        return errors.MissingExtraError(message)
+    return known.get(kind, errors.AtlasPatchError)(f"a Ray worker could not start: {message}")
 
 
 def _one_line(exc: BaseException) -> str:
