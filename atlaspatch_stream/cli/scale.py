@@ -11,7 +11,7 @@ import logging
 import os
 import socket
 import sys
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,7 +85,7 @@ class ScaleRequest:
     max_attempts: int
 
 
-def pop_request(params: dict[str, Any], env: Mapping[str, str] | None = None) -> ScaleRequest | None:
+def pop_request(params: dict[str, Any]) -> ScaleRequest | None:
     """Take the scaling flags out of `params`; None when they change nothing (a plain local run).
 
     Raises:
@@ -97,7 +97,7 @@ def pop_request(params: dict[str, Any], env: Mapping[str, str] | None = None) ->
 
     p = {k: params.pop(k, None) for k in SCALE_KEYS}
     try:
-        shard, source = resolve_shard(p["shard"], os.environ if env is None else env)
+        shard, source = resolve_shard(p["shard"], os.environ)
     except ValueError as exc:
         raise BadFlag(f"--shard {exc}" if p["shard"] is not None else f"SLURM array: {exc}") from None
     _check_combination(p)
@@ -108,8 +108,7 @@ def pop_request(params: dict[str, Any], env: Mapping[str, str] | None = None) ->
     address = p["ray_address"] or "auto"
     if engine == "ray":
         _check_ray(address)
-    return ScaleRequest(shard, source, bool(p["steal"]), stage, engine, address, p["workers"],
-                        p["max_attempts"] or 3)
+    return ScaleRequest(shard, source, bool(p["steal"]), stage, engine, address, p["workers"], p["max_attempts"] or 3)
 
 
 def _check_combination(p: dict[str, Any]) -> None:
@@ -146,10 +145,9 @@ def _check_ray(address: str) -> None:
 class Scaled:
     """`runner.Scaling` for a checked `ScaleRequest`: splits the shard, runs it locally or on Ray."""
 
-    def __init__(self, request: ScaleRequest, config: PipelineConfig, mode: Mode) -> None:
+    def __init__(self, request: ScaleRequest, config: PipelineConfig) -> None:
         self.request = request
         self.config = config
-        self.mode = mode
         self.work: ShardWork | None = None
         self.copier: LocalCopier | None = None
         self.shard: ShardSource | None = None
@@ -249,7 +247,7 @@ def run_scaled_or_local(config: PipelineConfig, wsi_path: Path, params: dict[str
     from .runner import execute
 
     request = pop_request(params)
-    scale = Scaled(request, config, mode) if request is not None else None
+    scale = Scaled(request, config) if request is not None else None
     return execute(config, wsi_path, mode, command, params["verbose"], scale)
 
 

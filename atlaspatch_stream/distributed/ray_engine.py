@@ -25,7 +25,7 @@ import logging
 import os
 import socket
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -37,15 +37,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream
 
 from .. import errors, outputs
 from ..config import PipelineConfig
-from ..errors import (
-    STOP_REASONS,
-    AtlasPatchError,
-    ConfigError,
-    MissingExtraError,
-    PipelineClosed,
-    import_extra,
-    refused,
-)
+from ..errors import STOP_REASONS, ConfigError, PipelineClosed, import_extra, refused
 from ..items import EngineStatistics, SlideJob, SlideResult
 from ..outputs import claims
 from ..outputs.h5outputs import H5Outputs, SettingsRecord
@@ -132,7 +124,7 @@ class NodeWorker:
         return {"error": self.error, "pid": os.getpid(), "host": socket.gethostname()}
 
     def process(self, job: SlideJob, retry: bool) -> SlideResult:
-        """Process one slide and return its result (for the driver's own `job`, whatever was staged).
+        """Process one slide and return its result (the driver names it by its own job, whatever was staged).
 
         On a retry, a claim of this run on the slide belongs to a worker that died: it is taken over at once.
         """
@@ -142,11 +134,10 @@ class NodeWorker:
         write = self.config.write
         copied = self.copier.copy_for(job, write.output, write.skip_existing) if self.copier is not None else job
         try:
-            result = self.pipeline.process(copied)
+            return self.pipeline.process(copied)
         finally:
             if self.copier is not None:
                 self.copier.release(copied)
-        return dataclasses.replace(result, job=job)
 
     def statistics(self) -> dict[str, Any]:
         """The pipeline's statistics, where it runs, and what staging did."""
@@ -261,13 +252,13 @@ class Dispatch:
 
     def retry(self, attempt: Attempt, worker: int) -> bool:
         """The slide's worker died under it: queue it again first (True), or False when its attempts are used up."""
-        self.running.pop(attempt.job.slide_id, None)
         attempt.tries += 1
         attempt.avoid.add(worker)
         if attempt.tries < self.max_attempts:
-            self.pending.appendleft(attempt)
-        self._notify()
-        return attempt.tries < self.max_attempts
+            self.give_back(attempt)
+            return True
+        self.done(attempt)
+        return False
 
     def worker_gone(self, worker: int) -> None:
         """`worker` will take nothing more."""
@@ -275,8 +266,8 @@ class Dispatch:
         self._notify()
 
     def stop(self, reason: str) -> list[Attempt]:
-        """No more slides start; returns those that were still pending."""
-        self.stopped = reason
+        """No more slides start (the first reason is kept); returns those that were still pending."""
+        self.stopped = self.stopped or reason
         left, self.pending = list(self.pending), deque()
         self._notify()
         return left
@@ -305,13 +296,11 @@ def absolute(value: Any) -> Any:
 
 def merge_worker_statistics(workers: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Totals over the workers' pipeline statistics (each counts what its current actor saw since it started)."""
-    total: dict[str, Any] = {"finished": 0, "submitted": 0, "patches": 0, "by_status": {}}
+    by_status: Counter[str] = Counter()
     for stats in workers.values():
-        for key in ("finished", "submitted", "patches"):
-            total[key] += int(stats.get(key, 0))
-        for status, count in stats.get("by_status", {}).items():
-            total["by_status"][status] = total["by_status"].get(status, 0) + count
-    return total
+        by_status.update(stats.get("by_status", {}))
+    total = {key: sum(int(s.get(key, 0)) for s in workers.values()) for key in ("finished", "submitted", "patches")}
+    return {**total, "by_status": dict(by_status)}
 
 
 # -- the driver ------------------------------------------------------------------------------------------------------
@@ -325,9 +314,7 @@ class Worker:
     actor: Any
     pid: int | None = None
     host: str | None = None
-    alive: bool = True
-    generation: int = 0
-    restarts: int = 0
+    restarts: int = 0  # also which life of the actor a slot saw: a death is recovered once
     busy: int = 0  # slides sent and not yet answered
     lock: anyio.Lock = field(default_factory=anyio.Lock)
 
@@ -369,12 +356,9 @@ class RayEngine:
         self.tally = Tally()
         self.retried = 0
         self.start_s = 0.0  # how long the workers took to start (placed, imported, models loaded)
+        self.submitted = 0
         self.torn_down: list[SlideResult] = []
-        self._unreported: list[SlideResult] = []  # never started: report lines still to write
-        self._stop_reason: str | None = None
-        self._report: RunReport | None = None
         self._dispatch = Dispatch([], self.options.max_attempts, [])
-        self._jobs: dict[int, SlideJob] = {}  # the caller's jobs, by id: results name slides as the caller did
         room = 2 * self.options.in_flight * max(1, self.options.workers or 1) + 8
         self._send, self._receive = anyio.create_memory_object_stream[SlideResult](room)
         self._abort: anyio.CancelScope | None = None  # made by `open`, on the event loop
@@ -385,12 +369,13 @@ class RayEngine:
 
     async def submit(self, job: SlideJob) -> None:
         """Queue one slide; waits while every worker slot already has one waiting."""
-        while len(self._dispatch.pending) >= self._room() and not self._done():
-            await self._dispatch.changed()
+        dispatch = self._dispatch
+        while len(dispatch.pending) >= self.options.in_flight * max(1, len(dispatch.live)) and not self._done():
+            await dispatch.changed()
         if self._done():
             raise PipelineClosed("the Ray engine takes no more slides")
-        self._jobs[job.slide_id] = job
-        self._dispatch.add(dataclasses.replace(job, path=job.path.absolute()))
+        self.submitted += 1
+        dispatch.add(job)
 
     def results(self) -> MemoryObjectReceiveStream[SlideResult]:
         """Final results as the workers return them; ends when every slot has ended."""
@@ -401,12 +386,9 @@ class RayEngine:
         self._dispatch.close()
 
     def stop_intake(self, reason: str) -> None:
-        """No slide starts any more: those still pending finish `cancelled` ("not started: <reason>")."""
-        if self._dispatch.stopped is not None:
-            return
-        self._stop_reason = self._stop_reason or reason
-        for attempt in self._dispatch.stop(reason):
-            self._final_nowait(SlideResult(attempt.job, "cancelled", message=f"not started: {reason}"))
+        """No slide starts any more: `run.drive` answers those still pending `cancelled` ("not started: <reason>")."""
+        if self._dispatch.stopped is None:
+            self._dispatch.stop(reason)
 
     def abort(self) -> None:
         """Cancel the slides in flight now (their workers' pipelines are aborted when the engine closes)."""
@@ -416,21 +398,21 @@ class RayEngine:
     @property
     def stop_reason(self) -> str | None:
         """Why intake stopped: a request, a systemic failure, or every worker gone."""
-        return self._stop_reason
+        return self._dispatch.stopped
 
     def statistics(self) -> RayStatistics:
         """The driver's totals (one count per slide), live workers and retries; the workers' own at the end."""
         if self._final_stats is not None:
             return self._final_stats
         return RayStatistics(state="running", totals=self.tally.totals(), in_flight=len(self._dispatch.running),
-                             submitted=len(self._jobs), stopped=self._stop_reason,
-                             workers_alive=sum(w.alive for w in self.workers),
+                             submitted=self.submitted, stopped=self.stop_reason,
+                             workers_alive=len(self._dispatch.live),
                              workers_start_s=round(self.start_s, 3), retried=self.retried)
 
     # -- opening and running ----------------------------------------------------------------------------------------
 
     @asynccontextmanager
-    async def open(self, report: RunReport | None) -> AsyncIterator[RayEngine]:
+    async def open(self, report: RunReport) -> AsyncIterator[RayEngine]:
         """Start the workers (their start-up error comes out here), run their slots, and yield the engine; on exit
         close the input, wait for the slots, collect the workers' statistics and close (or abort) them.
 
@@ -440,9 +422,8 @@ class RayEngine:
             WeightsError, MissingExtraError, AtlasPatchError: a worker could not start (its own error).
         """
         self._report = report
-        if report is not None:
-            report.begin({**dataclasses.asdict(self.config), "ray": dataclasses.asdict(self.options)})
-        await self._start_workers(f"process ray:{report.run_id if report is not None else os.getpid()}")
+        report.begin({**dataclasses.asdict(self.config), "ray": dataclasses.asdict(self.options)})
+        await self._start_workers(f"process ray:{report.run_id}")
         self.tally = Tally()  # throughput from the first slide on, the workers' start-up apart
         self._abort = abort = anyio.CancelScope()
         clean = False
@@ -461,9 +442,6 @@ class RayEngine:
         return await run_jobs(JobList(jobs), self.open(report), report=report, stop=stop, on_result=on_result,
                               drain_timeout_s=self.config.run.drain_timeout_s)
 
-    def _room(self) -> int:
-        return self.options.in_flight * max(1, sum(w.alive for w in self.workers))
-
     def _done(self) -> bool:
         return self._dispatch.stopped is not None or not self._dispatch.live
 
@@ -480,10 +458,10 @@ class RayEngine:
             await self._settle(aborted=self._abort.cancel_called)
 
     async def _start_workers(self, tag: str) -> None:
-        ray = import_ray()
+        self._ray = ray = import_ray()
         if not ray.is_initialized():
             raise ConfigError("Ray is not initialised: connect to a cluster first (the CLI's --ray-address does)")
-        count, gpus = self._worker_count(ray)
+        count, gpus = self._worker_count()
         started = time.perf_counter()
         actor_class = ray.remote(NodeWorker).options(
             num_cpus=1, num_gpus=gpus, max_restarts=self.options.max_restarts, max_task_retries=0,
@@ -493,6 +471,9 @@ class RayEngine:
         try:
             with anyio.fail_after(self.options.start_timeout_s):
                 infos = [await w.actor.ready.remote() for w in self.workers]
+            failed = next((info["error"] for info in infos if info["error"]), None)
+            if failed is not None:
+                raise _startup_error(*failed)
         except TimeoutError:
             self._kill_all()
             raise ConfigError(f"{count} Ray worker(s) did not start within {self.options.start_timeout_s:g} s "
@@ -504,14 +485,10 @@ class RayEngine:
         self._dispatch = Dispatch([], self.options.max_attempts, (w.index for w in self.workers))
         for worker, info in zip(self.workers, infos, strict=True):
             worker.pid, worker.host = info["pid"], info["host"]
-        failed = next((info["error"] for info in infos if info["error"]), None)
-        if failed is not None:
-            self._kill_all()
-            raise _startup_error(*failed)
 
-    def _worker_count(self, ray: Any) -> tuple[int, int]:
+    def _worker_count(self) -> tuple[int, int]:
         """(workers, GPUs each): `workers` CPU workers, or one per GPU in the cluster."""
-        resources = ray.cluster_resources()
+        resources = self._ray.cluster_resources()
         if self.options.workers is not None:
             cpus = int(resources.get("CPU", 0))
             if cpus < self.options.workers:
@@ -527,7 +504,7 @@ class RayEngine:
         """Collect every worker's statistics, close (or abort) it and release its actor; the run_end statistics."""
         per_worker: dict[str, dict[str, Any]] = {}
         with anyio.move_on_after(self.options.close_timeout_s):
-            for worker in (w for w in self.workers if w.alive):
+            for worker in (w for w in self.workers if w.index in self._dispatch.live):
                 with contextlib.suppress(Exception):
                     per_worker[f"worker-{worker.index}"] = {**await worker.actor.statistics.remote(),
                                                             "restarts": worker.restarts}
@@ -538,39 +515,36 @@ class RayEngine:
                                    workers=per_worker)
 
     def _kill_all(self) -> None:
-        ray = import_ray()
         for worker in self.workers:
             with contextlib.suppress(Exception):
-                ray.kill(worker.actor)
+                self._ray.kill(worker.actor)
 
     # -- the slots ---------------------------------------------------------------------------------------------------
 
     async def _slot(self, worker: Worker) -> None:
         """One of a worker's in-flight places: take a slide, run it there, record or retry it; until nothing is left."""
-        ray = import_ray()
         dispatch = self._dispatch
         while (attempt := await dispatch.take(worker.index)) is not None:
             async with worker.lock:  # while its actor restarts, a worker's slots wait here
-                generation = worker.generation
-            if not worker.alive:
+                life = worker.restarts
+            if worker.index not in dispatch.live:
                 dispatch.give_back(attempt)
                 return
             outcome = await self._call(worker, attempt)
             if isinstance(outcome, SlideResult):
                 dispatch.done(attempt)
-                await self._final(dataclasses.replace(outcome, attempts=attempt.tries + 1))
+                await self._final(dataclasses.replace(outcome, job=attempt.job, attempts=attempt.tries + 1))
                 continue
             await self._lost(worker, attempt, outcome)
-            await self._recover(worker, generation, kill=not isinstance(outcome, ray.exceptions.RayActorError))
+            await self._recover(worker, life, kill=not isinstance(outcome, self._ray.exceptions.RayActorError))
 
     async def _call(self, worker: Worker, attempt: Attempt) -> SlideResult | Exception:
         """The slide's result from `worker`, or the Ray error that says the worker died (or its pipeline broke)."""
-        ray = import_ray()
         worker.busy += 1
         try:
-            result: SlideResult = await worker.actor.process.remote(attempt.job, attempt.tries > 0)
+            result: SlideResult = await worker.actor.process.remote(absolute(attempt.job), attempt.tries > 0)
             return result
-        except ray.exceptions.RayError as exc:
+        except self._ray.exceptions.RayError as exc:
             return exc
         finally:
             worker.busy -= 1
@@ -587,19 +561,16 @@ class RayEngine:
             f"(--max-attempts {self.options.max_attempts}); last: {cause}",
             failure=refused("worker", "worker_lost", "transient"), attempts=attempt.tries))
 
-    async def _recover(self, worker: Worker, generation: int, *, kill: bool) -> None:
+    async def _recover(self, worker: Worker, life: int, *, kill: bool) -> None:
         """Once per death: wait for Ray to restart the actor (restarting a broken one first); retire it if it cannot."""
-        ray = import_ray()
         async with worker.lock:
-            if worker.generation != generation or not worker.alive:
+            if worker.restarts != life or worker.index not in self._dispatch.live:
                 return
-            worker.generation += 1
             if kill:
-                ray.kill(worker.actor, no_restart=False)
+                self._ray.kill(worker.actor, no_restart=False)
             info = await self._wait_ready(worker)
             if info is None or info["error"]:
                 log.warning("%s is gone: %s", worker.name, info["error"][1] if info else "it cannot be restarted")
-                worker.alive = False
                 self._dispatch.worker_gone(worker.index)
                 return
             worker.restarts += 1
@@ -607,63 +578,50 @@ class RayEngine:
 
     async def _wait_ready(self, worker: Worker) -> dict[str, Any] | None:
         """The restarted actor's `ready()`, or None once Ray says it is dead for good (or it takes too long)."""
-        ray = import_ray()
         with anyio.move_on_after(self.options.start_timeout_s):
             while True:
                 try:
                     info: dict[str, Any] = await worker.actor.ready.remote()
                     return info
-                except ray.exceptions.ActorUnavailableError:
+                except self._ray.exceptions.ActorUnavailableError:
                     await anyio.sleep(0.5)  # restarting: Ray answers "unavailable" until the actor is back
-                except ray.exceptions.RayError:
+                except self._ray.exceptions.RayError:
                     return None
         return None
 
     async def _final(self, result: SlideResult) -> None:
-        """Send one slide's final result (named as the caller's job) with its report line; a systemic failure stops
-        intake."""
-        result = self._counted(result)
-        if self._report is not None:
-            await anyio.to_thread.run_sync(self._report.slide, result, limiter=self._io)
+        """Count and send one slide's final result with its report line; a systemic failure stops intake."""
+        self.tally.add(result)
+        await self._report_line(result)
         await self._send.send(result)
         if result.failure is not None and result.failure.systemic:
             self.stop_intake(STOP_REASONS.get(result.failure.kind, "output failure"))
 
-    def _final_nowait(self, result: SlideResult) -> None:
-        """`_final` without waiting, for a slide that never started (intake stopped); the stream has room for every
-        slide `submit` let in. Its report line is written by `_settle`, in a worker thread, not here on the loop."""
-        result = self._counted(result)
-        self._unreported.append(result)
-        self._send.send_nowait(result)
-
-    def _counted(self, result: SlideResult) -> SlideResult:
-        result = dataclasses.replace(result, job=self._jobs.get(result.job.slide_id, result.job))
-        self.tally.add(result)
-        return result
+    async def _report_line(self, result: SlideResult) -> None:
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(self._report.slide, result, limiter=self._io)
 
     async def _settle(self, *, aborted: bool) -> None:
-        """After the slots: slides in flight when aborted are torn down; slides no worker was left for fail; the
-        report lines of slides that never started are written."""
-        self.torn_down = [self._counted(SlideResult(attempt.job, "cancelled", message="interrupted before it finished"))
-                          for attempt in self._dispatch.running.values()]
-        if self._report is not None:
-            with anyio.CancelScope(shield=True):
-                for result in [*self._unreported, *self.torn_down]:
-                    await anyio.to_thread.run_sync(self._report.slide, result, limiter=self._io)
+        """After the slots: slides in flight when aborted are torn down (with their report lines); slides no worker
+        was left for fail."""
+        for attempt in self._dispatch.running.values():
+            result = SlideResult(attempt.job, "cancelled", message="interrupted before it finished")
+            self.tally.add(result)
+            self.torn_down.append(result)
+            await self._report_line(result)
         if self._dispatch.pending and not aborted:
-            self._stop_reason = self._stop_reason or "every Ray worker died"
-            for attempt in self._dispatch.stop(self._stop_reason):
+            for attempt in self._dispatch.stop("every Ray worker died"):
                 await self._final(SlideResult(attempt.job, "failed", message=f"{attempt.job.name}: no Ray worker "
                                               "was left to process it",
                                               failure=refused("worker", "worker_lost", "transient")))
 
 
-def _startup_error(kind: str, message: str) -> AtlasPatchError:
+def _startup_error(kind: str, message: str) -> errors.AtlasPatchError:
     """A worker's start-up error as the same class the local pipeline would raise."""
-    known: dict[str, type[AtlasPatchError]] = {"WeightsError": errors.WeightsError, "ConfigError": ConfigError}
+    known: dict[str, type[errors.AtlasPatchError]] = {"WeightsError": errors.WeightsError, "ConfigError": ConfigError}
     if kind == "MissingExtraError":
-        return MissingExtraError(message)
-    return known.get(kind, AtlasPatchError)(f"a Ray worker could not start: {message}")
+        return errors.MissingExtraError(message)
+    return known.get(kind, errors.AtlasPatchError)(f"a Ray worker could not start: {message}")
 
 
 def _one_line(exc: BaseException) -> str:

@@ -104,9 +104,7 @@ def load_mpp_csv(path: Path) -> dict[str, float]:
             reader = csv.DictReader(handle)
             fields = reader.fieldnames or []
             if "wsi" not in fields or "mpp" not in fields:
-                raise ConfigError(
-                    f"{path}: the mpp CSV needs the header columns 'wsi' and 'mpp', found {fields}"
-                )
+                raise ConfigError(f"{path}: the mpp CSV needs the header columns 'wsi' and 'mpp', found {fields}")
             table = _rows_to_table(reader, path)
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise ConfigError(f"cannot read mpp CSV {path}: {exc}") from exc

@@ -24,8 +24,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import anyio
-
 from .. import outputs
 from ..items import SlideJob
 from ..outputs import claims
@@ -84,10 +82,12 @@ def slide_bytes(path: Path) -> int:
         return 0
 
 
-def worth_copying(job: SlideJob, output: Path, skip_existing: bool) -> bool:
-    """False when the pipeline will not read the slide's pixels anyway: its output exists, or a live process holds it.
+def free_to_take(job: SlideJob, output: Path, skip_existing: bool) -> bool:
+    """False when the run will not read the slide's pixels anyway: its output exists (with `skip_existing`), or a
+    live process holds its claim.
 
-    Only a hint (the claim taken when the slide starts decides); it saves copying slides that are done or taken.
+    Only a hint (the claim taken when the slide starts decides); it saves copying, or stealing, slides that are done
+    or taken.
     """
     if skip_existing and outputs.h5_path(output, job.stem).exists():
         return False
@@ -110,12 +110,12 @@ class CopyStats:
     wait_s: float = 0.0
 
 
-class LocalCopier:
+class LocalCopier(contextlib.AbstractContextManager["LocalCopier"]):
     """Copies slides into a private folder under `options.root`, within `options.max_bytes`. Thread-safe.
 
-    `copy(job)` (blocking) or `await copy_async(job)` returns the job with `read_path` set to the copy (or the job
-    unchanged when it is read in place); `release(job)` deletes the copy once its result is in; `close()` deletes
-    everything left. Use it as a context manager.
+    `copy(job)` (blocking) returns the job with `read_path` set to the copy (or the job unchanged when it is read in
+    place); `release(job)` deletes the copy once its result is in; `close()` deletes everything left. Use it as a
+    context manager.
     """
 
     def __init__(self, options: CopyOptions) -> None:
@@ -130,10 +130,6 @@ class LocalCopier:
         self._used = 0
         self._held: dict[int, tuple[int, Path]] = {}
         self._closed = False
-        self._limiter: anyio.CapacityLimiter | None = None
-
-    def __enter__(self) -> LocalCopier:
-        return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
@@ -167,16 +163,8 @@ class LocalCopier:
         return dataclasses.replace(job, read_path=slot / job.path.name)
 
     def copy_for(self, job: SlideJob, output: Path, skip_existing: bool) -> SlideJob:
-        """The job reading a local copy when the run will read the slide's pixels (`worth_copying`), else `job`."""
-        return self.copy(job) if worth_copying(job, output, skip_existing) else job
-
-    async def copy_async(self, job: SlideJob, output: Path, skip_existing: bool) -> SlideJob:
-        """`copy_for` in a worker thread of its own; a cancelled caller returns at once (the copy stops at `close`)."""
-        if self._limiter is None:
-            self._limiter = anyio.CapacityLimiter(1)
-        copied: SlideJob = await anyio.to_thread.run_sync(self.copy_for, job, output, skip_existing,
-                                                          abandon_on_cancel=True, limiter=self._limiter)
-        return copied
+        """The job reading a local copy when the run will read the slide's pixels (`free_to_take`), else `job`."""
+        return self.copy(job) if free_to_take(job, output, skip_existing) else job
 
     def release(self, job: SlideJob) -> None:
         """Delete the slide's copy (nothing when it has none) and free its room in the budget."""

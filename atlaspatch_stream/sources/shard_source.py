@@ -8,27 +8,24 @@ resubmitted task and a thief off one slide; this module only decides which slide
 
 from __future__ import annotations
 
-import logging
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import anyio
 
-from .. import outputs
 from ..items import SlideJob, SlideResult
-from ..outputs import claims
-from .local_copy import LocalCopier
+from .job_list import JobList
+from .local_copy import LocalCopier, free_to_take
 from .shards import ShardWork
-
-log = logging.getLogger("atlaspatch_stream")
 
 # A thief takes another slide only while fewer than this many of its slides are unfinished: enough to keep batches
 # full across slides, few enough that it does not sit on slides their owner would have got to first.
 STEAL_IN_FLIGHT = 4
 
 
-class ShardSource:
+class ShardSource(JobList):
     """Gives out a shard's slides, then (with `steal`) unclaimed slides of other shards; copies each with `copier`.
+    Its `unsent()` are this shard's slides not given out yet (other shards' slides are theirs to report).
 
     Args:
         work: this process's slides and the others', in order (`shards.split_shard`).
@@ -41,6 +38,7 @@ class ShardSource:
 
     def __init__(self, work: ShardWork, output: Path, skip_existing: bool, *, steal: bool = False,
                  copier: LocalCopier | None = None, on_steal: Callable[[SlideJob], None] | None = None) -> None:
+        super().__init__(work.own)
         self.work = work
         self.output = output
         self.skip_existing = skip_existing
@@ -48,16 +46,13 @@ class ShardSource:
         self.copier = copier
         self.on_steal = on_steal
         self.stolen = 0
-        self._next = 0
         self._unsettled = 0
         self._settled = anyio.Event()
         self._io = anyio.CapacityLimiter(1)
 
     async def jobs(self) -> AsyncIterator[SlideJob]:
         """This shard's slides, then the ones it steals; each copied to local disk when that is worth it."""
-        while self._next < len(self.work.own):
-            job = self.work.own[self._next]
-            self._next += 1
+        async for job in super().jobs():
             yield await self._given(job)
         if self.steal:
             async for job in self._stolen():
@@ -71,32 +66,24 @@ class ShardSource:
         self._settled.set()
         self._settled = anyio.Event()
 
-    def unsent(self) -> list[SlideJob]:
-        """This shard's slides not given out yet (other shards' slides are theirs to report)."""
-        return list(self.work.own[self._next:])
-
     async def _given(self, job: SlideJob) -> SlideJob:
+        """`job`, counted as unsettled; copied to local disk in a worker thread when that is worth it (a cancelled
+        run returns at once: the copy stops when the copier closes)."""
         self._unsettled += 1
         if self.copier is None:
             return job
-        return await self.copier.copy_async(job, self.output, self.skip_existing)
+        copied: SlideJob = await anyio.to_thread.run_sync(self.copier.copy_for, job, self.output, self.skip_existing,
+                                                          abandon_on_cancel=True, limiter=self._io)
+        return copied
 
     async def _stolen(self) -> AsyncIterator[SlideJob]:
         for job in self.work.others:
             while self._unsettled >= STEAL_IN_FLIGHT:
                 await self._settled.wait()
-            if not await anyio.to_thread.run_sync(self._unclaimed, job, limiter=self._io):
+            # no output yet and no live claim: a slide its owner has not started, or whose owner died
+            if not await anyio.to_thread.run_sync(free_to_take, job, self.output, True, limiter=self._io):
                 continue
             self.stolen += 1
             if self.on_steal is not None:
                 self.on_steal(job)
             yield await self._given(job)
-
-    def _unclaimed(self, job: SlideJob) -> bool:
-        """No output yet and no live claim: a slide its owner has not started, or whose owner died."""
-        if outputs.h5_path(self.output, job.stem).exists():
-            return False
-        try:
-            return claims.judge(outputs.lock_path(self.output, job.stem)).state != "held"
-        except OSError:
-            return True  # the claim taken when it starts meets (and reports) the problem

@@ -23,9 +23,9 @@ from atlaspatch_stream.sources import local_copy as staging
 from atlaspatch_stream.sources.local_copy import (
     CopyOptions,
     LocalCopier,
+    free_to_take,
     slide_bytes,
     slide_files,
-    worth_copying,
 )
 from atlaspatch_stream.sources.shard_source import ShardSource
 from atlaspatch_stream.sources.shards import split_shard
@@ -142,17 +142,6 @@ def test_multi_file_slides_are_staged_whole(tmp_path: Path) -> None:
         assert copier.statistics()["in_place"] == 1
 
 
-@pytest.mark.anyio
-async def test_copy_async_copies_in_a_worker_thread(tmp_path: Path) -> None:
-    """`copy_async` (what the shard source awaits) copies the slide as `copy` does, when its output is not there."""
-    slide = tmp_path / "in" / "a.svs"
-    slide.parent.mkdir()
-    slide.write_bytes(b"\1" * 500)
-    with LocalCopier(CopyOptions(tmp_path / "local")) as copier:
-        staged = await copier.copy_async(_job(slide), tmp_path / "out", True)
-        assert staged.read_path is not None and staged.read_path.read_bytes() == slide.read_bytes()
-
-
 def test_no_room_on_the_local_disk_reads_in_place(slides: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                   caplog: pytest.LogCaptureFixture) -> None:
     """When the local disk cannot hold the copy and its reserve, the slide is read where it is, with a warning,
@@ -184,12 +173,12 @@ def test_done_or_taken_slides_are_not_worth_staging(slides: Path, tmp_path: Path
     """A slide whose H5 exists (with --skip-existing) or whose claim a live process holds is not copied."""
     path = sorted(slides.glob("*.svs"))[0]
     job, out = _job(path), tmp_path / "out"
-    assert worth_copying(job, out, True)
+    assert free_to_take(job, out, True)
     claim = claims.try_claim(out / "patches" / f"{job.stem}.lock", slide=str(path))
-    assert claim is not None and not worth_copying(job, out, True)
+    assert claim is not None and not free_to_take(job, out, True)
     claim.release()
     (out / "patches" / f"{job.stem}.h5").write_bytes(b"")
-    assert not worth_copying(job, out, True) and worth_copying(job, out, False)
+    assert not free_to_take(job, out, True) and free_to_take(job, out, False)
 
 
 def test_stage_dir_from_the_command_line(slides: Path, reference: Path, tmp_path: Path) -> None:
