@@ -127,7 +127,9 @@ def _fill_done_ledger(work: Path, n: int) -> None:
     """`n` small files in INPUT, each recorded `done` in a ledger with the settings the daemon will use."""
     from atlaspatch_stream.config import load_config
     from atlaspatch_stream.daemon.complete import members, quick_fingerprint
-    from atlaspatch_stream.daemon.ledger import LEDGER_FILE, Ledger, Settings
+    from atlaspatch_stream.daemon.ledger.facade import Ledger
+    from atlaspatch_stream.daemon.ledger.states import Settings
+    from atlaspatch_stream.daemon.ledger.store import LEDGER_FILE
     from atlaspatch_stream.daemon.watcher import IgnoreRules, scan_tree
 
     folder = work / "in"

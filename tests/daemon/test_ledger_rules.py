@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from atlaspatch_stream.daemon.ledger import (
+from atlaspatch_stream.daemon.ledger.states import (
     Observation,
     RetryPolicy,
     Settings,
