@@ -11,8 +11,7 @@ from pathlib import Path
 import anyio
 import pytest
 
-from atlaspatch_stream.outputs.h5thread import h5_executor
-from atlaspatch_stream.outputs.writer_thread import WriterThread
+from atlaspatch_stream.outputs.h5thread import WriterThread, h5_executor
 
 ROOT = Path(__file__).resolve().parents[2]
 

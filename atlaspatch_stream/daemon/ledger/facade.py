@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 import anyio
 
 from ...items import Failure
-from ...outputs.writer_thread import WriterThread
+from ...outputs.h5thread import WriterThread
 from ..clock import Clock, SystemClock
 from .holder import hold
 from .states import (
