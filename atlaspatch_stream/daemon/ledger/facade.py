@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 import random
 import sqlite3
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -33,7 +33,6 @@ from .states import (
     resume,
     with_,
 )
-from .status import LedgerStatus, status_of
 from .store import LedgerError, Store, open_store
 
 T = TypeVar("T")
@@ -204,11 +203,6 @@ class Ledger:
             lambda s: s.many("state = 'failed' AND next_attempt_at <= ?", (now,), lambda r: due(r, now))
         )
 
-    async def requeue(self, slide_ids: Sequence[str]) -> list[Change]:
-        """Operator: these slides back to `seen` with attempts forgotten (ValueError for running/missing/unknown)."""
-        now = self._clock.now()
-        return await self._run(lambda s: s.requeue(slide_ids, now))
-
     async def retry_quarantined(self) -> list[Change]:
         """Operator: every quarantined slide back to `seen`."""
         now = self._clock.now()
@@ -225,17 +219,13 @@ class Ledger:
         """One slide's record."""
         return await self._run(lambda s: s.get(slide_id))
 
-    async def in_state(self, state: State, limit: int | None = None) -> list[SlideRecord]:
+    async def in_state(self, state: State) -> list[SlideRecord]:
         """Records in one state, in queue order."""
-        return await self._run(lambda s: s.where("state = ?", (state,), limit))
+        return await self._run(lambda s: s.where("state = ?", (state,)))
 
     async def counts(self) -> dict[str, int]:
         """Slides per state."""
         return await self._run(lambda s: s.counts())
-
-    async def status(self) -> LedgerStatus:
-        """The `atlaspatch status` view."""
-        return await self._run(status_of)
 
     async def next_due(self) -> float | None:
         """The earliest retry time of a `failed` slide."""
