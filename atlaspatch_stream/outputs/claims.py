@@ -102,12 +102,15 @@ def _read_small(path: str) -> str | None:
         return None
 
 
+def _stat_fields(pid: int) -> list[str]:
+    """The fields of /proc/<pid>/stat after the command name (the state first); empty where /proc cannot tell."""
+    text = _read_small(f"/proc/{pid}/stat")
+    return text.rsplit(")", 1)[1].split() if text and ")" in text else []
+
+
 def process_start(pid: int) -> str | None:
     """The start time of `pid` in clock ticks since boot, or None where /proc cannot tell."""
-    text = _read_small(f"/proc/{pid}/stat")
-    if not text or ")" not in text:
-        return None
-    fields = text.rsplit(")", 1)[1].split()
+    fields = _stat_fields(pid)
     return fields[19] if len(fields) > 19 else None
 
 
@@ -145,8 +148,7 @@ def pid_alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    stat = _read_small(f"/proc/{pid}/stat")
-    return not (stat and ")" in stat and stat.rsplit(")", 1)[1].split()[:1] == ["Z"])
+    return _stat_fields(pid)[:1] != ["Z"]
 
 
 def _runs_here(pid: int, start: str | None) -> bool:
@@ -199,7 +201,6 @@ class _Snapshot:
 
     dev: int
     ino: int
-    mtime: float
     mtime_ns: int
     data: bytes
 
@@ -219,7 +220,7 @@ def _snapshot(path: Path) -> _Snapshot | None:
         data = os.read(fd, _MAX_PAYLOAD)
     finally:
         os.close(fd)
-    return _Snapshot(st.st_dev, st.st_ino, st.st_mtime, st.st_mtime_ns, data)
+    return _Snapshot(st.st_dev, st.st_ino, st.st_mtime_ns, data)
 
 
 def read_holder(path: Path) -> Holder | None:
@@ -271,7 +272,7 @@ def judge(path: Path, *, lease: float = DEFAULT_LEASE, grace: float = DEFAULT_GR
     local = _judge_local(holder) if holder is not None else None
     if local is not None:
         return replace(local, holder=holder, snapshot=snap)
-    age = server_now(path.parent) - snap.mtime
+    age = server_now(path.parent) - snap.mtime_ns / 1e9
     if holder is None:
         return Verdict("stale" if age > grace else "held",
                        f"unreadable lock, {age:.0f} s old (stale after {grace:.0f} s)", None, snap)
@@ -382,11 +383,10 @@ def try_claim(
     """
     holder = replace(me(), slide=slide or None, purpose=purpose, time=round(time.time(), 3),
                      claim_id=uuid.uuid4().hex)
-    payload = holder.to_bytes()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         for _attempt in range(4):
-            published = _publish(path, payload)
+            published = _publish(path, holder.to_bytes())
             if published is not None:
                 return Claim(path, holder, published)
             verdict = judge(path, lease=lease, grace=grace)
@@ -468,7 +468,7 @@ def _create(path: Path, payload: bytes) -> _Snapshot:
             os.unlink(path)  # ours: we created it exclusively a moment ago
         raise
     os.close(fd)
-    return _Snapshot(st.st_dev, st.st_ino, st.st_mtime, st.st_mtime_ns, payload)
+    return _Snapshot(st.st_dev, st.st_ino, st.st_mtime_ns, payload)
 
 
 def _link(tmp: Path, path: Path) -> bool | None:

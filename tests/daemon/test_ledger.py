@@ -18,7 +18,7 @@ import pytest
 from atlaspatch_stream.daemon.clock import ManualClock
 from atlaspatch_stream.daemon.ledger.facade import Ledger
 from atlaspatch_stream.daemon.ledger.states import Observation, RetryPolicy, Settings, SlideRecord
-from atlaspatch_stream.daemon.ledger.status import read_status, requeue_slides, retry_quarantined
+from atlaspatch_stream.daemon.ledger.status import read_status, requeue_slides
 from atlaspatch_stream.daemon.ledger.store import LedgerError
 from atlaspatch_stream.items import Failure
 
@@ -122,7 +122,7 @@ async def test_quarantine_status_and_operator_retry(tmp_path: Path) -> None:
             assert [f.state for f in status.failures] == ["quarantined", "failed", "failed"]
             assert status.failures[0].message == "bad.svs: Bogus marker length"
             assert status.to_json()["counts"]["quarantined"] == 1
-            changes = retry_quarantined(path)
+            changes = await ledger.retry_quarantined()
             assert [c.after.state for c in changes] == ["seen"]
             again = await ledger.get("bad.svs")
             assert again is not None and (again.state, again.attempts) == ("seen", 0)
