@@ -169,16 +169,10 @@ def parse_payload(data: bytes) -> Holder | None:
             fields = json.loads(text)
         except ValueError:
             return None
-        return _holder_from_json(fields) if isinstance(fields, dict) else None
+        if not isinstance(fields, dict) or not isinstance(fields.get("pid"), int):
+            return None
+        return Holder(**{k: fields[k] for k in Holder.__dataclass_fields__ if k in fields})
     return _holder_from_text(text)
-
-
-def _holder_from_json(fields: dict[str, object]) -> Holder | None:
-    known = {k: fields[k] for k in Holder.__dataclass_fields__ if k in fields}
-    pid = known.get("pid")
-    if not isinstance(pid, int):
-        return None
-    return Holder(**known)  # type: ignore[arg-type]
 
 
 def _holder_from_text(text: str) -> Holder | None:

@@ -52,10 +52,10 @@ import h5py
 import numpy as np
 
 from ..errors import OutputError, SlideError, disk_full_before, free_bytes, output_error
-from ..outputs import PASSPORT_DTYPE, SlideAttrs
 from .claims import owned_temp_path
 from .h5io import OutputFile
 from .h5thread import on_h5_thread
+from .layout import PASSPORT_DTYPE, SlideAttrs
 
 log = logging.getLogger("atlaspatch_stream")
 

@@ -21,7 +21,6 @@ import functools
 import os
 import queue
 import threading
-import time
 import traceback
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -42,10 +41,6 @@ class WriterThread:
         self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
-        self._calls = 0
-        self._busy = 0.0
-        self._pending = 0
-        self._lock = threading.Lock()
 
     def on_thread(self) -> bool:
         """Whether the caller is the writer thread."""
@@ -56,19 +51,12 @@ class WriterThread:
         if self.on_thread():
             return fn(*args, **kwargs)
         future: Future[T] = Future()
-        with self._lock:
-            self._pending += 1
         self._queue.put((future, fn, args, kwargs))
         return future.result()
 
     async def acall(self, fn: Callable[..., T], /, *args: Any, limiter: anyio.CapacityLimiter) -> T:
         """`submit` from async code, through a worker thread of `limiter` (capacity 1 is enough)."""
         return await anyio.to_thread.run_sync(functools.partial(self.submit, fn, *args), limiter=limiter)
-
-    def statistics(self) -> dict[str, float | int]:
-        """Calls run, seconds busy, and calls waiting now."""
-        with self._lock:
-            return {"calls": self._calls, "busy_s": round(self._busy, 6), "pending": self._pending}
 
     def stop(self) -> None:
         """End the thread after the calls already submitted (a call submitted later never runs)."""
@@ -81,7 +69,6 @@ class WriterThread:
     def _loop(self) -> None:
         while (job := self._queue.get()) is not None:
             future, fn, args, kwargs = job
-            started = time.perf_counter()
             try:
                 result = fn(*args, **kwargs)
             except BaseException as exc:  # noqa: BLE001 - every failure goes back to the caller
@@ -91,10 +78,6 @@ class WriterThread:
                 future.set_result(result)
             finally:
                 del fn, args, kwargs, job  # drop references here, on this thread
-                with self._lock:
-                    self._calls += 1
-                    self._pending -= 1
-                    self._busy += time.perf_counter() - started
             del future
 
 
