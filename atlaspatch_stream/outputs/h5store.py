@@ -113,21 +113,20 @@ def estimate_h5_bytes(num_patches: int, dims: Iterable[int], write_batch: int, f
     return math.ceil(coords * MARGIN) + sum(feature_set_bytes(num_patches, d, feature_chunk) for d in dims)
 
 
-def check_free_space(folder: Path, needed: int, *, reserved: int = 0, slide: str | None = None) -> None:
+def check_free_space(folder: Path, needed: int, *, reserved: int = 0) -> None:
     """Raise `OutputError(kind="disk_full")` when `needed` bytes do not fit in `folder`'s free space.
 
     Args:
         folder: The output folder (its filesystem is measured with statvfs).
         needed: Bytes about to be written.
         reserved: Bytes other writers on the same filesystem have promised but not yet written.
-        slide: The slide name, for the message.
     """
     free = free_bytes(folder)
     if free is None:
         return  # statvfs unsupported: the write itself will tell
     available = max(0, free - reserved)
     if needed > available:
-        raise disk_full_before(needed, available, folder, slide=slide)
+        raise disk_full_before(needed, available, folder)
 
 
 # -- the store ------------------------------------------------------------------------------------------------------

@@ -74,36 +74,29 @@ class Ledger:
         Raises:
             LedgerError: a live daemon holds the ledger, or the database cannot be opened or has a newer schema.
         """
+        path = Path(path)
         limiter = anyio.CapacityLimiter(1)
-        claim = await anyio.to_thread.run_sync(hold, Path(path), limiter=limiter)
+        claim = await anyio.to_thread.run_sync(hold, path, limiter=limiter)
         try:
-            async with cls._opened(Path(path), limiter, clock, policy, rng) as ledger:
+            writer = WriterThread("atlaspatch-ledger")
+            try:
+                store = await writer.acall(open_store, path, limiter=limiter)
+            except BaseException as exc:
+                writer.stop()
+                if isinstance(exc, sqlite3.Error | OSError):
+                    raise LedgerError(f"cannot open the ledger {path}: {exc}") from exc
+                raise
+            ledger = cls(writer, store, limiter, clock or SystemClock(), policy or RetryPolicy(), rng or random.Random())
+            try:
                 yield ledger
+            finally:
+                ledger._closed = True
+                with anyio.CancelScope(shield=True):
+                    await writer.acall(store.conn.close, limiter=limiter)
+                    writer.stop()
+                    await anyio.to_thread.run_sync(writer.join, limiter=limiter)
         finally:
             claim.release()
-
-    @classmethod
-    @contextlib.asynccontextmanager
-    async def _opened(cls, path: Path, limiter: anyio.CapacityLimiter, clock: Clock | None,
-                      policy: RetryPolicy | None, rng: random.Random | None) -> AsyncIterator[Ledger]:
-        """The writer thread and the store on it, for as long as the ledger is open."""
-        writer = WriterThread("atlaspatch-ledger")
-        try:
-            store = await writer.acall(open_store, path, limiter=limiter)
-        except BaseException as exc:
-            writer.stop()
-            if isinstance(exc, sqlite3.Error | OSError):
-                raise LedgerError(f"cannot open the ledger {path}: {exc}") from exc
-            raise
-        ledger = cls(writer, store, limiter, clock or SystemClock(), policy or RetryPolicy(), rng or random.Random())
-        try:
-            yield ledger
-        finally:
-            ledger._closed = True
-            with anyio.CancelScope(shield=True):
-                await writer.acall(store.conn.close, limiter=limiter)
-                writer.stop()
-                await anyio.to_thread.run_sync(writer.join, limiter=limiter)
 
     async def _run(self, command: Callable[[Store], T]) -> T:
         """Run `command` on the writer thread as one short transaction; sqlite errors become `LedgerError`."""
