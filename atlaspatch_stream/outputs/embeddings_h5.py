@@ -79,9 +79,13 @@ def _geometry(f: h5py.File, h5_path: Path) -> dict[str, int]:
 
 def slide_attrs(name: str, inputs: SlideInputs, patch_encoder: str, embedding: Embedding) -> dict[str, Any]:
     """Upstream's attributes of `slide_features/<name>`, then ours."""
-    return {"encoder_name": name, "source_patch_encoder": patch_encoder, "num_patches": inputs.num_patches,
-            "patch_size": inputs.patch_size, "patch_size_level0": inputs.patch_size_level0,
-            "target_magnification": inputs.target_magnification, **embedding.attrs}
+    return {"encoder_name": name, **_source(inputs, patch_encoder), **embedding.attrs}
+
+
+def _source(inputs: SlideInputs, patch_encoder: str) -> dict[str, Any]:
+    """What a slide embedding records of its source: upstream's reuse rule compares exactly these."""
+    return {"source_patch_encoder": patch_encoder, "num_patches": inputs.num_patches, "patch_size": inputs.patch_size,
+            "patch_size_level0": inputs.patch_size_level0, "target_magnification": inputs.target_magnification}
 
 
 @on_h5_thread
@@ -104,10 +108,7 @@ def slide_embedding_current(existing: tuple[int, Mapping[str, Any]] | None, dim:
     if existing is None:
         return False
     width, attrs = existing
-    wanted = {"source_patch_encoder": patch_encoder, "num_patches": inputs.num_patches,
-              "patch_size": inputs.patch_size, "patch_size_level0": inputs.patch_size_level0,
-              "target_magnification": inputs.target_magnification}
-    return (dim in (0, width)) and all(attrs.get(k) == v for k, v in wanted.items())
+    return (dim in (0, width)) and all(attrs.get(k) == v for k, v in _source(inputs, patch_encoder).items())
 
 
 def write_slide_embedding(h5_path: Path, name: str, embedding: Embedding, attrs: Mapping[str, Any]) -> None:

@@ -94,8 +94,7 @@ def connect(path: Path, *, read_only: bool = False) -> sqlite3.Connection:
     else:
         _create_private(Path(path))
         conn = sqlite3.connect(path, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000)
-    conn.row_factory = sqlite3.Row
-    conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+    conn.row_factory = sqlite3.Row  # the busy timeout is set by connect(timeout=...)
     if not read_only:
         conn.execute("PRAGMA journal_mode = WAL")
         conn.execute("PRAGMA synchronous = NORMAL")
