@@ -179,14 +179,25 @@ class SlideH5:
     only `abort()` remains), `SlideError` for per-slide problems (wrong width, rows missing, existing set).
     """
 
-    def __init__(self, final: Path, tmp: Path | None, handle: OutputFile, file: h5py.File, num_patches: int,
+    def __init__(self, final: Path, tmp: Path | None, handle: OutputFile, mode: str, num_patches: int,
                  feature_chunk: int, reserved: int, planned: Iterable[str]) -> None:
+        """Open `handle` with h5py (`create` and `open_existing` call this); on failure close it, remove a new file,
+        and raise the translated error."""
+        try:
+            self._file: h5py.File | None = h5py.File(handle, mode)
+        except Exception as exc:
+            handle.close()
+            if tmp is not None:
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
+            if handle.error is not None:
+                raise _translate(handle.error, final) from exc
+            raise
         self.final = final
         self.tmp = tmp
         self.num_patches = num_patches
         self.feature_chunk = feature_chunk
         self._handle = handle
-        self._file: h5py.File | None = file
         self._group: h5py.Group | None = None
         self._datasets: dict[str, h5py.Dataset] = {}
         self._filled: dict[str, np.ndarray] = {}
@@ -197,6 +208,7 @@ class SlideH5:
         self._dev = os.fstat(handle.fd).st_dev if handle.fd is not None else -1
         self._broken: OutputError | None = None
         self._done = False
+        _OPEN.add(self)
 
     # -- creation -------------------------------------------------------------------------------------------------
 
@@ -236,26 +248,8 @@ class SlideH5:
             handle = OutputFile(tmp, create=True)
         except OSError as exc:
             raise _translate(exc, final.parent) from exc
-        store = cls._open(final, tmp, handle, "w", n, feature_chunk, needed, dims)
+        store = cls(final, tmp, handle, "w", n, feature_chunk, needed, dims)
         store._run_or_abort(store._write_coords, attrs, coords, stem, write_batch)
-        return store
-
-    @classmethod
-    def _open(cls, final: Path, tmp: Path | None, handle: OutputFile, mode: str, n: int, feature_chunk: int,
-              reserved: int, planned: Iterable[str]) -> SlideH5:
-        """Open `handle` with h5py; on failure close and (for a new file) remove it, and raise the translated error."""
-        try:
-            file = h5py.File(handle, mode)
-        except Exception as exc:
-            handle.close()
-            if tmp is not None:
-                with contextlib.suppress(OSError):
-                    tmp.unlink()
-            if handle.error is not None:
-                raise _translate(handle.error, final) from exc
-            raise
-        store = cls(final, tmp, handle, file, n, feature_chunk, reserved, planned)
-        _OPEN.add(store)
         return store
 
     @_guarded
@@ -295,7 +289,7 @@ class SlideH5:
         except OSError as exc:
             raise _translate(exc, final) from exc
         try:
-            store = cls._open(final, None, handle, "a", num_patches, feature_chunk, 0, ())
+            store = cls(final, None, handle, "a", num_patches, feature_chunk, 0, ())
         except OutputError:
             raise
         except Exception as exc:
