@@ -125,9 +125,11 @@ def _idle(work: Path, window_s: float) -> float:
 
 def _fill_done_ledger(work: Path, n: int) -> None:
     """`n` small files in INPUT, each recorded `done` in a ledger with the settings the daemon will use."""
-    from atlaspatch_stream.config import load_config
+    from atlaspatch_stream.config import geometry_fingerprint, load_config
     from atlaspatch_stream.daemon.complete import members, quick_fingerprint
-    from atlaspatch_stream.daemon.ledger import LEDGER_FILE, Ledger, Settings
+    from atlaspatch_stream.daemon.ledger.facade import Ledger
+    from atlaspatch_stream.daemon.ledger.states import Settings
+    from atlaspatch_stream.daemon.ledger.store import LEDGER_FILE
     from atlaspatch_stream.daemon.watcher import IgnoreRules, scan_tree
 
     folder = work / "in"
@@ -136,7 +138,7 @@ def _fill_done_ledger(work: Path, n: int) -> None:
         (folder / f"slide{i:05d}.svs").write_bytes(b"II*\x00" + i.to_bytes(4, "little"))
     config = load_config({"plan": {"patch_size": 256, "target_mag": 20}, "segment": {"segmenter": "otsu"},
                           "write": {"output": work / "out"}})
-    settings = Settings.from_config(config, None)
+    settings = Settings(geometry_fingerprint(config, None), tuple(config.encode.extractors))
     state = config.watch.state_path(work / "out")
     state.mkdir(parents=True)
 

@@ -80,7 +80,7 @@ def _row(verdict: Any) -> str:
 
 def _requeue(output: Path, rebuild: list[Any], state_dir: Path | None) -> dict[str, int]:
     from ..config import WatchConfig
-    from ..daemon.ledger import LEDGER_FILE
+    from ..daemon.ledger.store import LEDGER_FILE
     from ..qc.check import requeue
 
     ledger = (state_dir or WatchConfig().state_path(output)) / LEDGER_FILE

@@ -118,7 +118,8 @@ def run_watch(input_folder: Path, config: PipelineConfig, *, once: bool, allow_r
 def run_status(output: Path, state_dir: Path | None, as_json: bool, requeue: tuple[str, ...]) -> int:
     """`atlaspatch status OUTPUT`: counts per state, slides in flight, the last failures and the quarantine list."""
     from ..config import WatchConfig
-    from ..daemon.ledger import LEDGER_FILE, read_status, requeue_slides
+    from ..daemon.ledger.status import read_status, requeue_slides
+    from ..daemon.ledger.store import LEDGER_FILE
 
     state = state_dir or WatchConfig().state_path(output)
     ledger = state / LEDGER_FILE

@@ -39,8 +39,10 @@ from ..protocols import Backends
 from ..report import RunReport
 from ..run import Stop, drive, reporting
 from .clock import Clock, SystemClock
-from .ledger import LEDGER_FILE, Ledger, RetryPolicy, Settings
+from .ledger.facade import Ledger
 from .ledger.holder import check_free
+from .ledger.states import RetryPolicy, Settings
+from .ledger.store import LEDGER_FILE
 from .ops.logs import Pseudonymizer, RedactPaths
 from .ops.notify import Notifier
 from .ops.statusfile import STATUS_FILE, StatusBoard, run_status_file

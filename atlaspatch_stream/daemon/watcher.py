@@ -58,7 +58,8 @@ from .complete import (
     signature,
     slide_identity,
 )
-from .ledger import Change, Ledger, Observation, Settings, SlideRecord
+from .ledger.facade import Ledger
+from .ledger.states import Change, Observation, Settings, SlideRecord
 
 __all__ = [
     "NETWORK_FILESYSTEMS",

@@ -6,15 +6,10 @@ Only `layout`'s pure names are imported here; h5py and cv2 load with the modules
 """
 
 from .layout import (
-    GEOMETRY_KEYS,
     PASSPORT_DTYPE,
     PASSPORT_FORMAT,
-    PASSPORT_VERSION,
-    ReuseDecision,
     SlideAttrs,
-    SourceRecord,
     decide_reuse,
-    geometry_mismatch,
     h5_path,
     images_dir,
     lock_path,
@@ -23,7 +18,6 @@ from .layout import (
 )
 
 __all__ = [
-    "GEOMETRY_KEYS", "PASSPORT_DTYPE", "PASSPORT_FORMAT", "PASSPORT_VERSION", "ReuseDecision", "SlideAttrs",
-    "SourceRecord", "decide_reuse", "geometry_mismatch", "h5_path", "images_dir", "lock_path", "qc_thumbs_dir",
-    "visualization_dir",
+    "PASSPORT_DTYPE", "PASSPORT_FORMAT", "SlideAttrs", "decide_reuse", "h5_path", "images_dir", "lock_path",
+    "qc_thumbs_dir", "visualization_dir",
 ]

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import hashlib
 import json
 import logging
@@ -101,45 +102,37 @@ def _read_small(path: str) -> str | None:
         return None
 
 
+def _stat_fields(pid: int) -> list[str]:
+    """The fields of /proc/<pid>/stat after the command name (the state first); empty where /proc cannot tell."""
+    text = _read_small(f"/proc/{pid}/stat")
+    return text.rsplit(")", 1)[1].split() if text and ")" in text else []
+
+
 def process_start(pid: int) -> str | None:
     """The start time of `pid` in clock ticks since boot, or None where /proc cannot tell."""
-    text = _read_small(f"/proc/{pid}/stat")
-    if not text or ")" not in text:
-        return None
-    fields = text.rsplit(")", 1)[1].split()
+    fields = _stat_fields(pid)
     return fields[19] if len(fields) > 19 else None
-
-
-@dataclass(frozen=True)
-class _Me:
-    pid: int
-    holder: Holder
-    tag: str
-
-
-_ME: list[_Me] = []  # one entry, recomputed after fork (the pid changes)
 
 
 def me() -> Holder:
     """This process as a lock holder (no slide or purpose)."""
-    return _identity().holder
+    return _identity(os.getpid())[0]
 
 
 def owner_tag() -> str:
     """`<hostkey>-<pid>-<start>` for names of temporary files, so a sweep can tell whether their writer still runs."""
-    return _identity().tag
+    return _identity(os.getpid())[1]
 
 
-def _identity() -> _Me:
-    pid = os.getpid()
-    if not _ME or _ME[0].pid != pid:
-        pidns = None
-        with contextlib.suppress(OSError):
-            pidns = os.readlink("/proc/self/ns/pid")
-        start = process_start(pid)
-        holder = Holder(HOST, _read_small("/proc/sys/kernel/random/boot_id"), pidns, pid, start)
-        _ME[:] = [_Me(pid, holder, f"{_host_key(HOST, pidns)}-{pid}-{start or 0}")]
-    return _ME[0]
+@functools.lru_cache(maxsize=1)
+def _identity(pid: int) -> tuple[Holder, str]:
+    """This process as a holder, and its owner tag; keyed by pid, so a forked child computes its own."""
+    pidns = None
+    with contextlib.suppress(OSError):
+        pidns = os.readlink("/proc/self/ns/pid")
+    start = process_start(pid)
+    holder = Holder(HOST, _read_small("/proc/sys/kernel/random/boot_id"), pidns, pid, start)
+    return holder, f"{_host_key(HOST, pidns)}-{pid}-{start or 0}"
 
 
 def _host_key(host: str, pidns: str | None) -> str:
@@ -155,8 +148,7 @@ def pid_alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    stat = _read_small(f"/proc/{pid}/stat")
-    return not (stat and ")" in stat and stat.rsplit(")", 1)[1].split()[:1] == ["Z"])
+    return _stat_fields(pid)[:1] != ["Z"]
 
 
 def _runs_here(pid: int, start: str | None) -> bool:
@@ -177,16 +169,10 @@ def parse_payload(data: bytes) -> Holder | None:
             fields = json.loads(text)
         except ValueError:
             return None
-        return _holder_from_json(fields) if isinstance(fields, dict) else None
+        if not isinstance(fields, dict) or not isinstance(fields.get("pid"), int):
+            return None
+        return Holder(**{k: fields[k] for k in Holder.__dataclass_fields__ if k in fields})
     return _holder_from_text(text)
-
-
-def _holder_from_json(fields: dict[str, object]) -> Holder | None:
-    known = {k: fields[k] for k in Holder.__dataclass_fields__ if k in fields}
-    pid = known.get("pid")
-    if not isinstance(pid, int):
-        return None
-    return Holder(**known)  # type: ignore[arg-type]
 
 
 def _holder_from_text(text: str) -> Holder | None:
@@ -209,7 +195,6 @@ class _Snapshot:
 
     dev: int
     ino: int
-    mtime: float
     mtime_ns: int
     data: bytes
 
@@ -229,7 +214,7 @@ def _snapshot(path: Path) -> _Snapshot | None:
         data = os.read(fd, _MAX_PAYLOAD)
     finally:
         os.close(fd)
-    return _Snapshot(st.st_dev, st.st_ino, st.st_mtime, st.st_mtime_ns, data)
+    return _Snapshot(st.st_dev, st.st_ino, st.st_mtime_ns, data)
 
 
 def read_holder(path: Path) -> Holder | None:
@@ -278,17 +263,15 @@ def judge(path: Path, *, lease: float = DEFAULT_LEASE, grace: float = DEFAULT_GR
     if snap is None:
         return Verdict("free", "no lock")
     holder = parse_payload(snap.data)
-    if holder is None:
-        age = server_now(path.parent) - snap.mtime
-        state: State = "stale" if age > grace else "held"
-        return Verdict(state, f"unreadable lock, {age:.0f} s old (stale after {grace:.0f} s)", None, snap)
-    local = _judge_local(holder)
+    local = _judge_local(holder) if holder is not None else None
     if local is not None:
         return replace(local, holder=holder, snapshot=snap)
-    age = server_now(path.parent) - snap.mtime
-    state = "stale" if age > lease else "held"
-    return Verdict(state, f"held by {holder.describe()}, last heartbeat {age:.0f} s ago (lease {lease:.0f} s)",
-                   holder, snap)
+    age = server_now(path.parent) - snap.mtime_ns / 1e9
+    if holder is None:
+        return Verdict("stale" if age > grace else "held",
+                       f"unreadable lock, {age:.0f} s old (stale after {grace:.0f} s)", None, snap)
+    return Verdict("stale" if age > lease else "held",
+                   f"held by {holder.describe()}, last heartbeat {age:.0f} s ago (lease {lease:.0f} s)", holder, snap)
 
 
 def _judge_local(holder: Holder) -> Verdict | None:
@@ -322,9 +305,7 @@ class Claim:
 
     path: Path
     holder: Holder
-    payload: bytes
-    dev: int
-    ino: int
+    published: _Snapshot  # the lock file as we created it (its mtime is not compared)
     lost: bool = False
     released: bool = False
     _mutex: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -345,7 +326,7 @@ class Claim:
                 return False
             try:
                 now = _snapshot(self.path)
-                if now is None or (now.dev, now.ino, now.data) != (self.dev, self.ino, self.payload):
+                if now is None or not now.same_file(self.published, mtime=False):
                     return self._mark_lost(now)
                 os.utime(self.path)  # no explicit times: NFS asks the server to stamp its own clock
             except FileNotFoundError:
@@ -370,8 +351,7 @@ class Claim:
             if self.lost:
                 return
             with contextlib.suppress(OSError):
-                mine = _Snapshot(self.dev, self.ino, 0.0, 0, self.payload)
-                if not _remove_if(self.path, mine, "released", mtime=False):
+                if not _remove_if(self.path, self.published, "released", mtime=False):
                     log.warning("lock %s was no longer ours at release; left in place", self.path)
 
 
@@ -395,16 +375,14 @@ def try_claim(
     Raises:
         OutputError: the lock could not be written (disk full, read-only, no permission, ...).
     """
-    ident = _identity().holder
-    holder = replace(ident, slide=slide or None, purpose=purpose, time=round(time.time(), 3),
+    holder = replace(me(), slide=slide or None, purpose=purpose, time=round(time.time(), 3),
                      claim_id=uuid.uuid4().hex)
-    payload = holder.to_bytes()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         for _attempt in range(4):
-            st = _publish(path, payload)
-            if st is not None:
-                return Claim(path, holder, payload, st.st_dev, st.st_ino)
+            published = _publish(path, holder.to_bytes())
+            if published is not None:
+                return Claim(path, holder, published)
             verdict = judge(path, lease=lease, grace=grace)
             if verdict.state == "held":
                 return None
@@ -439,19 +417,25 @@ def _translated(exc: OSError, path: Path) -> Exception:
     return output_error(exc, path) or exc
 
 
-def _publish(path: Path, payload: bytes) -> os.stat_result | None:
-    """Create `path` holding `payload`; its stat on success, None when it already exists."""
+def _publish(path: Path, payload: bytes) -> _Snapshot | None:
+    """Create `path` holding `payload`; the file as created, or None when it already exists."""
     dev = os.stat(path.parent).st_dev
     if dev not in _NO_LINK_DEVS:
         tmp = path.with_name(f".{path.name}.pub.{owner_tag()}.{uuid.uuid4().hex[:12]}")
         try:
-            return _publish_linked(tmp, path, payload)
-        except _NoHardLinks:
-            _note_no_links(dev, path.parent)
+            created = _create(tmp, payload)
+            linked = _link(tmp, path)
         finally:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
-    return _publish_exclusive(path, payload)
+        if linked is not None:
+            return created if linked else None
+        _note_no_links(dev, path.parent)
+    # The weaker fallback: exclusive create, then the payload written in place (briefly empty).
+    try:
+        return _create(path, payload)
+    except FileExistsError:
+        return None
 
 
 def _note_no_links(dev: int, folder: Path) -> None:
@@ -463,38 +447,13 @@ def _note_no_links(dev: int, folder: Path) -> None:
         log.warning("%s: no hard links on this filesystem; lock files fall back to O_EXCL", folder)
 
 
-class _NoHardLinks(Exception):
-    """link() is not supported where the lock lives."""
-
-
-def _publish_linked(tmp: Path, path: Path, payload: bytes) -> os.stat_result | None:
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
+def _create(path: Path, payload: bytes) -> _Snapshot:
+    """Create `path` exclusively holding `payload`, fsynced; removed again when writing fails."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
     try:
-        _write_all(fd, payload)
-        os.fsync(fd)
-        st = os.fstat(fd)
-    finally:
-        os.close(fd)
-    try:
-        os.link(tmp, path)
-    except FileExistsError:
-        # NFS may retransmit a LINK whose reply was lost: the link exists and the retry says EEXIST.
-        return st if os.stat(tmp).st_nlink == 2 else None
-    except OSError as exc:
-        if exc.errno in _NO_LINK:
-            raise _NoHardLinks from exc
-        raise
-    return st
-
-
-def _publish_exclusive(path: Path, payload: bytes) -> os.stat_result | None:
-    """The weaker fallback: exclusive create, then the payload written in place (briefly empty)."""
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
-    except FileExistsError:
-        return None
-    try:
-        _write_all(fd, payload)
+        view = memoryview(payload)
+        while view:
+            view = view[os.write(fd, view):]
         os.fsync(fd)
         st = os.fstat(fd)
     except BaseException:
@@ -503,13 +462,21 @@ def _publish_exclusive(path: Path, payload: bytes) -> os.stat_result | None:
             os.unlink(path)  # ours: we created it exclusively a moment ago
         raise
     os.close(fd)
-    return st
+    return _Snapshot(st.st_dev, st.st_ino, st.st_mtime_ns, payload)
 
 
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
+def _link(tmp: Path, path: Path) -> bool | None:
+    """Hard-link `tmp` to `path`: True when linked, False when `path` exists, None where there are no hard links."""
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        # NFS may retransmit a LINK whose reply was lost: the link exists and the retry says EEXIST.
+        return os.stat(tmp).st_nlink == 2
+    except OSError as exc:
+        if exc.errno in _NO_LINK:
+            return None
+        raise
+    return True
 
 
 def _take_over(path: Path, verdict: Verdict, grace: float) -> bool:
@@ -524,9 +491,8 @@ def _take_over(path: Path, verdict: Verdict, grace: float) -> bool:
     if verdict.snapshot is None:
         return False
     guard = path.with_name(path.name + ".takeover")
-    payload = replace(me(), purpose="takeover", claim_id=uuid.uuid4().hex).to_bytes()
-    st = _publish(guard, payload)
-    if st is None:
+    published = _publish(guard, replace(me(), purpose="takeover", claim_id=uuid.uuid4().hex).to_bytes())
+    if published is None:
         stale_guard = judge(guard, lease=grace, grace=grace)
         if stale_guard.state == "stale" and stale_guard.snapshot is not None:
             _remove_if(guard, stale_guard.snapshot, "stale", mtime=True)
@@ -538,7 +504,7 @@ def _take_over(path: Path, verdict: Verdict, grace: float) -> bool:
             return False
         return _remove_if(path, verdict.snapshot, "stale", mtime=True)
     finally:
-        _remove_if(guard, _Snapshot(st.st_dev, st.st_ino, 0.0, 0, payload), "released", mtime=False)
+        _remove_if(guard, published, "released", mtime=False)
 
 
 def _remove_if(path: Path, expected: _Snapshot, why: str, *, mtime: bool) -> bool:
@@ -606,51 +572,10 @@ class SweepSummary:
 
 def owner_runs(tag: str) -> bool | None:
     """Whether the process an `owner_tag()` names still runs: True or False on this host, None for another host's."""
-    return _tag_runs(tag)
-
-
-def _tag_runs(tag: str) -> bool | None:
-    """True/False whether the writer named by an owner tag still runs on this host; None if it is another host's."""
     match = _TAG.match(tag)
-    ident = _identity()
-    if match is None or match.group(1) != ident.tag.split("-", 1)[0]:
+    if match is None or match.group(1) != owner_tag().split("-", 1)[0]:
         return None
     return _runs_here(int(match.group(2)), match.group(3))
-
-
-def sweep_claims(
-    folder: Path, *, suffix: str = ".lock", lease: float = DEFAULT_LEASE, grace: float = DEFAULT_GRACE
-) -> SweepSummary:
-    """Remove stale locks (`*<suffix>`), leftover publish files and takeover leftovers in `folder`.
-
-    Args:
-        folder: Where the locks live (`<out>/patches` for `process`, the daemon's claims folder, ...).
-        suffix: The lock files' name ending.
-        lease: As in `try_claim`.
-        grace: As in `try_claim`; also the age after which leftover publish and takeover files go.
-    """
-    summary = SweepSummary()
-    entries = _sorted_entries(folder)
-    if entries is None:
-        return summary
-    now = server_now(folder)
-    for entry in entries:
-        path = Path(entry.path)
-        if entry.name.endswith(suffix) and not entry.name.startswith("."):
-            _sweep_lock(path, lease, grace, summary)
-        elif entry.name.endswith(suffix + ".takeover"):
-            _sweep_lock(path, grace, grace, summary)
-        elif _PUB_TEMP.match(entry.name) or _SIDE.match(entry.name):
-            _sweep_leftover(path, now, grace, summary)
-    return summary
-
-
-def _sorted_entries(folder: Path) -> list[os.DirEntry[str]] | None:
-    """The folder's entries by name; None when it does not exist."""
-    try:
-        return sorted(os.scandir(folder), key=lambda e: e.name)
-    except FileNotFoundError:
-        return None
 
 
 def _sweep_lock(path: Path, lease: float, grace: float, summary: SweepSummary) -> None:
@@ -665,7 +590,7 @@ def _sweep_lock(path: Path, lease: float, grace: float, summary: SweepSummary) -
 def _sweep_leftover(path: Path, now: float, grace: float, summary: SweepSummary) -> None:
     """A publish temp or takeover side file: gone when its writer is dead here, or older than `grace` anywhere."""
     match = _PUB_TEMP.match(path.name)
-    dead_here = match is not None and _tag_runs(match.group("tag")) is False
+    dead_here = match is not None and owner_runs(match.group("tag")) is False
     if dead_here or _age(path, now) > grace:
         _unlink(path, summary.removed_temps)
 
@@ -675,7 +600,7 @@ def sweep_orphans(
 ) -> SweepSummary:
     """At start-up: remove what killed runs left in `<output_root>/patches` (one implementation for every entry point).
 
-    - stale `<stem>.lock` files and leftover lock publish/takeover files (`sweep_claims`);
+    - stale `<stem>.lock` files and leftover lock publish/takeover files;
     - temporary H5 files `.<stem>.h5.tmp.<owner>.<hex>` whose writer no longer runs on this host, or, when written on
       another host, whose `<stem>.lock` is no longer held and which have not changed for `lease` seconds;
     - temporary H5 files in the older naming `.<stem>.h5.tmp.<32hex>` (no owner known) older than `grace` whose stem
@@ -687,15 +612,29 @@ def sweep_orphans(
 
 
 def sweep_folder(folder: Path, *, lease: float = DEFAULT_LEASE, grace: float = DEFAULT_GRACE) -> SweepSummary:
-    """`sweep_orphans` for one folder of `<name>.lock` files and `.<name>.h5.tmp.*` files (also patient files)."""
-    summary = sweep_claims(folder, lease=lease, grace=grace)
-    entries = _sorted_entries(folder)
-    if entries is None:
+    """`sweep_orphans` for one folder of `<name>.lock` files and `.<name>.h5.tmp.*` files (also patient files).
+
+    Args:
+        folder: Where the locks and temporary files live (`<out>/patches`, a patient folder).
+        lease: As in `try_claim`.
+        grace: As in `try_claim`; also the age after which leftover publish and takeover files go.
+    """
+    summary = SweepSummary()
+    try:
+        entries = sorted(os.scandir(folder), key=lambda e: e.name)
+    except FileNotFoundError:
         return summary
     now = server_now(folder)
     for entry in entries:
-        if entry.name.startswith(".") and ".tmp." in entry.name:
-            _sweep_temp(Path(entry.path), now, lease, grace, summary)
+        path, name = Path(entry.path), entry.name
+        if name.endswith(".lock") and not name.startswith("."):
+            _sweep_lock(path, lease, grace, summary)
+        elif name.endswith(".lock.takeover"):
+            _sweep_lock(path, grace, grace, summary)
+        elif _PUB_TEMP.match(name) or _SIDE.match(name):
+            _sweep_leftover(path, now, grace, summary)
+        elif name.startswith(".") and ".tmp." in name:
+            _sweep_temp(path, now, lease, grace, summary)
     if summary.removed_temps or summary.removed_locks:
         log.warning("%s: %s", folder, summary.one_line())
     return summary
@@ -706,7 +645,7 @@ def _sweep_temp(path: Path, now: float, lease: float, grace: float, summary: Swe
     if owned is None and old is None:
         return
     final = (owned or old).group("final")  # type: ignore[union-attr]
-    runs = _tag_runs(owned.group("tag")) if owned is not None else None
+    runs = owner_runs(owned.group("tag")) if owned is not None else None
     if runs is True:
         summary.kept.append((path, "its writer still runs"))
         return

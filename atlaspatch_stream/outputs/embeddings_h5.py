@@ -14,7 +14,6 @@ features (`h5store`, `h5io`, `claims`).
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -26,8 +25,8 @@ from ..errors import SlideError
 from ..protocols import Embedding, SlideInputs
 from .claims import owned_temp_path
 from .h5io import OutputFile
-from .h5store import SlideH5, _fsync_dir, _plain, _translate
-from .h5thread import h5_executor
+from .h5store import SlideH5, _plain, _translate, move_into_place
+from .h5thread import on_h5_thread
 
 SLIDE_GROUP = "slide_features"
 PATIENT_FOLDER = "patient_features"
@@ -37,6 +36,7 @@ GEOMETRY = ("patch_size", "patch_size_level0", "target_magnification")
 # -- reading a slide's inputs ---------------------------------------------------------------------------------------
 
 
+@on_h5_thread
 def read_slide_inputs(h5_path: Path, patch_encoder: str) -> SlideInputs:
     """The patch features, coords and geometry of a complete slide H5 (H5 thread).
 
@@ -46,10 +46,6 @@ def read_slide_inputs(h5_path: Path, patch_encoder: str) -> SlideInputs:
         SlideError: the file is unreadable, lacks an attribute, or `features/<patch_encoder>` is missing or has not
             one row per patch.
     """
-    return h5_executor().submit(_read_slide_inputs, h5_path, patch_encoder)
-
-
-def _read_slide_inputs(h5_path: Path, patch_encoder: str) -> SlideInputs:
     try:
         with h5py.File(h5_path, "r") as f:
             attrs = _geometry(f, h5_path)
@@ -83,17 +79,18 @@ def _geometry(f: h5py.File, h5_path: Path) -> dict[str, int]:
 
 def slide_attrs(name: str, inputs: SlideInputs, patch_encoder: str, embedding: Embedding) -> dict[str, Any]:
     """Upstream's attributes of `slide_features/<name>`, then ours."""
-    return {"encoder_name": name, "source_patch_encoder": patch_encoder, "num_patches": inputs.num_patches,
-            "patch_size": inputs.patch_size, "patch_size_level0": inputs.patch_size_level0,
-            "target_magnification": inputs.target_magnification, **embedding.attrs}
+    return {"encoder_name": name, **_source(inputs, patch_encoder), **embedding.attrs}
 
 
+def _source(inputs: SlideInputs, patch_encoder: str) -> dict[str, Any]:
+    """What a slide embedding records of its source: upstream's reuse rule compares exactly these."""
+    return {"source_patch_encoder": patch_encoder, "num_patches": inputs.num_patches, "patch_size": inputs.patch_size,
+            "patch_size_level0": inputs.patch_size_level0, "target_magnification": inputs.target_magnification}
+
+
+@on_h5_thread
 def existing_slide_embedding(h5_path: Path, name: str) -> tuple[int, dict[str, Any]] | None:
     """(width, attributes) of `slide_features/<name>`, or None when absent (H5 thread)."""
-    return h5_executor().submit(_existing_slide_embedding, h5_path, name)
-
-
-def _existing_slide_embedding(h5_path: Path, name: str) -> tuple[int, dict[str, Any]] | None:
     try:
         with h5py.File(h5_path, "r") as f:
             ds = f.get(f"{SLIDE_GROUP}/{name}")
@@ -111,10 +108,7 @@ def slide_embedding_current(existing: tuple[int, Mapping[str, Any]] | None, dim:
     if existing is None:
         return False
     width, attrs = existing
-    wanted = {"source_patch_encoder": patch_encoder, "num_patches": inputs.num_patches,
-              "patch_size": inputs.patch_size, "patch_size_level0": inputs.patch_size_level0,
-              "target_magnification": inputs.target_magnification}
-    return (dim in (0, width)) and all(attrs.get(k) == v for k, v in wanted.items())
+    return (dim in (0, width)) and all(attrs.get(k) == v for k, v in _source(inputs, patch_encoder).items())
 
 
 def write_slide_embedding(h5_path: Path, name: str, embedding: Embedding, attrs: Mapping[str, Any]) -> None:
@@ -161,12 +155,9 @@ UPSTREAM_PATIENT_KEYS = ("encoder_name", "num_slides", "source_patch_encoder", "
 JSON_PATIENT_KEYS = ("source_slide_h5_paths", "source_slide_patch_summaries")
 
 
+@on_h5_thread
 def patient_current(path: Path, dim: int, wanted: Mapping[str, Any]) -> bool:
     """Whether an existing patient file was made from exactly the current sources (and has width `dim`, 0: any)."""
-    return bool(h5_executor().submit(_patient_current, path, dim, wanted))
-
-
-def _patient_current(path: Path, dim: int, wanted: Mapping[str, Any]) -> bool:
     try:
         with h5py.File(path, "r") as f:
             ds = f.get("features")
@@ -186,16 +177,13 @@ def _json(text: Any) -> Any:
         return None
 
 
+@on_h5_thread
 def write_patient(path: Path, embedding: Embedding, attrs: Mapping[str, Any]) -> None:
     """Write a patient file to a temporary name beside `path`, sync it and move it into place (H5 thread).
 
     Raises:
         OutputError: the write failed; no file under `path` changed.
     """
-    h5_executor().submit(_write_patient, path, np.asarray(embedding.vector, dtype=np.float32), attrs)
-
-
-def _write_patient(path: Path, vector: np.ndarray, attrs: Mapping[str, Any]) -> None:
     tmp = owned_temp_path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -204,7 +192,7 @@ def _write_patient(path: Path, vector: np.ndarray, attrs: Mapping[str, Any]) -> 
         raise _translate(exc, path) from exc
     try:
         with h5py.File(handle, "w") as f:
-            ds = f.create_dataset("features", data=vector)
+            ds = f.create_dataset("features", data=np.asarray(embedding.vector, dtype=np.float32))
             ds.id.close()
             for key, value in attrs.items():
                 f.attrs[key] = value
@@ -212,11 +200,7 @@ def _write_patient(path: Path, vector: np.ndarray, attrs: Mapping[str, Any]) -> 
         handle.close()
         if handle.error is not None:
             raise _translate(handle.error, path)
-        try:
-            os.replace(tmp, path)
-        except OSError as exc:
-            raise _translate(exc, path) from exc
-        _fsync_dir(path.parent)
+        move_into_place(tmp, path)
     finally:
         handle.close()
         tmp.unlink(missing_ok=True)

@@ -6,7 +6,7 @@ what it believes it wrote. HDF5's state therefore stays consistent, every later 
 its normal, successful path, and the store, which checks `error` after each operation, fails the slide and discards
 the file. Why this matters is explained in `h5store`.
 
-All OS calls go through one replaceable `FileCalls` object (`use_os_io`; `OsIO` makes the real calls), the seam `atlaspatch_stream.testing.faults`
+All OS calls go through one replaceable `OsIO` object (`use_os_io`; a subclass can fail on purpose), the seam `atlaspatch_stream.testing.faults`
 uses to make the k-th write fail exactly where a full disk would make it fail: under HDF5, at `pwrite`.
 """
 
@@ -14,31 +14,11 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Protocol
-
-
-class FileCalls(Protocol):
-    """The OS calls an `OutputFile` makes (a seam for fault injection)."""
-
-    def pwrite_all(self, fd: int, data: memoryview, offset: int) -> None:
-        """Write all of `data` at `offset`."""
-        ...
-
-    def pread_into(self, fd: int, buf: memoryview, offset: int) -> int:
-        """Read into `buf` from `offset`; the byte count."""
-        ...
-
-    def ftruncate(self, fd: int, size: int) -> None:
-        """Set the file's size."""
-        ...
-
-    def fsync(self, fd: int) -> None:
-        """Flush the file to stable storage."""
-        ...
+from typing import Any
 
 
 class OsIO:
-    """The real OS calls (`FileCalls`)."""
+    """The OS calls an `OutputFile` makes: the real ones (a seam for fault injection: subclass and `use_os_io`)."""
 
     def pwrite_all(self, fd: int, data: memoryview, offset: int) -> None:
         """Write all of `data` at `offset` (retrying short writes)."""
@@ -59,10 +39,10 @@ class OsIO:
         os.fsync(fd)
 
 
-_IO: list[FileCalls] = [OsIO()]
+_IO: list[OsIO] = [OsIO()]
 
 
-def use_os_io(io: FileCalls) -> FileCalls:
+def use_os_io(io: OsIO) -> OsIO:
     """Make every `OutputFile` opened from now on use `io`; returns the previous one."""
     previous, _IO[0] = _IO[0], io
     return previous

@@ -39,27 +39,29 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import functools
 import logging
 import math
 import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import h5py
 import numpy as np
 
 from ..errors import OutputError, SlideError, disk_full_before, free_bytes, output_error
-from ..outputs import PASSPORT_DTYPE, SlideAttrs
 from .claims import owned_temp_path
 from .h5io import OutputFile
-from .h5thread import h5_executor
+from .h5thread import on_h5_thread
+from .layout import PASSPORT_DTYPE, SlideAttrs
 
 log = logging.getLogger("atlaspatch_stream")
 
 TMP_PREFIX = "__tmp_"
 T = TypeVar("T")
+P = ParamSpec("P")
 
 # Measured on files this store wrote (N from 0 to 100k, 0-3 feature sets of width 3-1536, chunks 32-8192 rows):
 # beyond the allocated chunks, root attributes and coords/passports headers take 12.9 KB, each feature set 2.9 KB,
@@ -81,11 +83,6 @@ def passports(stem: str, coords: np.ndarray, magnification: int, target_mag: int
         for x, y, rw, rh, lv in coords.tolist()
     ]
     return np.array([t.encode("utf-8")[:160] for t in text], dtype=PASSPORT_DTYPE)
-
-
-def temp_path_for(final: Path) -> Path:
-    """A unique temporary name in the same folder that names its writer (`claims.owned_temp_path`)."""
-    return owned_temp_path(final)
 
 
 # -- size estimates and the free-space check ------------------------------------------------------------------------
@@ -116,21 +113,20 @@ def estimate_h5_bytes(num_patches: int, dims: Iterable[int], write_batch: int, f
     return math.ceil(coords * MARGIN) + sum(feature_set_bytes(num_patches, d, feature_chunk) for d in dims)
 
 
-def check_free_space(folder: Path, needed: int, *, reserved: int = 0, slide: str | None = None) -> None:
+def check_free_space(folder: Path, needed: int, *, reserved: int = 0) -> None:
     """Raise `OutputError(kind="disk_full")` when `needed` bytes do not fit in `folder`'s free space.
 
     Args:
         folder: The output folder (its filesystem is measured with statvfs).
         needed: Bytes about to be written.
         reserved: Bytes other writers on the same filesystem have promised but not yet written.
-        slide: The slide name, for the message.
     """
     free = free_bytes(folder)
     if free is None:
         return  # statvfs unsupported: the write itself will tell
     available = max(0, free - reserved)
     if needed > available:
-        raise disk_full_before(needed, available, folder, slide=slide)
+        raise disk_full_before(needed, available, folder)
 
 
 # -- the store ------------------------------------------------------------------------------------------------------
@@ -147,6 +143,35 @@ def _contiguous_runs(rows: np.ndarray) -> list[tuple[int, int, int]]:
 _OPEN: set[SlideH5] = set()  # stores not yet finalized or aborted; touched only on the H5 thread
 
 
+def _guarded(method: Callable[Concatenate[SlideH5, P], T]) -> Callable[Concatenate[SlideH5, P], T]:
+    """`method` run on the H5 thread, refused once the store is broken or done; OS-level failures (also hidden
+    ones, via the poison) become `OutputError` and break the store."""
+
+    @on_h5_thread
+    @functools.wraps(method)
+    def guarded(self: SlideH5, /, *args: P.args, **kwargs: P.kwargs) -> T:
+        if self._broken is not None:
+            raise self._broken
+        if self._done:
+            raise ValueError(f"{self.final}: store already finalized or aborted")
+        try:
+            result = method(self, *args, **kwargs)
+        except (OutputError, SlideError):
+            self._check_poison()  # a poisoned file wins: its error is the real cause
+            raise
+        except Exception as exc:
+            self._check_poison()
+            translated = output_error(exc, self.final)
+            if translated is None:
+                raise
+            self._broken = translated
+            raise translated from exc
+        self._check_poison()
+        return result
+
+    return guarded
+
+
 class SlideH5:
     """One slide's H5 being written. Any thread may call it; every h5py call runs on the H5 thread.
 
@@ -154,14 +179,25 @@ class SlideH5:
     only `abort()` remains), `SlideError` for per-slide problems (wrong width, rows missing, existing set).
     """
 
-    def __init__(self, final: Path, tmp: Path | None, handle: OutputFile, file: h5py.File, num_patches: int,
+    def __init__(self, final: Path, tmp: Path | None, handle: OutputFile, mode: str, num_patches: int,
                  feature_chunk: int, reserved: int, planned: Iterable[str]) -> None:
+        """Open `handle` with h5py (`create` and `open_existing` call this); on failure close it, remove a new file,
+        and raise the translated error."""
+        try:
+            self._file: h5py.File | None = h5py.File(handle, mode)
+        except Exception as exc:
+            handle.close()
+            if tmp is not None:
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
+            if handle.error is not None:
+                raise _translate(handle.error, final) from exc
+            raise
         self.final = final
         self.tmp = tmp
         self.num_patches = num_patches
         self.feature_chunk = feature_chunk
         self._handle = handle
-        self._file: h5py.File | None = file
         self._group: h5py.Group | None = None
         self._datasets: dict[str, h5py.Dataset] = {}
         self._filled: dict[str, np.ndarray] = {}
@@ -172,10 +208,12 @@ class SlideH5:
         self._dev = os.fstat(handle.fd).st_dev if handle.fd is not None else -1
         self._broken: OutputError | None = None
         self._done = False
+        _OPEN.add(self)
 
     # -- creation -------------------------------------------------------------------------------------------------
 
     @classmethod
+    @on_h5_thread
     def create(
         cls,
         final: Path,
@@ -200,43 +238,21 @@ class SlideH5:
         Raises:
             OutputError: the file would not fit (`disk_full`, before anything is written) or cannot be written.
         """
-        return h5_executor().submit(cls._create, final, attrs, coords, stem, write_batch, feature_chunk,
-                                    dict(feature_dims or {}))
-
-    @classmethod
-    def _create(cls, final: Path, attrs: SlideAttrs, coords: np.ndarray, stem: str, write_batch: int,
-                feature_chunk: int, dims: dict[str, int]) -> SlideH5:
+        dims = dict(feature_dims or {})
         n = int(coords.shape[0])
         needed = estimate_h5_bytes(n, dims.values(), write_batch, feature_chunk)
         try:
             final.parent.mkdir(parents=True, exist_ok=True)
             check_free_space(final.parent, needed, reserved=_reserved_on(os.stat(final.parent).st_dev))
-            tmp = temp_path_for(final)
+            tmp = owned_temp_path(final)
             handle = OutputFile(tmp, create=True)
         except OSError as exc:
             raise _translate(exc, final.parent) from exc
-        store = cls._open(final, tmp, handle, "w", n, feature_chunk, needed, dims)
+        store = cls(final, tmp, handle, "w", n, feature_chunk, needed, dims)
         store._run_or_abort(store._write_coords, attrs, coords, stem, write_batch)
         return store
 
-    @classmethod
-    def _open(cls, final: Path, tmp: Path | None, handle: OutputFile, mode: str, n: int, feature_chunk: int,
-              reserved: int, planned: Iterable[str]) -> SlideH5:
-        """Open `handle` with h5py; on failure close and (for a new file) remove it, and raise the translated error."""
-        try:
-            file = h5py.File(handle, mode)
-        except Exception as exc:
-            handle.close()
-            if tmp is not None:
-                with contextlib.suppress(OSError):
-                    tmp.unlink()
-            if handle.error is not None:
-                raise _translate(handle.error, final) from exc
-            raise
-        store = cls(final, tmp, handle, file, n, feature_chunk, reserved, planned)
-        _OPEN.add(store)
-        return store
-
+    @_guarded
     def _write_coords(self, attrs: SlideAttrs, coords: np.ndarray, stem: str, write_batch: int) -> None:
         file = self._require_file()
         for key, value in attrs.ordered():
@@ -260,6 +276,7 @@ class SlideH5:
         file.attrs["num_patches"] = n
 
     @classmethod
+    @on_h5_thread
     def open_existing(cls, final: Path, num_patches: int, feature_chunk: int = 32) -> SlideH5:
         """Open a complete H5 to add feature sets in place (reuse).
 
@@ -267,16 +284,12 @@ class SlideH5:
             OutputError: the file cannot be opened for writing (permission, read-only, gone).
             SlideError: the file is not a readable HDF5 file.
         """
-        return h5_executor().submit(cls._open_existing, final, num_patches, feature_chunk)
-
-    @classmethod
-    def _open_existing(cls, final: Path, num_patches: int, feature_chunk: int) -> SlideH5:
         try:
             handle = OutputFile(final, create=False)
         except OSError as exc:
             raise _translate(exc, final) from exc
         try:
-            store = cls._open(final, None, handle, "a", num_patches, feature_chunk, 0, ())
+            store = cls(final, None, handle, "a", num_patches, feature_chunk, 0, ())
         except OutputError:
             raise
         except Exception as exc:
@@ -287,11 +300,12 @@ class SlideH5:
     def _run_or_abort(self, fn: Callable[..., Any], *args: Any) -> None:
         """A step of opening: on any failure the store is aborted before the error propagates."""
         try:
-            self._call(fn, *args)
+            fn(*args)
         except BaseException:
-            self._abort()
+            self.abort()
             raise
 
+    @_guarded
     def _drop_stale_tmp(self) -> None:
         group = self._require_file().get("features")
         if group is None:
@@ -304,6 +318,7 @@ class SlideH5:
 
     # -- features -------------------------------------------------------------------------------------------------
 
+    @_guarded
     def begin_feature(self, name: str, dim: int) -> None:
         """Create `features/__tmp_<name>` with N rows of width `dim`, after a free-space check if not yet counted.
 
@@ -311,9 +326,6 @@ class SlideH5:
             SlideError: `features/<name>` already exists complete.
             OutputError: the set would not fit (`disk_full`) or cannot be written.
         """
-        self._call(self._begin_feature, name, dim)
-
-    def _begin_feature(self, name: str, dim: int) -> None:
         group = self._features_group()
         if name in group:
             if group[name].shape[0] == self.num_patches:
@@ -338,6 +350,7 @@ class SlideH5:
         """Whether a temporary feature set is open for `name`."""
         return name in self._filled
 
+    @_guarded
     def write_rows(self, name: str, rows: np.ndarray, values: np.ndarray) -> None:
         """Place `values` (b, D) at `rows`, by index, whatever the arrival order.
 
@@ -345,9 +358,6 @@ class SlideH5:
             SlideError: the width differs from the set's.
             OutputError: the write failed at the OS level.
         """
-        self._call(self._write_rows, name, rows, values)
-
-    def _write_rows(self, name: str, rows: np.ndarray, values: np.ndarray) -> None:
         ds = self._datasets[name]
         if values.shape[1] != ds.shape[1]:
             raise SlideError(f"encoder {name} returned width {values.shape[1]}, expected {ds.shape[1]}")
@@ -358,12 +368,10 @@ class SlideH5:
             ds[start:stop] = vals[offset : offset + stop - start]
         self._filled[name][rows_sorted] = True
 
+    @_guarded
     def put_dataset(self, group: str, name: str, data: np.ndarray, attrs: Mapping[str, Any]) -> None:
         """Write a small dataset as `<group>/__tmp_<name>`; `finalize` renames it to `<group>/<name>` (replacing an
         older one) after the file is synced, so `<group>/<name>` is never seen partial (slide embeddings)."""
-        self._call(self._put_dataset, group, name, data, attrs)
-
-    def _put_dataset(self, group: str, name: str, data: np.ndarray, attrs: Mapping[str, Any]) -> None:
         grp = self._require_file().require_group(group)
         try:
             if TMP_PREFIX + name in grp:
@@ -396,12 +404,14 @@ class SlideH5:
         """True when every open feature set has all its rows."""
         return all(self.missing_rows(name) == 0 for name in self._filled)
 
+    @_guarded
     def set_feature_attrs(self, name: str, attrs: Mapping[str, int]) -> None:
         """Attributes of the open feature set `name` (e.g. `nonfinite_rows`); they travel with its rename."""
-        self._call(self._datasets[name].attrs.update, dict(attrs))
+        self._datasets[name].attrs.update(dict(attrs))
 
     # -- end ------------------------------------------------------------------------------------------------------
 
+    @_guarded
     def finalize(self) -> Path:
         """Rename finished sets, flush, close, fsync, and move a new file into place. Returns the final path.
 
@@ -409,9 +419,6 @@ class SlideH5:
             SlideError: rows are missing (call `abort()`).
             OutputError: flushing, syncing or renaming failed (call `abort()`; nothing became visible).
         """
-        return self._call(self._finalize)
-
-    def _finalize(self) -> Path:
         for name in self._filled:
             if self.missing_rows(name):
                 raise SlideError(f"features/{name}: {self.missing_rows(name)} rows missing at finalize")
@@ -431,15 +438,12 @@ class SlideH5:
         self._handle.close()
         self._check_poison()
         if self.tmp is not None:
-            try:
-                os.replace(self.tmp, self.final)
-            except OSError as exc:
-                raise _translate(exc, self.final) from exc
-            _fsync_dir(self.final.parent)
+            move_into_place(self.tmp, self.final)
         self._done = True
         _OPEN.discard(self)
         return self.final
 
+    @on_h5_thread
     def abort(self) -> None:
         """Drop everything not yet final: the temporary file, or the temporary feature sets of a reused file.
 
@@ -447,9 +451,6 @@ class SlideH5:
         reused file that broke keeps whatever it had on disk before the failure (a rerun rebuilds it when
         `inspect_h5` finds it unreadable).
         """
-        h5_executor().submit(self._abort)
-
-    def _abort(self) -> None:
         if self._done:
             return
         self._done = True
@@ -479,31 +480,7 @@ class SlideH5:
             if f"{grp_name}/{TMP_PREFIX}{name}" in file:
                 del file[f"{grp_name}/{TMP_PREFIX}{name}"]
 
-    # -- guarded execution on the H5 thread -----------------------------------------------------------------------
-
-    def _call(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run `fn` on the H5 thread; translate OS-level failures (also hidden ones, via the poison) to OutputError."""
-        return h5_executor().submit(self._guarded, fn, *args)
-
-    def _guarded(self, fn: Callable[..., T], *args: Any) -> T:
-        if self._broken is not None:
-            raise self._broken
-        if self._done:
-            raise ValueError(f"{self.final}: store already finalized or aborted")
-        try:
-            result = fn(*args)
-        except (OutputError, SlideError):
-            self._check_poison()  # a poisoned file wins: its error is the real cause
-            raise
-        except Exception as exc:
-            self._check_poison()
-            translated = output_error(exc, self.final)
-            if translated is None:
-                raise
-            self._broken = translated
-            raise translated from exc
-        self._check_poison()
-        return result
+    # -- helpers ------------------------------------------------------------------------------------------------
 
     def _check_poison(self) -> None:
         error = self._handle.error
@@ -556,28 +533,26 @@ def _translate(exc: OSError, path: Path) -> OutputError:
                        errno=exc.errno)
 
 
-def _fsync_dir(folder: Path) -> None:
-    """Make the rename durable; filesystems that cannot fsync a folder are left as they are."""
+def move_into_place(tmp: Path, final: Path) -> None:
+    """`os.replace` a finished temporary file onto its final name, and make the rename durable (filesystems that
+    cannot fsync a folder are left as they are)."""
+    try:
+        os.replace(tmp, final)
+    except OSError as exc:
+        raise _translate(exc, final) from exc
     with contextlib.suppress(OSError):
-        fd = os.open(folder, os.O_RDONLY)
+        fd = os.open(final.parent, os.O_RDONLY)
         try:
             os.fsync(fd)
         finally:
             os.close(fd)
 
 
+@atexit.register
 def _abort_open_stores() -> None:
-    """At interpreter exit: abort stores still open, on the H5 thread, before HDF5's own exit handlers run."""
-    if _OPEN:
-        h5_executor().submit(_abort_all)
-
-
-def _abort_all() -> None:
+    """At interpreter exit: abort stores still open (each on the H5 thread) before HDF5's own exit handlers run."""
     for store in list(_OPEN):
-        store._abort()
-
-
-atexit.register(_abort_open_stores)
+        store.abort()
 
 
 # -- reading --------------------------------------------------------------------------------------------------------
@@ -593,12 +568,9 @@ class ExistingH5:
     attrs: dict[str, Any]
 
 
+@on_h5_thread
 def inspect_h5(path: Path) -> ExistingH5 | None:
     """Read an existing H5's patch count, feature row counts and attributes; None when unreadable (H5 thread)."""
-    return h5_executor().submit(_inspect_h5, path)
-
-
-def _inspect_h5(path: Path) -> ExistingH5 | None:
     try:
         with h5py.File(path, "r") as f:
             attrs = {k: _plain(v) for k, v in f.attrs.items()}
@@ -614,12 +586,9 @@ def _inspect_h5(path: Path) -> ExistingH5 | None:
     return ExistingH5(path, None if num is None else int(num), feats, attrs)
 
 
+@on_h5_thread
 def read_coords(path: Path) -> np.ndarray:
     """The `coords` dataset of a complete H5, int32 (N, 5) (H5 thread)."""
-    return h5_executor().submit(_read_coords, path)
-
-
-def _read_coords(path: Path) -> np.ndarray:
     with h5py.File(path, "r") as f:
         return np.asarray(f["coords"][...], dtype=np.int32)
 

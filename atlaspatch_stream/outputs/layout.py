@@ -41,14 +41,10 @@ class SlideAttrs:
 
     def ordered(self) -> list[tuple[str, Any]]:
         """(name, value) pairs in upstream's writing order; optional ones only when known."""
-        pairs: list[tuple[str, Any]] = [
-            ("patch_size", int(self.patch_size)),
-            ("patch_size_level0", int(self.patch_size_level0)),
-            ("level0_magnification", int(self.level0_magnification)),
-            ("target_magnification", int(self.target_magnification)),
-            ("overlap", int(self.overlap)),
-            ("level0_width", int(self.level0_width)),
-            ("level0_height", int(self.level0_height)),
+        integers = ("patch_size", "patch_size_level0", "level0_magnification", "target_magnification", "overlap",
+                    "level0_width", "level0_height")
+        pairs: list[tuple[str, Any]] = [(k, int(getattr(self, k))) for k in integers]
+        pairs += [
             ("wsi_path", str(self.wsi_path)),
             ("passport_format", PASSPORT_FORMAT),
             ("passport_version", PASSPORT_VERSION),

@@ -248,7 +248,7 @@ def requeue(verdicts: list[Verdict], ledger: Path | None) -> Requeued:
             deleted.append(verdict.path)
     marked = 0
     if ledger is not None and ledger.exists() and deleted:
-        from ..daemon.ledger import requeue_outputs
+        from ..daemon.ledger.status import requeue_outputs
 
         marked = len(requeue_outputs(ledger, sorted({stem_of(p) for p in deleted})))
     return Requeued(tuple(deleted), marked)

@@ -1,6 +1,6 @@
 """Fault injection for output tests: make the k-th OS write (or fsync) under HDF5 fail with ENOSPC, EIO, ...
 
-The fault is injected where a real full or failing disk strikes: in `h5io`'s `FileCalls`, the `pwrite`/`fsync` calls that
+The fault is injected where a real full or failing disk strikes: in `h5io`'s `OsIO`, the `pwrite`/`fsync` calls that
 HDF5's file driver makes for every output H5 (through `OutputFile`, h5py's fileobj driver). Everything above it runs
 for real: HDF5's chunk and metadata caches decide when bytes are written (mostly at flush and close, not when rows
 are handed over), and the store must notice a failure that HDF5 hit inside a deferred flush. Injecting higher, by
@@ -25,12 +25,12 @@ import os
 import sys
 from collections.abc import Iterator, Sequence
 
-from ..outputs.h5io import FileCalls, OsIO, use_os_io
+from ..outputs.h5io import OsIO, use_os_io
 
 Op = str  # "write" or "fsync"
 
 
-class WriteFaults(FileCalls):
+class WriteFaults(OsIO):
     """The real OS calls (`h5io.OsIO`), except that the `at`-th counted operation raises `OSError(errno)` (and every
     later one when `sticky`).
 

@@ -23,7 +23,8 @@ import orjson
 import pytest
 
 from atlaspatch_stream.config import WatchConfig
-from atlaspatch_stream.daemon.ledger import LEDGER_FILE, LedgerError, read_status
+from atlaspatch_stream.daemon.ledger.status import read_status
+from atlaspatch_stream.daemon.ledger.store import LEDGER_FILE, LedgerError
 from atlaspatch_stream.testing.synthetic import write_synthetic_slide
 from tests.conftest import SHARED_SLIDES
 from tests.helpers import leftovers, mounted_tmpfs

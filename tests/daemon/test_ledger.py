@@ -16,17 +16,10 @@ import anyio
 import pytest
 
 from atlaspatch_stream.daemon.clock import ManualClock
-from atlaspatch_stream.daemon.ledger import (
-    Ledger,
-    LedgerError,
-    Observation,
-    RetryPolicy,
-    Settings,
-    SlideRecord,
-    read_status,
-    requeue_slides,
-    retry_quarantined,
-)
+from atlaspatch_stream.daemon.ledger.facade import Ledger
+from atlaspatch_stream.daemon.ledger.states import Observation, RetryPolicy, Settings, SlideRecord
+from atlaspatch_stream.daemon.ledger.status import read_status, requeue_slides
+from atlaspatch_stream.daemon.ledger.store import LedgerError
 from atlaspatch_stream.items import Failure
 
 pytestmark = pytest.mark.anyio
@@ -129,7 +122,7 @@ async def test_quarantine_status_and_operator_retry(tmp_path: Path) -> None:
             assert [f.state for f in status.failures] == ["quarantined", "failed", "failed"]
             assert status.failures[0].message == "bad.svs: Bogus marker length"
             assert status.to_json()["counts"]["quarantined"] == 1
-            changes = retry_quarantined(path)
+            changes = await ledger.retry_quarantined()
             assert [c.after.state for c in changes] == ["seen"]
             again = await ledger.get("bad.svs")
             assert again is not None and (again.state, again.attempts) == ("seen", 0)
@@ -202,7 +195,8 @@ async def test_newer_schema_and_closed_ledger_are_errors(tmp_path: Path) -> None
 CRASH = """
 import anyio, os, signal, sys
 sys.path.insert(0, {root!r})
-from atlaspatch_stream.daemon.ledger import Ledger, Observation
+from atlaspatch_stream.daemon.ledger.facade import Ledger
+from atlaspatch_stream.daemon.ledger.states import Observation
 async def main():
     async with Ledger.open({path!r}) as ledger:
         await ledger.reconcile({{"a.svs": Observation("a.svs", "a.svs", "file", 10, 1, "a")}})

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from atlaspatch_stream.daemon.ledger import (
+from atlaspatch_stream.daemon.ledger.states import (
     Observation,
     RetryPolicy,
     Settings,
@@ -233,15 +233,15 @@ def test_output_stems_avoid_upstream_collisions_safely() -> None:
     assert within(Path("/out"), "patches/x.h5") == Path("/out/patches/x.h5").resolve()
 
 
-def test_settings_from_config_follow_the_geometry_fingerprint() -> None:
+def test_settings_follow_the_geometry_fingerprint() -> None:
     """Settings of a run carry the H5 geometry fingerprint and the encoders; another patch size changes both the
     geometry part and the settings fingerprint, another encoder only the latter."""
     from atlaspatch_stream.config import EncodeConfig, PipelineConfig, PlanConfig, geometry_fingerprint
 
     base = PipelineConfig(encode=EncodeConfig(extractors=("resnet50",)))
-    settings = Settings.from_config(base, "sha")
-    assert settings == Settings(geometry_fingerprint(base, "sha"), ("resnet50",))
-    other = Settings.from_config(base.replace(plan=PlanConfig(patch_size=224)), "sha")
+    settings = Settings(geometry_fingerprint(base, "sha"), ("resnet50",))
+    other = Settings(geometry_fingerprint(base.replace(plan=PlanConfig(patch_size=224)), "sha"), ("resnet50",))
     assert other.geometry_fp != settings.geometry_fp and other.fingerprint != settings.fingerprint
-    more = Settings.from_config(base.replace(encode=EncodeConfig(extractors=("resnet50", "uni_v1"))), "sha")
+    more_encoders = base.replace(encode=EncodeConfig(extractors=("resnet50", "uni_v1")))
+    more = Settings(geometry_fingerprint(more_encoders, "sha"), ("resnet50", "uni_v1"))
     assert more.geometry_fp == settings.geometry_fp and more.fingerprint != settings.fingerprint

@@ -21,7 +21,8 @@ import pytest
 
 from atlaspatch_stream.config import WatchConfig
 from atlaspatch_stream.daemon.clock import ManualClock
-from atlaspatch_stream.daemon.ledger import Ledger, RetryPolicy, Settings
+from atlaspatch_stream.daemon.ledger.facade import Ledger
+from atlaspatch_stream.daemon.ledger.states import RetryPolicy, Settings
 from atlaspatch_stream.daemon.ops.logs import Pseudonymizer
 from atlaspatch_stream.daemon.ops.statusfile import StatusBoard, run_status_file
 from atlaspatch_stream.daemon.watcher import (

@@ -7,14 +7,14 @@ from __future__ import annotations
 import contextlib
 import random
 import sqlite3
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
 import anyio
 
 from ...items import Failure
-from ...outputs.writer_thread import WriterThread
+from ...outputs.h5thread import WriterThread
 from ..clock import Clock, SystemClock
 from .holder import hold
 from .states import (
@@ -33,7 +33,6 @@ from .states import (
     resume,
     with_,
 )
-from .status import LedgerStatus, status_of
 from .store import LedgerError, Store, open_store
 
 T = TypeVar("T")
@@ -75,36 +74,29 @@ class Ledger:
         Raises:
             LedgerError: a live daemon holds the ledger, or the database cannot be opened or has a newer schema.
         """
+        path = Path(path)
         limiter = anyio.CapacityLimiter(1)
-        claim = await anyio.to_thread.run_sync(hold, Path(path), limiter=limiter)
+        claim = await anyio.to_thread.run_sync(hold, path, limiter=limiter)
         try:
-            async with cls._opened(Path(path), limiter, clock, policy, rng) as ledger:
+            writer = WriterThread("atlaspatch-ledger")
+            try:
+                store = await writer.acall(open_store, path, limiter=limiter)
+            except BaseException as exc:
+                writer.stop()
+                if isinstance(exc, sqlite3.Error | OSError):
+                    raise LedgerError(f"cannot open the ledger {path}: {exc}") from exc
+                raise
+            ledger = cls(writer, store, limiter, clock or SystemClock(), policy or RetryPolicy(), rng or random.Random())
+            try:
                 yield ledger
+            finally:
+                ledger._closed = True
+                with anyio.CancelScope(shield=True):
+                    await writer.acall(store.conn.close, limiter=limiter)
+                    writer.stop()
+                    await anyio.to_thread.run_sync(writer.join, limiter=limiter)
         finally:
             claim.release()
-
-    @classmethod
-    @contextlib.asynccontextmanager
-    async def _opened(cls, path: Path, limiter: anyio.CapacityLimiter, clock: Clock | None,
-                      policy: RetryPolicy | None, rng: random.Random | None) -> AsyncIterator[Ledger]:
-        """The writer thread and the store on it, for as long as the ledger is open."""
-        writer = WriterThread("atlaspatch-ledger")
-        try:
-            store = await writer.acall(open_store, path, limiter=limiter)
-        except BaseException as exc:
-            writer.stop()
-            if isinstance(exc, sqlite3.Error | OSError):
-                raise LedgerError(f"cannot open the ledger {path}: {exc}") from exc
-            raise
-        ledger = cls(writer, store, limiter, clock or SystemClock(), policy or RetryPolicy(), rng or random.Random())
-        try:
-            yield ledger
-        finally:
-            ledger._closed = True
-            with anyio.CancelScope(shield=True):
-                await writer.acall(store.conn.close, limiter=limiter)
-                writer.stop()
-                await anyio.to_thread.run_sync(writer.join, limiter=limiter)
 
     async def _run(self, command: Callable[[Store], T]) -> T:
         """Run `command` on the writer thread as one short transaction; sqlite errors become `LedgerError`."""
@@ -204,11 +196,6 @@ class Ledger:
             lambda s: s.many("state = 'failed' AND next_attempt_at <= ?", (now,), lambda r: due(r, now))
         )
 
-    async def requeue(self, slide_ids: Sequence[str]) -> list[Change]:
-        """Operator: these slides back to `seen` with attempts forgotten (ValueError for running/missing/unknown)."""
-        now = self._clock.now()
-        return await self._run(lambda s: s.requeue(slide_ids, now))
-
     async def retry_quarantined(self) -> list[Change]:
         """Operator: every quarantined slide back to `seen`."""
         now = self._clock.now()
@@ -225,17 +212,13 @@ class Ledger:
         """One slide's record."""
         return await self._run(lambda s: s.get(slide_id))
 
-    async def in_state(self, state: State, limit: int | None = None) -> list[SlideRecord]:
+    async def in_state(self, state: State) -> list[SlideRecord]:
         """Records in one state, in queue order."""
-        return await self._run(lambda s: s.where("state = ?", (state,), limit))
+        return await self._run(lambda s: s.where("state = ?", (state,)))
 
     async def counts(self) -> dict[str, int]:
         """Slides per state."""
         return await self._run(lambda s: s.counts())
-
-    async def status(self) -> LedgerStatus:
-        """The `atlaspatch status` view."""
-        return await self._run(status_of)
 
     async def next_due(self) -> float | None:
         """The earliest retry time of a `failed` slide."""

@@ -19,7 +19,7 @@ from typing import Any, Literal, get_args
 
 import orjson
 
-from ...config import PipelineConfig, WatchConfig, geometry_fingerprint
+from ...config import WatchConfig
 from ...items import Failure
 from ..complete import SlideKind
 
@@ -38,11 +38,6 @@ class Settings:
 
     geometry_fp: str
     encoders: tuple[str, ...] = ()
-
-    @classmethod
-    def from_config(cls, config: PipelineConfig, segmenter_sha256: str | None) -> Settings:
-        """The settings of a run: its geometry fingerprint (as stored in every H5) and its encoders."""
-        return cls(geometry_fingerprint(config, segmenter_sha256), tuple(config.encode.extractors))
 
     @property
     def fingerprint(self) -> str:

@@ -1,6 +1,6 @@
 """What `atlaspatch status` shows, and the operator's synchronous commands beside a running daemon.
 
-Readers open the ledger `mode=ro`; `requeue_slides` and `retry_quarantined` take their own short write transaction
+Readers open the ledger `mode=ro`; `requeue_slides` and `requeue_outputs` take their own short write transaction
 (WAL lets them run beside the daemon, which picks the slides up at its next rescan).
 """
 
@@ -116,13 +116,6 @@ def requeue_slides(path: Path, slide_ids: Sequence[str], *, clock: Clock | None 
     now = (clock or SystemClock()).now()
     with _store(path, read_only=False) as store:
         return store.requeue(slide_ids, now)
-
-
-def retry_quarantined(path: Path, *, clock: Clock | None = None) -> list[Change]:
-    """`atlaspatch watch --retry-quarantined`: every quarantined slide back to `seen`."""
-    now = (clock or SystemClock()).now()
-    with _store(path, read_only=False) as store:
-        return store.many("state = 'quarantined'", (), lambda r: requeue(r, now))
 
 
 def requeue_outputs(path: Path, stems: Sequence[str], *, clock: Clock | None = None) -> list[Change]:

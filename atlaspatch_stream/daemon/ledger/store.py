@@ -94,8 +94,7 @@ def connect(path: Path, *, read_only: bool = False) -> sqlite3.Connection:
     else:
         _create_private(Path(path))
         conn = sqlite3.connect(path, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000)
-    conn.row_factory = sqlite3.Row
-    conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+    conn.row_factory = sqlite3.Row  # the busy timeout is set by connect(timeout=...)
     if not read_only:
         conn.execute("PRAGMA journal_mode = WAL")
         conn.execute("PRAGMA synchronous = NORMAL")
@@ -226,11 +225,10 @@ class Store:
             change = rule(record) if record is not None else None
             return self.apply([change])[0] if change is not None else None
 
-    def many(self, clause: str, params: Sequence[Any], rule: Callable[[SlideRecord], Change | None],
-             limit: int | None = None) -> list[Change]:
+    def many(self, clause: str, params: Sequence[Any], rule: Callable[[SlideRecord], Change | None]) -> list[Change]:
         """Apply `rule` to every matching record in one transaction."""
         with self.transaction():
-            changes = [c for c in (rule(r) for r in self.where(clause, params, limit)) if c is not None]
+            changes = [c for c in (rule(r) for r in self.where(clause, params)) if c is not None]
             return self.apply(changes)
 
     def reconcile(self, scanned: Mapping[str, Observation], now: float, *, startup: bool,

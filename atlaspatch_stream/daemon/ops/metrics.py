@@ -12,11 +12,10 @@ default to 0.0.0.0); the exposition text itself comes from prometheus-client's `
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import os
 import re
 import stat
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -61,14 +60,9 @@ def parse_bind(text: str) -> Bind:
         if not text[len("unix:"):] or "\x00" in text:
             raise ConfigError(refused)
         return Bind(path=Path(text[len("unix:"):]))
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ConfigError(refused)
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        raise ConfigError(refused) from None
-    if address != ipaddress.ip_address("127.0.0.1"):
+    host, _, port = text.rpartition(":")
+    # 127.0.0.1 spelled exactly so: short forms, leading zeros and IPv6 spellings are refused too.
+    if host != "127.0.0.1" or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise ConfigError(refused)
     return Bind(port=int(port))
 
@@ -77,6 +71,13 @@ def _label(value: str) -> str:
     if not _LABEL.match(value) or "/" in value:
         raise ValueError(f"refused as a metric label (not a bounded name): {value[:40]!r}")
     return value
+
+
+def _by_label(family: Any, values: Mapping[str, float]) -> Any:
+    """`family` with one sample per entry of `values`, in name order (each name checked by `_label`)."""
+    for name, value in sorted(values.items()):
+        family.add_metric([_label(name)], value)
+    return family
 
 
 class BoardCollector:
@@ -94,24 +95,16 @@ class BoardCollector:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
 
         b = self.board
-        states = GaugeMetricFamily("atlaspatch_slides_in_state", "Slides in the ledger, per state.", labels=["state"])
-        for state, count in sorted(b.states.items()):
-            states.add_metric([_label(state)], count)
-        completed = CounterMetricFamily("atlaspatch_slides_completed", "Slides that left the pipeline, per outcome.",
-                                        labels=["outcome"])
-        for outcome, count in sorted(b.completed_total.items()):
-            completed.add_metric([_label(outcome)], count)
-        patches = CounterMetricFamily("atlaspatch_patches", "Patches written, per encoder (rate() gives patches/s).",
-                                      labels=["encoder"])
-        for encoder, count in sorted(b.patches_total.items()):
-            patches.add_metric([_label(encoder)], count)
-        busy = CounterMetricFamily("atlaspatch_stage_busy_seconds", "Seconds each stage spent working.", labels=["stage"])
-        for stage, seconds in sorted(b.stage_busy_s.items()):
-            busy.add_metric([_label(stage)], seconds)
-        fill = GaugeMetricFamily("atlaspatch_edge_fill_ratio", "Fill of each bounded stream (0-1).", labels=["edge"])
-        for edge, ratio in sorted(b.queue_fill.items()):
-            fill.add_metric([_label(edge)], ratio)
-        yield from (states, completed, patches, busy, fill)
+        yield _by_label(GaugeMetricFamily("atlaspatch_slides_in_state", "Slides in the ledger, per state.",
+                                          labels=["state"]), b.states)
+        yield _by_label(CounterMetricFamily("atlaspatch_slides_completed", "Slides that left the pipeline, per outcome.",
+                                            labels=["outcome"]), b.completed_total)
+        yield _by_label(CounterMetricFamily("atlaspatch_patches", "Patches written, per encoder (rate() gives patches/s).",
+                                            labels=["encoder"]), b.patches_total)
+        yield _by_label(CounterMetricFamily("atlaspatch_stage_busy_seconds", "Seconds each stage spent working.",
+                                            labels=["stage"]), b.stage_busy_s)
+        yield _by_label(GaugeMetricFamily("atlaspatch_edge_fill_ratio", "Fill of each bounded stream (0-1).",
+                                          labels=["edge"]), b.queue_fill)
         yield GaugeMetricFamily("atlaspatch_last_success_timestamp_seconds", "When the last slide was done.",
                                 value=b.last_success_at or 0.0)
         yield GaugeMetricFamily("atlaspatch_watch_last_scan_timestamp_seconds", "When the last rescan finished.",

@@ -153,7 +153,6 @@ async def run_status_file(
     *,
     interval_s: float,
     clock: Clock | None = None,
-    limiter: anyio.CapacityLimiter | None = None,
     task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     """Write `snapshot(now)` to `path` now and every `interval_s`, and once more when cancelled.
@@ -163,10 +162,11 @@ async def run_status_file(
         snapshot: builds the content (e.g. `board.snapshot`).
         interval_s: seconds between writes.
         clock: time source.
-        limiter: for the file writes; a private one of one token by default (never anyio's default limiter).
+
+    The writes run in a worker thread of a private limiter of one token (never anyio's default limiter).
     """
     clock = clock or SystemClock()
-    limiter = limiter or anyio.CapacityLimiter(1)
+    limiter = anyio.CapacityLimiter(1)
     await anyio.to_thread.run_sync(write_status, path, snapshot(clock.now()), limiter=limiter)
     task_status.started()
     try:
