@@ -57,7 +57,6 @@ class ManualClock:
 
     def __init__(self, start: float = 1_700_000_000.0) -> None:
         self._now = start
-        self._moved = anyio.Event()
         self._waiters: list[anyio.Event] = []
 
     def now(self) -> float:
@@ -73,8 +72,6 @@ class ManualClock:
         if seconds < 0:
             raise ValueError("time only moves forward")
         self._now += seconds
-        moved, self._moved = self._moved, anyio.Event()
-        moved.set()
         waiters, self._waiters = self._waiters, []
         for event in waiters:  # a waiter woken early re-checks its deadline itself
             event.set()
@@ -82,7 +79,7 @@ class ManualClock:
     async def sleep_until(self, deadline: float) -> None:
         """Wait until `advance()` has moved the time to `deadline`."""
         while self._now < deadline:
-            await self._moved.wait()
+            await self.wait_until(deadline, anyio.Event())
         await anyio.lowlevel.checkpoint()
 
     async def wait_until(self, deadline: float, event: anyio.Event) -> None:
