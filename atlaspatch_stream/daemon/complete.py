@@ -714,12 +714,21 @@ _PNG = b"\x89PNG\r\n\x1a\n"
 _PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"
 
 
-def _image_state(head: bytes, tail: bytes, size: int) -> Readiness:
-    trimmed = tail.rstrip(b"\x00")
+def check_image(path: Path) -> Readiness:
+    """Completeness of a plain image from its signature and end marker (trailing zero padding is ignored)."""
+    with _open_regular(path) as handle:
+        fd = handle.fileno()
+        size = os.fstat(fd).st_size
+        head = os.pread(fd, 16, 0)
+        tail = os.pread(fd, min(size, 64 * 1024), max(0, size - 64 * 1024))
+    if not any(head):
+        return _not_ready("image header not written yet")
+    if not any(tail):
+        return _not_ready("image end not written yet")
     if head.startswith(_PNG):
         return READY if tail.endswith(_PNG_END) else _not_ready("PNG end chunk not written yet")
     if head.startswith(b"\xff\xd8\xff"):
-        return READY if trimmed.endswith(b"\xff\xd9") else _not_ready("JPEG end marker not written yet")
+        return READY if tail.rstrip(b"\x00").endswith(b"\xff\xd9") else _not_ready("JPEG end marker not written yet")
     if head.startswith(b"GIF8"):
         # The last data sub-block terminator (0) then the trailer (';').
         return READY if tail.endswith(b"\x00;") else _not_ready("GIF trailer not written yet")
@@ -730,17 +739,3 @@ def _image_state(head: bytes, tail: bytes, size: int) -> Readiness:
         stated = struct.unpack("<I", head[4:8])[0] + 8
         return _not_ready("WebP not complete yet") if stated > size else READY
     return _broken("not a PNG, JPEG, GIF, BMP or WebP file")
-
-
-def check_image(path: Path) -> Readiness:
-    """Completeness of a plain image from its signature and end marker (trailing zero padding is ignored)."""
-    with _open_regular(path) as handle:
-        fd = handle.fileno()
-        size = os.fstat(fd).st_size
-        head = os.pread(fd, 16, 0)
-        if not any(head):
-            return _not_ready("image header not written yet")
-        tail = os.pread(fd, min(size, 64 * 1024), max(0, size - 64 * 1024))
-        if not any(tail):
-            return _not_ready("image end not written yet")
-        return _image_state(head, tail, size)

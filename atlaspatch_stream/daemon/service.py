@@ -87,7 +87,6 @@ class FolderService:
     board: StatusBoard = field(init=False)
     _watch_scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
     _stop: Stop = field(default_factory=Stop)
-    _in_flight: dict[int, ReadySlide] = field(default_factory=dict)
     drained: anyio.Event = field(default_factory=anyio.Event)
 
     def __post_init__(self) -> None:
@@ -114,9 +113,10 @@ class FolderService:
         if self.stopping:
             return
         self.board.draining = True
-        self.notifier.stopping(f"{reason}: draining {len(self._in_flight)} slide(s)")
-        log.info("%s: intake stopped, draining %d slide(s)", reason, len(self._in_flight),
-                 extra={"event": "draining", "in_flight": len(self._in_flight)})
+        in_flight = len(self.watcher.in_flight)
+        self.notifier.stopping(f"{reason}: draining {in_flight} slide(s)")
+        log.info("%s: intake stopped, draining %d slide(s)", reason, in_flight,
+                 extra={"event": "draining", "in_flight": in_flight})
         self._watch_scope.cancel()  # the job source ends, so the run closes the pipeline's input and drains it
 
     def scan_now(self) -> None:
@@ -125,7 +125,7 @@ class FolderService:
 
     def statistics(self) -> FolderStatistics:
         """The pipeline's statistics, the watcher's, and the slides in flight."""
-        return FolderStatistics(self.pipeline.statistics(), self.watcher.statistics(), len(self._in_flight),
+        return FolderStatistics(self.pipeline.statistics(), self.watcher.statistics(), len(self.watcher.in_flight),
                                 self.stopping)
 
     # -- the job source ---------------------------------------------------------------------------------------------
@@ -133,13 +133,11 @@ class FolderService:
     async def jobs(self) -> AsyncIterator[SlideJob]:
         """Each slide the watcher finds ready, as a job; ends when the watcher ends (`--once`, or stopped)."""
         async for slide in self._ready:
-            job = self._job(slide)
-            self._in_flight[job.slide_id] = slide
-            yield job
+            yield self._job(slide)
 
     async def settle(self, job: SlideJob, result: SlideResult) -> None:
         """The slide's result back to the ledger, then to the caller."""
-        slide = self._in_flight.pop(job.slide_id)  # `drive` settles only the jobs we gave out, each once
+        slide = self.watcher.in_flight[job.slide_id]  # `drive` settles only the jobs we gave out, each once
         state = await self._record(slide, result)
         with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):  # nobody listens any more
             await self._results_send.send(FolderResult(slide, result, state))
@@ -221,8 +219,7 @@ class FolderService:
         while True:
             counts = await self.ledger.counts()
             self.board.set_states(counts)
-            stats = self.pipeline.statistics()
-            self.board.set_queue_fill({name: edge.fill for name, edge in stats.streams.items()})
+            self.board.set_queue_fill({name: edge.fill for name, edge in self.pipeline.statistics().streams.items()})
             watch = self.watcher.statistics()
             self.board.paused_because = watch.paused_because
             if watch.last_scan_at is not None:
@@ -343,7 +340,7 @@ async def _serving(service: FolderService, once: bool, state: Path,
             await service.drained.wait()
         if not service.drained.is_set():
             log.warning("drain deadline (%.0f s) reached: cancelling %d slide(s) in flight", watch.drain_timeout_s,
-                        len(service._in_flight), extra={"event": "drain_deadline"})
+                        len(service.watcher.in_flight), extra={"event": "drain_deadline"})
             service._stop.force()  # the run aborts the pipeline: partial outputs removed, slides back to ready
             await service.drained.wait()
         tg.cancel_scope.cancel()

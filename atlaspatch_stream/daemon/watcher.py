@@ -439,16 +439,6 @@ class _Settling:
     waiting: str = "not looked at yet"  # why it is not ready yet (what `--once` reports when it leaves the slide)
 
 
-def log_change(change: Change) -> None:
-    """One log line per slide transition (path-free when the slide has a pseudonym)."""
-    after = change.after
-    log.info(
-        "%s: %s -> %s (%s)", after.display, change.from_state or "new", after.state, change.reason,
-        extra={"event": "slide_transition", "slide": after.display, "state_from": change.from_state,
-               "state_to": after.state, "version": after.version, "error_kind": after.error_kind},
-    )
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # The watcher
 
@@ -484,7 +474,7 @@ class FolderWatcher:
         self.filesystem: str | None = None
         self._settling: dict[str, _Settling] = {}
         self._heap: list[tuple[float, str]] = []  # (when, slide ID): when to look at a settling slide next
-        self._in_flight: dict[str, int] = {}
+        self.in_flight: dict[int, ReadySlide] = {}  # sent and not reported back yet, by row ID (`SlideJob.slide_id`)
         self._settle_wake = anyio.Event()
         self._ready_wake = anyio.Event()
         self._scan_event = anyio.Event()
@@ -551,14 +541,14 @@ class FolderWatcher:
 
     async def slide_done(self, slide: ReadySlide, output_h5: Path | str) -> None:
         """The pipeline wrote the slide's H5 (with this watcher's settings)."""
-        self._in_flight.pop(slide.slide_id, None)
+        self.in_flight.pop(slide.row_id, None)
         change = await self.ledger.finish_done(slide.slide_id, slide.version, str(output_h5), self.settings)
         self._changed(change)
         self._settle_wake.set()
 
     async def slide_failed(self, slide: ReadySlide, failure: Failure, message: str) -> None:
         """The pipeline failed the slide; a system failure also pauses intake until a write probe succeeds."""
-        self._in_flight.pop(slide.slide_id, None)
+        self.in_flight.pop(slide.row_id, None)
         change = await self.ledger.finish_error(slide.slide_id, slide.version, failure, message)
         self._changed(change)
         if failure.systemic and self.paused_because is None:
@@ -569,7 +559,7 @@ class FolderWatcher:
 
     async def slide_released(self, slide: ReadySlide) -> None:
         """The slide was taken but not processed (a cancelled run): back to `ready`, uncharged."""
-        self._in_flight.pop(slide.slide_id, None)
+        self.in_flight.pop(slide.row_id, None)
         self._changed(await self.ledger.release(slide.slide_id))
         self._ready_wake.set()
 
@@ -579,7 +569,7 @@ class FolderWatcher:
 
     def statistics(self) -> WatchStatistics:
         """Counters and the current pause."""
-        return WatchStatistics(self.mode, self.filesystem, len(self._settling), len(self._in_flight), self._scans,
+        return WatchStatistics(self.mode, self.filesystem, len(self._settling), len(self.in_flight), self._scans,
                                self._last_scan_at, self._events, self.paused_because)
 
     # -- ledger changes
@@ -587,8 +577,12 @@ class FolderWatcher:
     def _changed(self, change: Change | None) -> None:
         if change is None:
             return
-        log_change(change)
-        after = change.after
+        after = change.after  # one log line per transition (path-free when the slide has a pseudonym)
+        log.info(
+            "%s: %s -> %s (%s)", after.display, change.from_state or "new", after.state, change.reason,
+            extra={"event": "slide_transition", "slide": after.display, "state_from": change.from_state,
+                   "state_to": after.state, "version": after.version, "error_kind": after.error_kind},
+        )
         if after.state == "seen":
             self._track(after)
         elif after.slide_id in self._settling:
@@ -668,13 +662,12 @@ class FolderWatcher:
     async def _hint(self, paths: Iterable[str]) -> None:
         """Events name paths; each names a slide group to look at now (discovery, or restarting its quiet period)."""
         groups = {g for g in (group_of(self.root, Path(p), self.rules) for p in paths) if g is not None}
-        root_real = self.root.resolve()
         for path, kind in groups:
             slide_id = relative_id(self.root, path)
             if slide_id in self._settling:
                 self._schedule(slide_id, self.clock.now())
                 continue
-            if not _inside(root_real, path):
+            if not _inside(self.root, path):
                 continue
             found = await anyio.to_thread.run_sync(_observe, self.root, path, kind, limiter=self.limiter)
             if found is not None:
@@ -708,7 +701,7 @@ class FolderWatcher:
     async def _check(self, entry: _Settling, *, judge_by_mtime: bool = False) -> None:
         """One look at a settling slide: restart its quiet period, wait, or run the completeness check."""
         now = self.clock.now()
-        if not _inside(self.root.resolve(), entry.path):
+        if not _inside(self.root, entry.path):
             log.warning("%s: now resolves outside the input folder; not taken", entry.display)
             del self._settling[entry.slide_id]
             return
@@ -748,7 +741,7 @@ class FolderWatcher:
                 log.debug("%s: quiet but not complete yet (%s)", entry.display, readiness.reason)
                 self._schedule(entry.slide_id, now + max(self.config.settle_s, 4 * self.recheck_s))
             return
-        if entry.slide_id in self._in_flight:
+        if any(s.slide_id == entry.slide_id for s in self.in_flight.values()):
             self._schedule(entry.slide_id, now + self.recheck_s)  # the previous version is still being processed
             return
         try:
@@ -771,7 +764,7 @@ class FolderWatcher:
         record = taken.after
         slide = ReadySlide(record.slide_id, record.version, self.root / record.source, record.kind,
                            record.output_stem or record.stem, record.attempts, record.pseudonym, record.row_id or 0)
-        self._in_flight[record.slide_id] = record.version
+        self.in_flight[slide.row_id] = slide
         try:
             await send.send(slide)
         except BaseException:
