@@ -303,47 +303,36 @@ def check_slide(path: Path, kind: SlideKind) -> Readiness:
 # TIFF family
 
 
-@dataclass(frozen=True)
-class _TiffLayout:
-    little: bool
-    bigtiff: bool
-    first_ifd: int
+def _first_ifd(fd: int, size: int) -> int | Readiness:
+    """Where the first IFD is, once the header and that IFD with its values are written (a writer may patch the
+    header last); else why not.
 
+    The first IFD is checked before tifffile parses the first page, which it does on opening and which would log
+    errors on a half-written directory.
+    """
+    import tifffile
 
-def _tiff_header(head: bytes) -> _TiffLayout | Readiness:
+    head = os.pread(fd, 16, 0)
     if len(head) < 8 or not any(head):
         return _not_ready("TIFF header not written yet")
     order = head[:2]
     if order not in (b"II", b"MM"):
         return _broken("not a TIFF file (bad byte-order mark)")
-    little = order == b"II"
-    end = "<" if little else ">"
+    end = "<" if order == b"II" else ">"
     version = struct.unpack(end + "H", head[2:4])[0]
-    if version == 42:
-        return _TiffLayout(little, False, struct.unpack(end + "I", head[4:8])[0])
-    if version == 43 and len(head) >= 16:
-        return _TiffLayout(little, True, struct.unpack(end + "Q", head[8:16])[0])
-    if version == 43:
+    if version == 43 and len(head) < 16:
         return _not_ready("BigTIFF header not written yet")
-    return _broken(f"not a TIFF file (version {version})")
-
-
-def _first_ifd_state(fd: int, layout: _TiffLayout, size: int) -> Readiness | None:
-    """None when the first IFD and its values are written; else why not (a writer may patch the header last).
-
-    Checked before tifffile parses the first page, which it does on opening and which would log errors on a
-    half-written directory.
-    """
-    import tifffile
-
-    header = 16 if layout.bigtiff else 8
-    if layout.first_ifd == 0:
+    if version not in (42, 43):
+        return _broken(f"not a TIFF file (version {version})")
+    big = version == 43
+    first = struct.unpack(end + "Q", head[8:16])[0] if big else struct.unpack(end + "I", head[4:8])[0]
+    if first == 0:
         return _not_ready("first IFD not written yet")
-    if layout.first_ifd < header:
-        return _broken(f"first IFD offset {layout.first_ifd} points into the header")
-    fmt = getattr(tifffile.TIFF, ("BIG" if layout.bigtiff else "CLASSIC") + ("_LE" if layout.little else "_BE"))
-    found = _ifd(fd, fmt, layout.first_ifd, size, _Chain([]), "first IFD")
-    return found if isinstance(found, Readiness) else None
+    if first < (16 if big else 8):
+        return _broken(f"first IFD offset {first} points into the header")
+    fmt = getattr(tifffile.TIFF, ("BIG" if big else "CLASSIC") + ("_LE" if end == "<" else "_BE"))
+    found = _ifd(fd, fmt, first, size, _Chain([]), "first IFD")
+    return found if isinstance(found, Readiness) else first
 
 
 # Bytes per value of each TIFF field type (TIFF 6 and BigTIFF); unknown types are skipped, as tifffile does.
@@ -533,17 +522,14 @@ def check_tiff(path: Path) -> Readiness:
     with _open_regular(path) as handle:
         fd = handle.fileno()
         size = os.fstat(fd).st_size
-        layout = _tiff_header(os.pread(fd, 16, 0))
-        if isinstance(layout, Readiness):
-            return layout
-        early = _first_ifd_state(fd, layout, size)
-        if early is not None:
-            return early
+        first = _first_ifd(fd, size)
+        if isinstance(first, Readiness):
+            return first
         try:
             handle.seek(0)
             with _quiet_tifffile(), tifffile.TiffFile(handle, name=path.name) as tif:
                 chain = _Chain([])
-                found = _walk_chain(fd, tif.tiff, layout.first_ifd, size, chain) or _last_value_state(fd, chain)
+                found = _walk_chain(fd, tif.tiff, first, size, chain) or _last_value_state(fd, chain)
                 if found is not None:
                     return found
                 pages = list(tif.pages)

@@ -542,15 +542,13 @@ class FolderWatcher:
     async def slide_done(self, slide: ReadySlide, output_h5: Path | str) -> None:
         """The pipeline wrote the slide's H5 (with this watcher's settings)."""
         self.in_flight.pop(slide.row_id, None)
-        change = await self.ledger.finish_done(slide.slide_id, slide.version, str(output_h5), self.settings)
-        self._changed(change)
+        self._changed(await self.ledger.finish_done(slide.slide_id, slide.version, str(output_h5), self.settings))
         self._settle_wake.set()
 
     async def slide_failed(self, slide: ReadySlide, failure: Failure, message: str) -> None:
         """The pipeline failed the slide; a system failure also pauses intake until a write probe succeeds."""
         self.in_flight.pop(slide.row_id, None)
-        change = await self.ledger.finish_error(slide.slide_id, slide.version, failure, message)
-        self._changed(change)
+        self._changed(await self.ledger.finish_error(slide.slide_id, slide.version, failure, message))
         if failure.systemic and self.paused_because is None:
             self.paused_because = message
             log.error("intake paused: %s", message, extra={"event": "intake_paused", "reason": message})
@@ -618,8 +616,7 @@ class FolderWatcher:
         )
         scanned = {slide_id: self._pseudonymised(obs) for slide_id, obs in found.items()}
         await self._fingerprint_touched(scanned)
-        changes = await self.ledger.reconcile(scanned, startup=startup, settings=self.settings if startup else None)
-        self._apply(changes)
+        self._apply(await self.ledger.reconcile(scanned, startup=startup, settings=self.settings if startup else None))
         self._apply(await self.ledger.promote_due())
         # Rows put back to `seen` from outside (`atlaspatch status --requeue`) or left by a previous run.
         for record in await self.ledger.in_state("seen"):
