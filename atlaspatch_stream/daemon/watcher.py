@@ -454,7 +454,7 @@ class FolderWatcher:
         options: what to watch and how (`WatcherOptions`).
         ledger: the open ledger (this watcher is its only user inside the process).
         settings: the output-shaping settings of this run (start-up re-queues what they need).
-        clock: time source (inject `ManualClock` in tests).
+        clock: time source (tests inject a manual one).
 
     Every blocking call of the watcher runs on its own limiter of 4 tokens (`limiter`).
     """

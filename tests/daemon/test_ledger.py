@@ -15,7 +15,6 @@ from pathlib import Path
 import anyio
 import pytest
 
-from atlaspatch_stream.daemon.clock import ManualClock
 from atlaspatch_stream.daemon.ledger import (
     Ledger,
     LedgerError,
@@ -28,6 +27,7 @@ from atlaspatch_stream.daemon.ledger import (
     retry_quarantined,
 )
 from atlaspatch_stream.items import Failure
+from tests.daemon.manual_clock import ManualClock
 
 pytestmark = pytest.mark.anyio
 SETTINGS = Settings("geo", ("resnet50",))

@@ -20,7 +20,6 @@ import anyio
 import pytest
 
 from atlaspatch_stream.config import WatchConfig
-from atlaspatch_stream.daemon.clock import ManualClock
 from atlaspatch_stream.daemon.ledger import Ledger, RetryPolicy, Settings
 from atlaspatch_stream.daemon.ops.logs import Pseudonymizer
 from atlaspatch_stream.daemon.ops.statusfile import StatusBoard, run_status_file
@@ -36,6 +35,7 @@ from atlaspatch_stream.daemon.watcher import (
 from atlaspatch_stream.errors import ConfigError
 from atlaspatch_stream.items import Failure
 from tests.conftest import real_slide
+from tests.daemon.manual_clock import ManualClock
 
 pytestmark = pytest.mark.anyio
 SETTINGS = Settings("geo", ())
