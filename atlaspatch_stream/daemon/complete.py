@@ -158,8 +158,7 @@ def is_temporary_name(name: str) -> bool:
 
 def relative_id(root: Path, path: Path) -> str:
     """The slide ID of `path`: relative to `root`, `/`-separated, NFC-normalised ("." for the root itself)."""
-    relative = Path(os.path.relpath(path, root)).as_posix()
-    return unicodedata.normalize("NFC", relative)
+    return unicodedata.normalize("NFC", Path(os.path.relpath(path, root)).as_posix())
 
 
 def _mrxs_folder(path: Path) -> Path:

@@ -131,9 +131,12 @@ class FolderService:
     # -- the job source ---------------------------------------------------------------------------------------------
 
     async def jobs(self) -> AsyncIterator[SlideJob]:
-        """Each slide the watcher finds ready, as a job; ends when the watcher ends (`--once`, or stopped)."""
+        """Each slide the watcher finds ready, as a job (the redactor learns its paths first); ends when the watcher
+        ends (`--once`, or stopped)."""
         async for slide in self._ready:
-            yield self._job(slide)
+            if self.redactor is not None and slide.pseudonym:
+                self.redactor.add(slide.pseudonym, slide.path, slide.slide_id, slide.path.name)
+            yield SlideJob(slide.row_id, slide.path, slide.stem, display=slide.display, pseudonym=slide.pseudonym)
 
     async def settle(self, job: SlideJob, result: SlideResult) -> None:
         """The slide's result back to the ledger, then to the caller."""
@@ -165,11 +168,6 @@ class FolderService:
                 await drive(self, self.pipeline, stop=self._stop, drain_timeout_s=drain_timeout_s)
         finally:
             self.drained.set()
-
-    def _job(self, slide: ReadySlide) -> SlideJob:
-        if self.redactor is not None and slide.pseudonym:
-            self.redactor.add(slide.pseudonym, slide.path, slide.slide_id, slide.path.name)
-        return SlideJob(slide.row_id, slide.path, slide.stem, display=slide.display, pseudonym=slide.pseudonym)
 
     async def _record(self, slide: ReadySlide, result: SlideResult) -> str:
         now = self.watcher.clock.now()
