@@ -159,7 +159,7 @@ def _inside(root_real: Path, path: Path) -> bool:
 
 
 def _observe(root: Path, path: Path, kind: SlideKind) -> Observation | None:
-    """One slide group found on disk: size and newest mtime over the members (DirEntry-cheap stat; open+fstat is
+    """One slide group found on disk: size and newest mtime over the members (a plain stat each; open+fstat is
     for the settle checks)."""
     files = members(path, kind)
     if not files:
