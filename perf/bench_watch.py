@@ -145,7 +145,7 @@ def _fill_done_ledger(work: Path, n: int) -> None:
     async def fill() -> None:
         async with Ledger.open(state / LEDGER_FILE) as ledger:
             found = scan_tree(folder.resolve(), IgnoreRules((), ()), 1)
-            await ledger.reconcile({k: c.observation() for k, c in found.items()}, startup=True, settings=settings)
+            await ledger.reconcile(found, startup=True, settings=settings)
             for name, c in found.items():
                 fingerprint = quick_fingerprint(members(folder / c.source, c.kind), folder)
                 await ledger.mark_ready(name, c.size, c.mtime_ns, fingerprint)

@@ -28,17 +28,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("atlaspatch_stream")
 
 
-def setup_daemon_logging(log_format: str, redactor: Any) -> None:
-    """One stderr handler: our INFO lines (one per slide transition), third-party warnings; paths redacted when
-    pseudonymising."""
-    from ..daemon.ops.logs import install_handler
-
-    root = logging.getLogger()
-    root.handlers.clear()
-    install_handler(log_format, redact=redactor, level=logging.WARNING)
-    log.setLevel(logging.INFO)
-
-
 @dataclass
 class _Tally:
     """What a `watch` run did with the slides it took (and, `--once`, the slides it left and why)."""
@@ -98,12 +87,16 @@ async def _serve(input_folder: Path, config: PipelineConfig, once: bool, allow_r
 def run_watch(input_folder: Path, config: PipelineConfig, *, once: bool, allow_root: bool,
               retry_quarantined: bool) -> int:
     """`atlaspatch watch`: the exit status (see the module docstring)."""
-    from ..daemon.ops.logs import RedactPaths
+    from ..daemon.ops.logs import RedactPaths, install_handler
     from ..sync import run
 
     os.umask(os.umask(0o022) | 0o022)  # whatever the caller's umask: nothing we create is group/other-writable
     redactor = RedactPaths() if config.watch.pseudonymize else None
-    setup_daemon_logging(config.watch.log_format, redactor)
+    # One stderr handler: our INFO lines (one per slide transition), third-party warnings; paths redacted when
+    # pseudonymising.
+    logging.getLogger().handlers.clear()
+    install_handler(config.watch.log_format, redact=redactor, level=logging.WARNING)
+    log.setLevel(logging.INFO)
     signals = Signals(also=(signal.SIGHUP,))
     with one_line_errors("the daemon stopped"):
         tally = run(lambda: _serve(input_folder, config, once, allow_root, retry_quarantined, redactor, signals))
@@ -132,11 +125,8 @@ def run_status(output: Path, state_dir: Path | None, as_json: bool, requeue: tup
         except (ValueError, KeyError) as exc:
             raise click.ClickException(" ".join(str(exc).split())) from exc
         write_line(f"requeued {len(changes)} slide(s); the daemon takes them at its next rescan")
-    status = read_status(ledger)
-    if as_json:
-        write_line(orjson.dumps(status.to_json()).decode())
-        return 0
-    for line in _status_lines(status.to_json()):
+    data = read_status(ledger).to_json()
+    for line in [orjson.dumps(data).decode()] if as_json else _status_lines(data):
         write_line(line)
     return 0
 

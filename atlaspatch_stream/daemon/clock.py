@@ -1,4 +1,5 @@
-"""The daemon's notion of time, injectable so that settle periods, backoff and retries are deterministic in tests.
+"""The daemon's notion of time, injectable so that settle periods, backoff and retries are deterministic in tests
+(the tests' manual clock is `tests/daemon/manual_clock.py`).
 
 `now()` is wall-clock seconds since the epoch, because the ledger stores due times (`next_attempt_at`) that must
 survive a restart. `sleep_until()` waits on that same clock.
@@ -10,9 +11,8 @@ import time
 from typing import Protocol
 
 import anyio
-import anyio.lowlevel
 
-__all__ = ["Clock", "ManualClock", "SystemClock"]
+__all__ = ["Clock", "SystemClock"]
 
 
 class Clock(Protocol):
@@ -46,48 +46,3 @@ class SystemClock:
         """Wait for `event`, at most until `deadline`."""
         with anyio.move_on_after(max(0.0, deadline - time.time())):
             await event.wait()
-
-
-class ManualClock:
-    """A clock that moves only when told to: `advance()` wakes every sleeper whose deadline has come.
-
-    Args:
-        start: the initial time, seconds since the epoch.
-    """
-
-    def __init__(self, start: float = 1_700_000_000.0) -> None:
-        self._now = start
-        self._moved = anyio.Event()
-        self._waiters: list[anyio.Event] = []
-
-    def now(self) -> float:
-        """The current manual time."""
-        return self._now
-
-    def advance(self, seconds: float) -> None:
-        """Move time forward and wake the sleepers.
-
-        Raises:
-            ValueError: `seconds` is negative.
-        """
-        if seconds < 0:
-            raise ValueError("time only moves forward")
-        self._now += seconds
-        moved, self._moved = self._moved, anyio.Event()
-        moved.set()
-        waiters, self._waiters = self._waiters, []
-        for event in waiters:  # a waiter woken early re-checks its deadline itself
-            event.set()
-
-    async def sleep_until(self, deadline: float) -> None:
-        """Wait until `advance()` has moved the time to `deadline`."""
-        while self._now < deadline:
-            await self._moved.wait()
-        await anyio.lowlevel.checkpoint()
-
-    async def wait_until(self, deadline: float, event: anyio.Event) -> None:
-        """Wait for `event`, or for `advance()` (which sets `event` so the caller re-checks its deadline)."""
-        if self._now < deadline and not event.is_set():
-            self._waiters.append(event)
-            await event.wait()
-        await anyio.lowlevel.checkpoint()

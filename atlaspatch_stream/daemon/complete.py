@@ -33,7 +33,7 @@ import stat
 import struct
 import threading
 import unicodedata
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Literal
@@ -126,14 +126,12 @@ class SlideIdentity:
 
     Attributes:
         slide_id: the path relative to the watch root, NFC-normalised, `/`-separated.
-        kind: "file", "dicom" (a series folder) or "mrxs" (`.mrxs` plus its data folder).
         size: bytes over all member files.
         mtime_ns: the newest member mtime.
         fingerprint: `quick_fingerprint` of the members.
     """
 
     slide_id: str
-    kind: SlideKind
     size: int
     mtime_ns: int
     fingerprint: str
@@ -160,21 +158,19 @@ def is_temporary_name(name: str) -> bool:
 
 def relative_id(root: Path, path: Path) -> str:
     """The slide ID of `path`: relative to `root`, `/`-separated, NFC-normalised ("." for the root itself)."""
-    relative = Path(os.path.relpath(path, root)).as_posix()
-    return unicodedata.normalize("NFC", relative)
+    return unicodedata.normalize("NFC", Path(os.path.relpath(path, root)).as_posix())
 
 
 def _mrxs_folder(path: Path) -> Path:
     return path.with_suffix("")
 
 
-def members(path: Path, kind: SlideKind, skip: Callable[[str], bool] = is_temporary_name) -> list[Path]:
+def members(path: Path, kind: SlideKind) -> list[Path]:
     """The files that make up a slide, sorted by name (temporary and hidden names left out).
 
     Args:
         path: the slide: a file, a DICOM series folder, or a `.mrxs` file.
         kind: which of the three.
-        skip: names to leave out.
 
     Returns:
         file: [path]; dicom: the folder's `.dcm`/`.dicom` files; mrxs: the `.mrxs` and every file of its folder.
@@ -185,7 +181,7 @@ def members(path: Path, kind: SlideKind, skip: Callable[[str], bool] = is_tempor
     found: list[Path] = []
     with contextlib.suppress(FileNotFoundError, NotADirectoryError), os.scandir(folder) as entries:
         for entry in entries:
-            if skip(entry.name) or not entry.is_file(follow_symlinks=False):
+            if is_temporary_name(entry.name) or not entry.is_file(follow_symlinks=False):
                 continue
             if kind == "mrxs" or Path(entry.name).suffix.lower() in DICOM_EXTENSIONS:
                 found.append(Path(entry.path))
@@ -266,7 +262,6 @@ def slide_identity(root: Path, path: Path, kind: SlideKind) -> SlideIdentity:
     base = path if kind == "dicom" else path.parent
     return SlideIdentity(
         slide_id=relative_id(root, path),
-        kind=kind,
         size=sum(s.st_size for s in stats),
         mtime_ns=max([0, *(s.st_mtime_ns for s in stats)]),
         fingerprint=quick_fingerprint(files, base),
@@ -307,57 +302,36 @@ def check_slide(path: Path, kind: SlideKind) -> Readiness:
 # TIFF family
 
 
-@dataclass(frozen=True)
-class _TiffLayout:
-    little: bool
-    bigtiff: bool
-    first_ifd: int
+def _first_ifd(fd: int, size: int) -> int | Readiness:
+    """Where the first IFD is, once the header and that IFD with its values are written (a writer may patch the
+    header last); else why not.
 
+    The first IFD is checked before tifffile parses the first page, which it does on opening and which would log
+    errors on a half-written directory.
+    """
+    import tifffile
 
-def _tiff_header(head: bytes) -> _TiffLayout | Readiness:
+    head = os.pread(fd, 16, 0)
     if len(head) < 8 or not any(head):
         return _not_ready("TIFF header not written yet")
     order = head[:2]
     if order not in (b"II", b"MM"):
         return _broken("not a TIFF file (bad byte-order mark)")
-    little = order == b"II"
-    end = "<" if little else ">"
+    end = "<" if order == b"II" else ">"
     version = struct.unpack(end + "H", head[2:4])[0]
-    if version == 42:
-        return _TiffLayout(little, False, struct.unpack(end + "I", head[4:8])[0])
-    if version == 43 and len(head) >= 16:
-        return _TiffLayout(little, True, struct.unpack(end + "Q", head[8:16])[0])
-    if version == 43:
+    if version == 43 and len(head) < 16:
         return _not_ready("BigTIFF header not written yet")
-    return _broken(f"not a TIFF file (version {version})")
-
-
-def _first_ifd_state(fd: int, layout: _TiffLayout, size: int) -> Readiness | None:
-    """None when the first IFD and its values are written; else why not (a writer may patch the header last).
-
-    Checked before tifffile parses the first page, which it does on opening and which would log errors on a
-    half-written directory.
-    """
-    import tifffile
-
-    header = 16 if layout.bigtiff else 8
-    if layout.first_ifd == 0 or layout.first_ifd >= size:
+    if version not in (42, 43):
+        return _broken(f"not a TIFF file (version {version})")
+    big = version == 43
+    first = struct.unpack(end + "Q", head[8:16])[0] if big else struct.unpack(end + "I", head[4:8])[0]
+    if first == 0:
         return _not_ready("first IFD not written yet")
-    if layout.first_ifd < header:
-        return _broken(f"first IFD offset {layout.first_ifd} points into the header")
-    kind = ("BIG" if layout.bigtiff else "CLASSIC") + ("_LE" if layout.little else "_BE")
-    fmt = getattr(tifffile.TIFF, kind)
-    if layout.first_ifd + fmt.tagnosize > size:
-        return _not_ready("first IFD not written yet")
-    (count,) = struct.unpack(fmt.tagnoformat, os.pread(fd, fmt.tagnosize, layout.first_ifd))
-    if count == 0:
-        return _not_ready("first IFD not written yet")
-    if count > _MAX_TAGS:
-        return _broken(f"first IFD claims {count} tags")
-    if layout.first_ifd + fmt.tagnosize + count * fmt.tagsize > size:
-        return _not_ready("first IFD runs past the end")
-    found = _entries(fd, fmt, layout.first_ifd, count, size, _Chain([]))
-    return found if isinstance(found, Readiness) else None
+    if first < (16 if big else 8):
+        return _broken(f"first IFD offset {first} points into the header")
+    fmt = getattr(tifffile.TIFF, ("BIG" if big else "CLASSIC") + ("_LE" if end == "<" else "_BE"))
+    found = _ifd(fd, fmt, first, size, _Chain([]), "first IFD")
+    return found if isinstance(found, Readiness) else first
 
 
 # Bytes per value of each TIFF field type (TIFF 6 and BigTIFF); unknown types are skipped, as tifffile does.
@@ -404,6 +378,23 @@ def _entries(fd: int, fmt: Any, offset: int, count: int, size: int, chain: _Chai
     return subifds
 
 
+def _ifd(fd: int, fmt: Any, offset: int, size: int, chain: _Chain, where: str) -> Readiness | tuple[int, list[int]]:
+    """One IFD (`where` names it in reasons): its entries and their values written and inside the file, and its
+    next-IFD pointer too; returns (where that pointer is, the SubIFD offsets it names)."""
+    if offset + fmt.tagnosize > size:
+        return _not_ready(f"{where} lies beyond the end ({size} bytes)")
+    (count,) = struct.unpack(fmt.tagnoformat, os.pread(fd, fmt.tagnosize, offset))
+    if count == 0:
+        return _not_ready(f"{where} not written yet")
+    if count > _MAX_TAGS:
+        return _broken(f"{where} claims {count} tags")
+    next_at = offset + fmt.tagnosize + count * fmt.tagsize
+    if next_at + fmt.offsetsize > size:
+        return _not_ready(f"{where} runs past the end ({size} bytes)")
+    subifds = _entries(fd, fmt, offset, count, size, chain)
+    return subifds if isinstance(subifds, Readiness) else (next_at, subifds)
+
+
 def _walk_chain(fd: int, fmt: Any, first: int, size: int, chain: _Chain, depth: int = 0) -> Readiness | None:
     """Follow one IFD chain (and the SubIFD chains it names) with tifffile's format description.
 
@@ -417,19 +408,10 @@ def _walk_chain(fd: int, fmt: Any, first: int, size: int, chain: _Chain, depth: 
             return _broken(f"IFD chain is circular ({where} repeats)")
         if len(chain.offsets) >= _MAX_IFDS:
             return _broken(f"IFD chain longer than {_MAX_IFDS}")
-        if offset + fmt.tagnosize > size:
-            return _not_ready(f"{where} lies beyond the end ({size} bytes)")
-        (count,) = struct.unpack(fmt.tagnoformat, os.pread(fd, fmt.tagnosize, offset))
-        if count == 0:
-            return _not_ready(f"{where} not written yet")
-        if count > _MAX_TAGS:
-            return _broken(f"{where} claims {count} tags")
-        next_at = offset + fmt.tagnosize + count * fmt.tagsize
-        if next_at + fmt.offsetsize > size:
-            return _not_ready(f"{where} runs past the end ({size} bytes)")
-        subifds = _entries(fd, fmt, offset, count, size, chain)
-        if isinstance(subifds, Readiness):
-            return subifds
+        ifd = _ifd(fd, fmt, offset, size, chain, where)
+        if isinstance(ifd, Readiness):
+            return ifd
+        next_at, subifds = ifd
         seen.add(offset)
         if depth == 0:
             chain.offsets.append(offset)
@@ -503,34 +485,28 @@ def _pages_state(fd: int, pages: Any, label: str, size: int, depth: int = 0) -> 
     return None
 
 
-class _InCheck(logging.Filter):
+_IN_CHECK = threading.local()  # `active` while this thread runs a completeness check
+
+
+def _outside_checks(record: logging.LogRecord) -> bool:
     """Drops tifffile's log records from threads that are inside a completeness check.
 
     Parsing a slide that is still arriving is expected to meet half-written directories; tifffile logs each one as
     an error. Records from other threads (the slide readers) pass untouched.
     """
-
-    local = threading.local()
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not getattr(self.local, "active", False)
+    return not getattr(_IN_CHECK, "active", False)
 
 
-_QUIET = _InCheck()
-_QUIET_LOCK = threading.Lock()
+logging.getLogger("tifffile").addFilter(_outside_checks)
 
 
 @contextlib.contextmanager
 def _quiet_tifffile() -> Iterator[None]:
-    with _QUIET_LOCK:
-        logger = logging.getLogger("tifffile")
-        if _QUIET not in logger.filters:
-            logger.addFilter(_QUIET)
-    _InCheck.local.active = True
+    _IN_CHECK.active = True
     try:
         yield
     finally:
-        _InCheck.local.active = False
+        _IN_CHECK.active = False
 
 
 def check_tiff(path: Path) -> Readiness:
@@ -545,17 +521,14 @@ def check_tiff(path: Path) -> Readiness:
     with _open_regular(path) as handle:
         fd = handle.fileno()
         size = os.fstat(fd).st_size
-        layout = _tiff_header(os.pread(fd, 16, 0))
-        if isinstance(layout, Readiness):
-            return layout
-        early = _first_ifd_state(fd, layout, size)
-        if early is not None:
-            return early
+        first = _first_ifd(fd, size)
+        if isinstance(first, Readiness):
+            return first
         try:
             handle.seek(0)
             with _quiet_tifffile(), tifffile.TiffFile(handle, name=path.name) as tif:
                 chain = _Chain([])
-                found = _walk_chain(fd, tif.tiff, layout.first_ifd, size, chain) or _last_value_state(fd, chain)
+                found = _walk_chain(fd, tif.tiff, first, size, chain) or _last_value_state(fd, chain)
                 if found is not None:
                     return found
                 pages = list(tif.pages)
@@ -621,7 +594,8 @@ def _fragments_state(handle: BinaryIO, size: int, little: bool, frames: int) -> 
     return None
 
 
-def _dicom_instance(path: Path) -> Readiness:
+def _dicom_instance_state(path: Path) -> Readiness | None:
+    """None when the instance is complete up to and through its pixel data; else why not."""
     import pydicom
     from pydicom.errors import InvalidDicomError
 
@@ -629,9 +603,9 @@ def _dicom_instance(path: Path) -> Readiness:
         size = os.fstat(handle.fileno()).st_size
         preamble = handle.read(132)
         if len(preamble) < 132 or not any(preamble[128:]):
-            return _not_ready(f"{path.name}: header not written yet")
+            return _not_ready("header not written yet")
         if preamble[128:132] != b"DICM":
-            return _broken(f"{path.name}: not a DICOM file (no DICM prefix)")
+            return _broken("not a DICOM file (no DICM prefix)")
         handle.seek(0)
         try:
             dataset = pydicom.dcmread(handle, stop_before_pixels=True)
@@ -640,21 +614,17 @@ def _dicom_instance(path: Path) -> Readiness:
             little = bool(syntax.is_little_endian) if syntax is not None else True
         except (InvalidDicomError, OSError, EOFError, ValueError, struct.error) as exc:
             # pydicom reads a truncated header quietly up to the cut, or fails on a half-written value.
-            return _not_ready(f"{path.name}: header not complete yet ({describe(exc)})")
+            return _not_ready(f"header not complete yet ({describe(exc)})")
         found = _pixel_element(handle, implicit, little)
         if found is None or found[0] not in _PIXEL_TAGS:
             # pydicom stops quietly at a truncation; an image instance must reach its pixel data.
-            return _not_ready(f"{path.name}: pixel data not written yet")
+            return _not_ready("pixel data not written yet")
         _tag, length = found
-        if length != 0xFFFFFFFF:
-            if handle.tell() + length > size:
-                return _not_ready(f"{path.name}: pixel data runs past the end of the file")
-            return READY
-        frames = int(dataset.get("NumberOfFrames", 1) or 1)
-        state = _fragments_state(handle, size, little, frames)
-        if state is not None:
-            return Readiness(state.state, f"{path.name}: {state.reason}")
-        return READY
+        if length == 0xFFFFFFFF:  # encapsulated: fragment by fragment
+            return _fragments_state(handle, size, little, int(dataset.get("NumberOfFrames", 1) or 1))
+        if handle.tell() + length > size:
+            return _not_ready("pixel data runs past the end of the file")
+        return None
 
 
 def check_dicom_series(folder: Path) -> Readiness:
@@ -667,9 +637,9 @@ def check_dicom_series(folder: Path) -> Readiness:
     if not files:
         return _not_ready("no DICOM instance yet")
     for path in files:
-        state = _dicom_instance(path)
-        if not state.ready:
-            return state
+        state = _dicom_instance_state(path)
+        if state is not None:
+            return Readiness(state.state, f"{path.name}: {state.reason}")
     return READY
 
 
@@ -729,12 +699,21 @@ _PNG = b"\x89PNG\r\n\x1a\n"
 _PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"
 
 
-def _image_state(head: bytes, tail: bytes, size: int) -> Readiness:
-    trimmed = tail.rstrip(b"\x00")
+def check_image(path: Path) -> Readiness:
+    """Completeness of a plain image from its signature and end marker (trailing zero padding is ignored)."""
+    with _open_regular(path) as handle:
+        fd = handle.fileno()
+        size = os.fstat(fd).st_size
+        head = os.pread(fd, 16, 0)
+        tail = os.pread(fd, min(size, 64 * 1024), max(0, size - 64 * 1024))
+    if not any(head):
+        return _not_ready("image header not written yet")
+    if not any(tail):
+        return _not_ready("image end not written yet")
     if head.startswith(_PNG):
         return READY if tail.endswith(_PNG_END) else _not_ready("PNG end chunk not written yet")
     if head.startswith(b"\xff\xd8\xff"):
-        return READY if trimmed.endswith(b"\xff\xd9") else _not_ready("JPEG end marker not written yet")
+        return READY if tail.rstrip(b"\x00").endswith(b"\xff\xd9") else _not_ready("JPEG end marker not written yet")
     if head.startswith(b"GIF8"):
         # The last data sub-block terminator (0) then the trailer (';').
         return READY if tail.endswith(b"\x00;") else _not_ready("GIF trailer not written yet")
@@ -745,17 +724,3 @@ def _image_state(head: bytes, tail: bytes, size: int) -> Readiness:
         stated = struct.unpack("<I", head[4:8])[0] + 8
         return _not_ready("WebP not complete yet") if stated > size else READY
     return _broken("not a PNG, JPEG, GIF, BMP or WebP file")
-
-
-def check_image(path: Path) -> Readiness:
-    """Completeness of a plain image from its signature and end marker (trailing zero padding is ignored)."""
-    with _open_regular(path) as handle:
-        fd = handle.fileno()
-        size = os.fstat(fd).st_size
-        head = os.pread(fd, 16, 0)
-        if not any(head):
-            return _not_ready("image header not written yet")
-        tail = os.pread(fd, min(size, 64 * 1024), max(0, size - 64 * 1024))
-        if not any(tail):
-            return _not_ready("image end not written yet")
-        return _image_state(head, tail, size)

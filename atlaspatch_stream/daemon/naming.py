@@ -7,19 +7,16 @@ output root (reference `service-and-daemon.md` §6.2). The rule here:
 - the first slide to claim a stem keeps upstream's name, so a flat drop folder gives exactly upstream's files;
 - a later slide whose stem is taken gets `<stem>__<8 hex of its slide ID>`, stable across restarts because the
   ledger records every assignment (and keeps it while a slide is missing, so its kept H5 is never overwritten);
-- control characters, separators, `.`/`..` and over-long names are replaced, and `within()` proves a joined path
-  stays under the root.
+- control characters, separators, `.`/`..` and over-long names are replaced, so a stem is one safe path component.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
 import unicodedata
 from collections.abc import Callable
-from pathlib import Path
 
-__all__ = ["MAX_STEM_BYTES", "clean_stem", "unique_stem", "within"]
+__all__ = ["MAX_STEM_BYTES", "clean_stem", "unique_stem"]
 
 MAX_STEM_BYTES = 160  # leaves room for ".h5", "_mask_bw.png" and temp suffixes under the usual 255-byte limit
 
@@ -62,18 +59,3 @@ def unique_stem(slide_id: str, stem: str, taken: Callable[[str], bool]) -> str:
             return candidate
     raise ValueError(f"no free output name for {slide_id!r}")
 
-
-def within(root: Path, relative: str | Path) -> Path:
-    """`root / relative`, refusing anything that would resolve outside `root`.
-
-    Raises:
-        ValueError: `relative` is absolute, holds NUL or `..`, or resolves (through links) outside `root`.
-    """
-    text = os.fspath(relative)
-    if "\x00" in text or os.path.isabs(text) or ".." in Path(text).parts:
-        raise ValueError(f"unsafe output name {text!r}")
-    base = Path(root).resolve()
-    joined = (base / text).resolve()
-    if not joined.is_relative_to(base):
-        raise ValueError(f"output name {text!r} resolves outside {base}")
-    return joined

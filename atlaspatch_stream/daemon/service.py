@@ -28,12 +28,13 @@ from pathlib import Path
 
 import anyio
 from anyio.abc import TaskGroup
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+from anyio.streams.memory import MemoryObjectReceiveStream
 
 from .. import __version__
 from ..config import PipelineConfig
 from ..errors import ConfigError, refused
-from ..items import EngineStatistics, Failure, SlideJob, SlideResult
+from ..items import EngineStatistics, SlideJob, SlideResult
+from ..outputs.claims import judge
 from ..pipeline import Mode, Pipeline, default_mode, running
 from ..protocols import Backends
 from ..report import RunReport
@@ -83,19 +84,18 @@ class FolderService:
     pipeline: Pipeline
     watcher: FolderWatcher
     ledger: Ledger
-    board: StatusBoard
-    settings: Settings
-    output: Path
-    clock: Clock
     notifier: Notifier
     redactor: RedactPaths | None
-    _ready: MemoryObjectReceiveStream[ReadySlide]
-    _results_send: MemoryObjectSendStream[FolderResult]
-    _results: MemoryObjectReceiveStream[FolderResult]
+    board: StatusBoard = field(init=False)
     _watch_scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
     _stop: Stop = field(default_factory=Stop)
-    _in_flight: dict[int, ReadySlide] = field(default_factory=dict)
     drained: anyio.Event = field(default_factory=anyio.Event)
+
+    def __post_init__(self) -> None:
+        self.board = StatusBoard(version=__version__, config_fp=self.watcher.settings.fingerprint,
+                                 started_at=time.time())
+        self._ready_send, self._ready = anyio.create_memory_object_stream[ReadySlide](1)
+        self._results_send, self._results = anyio.create_memory_object_stream[FolderResult](64)
 
     @property
     def stopping(self) -> bool:
@@ -115,9 +115,10 @@ class FolderService:
         if self.stopping:
             return
         self.board.draining = True
-        self.notifier.stopping(f"{reason}: draining {len(self._in_flight)} slide(s)")
-        log.info("%s: intake stopped, draining %d slide(s)", reason, len(self._in_flight),
-                 extra={"event": "draining", "in_flight": len(self._in_flight)})
+        in_flight = len(self.watcher.in_flight)
+        self.notifier.stopping(f"{reason}: draining {in_flight} slide(s)")
+        log.info("%s: intake stopped, draining %d slide(s)", reason, in_flight,
+                 extra={"event": "draining", "in_flight": in_flight})
         self._watch_scope.cancel()  # the job source ends, so the run closes the pipeline's input and drains it
 
     def scan_now(self) -> None:
@@ -126,23 +127,22 @@ class FolderService:
 
     def statistics(self) -> FolderStatistics:
         """The pipeline's statistics, the watcher's, and the slides in flight."""
-        return FolderStatistics(self.pipeline.statistics(), self.watcher.statistics(), len(self._in_flight),
+        return FolderStatistics(self.pipeline.statistics(), self.watcher.statistics(), len(self.watcher.in_flight),
                                 self.stopping)
 
     # -- the job source ---------------------------------------------------------------------------------------------
 
     async def jobs(self) -> AsyncIterator[SlideJob]:
-        """Each slide the watcher finds ready, as a job; ends when the watcher ends (`--once`, or stopped)."""
+        """Each slide the watcher finds ready, as a job (the redactor learns its paths first); ends when the watcher
+        ends (`--once`, or stopped)."""
         async for slide in self._ready:
-            job = self._job(slide)
-            self._in_flight[job.slide_id] = slide
-            yield job
+            if self.redactor is not None and slide.pseudonym:
+                self.redactor.add(slide.pseudonym, slide.path, slide.slide_id, slide.path.name)
+            yield SlideJob(slide.row_id, slide.path, slide.stem, display=slide.display, pseudonym=slide.pseudonym)
 
     async def settle(self, job: SlideJob, result: SlideResult) -> None:
         """The slide's result back to the ledger, then to the caller."""
-        slide = self._in_flight.pop(job.slide_id, None)
-        if slide is None:  # pragma: no cover - every result belongs to a slide we gave out
-            return
+        slide = self.watcher.in_flight[job.slide_id]  # `drive` settles only the jobs we gave out, each once
         state = await self._record(slide, result)
         with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):  # nobody listens any more
             await self._results_send.send(FolderResult(slide, result, state))
@@ -153,16 +153,15 @@ class FolderService:
 
     # -- the loops ----------------------------------------------------------------------------------------------
 
-    async def _watch(self, send: MemoryObjectSendStream[ReadySlide], once: bool, *,
-                     task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        """Run the watcher until stopped (or, `once`, until every slide ready now is sent); closes `send`."""
-        async with send:
+    async def _watch(self, once: bool, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Run the watcher until stopped (or, `once`, until every slide ready now is sent); closes its stream."""
+        async with self._ready_send:
             with self._watch_scope:
                 if once:
                     task_status.started()
-                    await self.watcher.run_once(send)
+                    await self.watcher.run_once(self._ready_send)
                 else:
-                    await self.watcher.run(send, task_status=task_status)
+                    await self.watcher.run(self._ready_send, task_status=task_status)
 
     async def _drive(self, drain_timeout_s: float) -> None:
         """The run contract over the watched folder, until the watcher ends or a stop has drained."""
@@ -172,25 +171,21 @@ class FolderService:
         finally:
             self.drained.set()
 
-    def _job(self, slide: ReadySlide) -> SlideJob:
-        if self.redactor is not None and slide.pseudonym:
-            self.redactor.add(slide.pseudonym, slide.path, slide.slide_id, slide.path.name)
-        return SlideJob(slide.row_id, slide.path, slide.stem, display=slide.display, pseudonym=slide.pseudonym)
-
     async def _record(self, slide: ReadySlide, result: SlideResult) -> str:
-        now = self.clock.now()
+        now = self.watcher.clock.now()
         for stage, seconds in result.timings.items():
             if stage != "total":
                 self.board.add_stage_busy(stage, seconds)
         if result.status in FINISHED_OK or (result.status == "locked" and await self._done_elsewhere(slide, result)):
             h5 = result.h5_path or self.pipeline.backends.outputs.h5_path(result.job)
-            await self.watcher.slide_done(slide, h5, self.settings)
+            await self.watcher.slide_done(slide, h5)
             self.board.slide_finished("done", now, self._patches(result))
             return "done"
         if result.status == "cancelled":
             await self.watcher.slide_released(slide)
             return "ready"
-        failure, message = self._classify(result)
+        failure = result.failure or refused("prepare", "locked", "transient")  # a locked slide: uncharged
+        message = self.redactor.redact(result.message) if self.redactor is not None else result.message
         await self.watcher.slide_failed(slide, failure, message)
         record = await self.ledger.get(slide.slide_id)
         state = record.state if record is not None else "failed"
@@ -198,21 +193,22 @@ class FolderService:
         return state
 
     async def _done_elsewhere(self, slide: ReadySlide, result: SlideResult) -> bool:
-        """`--once`: a slide locked by another live worker is waited for; True once its complete H5 is there."""
+        """`--once`, for a slide another live worker holds: wait while its lock is held (looking at most every
+        second), then True when its complete H5 is there (done by that worker, not failed here)."""
         if not self.watcher.once:
             return False  # the daemon asks again later (transient, uncharged)
-        outputs, job = self.pipeline.backends.outputs, result.job
-        done = await self.watcher.other_worker_finished(
-            slide, outputs.lock_path(job), lambda: outputs.reuse_decision(job, self.settings.encoders).action == "skip"
-        )
-        if done:
-            log.info("%s: done by another worker", slide.display, extra={"event": "done_elsewhere"})
-        return done
-
-    def _classify(self, result: SlideResult) -> tuple[Failure, str]:
-        """The result's typed failure (a `locked` slide: transient, uncharged) and its message, redacted."""
-        message = self.redactor.redact(result.message) if self.redactor is not None else result.message
-        return result.failure or refused("prepare", "locked", "transient"), message
+        outputs, job, clock = self.pipeline.backends.outputs, result.job, self.watcher.clock
+        limiter = self.watcher.limiter
+        log.info("%s: locked by another live worker; waiting for it", slide.display,
+                 extra={"event": "waiting_for_other_worker", "slide": slide.display})
+        while (await anyio.to_thread.run_sync(judge, outputs.lock_path(job), limiter=limiter)).state == "held":
+            await clock.sleep_until(clock.now() + min(self.watcher.recheck_s, 1.0))
+        decision = await anyio.to_thread.run_sync(outputs.reuse_decision, job, self.watcher.settings.encoders,
+                                                  limiter=limiter)
+        if decision.action != "skip":
+            return False
+        log.info("%s: done by another worker", slide.display, extra={"event": "done_elsewhere"})
+        return True
 
     def _patches(self, result: SlideResult) -> dict[str, int]:
         count = int(result.num_patches or 0)
@@ -223,8 +219,7 @@ class FolderService:
         while True:
             counts = await self.ledger.counts()
             self.board.set_states(counts)
-            stats = self.pipeline.statistics()
-            self.board.set_queue_fill({name: edge.fill for name, edge in stats.streams.items()})
+            self.board.set_queue_fill({name: edge.fill for name, edge in self.pipeline.statistics().streams.items()})
             watch = self.watcher.statistics()
             self.board.paused_because = watch.paused_because
             if watch.last_scan_at is not None:
@@ -294,82 +289,58 @@ async def serve_folder(
         WeightsError, MissingExtraError, LedgerError: before any slide is taken.
     """
     _refuse_root(allow_root)
-    watch = config.watch
+    watch, output = config.watch, config.write.output
     input_folder = Path(input_folder)
     if not input_folder.is_dir():
         raise ConfigError(f"Input folder does not exist: {input_folder}")
+    clock = clock or SystemClock()
     notifier = notifier or Notifier()
-    names = Pseudonymizer.from_key_file(watch.key_path(config.write.output)) if watch.pseudonymize else None
+    names = Pseudonymizer.from_key_file(watch.key_path(output)) if watch.pseudonymize else None
     if names is not None and redactor is None:
         redactor = RedactPaths()
-    parts = _Parts(input_folder, config, _state_dir(config), clock or SystemClock(), notifier, redactor, names, events,
-                   mounts_text, once, metrics_started)
-    report = RunReport(config.write.output, "watch", redactor.redact if redactor is not None else None)
+    state = _state_dir(config)
+    report = RunReport(output, "watch", redactor.redact if redactor is not None else None)
     opening = running(config, backends, mode or default_mode(config), report)
-    async with reporting(report, opening) as pipeline:
+    async with reporting(report, opening) as pipeline, \
+            Ledger.open(state / LEDGER_FILE, clock=clock, policy=RetryPolicy.from_config(watch)) as ledger:
         settings = Settings(pipeline.backends.outputs.settings_fingerprint(), tuple(config.encode.extractors))
-        policy = RetryPolicy.from_config(watch)
-        async with Ledger.open(parts.state / LEDGER_FILE, clock=parts.clock, policy=policy) as ledger:
-            try:
-                async with _serving(parts, pipeline, ledger, settings) as service:
-                    yield service
-            finally:
-                with anyio.CancelScope(shield=True):
-                    await ledger.release_running()
+        max_depth = watch.max_depth if config.source.recursive else min(1, watch.max_depth)
+        options = WatcherOptions(input_folder, dataclasses.replace(watch, max_depth=max_depth), output / "patches",
+                                 (output, state), events, names.pseudonym if names is not None else None, mounts_text)
+        service = FolderService(pipeline, FolderWatcher(options, ledger, settings, clock=clock), ledger, notifier,
+                                redactor)
+        try:
+            async with _serving(service, once, state, metrics_started):
+                yield service
+        finally:
+            with anyio.CancelScope(shield=True):
+                await ledger.release_running()
     notifier.close()
 
 
-@dataclass(frozen=True)
-class _Parts:
-    """What `serve_folder` was given and made before the pipeline starts."""
-
-    input_folder: Path
-    config: PipelineConfig
-    state: Path
-    clock: Clock
-    notifier: Notifier
-    redactor: RedactPaths | None
-    names: Pseudonymizer | None
-    events: EventSource | None
-    mounts_text: str | None
-    once: bool
-    metrics_started: Callable[[str], None] | None
-
-
 @asynccontextmanager
-async def _serving(parts: _Parts, pipeline: Pipeline, ledger: Ledger,
-                   settings: Settings) -> AsyncIterator[FolderService]:
-    """The watcher, the run and the operations tasks around a started pipeline and an open ledger."""
-    config = parts.config
-    watch, output = config.watch, config.write.output
-    board = StatusBoard(version=__version__, config_fp=settings.fingerprint, started_at=time.time())
-    max_depth = watch.max_depth if config.source.recursive else min(1, watch.max_depth)
-    options = WatcherOptions(parts.input_folder, dataclasses.replace(watch, max_depth=max_depth), output / "patches",
-                             (output, parts.state), parts.events,
-                             parts.names.pseudonym if parts.names is not None else None, parts.mounts_text)
-    watcher = FolderWatcher(options, ledger, settings, clock=parts.clock)
-    ready_send, ready_receive = anyio.create_memory_object_stream[ReadySlide](1)
-    results_send, results_receive = anyio.create_memory_object_stream[FolderResult](64)
-    service = FolderService(pipeline, watcher, ledger, board, settings, output, parts.clock, parts.notifier,
-                            parts.redactor, ready_receive, results_send, results_receive)
-    async with anyio.create_task_group() as tg, ready_receive:
-        await tg.start(service._watch, ready_send, parts.once)
+async def _serving(service: FolderService, once: bool, state: Path,
+                   metrics_started: Callable[[str], None] | None) -> AsyncIterator[None]:
+    """The watcher, the run and the operations tasks of a service (its pipeline started, its ledger open)."""
+    watch, options = service.pipeline.config.watch, service.watcher.options
+    async with anyio.create_task_group() as tg, service._ready:
+        await tg.start(service._watch, once)
         tg.start_soon(service._drive, watch.drain_timeout_s)
-        await _operations(tg, service, parts.state, parts.metrics_started)
-        parts.notifier.ready(f"watching {parts.input_folder}" if parts.names is None else "watching")
+        await _operations(tg, service, state, metrics_started)
+        service.notifier.ready(f"watching {options.root}" if options.pseudonym is None else "watching")
         try:
-            yield service
+            yield
         except BaseException:
             tg.cancel_scope.cancel()
             raise
         finally:
-            results_receive.close()
+            service._results.close()
         service.stop()
         with anyio.move_on_after(watch.drain_timeout_s):
             await service.drained.wait()
         if not service.drained.is_set():
             log.warning("drain deadline (%.0f s) reached: cancelling %d slide(s) in flight", watch.drain_timeout_s,
-                        len(service._in_flight), extra={"event": "drain_deadline"})
+                        len(service.watcher.in_flight), extra={"event": "drain_deadline"})
             service._stop.force()  # the run aborts the pipeline: partial outputs removed, slides back to ready
             await service.drained.wait()
         tg.cancel_scope.cancel()
@@ -386,7 +357,7 @@ async def _operations(tg: TaskGroup, service: FolderService, state: Path,
     if watch.qc_report_s > 0:
         from ..qc.refresh import refresh_gallery
 
-        tg.start_soon(refresh_gallery, service.output, watch.qc_report_s)
+        tg.start_soon(refresh_gallery, service.pipeline.config.write.output, watch.qc_report_s)
     if watch.metrics is not None:
         from .ops.metrics import make_registry, parse_bind, serve_metrics
 

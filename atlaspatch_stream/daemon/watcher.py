@@ -9,11 +9,11 @@ Rules (reference `service-and-daemon.md` §1 and §6.2):
   written under a temporary name and renamed into place is one job. Symlinks are followed only to regular files
   inside INPUT; FIFOs, sockets and devices are skipped.
 - Settle scheduler: a slide must keep one signature (size, mtime, ctime over its members) for `settle_s` and then
-  pass its completeness check (`sources.complete`) before the ledger marks it `ready`.
+  pass its completeness check (`complete.check_slide`) before the ledger marks it `ready`.
 - Ready slides go downstream through a bounded send stream, oldest first, one ledger row at a time: while the
   consumer is full, ready rows simply wait in the ledger (memory stays flat however many are waiting).
 - `--once` (`run_once`) takes the slides present at start once they settle, waiting at most `settle_s`, and says
-  what it left and why (`left`); a slide another live worker holds is waited for (`other_worker_finished`).
+  what it left and why (`left`); the service waits for a slide another live worker holds.
 - The watcher's tasks live in the one task group `run` opens; other tasks only report results (`slide_done`,
   `slide_failed`, `slide_released`) and set events those tasks wait on.
 
@@ -33,7 +33,7 @@ import os
 import re
 import threading
 import unicodedata
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -45,7 +45,6 @@ from ..config import WatchConfig
 from ..errors import ConfigError, refused
 from ..formats import DICOM_EXTENSIONS, SUPPORTED_EXTENSIONS
 from ..items import Failure
-from ..outputs.claims import judge
 from .clock import Clock, SystemClock
 from .complete import (
     Signature,
@@ -53,7 +52,6 @@ from .complete import (
     check_slide,
     is_temporary_name,
     members,
-    quick_fingerprint,
     relative_id,
     signature,
     slide_identity,
@@ -63,12 +61,9 @@ from .ledger.states import Change, Observation, Settings, SlideRecord
 
 __all__ = [
     "NETWORK_FILESYSTEMS",
-    "Candidate",
     "EventSource",
     "FolderWatcher",
     "IgnoreRules",
-    "IntakeGate",
-    "MemoryEvents",
     "ReadySlide",
     "WatchStatistics",
     "WatcherOptions",
@@ -118,26 +113,6 @@ class IgnoreRules:
         return any(path == x or path.is_relative_to(x) for x in self.exclude)
 
 
-def parse_mounts(text: str) -> list[tuple[str, str]]:
-    """(mount point, filesystem type) pairs from `/proc/mounts` text (octal escapes such as `\\040` decoded)."""
-    mounts = []
-    for line in text.splitlines():
-        parts = line.split()
-        if len(parts) >= 3:
-            point = parts[1].encode("latin-1").decode("unicode_escape")
-            mounts.append((point, parts[2]))
-    return mounts
-
-
-def filesystem_of(path: Path, mounts: Sequence[tuple[str, str]]) -> str | None:
-    """The filesystem type of the longest mount point containing `path`."""
-    best: tuple[int, str] | None = None
-    for point, fstype in mounts:
-        if Path(path).is_relative_to(point) and (best is None or len(point) > best[0]):
-            best = (len(point), fstype)
-    return best[1] if best else None
-
-
 def choose_mode(mode: str, root: Path, mounts_text: str | None = None) -> tuple[Mode, str | None]:
     """Resolve `--watch-mode`: `auto` polls on network and FUSE filesystems, uses events elsewhere.
 
@@ -147,35 +122,27 @@ def choose_mode(mode: str, root: Path, mounts_text: str | None = None) -> tuple[
         mounts_text: `/proc/mounts` content (read when None; no file means "events").
 
     Returns:
-        ("events" | "poll", the filesystem type found or None).
+        ("events" | "poll", the filesystem type of the longest mount point holding `root`, or None).
     """
     if mounts_text is None:
         try:
             mounts_text = Path("/proc/mounts").read_text(encoding="utf-8", errors="replace")
         except OSError:
             mounts_text = ""
-    fstype = filesystem_of(Path(root).resolve(), parse_mounts(mounts_text))
+    resolved = Path(root).resolve()
+    fstype: str | None = None
+    longest = -1
+    for line in mounts_text.splitlines():
+        parts = line.split()
+        if len(parts) < 3:
+            continue
+        point = parts[1].encode("latin-1").decode("unicode_escape")  # octal escapes such as `\\040`
+        if resolved.is_relative_to(point) and len(point) > longest:
+            longest, fstype = len(point), parts[2]
     if mode in ("events", "poll"):
         return mode, fstype  # type: ignore[return-value]
     network = fstype is not None and (fstype in NETWORK_FILESYSTEMS or fstype.startswith("fuse"))
     return ("poll" if network else "events"), fstype
-
-
-@dataclass(frozen=True)
-class Candidate:
-    """One slide group found on disk."""
-
-    slide_id: str
-    source: str  # relative path as spelled on disk (`root / source` opens it)
-    kind: SlideKind
-    size: int
-    mtime_ns: int
-    stem: str
-
-    def observation(self, pseudonym: str | None = None) -> Observation:
-        """As a ledger observation."""
-        return Observation(self.slide_id, self.source, self.kind, self.size, self.mtime_ns, self.stem,
-                           pseudonym=pseudonym)
 
 
 def _natural_stem(root: Path, path: Path, kind: SlideKind) -> str:
@@ -192,8 +159,9 @@ def _inside(root_real: Path, path: Path) -> bool:
         return False
 
 
-def _candidate(root: Path, path: Path, kind: SlideKind) -> Candidate | None:
-    """Size and newest mtime over the members (DirEntry-cheap lstat; open+fstat is for the settle checks)."""
+def _observe(root: Path, path: Path, kind: SlideKind) -> Observation | None:
+    """One slide group found on disk: size and newest mtime over the members (a plain stat each; open+fstat is
+    for the settle checks)."""
     files = members(path, kind)
     if not files:
         return None
@@ -202,16 +170,11 @@ def _candidate(root: Path, path: Path, kind: SlideKind) -> Candidate | None:
     except OSError:
         return None
     relative = os.path.relpath(path, root)
-    return Candidate(
+    return Observation(
         slide_id=relative_id(root, path), source=Path(relative).as_posix(), kind=kind,
         size=sum(s.st_size for s in stats), mtime_ns=max(s.st_mtime_ns for s in stats),
         stem=_natural_stem(root, path, kind),
     )
-
-
-def _fingerprint(path: Path, kind: SlideKind) -> str:
-    """The quick fingerprint of a slide group, named as `slide_identity` names its members."""
-    return quick_fingerprint(members(path, kind), path if kind == "dicom" else path.parent)
 
 
 def _kind_of(name: str) -> SlideKind | None:
@@ -229,8 +192,12 @@ class _Scan:
     rules: IgnoreRules
     root_real: Path
     withhold_paths: bool = False
-    found: dict[str, Candidate] = field(default_factory=dict)
+    found: dict[str, Observation] = field(default_factory=dict)
     warned: set[str] = field(default_factory=set)
+
+    def add(self, found: Observation | None) -> None:
+        if found is not None:
+            self.found[found.slide_id] = found
 
 
 def _link_ok(entry: os.DirEntry[str], scan: _Scan) -> bool:
@@ -245,14 +212,14 @@ def _link_ok(entry: os.DirEntry[str], scan: _Scan) -> bool:
     return False
 
 
-def _file_candidate(entry: os.DirEntry[str], relative: str) -> Candidate | None:
+def _observe_file(entry: os.DirEntry[str], relative: str) -> Observation | None:
     """A single-file slide straight from its directory entry (the per-file cost of every rescan)."""
     try:
         info = entry.stat()
     except OSError:
         return None
-    return Candidate(slide_id=unicodedata.normalize("NFC", relative), source=relative, kind="file",
-                     size=info.st_size, mtime_ns=info.st_mtime_ns, stem=os.path.splitext(entry.name)[0])
+    return Observation(slide_id=unicodedata.normalize("NFC", relative), source=relative, kind="file",
+                       size=info.st_size, mtime_ns=info.st_mtime_ns, stem=os.path.splitext(entry.name)[0])
 
 
 def _scan_folder(scan: _Scan, folder: Path, prefix: str) -> list[tuple[Path, str]]:
@@ -284,22 +251,17 @@ def _scan_folder(scan: _Scan, folder: Path, prefix: str) -> list[tuple[Path, str
             continue  # FIFO, socket, device
         kind = _kind_of(entry.name)
         if kind == "file":
-            candidate = _file_candidate(entry, relative)
+            scan.add(_observe_file(entry, relative))
         elif kind == "mrxs":
-            candidate = _candidate(scan.root, Path(entry.path), kind)
+            scan.add(_observe(scan.root, Path(entry.path), kind))
         else:
             has_dicom = has_dicom or os.path.splitext(entry.name)[1].lower() in DICOM_EXTENSIONS
-            continue
-        if candidate is not None:
-            scan.found[candidate.slide_id] = candidate
     if has_dicom:
-        candidate = _candidate(scan.root, folder, "dicom")
-        if candidate is not None:
-            scan.found[candidate.slide_id] = candidate
+        scan.add(_observe(scan.root, folder, "dicom"))
     return subfolders
 
 
-def scan_tree(root: Path, rules: IgnoreRules, max_depth: int, *, withhold_paths: bool = False) -> dict[str, Candidate]:
+def scan_tree(root: Path, rules: IgnoreRules, max_depth: int, *, withhold_paths: bool = False) -> dict[str, Observation]:
     """Every slide group under `root`, by slide ID (blocking: call it in a worker thread).
 
     Folders are visited once each (a (device, inode) set guards against bind-mount loops), at most `max_depth`
@@ -393,68 +355,8 @@ async def watchfiles_events(root: Path, limiter: anyio.CapacityLimiter) -> Async
             stop.set()
 
 
-class MemoryEvents:
-    """An event source fed by the test (as watchfiles' `MockRustNotify`): `await events.emit(path, ...)`."""
-
-    def __init__(self) -> None:
-        self._send, self._receive = anyio.create_memory_object_stream[set[str]](64)
-
-    def __call__(self, root: Path, limiter: anyio.CapacityLimiter) -> AsyncIterator[set[str]]:
-        """The source, as the watcher calls it."""
-        return self._iterate()
-
-    async def _iterate(self) -> AsyncIterator[set[str]]:
-        async with self._receive:
-            async for batch in self._receive:
-                yield batch
-
-    async def emit(self, *paths: Path | str) -> None:
-        """Deliver one batch of changed paths."""
-        await self._send.send({str(p) for p in paths})
-
-    def close(self) -> None:
-        """End the source (the watcher's event task then ends)."""
-        self._send.close()
-
-
 # ---------------------------------------------------------------------------------------------------------------
-# Intake, items, statistics
-
-
-class IntakeGate:
-    """Open unless a system failure paused intake; the dispatcher waits here while paused, the probe until paused.
-
-    Any task may pause it; only the watcher's own tasks wait on it (no task is started on another's behalf).
-    """
-
-    def __init__(self) -> None:
-        self.paused_because: str | None = None
-        self._open = anyio.Event()
-        self._open.set()
-        self._paused = anyio.Event()
-
-    def pause(self, reason: str) -> bool:
-        """Pause intake (the first reason is kept); True when this call paused it."""
-        if self.paused_because is not None:
-            return False
-        self.paused_because = reason
-        self._open = anyio.Event()
-        self._paused.set()
-        return True
-
-    def resume(self) -> None:
-        """Open intake again."""
-        self.paused_because = None
-        self._paused = anyio.Event()
-        self._open.set()
-
-    async def wait_open(self) -> None:
-        """Return when intake is open."""
-        await self._open.wait()
-
-    async def wait_paused(self) -> None:
-        """Return when intake is paused."""
-        await self._paused.wait()
+# Options, items, statistics
 
 
 @dataclass(frozen=True)
@@ -524,13 +426,6 @@ class WatchStatistics:
     paused_because: str | None
 
 
-@dataclass(order=True)
-class _Due:
-    at: float
-    seq: int
-    slide_id: str = field(compare=False)
-
-
 @dataclass
 class _Settling:
     """A `seen` slide being watched until it is quiet and complete."""
@@ -543,16 +438,6 @@ class _Settling:
     signature: Signature | None = None
     stable_since: float = 0.0
     waiting: str = "not looked at yet"  # why it is not ready yet (what `--once` reports when it leaves the slide)
-
-
-def log_change(change: Change) -> None:
-    """One log line per slide transition (path-free when the slide has a pseudonym)."""
-    after = change.after
-    log.info(
-        "%s: %s -> %s (%s)", after.display, change.from_state or "new", after.state, change.reason,
-        extra={"event": "slide_transition", "slide": after.display, "state_from": change.from_state,
-               "state_to": after.state, "version": after.version, "error_kind": after.error_kind},
-    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -570,40 +455,27 @@ class FolderWatcher:
         options: what to watch and how (`WatcherOptions`).
         ledger: the open ledger (this watcher is its only user inside the process).
         settings: the output-shaping settings of this run (start-up re-queues what they need).
-        clock: time source (inject `ManualClock` in tests).
-        limiter: for every blocking call of the watcher; a private one of 4 tokens by default.
-        on_change: called with every ledger change the watcher makes (for the status board); logging is built in.
+        clock: time source (tests inject a manual one).
+
+    Every blocking call of the watcher runs on its own limiter of 4 tokens (`limiter`).
     """
 
-    def __init__(
-        self,
-        options: WatcherOptions,
-        ledger: Ledger,
-        settings: Settings,
-        *,
-        clock: Clock | None = None,
-        limiter: anyio.CapacityLimiter | None = None,
-        on_change: Callable[[Change], None] | None = None,
-    ) -> None:
+    def __init__(self, options: WatcherOptions, ledger: Ledger, settings: Settings, *,
+                 clock: Clock | None = None) -> None:
         self.root = Path(options.root).resolve()  # excluded folders and symlink targets are compared resolved
+        self.options = options
         self.ledger = ledger
         self.settings = settings
         self.config = options.watch
-        self.probe_dir = Path(options.probe_dir)
         self.clock = clock or SystemClock()
-        self.limiter = limiter or anyio.CapacityLimiter(4)
-        self.gate = IntakeGate()
+        self.limiter = anyio.CapacityLimiter(4)
+        self.paused_because: str | None = None  # a system failure paused intake until a write probe succeeds
         self.rules = IgnoreRules(tuple(options.watch.ignore), tuple(Path(p).resolve() for p in options.exclude))
-        self._events_source = options.events or watchfiles_events
-        self._pseudonym = options.pseudonym
-        self._mounts_text = options.mounts_text
-        self._on_change = on_change
         self.mode: Mode = "poll"
         self.filesystem: str | None = None
         self._settling: dict[str, _Settling] = {}
-        self._heap: list[_Due] = []
-        self._seq = 0
-        self._in_flight: dict[str, int] = {}
+        self._heap: list[tuple[float, str]] = []  # (when, slide ID): when to look at a settling slide next
+        self.in_flight: dict[int, ReadySlide] = {}  # sent and not reported back yet, by row ID (`SlideJob.slide_id`)
         self._settle_wake = anyio.Event()
         self._ready_wake = anyio.Event()
         self._scan_event = anyio.Event()
@@ -628,26 +500,22 @@ class FolderWatcher:
             if not await anyio.to_thread.run_sync(self.root.is_dir, limiter=self.limiter):
                 raise ConfigError(f"Input folder does not exist: {self.root}")
             self.mode, self.filesystem = await anyio.to_thread.run_sync(
-                choose_mode, self.config.watch_mode, self.root, self._mounts_text, limiter=self.limiter
+                choose_mode, self.config.watch_mode, self.root, self.options.mounts_text, limiter=self.limiter
             )
             log.info("watching %s (%s mode, filesystem %s)", self.root, self.mode, self.filesystem or "unknown",
                      extra={"event": "watch_started", "mode": self.mode, "filesystem": self.filesystem})
-            await self._watch(send, task_status)
+            async with anyio.create_task_group() as tg:
+                if self.mode == "events":
+                    tg.start_soon(self._events_loop)
+                await self._rescan(startup=True)
+                task_status.started()
+                tg.start_soon(self._rescan_loop)
+                tg.start_soon(self._settle_loop)
+                await self._dispatch_loop(send)
+                tg.cancel_scope.cancel()  # the consumer is gone: nothing more to watch for
 
-    async def _watch(self, send: ObjectSendStream[ReadySlide], task_status: TaskStatus[None]) -> None:
-        async with anyio.create_task_group() as tg:
-            if self.mode == "events":
-                tg.start_soon(self._events_loop)
-            await self._rescan(startup=True)
-            task_status.started()
-            tg.start_soon(self._rescan_loop)
-            tg.start_soon(self._settle_loop)
-            tg.start_soon(self._probe_loop)
-            await self._dispatch_loop(send)
-            tg.cancel_scope.cancel()  # the consumer is gone: nothing more to watch for
-
-    async def run_once(self, send: ObjectSendStream[ReadySlide]) -> int:
-        """`--once`: send every slide present now once it has settled, then close `send`; returns how many were sent.
+    async def run_once(self, send: ObjectSendStream[ReadySlide]) -> None:
+        """`--once`: send every slide present now once it has settled, then close `send`.
 
         A slide is sent when it is already `ready` in the ledger, or once it is quiet for `settle_s` (judged by its
         mtime age, so a slide copied long ago is taken at once) and complete. Slides still changing or incomplete
@@ -655,7 +523,6 @@ class FolderWatcher:
         why, by slide.
         """
         self.once = True
-        sent = 0
         async with send:
             await self._rescan(startup=True)
             deadline = self.clock.now() + self.config.settle_s
@@ -663,55 +530,37 @@ class FolderWatcher:
                 for entry in list(self._settling.values()):
                     await self._check(entry, judge_by_mtime=True)
                 while (taken := await self.ledger.take_next()) is not None:
-                    self._changed(taken)
-                    await self._send(send, taken.after)
-                    sent += 1
+                    await self._send(send, taken)
                 if not self._settling or self.clock.now() >= deadline:
                     break
-                await self.clock.sleep_until(min(deadline, self.clock.now() + self._recheck_s))
+                await self.clock.sleep_until(min(deadline, self.clock.now() + self.recheck_s))
         self.left = {entry.display: entry.waiting for entry in self._settling.values()}
         if self.left:
             log.warning("--once: left %d slide(s) that did not settle within %g s: %s", len(self.left),
                         self.config.settle_s, ", ".join(f"{name} ({why})" for name, why in sorted(self.left.items())),
                         extra={"event": "once_left", "left": len(self.left)})
-        return sent
 
-    async def other_worker_finished(self, slide: ReadySlide, lock: Path, complete: Callable[[], bool]) -> bool:
-        """`--once`, for a slide another live worker holds: wait while its lock at `lock` is held, then tell whether
-        `complete()` finds its output complete (the slide is then done by that worker, not failed here)."""
-        log.info("%s: locked by another live worker; waiting for it", slide.display,
-                 extra={"event": "waiting_for_other_worker", "slide": slide.display})
-        while (await anyio.to_thread.run_sync(judge, lock, limiter=self.limiter)).state == "held":
-            await self.clock.sleep_until(self.clock.now() + min(self._recheck_s, 1.0))
-        return await anyio.to_thread.run_sync(complete, limiter=self.limiter)
-
-    async def slide_done(self, slide: ReadySlide, output_h5: Path | str, settings: Settings | None = None) -> None:
-        """The pipeline wrote the slide's H5 (report it with the settings that made it)."""
-        self._in_flight.pop(slide.slide_id, None)
-        change = await self.ledger.finish_done(slide.slide_id, slide.version, str(output_h5), settings or self.settings)
-        self._changed(change)
+    async def slide_done(self, slide: ReadySlide, output_h5: Path | str) -> None:
+        """The pipeline wrote the slide's H5 (with this watcher's settings)."""
+        self.in_flight.pop(slide.row_id, None)
+        self._changed(await self.ledger.finish_done(slide.slide_id, slide.version, str(output_h5), self.settings))
         self._settle_wake.set()
 
     async def slide_failed(self, slide: ReadySlide, failure: Failure, message: str) -> None:
         """The pipeline failed the slide; a system failure also pauses intake until a write probe succeeds."""
-        self._in_flight.pop(slide.slide_id, None)
-        change = await self.ledger.finish_error(slide.slide_id, slide.version, failure, message)
-        self._changed(change)
-        if failure.systemic:
-            self.pause(message)
+        self.in_flight.pop(slide.row_id, None)
+        self._changed(await self.ledger.finish_error(slide.slide_id, slide.version, failure, message))
+        if failure.systemic and self.paused_because is None:
+            self.paused_because = message
+            log.error("intake paused: %s", message, extra={"event": "intake_paused", "reason": message})
+            self._ready_wake.set()  # the dispatcher now probes the output until a write succeeds
         self._settle_wake.set()
 
     async def slide_released(self, slide: ReadySlide) -> None:
         """The slide was taken but not processed (a cancelled run): back to `ready`, uncharged."""
-        self._in_flight.pop(slide.slide_id, None)
+        self.in_flight.pop(slide.row_id, None)
         self._changed(await self.ledger.release(slide.slide_id))
         self._ready_wake.set()
-
-    def pause(self, reason: str) -> None:
-        """Pause intake (a system failure); the watcher's probe task then tests the output every `probe_s` until a
-        write succeeds."""
-        if self.gate.pause(reason):
-            log.error("intake paused: %s", reason, extra={"event": "intake_paused", "reason": reason})
 
     def scan_now(self) -> None:
         """Ask for a rescan at once (SIGHUP)."""
@@ -719,18 +568,20 @@ class FolderWatcher:
 
     def statistics(self) -> WatchStatistics:
         """Counters and the current pause."""
-        return WatchStatistics(self.mode, self.filesystem, len(self._settling), len(self._in_flight), self._scans,
-                               self._last_scan_at, self._events, self.gate.paused_because)
+        return WatchStatistics(self.mode, self.filesystem, len(self._settling), len(self.in_flight), self._scans,
+                               self._last_scan_at, self._events, self.paused_because)
 
     # -- ledger changes
 
     def _changed(self, change: Change | None) -> None:
         if change is None:
             return
-        log_change(change)
-        if self._on_change is not None:
-            self._on_change(change)
-        after = change.after
+        after = change.after  # one log line per transition (path-free when the slide has a pseudonym)
+        log.info(
+            "%s: %s -> %s (%s)", after.display, change.from_state or "new", after.state, change.reason,
+            extra={"event": "slide_transition", "slide": after.display, "state_from": change.from_state,
+                   "state_to": after.state, "version": after.version, "error_kind": after.error_kind},
+        )
         if after.state == "seen":
             self._track(after)
         elif after.slide_id in self._settling:
@@ -750,24 +601,23 @@ class FolderWatcher:
         self._schedule(entry.slide_id, self.clock.now())
 
     def _schedule(self, slide_id: str, at: float) -> None:
-        self._seq += 1
-        heapq.heappush(self._heap, _Due(at, self._seq, slide_id))
+        heapq.heappush(self._heap, (at, slide_id))
         self._settle_wake.set()
 
     # -- scanning
 
-    def _observation(self, candidate: Candidate) -> Observation:
-        return candidate.observation(self._pseudonym(candidate.slide_id) if self._pseudonym else None)
+    def _pseudonymised(self, obs: Observation) -> Observation:
+        pseudonym = self.options.pseudonym
+        return dataclasses.replace(obs, pseudonym=pseudonym(obs.slide_id)) if pseudonym is not None else obs
 
     async def _rescan(self, *, startup: bool = False) -> None:
         found = await anyio.to_thread.run_sync(
-            functools.partial(scan_tree, withhold_paths=self._pseudonym is not None),
+            functools.partial(scan_tree, withhold_paths=self.options.pseudonym is not None),
             self.root, self.rules, self.config.max_depth, limiter=self.limiter,
         )
-        scanned = {slide_id: self._observation(c) for slide_id, c in found.items()}
-        await self._fingerprint_touched(found, scanned)
-        changes = await self.ledger.reconcile(scanned, startup=startup, settings=self.settings if startup else None)
-        self._apply(changes)
+        scanned = {slide_id: self._pseudonymised(obs) for slide_id, obs in found.items()}
+        await self._fingerprint_touched(scanned)
+        self._apply(await self.ledger.reconcile(scanned, startup=startup, settings=self.settings if startup else None))
         self._apply(await self.ledger.promote_due())
         # Rows put back to `seen` from outside (`atlaspatch status --requeue`) or left by a previous run.
         for record in await self.ledger.in_state("seen"):
@@ -777,17 +627,17 @@ class FolderWatcher:
         self._last_scan_at = self.clock.now()
         self._ready_wake.set()
 
-    async def _fingerprint_touched(self, found: dict[str, Candidate], scanned: dict[str, Observation]) -> None:
+    async def _fingerprint_touched(self, scanned: dict[str, Observation]) -> None:
         """A done slide with its size but a new mtime (touched, or copied again without -p) gets its quick
         fingerprint, so the ledger can tell "same content" from a rescan under the same name."""
         known = await self.ledger.identities()
         for slide_id, obs in scanned.items():
             state, size, mtime_ns = known.get(slide_id, ("", -1, -1))
             if state == "done" and size == obs.size and mtime_ns != obs.mtime_ns:
-                path = self.root / found[slide_id].source
                 with contextlib.suppress(OSError):
-                    fingerprint = await anyio.to_thread.run_sync(_fingerprint, path, obs.kind, limiter=self.limiter)
-                    scanned[slide_id] = dataclasses.replace(obs, fingerprint=fingerprint)
+                    identity = await anyio.to_thread.run_sync(slide_identity, self.root, self.root / obs.source,
+                                                              obs.kind, limiter=self.limiter)
+                    scanned[slide_id] = dataclasses.replace(obs, fingerprint=identity.fingerprint)
 
     async def _rescan_loop(self) -> None:
         while True:
@@ -799,7 +649,7 @@ class FolderWatcher:
 
     async def _events_loop(self) -> None:
         try:
-            async for batch in self._events_source(self.root, self.limiter):
+            async for batch in (self.options.events or watchfiles_events)(self.root, self.limiter):
                 self._events += len(batch)
                 await self._hint(batch)
         except OSError as exc:
@@ -810,17 +660,16 @@ class FolderWatcher:
     async def _hint(self, paths: Iterable[str]) -> None:
         """Events name paths; each names a slide group to look at now (discovery, or restarting its quiet period)."""
         groups = {g for g in (group_of(self.root, Path(p), self.rules) for p in paths) if g is not None}
-        root_real = self.root.resolve()
         for path, kind in groups:
             slide_id = relative_id(self.root, path)
             if slide_id in self._settling:
                 self._schedule(slide_id, self.clock.now())
                 continue
-            if not _inside(root_real, path):
+            if not _inside(self.root, path):
                 continue
-            candidate = await anyio.to_thread.run_sync(_candidate, self.root, path, kind, limiter=self.limiter)
-            if candidate is not None:
-                self._changed(await self.ledger.observe(self._observation(candidate)))
+            found = await anyio.to_thread.run_sync(_observe, self.root, path, kind, limiter=self.limiter)
+            if found is not None:
+                self._changed(await self.ledger.observe(self._pseudonymised(found)))
 
     # -- settling
 
@@ -828,28 +677,29 @@ class FolderWatcher:
         while True:
             wake = self._settle_wake
             now = self.clock.now()
-            while self._heap and self._heap[0].at <= now:
-                entry = self._settling.get(heapq.heappop(self._heap).slide_id)
+            while self._heap and self._heap[0][0] <= now:
+                entry = self._settling.get(heapq.heappop(self._heap)[1])
                 if entry is not None:
                     await self._check(entry)
             next_retry = await self.ledger.next_due()
             if next_retry is not None and next_retry <= self.clock.now():
                 self._apply(await self.ledger.promote_due())
                 continue
-            deadlines = [now + self.config.rescan_s, next_retry, self._heap[0].at if self._heap else None]
+            deadlines = [now + self.config.rescan_s, next_retry, self._heap[0][0] if self._heap else None]
             if not wake.is_set():
                 await self.clock.wait_until(min(d for d in deadlines if d is not None), wake)
             if wake.is_set():
                 self._settle_wake = anyio.Event()
 
     @property
-    def _recheck_s(self) -> float:
+    def recheck_s(self) -> float:
+        """How soon a slide that is not ready yet is looked at again."""
         return max(self.config.settle_s / 3.0, 0.05)
 
     async def _check(self, entry: _Settling, *, judge_by_mtime: bool = False) -> None:
         """One look at a settling slide: restart its quiet period, wait, or run the completeness check."""
         now = self.clock.now()
-        if not _inside(self.root.resolve(), entry.path):
+        if not _inside(self.root, entry.path):
             log.warning("%s: now resolves outside the input folder; not taken", entry.display)
             del self._settling[entry.slide_id]
             return
@@ -857,7 +707,7 @@ class FolderWatcher:
             current = await anyio.to_thread.run_sync(signature, entry.path, entry.kind, limiter=self.limiter)
         except OSError as exc:
             entry.waiting = f"unreadable now: {exc.strerror or exc}"
-            self._schedule(entry.slide_id, now + max(self.config.settle_s, self._recheck_s))
+            self._schedule(entry.slide_id, now + max(self.config.settle_s, self.recheck_s))
             return  # vanished or unreadable for now; a rescan marks a deleted slide missing
         if current != entry.signature:
             entry.signature, entry.stable_since = current, now
@@ -868,7 +718,7 @@ class FolderWatcher:
         if now - entry.stable_since < self.config.settle_s:
             entry.waiting = f"still changing: not quiet for {self.config.settle_s:g} s"
             if not judge_by_mtime:
-                self._schedule(entry.slide_id, min(entry.stable_since + self.config.settle_s, now + self._recheck_s))
+                self._schedule(entry.slide_id, min(entry.stable_since + self.config.settle_s, now + self.recheck_s))
             return
         await self._complete(entry, current, now)
 
@@ -887,10 +737,10 @@ class FolderWatcher:
             else:
                 entry.waiting = f"quiet but not complete: {readiness.reason}"
                 log.debug("%s: quiet but not complete yet (%s)", entry.display, readiness.reason)
-                self._schedule(entry.slide_id, now + max(self.config.settle_s, 4 * self._recheck_s))
+                self._schedule(entry.slide_id, now + max(self.config.settle_s, 4 * self.recheck_s))
             return
-        if entry.slide_id in self._in_flight:
-            self._schedule(entry.slide_id, now + self._recheck_s)  # the previous version is still being processed
+        if any(s.slide_id == entry.slide_id for s in self.in_flight.values()):
+            self._schedule(entry.slide_id, now + self.recheck_s)  # the previous version is still being processed
             return
         try:
             identity = await anyio.to_thread.run_sync(slide_identity, self.root, entry.path, entry.kind,
@@ -899,20 +749,20 @@ class FolderWatcher:
             identity = None  # vanished between the check and the fingerprint
         if identity is None or identity.size != current.size:
             entry.signature = None  # it changed while we looked: start over
-            self._schedule(entry.slide_id, now + self._recheck_s)
+            self._schedule(entry.slide_id, now + self.recheck_s)
             return
         self._changed(await self.ledger.mark_ready(entry.slide_id, identity.size, identity.mtime_ns,
                                                    identity.fingerprint))
 
     # -- dispatching
 
-    def _ready_slide(self, record: SlideRecord) -> ReadySlide:
-        return ReadySlide(record.slide_id, record.version, self.root / record.source, record.kind,
-                          record.output_stem or record.stem, record.attempts, record.pseudonym, record.row_id or 0)
-
-    async def _send(self, send: ObjectSendStream[ReadySlide], record: SlideRecord) -> None:
-        slide = self._ready_slide(record)
-        self._in_flight[record.slide_id] = record.version
+    async def _send(self, send: ObjectSendStream[ReadySlide], taken: Change) -> None:
+        """A ready row just taken (now `running`) downstream; released again when the send fails."""
+        self._changed(taken)
+        record = taken.after
+        slide = ReadySlide(record.slide_id, record.version, self.root / record.source, record.kind,
+                           record.output_stem or record.stem, record.attempts, record.pseudonym, record.row_id or 0)
+        self.in_flight[slide.row_id] = slide
         try:
             await send.send(slide)
         except BaseException:
@@ -921,9 +771,11 @@ class FolderWatcher:
             raise
 
     async def _dispatch_loop(self, send: ObjectSendStream[ReadySlide]) -> None:
-        """Oldest ready row first, one at a time: backpressure leaves the others in the ledger."""
+        """Oldest ready row first, one at a time: backpressure leaves the others in the ledger. While intake is
+        paused, nothing is taken: the dispatcher probes the output instead."""
         while True:
-            await self.gate.wait_open()
+            if self.paused_because is not None:
+                await self._probe_until_writable()
             wake = self._ready_wake
             taken = await self.ledger.take_next()
             if taken is None:
@@ -931,23 +783,19 @@ class FolderWatcher:
                 if wake.is_set():
                     self._ready_wake = anyio.Event()
                 continue
-            self._changed(taken)
             try:
-                await self._send(send, taken.after)
+                await self._send(send, taken)
             except (anyio.BrokenResourceError, anyio.ClosedResourceError):
                 return
 
-    async def _probe_loop(self) -> None:
-        """Whenever intake is paused: probe the output every `probe_s`; on the first good write resume intake."""
+    async def _probe_until_writable(self) -> None:
+        """Intake is paused: probe the output every `probe_s`; on the first good write resume intake."""
         while True:
-            await self.gate.wait_paused()
-            while True:
-                await self.clock.sleep_until(self.clock.now() + self.config.probe_s)
-                failure = await anyio.to_thread.run_sync(probe_writable, self.probe_dir, limiter=self.limiter)
-                if failure is None:
-                    break
-                log.warning("output still not writable: %s", failure, extra={"event": "probe_failed"})
-            self._apply(await self.ledger.resume_deferred())
-            self.gate.resume()
-            log.warning("intake resumed: the output is writable again", extra={"event": "intake_resumed"})
-            self._ready_wake.set()
+            await self.clock.sleep_until(self.clock.now() + self.config.probe_s)
+            failure = await anyio.to_thread.run_sync(probe_writable, self.options.probe_dir, limiter=self.limiter)
+            if failure is None:
+                break
+            log.warning("output still not writable: %s", failure, extra={"event": "probe_failed"})
+        self._apply(await self.ledger.resume_deferred())
+        self.paused_because = None
+        log.warning("intake resumed: the output is writable again", extra={"event": "intake_resumed"})

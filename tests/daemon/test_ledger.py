@@ -15,12 +15,12 @@ from pathlib import Path
 import anyio
 import pytest
 
-from atlaspatch_stream.daemon.clock import ManualClock
 from atlaspatch_stream.daemon.ledger.facade import Ledger
 from atlaspatch_stream.daemon.ledger.states import Observation, RetryPolicy, Settings, SlideRecord
 from atlaspatch_stream.daemon.ledger.status import read_status, requeue_slides
 from atlaspatch_stream.daemon.ledger.store import LedgerError
 from atlaspatch_stream.items import Failure
+from tests.daemon.manual_clock import ManualClock
 
 pytestmark = pytest.mark.anyio
 SETTINGS = Settings("geo", ("resnet50",))

@@ -24,7 +24,7 @@ from atlaspatch_stream.daemon.ledger.states import (
     settings_change,
     vanish,
 )
-from atlaspatch_stream.daemon.naming import clean_stem, unique_stem, within
+from atlaspatch_stream.daemon.naming import clean_stem, unique_stem
 from atlaspatch_stream.errors import SlideError, failure_of, refused
 from atlaspatch_stream.items import Failure
 
@@ -211,8 +211,7 @@ def test_due_only_when_the_time_has_come() -> None:
 
 
 def test_output_stems_avoid_upstream_collisions_safely() -> None:
-    """`a/x.svs` keeps upstream's `x`; `b/x.svs` and `x.ndpi` get stable hashed names; unsafe names are cleaned
-    and joined paths never leave the root."""
+    """`a/x.svs` keeps upstream's `x`; `b/x.svs` and `x.ndpi` get stable hashed names; unsafe names are cleaned."""
     taken: set[str] = set()
 
     def assign(slide_id: str, stem: str) -> str:
@@ -226,11 +225,6 @@ def test_output_stems_avoid_upstream_collisions_safely() -> None:
     assert clean_stem("../../etc/passwd") == "_.._etc_passwd"
     assert clean_stem("a\nb\x00c") == "a_b_c" and clean_stem("..").startswith("slide-")
     assert len(clean_stem("é" * 400).encode()) <= 160
-    with pytest.raises(ValueError):
-        within(Path("/out"), "../x.h5")
-    with pytest.raises(ValueError):
-        within(Path("/out"), "/etc/x.h5")
-    assert within(Path("/out"), "patches/x.h5") == Path("/out/patches/x.h5").resolve()
 
 
 def test_settings_follow_the_geometry_fingerprint() -> None:

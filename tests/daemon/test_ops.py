@@ -15,7 +15,6 @@ import anyio
 import orjson
 import pytest
 
-from atlaspatch_stream.daemon.clock import ManualClock
 from atlaspatch_stream.daemon.ops.logs import (
     JsonLinesFormatter,
     Pseudonymizer,
@@ -32,6 +31,7 @@ from atlaspatch_stream.daemon.ops.statusfile import (
     write_status,
 )
 from atlaspatch_stream.errors import ConfigError
+from tests.daemon.manual_clock import ManualClock
 
 httpx = pytest.importorskip("httpx")
 text_string_to_metric_families = pytest.importorskip("prometheus_client.parser").text_string_to_metric_families
