@@ -2,7 +2,8 @@
 
     python perf/bench_process.py [--slides 3] [--size 12000] [--encoder lunit_vit_small_patch16_dino]
                                  [--allocators cli_default,glibc_defaults[,small_footprint,mmap_32mib]]
-                                 [--rounds 1] [--decoder auto] [--work DIR] [--no-upstream]
+                                 [--rounds 1] [--decoder auto] [--work DIR] [--no-upstream] [--upstream-workers 4]
+                                 [--emulate-no-avx512]
                                  [--variant read.slides_in_parallel=1 [--variant ...]] [--baseline-tree DIR]
 
 Writes large synthetic 40× slides (JPEG tiles, drawn tissue) and seeded random weights, then measures, each in its
@@ -10,11 +11,13 @@ own process (so each peak RSS is that run's own, not the slide writer's): the wh
 tile-once reading, cross-slide batches, one encoder, H5 writing) under each allocator configuration of
 `--allocators` (`allocators()`: `cli_default` is what `atlaspatch process` does on this CPU, `glibc_defaults` the
 library as is), alternated for `--rounds` rounds with the order rotated; the encoder alone on as many random
-batches; and an upstream-style feature stage on the same coordinates (serial OpenSlide reads, PIL transforms, the
-model cast to fp32 on CPU). Prints one JSON line: per configuration the median wall, user and system seconds and
+batches; and an upstream-style feature stage on the same coordinates (serial OpenSlide reads, a DataLoader per batch
+with `--upstream-workers` forked workers as upstream's `--feature-num-workers`, the model cast to fp32 on CPU). Prints one JSON line: per configuration the median wall, user and system seconds and
 peak RSS with the paired wall ratio to the first configuration; the first configuration's ratios to the encoder
 alone (target ≤ 1.15) and to the upstream-style stage (wall and peak RSS); per-stage busy seconds; the CPU flags
-that decide precision and allocator (AVX-512, AVX-512 BF16, AMX). `--variant SECTION.KEY=VALUE[,...]` runs the
+that decide precision and allocator (AVX-512, AVX-512 BF16, AMX). `--emulate-no-avx512` runs every measurement with
+torch, oneDNN and MKL kept to AVX2, a CPU without AVX-512 as far as the forward pass goes (JPEG decoding and the
+rest keep their own dispatch). `--variant SECTION.KEY=VALUE[,...]` runs the
 pipeline once more with those settings changed. `--work DIR` keeps the slides and weights there (written once,
 reused). `--baseline-tree DIR` runs the pipeline once more from another checkout (e.g. `git worktree add /tmp/before
 <commit>`), to show a change costs no speed. Appends the line to perf/results/bench_process.jsonl.
@@ -36,16 +39,16 @@ from common import machine, write_result  # perf/common.py (scripts run from per
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def write_slides(folder: Path, n: int, size: int) -> list[Path]:
-    """`n` synthetic 40× slides of about size × 0.75·size pixels."""
+def write_slides(folder: Path, n: int, size: int, tile: int) -> list[Path]:
+    """`n` synthetic 40× slides of about size × 0.75·size pixels in JPEG tiles of `tile` pixels."""
     from atlaspatch_stream.testing.synthetic import write_synthetic_slide
 
     return [write_synthetic_slide(folder / f"bench_{i}.svs", width=size, height=int(size * 0.75), seed=10 + i,
-                                  levels=(1, 4, 16, 32)) for i in range(n)]
+                                  levels=(1, 4, 16, 32), tile=tile) for i in range(n)]
 
 
 def random_weights(name: str, folder: Path) -> Path:
-    """A seeded random state dict for `name` in its published key names."""
+    """A seeded random state dict for `name` in its published key names (empty for a weight-free encoder)."""
     import torch
     from safetensors.torch import save_file
 
@@ -58,11 +61,18 @@ def random_weights(name: str, folder: Path) -> Path:
     return path
 
 
+def queue_fills(statistics) -> dict[str, float]:  # noqa: ANN001
+    """Each queue's fill from a pipeline's statistics: `EngineStatistics`, or the dict of trees before the run layer
+    (`--baseline-tree`)."""
+    if isinstance(statistics, dict):
+        return {name: edge["used"] / max(edge["size"], 1) for name, edge in statistics["streams"].items()}
+    return {name: edge.fill for name, edge in statistics.streams.items()}
+
+
 async def run_pipeline(config, slides: list[Path], trim: bool = False) -> tuple[float, dict, dict, list]:
     """Wall seconds, per-stage busy seconds, mean queue fill, results; with `trim`, freed memory is given back after
     each slide as the CLI does it."""
     from atlaspatch_stream.api import make_jobs, open_pipeline
-    from atlaspatch_stream.cli.allocator import release_free_memory
 
     busy: dict[str, float] = {}
     fills: dict[str, list[float]] = {}
@@ -72,8 +82,8 @@ async def run_pipeline(config, slides: list[Path], trim: bool = False) -> tuple[
 
         async def sample() -> None:
             while True:
-                for name, edge in pipeline.statistics().streams.items():
-                    fills.setdefault(name, []).append(edge.fill)
+                for name, fill in queue_fills(pipeline.statistics()).items():
+                    fills.setdefault(name, []).append(fill)
                 await anyio.sleep(0.25)
 
         async with anyio.create_task_group() as tg:
@@ -83,6 +93,8 @@ async def run_pipeline(config, slides: list[Path], trim: bool = False) -> tuple[
             await pipeline.close_input()
             async for result in pipeline.results():
                 if trim:
+                    from atlaspatch_stream.cli.allocator import release_free_memory
+
                     release_free_memory()
                 results.append(result)
                 for stage, seconds in result.timings.items():
@@ -107,18 +119,35 @@ def encoder_alone(config, patches: int) -> float:
     return time.perf_counter() - started
 
 
-def upstream_style(config, out: Path, slides: list[Path]) -> float:
+class _Buffered:
+    """The patches of one buffered batch as a map-style dataset, transformed on access (upstream's loader input)."""
+
+    def __init__(self, patches: list, transform) -> None:  # noqa: ANN001
+        self.patches, self.transform = patches, transform
+
+    def __len__(self) -> int:
+        return len(self.patches)
+
+    def __getitem__(self, index: int):  # noqa: ANN204
+        from PIL import Image
+
+        return self.transform(Image.fromarray(self.patches[index]))
+
+
+def upstream_style(config, out: Path, slides: list[Path], workers: int) -> float:
     """Seconds for upstream's feature stage on our coordinates, done the way upstream does it (reference §2.4, §5.2).
 
-    Per patch and serially: OpenSlide `read_region` → RGB → cv2 INTER_LINEAR resize → PIL → torchvision transform;
-    batches of `--feature-batch-size`; the whole model cast to the run's dtype (float16 on CPU falls back to float32,
-    as upstream does). Same encoder, same random weights, same coordinates.
+    Per patch and serially in the main process: OpenSlide `read_region` → RGB → cv2 INTER_LINEAR resize; each batch of
+    `--feature-batch-size` goes through a new `DataLoader` (batch size = the buffer, `workers` worker processes:
+    upstream's `--feature-num-workers`, default 4, forked per batch) that applies the torchvision transform; the whole
+    model cast to the run's dtype (float16 on CPU falls back to float32, as upstream does); each batch's features
+    appended to an H5 dataset. Same encoder, same random weights, same coordinates.
     """
     import cv2
     import h5py
     import openslide
     import torch
-    from PIL import Image
+    from torch.utils.data import DataLoader
     from torchvision import transforms as T
 
     from atlaspatch_stream.assembly import RealBackends
@@ -137,16 +166,53 @@ def upstream_style(config, out: Path, slides: list[Path]) -> float:
         with h5py.File(out / "patches" / f"{slide.stem}.h5") as f:
             coords = f["coords"][...]
         osr = openslide.OpenSlide(str(slide))
-        for start in range(0, len(coords), batch):
-            tensors = []
-            for x, y, rw, rh, lv in coords[start : start + batch].tolist():
-                rgb = np.asarray(osr.read_region((x, y), lv, (rw, rh)).convert("RGB"))
-                if rgb.shape[:2] != (size, size):
-                    rgb = cv2.resize(rgb, (size, size))
-                tensors.append(transform(Image.fromarray(rgb)))
-            with torch.inference_mode():
-                spec.forward(model, torch.stack(tensors)) if spec.forward else model(torch.stack(tensors))
+        with h5py.File(out / f"upstream_{slide.stem}.h5", "w") as sink:
+            features = None
+            for start in range(0, len(coords), batch):
+                patches = []
+                for x, y, rw, rh, lv in coords[start : start + batch].tolist():
+                    rgb = np.asarray(osr.read_region((x, y), lv, (rw, rh)).convert("RGB"))
+                    patches.append(rgb if rgb.shape[:2] == (size, size) else cv2.resize(rgb, (size, size)))
+                loader = DataLoader(_Buffered(patches, transform), batch_size=len(patches), num_workers=workers,
+                                    shuffle=False, pin_memory=False)
+                with torch.inference_mode():
+                    for tensors in loader:
+                        rows = (spec.forward(model, tensors) if spec.forward else model(tensors)).float().numpy()
+                if features is None:
+                    features = sink.create_dataset("features", shape=(0, rows.shape[1]), maxshape=(None, rows.shape[1]),
+                                                   chunks=(batch, rows.shape[1]), dtype="float32")
+                features.resize(features.shape[0] + len(rows), axis=0)
+                features[-len(rows):] = rows
         osr.close()
+    return time.perf_counter() - started
+
+
+def openslide_read(out: Path, slides: list[Path], threads: int = 2) -> float:
+    """Seconds for OpenSlide only reading the same patches as RGB arrays, one handle per thread on `threads` threads
+    (the floor a weight-free job is held to)."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    import h5py
+    import openslide
+
+    local = threading.local()
+
+    def read(slide: Path, rows: np.ndarray) -> int:
+        handles = local.__dict__.setdefault("handles", {})
+        osr = handles.get(slide) or handles.setdefault(slide, openslide.OpenSlide(str(slide)))
+        for x, y, rw, rh, lv in rows.tolist():
+            np.asarray(osr.read_region((x, y), lv, (rw, rh)).convert("RGB"))
+        return len(rows)
+
+    work = []
+    for slide in slides:
+        with h5py.File(out / "patches" / f"{slide.stem}.h5") as f:
+            coords = f["coords"][...]
+        work += [(slide, coords[i : i + 32]) for i in range(0, len(coords), 32)]
+    started = time.perf_counter()
+    with ThreadPoolExecutor(threads) as pool:
+        sum(pool.map(lambda item: read(*item), work))
     return time.perf_counter() - started
 
 
@@ -161,7 +227,7 @@ def make_config(args: argparse.Namespace, folder: Path, weights: Path, out: str 
         "plan": {"patch_size": 224, "target_mag": 20},
         "segment": {"segmenter": "otsu", "device": "cpu"},
         "encode": {"extractors": (args.encoder,), "device": args.device, "precision": args.precision,
-                   "batch_size": args.batch, "weights": ((args.encoder, weights),)},
+                   "batch_size": args.batch, "weights": ((args.encoder, weights),) if weights.stat().st_size > 64 else ()},
         "read": {"decoder": args.decoder} if args.decoder != "auto" else {},  # older trees know no decoder key
         "write": {"output": folder / out},
     }
@@ -204,10 +270,12 @@ def child(args: argparse.Namespace) -> None:
         wall, busy, fills, results = anyio.run(run_pipeline, config, slides, args.trim)
         out = {"wall_s": wall, "busy": busy, "fills": fills, "patches": sum(r.num_patches or 0 for r in results),
                "statuses": sorted({r.status for r in results})}
+    elif args.child == "openslide":
+        out = {"wall_s": openslide_read(folder / args.out, slides)}
     elif args.child == "encoder":
         out = {"wall_s": encoder_alone(config, args.patches)}
     else:
-        out = {"wall_s": upstream_style(config, folder / args.out, slides)}
+        out = {"wall_s": upstream_style(config, folder / args.out, slides, args.upstream_workers)}
     import resource
 
     usage = resource.getrusage(resource.RUSAGE_SELF)
@@ -223,21 +291,32 @@ def _commit(tree: str) -> str:
                           check=False).stdout.strip()
 
 
-def allocators() -> dict[str, tuple[dict[str, str], bool]]:
+def allocators(environ: dict[str, str]) -> dict[str, tuple[dict[str, str], bool]]:
     """The allocator configurations a pipeline run can take, as (glibc variables, trim after each slide):
-    `cli_default` is what `atlaspatch` chooses on this CPU (`cli.allocator`); `glibc_defaults` is the library as is;
-    `small_footprint` the fixed 1 MiB mmap threshold and two arenas (the CLI's choice on CPUs without native bf16);
-    `mmap_32mib` glibc's defaults with a fixed 32 MiB threshold."""
-    from atlaspatch_stream.cli.allocator import SMALL_FOOTPRINT, choose_settings, cpu_flags
+    `cli_default` is what `atlaspatch` chooses on this CPU under `environ` (`cli.allocator`); `glibc_defaults` is the
+    library as is; `small_footprint` the fixed 1 MiB mmap threshold and two arenas (the CLI's choice on CPUs without
+    native bf16); `mmap_32mib` glibc's defaults with a fixed 32 MiB threshold; `arenas_2` glibc's dynamic threshold
+    with two arenas, trimmed after each slide."""
+    from atlaspatch_stream.cli.allocator import SMALL_FOOTPRINT, choose_settings
+    from atlaspatch_stream.cpu import read_cpu_flags
 
     def variables(settings: dict[str, tuple[int, int]]) -> dict[str, str]:
         return {name: str(value) for name, (_, value) in settings.items()}
 
-    with open("/proc/cpuinfo") as fh:
-        chosen = choose_settings(cpu_flags(fh.read()), {})
+    chosen = choose_settings(read_cpu_flags(), environ)
     return {"cli_default": (variables(chosen), True), "glibc_defaults": ({}, False),
             "small_footprint": (variables(SMALL_FOOTPRINT), False),
-            "mmap_32mib": ({"MALLOC_MMAP_THRESHOLD_": "33554432"}, False)}
+            "mmap_32mib": ({"MALLOC_MMAP_THRESHOLD_": "33554432"}, False),
+            "arenas_2": ({"MALLOC_ARENA_MAX": "2"}, True)}
+
+
+# A CPU without AVX-512, emulated on one with it: torch's ATen kernels, oneDNN and MKL kept to AVX2.
+WITHOUT_AVX512 = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
+
+
+def emulated(args: argparse.Namespace) -> dict[str, str]:
+    """The environment every measurement runs under: `WITHOUT_AVX512` with `--emulate-no-avx512`, else nothing."""
+    return dict(WITHOUT_AVX512) if args.emulate_no_avx512 else {}
 
 
 def spawn(args: argparse.Namespace, folder: Path, what: str, env: dict[str, str] | None = None,
@@ -253,9 +332,10 @@ def spawn(args: argparse.Namespace, folder: Path, what: str, env: dict[str, str]
     command = [sys.executable, __file__, "--child", what, "--folder", str(folder), "--encoder", args.encoder,
                "--precision", args.precision, "--batch", str(args.batch), "--device", args.device,
                "--decoder", args.decoder, "--patches", str(patches), "--out", out,
-               "--override", orjson.dumps(override or {}).decode()] + (["--trim"] if trim else [])
+               "--override", orjson.dumps(override or {}).decode(),
+               "--upstream-workers", str(args.upstream_workers)] + (["--trim"] if trim else [])
     plain = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
-    proc = subprocess.run(command, capture_output=True, text=True, env={**plain, **(env or {})},
+    proc = subprocess.run(command, capture_output=True, text=True, env={**plain, **emulated(args), **(env or {})},
                           cwd=Path(__file__).parent)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode or not lines:
@@ -263,20 +343,20 @@ def spawn(args: argparse.Namespace, folder: Path, what: str, env: dict[str, str]
     return orjson.loads(lines[-1][len("RESULT "):])
 
 
-def cpu_flags_noted() -> dict[str, bool]:
-    """Which of the CPU flags that decide precision and allocator settings this CPU has."""
-    from atlaspatch_stream.cli.allocator import NATIVE_BF16_FLAGS, cpu_flags, has_native_bf16
+def cpu_flags_noted(args: argparse.Namespace) -> dict[str, object]:
+    """Which of the CPU flags that decide precision and allocator settings this CPU has, and what was emulated."""
+    from atlaspatch_stream.cpu import NATIVE_BF16_FLAGS, has_native_bf16, read_cpu_flags
 
-    with open("/proc/cpuinfo") as fh:
-        flags = cpu_flags(fh.read())
-    return {**{name: name in flags for name in ("avx512f", *NATIVE_BF16_FLAGS)}, "native_bf16": has_native_bf16(flags)}
+    flags = read_cpu_flags()
+    return {**{name: name in flags for name in ("avx512f", *NATIVE_BF16_FLAGS)},
+            "native_bf16": has_native_bf16(flags, emulated(args)), "emulated": emulated(args) or None}
 
 
 def alternate(args: argparse.Namespace, folder: Path, names: list[str]) -> dict[str, dict]:
     """Each allocator configuration once per round, the order rotated each round (so drift on a shared machine hits
     all alike); per configuration the median wall, CPU and peak RSS, and the median of its per-round wall ratio to
     the first configuration."""
-    configs = allocators()
+    configs = allocators(emulated(args))
     runs: dict[str, list[dict]] = {name: [] for name in names}
     for round_ in range(args.rounds):
         order = names[round_ % len(names):] + names[: round_ % len(names)]
@@ -303,6 +383,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--slides", type=int, default=3)
     parser.add_argument("--size", type=int, default=12000)
+    parser.add_argument("--tile", type=int, default=256, help="JPEG tile size of the written slides")
+    parser.add_argument("--openslide-read", action="store_true",
+                        help="also time OpenSlide only reading the same patches on 2 threads")
     parser.add_argument("--encoder", default="lunit_vit_small_patch16_dino")
     parser.add_argument("--precision", default="float16", help="as --feature-precision (default: upstream's)")
     parser.add_argument("--batch", type=int, default=32)
@@ -310,19 +393,26 @@ def main() -> None:
     parser.add_argument("--decoder", default="auto", help="as --decoder")
     parser.add_argument("--allocators", default="cli_default,glibc_defaults",
                         help="pipeline runs, comma-separated, the first is the reference: " + ", ".join(
-                            ["cli_default", "glibc_defaults", "small_footprint", "mmap_32mib"]))
+                            ["cli_default", "glibc_defaults", "small_footprint", "mmap_32mib", "arenas_2"]))
     parser.add_argument("--rounds", type=int, default=1, help="rounds of the allocator configurations, alternated")
     parser.add_argument("--no-upstream", dest="upstream", action="store_false",
-                        help="skip the upstream-style baseline (serial read_region + PIL + fp32 model)")
+                        help="skip the upstream-style baseline (serial read_region, a DataLoader per batch, fp32 model)")
+    parser.add_argument("--upstream-workers", type=int, default=4,
+                        help="DataLoader workers of the upstream-style stage (upstream's --feature-num-workers, "
+                             "default 4, forked per batch as upstream does; 0 = in the main process)")
+    parser.add_argument("--emulate-no-avx512", action="store_true",
+                        help="every measurement with torch, oneDNN and MKL kept to AVX2 (a CPU without AVX-512); "
+                             "use --precision float32 there, as float16 means on such a CPU")
     parser.add_argument("--variant", action="append", default=[], type=parse_variant,
                         help="SECTION.KEY=VALUE[,...]: one more pipeline run (CLI default allocator) with these "
                              "settings (repeatable)")
-    parser.add_argument("--baseline-tree", help="also run the pipeline from this checkout of an older commit "
-                        "(glibc defaults, as the library runs): 'no slower than before' measured in the same run")
+    parser.add_argument("--baseline-tree", help="also run the pipeline from this checkout of an older commit, under the allocator "
+                        "settings its CLI applied (the fixed 1 MiB threshold, two arenas): 'no slower than before' "
+                        "measured in the same run")
     parser.add_argument("--work", help="keep slides and weights in this folder (reused when present)")
     parser.add_argument("--override", default="{}", help=argparse.SUPPRESS)
     parser.add_argument("--trim", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--child", choices=["pipeline", "encoder", "upstream"], help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=["pipeline", "encoder", "upstream", "openslide"], help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
     parser.add_argument("--patches", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--out", default="out", help=argparse.SUPPRESS)
@@ -336,29 +426,34 @@ def main() -> None:
         folder = Path(args.work) if args.work else Path(tmp)
         slides = sorted((folder / "slides").glob("*.svs"))
         if len(slides) != args.slides or not (folder / f"{args.encoder}.safetensors").exists():
-            slides = write_slides(folder / "slides", args.slides, args.size)
+            slides = write_slides(folder / "slides", args.slides, args.size, args.tile)
             random_weights(args.encoder, folder)
         pipelines = alternate(args, folder, names)
-        env, trim = allocators()["cli_default"]
+        env, trim = allocators(emulated(args))["cli_default"]
         variants = [{"settings": v, **spawn(args, folder, "pipeline", env, out=f"out_v{i}", override=v, trim=trim)}
                     for i, v in enumerate(args.variant)]
-        before = spawn(args, folder, "pipeline", {"PYTHONPATH": str(Path(args.baseline_tree).resolve())},
+        # the older tree as its CLI ran it: the fixed 1 MiB threshold and two arenas on every CPU (commit 1ea700c)
+        before = spawn(args, folder, "pipeline", {"PYTHONPATH": str(Path(args.baseline_tree).resolve()),
+                                                  **allocators({})["small_footprint"][0]},
                        out="out_before") if args.baseline_tree else None
         ours = pipelines[names[0]]
         alone = spawn(args, folder, "encoder", patches=ours["patches"])
         # the upstream-style stage reads the coordinates the reference run wrote
         upstream = spawn(args, folder, "upstream", out=f"out_{names[0]}") if args.upstream else None
+        reading = spawn(args, folder, "openslide", out=f"out_{names[0]}") if args.openslide_read else None
     import torch
 
     wall, patches = ours["wall_s"], ours["patches"]
     line = {
         "bench": "process", "date": time.strftime("%Y-%m-%d"), "encoder": args.encoder, "precision": args.precision,
-        "decoder": args.decoder, "slides": len(slides), "slide_px": [args.size, int(args.size * 0.75)],
+        "decoder": args.decoder, "slides": len(slides), "slide_px": [args.size, int(args.size * 0.75)], "tile_px": args.tile,
         "patches": patches, "reference": names[0], "rounds": args.rounds, "wall_s": wall,
         "encoder_alone_s": round(alone["wall_s"], 2), "ratio_wall_to_encoder": round(wall / alone["wall_s"], 3),
         "upstream_style_feature_stage_s": round(upstream["wall_s"], 2) if upstream else None,
         "speedup_vs_upstream_style": round(upstream["wall_s"] / wall, 2) if upstream else None,
         "peak_rss_mb": ours["peak_rss_mb"],
+        "openslide_read_s": round(reading["wall_s"], 2) if reading else None,
+        "wall_over_openslide_read": round(wall / reading["wall_s"], 3) if reading else None,
         "peak_rss_over_upstream_style": round(ours["peak_rss_mb"] / upstream["peak_rss_mb"], 3) if upstream else None,
         "patches_per_s": round(patches / wall, 1), "slides_per_h": round(len(slides) / wall * 3600, 1),
         "pipelines": pipelines,
@@ -370,7 +465,7 @@ def main() -> None:
         "peak_rss_mb_encoder_alone": alone["peak_rss_mb"],
         "peak_rss_mb_upstream_style": upstream["peak_rss_mb"] if upstream else None,
         "note": "each measurement in its own process: peak RSS is that process's own (slide writing excluded)",
-        "cpu_flags": cpu_flags_noted(),
+        "cpu_flags": cpu_flags_noted(args), "upstream_workers": args.upstream_workers,
         "machine": machine("torch", "timm", "imagecodecs", torch_threads=torch.get_num_threads()),
     }
     write_result("bench_process", line)
