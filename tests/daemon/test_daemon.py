@@ -445,22 +445,62 @@ def test_once_right_after_a_copy_takes_the_slides_once_they_settle(tmp_path: Pat
     assert (counts["done"], counts["seen"], sum(counts.values())) == (3, 1, 4)
 
 
+def _stopped_holding_a_lock(proc: subprocess.Popen[str], out: Path, timeout: float = 120.0) -> Path:
+    """SIGSTOP `proc` at a moment it holds a slide's lock (a stopped process is still a live holder); the lock."""
+    from atlaspatch_stream.outputs.claims import judge
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        for lock in (out / "patches").glob("*.lock"):
+            os.kill(proc.pid, signal.SIGSTOP)
+            verdict = judge(lock)
+            if verdict.state == "held" and verdict.holder is not None and verdict.holder.pid == proc.pid:
+                return lock
+            os.kill(proc.pid, signal.SIGCONT)
+        time.sleep(0.005)
+    raise AssertionError("the first daemon never held a slide's lock")
+
+
+def _lines_until(stream: Any, text: str, timeout: float) -> tuple[list[str], threading.Event]:
+    """Collect `stream`'s lines in a thread; the event is set once a line contains `text`."""
+    lines: list[str] = []
+    seen = threading.Event()
+
+    def collect() -> None:
+        for line in stream:
+            lines.append(line)
+            if text in line:
+                seen.set()
+
+    threading.Thread(target=collect, daemon=True).start()
+    return lines, seen
+
+
 def test_two_once_daemons_on_one_output_wait_for_each_other_and_both_exit_0(tmp_path: Path) -> None:
     """Two `--once` daemons, each with its own --state, on one input and one output: each slide is processed
     exactly once; a slide the other daemon holds is waited for and, once its complete H5 is there, counts as done
-    by another worker (not a failure): both ledgers end with every slide done, and both exit 0."""
+    by another worker (not a failure): both ledgers end with every slide done, and both exit 0. The first daemon is
+    paused (SIGSTOP) while it holds a slide's lock until the second says it waits for that slide, so the wait
+    happens whatever the machine's load."""
     folder = tmp_path / "in"
     for i in range(6):
         write_synthetic_slide(folder / f"s{i}.svs", width=4096, height=3072, seed=i)
     out = tmp_path / "out"
-    procs = [subprocess.Popen([*CLI, "watch", str(folder), *_flags(out, "--once", state=tmp_path / name)],
-                              env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for name in ("state-a", "state-b")]
-    results = [proc.communicate(timeout=300) for proc in procs]
-    for proc, (stdout, stderr) in zip(procs, results, strict=True):
-        assert proc.returncode == 0, stderr[-2000:]
+    first = _start(folder, out, "--once", state=tmp_path / "state-a")
+    try:
+        lock = _stopped_holding_a_lock(first, out)
+        second = _start(folder, out, "--once", state=tmp_path / "state-b")
+        errors, waiting = _lines_until(second.stderr, f"{lock.stem}.svs: locked by another live worker", 300)
+        assert waiting.wait(300), "".join(errors)[-2000:]
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
+    first_out, first_err = first.communicate(timeout=300)
+    second_out = second.stdout.read() if second.stdout else ""
+    assert first.returncode == 0, first_err[-2000:]
+    assert second.wait(timeout=300) == 0, "".join(errors)[-2000:]
+    for stdout in (first_out, second_out):
         assert stdout.strip().splitlines()[-1].startswith("watch --once: 6 done"), stdout
-    assert any("by another worker" in stdout for stdout, _ in results), results
+    assert " by another worker)" in second_out, second_out  # every slide the first held when it was paused
     for name in ("state-a", "state-b"):
         counts = _counts(out, tmp_path / name)
         assert counts["done"] == 6 and sum(counts.values()) == 6, counts
