@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 import threading
 from collections import Counter
-from collections.abc import Generator, Iterator
+from collections.abc import Callable, Generator, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -77,6 +77,10 @@ def _backend(handle: Any) -> str | None:
     return getattr(handle, "backend", None) or getattr(getattr(handle, "info", None), "backend", None)
 
 
+def _tiff_path(handle: Any) -> str:
+    return getattr(handle, "tiff_path", None) or getattr(handle, "path", None) or handle.info.path
+
+
 def tile_metas(handle: Any) -> tuple[TilePageMeta | None, ...] | None:
     """Per level of `handle`, its tile layout when that level can be read tile-once (else None there).
 
@@ -85,8 +89,7 @@ def tile_metas(handle: Any) -> tuple[TilePageMeta | None, ...] | None:
     """
     if _backend(handle) != "tiffslide":
         return None
-    path = getattr(handle, "tiff_path", None) or getattr(handle, "path", None) or handle.info.path
-    found = describe_levels(path)
+    found = describe_levels(_tiff_path(handle))
     if found is None:
         return None
     dims, metas = found
@@ -134,8 +137,7 @@ def region_reason(handle: Any) -> str:
     backend = _backend(handle)
     if backend != "tiffslide":
         return f"{backend or 'unknown'} slide: tiles are read through its library"
-    path = getattr(handle, "tiff_path", None) or getattr(handle, "path", None) or handle.info.path
-    problems = level_problems(path)
+    problems = level_problems(_tiff_path(handle))
     if problems is None:
         return "not a plain tiled TIFF pyramid"
     return "; ".join(sorted({p for p in problems if p})) or "levels do not match the slide handle"
@@ -192,6 +194,17 @@ def read_one(handle: Any, row: np.ndarray, patch_size: int) -> np.ndarray:
     return resize_patch(rgb, patch_size)
 
 
+def _pooled(
+    threads: int, name: str, chunks: Callable[[ThreadPoolExecutor], Iterator[tuple[np.ndarray, Any]]]
+) -> Iterator[tuple[np.ndarray, Any]]:
+    """Yield `chunks(pool)` from a pool of `threads` threads, shut down (queued reads cancelled) when done or closed."""
+    pool = ThreadPoolExecutor(threads, thread_name_prefix=name)
+    try:
+        yield from chunks(pool)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
 def _region_chunks(
     handle: Any, coords: np.ndarray, rows: np.ndarray, patch_size: int, chunk: int, pool: ThreadPoolExecutor
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -232,13 +245,9 @@ class RegionReader:
         _check_args(patch_size, chunk)
         arr = check_coords(coords, handle)
         self.routes = [Route(lv, "read_region", self.reason) for lv in np.unique(arr[:, 4]).tolist()]
-        pool = ThreadPoolExecutor(self.threads, thread_name_prefix="region-reader")
-        try:
-            yield from _region_chunks(
-                handle, arr, np.arange(arr.shape[0], dtype=np.int64), patch_size, chunk, pool
-            )
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)
+        rows = np.arange(arr.shape[0], dtype=np.int64)
+        yield from _pooled(self.threads, "region-reader",
+                           lambda pool: _region_chunks(handle, arr, rows, patch_size, chunk, pool))
 
 
 # A decoded tile awaited by the cutter: the batch that decodes it and its position in the batch.
@@ -297,11 +306,8 @@ class TileOnceReader:
         arr = check_coords(coords, handle)
         metas = tile_metas(handle)
         self.routes, self.decode_counts = [], Counter()
-        pool = ThreadPoolExecutor(self.threads, thread_name_prefix="tile-once")
-        try:
-            yield from self._iter_all(handle, arr, metas, patch_size, chunk, pool)
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)
+        yield from _pooled(self.threads, "tile-once",
+                           lambda pool: self._iter_all(handle, arr, metas, patch_size, chunk, pool))
 
     def iter_level(self, meta: TilePageMeta, coords: np.ndarray, patch_size: int, chunk: int,
                    slide: str = "") -> Iterator[tuple[np.ndarray, Any]]:
@@ -318,11 +324,8 @@ class TileOnceReader:
         arr = np.asarray(coords, dtype=np.int64)
         plan = plan_level(np.arange(arr.shape[0]), arr, meta.downsample, meta.grid)
         self.routes, self.decode_counts = [], Counter()
-        pool = ThreadPoolExecutor(self.threads, thread_name_prefix="tile-once")
-        try:
-            yield from self._iter_level(plan, meta, patch_size, chunk, pool, slide or meta.path)
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)
+        yield from _pooled(self.threads, "tile-once",
+                           lambda pool: self._iter_level(plan, meta, patch_size, chunk, pool, slide or meta.path))
 
     def _iter_all(
         self,
@@ -463,12 +466,9 @@ class TileOnceReader:
 
     # -- cutting --------------------------------------------------------------------------------------------------
 
-    def _torch_cut(self) -> bool:
-        return self.cutter == "torch" or (self.cutter == "auto" and self.decoder.device != "cpu")
-
     def _cut(self, plan: LevelPlan, decoded: dict[int, Any], ready: list[Any], b: int, e: int,
              patch_size: int) -> Any:
-        if not self._torch_cut():
+        if self.cutter == "cv2" or (self.cutter == "auto" and self.decoder.device == "cpu"):
             return self._output(_cut_range(plan, decoded, b, e, patch_size))
         if self.decoder.device == "cpu":
             return self._output(_torch_cut_range(plan, decoded, b, e, patch_size, "cpu"))

@@ -13,11 +13,11 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
-from ..errors import SlideError, describe, is_bug
+from ..errors import SlideError, describe
 from ..tileplan import TileGrid
 
 # TIFF compression tag values we decode ourselves.
@@ -62,42 +62,30 @@ class TilePageMeta:
     bytecounts: np.ndarray
 
 
-class TileCodec(Protocol):
-    """Turns the raw bytes of one tile into RGB uint8 pixels on the CPU. Must be callable from several threads at once.
+def decode_tile(raw: bytes, page_meta: TilePageMeta) -> np.ndarray:
+    """Decode the raw bytes of one tile to RGB uint8 (h, w, 3) on the CPU, with imagecodecs (libjpeg-turbo, OpenJPEG,
+    zlib...), which releases the GIL while decoding: safe from several threads at once.
 
-    This is the per-tile codec under the `cpu` decoder backend (`backends.decoders`); it is also what the reader
-    falls back to when a batch decoder rejects a batch, to name the corrupt tile.
+    This is the codec under the `cpu` decoder backend (`backends.decoders`), which the reader also falls back to when
+    a batch decoder rejects a batch, to name the corrupt tile. (h, w) is the tile size, or at least the part of the
+    tile inside the level for an edge tile that was stored cropped. Raises any exception on corrupt data; the caller
+    translates it.
     """
+    import imagecodecs
 
-    def decode(self, raw: bytes, page_meta: TilePageMeta) -> np.ndarray:
-        """Decode `raw` (one tile of `page_meta`'s level) to uint8 (h, w, 3).
-
-        (h, w) is the tile size, or at least the part of the tile inside the level for an edge tile that was stored
-        cropped. Raises any exception on corrupt data; the caller translates it.
-        """
-        ...
-
-
-class ImagecodecsDecoder:
-    """CPU tile decoder over imagecodecs (libjpeg-turbo, OpenJPEG, zlib...), which releases the GIL while decoding."""
-
-    def decode(self, raw: bytes, page_meta: TilePageMeta) -> np.ndarray:
-        """Decode one tile to uint8 (h, w, 3); see `TileCodec.decode`."""
-        import imagecodecs
-
-        comp = page_meta.compression
-        if comp == JPEG:
-            return imagecodecs.jpeg8_decode(
-                raw,
-                tables=page_meta.jpegtables,
-                colorspace=page_meta.jpeg_colorspace,
-                outcolorspace=_PHOTOMETRIC_RGB,
-            )
-        if comp in JPEG2000:
-            return imagecodecs.jpeg2k_decode(raw)
-        if comp == WEBP:
-            return imagecodecs.webp_decode(raw, hasalpha=False)
-        return _decode_bytes(raw, page_meta)
+    comp = page_meta.compression
+    if comp == JPEG:
+        return imagecodecs.jpeg8_decode(
+            raw,
+            tables=page_meta.jpegtables,
+            colorspace=page_meta.jpeg_colorspace,
+            outcolorspace=_PHOTOMETRIC_RGB,
+        )
+    if comp in JPEG2000:
+        return imagecodecs.jpeg2k_decode(raw)
+    if comp == WEBP:
+        return imagecodecs.webp_decode(raw, hasalpha=False)
+    return _decode_bytes(raw, page_meta)
 
 
 def _decode_bytes(raw: bytes, meta: TilePageMeta) -> np.ndarray:
@@ -268,20 +256,6 @@ def read_raw(fd: int, meta: TilePageMeta, tile: int) -> bytes | None:
     if len(data) != count:
         raise OSError(f"short read: {len(data)} of {count} bytes (file truncated?)")
     return data
-
-
-def load_tile(fd: int, meta: TilePageMeta, tile: int, decoder: TileCodec, slide: str) -> np.ndarray | None:
-    """Read and decode one tile; None for a missing tile (black). Any failure becomes a one-line `SlideError`."""
-    try:
-        raw = read_raw(fd, meta, tile)
-        if raw is None:
-            return None
-        pixels = np.asarray(decoder.decode(raw, meta))
-    except Exception as exc:  # foreign codec/IO errors are per-slide failures, translated here; bugs propagate
-        if is_bug(exc):
-            raise
-        raise tile_error(meta, tile, exc, slide) from exc
-    return check_tile(pixels, meta, tile, slide)
 
 
 def tile_error(meta: TilePageMeta, tile: int, exc: BaseException, slide: str) -> SlideError:

@@ -19,13 +19,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, Generic, Literal, TypeVar
 
-from ...protocols import DecodedTiles, TileDecoder
 from ..tiles import JPEG, JPEG2000, TilePageMeta
 
-__all__ = ["DecodedTiles", "TileDecoder", "codec_of", "full_jpeg", "with_app14_rgb"]
-
-DecoderName = Literal["auto", "cpu", "dali", "nvimgcodec"]
-DECODER_NAMES: tuple[str, ...] = ("auto", "cpu", "dali", "nvimgcodec")
 Codec = Literal["jpeg_rgb", "jpeg_ycbcr", "jpeg2000", "other"]
 
 _PHOTOMETRIC_RGB = 2

@@ -14,8 +14,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from ...batching import to_host
+from ...protocols import DecodedTiles
 from ..tiles import TilePageMeta
-from .base import Codec, Counters, DecodedTiles, ResourcePool, codec_of, cuda_index
+from .base import Codec, Counters, ResourcePool, codec_of, cuda_index
 from .probe import ProbeResult, compare, probe_tiles
 
 _CODEC_NAMES = {1: "uncompressed", 5: "LZW", 8: "deflate", 32946: "deflate", 50000: "zstd", 50001: "WebP"}
