@@ -12,25 +12,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import SlideError
-from ..formats import (
-    DICOM_EXTENSIONS,
-    IMAGE_EXTENSIONS,
-    OPENSLIDE_EXTENSIONS,
-    SUPPORTED_EXTENSIONS,
-    TIFF_EXTENSIONS,
-)
-from .slide_base import BaseSlideHandle, NotRGBError
+from ..formats import DICOM_EXTENSIONS, IMAGE_EXTENSIONS, OPENSLIDE_EXTENSIONS, TIFF_EXTENSIONS
+from .slide_base import NotRGBError
 
 if TYPE_CHECKING:
     from ..protocols import SlideHandle
-
-__all__ = [
-    "SUPPORTED_EXTENSIONS",
-    "BaseSlideHandle",
-    "NotRGBError",
-    "open_slide",
-    "dicom_entry_file",
-]
 
 
 def dicom_entry_file(folder: Path) -> Path | None:

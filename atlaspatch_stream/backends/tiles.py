@@ -101,19 +101,15 @@ def _decode_bytes(raw: bytes, meta: TilePageMeta) -> np.ndarray:
         data = imagecodecs.zstd_decode(raw)
     else:
         data = imagecodecs.zlib_decode(raw)
-    pixels = _reshape_tile(np.frombuffer(data, dtype=np.uint8), meta)
+    # TIFF stores every tile of a byte codec at full tile size.
+    flat, g = np.frombuffer(data, dtype=np.uint8), meta.grid
+    full = g.tile_h * g.tile_w * 3
+    if flat.size < full:
+        raise ValueError(f"tile decodes to {flat.size} bytes, expected {full}")
+    pixels = flat[:full].reshape(g.tile_h, g.tile_w, 3)
     if meta.predictor == 2:
         return imagecodecs.delta_decode(pixels, axis=-2)
     return pixels
-
-
-def _reshape_tile(flat: np.ndarray, meta: TilePageMeta) -> np.ndarray:
-    """(h, w, 3) view of decoded bytes; TIFF stores every tile of a byte codec at full tile size."""
-    g = meta.grid
-    full = g.tile_h * g.tile_w * 3
-    if flat.size >= full:
-        return flat[:full].reshape(g.tile_h, g.tile_w, 3)
-    raise ValueError(f"tile decodes to {flat.size} bytes, expected {full}")
 
 
 def jpeg_source_colorspace(photometric: int, is_jfif: bool) -> int | None:
