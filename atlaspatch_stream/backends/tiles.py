@@ -194,12 +194,6 @@ def _tiffslide_levels(path: str) -> tuple[tuple[tuple[int, int], ...], list[Any]
         slide.close()
 
 
-def downsamples_of(dims: tuple[tuple[int, int], ...]) -> tuple[float, ...]:
-    """Level downsamples as tiffslide (and OpenSlide) compute them: the mean of the width and height ratios."""
-    w0, h0 = dims[0]
-    return tuple(((w0 / w) + (h0 / h)) / 2.0 for w, h in dims)
-
-
 @functools.lru_cache(maxsize=16)
 def _describe_cached(
     path: str, mtime_ns: int, size: int
@@ -209,7 +203,9 @@ def _describe_cached(
     if found is None:
         return None
     dims, pages = found
-    downs = downsamples_of(dims)
+    # Level downsamples as tiffslide (and OpenSlide) compute them: the mean of the width and height ratios.
+    w0, h0 = dims[0]
+    downs = tuple(((w0 / w) + (h0 / h)) / 2.0 for w, h in dims)
     metas = tuple(page_meta(path, i, downs[i], page) for i, page in enumerate(pages))
     problems = tuple(
         None if meta is not None else (_page_problem(page) or "tile offsets do not match the tile grid")

@@ -87,12 +87,11 @@ class ResourcePool(Generic[T]):
         finally:
             self._items.put(item)
 
-    def drain(self) -> list[T]:
-        """Take every object back out of the pool (to close them); the pool is empty afterwards."""
+    def drain(self) -> None:
+        """Drop every object from the pool (the libraries release them when they go); it refills on next use."""
         with self._lock:
-            built, self._built = self._built, []
+            self._built = []
             self._items = queue.Queue()
-        return built
 
 
 class Counters:
