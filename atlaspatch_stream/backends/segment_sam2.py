@@ -160,7 +160,6 @@ class Sam2Segmenter:
         self.weights = weights
         self.batch_size = batch_size
         self.weights_sha256: str | None = None
-        self.weights_path: Path | None = None
         self._model: Any = None
         self._device: torch.device | None = None
         self._lock = threading.Lock()
@@ -184,7 +183,6 @@ class Sam2Segmenter:
         device = resolve_device(self.device_name, "segmentation")
         path = resolve_sam2_weights(self.weights)
         self.weights_sha256 = check_sam2_weights(path)
-        self.weights_path = path
         self._model = build_sam2_model(path, device)
         self._device = device
         self._infer(np.zeros((1, SAM_SIZE, SAM_SIZE, 3), np.uint8))
