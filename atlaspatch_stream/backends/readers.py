@@ -205,9 +205,8 @@ def _pooled(
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _region_chunks(
-    handle: Any, coords: np.ndarray, rows: np.ndarray, patch_size: int, chunk: int, pool: ThreadPoolExecutor
-) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def _region_chunks(handle: Any, coords: np.ndarray, rows: np.ndarray, patch_size: int, chunk: int,
+                   pool: ThreadPoolExecutor) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Yield chunks of `rows` read per patch in `pool`, keeping the next chunk in flight while one is consumed."""
     bounds = chunk_bounds(int(rows.shape[0]), chunk)
 
@@ -304,7 +303,7 @@ class TileOnceReader:
         """
         _check_args(patch_size, chunk)
         arr = check_coords(coords, handle)
-        metas = tile_metas(handle)
+        metas = tile_metas(handle) or ()
         self.routes, self.decode_counts = [], Counter()
         yield from _pooled(self.threads, "tile-once",
                            lambda pool: self._iter_all(handle, arr, metas, patch_size, chunk, pool))
@@ -327,23 +326,15 @@ class TileOnceReader:
         yield from _pooled(self.threads, "tile-once",
                            lambda pool: self._iter_level(plan, meta, patch_size, chunk, pool, slide or meta.path))
 
-    def _iter_all(
-        self,
-        handle: Any,
-        coords: np.ndarray,
-        metas: tuple[TilePageMeta | None, ...] | None,
-        patch_size: int,
-        chunk: int,
-        pool: ThreadPoolExecutor,
-    ) -> Iterator[tuple[np.ndarray, Any]]:
+    def _iter_all(self, handle: Any, coords: np.ndarray, metas: tuple[TilePageMeta | None, ...], patch_size: int,
+                  chunk: int, pool: ThreadPoolExecutor) -> Iterator[tuple[np.ndarray, Any]]:
+        """Each tiled level through `_iter_level`, then every other level's patches through `read_region`."""
         levels = coords[:, 4]
-        tiled = [lv for lv in np.unique(levels).tolist() if metas is not None and metas[lv] is not None]
-        for lv in tiled:
-            meta = metas[lv]  # type: ignore[index]
-            assert meta is not None
+        tiled = {lv: meta for lv in np.unique(levels).tolist() if metas and (meta := metas[lv]) is not None}
+        for lv, meta in tiled.items():
             plan = plan_level(np.flatnonzero(levels == lv), coords, meta.downsample, meta.grid)
             yield from self._iter_level(plan, meta, patch_size, chunk, pool, slide_name(handle))
-        rest = np.flatnonzero(~np.isin(levels, tiled))
+        rest = np.flatnonzero(~np.isin(levels, list(tiled)))
         if rest.size:
             reason = region_reason(handle)
             self.routes += [Route(lv, "read_region", reason) for lv in np.unique(levels[rest]).tolist()]
@@ -357,27 +348,38 @@ class TileOnceReader:
             self.routes.append(Route(meta.level, "cpu" if why else self.decoder.name, why or ""))
         return self._cpu if why else self.decoder
 
-    def _iter_level(
-        self,
-        plan: LevelPlan,
-        meta: TilePageMeta,
-        patch_size: int,
-        chunk: int,
-        pool: ThreadPoolExecutor,
-        slide: str,
-    ) -> Iterator[tuple[np.ndarray, Any]]:
+    def _iter_level(self, plan: LevelPlan, meta: TilePageMeta, patch_size: int, chunk: int,
+                    pool: ThreadPoolExecutor, slide: str) -> Iterator[tuple[np.ndarray, Any]]:
+        """Chunks of `plan`'s patches cut from tiles decoded once, in batches; the next chunk's tiles decode ahead."""
         decoder = self._route(meta)
         try:
             fd = os.open(meta.path, os.O_RDONLY)
         except OSError as exc:
             raise SlideError(f"cannot open for tile reads: {describe(exc)}", slide=slide) from exc
         cache: dict[int, _Pending] = {}
+        bounds = chunk_bounds(len(plan), chunk)
 
-        def load(tiles: list[int]) -> DecodedTiles:
-            return self._load_batch(fd, meta, tiles, decoder, slide)
+        def submit(b: int, e: int) -> None:
+            new = [t for t in plan.tiles_of(b, e).tolist() if t not in cache]
+            for k in range(0, len(new), decoder.batch_size):
+                group = new[k : k + decoder.batch_size]
+                fut = pool.submit(self._load_batch, fd, meta, group, decoder, slide)
+                cache.update({t: (fut, i) for i, t in enumerate(group)})
 
         try:
-            yield from self._cut_chunks(plan, cache, load, decoder.batch_size, patch_size, chunk, pool)
+            if bounds:
+                submit(*bounds[0])
+            for k, (b, e) in enumerate(bounds):
+                if k + 1 < len(bounds):
+                    submit(*bounds[k + 1])  # decode ahead while this chunk is cut and consumed
+                now = plan.tiles_of(b, e)
+                results = {t: cache[t][0].result() for t in now.tolist()}
+                decoded = {t: results[t].pixels[cache[t][1]] for t in now.tolist()}
+                ready = list({id(r): r.ready for r in results.values() if r.ready is not None}.values())
+                out = self._cut(plan, decoded, ready, b, e, patch_size)
+                for tile in plan.done_after(e, now).tolist():
+                    del cache[tile]
+                yield plan.rows[b:e].copy(), out
         finally:
             futures = {id(f): f for f, _ in cache.values()}.values()
             for fut in futures:
@@ -387,39 +389,6 @@ class TileOnceReader:
                 if not fut.cancelled():
                     fut.exception()
             os.close(fd)
-
-    def _cut_chunks(
-        self,
-        plan: LevelPlan,
-        cache: dict[int, _Pending],
-        load: Any,
-        batch: int,
-        patch_size: int,
-        chunk: int,
-        pool: ThreadPoolExecutor,
-    ) -> Iterator[tuple[np.ndarray, Any]]:
-        bounds = chunk_bounds(len(plan), chunk)
-
-        def submit(b: int, e: int) -> None:
-            new = [t for t in plan.tiles_of(b, e).tolist() if t not in cache]
-            for k in range(0, len(new), batch):
-                group = new[k : k + batch]
-                fut = pool.submit(load, group)
-                cache.update({t: (fut, i) for i, t in enumerate(group)})
-
-        if bounds:
-            submit(*bounds[0])
-        for k, (b, e) in enumerate(bounds):
-            if k + 1 < len(bounds):
-                submit(*bounds[k + 1])  # decode ahead while this chunk is cut and consumed
-            now = plan.tiles_of(b, e)
-            results = {t: cache[t][0].result() for t in now.tolist()}
-            decoded = {t: results[t].pixels[cache[t][1]] for t in now.tolist()}
-            ready = list({id(r): r.ready for r in results.values() if r.ready is not None}.values())
-            out = self._cut(plan, decoded, ready, b, e, patch_size)
-            for tile in plan.done_after(e, now).tolist():
-                del cache[tile]
-            yield plan.rows[b:e].copy(), out
 
     def _load_batch(self, fd: int, meta: TilePageMeta, tiles: list[int], decoder: TileDecoder,
                     slide: str) -> DecodedTiles:
