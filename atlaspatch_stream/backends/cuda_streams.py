@@ -360,20 +360,16 @@ class EncoderCudaStreams:
         lane.micro, lane.halved = max(1, lane.micro // 2), True
         log.warning("encoder %s ran out of device memory at a batch of %d; retrying at %d patches per forward",
                     name, rows, lane.micro)
-        _empty_cache(self.ops.device)
+        if self.ops.device.startswith("cuda"):
+            import torch
+
+            torch.cuda.empty_cache()
 
 
 def _is_oom(exc: BaseException) -> bool:
     import torch
 
     return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
-
-
-def _empty_cache(device: str) -> None:
-    if device.startswith("cuda"):
-        import torch
-
-        torch.cuda.empty_cache()
 
 
 @dataclass(frozen=True)

@@ -203,12 +203,17 @@ def _write_png(path: Path, pixels: np.ndarray, image_format: str = "PNG", **opti
 def write_qc_thumbnail(folder: Path, stem: str, thumb: np.ndarray, mask: np.ndarray) -> tuple[Path, Path]:
     """Write `<stem>.jpg` (the segmented thumbnail, at most `QC_THUMB_MAX` px) and `<stem>.mask.png` (its tissue
     mask, 0/255, same size) into `folder`; both atomically."""
-    image = Image.fromarray(_rgb(thumb))
-    image.thumbnail((QC_THUMB_MAX, QC_THUMB_MAX), Image.Resampling.BILINEAR)
-    small = np.asarray(image)
+    small = _shrunk(thumb, QC_THUMB_MAX)
     bw = resize_mask_nearest(mask, (small.shape[1], small.shape[0]))
     return (_write_png(Path(folder) / f"{stem}.jpg", small, "JPEG", quality=85),
             _write_png(Path(folder) / f"{stem}.mask.png", bw))
+
+
+def _shrunk(thumb: np.ndarray, max_size: int) -> np.ndarray:
+    """The thumbnail as RGB, BILINEAR-shrunk to at most `max_size` px on its long side (a writable copy)."""
+    image = Image.fromarray(_rgb(thumb))
+    image.thumbnail((max_size, max_size), Image.Resampling.BILINEAR)
+    return np.array(image)
 
 
 def read_qc_image(path: Path) -> np.ndarray:
@@ -223,9 +228,7 @@ def draw_qc_card(thumb: np.ndarray, mask: np.ndarray | None, level0_size: tuple[
     (red, 2 px) of `mask` (any size; None: no contours) drawn on it. Returns RGB uint8."""
     from .contours import mask_to_contours
 
-    image = Image.fromarray(_rgb(thumb))
-    image.thumbnail((max_size, max_size), Image.Resampling.BILINEAR)
-    img = np.array(image)
+    img = _shrunk(thumb, max_size)
     _draw_patch_grid(img, level0_size, coords, patch_size_level0, GRID_RGB)
     if mask is not None:
         _draw_tissue(img, mask_to_contours(mask, 0.0), mask.shape)
