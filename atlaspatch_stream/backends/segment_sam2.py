@@ -136,13 +136,8 @@ class Sam2Segmenter:
 
     name = "sam2"
 
-    def __init__(
-        self,
-        device: str = "cpu",
-        precision: str = "float32",
-        weights: Path | None = None,
-        batch_size: int = 1,
-    ) -> None:
+    def __init__(self, device: str = "cpu", precision: str = "float32", weights: Path | None = None,
+                 batch_size: int = 1) -> None:
         """Settings only; `warm_up()` resolves weights and builds the model.
 
         Args:
@@ -160,6 +155,7 @@ class Sam2Segmenter:
         self.weights = weights
         self.batch_size = batch_size
         self.weights_sha256: str | None = None
+        self.weights_path: Path | None = None
         self._model: Any = None
         self._device: torch.device | None = None
         self._lock = threading.Lock()
@@ -183,6 +179,7 @@ class Sam2Segmenter:
         device = resolve_device(self.device_name, "segmentation")
         path = resolve_sam2_weights(self.weights)
         self.weights_sha256 = check_sam2_weights(path)
+        self.weights_path = path
         self._model = build_sam2_model(path, device)
         self._device = device
         self._infer(np.zeros((1, SAM_SIZE, SAM_SIZE, 3), np.uint8))
@@ -211,13 +208,8 @@ class Sam2Segmenter:
                 self._segment_chunk(order[start : start + self.batch_size], ready, thumbnails, results)
         return results
 
-    def _segment_chunk(
-        self,
-        chunk: list[int],
-        ready: dict[int, np.ndarray],
-        thumbnails: Sequence[np.ndarray],
-        results: list[np.ndarray | Exception],
-    ) -> None:
+    def _segment_chunk(self, chunk: list[int], ready: dict[int, np.ndarray], thumbnails: Sequence[np.ndarray],
+                       results: list[np.ndarray | Exception]) -> None:
         """Run one batch; when it fails, run its images one by one so only the guilty ones fail."""
         try:
             masks = self._infer(np.stack([ready[i] for i in chunk]))
