@@ -113,19 +113,9 @@ def optimal_level(downsamples: Sequence[float], target: float) -> int:
     for level, d in enumerate(ds):
         if abs(d - target) < _LEVEL_TOLERANCE:
             return level
-    if target >= ds[0]:
-        return _last_level_not_above(ds, target)
+    if target >= ds[0]:  # the level before the first one above target (upstream stops there), else the last
+        return next((level - 1 for level, d in enumerate(ds) if d > target), len(ds) - 1)
     return next((level for level, d in enumerate(ds) if d >= target), 0)
-
-
-def _last_level_not_above(ds: Sequence[float], target: float) -> int:
-    """The last level before the first one whose downsample exceeds `target` (upstream stops at that one)."""
-    best = 0
-    for level, d in enumerate(ds):
-        if d > target:
-            break
-        best = level
-    return best
 
 
 def plan_geometry(
@@ -347,7 +337,8 @@ def point_polygon_test(poly: np.ndarray, qx: np.ndarray, qy: np.ndarray) -> np.n
     cross_row, cross_key = _crossings(edges, rows)
     on_row, on_lo, on_hi = _boundary_intervals(edges, rows)
     right = _count_at_least(cross_row, cross_key, q_row, qx)
-    on_edge = _count_at_most(on_row, on_lo, q_row, qx) - _count_at_most(on_row, on_hi, q_row, qx - 1) > 0
+    # on an edge: more intervals start at or before x than end before x
+    on_edge = _count_below(on_row, on_lo, q_row, qx + 1) - _count_below(on_row, on_hi, q_row, qx) > 0
     out = np.where(right % 2 == 1, 1, -1).astype(np.int8)
     out[on_edge] = 0
     return out.reshape(shape)
@@ -422,11 +413,6 @@ def _boundary_intervals(e: _Edges, rows: np.ndarray) -> tuple[np.ndarray, np.nda
     lo = np.concatenate([np.minimum(f_xa, f_xb), s_x])
     hi = np.concatenate([np.maximum(f_xa, f_xb), s_x])
     return row, lo, hi
-
-
-def _count_at_most(key_row: np.ndarray, keys: np.ndarray, q_row: np.ndarray, qx: np.ndarray) -> np.ndarray:
-    """For each query, how many keys on its row are <= its x."""
-    return _count_below(key_row, keys, q_row, qx + 1)
 
 
 def _count_at_least(key_row: np.ndarray, keys: np.ndarray, q_row: np.ndarray, qx: np.ndarray) -> np.ndarray:

@@ -25,7 +25,7 @@ import dataclasses
 import logging
 import queue
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -215,6 +215,8 @@ class EncoderCudaStreams:
     """
 
     def __init__(self, encoders: Sequence[Any], ops: DeviceOps, *, batch_size: int, slots: int = 3) -> None:
+        import torch
+
         if batch_size < 1 or slots < 1:
             raise ValueError(f"batch_size and slots must be >= 1, got {batch_size} and {slots}")
         self.ops = ops
@@ -229,9 +231,9 @@ class EncoderCudaStreams:
             self._free.put(k)
         self._inputs: list[Any] = []
         self._staging: list[Any] = []
-        self._features = [[ops.empty((batch_size, lane.encoder.dim), _float32(), True) for lane in self._lanes]
+        self._features = [[ops.empty((batch_size, lane.encoder.dim), torch.float32, True) for lane in self._lanes]
                           for _ in range(slots)]
-        self._bad = [[ops.empty((batch_size,), _bool(), True) for _ in self._lanes] for _ in range(slots)]
+        self._bad = [[ops.empty((batch_size,), torch.bool, True) for _ in self._lanes] for _ in range(slots)]
         self._lock = threading.Lock()
 
     @property
@@ -337,7 +339,8 @@ class EncoderCudaStreams:
         def work() -> None:
             import torch
 
-            for start, stop in _ranges(rows, micro):
+            for start in range(0, rows, micro):
+                stop = min(rows, start + micro)
                 # A compiled model sees one shape: run the whole micro-batch window, pad rows included.
                 end = start + micro if getattr(encoder, "fixed_batch", False) else stop
                 out = encoder.encode_device(slot[start : min(end, slot.shape[0])])[: stop - start]
@@ -357,37 +360,16 @@ class EncoderCudaStreams:
         lane.micro, lane.halved = max(1, lane.micro // 2), True
         log.warning("encoder %s ran out of device memory at a batch of %d; retrying at %d patches per forward",
                     name, rows, lane.micro)
-        _empty_cache(self.ops.device)
+        if self.ops.device.startswith("cuda"):
+            import torch
 
-
-def _ranges(rows: int, step: int) -> Iterator[tuple[int, int]]:
-    for start in range(0, rows, step):
-        yield start, min(rows, start + step)
+            torch.cuda.empty_cache()
 
 
 def _is_oom(exc: BaseException) -> bool:
     import torch
 
     return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
-
-
-def _empty_cache(device: str) -> None:
-    if device.startswith("cuda"):
-        import torch
-
-        torch.cuda.empty_cache()
-
-
-def _float32() -> Any:
-    import torch
-
-    return torch.float32
-
-
-def _bool() -> Any:
-    import torch
-
-    return torch.bool
 
 
 @dataclass(frozen=True)

@@ -99,47 +99,30 @@ def is_plausible_mpp(mpp: float) -> bool:
     return MPP_MIN <= round(mpp, 4) <= MPP_MAX
 
 
-def _from_keys(props: Mapping[str, str]) -> Iterator[tuple[str, float]]:
-    for key in _MPP_KEYS:
-        value = parse_float(props.get(key))
-        if value is not None and value > 0:
-            yield key, value
-
-
-def _from_text(props: Mapping[str, str]) -> Iterator[tuple[str, float]]:
-    for key in _TEXT_KEYS:
-        text = props.get(key, "")
-        for pattern in _MPP_PATTERNS:
-            match = pattern.search(text)
-            value = parse_float(match.group(1)) if match else None
-            if value is not None and value > 0:
-                yield key, value
-
-
-def _from_resolution(props: Mapping[str, str]) -> Iterator[tuple[str, float]]:
-    unit = props.get("tiff.ResolutionUnit", "").strip().lower()
-    value = parse_float(props.get("tiff.XResolution"))
-    if unit in _UNIT_MICRONS and value is not None and value > 0:
-        yield "tiff.XResolution", _UNIT_MICRONS[unit] / value
-
-
-def _from_magnification(props: Mapping[str, str]) -> Iterator[tuple[str, float]]:
-    for key in _MAG_KEYS:
-        value = parse_float(props.get(key))
-        if value is not None and value > 0:
-            yield key, 10.0 / value
-
-
 def mpp_candidates(properties: Mapping[str, str]) -> Iterator[tuple[str, float]]:
     """Every mpp the metadata offers, in upstream's lookup order, as (source key, µm/px), unrounded.
 
     Order: OpenSlide/vendor mpp keys; "mpp = x" / "microns per pixel x" in the comment or ImageDescription;
     `tiff.XResolution` with its unit; 10 / magnification from AppMag, objective power or SourceLens.
     """
-    yield from _from_keys(properties)
-    yield from _from_text(properties)
-    yield from _from_resolution(properties)
-    yield from _from_magnification(properties)
+    for key in _MPP_KEYS:
+        value = parse_float(properties.get(key))
+        if value is not None and value > 0:
+            yield key, value
+    for key in _TEXT_KEYS:
+        for pattern in _MPP_PATTERNS:
+            match = pattern.search(properties.get(key, ""))
+            value = parse_float(match.group(1)) if match else None
+            if value is not None and value > 0:
+                yield key, value
+    unit = properties.get("tiff.ResolutionUnit", "").strip().lower()
+    value = parse_float(properties.get("tiff.XResolution"))
+    if unit in _UNIT_MICRONS and value is not None and value > 0:
+        yield "tiff.XResolution", _UNIT_MICRONS[unit] / value
+    for key in _MAG_KEYS:
+        value = parse_float(properties.get(key))
+        if value is not None and value > 0:
+            yield key, 10.0 / value
 
 
 def metadata_mpp(properties: Mapping[str, str]) -> tuple[float | None, str | None]:

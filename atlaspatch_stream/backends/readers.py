@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 import threading
 from collections import Counter
-from collections.abc import Generator, Iterator
+from collections.abc import Callable, Generator, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -77,6 +77,10 @@ def _backend(handle: Any) -> str | None:
     return getattr(handle, "backend", None) or getattr(getattr(handle, "info", None), "backend", None)
 
 
+def _tiff_path(handle: Any) -> str:
+    return getattr(handle, "tiff_path", None) or getattr(handle, "path", None) or handle.info.path
+
+
 def tile_metas(handle: Any) -> tuple[TilePageMeta | None, ...] | None:
     """Per level of `handle`, its tile layout when that level can be read tile-once (else None there).
 
@@ -85,8 +89,7 @@ def tile_metas(handle: Any) -> tuple[TilePageMeta | None, ...] | None:
     """
     if _backend(handle) != "tiffslide":
         return None
-    path = getattr(handle, "tiff_path", None) or getattr(handle, "path", None) or handle.info.path
-    found = describe_levels(path)
+    found = describe_levels(_tiff_path(handle))
     if found is None:
         return None
     dims, metas = found
@@ -134,8 +137,7 @@ def region_reason(handle: Any) -> str:
     backend = _backend(handle)
     if backend != "tiffslide":
         return f"{backend or 'unknown'} slide: tiles are read through its library"
-    path = getattr(handle, "tiff_path", None) or getattr(handle, "path", None) or handle.info.path
-    problems = level_problems(path)
+    problems = level_problems(_tiff_path(handle))
     if problems is None:
         return "not a plain tiled TIFF pyramid"
     return "; ".join(sorted({p for p in problems if p})) or "levels do not match the slide handle"
@@ -192,9 +194,19 @@ def read_one(handle: Any, row: np.ndarray, patch_size: int) -> np.ndarray:
     return resize_patch(rgb, patch_size)
 
 
-def _region_chunks(
-    handle: Any, coords: np.ndarray, rows: np.ndarray, patch_size: int, chunk: int, pool: ThreadPoolExecutor
-) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def _pooled(
+    threads: int, name: str, chunks: Callable[[ThreadPoolExecutor], Iterator[tuple[np.ndarray, Any]]]
+) -> Iterator[tuple[np.ndarray, Any]]:
+    """Yield `chunks(pool)` from a pool of `threads` threads, shut down (queued reads cancelled) when done or closed."""
+    pool = ThreadPoolExecutor(threads, thread_name_prefix=name)
+    try:
+        yield from chunks(pool)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _region_chunks(handle: Any, coords: np.ndarray, rows: np.ndarray, patch_size: int, chunk: int,
+                   pool: ThreadPoolExecutor) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Yield chunks of `rows` read per patch in `pool`, keeping the next chunk in flight while one is consumed."""
     bounds = chunk_bounds(int(rows.shape[0]), chunk)
 
@@ -232,13 +244,9 @@ class RegionReader:
         _check_args(patch_size, chunk)
         arr = check_coords(coords, handle)
         self.routes = [Route(lv, "read_region", self.reason) for lv in np.unique(arr[:, 4]).tolist()]
-        pool = ThreadPoolExecutor(self.threads, thread_name_prefix="region-reader")
-        try:
-            yield from _region_chunks(
-                handle, arr, np.arange(arr.shape[0], dtype=np.int64), patch_size, chunk, pool
-            )
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)
+        rows = np.arange(arr.shape[0], dtype=np.int64)
+        yield from _pooled(self.threads, "region-reader",
+                           lambda pool: _region_chunks(handle, arr, rows, patch_size, chunk, pool))
 
 
 # A decoded tile awaited by the cutter: the batch that decodes it and its position in the batch.
@@ -295,13 +303,10 @@ class TileOnceReader:
         """
         _check_args(patch_size, chunk)
         arr = check_coords(coords, handle)
-        metas = tile_metas(handle)
+        metas = tile_metas(handle) or ()
         self.routes, self.decode_counts = [], Counter()
-        pool = ThreadPoolExecutor(self.threads, thread_name_prefix="tile-once")
-        try:
-            yield from self._iter_all(handle, arr, metas, patch_size, chunk, pool)
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)
+        yield from _pooled(self.threads, "tile-once",
+                           lambda pool: self._iter_all(handle, arr, metas, patch_size, chunk, pool))
 
     def iter_level(self, meta: TilePageMeta, coords: np.ndarray, patch_size: int, chunk: int,
                    slide: str = "") -> Iterator[tuple[np.ndarray, Any]]:
@@ -318,29 +323,18 @@ class TileOnceReader:
         arr = np.asarray(coords, dtype=np.int64)
         plan = plan_level(np.arange(arr.shape[0]), arr, meta.downsample, meta.grid)
         self.routes, self.decode_counts = [], Counter()
-        pool = ThreadPoolExecutor(self.threads, thread_name_prefix="tile-once")
-        try:
-            yield from self._iter_level(plan, meta, patch_size, chunk, pool, slide or meta.path)
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)
+        yield from _pooled(self.threads, "tile-once",
+                           lambda pool: self._iter_level(plan, meta, patch_size, chunk, pool, slide or meta.path))
 
-    def _iter_all(
-        self,
-        handle: Any,
-        coords: np.ndarray,
-        metas: tuple[TilePageMeta | None, ...] | None,
-        patch_size: int,
-        chunk: int,
-        pool: ThreadPoolExecutor,
-    ) -> Iterator[tuple[np.ndarray, Any]]:
+    def _iter_all(self, handle: Any, coords: np.ndarray, metas: tuple[TilePageMeta | None, ...], patch_size: int,
+                  chunk: int, pool: ThreadPoolExecutor) -> Iterator[tuple[np.ndarray, Any]]:
+        """Each tiled level through `_iter_level`, then every other level's patches through `read_region`."""
         levels = coords[:, 4]
-        tiled = [lv for lv in np.unique(levels).tolist() if metas is not None and metas[lv] is not None]
-        for lv in tiled:
-            meta = metas[lv]  # type: ignore[index]
-            assert meta is not None
+        tiled = {lv: meta for lv in np.unique(levels).tolist() if metas and (meta := metas[lv]) is not None}
+        for lv, meta in tiled.items():
             plan = plan_level(np.flatnonzero(levels == lv), coords, meta.downsample, meta.grid)
             yield from self._iter_level(plan, meta, patch_size, chunk, pool, slide_name(handle))
-        rest = np.flatnonzero(~np.isin(levels, tiled))
+        rest = np.flatnonzero(~np.isin(levels, list(tiled)))
         if rest.size:
             reason = region_reason(handle)
             self.routes += [Route(lv, "read_region", reason) for lv in np.unique(levels[rest]).tolist()]
@@ -354,27 +348,38 @@ class TileOnceReader:
             self.routes.append(Route(meta.level, "cpu" if why else self.decoder.name, why or ""))
         return self._cpu if why else self.decoder
 
-    def _iter_level(
-        self,
-        plan: LevelPlan,
-        meta: TilePageMeta,
-        patch_size: int,
-        chunk: int,
-        pool: ThreadPoolExecutor,
-        slide: str,
-    ) -> Iterator[tuple[np.ndarray, Any]]:
+    def _iter_level(self, plan: LevelPlan, meta: TilePageMeta, patch_size: int, chunk: int,
+                    pool: ThreadPoolExecutor, slide: str) -> Iterator[tuple[np.ndarray, Any]]:
+        """Chunks of `plan`'s patches cut from tiles decoded once, in batches; the next chunk's tiles decode ahead."""
         decoder = self._route(meta)
         try:
             fd = os.open(meta.path, os.O_RDONLY)
         except OSError as exc:
             raise SlideError(f"cannot open for tile reads: {describe(exc)}", slide=slide) from exc
         cache: dict[int, _Pending] = {}
+        bounds = chunk_bounds(len(plan), chunk)
 
-        def load(tiles: list[int]) -> DecodedTiles:
-            return self._load_batch(fd, meta, tiles, decoder, slide)
+        def submit(b: int, e: int) -> None:
+            new = [t for t in plan.tiles_of(b, e).tolist() if t not in cache]
+            for k in range(0, len(new), decoder.batch_size):
+                group = new[k : k + decoder.batch_size]
+                fut = pool.submit(self._load_batch, fd, meta, group, decoder, slide)
+                cache.update({t: (fut, i) for i, t in enumerate(group)})
 
         try:
-            yield from self._cut_chunks(plan, cache, load, decoder.batch_size, patch_size, chunk, pool)
+            if bounds:
+                submit(*bounds[0])
+            for k, (b, e) in enumerate(bounds):
+                if k + 1 < len(bounds):
+                    submit(*bounds[k + 1])  # decode ahead while this chunk is cut and consumed
+                now = plan.tiles_of(b, e)
+                results = {t: cache[t][0].result() for t in now.tolist()}
+                decoded = {t: results[t].pixels[cache[t][1]] for t in now.tolist()}
+                ready = list({id(r): r.ready for r in results.values() if r.ready is not None}.values())
+                out = self._cut(plan, decoded, ready, b, e, patch_size)
+                for tile in plan.done_after(e, now).tolist():
+                    del cache[tile]
+                yield plan.rows[b:e].copy(), out
         finally:
             futures = {id(f): f for f, _ in cache.values()}.values()
             for fut in futures:
@@ -384,39 +389,6 @@ class TileOnceReader:
                 if not fut.cancelled():
                     fut.exception()
             os.close(fd)
-
-    def _cut_chunks(
-        self,
-        plan: LevelPlan,
-        cache: dict[int, _Pending],
-        load: Any,
-        batch: int,
-        patch_size: int,
-        chunk: int,
-        pool: ThreadPoolExecutor,
-    ) -> Iterator[tuple[np.ndarray, Any]]:
-        bounds = chunk_bounds(len(plan), chunk)
-
-        def submit(b: int, e: int) -> None:
-            new = [t for t in plan.tiles_of(b, e).tolist() if t not in cache]
-            for k in range(0, len(new), batch):
-                group = new[k : k + batch]
-                fut = pool.submit(load, group)
-                cache.update({t: (fut, i) for i, t in enumerate(group)})
-
-        if bounds:
-            submit(*bounds[0])
-        for k, (b, e) in enumerate(bounds):
-            if k + 1 < len(bounds):
-                submit(*bounds[k + 1])  # decode ahead while this chunk is cut and consumed
-            now = plan.tiles_of(b, e)
-            results = {t: cache[t][0].result() for t in now.tolist()}
-            decoded = {t: results[t].pixels[cache[t][1]] for t in now.tolist()}
-            ready = list({id(r): r.ready for r in results.values() if r.ready is not None}.values())
-            out = self._cut(plan, decoded, ready, b, e, patch_size)
-            for tile in plan.done_after(e, now).tolist():
-                del cache[tile]
-            yield plan.rows[b:e].copy(), out
 
     def _load_batch(self, fd: int, meta: TilePageMeta, tiles: list[int], decoder: TileDecoder,
                     slide: str) -> DecodedTiles:
@@ -463,12 +435,9 @@ class TileOnceReader:
 
     # -- cutting --------------------------------------------------------------------------------------------------
 
-    def _torch_cut(self) -> bool:
-        return self.cutter == "torch" or (self.cutter == "auto" and self.decoder.device != "cpu")
-
     def _cut(self, plan: LevelPlan, decoded: dict[int, Any], ready: list[Any], b: int, e: int,
              patch_size: int) -> Any:
-        if not self._torch_cut():
+        if self.cutter == "cv2" or (self.cutter == "auto" and self.decoder.device == "cpu"):
             return self._output(_cut_range(plan, decoded, b, e, patch_size))
         if self.decoder.device == "cpu":
             return self._output(_torch_cut_range(plan, decoded, b, e, patch_size, "cpu"))

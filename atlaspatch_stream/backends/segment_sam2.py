@@ -100,22 +100,16 @@ def build_sam2_model(weights: Path | None, device: torch.device) -> torch.nn.Mod
     return model.to(device).eval()
 
 
-def load_sam2_state_dict(weights: Path) -> dict[str, torch.Tensor]:
-    """The `model` entry of a checkpoint, on CPU. Raises WeightsError naming the file when it is not one."""
+def _load_strict(model: torch.nn.Module, weights: Path) -> None:
+    """Strict loading of the checkpoint's `model` entry; a file that is not one, or does not fit, is a WeightsError."""
     try:
         checkpoint = torch.load(weights, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise WeightsError(f"cannot read SAM2 weights {weights}: {describe(exc)}") from exc
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("model"), dict):
         raise WeightsError(f"SAM2 weights {weights} are not a {{'model': state_dict}} checkpoint")
-    return checkpoint["model"]
-
-
-def _load_strict(model: torch.nn.Module, weights: Path) -> None:
-    """Strict loading, with a mismatch reported as a WeightsError rather than a RuntimeError."""
-    state = load_sam2_state_dict(weights)
     try:
-        model.load_state_dict(state, strict=True)
+        model.load_state_dict(checkpoint["model"], strict=True)
     except RuntimeError as exc:
         raise WeightsError(f"SAM2 weights {weights} do not fit SAM2.1 Hiera-Tiny: {describe(exc)}") from exc
 
@@ -137,23 +131,13 @@ def mask_to_thumbnail(mask: np.ndarray, height: int, width: int) -> np.ndarray:
     return np.asarray(image.resize((width, height), Image.Resampling.NEAREST)) > 127
 
 
-def _chunks(items: Sequence[int], size: int) -> Iterator[list[int]]:
-    for start in range(0, len(items), size):
-        yield list(items[start : start + size])
-
-
 class Sam2Segmenter:
     """Batched SAM2.1 Hiera-Tiny tissue segmentation (implements `protocols.Segmenter`)."""
 
     name = "sam2"
 
-    def __init__(
-        self,
-        device: str = "cpu",
-        precision: str = "float32",
-        weights: Path | None = None,
-        batch_size: int = 1,
-    ) -> None:
+    def __init__(self, device: str = "cpu", precision: str = "float32", weights: Path | None = None,
+                 batch_size: int = 1) -> None:
         """Settings only; `warm_up()` resolves weights and builds the model.
 
         Args:
@@ -218,18 +202,14 @@ class Sam2Segmenter:
                 ready[index] = squash_for_sam(thumbnail)
             except Exception as exc:
                 results[index] = _as_slide_error(exc)
+        order = sorted(ready)
         with self._lock:
-            for chunk in _chunks(sorted(ready), self.batch_size):
-                self._segment_chunk(chunk, ready, thumbnails, results)
+            for start in range(0, len(order), self.batch_size):
+                self._segment_chunk(order[start : start + self.batch_size], ready, thumbnails, results)
         return results
 
-    def _segment_chunk(
-        self,
-        chunk: list[int],
-        ready: dict[int, np.ndarray],
-        thumbnails: Sequence[np.ndarray],
-        results: list[np.ndarray | Exception],
-    ) -> None:
+    def _segment_chunk(self, chunk: list[int], ready: dict[int, np.ndarray], thumbnails: Sequence[np.ndarray],
+                       results: list[np.ndarray | Exception]) -> None:
         """Run one batch; when it fails, run its images one by one so only the guilty ones fail."""
         try:
             masks = self._infer(np.stack([ready[i] for i in chunk]))
@@ -239,9 +219,7 @@ class Sam2Segmenter:
                     raise  # a broken device stops the run (DESIGN); retrying slide by slide cannot help
                 results[chunk[0]] = _as_slide_error(exc)
                 return
-            log.warning(
-                "SAM2 batch of %d failed (%s); retrying one image at a time", len(chunk), describe(exc)
-            )
+            log.warning("SAM2 batch of %d failed (%s); retrying one image at a time", len(chunk), describe(exc))
             for index in chunk:
                 self._segment_chunk([index], ready, thumbnails, results)
             return
@@ -380,11 +358,7 @@ def check_sam2_weights(path: Path) -> str:
     if digest != SAM2_OFFICIAL_SHA256:
         log.warning(
             "SAM2 weights %s (sha256 %s) are not the official %s/%s (sha256 %s); masks will differ from upstream",
-            path,
-            digest,
-            SAM2_REPO_ID,
-            SAM2_FILENAME,
-            SAM2_OFFICIAL_SHA256,
+            path, digest, SAM2_REPO_ID, SAM2_FILENAME, SAM2_OFFICIAL_SHA256,
         )
     return digest
 

@@ -25,7 +25,7 @@ import numpy as np
 from ..errors import SlideError, describe
 from ..geometry import optimal_level
 from ..items import SlideInfo
-from .metadata import ResolvedMetadata
+from .metadata import ResolvedMetadata, resolve_metadata
 
 _MB = 1 << 20
 
@@ -99,6 +99,19 @@ class BaseSlideHandle:
             raise
 
     def _setup(self, mpp_override: float | None) -> None:
+        """Set `info` from the library's level geometry and `_properties()` (errors become one SlideError)."""
+        try:
+            meta = resolve_metadata(self._properties(), mpp_override)
+            dims = tuple(self._slide.level_dimensions)
+            downsamples = tuple(self._slide.level_downsamples)
+        except SlideError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            raise SlideError(f"cannot read slide metadata: {describe(exc)}", slide=self.name) from exc
+        self.info = make_info(self.path, self.backend, dims, downsamples, meta)
+
+    def _properties(self) -> dict[str, str]:
+        """The library's slide properties, `metadata.normalize_properties`d."""
         raise NotImplementedError
 
     def overlay_thumbnail(self, max_size: int = 1024) -> np.ndarray:

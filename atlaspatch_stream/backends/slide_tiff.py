@@ -9,9 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import SlideError, describe
-from .metadata import normalize_properties, resolve_metadata
-from .slide_base import BaseSlideHandle, NotRGBError, make_info
+from .metadata import normalize_properties
+from .slide_base import BaseSlideHandle, NotRGBError
 
 _RGB_PHOTOMETRICS = {"RGB", "YCBCR"}
 
@@ -61,33 +60,23 @@ def check_tiff_rgb(path: Path, name: str) -> None:
 
 
 class TiffSlideHandle(BaseSlideHandle):
-    """A TIFF-family slide read with tiffslide; `.tiff_path` and `.tiff_series` serve tile readers."""
+    """A TIFF-family slide read with tiffslide; `.tiff_path` serves tile readers."""
 
     backend = "tiffslide"
 
     def __init__(self, path: Path, mpp_override: float | None, name: str) -> None:
         super().__init__(path, name)
+        self.tiff_path = self.path
         import tiffslide
 
         self._adopt(lambda: tiffslide.TiffSlide(str(path)), "tiffslide", mpp_override)
 
-    def _setup(self, mpp_override: float | None) -> None:
-        try:
-            _check_rgb(self._slide, self.name)
-            props = normalize_properties(self._slide.properties)
-            # OpenSlide names a plain tiled TIFF "generic-tiff"; tiffslide leaves it empty. Match upstream's value.
-            props.setdefault("openslide.vendor", "generic-tiff")
-            meta = resolve_metadata(props, mpp_override)
-            dims = tuple(self._slide.level_dimensions)
-            downsamples = tuple(self._slide.level_downsamples)
-            self.tiff_series = int(self._slide.properties["tiffslide.series-index"])
-        except SlideError:
-            raise
-        except Exception as exc:  # noqa: BLE001
-            raise SlideError(f"cannot read slide metadata: {describe(exc)}", slide=self.name) from exc
-        self.properties = props
-        self.tiff_path = self.path
-        self.info = make_info(self.path, self.backend, dims, downsamples, meta)
+    def _properties(self) -> dict[str, str]:
+        _check_rgb(self._slide, self.name)
+        props = normalize_properties(self._slide.properties)
+        # OpenSlide names a plain tiled TIFF "generic-tiff"; tiffslide leaves it empty. Match upstream's value.
+        props.setdefault("openslide.vendor", "generic-tiff")
+        return props
 
     def _read(self, x: int, y: int, level: int, width: int, height: int) -> np.ndarray:
         return np.asarray(self._slide.read_region((x, y), level, (width, height), as_array=True))

@@ -3,7 +3,7 @@
 Backends: tiffslide for the TIFF family (`slide_tiff.py`), OpenSlide for MRXS/VMS/DICOM and as the fallback when
 tiffslide cannot open a TIFF (`slide_openslide.py`), Pillow for flat images (`slide_image.py`); what they share
 (`BaseSlideHandle`, the bounded-memory thumbnail) is in `slide_base.py`. Third-party modules are imported lazily,
-inside functions, so importing this module stays light.
+inside the backends' functions, so importing this module stays light.
 """
 
 from __future__ import annotations
@@ -12,25 +12,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import SlideError
-from ..formats import (
-    DICOM_EXTENSIONS,
-    IMAGE_EXTENSIONS,
-    OPENSLIDE_EXTENSIONS,
-    SUPPORTED_EXTENSIONS,
-    TIFF_EXTENSIONS,
-)
-from .slide_base import BaseSlideHandle, NotRGBError
+from ..formats import DICOM_EXTENSIONS, IMAGE_EXTENSIONS, OPENSLIDE_EXTENSIONS, TIFF_EXTENSIONS
+from .slide_base import NotRGBError
+from .slide_image import ImageHandle
+from .slide_openslide import OpenSlideHandle
+from .slide_tiff import TiffSlideHandle, check_tiff_rgb
 
 if TYPE_CHECKING:
     from ..protocols import SlideHandle
-
-__all__ = [
-    "SUPPORTED_EXTENSIONS",
-    "BaseSlideHandle",
-    "NotRGBError",
-    "open_slide",
-    "dicom_entry_file",
-]
 
 
 def dicom_entry_file(folder: Path) -> Path | None:
@@ -40,9 +29,6 @@ def dicom_entry_file(folder: Path) -> Path | None:
 
 
 def _open_tiff_family(path: Path, mpp_override: float | None, name: str) -> SlideHandle:
-    from .slide_openslide import OpenSlideHandle
-    from .slide_tiff import TiffSlideHandle, check_tiff_rgb
-
     check_tiff_rgb(path, name)
     try:
         return TiffSlideHandle(path, mpp_override, name)
@@ -64,8 +50,6 @@ OPENSLIDE_FIRST = frozenset({".ndpi"})
 
 
 def _open_openslide_first(path: Path, mpp_override: float | None, name: str) -> SlideHandle:
-    from .slide_openslide import OpenSlideHandle
-
     try:
         return OpenSlideHandle(path, mpp_override, name)
     except NotRGBError:
@@ -94,8 +78,6 @@ def open_slide(path: Path, mpp_override: float | None = None, name: str | None =
         entry = dicom_entry_file(path)
         if entry is None:
             raise SlideError(f"folder {path} holds no DICOM (.dcm) files", slide=label)
-        from .slide_openslide import OpenSlideHandle
-
         return OpenSlideHandle(entry, mpp_override, label, display_path=path)
     if not path.is_file():
         raise SlideError(f"file not found: {path}", slide=label)
@@ -105,11 +87,7 @@ def open_slide(path: Path, mpp_override: float | None = None, name: str | None =
     if suffix in TIFF_EXTENSIONS:
         return _open_tiff_family(path, mpp_override, label)
     if suffix in OPENSLIDE_EXTENSIONS:
-        from .slide_openslide import OpenSlideHandle
-
         return OpenSlideHandle(path, mpp_override, label)
     if suffix in IMAGE_EXTENSIONS:
-        from .slide_image import ImageHandle
-
         return ImageHandle(path, mpp_override, label)
     raise SlideError(f"No backend found for extension {path.suffix!r}", slide=label)

@@ -13,11 +13,11 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
-from ..errors import SlideError, describe, is_bug
+from ..errors import SlideError, describe
 from ..tileplan import TileGrid
 
 # TIFF compression tag values we decode ourselves.
@@ -62,42 +62,30 @@ class TilePageMeta:
     bytecounts: np.ndarray
 
 
-class TileCodec(Protocol):
-    """Turns the raw bytes of one tile into RGB uint8 pixels on the CPU. Must be callable from several threads at once.
+def decode_tile(raw: bytes, page_meta: TilePageMeta) -> np.ndarray:
+    """Decode the raw bytes of one tile to RGB uint8 (h, w, 3) on the CPU, with imagecodecs (libjpeg-turbo, OpenJPEG,
+    zlib...), which releases the GIL while decoding: safe from several threads at once.
 
-    This is the per-tile codec under the `cpu` decoder backend (`backends.decoders`); it is also what the reader
-    falls back to when a batch decoder rejects a batch, to name the corrupt tile.
+    This is the codec under the `cpu` decoder backend (`backends.decoders`), which the reader also falls back to when
+    a batch decoder rejects a batch, to name the corrupt tile. (h, w) is the tile size, or at least the part of the
+    tile inside the level for an edge tile that was stored cropped. Raises any exception on corrupt data; the caller
+    translates it.
     """
+    import imagecodecs
 
-    def decode(self, raw: bytes, page_meta: TilePageMeta) -> np.ndarray:
-        """Decode `raw` (one tile of `page_meta`'s level) to uint8 (h, w, 3).
-
-        (h, w) is the tile size, or at least the part of the tile inside the level for an edge tile that was stored
-        cropped. Raises any exception on corrupt data; the caller translates it.
-        """
-        ...
-
-
-class ImagecodecsDecoder:
-    """CPU tile decoder over imagecodecs (libjpeg-turbo, OpenJPEG, zlib...), which releases the GIL while decoding."""
-
-    def decode(self, raw: bytes, page_meta: TilePageMeta) -> np.ndarray:
-        """Decode one tile to uint8 (h, w, 3); see `TileCodec.decode`."""
-        import imagecodecs
-
-        comp = page_meta.compression
-        if comp == JPEG:
-            return imagecodecs.jpeg8_decode(
-                raw,
-                tables=page_meta.jpegtables,
-                colorspace=page_meta.jpeg_colorspace,
-                outcolorspace=_PHOTOMETRIC_RGB,
-            )
-        if comp in JPEG2000:
-            return imagecodecs.jpeg2k_decode(raw)
-        if comp == WEBP:
-            return imagecodecs.webp_decode(raw, hasalpha=False)
-        return _decode_bytes(raw, page_meta)
+    comp = page_meta.compression
+    if comp == JPEG:
+        return imagecodecs.jpeg8_decode(
+            raw,
+            tables=page_meta.jpegtables,
+            colorspace=page_meta.jpeg_colorspace,
+            outcolorspace=_PHOTOMETRIC_RGB,
+        )
+    if comp in JPEG2000:
+        return imagecodecs.jpeg2k_decode(raw)
+    if comp == WEBP:
+        return imagecodecs.webp_decode(raw, hasalpha=False)
+    return _decode_bytes(raw, page_meta)
 
 
 def _decode_bytes(raw: bytes, meta: TilePageMeta) -> np.ndarray:
@@ -113,19 +101,15 @@ def _decode_bytes(raw: bytes, meta: TilePageMeta) -> np.ndarray:
         data = imagecodecs.zstd_decode(raw)
     else:
         data = imagecodecs.zlib_decode(raw)
-    pixels = _reshape_tile(np.frombuffer(data, dtype=np.uint8), meta)
+    # TIFF stores every tile of a byte codec at full tile size.
+    flat, g = np.frombuffer(data, dtype=np.uint8), meta.grid
+    full = g.tile_h * g.tile_w * 3
+    if flat.size < full:
+        raise ValueError(f"tile decodes to {flat.size} bytes, expected {full}")
+    pixels = flat[:full].reshape(g.tile_h, g.tile_w, 3)
     if meta.predictor == 2:
         return imagecodecs.delta_decode(pixels, axis=-2)
     return pixels
-
-
-def _reshape_tile(flat: np.ndarray, meta: TilePageMeta) -> np.ndarray:
-    """(h, w, 3) view of decoded bytes; TIFF stores every tile of a byte codec at full tile size."""
-    g = meta.grid
-    full = g.tile_h * g.tile_w * 3
-    if flat.size >= full:
-        return flat[:full].reshape(g.tile_h, g.tile_w, 3)
-    raise ValueError(f"tile decodes to {flat.size} bytes, expected {full}")
 
 
 def jpeg_source_colorspace(photometric: int, is_jfif: bool) -> int | None:
@@ -210,12 +194,6 @@ def _tiffslide_levels(path: str) -> tuple[tuple[tuple[int, int], ...], list[Any]
         slide.close()
 
 
-def downsamples_of(dims: tuple[tuple[int, int], ...]) -> tuple[float, ...]:
-    """Level downsamples as tiffslide (and OpenSlide) compute them: the mean of the width and height ratios."""
-    w0, h0 = dims[0]
-    return tuple(((w0 / w) + (h0 / h)) / 2.0 for w, h in dims)
-
-
 @functools.lru_cache(maxsize=16)
 def _describe_cached(
     path: str, mtime_ns: int, size: int
@@ -225,7 +203,9 @@ def _describe_cached(
     if found is None:
         return None
     dims, pages = found
-    downs = downsamples_of(dims)
+    # Level downsamples as tiffslide (and OpenSlide) compute them: the mean of the width and height ratios.
+    w0, h0 = dims[0]
+    downs = tuple(((w0 / w) + (h0 / h)) / 2.0 for w, h in dims)
     metas = tuple(page_meta(path, i, downs[i], page) for i, page in enumerate(pages))
     problems = tuple(
         None if meta is not None else (_page_problem(page) or "tile offsets do not match the tile grid")
@@ -268,20 +248,6 @@ def read_raw(fd: int, meta: TilePageMeta, tile: int) -> bytes | None:
     if len(data) != count:
         raise OSError(f"short read: {len(data)} of {count} bytes (file truncated?)")
     return data
-
-
-def load_tile(fd: int, meta: TilePageMeta, tile: int, decoder: TileCodec, slide: str) -> np.ndarray | None:
-    """Read and decode one tile; None for a missing tile (black). Any failure becomes a one-line `SlideError`."""
-    try:
-        raw = read_raw(fd, meta, tile)
-        if raw is None:
-            return None
-        pixels = np.asarray(decoder.decode(raw, meta))
-    except Exception as exc:  # foreign codec/IO errors are per-slide failures, translated here; bugs propagate
-        if is_bug(exc):
-            raise
-        raise tile_error(meta, tile, exc, slide) from exc
-    return check_tile(pixels, meta, tile, slide)
 
 
 def tile_error(meta: TilePageMeta, tile: int, exc: BaseException, slide: str) -> SlideError:

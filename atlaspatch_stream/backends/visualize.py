@@ -100,25 +100,34 @@ def write_grid_overlay(
         The PNG's path.
     """
     img = _rgb(thumb).copy()
-    sx, sy = img.shape[1] / level0_size[0], img.shape[0] / level0_size[1]
-    rects = _patch_rectangles(np.asarray(coords), patch_size_level0, sx, sy)
-    if rects:
-        cv2.polylines(img, rects, isClosed=True, color=(0, 0, 0), thickness=1)
+    _draw_patch_grid(img, level0_size, coords, patch_size_level0, (0, 0, 0))
     _draw_info_box(img, [f"{key}: {value}" for key, value in info.items()])
     return _write_png(Path(out_dir) / f"{stem}.png", img)
 
 
-def _patch_rectangles(coords: np.ndarray, ps0: int, sx: float, sy: float) -> list[np.ndarray]:
-    """Thumbnail-space rectangles (4 corners, int32) of patches at level-0 corners `coords[:, :2]`."""
+def _draw_patch_grid(
+    img: np.ndarray, level0_size: tuple[int, int], coords: np.ndarray, ps0: int, color: tuple[int, int, int]
+) -> None:
+    """Each patch (level-0 corner `coords[:, :2]`, side `ps0`) as a 1-px rectangle of `color`, scaled to `img`."""
+    coords = np.asarray(coords)
     if coords.size == 0:
-        return []
+        return
+    sx, sy = img.shape[1] / level0_size[0], img.shape[0] / level0_size[1]
     xy = coords.reshape(coords.shape[0], -1)[:, :2].astype(np.float64)
     x1, y1 = (xy[:, 0] * sx).astype(np.int32), (xy[:, 1] * sy).astype(np.int32)
     x2, y2 = ((xy[:, 0] + ps0) * sx).astype(np.int32), ((xy[:, 1] + ps0) * sy).astype(np.int32)
     corners = np.stack(
         [np.stack([x1, y1], 1), np.stack([x2, y1], 1), np.stack([x2, y2], 1), np.stack([x1, y2], 1)], 1
     )
-    return list(corners)
+    cv2.polylines(img, list(corners), isClosed=True, color=color, thickness=1)
+
+
+def _draw_tissue(img: np.ndarray, contours: Contours, mask_shape: tuple[int, ...]) -> Contours:
+    """Draw the tissue contours (mask pixels, `mask_shape` (h, w)) red, 2 px, on `img`; returns them scaled."""
+    scaled = scale_contours(contours, img.shape[1] / mask_shape[1], img.shape[0] / mask_shape[0])
+    if scaled.tissue:
+        cv2.drawContours(img, list(scaled.tissue), -1, TISSUE_RGB, 2)
+    return scaled
 
 
 def _draw_info_box(img: np.ndarray, lines: list[str]) -> None:
@@ -157,9 +166,7 @@ def write_contour_overlay(
         The PNG's path.
     """
     img = _rgb(thumb).copy()
-    scaled = scale_contours(contours, img.shape[1] / mask_shape[1], img.shape[0] / mask_shape[0])
-    if scaled.tissue:
-        cv2.drawContours(img, list(scaled.tissue), -1, TISSUE_RGB, 2)
+    scaled = _draw_tissue(img, contours, mask_shape)
     holes = [h for group in scaled.holes for h in group]
     if holes:
         cv2.drawContours(img, holes, -1, HOLE_RGB, 1)
@@ -196,12 +203,17 @@ def _write_png(path: Path, pixels: np.ndarray, image_format: str = "PNG", **opti
 def write_qc_thumbnail(folder: Path, stem: str, thumb: np.ndarray, mask: np.ndarray) -> tuple[Path, Path]:
     """Write `<stem>.jpg` (the segmented thumbnail, at most `QC_THUMB_MAX` px) and `<stem>.mask.png` (its tissue
     mask, 0/255, same size) into `folder`; both atomically."""
-    image = Image.fromarray(_rgb(thumb))
-    image.thumbnail((QC_THUMB_MAX, QC_THUMB_MAX), Image.Resampling.BILINEAR)
-    small = np.asarray(image)
+    small = _shrunk(thumb, QC_THUMB_MAX)
     bw = resize_mask_nearest(mask, (small.shape[1], small.shape[0]))
     return (_write_png(Path(folder) / f"{stem}.jpg", small, "JPEG", quality=85),
             _write_png(Path(folder) / f"{stem}.mask.png", bw))
+
+
+def _shrunk(thumb: np.ndarray, max_size: int) -> np.ndarray:
+    """The thumbnail as RGB, BILINEAR-shrunk to at most `max_size` px on its long side (a writable copy)."""
+    image = Image.fromarray(_rgb(thumb))
+    image.thumbnail((max_size, max_size), Image.Resampling.BILINEAR)
+    return np.array(image)
 
 
 def read_qc_image(path: Path) -> np.ndarray:
@@ -216,18 +228,10 @@ def draw_qc_card(thumb: np.ndarray, mask: np.ndarray | None, level0_size: tuple[
     (red, 2 px) of `mask` (any size; None: no contours) drawn on it. Returns RGB uint8."""
     from .contours import mask_to_contours
 
-    image = Image.fromarray(_rgb(thumb))
-    image.thumbnail((max_size, max_size), Image.Resampling.BILINEAR)
-    img = np.array(image)
-    sx, sy = img.shape[1] / level0_size[0], img.shape[0] / level0_size[1]
-    rects = _patch_rectangles(np.asarray(coords), patch_size_level0, sx, sy)
-    if rects:
-        cv2.polylines(img, rects, isClosed=True, color=GRID_RGB, thickness=1)
+    img = _shrunk(thumb, max_size)
+    _draw_patch_grid(img, level0_size, coords, patch_size_level0, GRID_RGB)
     if mask is not None:
-        contours = mask_to_contours(mask, 0.0)
-        scaled = scale_contours(contours, img.shape[1] / mask.shape[1], img.shape[0] / mask.shape[0])
-        if scaled.tissue:
-            cv2.drawContours(img, list(scaled.tissue), -1, TISSUE_RGB, 2)
+        _draw_tissue(img, mask_to_contours(mask, 0.0), mask.shape)
     return img
 
 

@@ -14,19 +14,14 @@ import tifffile
 
 from atlaspatch_stream.backends import decoders
 from atlaspatch_stream.backends.decoders import DecoderSettings, make_decoder, resolve_decoder
-from atlaspatch_stream.backends.decoders.base import (
-    APP14_RGB,
-    TileDecoder,
-    codec_of,
-    full_jpeg,
-    with_app14_rgb,
-)
+from atlaspatch_stream.backends.decoders.base import APP14_RGB, codec_of, full_jpeg, with_app14_rgb
 from atlaspatch_stream.backends.decoders.cpu import CpuDecoder
 from atlaspatch_stream.backends.decoders.dali import DaliDecoder
 from atlaspatch_stream.backends.decoders.nvimgcodec import NvImageCodecDecoder
 from atlaspatch_stream.backends.readers import TileOnceReader, make_patch_reader
 from atlaspatch_stream.backends.tiles import TilePageMeta, describe_levels
 from atlaspatch_stream.errors import MissingExtraError, SlideError
+from atlaspatch_stream.protocols import TileDecoder
 from atlaspatch_stream.testing.synthetic import draw_tissue
 from tests.conftest import real_slide
 from tests.helpers import all_raws, level_meta

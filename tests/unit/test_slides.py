@@ -15,8 +15,9 @@ import tifffile
 import tiffslide
 from PIL import Image
 
-from atlaspatch_stream.backends.slides import SUPPORTED_EXTENSIONS, open_slide
+from atlaspatch_stream.backends.slides import open_slide
 from atlaspatch_stream.errors import SlideError
+from atlaspatch_stream.formats import SUPPORTED_EXTENSIONS
 from atlaspatch_stream.geometry import optimal_level
 from atlaspatch_stream.protocols import SlideHandle
 from atlaspatch_stream.testing import draw_tissue, write_image, write_synthetic_slide

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import cv2
@@ -13,17 +14,19 @@ import pytest
 import tifffile
 import tiffslide
 
+from atlaspatch_stream.backends.decoders.cpu import CpuDecoder
+from atlaspatch_stream.backends.readers import TileOnceReader
 from atlaspatch_stream.backends.tiles import (
-    ImagecodecsDecoder,
     TilePageMeta,
     cut_patch,
+    decode_tile,
     describe_levels,
     jpeg_source_colorspace,
-    load_tile,
     read_raw,
     resize_patch,
 )
 from atlaspatch_stream.errors import SlideError
+from atlaspatch_stream.protocols import DecodedTiles
 from atlaspatch_stream.tileplan import TileGrid, chunk_bounds, level_origins, plan_level, tile_spans
 from tests.conftest import real_slide
 
@@ -97,12 +100,19 @@ def level_pixels(path: Path, level: int) -> np.ndarray:
 
 
 def decode_all_tiles(meta: TilePageMeta) -> dict[int, np.ndarray | None]:
-    """Every tile of a level through `load_tile` with the CPU decoder."""
+    """Every tile of a level through `decode_tile` (None for a missing tile)."""
     fd = os.open(meta.path, os.O_RDONLY)
     try:
-        return {t: load_tile(fd, meta, t, ImagecodecsDecoder(), "s") for t in range(meta.grid.count)}
+        raws = [read_raw(fd, meta, t) for t in range(meta.grid.count)]
     finally:
         os.close(fd)
+    return {t: None if raw is None else decode_tile(raw, meta) for t, raw in enumerate(raws)}
+
+
+def read_first_tile(meta: TilePageMeta, reader: TileOnceReader, slide: str) -> None:
+    """Read one patch covering tile 0 of `meta`'s level through `reader`."""
+    coords = np.array([[0, 0, meta.grid.tile_w, meta.grid.tile_h, meta.level]])
+    list(reader.iter_level(meta, coords, 16, 1, slide=slide))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -255,7 +265,7 @@ def test_aperio_rgb_jpeg_needs_tables_and_rgb_colorspace() -> None:
     finally:
         os.close(fd)
     assert raw is not None
-    ours = ImagecodecsDecoder().decode(raw, meta)
+    ours = decode_tile(raw, meta)
     x, y = meta.grid.origin(tile)
     with tiffslide.TiffSlide(path) as slide:
         ref = np.asarray(slide.read_region((x, y), 0, (240, 240)).convert("RGB"))
@@ -269,12 +279,8 @@ def test_corrupt_tile_is_one_line_slide_error() -> None:
     path = real_slide("errors/unreadable.svs")
     found = describe_levels(path)
     assert found is not None and found[1][0] is not None
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        with pytest.raises(SlideError) as info:
-            load_tile(fd, found[1][0], 0, ImagecodecsDecoder(), "unreadable.svs")
-    finally:
-        os.close(fd)
+    with pytest.raises(SlideError) as info:
+        read_first_tile(found[1][0], TileOnceReader(), "unreadable.svs")
     line = info.value.one_line()
     assert "\n" not in line and line.startswith("unreadable.svs: corrupt tile 0")
     assert info.value.slide == "unreadable.svs"
@@ -283,19 +289,15 @@ def test_corrupt_tile_is_one_line_slide_error() -> None:
 def test_decoder_too_small_output_is_rejected(tmp_path: Path) -> None:
     """A decoder that returns fewer pixels than a tile's inside part is a corrupt tile, not a silent black patch."""
 
-    class Tiny:
-        def decode(self, raw: bytes, page_meta: TilePageMeta) -> np.ndarray:
-            return np.zeros((2, 2, 3), np.uint8)
+    class Tiny(CpuDecoder):
+        def decode_batch(self, raws: Sequence[bytes], meta: TilePageMeta) -> DecodedTiles:
+            return DecodedTiles([np.zeros((2, 2, 3), np.uint8) for _ in raws])
 
     path = write_pyramid(tmp_path / "d.svs", "deflate", factors=(1,))
     found = describe_levels(path)
     assert found is not None and found[1][0] is not None
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        with pytest.raises(SlideError, match="decoded shape"):
-            load_tile(fd, found[1][0], 0, Tiny(), "d.svs")
-    finally:
-        os.close(fd)
+    with pytest.raises(SlideError, match="decoded shape"):
+        read_first_tile(found[1][0], TileOnceReader(decoder=Tiny()), "d.svs")
 
 
 # ---------------------------------------------------------------------------------------------------------------

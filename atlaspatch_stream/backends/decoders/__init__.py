@@ -11,22 +11,11 @@ from __future__ import annotations
 
 import importlib.util
 from dataclasses import dataclass
+from typing import get_args
 
+from ...config import DecoderName
 from ...errors import ConfigError
-from .base import DECODER_NAMES, DecodedTiles, DecoderName, TileDecoder, codec_of, full_jpeg, with_app14_rgb
-
-__all__ = [
-    "DECODER_NAMES",
-    "DecodedTiles",
-    "DecoderName",
-    "DecoderSettings",
-    "TileDecoder",
-    "codec_of",
-    "full_jpeg",
-    "make_decoder",
-    "resolve_decoder",
-    "with_app14_rgb",
-]
+from ...protocols import TileDecoder
 
 
 @dataclass(frozen=True)
@@ -73,8 +62,8 @@ def resolve_decoder(name: str, device: str) -> str:
     Raises:
         ConfigError: an unknown name.
     """
-    if name not in DECODER_NAMES:
-        raise ConfigError(f"unknown decoder {name!r} (one of {', '.join(DECODER_NAMES)})")
+    if name not in get_args(DecoderName):
+        raise ConfigError(f"unknown decoder {name!r} (one of {', '.join(get_args(DecoderName))})")
     if name != "auto":
         return name
     if _cuda(device) and _installed("nvidia.dali"):

@@ -19,13 +19,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, Generic, Literal, TypeVar
 
-from ...protocols import DecodedTiles, TileDecoder
 from ..tiles import JPEG, JPEG2000, TilePageMeta
 
-__all__ = ["DecodedTiles", "TileDecoder", "codec_of", "full_jpeg", "with_app14_rgb"]
-
-DecoderName = Literal["auto", "cpu", "dali", "nvimgcodec"]
-DECODER_NAMES: tuple[str, ...] = ("auto", "cpu", "dali", "nvimgcodec")
 Codec = Literal["jpeg_rgb", "jpeg_ycbcr", "jpeg2000", "other"]
 
 _PHOTOMETRIC_RGB = 2
@@ -92,12 +87,11 @@ class ResourcePool(Generic[T]):
         finally:
             self._items.put(item)
 
-    def drain(self) -> list[T]:
-        """Take every object back out of the pool (to close them); the pool is empty afterwards."""
+    def drain(self) -> None:
+        """Drop every object from the pool (the libraries release them when they go); it refills on next use."""
         with self._lock:
-            built, self._built = self._built, []
+            self._built = []
             self._items = queue.Queue()
-        return built
 
 
 class Counters:

@@ -11,22 +11,24 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from ...batching import to_host
+from ...protocols import DecodedTiles
 from ..tiles import TilePageMeta
-from .base import Codec, Counters, DecodedTiles, ResourcePool, codec_of, cuda_index
+from .base import Codec, Counters, ResourcePool, codec_of, cuda_index
 from .probe import ProbeResult, compare, probe_tiles
 
 _CODEC_NAMES = {1: "uncompressed", 5: "LZW", 8: "deflate", 32946: "deflate", 50000: "zstd", 50001: "WebP"}
 
 
+@dataclass(eq=False)
 class Engine:
     """One pooled engine: the backend's object and, on CUDA, the stream its batches run on."""
 
-    def __init__(self, handle: Any, stream: Any) -> None:
-        self.handle = handle
-        self.stream = stream
+    handle: Any
+    stream: Any
 
 
 class BatchedDecoder:

@@ -10,12 +10,13 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from ..tiles import ImagecodecsDecoder, TileCodec, TilePageMeta
-from .base import Counters, DecodedTiles
+from ...protocols import DecodedTiles
+from ..tiles import TilePageMeta, decode_tile
+from .base import Counters
 
 
 class CpuDecoder:
-    """Decodes each tile with a `TileCodec` (imagecodecs by default) in the calling thread; handles every codec.
+    """Decodes each tile with `tiles.decode_tile` (imagecodecs) in the calling thread; handles every codec.
 
     `batch_size` is 1, so the reader spreads tiles over its own threads, one call each: libjpeg-turbo releases the
     GIL, and decoding overlaps reading.
@@ -25,8 +26,7 @@ class CpuDecoder:
     device = "cpu"
     batch_size = 1
 
-    def __init__(self, codec: TileCodec | None = None) -> None:
-        self.codec: TileCodec = codec or ImagecodecsDecoder()
+    def __init__(self) -> None:
         self._counters = Counters()
 
     def warm_up(self) -> None:
@@ -39,7 +39,7 @@ class CpuDecoder:
     def decode_batch(self, raws: Sequence[bytes], meta: TilePageMeta) -> DecodedTiles:
         """Decode each tile in turn to numpy uint8 (h, w, 3)."""
         started = time.perf_counter()
-        pixels = [self.codec.decode(raw, meta) for raw in raws]
+        pixels = [decode_tile(raw, meta) for raw in raws]
         self._counters.add(len(raws), time.perf_counter() - started)
         return DecodedTiles(pixels)
 

@@ -24,11 +24,6 @@ from .base import codec_of, full_jpeg, with_app14_rgb
 from .batched import BatchedDecoder, Engine, stack_on_device
 
 
-def import_dali() -> Any:
-    """The `nvidia.dali` module, or MissingExtraError naming the extra."""
-    return import_extra("nvidia.dali", "dali", "--decoder dali needs NVIDIA DALI")
-
-
 class DaliDecoder(BatchedDecoder):
     """Batch tile decoder over DALI pipelines, one per pooled engine (implements `TileDecoder`).
 
@@ -44,7 +39,7 @@ class DaliDecoder(BatchedDecoder):
 
     def __init__(self, device: str = "cpu", *, batch_size: int = 256, engines: int = 2, threads: int = 2,
                  hw_decoder_load: float = 0.65) -> None:
-        self._dali = import_dali()
+        self._dali = import_extra("nvidia.dali", "dali", "--decoder dali needs NVIDIA DALI")
         self.threads = threads
         self.hw_decoder_load = hw_decoder_load
         super().__init__(device, batch_size, engines)

@@ -18,11 +18,6 @@ from .base import codec_of, full_jpeg
 from .batched import BatchedDecoder, Engine, stack_on_device
 
 
-def import_nvimgcodec() -> Any:
-    """The nvImageCodec module, or MissingExtraError naming the extra."""
-    return import_extra("nvidia.nvimgcodec", "gpu", "--decoder nvimgcodec needs NVIDIA nvImageCodec")
-
-
 class NvImageCodecDecoder(BatchedDecoder):
     """Batch tile decoder over nvImageCodec; one `Decoder` per pooled engine (implements `TileDecoder`).
 
@@ -38,7 +33,7 @@ class NvImageCodecDecoder(BatchedDecoder):
 
     def __init__(self, device: str = "cpu", *, batch_size: int = 256, engines: int = 2,
                  hw_decoder_load: float = 0.65, cpu_threads: int = 0) -> None:
-        self._nv = import_nvimgcodec()
+        self._nv = import_extra("nvidia.nvimgcodec", "gpu", "--decoder nvimgcodec needs NVIDIA nvImageCodec")
         self.hw_decoder_load = hw_decoder_load
         self.cpu_threads = cpu_threads
         super().__init__(device, batch_size, engines)
