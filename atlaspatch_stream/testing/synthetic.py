@@ -22,6 +22,8 @@ from typing import Any, Literal
 
 import numpy as np
 
+from ..backends.decoders.probe import aperio_jpeg
+
 Compression = Literal["jpeg_rgb", "jpeg_ycbcr", "jpeg2000", "deflate"]
 Tissue = Literal["blobs", "none", "full"]
 
@@ -141,33 +143,6 @@ def _iter_tiles(image: np.ndarray, tile: int) -> Iterator[np.ndarray]:
             yield block
 
 
-def _aperio_jpeg(tile: np.ndarray, quality: int) -> bytes:
-    """A JPEG of RGB samples as Aperio writes it: no APP14/JFIF segment, component ids 0, 1, 2."""
-    import imagecodecs
-
-    data = bytearray(imagecodecs.jpeg8_encode(tile, level=quality, colorspace="RGB", outcolorspace="RGB"))
-    out = bytearray(data[:2])
-    pos = 2
-    while pos < len(data):
-        marker = data[pos + 1]
-        length = int.from_bytes(data[pos + 2 : pos + 4], "big")
-        segment = bytearray(data[pos : pos + 2 + length])
-        if marker in (0xE0, 0xEE):  # JFIF / Adobe: drop, so only the TIFF photometric tag says "RGB"
-            pos += 2 + length
-            continue
-        if marker == 0xC0:
-            for i in range(3):
-                segment[10 + 3 * i] = i
-        if marker == 0xDA:
-            for i in range(3):
-                segment[5 + 2 * i] = i
-            out += segment + data[pos + 2 + length :]
-            return bytes(out)
-        out += segment
-        pos += 2 + length
-    raise ValueError("JPEG encoder produced no scan")
-
-
 def _jpeg2000(tile: np.ndarray, quality: int) -> bytes:
     import imagecodecs
 
@@ -181,7 +156,7 @@ def _level_kwargs(image: np.ndarray, tile: int, compression: Compression, qualit
     """tifffile `write` arguments for one tiled level."""
     base: dict = {"tile": (tile, tile), "metadata": None}
     if compression == "jpeg_rgb":
-        tiles = (_aperio_jpeg(t, quality) for t in _iter_tiles(image, tile))
+        tiles = (aperio_jpeg(t, quality) for t in _iter_tiles(image, tile))
         # tifffile tags JPEG+RGB as YCbCr unless told the stream's colour space is RGB (the tiles are pre-encoded).
         return base | {
             "data": tiles,
