@@ -128,17 +128,8 @@ def missing_shards(path: Path) -> list[str]:
 
 def _log_hit(cache: Path, repo_id: str, spelling: str, found: Path) -> None:
     folder = cache / repo_folder(spelling)
-    if spelling == repo_id:
-        log.debug("weights %s of %s: found in the Hugging Face cache folder %s", found.name, repo_id, folder)
-    else:
-        log.debug(
-            "weights %s of %s: found in the Hugging Face cache folder %s (repo id %s, which differs only in letter "
-            "case)",
-            found.name,
-            repo_id,
-            folder,
-            spelling,
-        )
+    other = "" if spelling == repo_id else f" (repo id {spelling}, which differs only in letter case)"
+    log.debug("weights %s of %s: found in the Hugging Face cache folder %s%s", found.name, repo_id, folder, other)
 
 
 def missing_weights_message(repo_id: str, filenames: Sequence[str], local_flag: str | None = None) -> str:

@@ -9,12 +9,13 @@ naming the file, the folder looked in and how to supply it. All of this runs in
 
 from __future__ import annotations
 
+import importlib
 import logging
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ...errors import WeightsError
+from ...errors import MissingExtraError, WeightsError
 from .. import weights as wt
 from .spec import EncoderSpec
 
@@ -25,6 +26,15 @@ log = logging.getLogger(__name__)
 
 # Checkpoint containers seen in the wild ({"model": sd}, {"state_dict": sd}, training pickles).
 _CONTAINER_KEYS = ("state_dict", "model", "module", "teacher")
+
+
+def import_extra(module: str, message: str) -> Any:
+    """Import an optional package (or one of its modules), or raise `MissingExtraError(message)` saying how to
+    install it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:  # pragma: no cover - depends on the install
+        raise MissingExtraError(message) from exc
 
 
 def weights_flag(name: str) -> str:

@@ -19,9 +19,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from atlaspatch_stream.backends.encoders.loading import load_tower, read_state_dict
+from atlaspatch_stream.backends.encoders.loading import import_extra, load_tower, read_state_dict
 from atlaspatch_stream.backends.encoders.spec import HALF, EncoderSpec, Preprocess, WeightsSource
-from atlaspatch_stream.errors import MissingExtraError, WeightsError
+from atlaspatch_stream.errors import WeightsError
 
 # BEiT-3 large as MUSK configures it (img 384, patch 16, vocab 64010, multiway, 1024/24/16, FFN 4096).
 MUSK_CONFIG: dict[str, Any] = {
@@ -44,15 +44,12 @@ SCALES: tuple[int, ...] = (1, 2)
 
 def _torchscale() -> Any:
     """Import torchscale's BEiT3 and EncoderConfig, or say how to install them."""
-    try:
-        from torchscale.architecture.config import EncoderConfig
-        from torchscale.model.BEiT3 import BEiT3
-    except ImportError as exc:  # pragma: no cover - depends on the install
-        raise MissingExtraError(
-            "encoder musk needs the 'musk' extra: pip install --no-deps torchscale fairscale "
-            "(not 'pip install musk', an unrelated package)"
-        ) from exc
-    return BEiT3, EncoderConfig
+    missing = (
+        "encoder musk needs the 'musk' extra: pip install --no-deps torchscale fairscale "
+        "(not 'pip install musk', an unrelated package)"
+    )
+    config = import_extra("torchscale.architecture.config", missing).EncoderConfig
+    return import_extra("torchscale.model.BEiT3", missing).BEiT3, config
 
 
 def _module_class() -> type:
@@ -124,11 +121,6 @@ def build(config: Mapping[str, Any] | None = None, scales: Sequence[int] = SCALE
     return _module_class()(merged, scales).eval()
 
 
-def forward(model: Any, x: Any) -> Any:
-    """The spec's forward: the multi-scale pooled features of a preprocessed 384 px batch."""
-    return model(x)
-
-
 def beit3_state_dict(state_dict: Mapping[str, Any]) -> dict[str, Any]:
     """The `beit3.*` keys of a MUSK file (heads and logit scale are not used for image features)."""
     return {k: v for k, v in state_dict.items() if k.startswith("beit3.")}
@@ -156,7 +148,6 @@ def specs() -> list[EncoderSpec]:
             # Resize 384 bicubic (antialias) -> crop 384 -> Inception mean/std 0.5.
             preprocess=Preprocess(384, 384, HALF, HALF, "bicubic"),
             build=functools.partial(build, None, SCALES),
-            forward=forward,
             load_weights=load_weights,
             weights=WeightsSource(
                 "hf",

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from atlaspatch_stream.backends.encoders.loading import load_tower, read_state_dict
+from atlaspatch_stream.backends.encoders.loading import import_extra, load_tower, read_state_dict
 from atlaspatch_stream.backends.encoders.spec import (
     CLIP_MEAN,
     CLIP_STD,
@@ -55,21 +55,13 @@ RECIPES: dict[str, OpenClipRecipe] = {
 NAMES: tuple[str, ...] = tuple(RECIPES)
 
 
-def _open_clip() -> Any:
-    """Import open_clip, or say which extra to install."""
-    try:
-        import open_clip
-    except ImportError as exc:  # pragma: no cover - depends on the install
-        raise MissingExtraError(
-            "this encoder needs the 'openclip' extra: pip install 'atlaspatch-stream[openclip]' "
-            "(or pip install open_clip_torch)"
-        ) from exc
-    return open_clip
-
-
 def build_visual(recipe: OpenClipRecipe) -> Any:
     """Build the image tower of an open_clip model config (random init, or meta under `torch.device("meta")`)."""
-    open_clip = _open_clip()
+    open_clip = import_extra(
+        "open_clip",
+        "this encoder needs the 'openclip' extra: pip install 'atlaspatch-stream[openclip]' "
+        "(or pip install open_clip_torch)",
+    )
     from open_clip.model import _build_vision_tower
 
     cfg = open_clip.get_model_config(recipe.model_name)

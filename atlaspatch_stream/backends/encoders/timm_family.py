@@ -8,6 +8,7 @@ DINOv2 layout: timm's own checkpoint filters convert both.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from typing import Any, TypedDict
 
@@ -19,12 +20,9 @@ from .spec import (
     IMAGENET_STD,
     EncoderSpec,
     HubLoader,
-    Interpolation,
     Preprocess,
     WeightsSource,
 )
-
-Stats = tuple[float, float, float]
 
 HOPTIMUS_MEAN = (0.707223, 0.578729, 0.703617)
 HOPTIMUS_STD = (0.211883, 0.230117, 0.177517)
@@ -68,22 +66,13 @@ def cls_plus_mean(start: int | None = None) -> Callable[[Any, Any], Any]:
     return forward
 
 
-def _vit_filter(state: dict[str, Any], model: Any) -> dict[str, Any]:
-    from timm.models.vision_transformer import checkpoint_filter_fn
+def _timm_filter(module: str) -> Callable[[dict[str, Any], Any], dict[str, Any]]:
+    """timm's own `checkpoint_filter_fn` of `timm.models.<module>`, imported when a checkpoint is loaded."""
 
-    return checkpoint_filter_fn(state, model)
+    def convert(state: dict[str, Any], model: Any) -> dict[str, Any]:
+        return importlib.import_module(f"timm.models.{module}").checkpoint_filter_fn(state, model)
 
-
-def _byob_filter(state: dict[str, Any], model: Any) -> dict[str, Any]:
-    from timm.models.byobnet import checkpoint_filter_fn
-
-    return checkpoint_filter_fn(state, model)
-
-
-def _pre(
-    resize: int | tuple[int, int], crop: int | None, mean: Stats, std: Stats, interp: Interpolation
-) -> Preprocess:
-    return Preprocess(resize, crop, mean, std, interp)
+    return convert
 
 
 def _clip_specs() -> list[EncoderSpec]:
@@ -107,9 +96,9 @@ def _clip_specs() -> list[EncoderSpec]:
             EncoderSpec(
                 name=name,
                 dim=dim,
-                preprocess=_pre(size, size, CLIP_MEAN, CLIP_STD, "bicubic"),
+                preprocess=Preprocess(size, size, CLIP_MEAN, CLIP_STD, "bicubic"),
                 build=_timm_builder(arch, num_classes=dim),
-                load_weights=filtered_load(_vit_filter if is_vit else _byob_filter),
+                load_weights=filtered_load(_timm_filter("vision_transformer" if is_vit else "byobnet")),
                 # open_clip's pretrained="openai" reads these timm-org repos
                 weights=WeightsSource(
                     "hf", f"timm/{repo_arch}.openai", "open_clip_pytorch_model.bin", loader="open_clip"
@@ -144,7 +133,7 @@ _H0_MINI = dict(
     mlp_layer="SwiGLUPacked", act_layer="SiLU",
 )  # fmt: skip
 
-_IMAGENET_224_BICUBIC = _pre(224, 224, IMAGENET_MEAN, IMAGENET_STD, "bicubic")
+_IMAGENET_224_BICUBIC = Preprocess(224, 224, IMAGENET_MEAN, IMAGENET_STD, "bicubic")
 
 
 def _hf_spec(
@@ -190,33 +179,33 @@ def _pathology_specs() -> list[EncoderSpec]:
         _hf_spec("virchow_v2", 2560, _timm_builder("vit_huge_patch14_224", reg_tokens=4, **_VIRCHOW),
                  _IMAGENET_224_BICUBIC, "paige-ai/Virchow2", forward=cls_plus_mean(5), params_m=631.2, **nc),
         _hf_spec("prov_gigapath", 1536, _timm_builder("vit_giant_patch14_dinov2", **_GIGAPATH),
-                 _pre(256, 224, IMAGENET_MEAN, IMAGENET_STD, "bicubic"), "prov-gigapath/prov-gigapath",
+                 Preprocess(256, 224, IMAGENET_MEAN, IMAGENET_STD, "bicubic"), "prov-gigapath/prov-gigapath",
                  params_m=1135.0, gated=True, licence="Apache-2.0 with research-use conditions"),
         _hf_spec("h_optimus_0", 1536, _timm_builder("vit_giant_patch14_reg4_dinov2", **_HOPTIMUS),
-                 _pre((224, 224), None, HOPTIMUS_MEAN, HOPTIMUS_STD, "bilinear"), "bioptimus/H-optimus-0",
+                 Preprocess((224, 224), None, HOPTIMUS_MEAN, HOPTIMUS_STD, "bilinear"), "bioptimus/H-optimus-0",
                  params_m=1134.8, gated=True, licence="Apache-2.0"),
         _hf_spec("h_optimus_1", 1536, _timm_builder("vit_giant_patch14_reg4_dinov2", **_HOPTIMUS),
-                 _pre((224, 224), None, HOPTIMUS_MEAN, HOPTIMUS_STD, "bilinear"), "bioptimus/H-optimus-1",
+                 Preprocess((224, 224), None, HOPTIMUS_MEAN, HOPTIMUS_STD, "bilinear"), "bioptimus/H-optimus-1",
                  params_m=1134.8, **nc),
         _hf_spec("h0_mini", 1536, _timm_builder("vit_base_patch14_reg4_dinov2", **_H0_MINI),
-                 _pre(224, 224, HOPTIMUS_MEAN, HOPTIMUS_STD, "bicubic"), "bioptimus/H0-mini",
+                 Preprocess(224, 224, HOPTIMUS_MEAN, HOPTIMUS_STD, "bicubic"), "bioptimus/H0-mini",
                  forward=cls_plus_mean(None), params_m=85.7,
                  notes="preprocessing from the hub timm data config (resize/crop 224 bicubic assumed)", **nc),
         _hf_spec("pathorchestra", 1024,
                  _timm_builder("vit_large_patch16_224", num_classes=0, init_values=1e-5, dynamic_img_size=True),
-                 _pre(224, None, IMAGENET_MEAN, IMAGENET_STD, "bilinear"), "AI4Pathology/PathOrchestra",
+                 Preprocess(224, None, IMAGENET_MEAN, IMAGENET_STD, "bilinear"), "AI4Pathology/PathOrchestra",
                  params_m=303.4, gated=True, licence="see model card",
                  notes="architecture assumed ViT-L/16 (hub config unverified)"),
         _hf_spec("openmidnight", 1536, _timm_builder("vit_giant_patch14_reg4_dinov2", img_size=224, num_classes=0),
-                 _pre((224, 224), None, IMAGENET_MEAN, IMAGENET_STD, "bilinear"), "SophontAI/OpenMidnight",
-                 "teacher_checkpoint_load.pt", "file", load_weights=filtered_load(_vit_filter), params_m=1134.8,
-                 gated=True, licence="see model card",
+                 Preprocess((224, 224), None, IMAGENET_MEAN, IMAGENET_STD, "bilinear"), "SophontAI/OpenMidnight",
+                 "teacher_checkpoint_load.pt", "file", load_weights=filtered_load(_timm_filter("vision_transformer")),
+                 params_m=1134.8, gated=True, licence="see model card",
                  notes="DINOv2 hub checkpoint converted by timm's DINOv2 filter (no torch.hub code fetch)"),
     ]  # fmt: skip
 
 
 def _lunit_specs() -> list[EncoderSpec]:
-    pre = _pre(224, 224, LUNIT_MEAN, LUNIT_STD, "bicubic")
+    pre = Preprocess(224, 224, LUNIT_MEAN, LUNIT_STD, "bicubic")
     common: _Described = {
         "licence": "Lunit non-commercial",
         "notes": "hub timm data config (224, Lunit stats; resize mode assumed)",
