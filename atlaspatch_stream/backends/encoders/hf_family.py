@@ -99,9 +99,7 @@ def _square_processor(
 
 def _clip_processor() -> dict[str, Any]:
     """CLIPImageProcessor as published with PLIP and QuiltNet: 224 shortest side bicubic, crop 224, CLIP stats."""
-    proc = _bit_processor(224, 224, CLIP_MEAN, CLIP_STD)
-    proc["image_processor_type"] = "CLIPImageProcessor"
-    return proc
+    return {**_bit_processor(224, 224, CLIP_MEAN, CLIP_STD), "image_processor_type": "CLIPImageProcessor"}
 
 
 def preprocess_from_processor(processor: Mapping[str, Any]) -> Preprocess:
@@ -117,9 +115,7 @@ def preprocess_from_processor(processor: Mapping[str, Any]) -> Preprocess:
     resize: int | tuple[int, int] = (
         int(size["shortest_edge"]) if "shortest_edge" in size else (int(size["height"]), int(size["width"]))
     )
-    crop = None
-    if processor.get("do_center_crop"):
-        crop = int(processor["crop_size"]["height"])
+    crop = int(processor["crop_size"]["height"]) if processor.get("do_center_crop") else None
     mean, std = _rgb(processor["image_mean"]), _rgb(processor["image_std"])
     resampler: Resampler = (
         "tensor_float" if processor["image_processor_type"] in _RESCALE_FIRST else "tensor_uint8"
@@ -192,9 +188,7 @@ def _clip_vision(patch: int) -> dict:
 
 def _hibou(hidden: int, layers: int, heads: int) -> dict:
     """Embedded Dinov2WithRegistersConfig for Hibou (4 registers, SwiGLU; reference N4)."""
-    values = _dinov2(hidden, layers, heads, swiglu=True, image=224)
-    values["num_register_tokens"] = 4
-    return values
+    return {**_dinov2(hidden, layers, heads, swiglu=True, image=224), "num_register_tokens": 4}
 
 
 _DINOV2_PROC = _bit_processor(256, 224, IMAGENET_MEAN, IMAGENET_STD)
@@ -354,9 +348,6 @@ _NOTES: dict[str, str] = {
     "quilt_b_32": _CLIP_NOTE,
     "quilt_b_16": _CLIP_NOTE,
 }
-
-NAMES: tuple[str, ...] = tuple(RECIPES)
-
 
 def _transformers() -> Any:
     """Import transformers, or say which extra to install."""
@@ -554,4 +545,4 @@ def _spec(name: str) -> EncoderSpec:
 
 def specs() -> list[EncoderSpec]:
     """The 21 transformers encoders, in upstream's order within the family. Imports neither torch nor transformers."""
-    return [_spec(name) for name in NAMES]
+    return [_spec(name) for name in RECIPES]

@@ -121,11 +121,6 @@ def build(config: Mapping[str, Any] | None = None, scales: Sequence[int] = SCALE
     return _module_class()(merged, scales).eval()
 
 
-def beit3_state_dict(state_dict: Mapping[str, Any]) -> dict[str, Any]:
-    """The `beit3.*` keys of a MUSK file (heads and logit scale are not used for image features)."""
-    return {k: v for k, v in state_dict.items() if k.startswith("beit3.")}
-
-
 def load_weights(model: Any, path: str | os.PathLike[str]) -> Any:
     """Load a MUSK `model.safetensors` strictly into the `beit3` part; a meta model is materialised by assignment.
 
@@ -133,7 +128,8 @@ def load_weights(model: Any, path: str | os.PathLike[str]) -> Any:
         WeightsError: unreadable file, no `beit3.*` keys, or keys/shapes that do not fit.
     """
     path = Path(path)
-    weights = beit3_state_dict(read_state_dict(path))
+    # Only the `beit3.*` keys: the heads and the logit scale are not used for image features.
+    weights = {k: v for k, v in read_state_dict(path).items() if k.startswith("beit3.")}
     if not weights:
         raise WeightsError(f"weights {path} hold no 'beit3.*' keys: not a MUSK checkpoint")
     return load_tower(model, weights, path, "musk")
