@@ -121,6 +121,11 @@ def build(config: Mapping[str, Any] | None = None, scales: Sequence[int] = SCALE
     return _module_class()(merged, scales).eval()
 
 
+def forward(model: Any, x: Any) -> Any:
+    """The spec's forward: the multi-scale pooled features of a preprocessed 384 px batch."""
+    return model(x)
+
+
 def load_weights(model: Any, path: str | os.PathLike[str]) -> Any:
     """Load a MUSK `model.safetensors` strictly into the `beit3` part; a meta model is materialised by assignment.
 
@@ -144,6 +149,7 @@ def specs() -> list[EncoderSpec]:
             # Resize 384 bicubic (antialias) -> crop 384 -> Inception mean/std 0.5.
             preprocess=Preprocess(384, 384, HALF, HALF, "bicubic"),
             build=functools.partial(build, None, SCALES),
+            forward=forward,
             load_weights=load_weights,
             weights=WeightsSource(
                 "hf",
