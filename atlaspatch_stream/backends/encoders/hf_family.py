@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from atlaspatch_stream.backends.encoders.loading import read_state_dict
+from atlaspatch_stream.backends.encoders.loading import import_extra, read_state_dict
 from atlaspatch_stream.backends.encoders.spec import (
     CLIP_MEAN,
     CLIP_STD,
@@ -30,7 +30,7 @@ from atlaspatch_stream.backends.encoders.spec import (
     Resampler,
     WeightsSource,
 )
-from atlaspatch_stream.errors import ConfigError, MissingExtraError, WeightsError
+from atlaspatch_stream.errors import ConfigError, WeightsError
 
 HIBOU_MEAN = (0.7068, 0.5755, 0.722)
 HIBOU_STD = (0.195, 0.2316, 0.1816)
@@ -99,9 +99,7 @@ def _square_processor(
 
 def _clip_processor() -> dict[str, Any]:
     """CLIPImageProcessor as published with PLIP and QuiltNet: 224 shortest side bicubic, crop 224, CLIP stats."""
-    proc = _bit_processor(224, 224, CLIP_MEAN, CLIP_STD)
-    proc["image_processor_type"] = "CLIPImageProcessor"
-    return proc
+    return {**_bit_processor(224, 224, CLIP_MEAN, CLIP_STD), "image_processor_type": "CLIPImageProcessor"}
 
 
 def preprocess_from_processor(processor: Mapping[str, Any]) -> Preprocess:
@@ -117,9 +115,7 @@ def preprocess_from_processor(processor: Mapping[str, Any]) -> Preprocess:
     resize: int | tuple[int, int] = (
         int(size["shortest_edge"]) if "shortest_edge" in size else (int(size["height"]), int(size["width"]))
     )
-    crop = None
-    if processor.get("do_center_crop"):
-        crop = int(processor["crop_size"]["height"])
+    crop = int(processor["crop_size"]["height"]) if processor.get("do_center_crop") else None
     mean, std = _rgb(processor["image_mean"]), _rgb(processor["image_std"])
     resampler: Resampler = (
         "tensor_float" if processor["image_processor_type"] in _RESCALE_FIRST else "tensor_uint8"
@@ -192,34 +188,49 @@ def _clip_vision(patch: int) -> dict:
 
 def _hibou(hidden: int, layers: int, heads: int) -> dict:
     """Embedded Dinov2WithRegistersConfig for Hibou (4 registers, SwiGLU; reference N4)."""
-    values = _dinov2(hidden, layers, heads, swiglu=True, image=224)
-    values["num_register_tokens"] = 4
-    return values
+    return {**_dinov2(hidden, layers, heads, swiglu=True, image=224), "num_register_tokens": 4}
 
 
 _DINOV2_PROC = _bit_processor(256, 224, IMAGENET_MEAN, IMAGENET_STD)
-_DINOV3_LVD_PROC = _square_processor("DINOv3ViTImageProcessorFast", 224, 2, IMAGENET_MEAN, IMAGENET_STD)
-_DINOV3_SAT_PROC = _square_processor("DINOv3ViTImageProcessorFast", 224, 2, SAT_MEAN, SAT_STD)
+_DINOV3_PROC = {
+    "lvd1689m": _square_processor("DINOv3ViTImageProcessorFast", 224, 2, IMAGENET_MEAN, IMAGENET_STD),
+    "sat493m": _square_processor("DINOv3ViTImageProcessorFast", 224, 2, SAT_MEAN, SAT_STD),
+}
+_HIBOU_PROC = _bit_processor(224, 224, HIBOU_MEAN, HIBOU_STD)
 
 _D2 = ("Dinov2Model", "Dinov2Config")
+_D2R = ("Dinov2WithRegistersModel", "Dinov2WithRegistersConfig")
 _D3 = ("DINOv3ViTModel", "DINOv3ViTConfig")
 _CLIPV = ("CLIPVisionModelWithProjection", "CLIPVisionConfig")
 
+# size: (hidden, layers, heads, SwiGLU, params M); repo facebook/dinov2-SIZE.
+_DINOV2: dict[str, tuple[int, int, int, bool, float]] = {
+    "small": (384, 12, 6, False, 22.1),
+    "base": (768, 12, 12, False, 86.6),
+    "large": (1024, 24, 16, False, 304.4),
+    "giant": (1536, 40, 24, True, 1136.5),
+}
+# name: (`_dinov3` arguments, repo model, pretraining data, params M); repo facebook/dinov3-MODEL-pretrain-DATA.
+_DINOV3: dict[str, tuple[tuple[Any, ...], str, str, float]] = {
+    "dinov3_vits16": ((384, 12, 6, 1536, False), "vits16", "lvd1689m", 21.6),
+    "dinov3_vits16_plus": ((384, 12, 6, 1536, True), "vits16plus", "lvd1689m", 28.7),
+    "dinov3_vitb16": ((768, 12, 12, 3072, False), "vitb16", "lvd1689m", 85.7),
+    "dinov3_vitl16": ((1024, 24, 16, 4096, False), "vitl16", "lvd1689m", 303.1),
+    "dinov3_vitl16_sat": ((1024, 24, 16, 4096, False), "vitl16", "sat493m", 303.1),
+    "dinov3_vith16_plus": ((1280, 32, 20, 5120, True), "vith16plus", "lvd1689m", 840.6),
+    "dinov3_vit7b16": ((4096, 40, 32, 8192, True, False), "vit7b16", "lvd1689m", 6716.0),
+    "dinov3_vit7b16_sat": ((4096, 40, 32, 8192, True, False), "vit7b16", "sat493m", 6716.0),
+}
+
 RECIPES: dict[str, HfRecipe] = {
-    "dinov2_small": HfRecipe(*_D2, _dinov2(384, 12, 6, False), "cls", _DINOV2_PROC),
-    "dinov2_base": HfRecipe(*_D2, _dinov2(768, 12, 12, False), "cls", _DINOV2_PROC),
-    "dinov2_large": HfRecipe(*_D2, _dinov2(1024, 24, 16, False), "cls", _DINOV2_PROC),
-    "dinov2_giant": HfRecipe(*_D2, _dinov2(1536, 40, 24, True), "cls", _DINOV2_PROC),
-    "dinov3_vits16": HfRecipe(*_D3, _dinov3(384, 12, 6, 1536, False), "pooler", _DINOV3_LVD_PROC),
-    "dinov3_vits16_plus": HfRecipe(*_D3, _dinov3(384, 12, 6, 1536, True), "pooler", _DINOV3_LVD_PROC),
-    "dinov3_vitb16": HfRecipe(*_D3, _dinov3(768, 12, 12, 3072, False), "pooler", _DINOV3_LVD_PROC),
-    "dinov3_vitl16": HfRecipe(*_D3, _dinov3(1024, 24, 16, 4096, False), "pooler", _DINOV3_LVD_PROC),
-    "dinov3_vitl16_sat": HfRecipe(*_D3, _dinov3(1024, 24, 16, 4096, False), "pooler", _DINOV3_SAT_PROC),
-    "dinov3_vith16_plus": HfRecipe(*_D3, _dinov3(1280, 32, 20, 5120, True), "pooler", _DINOV3_LVD_PROC),
-    "dinov3_vit7b16": HfRecipe(*_D3, _dinov3(4096, 40, 32, 8192, True, False), "pooler", _DINOV3_LVD_PROC),
-    "dinov3_vit7b16_sat": HfRecipe(
-        *_D3, _dinov3(4096, 40, 32, 8192, True, False), "pooler", _DINOV3_SAT_PROC
-    ),
+    **{
+        f"dinov2_{size}": HfRecipe(*_D2, _dinov2(hidden, layers, heads, swiglu), "cls", _DINOV2_PROC)
+        for size, (hidden, layers, heads, swiglu, _) in _DINOV2.items()
+    },
+    **{
+        name: HfRecipe(*_D3, _dinov3(*arch), "pooler", _DINOV3_PROC[data])
+        for name, (arch, _, data, _) in _DINOV3.items()
+    },
     "phikon_v1": HfRecipe(
         "ViTModel",
         "ViTConfig",
@@ -243,20 +254,8 @@ RECIPES: dict[str, HfRecipe] = {
         "cls",
         _bit_processor(224, 224, IMAGENET_MEAN, IMAGENET_STD),
     ),
-    "hibou_b": HfRecipe(
-        "Dinov2WithRegistersModel",
-        "Dinov2WithRegistersConfig",
-        _hibou(768, 12, 12),
-        "pooler",
-        _bit_processor(224, 224, HIBOU_MEAN, HIBOU_STD),
-    ),
-    "hibou_l": HfRecipe(
-        "Dinov2WithRegistersModel",
-        "Dinov2WithRegistersConfig",
-        _hibou(1024, 24, 16),
-        "pooler",
-        _bit_processor(224, 224, HIBOU_MEAN, HIBOU_STD),
-    ),
+    "hibou_b": HfRecipe(*_D2R, _hibou(768, 12, 12), "pooler", _HIBOU_PROC),
+    "hibou_l": HfRecipe(*_D2R, _hibou(1024, 24, 16), "pooler", _HIBOU_PROC),
     # Midnight's checkpoint carries a 37x37 position grid, so image_size must be 518 (N7); upstream hard-codes
     # a torchvision transform rather than using a hub processor.
     "midnight": HfRecipe(
@@ -291,140 +290,71 @@ RECIPES: dict[str, HfRecipe] = {
 
 @dataclass(frozen=True)
 class _Meta:
-    """Per-name facts that are not architecture: dim, weights, licence, gate, size, notes."""
+    """Per-name facts that are not architecture: dim, weights, licence, gate, size (notes are in `_NOTES`)."""
 
     dim: int
     repo: str
-    filename: str
     licence: str
     gated: bool
     params_m: float
-    notes: str = ""
+    filename: str = "model.safetensors"
 
 
-_DINOV3_REPO = "facebook/dinov3-{}-pretrain-{}"
 _CLIP_NOTE = (
     "vision tower only (CLIPVisionModelWithProjection -> image_embeds): transformers 5 returns an output object "
     "from CLIPModel.get_image_features, which upstream's forward assumes is a tensor; we take the projected tensor"
 )
+_SHARDED_NOTE = "sharded weights (≈27 GB in fp32); refused with a clear message when they cannot fit in memory"
+_OWKIN = "Owkin non-commercial"
 _META: dict[str, _Meta] = {
-    "dinov2_small": _Meta(384, "facebook/dinov2-small", "model.safetensors", "Apache-2.0", False, 22.1),
-    "dinov2_base": _Meta(768, "facebook/dinov2-base", "model.safetensors", "Apache-2.0", False, 86.6),
-    "dinov2_large": _Meta(1024, "facebook/dinov2-large", "model.safetensors", "Apache-2.0", False, 304.4),
-    "dinov2_giant": _Meta(1536, "facebook/dinov2-giant", "model.safetensors", "Apache-2.0", False, 1136.5),
-    "dinov3_vits16": _Meta(
-        384, _DINOV3_REPO.format("vits16", "lvd1689m"), "model.safetensors", "DINOv3", True, 21.6
-    ),
-    "dinov3_vits16_plus": _Meta(
-        384, _DINOV3_REPO.format("vits16plus", "lvd1689m"), "model.safetensors", "DINOv3", True, 28.7
-    ),
-    "dinov3_vitb16": _Meta(
-        768, _DINOV3_REPO.format("vitb16", "lvd1689m"), "model.safetensors", "DINOv3", True, 85.7
-    ),
-    "dinov3_vitl16": _Meta(
-        1024, _DINOV3_REPO.format("vitl16", "lvd1689m"), "model.safetensors", "DINOv3", True, 303.1
-    ),
-    "dinov3_vitl16_sat": _Meta(
-        1024, _DINOV3_REPO.format("vitl16", "sat493m"), "model.safetensors", "DINOv3", True, 303.1
-    ),
-    "dinov3_vith16_plus": _Meta(
-        1280, _DINOV3_REPO.format("vith16plus", "lvd1689m"), "model.safetensors", "DINOv3", True, 840.6
-    ),
-    "dinov3_vit7b16": _Meta(
-        4096,
-        _DINOV3_REPO.format("vit7b16", "lvd1689m"),
-        "model.safetensors.index.json",
-        "DINOv3",
-        True,
-        6716.0,
-        "sharded weights (≈27 GB in fp32); refused with a clear message when they cannot fit in memory",
-    ),
-    "dinov3_vit7b16_sat": _Meta(
-        4096,
-        _DINOV3_REPO.format("vit7b16", "sat493m"),
-        "model.safetensors.index.json",
-        "DINOv3",
-        True,
-        6716.0,
-        "sharded weights (≈27 GB in fp32); refused with a clear message when they cannot fit in memory",
-    ),
-    "phikon_v1": _Meta(
-        768,
-        "owkin/phikon",
-        "model.safetensors",
-        "Owkin non-commercial",
-        False,
-        85.8,
-        "hub resample unverified",
-    ),
-    "phikon_v2": _Meta(
-        1024,
-        "owkin/phikon-v2",
-        "model.safetensors",
-        "Owkin non-commercial",
-        False,
-        303.4,
-        "image_size 224 inferred from the published parameter count; hub processor values unverified",
-    ),
-    "hibou_b": _Meta(
-        768,
-        "histai/hibou-B",  # upstream's spelling: the cache folder is models--histai--hibou-B
-        "model.safetensors",
-        "Apache-2.0",
-        True,
-        85.7,
-        "native Dinov2WithRegistersModel instead of the hub's remote code (which imports transformers.onnx, gone in "
-        "transformers 5); key names expected to match the hub class, to verify once on the real file",
-    ),
-    "hibou_l": _Meta(
-        1024,
-        "histai/hibou-L",
-        "model.safetensors",
-        "Apache-2.0",
-        True,
-        303.7,
-        "native Dinov2WithRegistersModel; SwiGLU inferred from the published parameter count",
-    ),
-    "midnight": _Meta(
-        3072,
-        "kaiko-ai/midnight",
-        "model.safetensors",
-        "MIT",
-        False,
-        1136.5,
-        "image_size 518 so the 37x37 position grid loads; interpolated to 16x16 at 224 px like upstream",
-    ),
-    "medsiglip": _Meta(
-        1152,
-        "google/medsiglip-448",
-        "model.safetensors",
-        "Health AI Developer Foundations terms",
-        True,
-        428.6,
-        "vision tower only (SiglipVisionModel -> pooler_output, the MAP head): transformers 5 returns an output "
-        "object from SiglipModel.get_image_features; hub resample unverified (bicubic assumed)",
-    ),
-    "plip": _Meta(512, "vinid/plip", "pytorch_model.bin", "non-commercial research", False, 87.8, _CLIP_NOTE),
-    "quilt_b_32": _Meta(
-        512, "wisdomik/QuiltNet-B-32", "pytorch_model.bin", "see model card", False, 87.8, _CLIP_NOTE
-    ),
-    "quilt_b_16": _Meta(
-        512, "wisdomik/QuiltNet-B-16", "pytorch_model.bin", "see model card", False, 86.2, _CLIP_NOTE
-    ),
+    **{
+        f"dinov2_{size}": _Meta(hidden, f"facebook/dinov2-{size}", "Apache-2.0", False, params_m)
+        for size, (hidden, _, _, _, params_m) in _DINOV2.items()
+    },
+    **{
+        name: _Meta(
+            arch[0],
+            f"facebook/dinov3-{model}-pretrain-{data}",
+            "DINOv3",
+            True,
+            params_m,
+            "model.safetensors.index.json" if model == "vit7b16" else "model.safetensors",
+        )
+        for name, (arch, model, data, params_m) in _DINOV3.items()
+    },
+    "phikon_v1": _Meta(768, "owkin/phikon", _OWKIN, False, 85.8),
+    "phikon_v2": _Meta(1024, "owkin/phikon-v2", _OWKIN, False, 303.4),
+    # upstream's spelling: the cache folder is models--histai--hibou-B
+    "hibou_b": _Meta(768, "histai/hibou-B", "Apache-2.0", True, 85.7),
+    "hibou_l": _Meta(1024, "histai/hibou-L", "Apache-2.0", True, 303.7),
+    "midnight": _Meta(3072, "kaiko-ai/midnight", "MIT", False, 1136.5),
+    "medsiglip": _Meta(1152, "google/medsiglip-448", "Health AI Developer Foundations terms", True, 428.6),
+    "plip": _Meta(512, "vinid/plip", "non-commercial research", False, 87.8, "pytorch_model.bin"),
+    "quilt_b_32": _Meta(512, "wisdomik/QuiltNet-B-32", "see model card", False, 87.8, "pytorch_model.bin"),
+    "quilt_b_16": _Meta(512, "wisdomik/QuiltNet-B-16", "see model card", False, 86.2, "pytorch_model.bin"),
 }
-
-NAMES: tuple[str, ...] = tuple(RECIPES)
-
+_NOTES: dict[str, str] = {
+    "dinov3_vit7b16": _SHARDED_NOTE,
+    "dinov3_vit7b16_sat": _SHARDED_NOTE,
+    "phikon_v1": "hub resample unverified",
+    "phikon_v2": "image_size 224 inferred from the published parameter count; hub processor values unverified",
+    "hibou_b": "native Dinov2WithRegistersModel instead of the hub's remote code (which imports transformers.onnx, "
+        "gone in transformers 5); key names expected to match the hub class, to verify once on the real file",
+    "hibou_l": "native Dinov2WithRegistersModel; SwiGLU inferred from the published parameter count",
+    "midnight": "image_size 518 so the 37x37 position grid loads; interpolated to 16x16 at 224 px like upstream",
+    "medsiglip": "vision tower only (SiglipVisionModel -> pooler_output, the MAP head): transformers 5 returns an "
+        "output object from SiglipModel.get_image_features; hub resample unverified (bicubic assumed)",
+    "plip": _CLIP_NOTE,
+    "quilt_b_32": _CLIP_NOTE,
+    "quilt_b_16": _CLIP_NOTE,
+}
 
 def _transformers() -> Any:
     """Import transformers, or say which extra to install."""
-    try:
-        import transformers
-    except ImportError as exc:  # pragma: no cover - depends on the install
-        raise MissingExtraError(
-            "this encoder needs the 'hf' extra: pip install 'atlaspatch-stream[hf]' (or pip install transformers)"
-        ) from exc
-    return transformers
+    return import_extra(
+        "transformers",
+        "this encoder needs the 'hf' extra: pip install 'atlaspatch-stream[hf]' (or pip install transformers)",
+    )
 
 
 def make_config(recipe: HfRecipe) -> Any:
@@ -608,11 +538,11 @@ def _spec(name: str) -> EncoderSpec:
         gated=meta.gated,
         family=recipe.model_class,
         params_m=meta.params_m,
-        notes=meta.notes,
+        notes=_NOTES.get(name, ""),
         meta_load=False,
     )
 
 
 def specs() -> list[EncoderSpec]:
     """The 21 transformers encoders, in upstream's order within the family. Imports neither torch nor transformers."""
-    return [_spec(name) for name in NAMES]
+    return [_spec(name) for name in RECIPES]

@@ -9,12 +9,13 @@ naming the file, the folder looked in and how to supply it. All of this runs in
 
 from __future__ import annotations
 
+import importlib
 import logging
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ...errors import WeightsError
+from ...errors import MissingExtraError, WeightsError
 from .. import weights as wt
 from .spec import EncoderSpec
 
@@ -25,6 +26,15 @@ log = logging.getLogger(__name__)
 
 # Checkpoint containers seen in the wild ({"model": sd}, {"state_dict": sd}, training pickles).
 _CONTAINER_KEYS = ("state_dict", "model", "module", "teacher")
+
+
+def import_extra(module: str, message: str) -> Any:
+    """Import an optional package (or one of its modules), or raise `MissingExtraError(message)` saying how to
+    install it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:  # pragma: no cover - depends on the install
+        raise MissingExtraError(message) from exc
 
 
 def weights_flag(name: str) -> str:
@@ -46,7 +56,10 @@ def resolve_weights(spec: EncoderSpec, override: Path | None = None) -> Path | N
         WeightsError: the file is not to be had (message names the file, the folder searched and the remedy).
     """
     if override is not None:
-        return _checked_override(spec.name, Path(override))
+        path = Path(override).expanduser()
+        if not path.is_file():
+            raise WeightsError(f"{spec.name}: weights file {path} given with --weights does not exist")
+        return path
     kind = spec.weights.kind
     if kind == "none":
         return None
@@ -79,13 +92,6 @@ def _torch_hub_file(spec: EncoderSpec) -> Path | None:
     return None
 
 
-def _checked_override(name: str, path: Path) -> Path:
-    path = path.expanduser()
-    if not path.is_file():
-        raise WeightsError(f"{name}: weights file {path} given with --weights does not exist")
-    return path
-
-
 def _upstream_copy(spec: EncoderSpec) -> Path:
     """The copy upstream itself downloaded (CHIEF: `$TORCH_HOME/hub/atlas_patch/chief/`), else WeightsError."""
     source = spec.weights
@@ -111,15 +117,11 @@ def _torchvision_file(spec: EncoderSpec) -> Path:
     )
     if wt.hf_offline() or not spec.weights.url:
         raise WeightsError(f"{message} (offline)")
-    return _download_url(spec.weights.url, target, message)
-
-
-def _download_url(url: str, target: Path, message: str) -> Path:
     import torch
 
     target.parent.mkdir(parents=True, exist_ok=True)
     try:
-        torch.hub.download_url_to_file(url, str(target), progress=False)
+        torch.hub.download_url_to_file(spec.weights.url, str(target), progress=False)
     except Exception as exc:  # network errors of every kind mean "no weights" to the user
         raise WeightsError(f"{message} (download failed: {type(exc).__name__}: {exc})") from exc
     return target
@@ -163,7 +165,9 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     state = _unwrap(raw)
     if not state or not all(hasattr(v, "shape") for v in state.values()):
         raise WeightsError(f"weights {path} hold no flat state dict of tensors")
-    return _strip_prefix(state, "module.")
+    if all(k.startswith("module.") for k in state):
+        return select_prefix(state, "module.")
+    return state
 
 
 def _read_raw(path: Path) -> Any:
@@ -190,12 +194,6 @@ def _unwrap(raw: Any) -> dict[str, Any]:
             return dict(raw)
         raw = inner[0]
     return {}
-
-
-def _strip_prefix(state: dict[str, Any], prefix: str) -> dict[str, Any]:
-    if state and all(k.startswith(prefix) for k in state):
-        return {k[len(prefix) :]: v for k, v in state.items()}
-    return state
 
 
 def select_prefix(state: Mapping[str, Any], prefix: str) -> dict[str, Any]:

@@ -19,9 +19,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from atlaspatch_stream.backends.encoders.loading import load_tower, read_state_dict
+from atlaspatch_stream.backends.encoders.loading import import_extra, load_tower, read_state_dict
 from atlaspatch_stream.backends.encoders.spec import HALF, EncoderSpec, Preprocess, WeightsSource
-from atlaspatch_stream.errors import MissingExtraError, WeightsError
+from atlaspatch_stream.errors import WeightsError
 
 # BEiT-3 large as MUSK configures it (img 384, patch 16, vocab 64010, multiway, 1024/24/16, FFN 4096).
 MUSK_CONFIG: dict[str, Any] = {
@@ -44,15 +44,12 @@ SCALES: tuple[int, ...] = (1, 2)
 
 def _torchscale() -> Any:
     """Import torchscale's BEiT3 and EncoderConfig, or say how to install them."""
-    try:
-        from torchscale.architecture.config import EncoderConfig
-        from torchscale.model.BEiT3 import BEiT3
-    except ImportError as exc:  # pragma: no cover - depends on the install
-        raise MissingExtraError(
-            "encoder musk needs the 'musk' extra: pip install --no-deps torchscale fairscale "
-            "(not 'pip install musk', an unrelated package)"
-        ) from exc
-    return BEiT3, EncoderConfig
+    missing = (
+        "encoder musk needs the 'musk' extra: pip install --no-deps torchscale fairscale "
+        "(not 'pip install musk', an unrelated package)"
+    )
+    config = import_extra("torchscale.architecture.config", missing).EncoderConfig
+    return import_extra("torchscale.model.BEiT3", missing).BEiT3, config
 
 
 def _module_class() -> type:
@@ -129,11 +126,6 @@ def forward(model: Any, x: Any) -> Any:
     return model(x)
 
 
-def beit3_state_dict(state_dict: Mapping[str, Any]) -> dict[str, Any]:
-    """The `beit3.*` keys of a MUSK file (heads and logit scale are not used for image features)."""
-    return {k: v for k, v in state_dict.items() if k.startswith("beit3.")}
-
-
 def load_weights(model: Any, path: str | os.PathLike[str]) -> Any:
     """Load a MUSK `model.safetensors` strictly into the `beit3` part; a meta model is materialised by assignment.
 
@@ -141,7 +133,8 @@ def load_weights(model: Any, path: str | os.PathLike[str]) -> Any:
         WeightsError: unreadable file, no `beit3.*` keys, or keys/shapes that do not fit.
     """
     path = Path(path)
-    weights = beit3_state_dict(read_state_dict(path))
+    # Only the `beit3.*` keys: the heads and the logit scale are not used for image features.
+    weights = {k: v for k, v in read_state_dict(path).items() if k.startswith("beit3.")}
     if not weights:
         raise WeightsError(f"weights {path} hold no 'beit3.*' keys: not a MUSK checkpoint")
     return load_tower(model, weights, path, "musk")

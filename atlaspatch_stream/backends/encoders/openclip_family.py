@@ -16,15 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from atlaspatch_stream.backends.encoders.loading import load_tower, read_state_dict
-from atlaspatch_stream.backends.encoders.spec import (
-    CLIP_MEAN,
-    CLIP_STD,
-    EncoderSpec,
-    Preprocess,
-    WeightsSource,
-)
-from atlaspatch_stream.errors import MissingExtraError, WeightsError
+from ...errors import MissingExtraError, WeightsError
+from .loading import import_extra, load_tower, read_state_dict, select_prefix
+from .spec import CLIP_MEAN, CLIP_STD, EncoderSpec, Preprocess, WeightsSource
 
 
 @dataclass(frozen=True)
@@ -52,24 +46,13 @@ RECIPES: dict[str, OpenClipRecipe] = {
     "quilt_b_16_pmb": OpenClipRecipe("ViT-B-16", quick_gelu=False, normalize=False, tokens_out=False),
 }
 
-NAMES: tuple[str, ...] = tuple(RECIPES)
-
-
-def _open_clip() -> Any:
-    """Import open_clip, or say which extra to install."""
-    try:
-        import open_clip
-    except ImportError as exc:  # pragma: no cover - depends on the install
-        raise MissingExtraError(
-            "this encoder needs the 'openclip' extra: pip install 'atlaspatch-stream[openclip]' "
-            "(or pip install open_clip_torch)"
-        ) from exc
-    return open_clip
-
-
 def build_visual(recipe: OpenClipRecipe) -> Any:
     """Build the image tower of an open_clip model config (random init, or meta under `torch.device("meta")`)."""
-    open_clip = _open_clip()
+    open_clip = import_extra(
+        "open_clip",
+        "this encoder needs the 'openclip' extra: pip install 'atlaspatch-stream[openclip]' "
+        "(or pip install open_clip_torch)",
+    )
     from open_clip.model import _build_vision_tower
 
     cfg = open_clip.get_model_config(recipe.model_name)
@@ -91,12 +74,7 @@ def encode(recipe: OpenClipRecipe, model: Any, x: Any) -> Any:
 
 def visual_state_dict(state_dict: Mapping[str, Any]) -> dict[str, Any]:
     """The image-tower keys of a full open_clip checkpoint: strip `module.` (DDP) then keep `visual.*` unprefixed."""
-    out: dict[str, Any] = {}
-    for key, value in state_dict.items():
-        key = key.removeprefix("module.")
-        if key.startswith("visual."):
-            out[key.removeprefix("visual.")] = value
-    return out
+    return select_prefix({k.removeprefix("module."): v for k, v in state_dict.items()}, "visual.")
 
 
 def load_weights(name: str, model: Any, path: str | os.PathLike[str]) -> Any:
@@ -162,4 +140,4 @@ def _spec(name: str) -> EncoderSpec:
 
 def specs() -> list[EncoderSpec]:
     """The open_clip encoders. Imports neither torch nor open_clip."""
-    return [_spec(name) for name in NAMES]
+    return [_spec(name) for name in RECIPES]

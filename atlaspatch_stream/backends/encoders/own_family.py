@@ -9,6 +9,7 @@ Each module keeps the parameter names of the published checkpoint, so the files 
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -16,19 +17,9 @@ from .loading import load_strict, read_state_dict, select_prefix
 from .spec import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, EncoderSpec, Preprocess, WeightsSource
 
 
-class _Lazy:
-    """Module classes are created on first use so that importing this file does not import torch."""
-
-    _cache: dict[str, type] = {}
-
-    @classmethod
-    def get(cls, name: str) -> type:
-        if name not in cls._cache:
-            cls._cache.update(_define_modules())
-        return cls._cache[name]
-
-
-def _define_modules() -> dict[str, type]:
+@functools.cache
+def _modules() -> dict[str, type]:
+    """The module classes by name, created on first use so that importing this file does not import torch."""
     import torch
     import torch.nn as nn
     import torch.nn.functional as F
@@ -143,7 +134,7 @@ def _build_conch_v1() -> Any:
     trunk = timm.create_model(
         "vit_base_patch16_224", pretrained=False, img_size=448, num_classes=0, dynamic_img_size=True
     )
-    return _Lazy.get("PooledTrunk")(trunk, _Lazy.get("AttentionalPooler")(512, 768, 8, 1), 512)
+    return _modules()["PooledTrunk"](trunk, _modules()["AttentionalPooler"](512, 768, 8, 1), 512)
 
 
 def _load_conch_v1(model: Any, path: str) -> Any:
@@ -163,7 +154,7 @@ def _build_conch_v15() -> Any:
     trunk = timm.create_model(
         "vit_large_patch16_224", pretrained=False, img_size=448, init_values=1e-6, num_classes=0
     )
-    return _Lazy.get("PooledTrunk")(trunk, _Lazy.get("CoCaPooler")(768, 1024, 8, 1), 768)
+    return _modules()["PooledTrunk"](trunk, _modules()["CoCaPooler"](768, 1024, 8, 1), 768)
 
 
 def _resample_dino(pos_embed: Any, grid: int) -> Any:
@@ -198,15 +189,14 @@ def _build_biomedclip() -> Any:
     import timm
 
     trunk = timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=0)
-    return _Lazy.get("ProjectedTrunk")(trunk, 768, 512)
+    return _modules()["ProjectedTrunk"](trunk, 768, 512)
 
 
 def _load_biomedclip(model: Any, path: str) -> Any:
     state = read_state_dict(path)
     picked = {"trunk." + k: v for k, v in select_prefix(state, "visual.trunk.").items()}
-    picked["proj.weight"] = state.get("visual.head.proj.weight")
-    if picked["proj.weight"] is None:
-        del picked["proj.weight"]
+    if "visual.head.proj.weight" in state:
+        picked["proj.weight"] = state["visual.head.proj.weight"]
     return load_strict(model, picked)
 
 
@@ -217,7 +207,7 @@ def _build_chief() -> Any:
     import timm
 
     return timm.create_model(
-        "swin_tiny_patch4_window7_224", pretrained=False, embed_layer=_Lazy.get("ConvStem"), num_classes=0
+        "swin_tiny_patch4_window7_224", pretrained=False, embed_layer=_modules()["ConvStem"], num_classes=0
     )
 
 

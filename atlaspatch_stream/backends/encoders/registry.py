@@ -1,7 +1,7 @@
 """The encoder registry: every built-in name, plugin registration, and up-front weight/extra checks.
 
-Built-in specs come from the family modules listed in `FAMILY_MODULES`, imported lazily. A family module whose file
-does not exist is skipped (its optional extra is simply not shipped yet); any other import error propagates.
+Built-in specs come from the family modules listed in `FAMILY_MODULES`, imported lazily (a family whose optional
+extra is not installed still imports: its builders import the extra's packages only when a model is built).
 `EncoderRegistry.prepare` resolves weights and extras for every requested name, so a run stops with `WeightsError` /
 `MissingExtraError` before the first slide; `create` then builds, loads and warms the encoder.
 """
@@ -47,24 +47,11 @@ class DuplicateEncoderError(ConfigError, ValueError):
 def _builtin_specs() -> dict[str, EncoderSpec]:
     specs: dict[str, EncoderSpec] = {}
     for module_name in FAMILY_MODULES:
-        module = _import_family(module_name)
-        if module is None:
-            continue
-        for spec in module.specs():
+        for spec in importlib.import_module(f"{__package__}.{module_name}").specs():
             if spec.name in specs:
                 raise RuntimeError(f"encoder {spec.name!r} is defined twice (second time in {module_name})")
             specs[spec.name] = spec
     return specs
-
-
-def _import_family(module_name: str) -> Any:
-    full = f"{__package__}.{module_name}"
-    try:
-        return importlib.import_module(full)
-    except ModuleNotFoundError as exc:
-        if exc.name == full:  # the family file itself is absent: that family is not shipped
-            return None
-        raise
 
 
 def available_encoders() -> list[str]:
@@ -153,10 +140,6 @@ class EncoderRegistry:
         """All names: built-ins and plugins, sorted."""
         return sorted({*_builtin_specs(), *self._builders})
 
-    def spec(self, name: str) -> EncoderSpec | None:
-        """The built-in spec of `name`, or None for a plugin encoder."""
-        return _builtin_specs().get(name.lower())
-
     def prepare(self, names: Sequence[str]) -> None:
         """Check extras and resolve (or download) weights for every name, before any slide is processed.
 
@@ -244,15 +227,9 @@ def build_registry(
 
         from ...plugins import load_plugin
 
-        dtype = plugin_dtype(device, precision)
+        torch_device, dtype = torch.device(device), plugin_dtype(device, precision)
         for path in plugins:
-            load_plugin(
-                Path(path),
-                registry=registry,
-                device=torch.device(device),
-                dtype=dtype,
-                num_workers=num_workers,
-            )
+            load_plugin(Path(path), registry=registry, device=torch_device, dtype=dtype, num_workers=num_workers)
     return registry
 
 

@@ -8,8 +8,10 @@ DINOv2 layout: timm's own checkpoint filters convert both.
 
 from __future__ import annotations
 
+import functools
+import importlib
 from collections.abc import Callable
-from typing import Any, TypedDict
+from typing import Any
 
 from .loading import filtered_load
 from .spec import (
@@ -19,12 +21,9 @@ from .spec import (
     IMAGENET_STD,
     EncoderSpec,
     HubLoader,
-    Interpolation,
     Preprocess,
     WeightsSource,
 )
-
-Stats = tuple[float, float, float]
 
 HOPTIMUS_MEAN = (0.707223, 0.578729, 0.703617)
 HOPTIMUS_STD = (0.211883, 0.230117, 0.177517)
@@ -68,22 +67,13 @@ def cls_plus_mean(start: int | None = None) -> Callable[[Any, Any], Any]:
     return forward
 
 
-def _vit_filter(state: dict[str, Any], model: Any) -> dict[str, Any]:
-    from timm.models.vision_transformer import checkpoint_filter_fn
+def _timm_filter(module: str) -> Callable[[dict[str, Any], Any], dict[str, Any]]:
+    """timm's own `checkpoint_filter_fn` of `timm.models.<module>`, imported when a checkpoint is loaded."""
 
-    return checkpoint_filter_fn(state, model)
+    def convert(state: dict[str, Any], model: Any) -> dict[str, Any]:
+        return importlib.import_module(f"timm.models.{module}").checkpoint_filter_fn(state, model)
 
-
-def _byob_filter(state: dict[str, Any], model: Any) -> dict[str, Any]:
-    from timm.models.byobnet import checkpoint_filter_fn
-
-    return checkpoint_filter_fn(state, model)
-
-
-def _pre(
-    resize: int | tuple[int, int], crop: int | None, mean: Stats, std: Stats, interp: Interpolation
-) -> Preprocess:
-    return Preprocess(resize, crop, mean, std, interp)
+    return convert
 
 
 def _clip_specs() -> list[EncoderSpec]:
@@ -102,25 +92,15 @@ def _clip_specs() -> list[EncoderSpec]:
     out = []
     for name, arch, dim, size, params in table:
         is_vit = arch.startswith("vit")
-        repo_arch = arch.replace("_quickgelu", "")
+        # open_clip's pretrained="openai" reads these timm-org repos
+        repo = f"timm/{arch.replace('_quickgelu', '')}.openai"
         out.append(
-            EncoderSpec(
-                name=name,
-                dim=dim,
-                preprocess=_pre(size, size, CLIP_MEAN, CLIP_STD, "bicubic"),
-                build=_timm_builder(arch, num_classes=dim),
-                load_weights=filtered_load(_vit_filter if is_vit else _byob_filter),
-                # open_clip's pretrained="openai" reads these timm-org repos
-                weights=WeightsSource(
-                    "hf", f"timm/{repo_arch}.openai", "open_clip_pytorch_model.bin", loader="open_clip"
-                ),
-                licence="MIT (OpenAI CLIP)",
-                family="clip-vit" if is_vit else "clip-resnet",
-                params_m=params,
-                notes="projected image embedding (encode_image), not L2-normalised",
-                meta_load=True,
-            )
-        )
+            _hf_spec(name, dim, _timm_builder(arch, num_classes=dim),
+                     Preprocess(size, size, CLIP_MEAN, CLIP_STD, "bicubic"), repo, "open_clip_pytorch_model.bin",
+                     "open_clip", load_weights=filtered_load(_timm_filter("vision_transformer" if is_vit else "byobnet")),
+                     licence="MIT (OpenAI CLIP)", family="clip-vit" if is_vit else "clip-resnet", params_m=params,
+                     notes="projected image embedding (encode_image), not L2-normalised")
+        )  # fmt: skip
     return out
 
 
@@ -144,7 +124,7 @@ _H0_MINI = dict(
     mlp_layer="SwiGLUPacked", act_layer="SiLU",
 )  # fmt: skip
 
-_IMAGENET_224_BICUBIC = _pre(224, 224, IMAGENET_MEAN, IMAGENET_STD, "bicubic")
+_IMAGENET_224_BICUBIC = Preprocess(224, 224, IMAGENET_MEAN, IMAGENET_STD, "bicubic")
 
 
 def _hf_spec(
@@ -163,74 +143,59 @@ def _hf_spec(
     return EncoderSpec(name=name, dim=dim, preprocess=pre, build=build, weights=weights, **extra)
 
 
-class _Terms(TypedDict):
-    """Licence keywords shared by several specs (typed, so `**terms` cannot be mistaken for `filename` or `loader`)."""
-
-    licence: str
-    gated: bool
-
-
-class _Described(TypedDict):
-    """Licence and notes shared by several specs (typed for the same reason as `_Terms`)."""
-
-    licence: str
-    notes: str
-
-
 def _pathology_specs() -> list[EncoderSpec]:
-    nc: _Terms = {"licence": _NC_ND, "gated": True}
+    nc_spec = functools.partial(_hf_spec, licence=_NC_ND, gated=True)  # gated, non-commercial licence
     return [
-        _hf_spec("uni_v1", 1024, _timm_builder("vit_large_patch16_224", **_VIT_L_UNI), _IMAGENET_224_BICUBIC,
-                 "MahmoodLab/uni", params_m=303.4, **nc),  # upstream's spelling (folder models--MahmoodLab--uni)
-        _hf_spec("uni_v2", 1536, _timm_builder("vit_giant_patch14_224", **_UNI2), _IMAGENET_224_BICUBIC,
-                 "MahmoodLab/UNI2-h", params_m=681.4, **nc),
+        nc_spec("uni_v1", 1024, _timm_builder("vit_large_patch16_224", **_VIT_L_UNI), _IMAGENET_224_BICUBIC,
+                "MahmoodLab/uni", params_m=303.4),  # upstream's spelling (folder models--MahmoodLab--uni)
+        nc_spec("uni_v2", 1536, _timm_builder("vit_giant_patch14_224", **_UNI2), _IMAGENET_224_BICUBIC,
+                "MahmoodLab/UNI2-h", params_m=681.4),
         _hf_spec("virchow_v1", 2560, _timm_builder("vit_huge_patch14_224", **_VIRCHOW), _IMAGENET_224_BICUBIC,
                  "paige-ai/Virchow", forward=cls_plus_mean(1), params_m=631.2, gated=True,
                  licence="Apache-2.0 (+ model card terms)"),
-        _hf_spec("virchow_v2", 2560, _timm_builder("vit_huge_patch14_224", reg_tokens=4, **_VIRCHOW),
-                 _IMAGENET_224_BICUBIC, "paige-ai/Virchow2", forward=cls_plus_mean(5), params_m=631.2, **nc),
+        nc_spec("virchow_v2", 2560, _timm_builder("vit_huge_patch14_224", reg_tokens=4, **_VIRCHOW),
+                _IMAGENET_224_BICUBIC, "paige-ai/Virchow2", forward=cls_plus_mean(5), params_m=631.2),
         _hf_spec("prov_gigapath", 1536, _timm_builder("vit_giant_patch14_dinov2", **_GIGAPATH),
-                 _pre(256, 224, IMAGENET_MEAN, IMAGENET_STD, "bicubic"), "prov-gigapath/prov-gigapath",
+                 Preprocess(256, 224, IMAGENET_MEAN, IMAGENET_STD, "bicubic"), "prov-gigapath/prov-gigapath",
                  params_m=1135.0, gated=True, licence="Apache-2.0 with research-use conditions"),
         _hf_spec("h_optimus_0", 1536, _timm_builder("vit_giant_patch14_reg4_dinov2", **_HOPTIMUS),
-                 _pre((224, 224), None, HOPTIMUS_MEAN, HOPTIMUS_STD, "bilinear"), "bioptimus/H-optimus-0",
+                 Preprocess((224, 224), None, HOPTIMUS_MEAN, HOPTIMUS_STD, "bilinear"), "bioptimus/H-optimus-0",
                  params_m=1134.8, gated=True, licence="Apache-2.0"),
-        _hf_spec("h_optimus_1", 1536, _timm_builder("vit_giant_patch14_reg4_dinov2", **_HOPTIMUS),
-                 _pre((224, 224), None, HOPTIMUS_MEAN, HOPTIMUS_STD, "bilinear"), "bioptimus/H-optimus-1",
-                 params_m=1134.8, **nc),
-        _hf_spec("h0_mini", 1536, _timm_builder("vit_base_patch14_reg4_dinov2", **_H0_MINI),
-                 _pre(224, 224, HOPTIMUS_MEAN, HOPTIMUS_STD, "bicubic"), "bioptimus/H0-mini",
-                 forward=cls_plus_mean(None), params_m=85.7,
-                 notes="preprocessing from the hub timm data config (resize/crop 224 bicubic assumed)", **nc),
+        nc_spec("h_optimus_1", 1536, _timm_builder("vit_giant_patch14_reg4_dinov2", **_HOPTIMUS),
+                Preprocess((224, 224), None, HOPTIMUS_MEAN, HOPTIMUS_STD, "bilinear"), "bioptimus/H-optimus-1",
+                params_m=1134.8),
+        nc_spec("h0_mini", 1536, _timm_builder("vit_base_patch14_reg4_dinov2", **_H0_MINI),
+                Preprocess(224, 224, HOPTIMUS_MEAN, HOPTIMUS_STD, "bicubic"), "bioptimus/H0-mini",
+                forward=cls_plus_mean(None), params_m=85.7,
+                notes="preprocessing from the hub timm data config (resize/crop 224 bicubic assumed)"),
         _hf_spec("pathorchestra", 1024,
                  _timm_builder("vit_large_patch16_224", num_classes=0, init_values=1e-5, dynamic_img_size=True),
-                 _pre(224, None, IMAGENET_MEAN, IMAGENET_STD, "bilinear"), "AI4Pathology/PathOrchestra",
+                 Preprocess(224, None, IMAGENET_MEAN, IMAGENET_STD, "bilinear"), "AI4Pathology/PathOrchestra",
                  params_m=303.4, gated=True, licence="see model card",
                  notes="architecture assumed ViT-L/16 (hub config unverified)"),
         _hf_spec("openmidnight", 1536, _timm_builder("vit_giant_patch14_reg4_dinov2", img_size=224, num_classes=0),
-                 _pre((224, 224), None, IMAGENET_MEAN, IMAGENET_STD, "bilinear"), "SophontAI/OpenMidnight",
-                 "teacher_checkpoint_load.pt", "file", load_weights=filtered_load(_vit_filter), params_m=1134.8,
-                 gated=True, licence="see model card",
+                 Preprocess((224, 224), None, IMAGENET_MEAN, IMAGENET_STD, "bilinear"), "SophontAI/OpenMidnight",
+                 "teacher_checkpoint_load.pt", "file", load_weights=filtered_load(_timm_filter("vision_transformer")),
+                 params_m=1134.8, gated=True, licence="see model card",
                  notes="DINOv2 hub checkpoint converted by timm's DINOv2 filter (no torch.hub code fetch)"),
     ]  # fmt: skip
 
 
 def _lunit_specs() -> list[EncoderSpec]:
-    pre = _pre(224, 224, LUNIT_MEAN, LUNIT_STD, "bicubic")
-    common: _Described = {
-        "licence": "Lunit non-commercial",
-        "notes": "hub timm data config (224, Lunit stats; resize mode assumed)",
-    }
+    pre = Preprocess(224, 224, LUNIT_MEAN, LUNIT_STD, "bicubic")
+    lunit_spec = functools.partial(
+        _hf_spec, licence="Lunit non-commercial", notes="hub timm data config (224, Lunit stats; resize mode assumed)"
+    )
     out = [
-        _hf_spec(f"lunit_resnet50_{tag}", 2048, _timm_builder("resnet50", num_classes=0), pre,
-                 f"1aurent/resnet50.lunit_{tag}", "model.safetensors", family="timm-resnet", params_m=23.5, **common)
+        lunit_spec(f"lunit_resnet50_{tag}", 2048, _timm_builder("resnet50", num_classes=0), pre,
+                   f"1aurent/resnet50.lunit_{tag}", "model.safetensors", family="timm-resnet", params_m=23.5)
         for tag in ("bt", "swav", "mocov2")
     ]  # fmt: skip
     for patch in (16, 8):
         arch = f"vit_small_patch{patch}_224"
         out.append(
-            _hf_spec(f"lunit_vit_small_patch{patch}_dino", 384, _timm_builder(arch, num_classes=0), pre,
-                     f"1aurent/{arch}.lunit_dino", "model.safetensors", params_m=21.7, **common)
+            lunit_spec(f"lunit_vit_small_patch{patch}_dino", 384, _timm_builder(arch, num_classes=0), pre,
+                       f"1aurent/{arch}.lunit_dino", "model.safetensors", params_m=21.7)
         )  # fmt: skip
     return out
 

@@ -55,15 +55,6 @@ def _family(name: str) -> str:
     return name.split("_")[0].rstrip("0123456789") if not name.startswith("vit") else "vit"
 
 
-def _drop_head(head: str) -> Callable[[dict[str, Any], Any], dict[str, Any]]:
-    """A state-dict filter removing the checkpoint's head keys (the head is Identity in the built model)."""
-
-    def drop(state: dict[str, Any], _model: Any) -> dict[str, Any]:
-        return drop_prefixes(state, (f"{head}.",))
-
-    return drop
-
-
 def _spec(name: str, row: _Row) -> EncoderSpec:
     dim, filename, resize, crop, interp, head, params = row
     return EncoderSpec(
@@ -71,7 +62,8 @@ def _spec(name: str, row: _Row) -> EncoderSpec:
         dim=dim,
         preprocess=Preprocess(resize, crop, IMAGENET_MEAN, IMAGENET_STD, interp),
         build=_builder(name, head),
-        load_weights=filtered_load(_drop_head(head)),
+        # the checkpoint's head keys are dropped: the head is Identity in the built model
+        load_weights=filtered_load(lambda state, _model: drop_prefixes(state, (f"{head}.",))),
         weights=WeightsSource("torchvision", filename=filename, url=_URL + filename),
         licence="CC-BY-NC-4.0 (SWAG weights)" if name == "vit_h_14" else _LICENCE,
         family=f"torchvision-{_family(name)}",
