@@ -14,8 +14,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
-import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -26,7 +25,7 @@ from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from .config import PipelineConfig
-from .errors import STOP_REASONS, PipelineClosed, PipelineFull, refused, single_error
+from .errors import STOP_REASONS, PipelineClosed, PipelineFull, refused
 from .items import (
     EdgeStatistics,
     EngineStatistics,
@@ -42,11 +41,9 @@ from .items import (
 from .outputs.claims import DEFAULT_LEASE
 from .protocols import Backends, OutputStore
 from .report import RunReport
+from .run import serving
 from .stages import embed, encode, plan, prepare, read, segment, write
 from .stages.book import SlideBook
-
-if sys.version_info < (3, 11):  # pragma: no cover
-    from exceptiongroup import BaseExceptionGroup  # anyio depends on it there
 
 Mode = Literal["coords", "features", "detect"]
 HEARTBEAT_S = DEFAULT_LEASE / 3
@@ -211,7 +208,6 @@ class Pipeline:
         self.book = (embed.EmbeddingBook(*book_args, embed=self.to_embed.send) if self.to_embed is not None
                      else SlideBook(*book_args))
         self.state: State = "starting"
-        self.heartbeat_s = HEARTBEAT_S
         self.submitted = 0
         self.torn_down: list[SlideResult] = []  # slides torn down in flight (aborted or cancelled)
         self._abort = anyio.CancelScope()
@@ -234,8 +230,8 @@ class Pipeline:
         collision = self._accept(job)
         if collision is not None:
             await self.book.reject(job, "failed", collision, refused("discover", "collision"))
-            return
-        await self._send(job, wait=True)
+        else:
+            await self._send(job)
 
     def submit_nowait(self, job: SlideJob) -> None:
         """Queue one slide at once, or raise `PipelineFull` (a service answers 503)."""
@@ -244,8 +240,8 @@ class Pipeline:
         collision = self._accept(job)
         if collision is not None:
             self.book.reject_nowait(job, "failed", collision, refused("discover", "collision"))
-            return
-        self._send_now(job)
+        else:
+            self._send_now(job)
 
     async def process(self, job_or_path: SlideJob | str | Path) -> SlideResult:
         """Submit one slide and wait for its own result (waits for room while the pipeline is full).
@@ -253,13 +249,11 @@ class Pipeline:
         If the caller is cancelled before the slide starts, the slide is withdrawn; once started, it keeps going to
         a complete output (or none). Raises `PipelineClosed` if the pipeline stops on an error first.
         """
-        job = self.job_for(job_or_path)
-        return await self._await_result(job, functools.partial(self._send, job, wait=True))
+        return await self._await_result(self.job_for(job_or_path), wait=True)
 
     async def process_nowait(self, job_or_path: SlideJob | str | Path) -> SlideResult:
         """`process()`, but raise `PipelineFull` at once instead of waiting for room."""
-        job = self.job_for(job_or_path)
-        return await self._await_result(job, functools.partial(self._send, job, wait=False))
+        return await self._await_result(self.job_for(job_or_path), wait=False)
 
     async def close_input(self) -> None:
         """No more slides: in-flight slides drain, then `results()` ends."""
@@ -334,10 +328,7 @@ class Pipeline:
         first = self._stems.setdefault(job.stem, job.path)
         return _collision(job, first) if first != job.path else None
 
-    async def _send(self, job: SlideJob, *, wait: bool) -> None:
-        if not wait:
-            self._send_now(job)
-            return
+    async def _send(self, job: SlideJob) -> None:
         try:
             await self.streams.jobs.send.send(job)
         except BaseException as exc:
@@ -356,16 +347,17 @@ class Pipeline:
             self._live.discard(job.slide_id)
             raise PipelineClosed("the pipeline takes no more slides") from self._closed_cause or exc
 
-    async def _await_result(self, job: SlideJob, send: Callable[[], Awaitable[None]]) -> SlideResult:
-        waiter = _Waiter(job)
+    async def _await_result(self, job: SlideJob, *, wait: bool) -> SlideResult:
         collision = self._accept(job)
-        self._waiters[job.slide_id] = waiter
+        waiter = self._waiters[job.slide_id] = _Waiter(job)
         self._routed.add(job.slide_id)
         try:
             if collision is not None:
                 await self.book.reject(job, "failed", collision, refused("discover", "collision"))
+            elif wait:
+                await self._send(job)
             else:
-                await send()
+                self._send_now(job)
             await waiter.done.wait()
         except BaseException:
             if waiter.result is None:
@@ -384,44 +376,43 @@ class Pipeline:
         """Start every stage (downstream first), report ready, and run until the input is closed and drained."""
         beat = anyio.CancelScope()
         with self._abort:
-            await self._run(beat, task_status)
+            async with anyio.create_task_group() as outer:
+                await outer.start(self._dispatch)
+                outer.start_soon(self._heartbeat, beat)
+                try:
+                    async with anyio.create_task_group() as tg:
+                        if self.stages.write:
+                            await anyio.to_thread.run_sync(self.backends.outputs.sweep_orphans,
+                                                           limiter=self.limiters.io)
+                        await self._start_stages(tg)
+                        self.state = "running"
+                        task_status.started()
+                finally:
+                    beat.cancel()
+                    await self._close()
 
-    async def _run(self, beat: anyio.CancelScope, task_status: anyio.abc.TaskStatus[None]) -> None:
-        async with anyio.create_task_group() as outer:
-            await outer.start(self._dispatch)
-            outer.start_soon(self._heartbeat, beat)
-            try:
-                async with anyio.create_task_group() as tg:
-                    if self.stages.write:
-                        await anyio.to_thread.run_sync(self.backends.outputs.sweep_orphans, limiter=self.limiters.io)
-                    await self._start_stages(tg)
-                    self.state = "running"
-                    task_status.started()
-            finally:
-                beat.cancel()
-                self.torn_down = await self.book.release_all()
-                await self._report_torn_down()
-                with anyio.CancelScope(shield=True):
-                    await anyio.to_thread.run_sync(self.backends.pixels.close, limiter=self.limiters.io)
-                await self.book.aclose()
-                for edge in self.streams.edges():
-                    if edge is not self.streams.results and edge is not self.streams.finished:
-                        edge.close()
-                if self.to_embed is not None:
-                    self.to_embed.close()
-
-    async def _report_torn_down(self) -> None:
-        if self.report is not None:
-            with anyio.CancelScope(shield=True):
+    async def _close(self) -> None:
+        """The stages have ended: tear down (and report) the slides still in flight, release what the readers share
+        and close every stream but the results'."""
+        self.torn_down = await self.book.release_all()
+        with anyio.CancelScope(shield=True):
+            if self.report is not None:
                 for result in self.torn_down:
                     await anyio.to_thread.run_sync(self.report.slide, result, limiter=self.limiters.io)
+            await anyio.to_thread.run_sync(self.backends.pixels.close, limiter=self.limiters.io)
+        await self.book.aclose()
+        for edge in self.streams.edges():
+            if edge is not self.streams.results and edge is not self.streams.finished:
+                edge.close()
+        if self.to_embed is not None:
+            self.to_embed.close()
 
     async def _heartbeat(self, scope: anyio.CancelScope) -> None:
         """Refresh the locks of the slides in flight every third of the lock lease (other hosts judge them by age),
         until the stages have ended (`scope` is cancelled then)."""
         with scope:
             while True:
-                await anyio.sleep(self.heartbeat_s)
+                await anyio.sleep(HEARTBEAT_S)
                 await self.book.heartbeat()
 
     async def _dispatch(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
@@ -547,30 +538,19 @@ async def running(config: PipelineConfig, backends: Backends | None, mode: Mode,
         from .assembly import RealBackends
 
         backends = RealBackends(config)
-    if report is not None:
-        report.begin(dataclasses.asdict(config))
     pipeline = Pipeline(config, backends, mode, report, stop_on_output_failure)
     try:
-        async with anyio.create_task_group() as tg:
-            await tg.start(pipeline.run)
+        async with serving(pipeline, pipeline.run):
             if report is not None:  # the models are loaded now: say which precision each encoder's forward runs in
                 from .backends.encoders.runtime import precision_ran
 
                 ran = {name: how for name, how in precision_ran().items() if name in config.encode.extractors}
                 report.begin({**dataclasses.asdict(config), "precision_ran": ran})
-            try:
-                yield pipeline
-            except BaseException:
-                tg.cancel_scope.cancel()
-                raise
+            yield pipeline
             await pipeline.close_input()
             async with pipeline.results() as rest:
                 async for _ in rest:
                     pass
-    except BaseExceptionGroup as group:
-        error = single_error(group)
-        pipeline.fail_waiters(error)
-        raise error from None
     except BaseException as exc:
         pipeline.fail_waiters(exc)
         raise
