@@ -214,6 +214,8 @@ class OutputError(AtlasPatchError):
         path: The file or folder concerned.
         errno: The OS error number, when known.
         slide: The slide name, when known.
+        systemic: True when the output filesystem itself is the problem (full, read-only, gone,
+            failing), not one file.
     """
 
     def __init__(
@@ -224,19 +226,14 @@ class OutputError(AtlasPatchError):
         path: Path | None = None,
         errno: int | None = None,
         slide: str | None = None,
-        systemic: bool | None = None,
+        systemic: bool = True,
     ) -> None:
         super().__init__(message)
         self.kind = kind
         self.path = path
         self.errno = errno
         self.slide = slide
-        self._systemic = systemic
-
-    @property
-    def systemic(self) -> bool:
-        """True when the output filesystem itself is the problem (full, read-only, gone, failing), not one file."""
-        return True if self._systemic is None else self._systemic
+        self.systemic = systemic
 
     def one_line(self) -> str:
         """The message as a single line, naming the slide when known."""

@@ -277,11 +277,6 @@ class SlideResult:
     attempts: int = 1  # tries it took (the Ray engine retries slides whose worker died)
     notes: dict[str, object] = field(default_factory=dict)  # facts for the run report only (decode routes...)
 
-    @property
-    def ok(self) -> bool:
-        """True unless the slide failed or was cancelled before finishing."""
-        return self.status not in ("failed", "cancelled")
-
 
 @dataclass(frozen=True)
 class Totals:

@@ -204,7 +204,7 @@ class _Run:
         for result in self.engine.torn_down:
             await self.record(result)
         for job in [*self.given.values(), *self.source.unsent()]:
-            await self.record(_not_started(job, reason), ours=True)
+            await self.record(SlideResult(job, "cancelled", message=f"not started: {reason}"), ours=True)
 
 
 async def drive(source: JobSource, engine: Engine, *, report: RunReport | None = None, stop: Stop | None = None,
@@ -296,7 +296,3 @@ async def _loop(run: _Run, stop: Stop | None, drain_timeout_s: float) -> None:
             tg.cancel_scope.cancel()
     except BaseExceptionGroup as group:  # a source's or engine's error comes out as itself
         raise single_error(group) from None
-
-
-def _not_started(job: SlideJob, reason: str) -> SlideResult:
-    return SlideResult(job, "cancelled", message=f"not started: {reason}")

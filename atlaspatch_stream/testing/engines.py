@@ -10,8 +10,9 @@ import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream
 
 from ..errors import STOP_REASONS, PipelineClosed
-from ..items import EngineStatistics, Failure, SlideJob, SlideResult, Totals
+from ..items import EngineStatistics, Failure, SlideJob, SlideResult
 from ..run import serving
+from ..stages.book import Tally
 
 
 class EngineDied(RuntimeError):
@@ -37,7 +38,7 @@ class FakeEngine:
         self.torn_down: list[SlideResult] = []
         self._stop_reason: str | None = None
         self._in_flight: dict[int, SlideJob] = {}
-        self._finished: dict[str, int] = {}
+        self.tally = Tally()
         self._jobs_send, self._jobs = anyio.create_memory_object_stream[SlideJob](capacity)
         self._send, self._receive = anyio.create_memory_object_stream[SlideResult](capacity + workers)
         self._abort = anyio.CancelScope()
@@ -79,10 +80,8 @@ class FakeEngine:
 
     def statistics(self) -> EngineStatistics:
         """Totals and slides in flight."""
-        finished = sum(self._finished.values())
-        return EngineStatistics(state="running", totals=Totals(finished=finished, by_status=dict(self._finished)),
-                                in_flight=len(self._in_flight), submitted=len(self.submitted),
-                                stopped=self._stop_reason)
+        return EngineStatistics(state="running", totals=self.tally.totals(), in_flight=len(self._in_flight),
+                                submitted=len(self.submitted), stopped=self._stop_reason)
 
     async def _serve(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         async with self._send:
@@ -115,5 +114,5 @@ class FakeEngine:
         return SlideResult(job, "failed", message=f"{job.name}: {failure.kind}", failure=failure)
 
     def _count(self, result: SlideResult) -> SlideResult:
-        self._finished[result.status] = self._finished.get(result.status, 0) + 1
+        self.tally.add(result)
         return result

@@ -25,13 +25,13 @@ import os
 import sys
 from collections.abc import Iterator, Sequence
 
-from ..outputs.h5io import FileCalls, OsIO, use_os_io
+from ..outputs.h5io import OsIO, use_os_io
 
 Op = str  # "write" or "fsync"
 
 
-class WriteFaults(FileCalls):
-    """The real OS calls (`h5io.OsIO`), except that the `at`-th counted operation raises `OSError(errno)` (and every
+class WriteFaults(OsIO):
+    """The real OS calls (`h5io.OsIO`, a `FileCalls`), except that the `at`-th counted operation raises `OSError(errno)` (and every
     later one when `sticky`).
 
     Attributes:
@@ -50,25 +50,16 @@ class WriteFaults(FileCalls):
         self.sticky = sticky
         self.count = 0
         self.failed = 0
-        self._os = OsIO()
 
     def pwrite_all(self, fd: int, data: memoryview, offset: int) -> None:
         """Count, maybe fail, then write."""
         self._maybe_fail("write")
-        self._os.pwrite_all(fd, data, offset)
-
-    def pread_into(self, fd: int, buf: memoryview, offset: int) -> int:
-        """Read (never failed)."""
-        return self._os.pread_into(fd, buf, offset)
-
-    def ftruncate(self, fd: int, size: int) -> None:
-        """Truncate (never failed)."""
-        self._os.ftruncate(fd, size)
+        super().pwrite_all(fd, data, offset)
 
     def fsync(self, fd: int) -> None:
         """Count, maybe fail, then fsync."""
         self._maybe_fail("fsync")
-        self._os.fsync(fd)
+        super().fsync(fd)
 
     def _maybe_fail(self, op: Op) -> None:
         if op not in self.ops:
