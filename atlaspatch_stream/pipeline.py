@@ -299,10 +299,7 @@ class Pipeline:
         if self._mpp is None:
             csv = self.config.source.mpp_csv
             self._mpp = load_mpp_csv(csv) if csv else {}
-        return slide_job(Path(job_or_path), self._next_id(), self._mpp)
-
-    def _next_id(self) -> int:
-        return next(i for i in self._ids if i not in self._live)
+        return slide_job(Path(job_or_path), next(i for i in self._ids if i not in self._live), self._mpp)
 
     def statistics(self) -> EngineStatistics:
         """Queue fill per stream, slides in flight, totals and the state."""
@@ -326,7 +323,10 @@ class Pipeline:
         self._live.add(job.slide_id)
         self.submitted += 1
         first = self._stems.setdefault(job.stem, job.path)
-        return _collision(job, first) if first != job.path else None
+        if first == job.path:
+            return None
+        return (f"{job.name}: output name {job.stem!r} is already taken by {first} (both would write "
+                f"patches/{job.stem}.h5); process them into separate --output folders")
 
     async def _send(self, job: SlideJob) -> None:
         try:
@@ -515,11 +515,6 @@ def _closing(stage: Callable[..., Coroutine[object, object, None]], edge: Edge[e
 
 def _full(config: PipelineConfig) -> str:
     return f"the pipeline is full ({config.queues.jobs} slides waiting)"
-
-
-def _collision(job: SlideJob, first: Path) -> str:
-    return (f"{job.name}: output name {job.stem!r} is already taken by {first} (both would write "
-            f"patches/{job.stem}.h5); process them into separate --output folders")
 
 
 @asynccontextmanager
