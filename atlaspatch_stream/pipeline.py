@@ -202,7 +202,7 @@ class Pipeline:
         on_systemic = self._stop_for if stop_on_output_failure else None
         book_args = (self.streams.finished.send, config.open.max_open_slides, self.limiters.io, on_systemic)
         # --slide-encoders: slides with a final H5 pass through stage `embed` before their result is issued
-        self.to_embed: Edge[embed.Finished] | None = None
+        self.to_embed: Edge[SlideResult] | None = None
         if self.stages.encode and config.encode.slide_encoders:
             self.to_embed = Edge.create("to_embed", config.queues.results, 1_000)
         self.book = (embed.EmbeddingBook(*book_args, embed=self.to_embed.send) if self.to_embed is not None
@@ -498,7 +498,7 @@ async def _start(tg: TaskGroup, stage: Callable[..., Coroutine[object, object, N
     await tg.start(functools.partial(stage, *args, **kwargs))
 
 
-def _closing(stage: Callable[..., Coroutine[object, object, None]], edge: Edge[embed.Finished] | None
+def _closing(stage: Callable[..., Coroutine[object, object, None]], edge: Edge[SlideResult] | None
              ) -> Callable[..., Coroutine[object, object, None]]:
     """`stage`, closing `edge`'s sending end when it ends (the writer: no slide finishes after it)."""
     if edge is None:
