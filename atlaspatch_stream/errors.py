@@ -151,6 +151,13 @@ def _chain(exc: BaseException) -> Iterator[BaseException]:
         current = current.__cause__ or current.__context__
 
 
+def _leaves(exc: BaseException) -> list[BaseException]:
+    """The exceptions inside (possibly nested) exception groups, in order; `exc` itself when it is none."""
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for inner in exc.exceptions for leaf in _leaves(inner)]
+    return [exc]
+
+
 def _is_torch(exc: BaseException, name: str) -> bool:
     """Whether `exc` is torch's exception class `name` (told by class, without importing torch)."""
     return any(cls.__name__ == name and cls.__module__.startswith("torch") for cls in type(exc).__mro__)
@@ -162,16 +169,7 @@ def single_error(group: BaseException) -> BaseException:
     When several distinct errors happened at once, the first is returned (the others stay in its `__context__`
     chain's group, for debugging).
     """
-    leaves: list[BaseException] = []
-
-    def walk(exc: BaseException) -> None:
-        if isinstance(exc, BaseExceptionGroup):
-            for inner in exc.exceptions:
-                walk(inner)
-        else:
-            leaves.append(exc)
-
-    walk(group)
+    leaves = _leaves(group)
     cancelled = anyio.get_cancelled_exc_class()
     real = [e for e in leaves if not isinstance(e, cancelled | anyio.BrokenResourceError | anyio.ClosedResourceError)]
     chosen = (real or leaves)[0]

@@ -16,7 +16,7 @@ import functools
 import itertools
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Generic, Literal, Protocol, TypeVar, cast
 
@@ -96,37 +96,24 @@ class AnyEdge(Protocol):
         ...
 
 
-@dataclass
 class Streams:
-    """Every edge of the pipeline, typed by what flows on it."""
+    """Every edge of the pipeline, typed by what flows on it; sizes from `QueueConfig`, the bytes per item from the
+    patch, thumbnail and batch sizes."""
 
-    jobs: Edge[SlideJob]
-    thumbnails: Edge[Thumbnail]
-    masks: Edge[TissueMask]
-    plans: Edge[PatchPlan]
-    patches: Edge[PatchBatch]
-    to_write: Edge[WriteItem]
-    finished: Edge[SlideResult]  # book -> dispatcher
-    results: Edge[SlideResult]  # dispatcher -> results()
-
-    @classmethod
-    def from_config(cls, config: PipelineConfig) -> Streams:
-        """Sizes from `QueueConfig`; the bytes per item from the patch, thumbnail and batch sizes."""
+    def __init__(self, config: PipelineConfig) -> None:
         q, patch, thumb = config.queues, config.plan.patch_size, config.segment.thumbnail_max
-        return cls(
-            jobs=Edge.create("jobs", q.jobs, 1_000),
-            thumbnails=Edge.create("thumbnails", q.thumbnails, 3 * thumb**2),
-            masks=Edge.create("masks", q.masks, thumb**2),
-            plans=Edge.create("plans", q.plans, 20 * 100_000),
-            patches=Edge.create("patches", q.patches, config.read.chunk_patches * patch * patch * 3),
-            to_write=Edge.create("to_write", q.features, 4 * 2048 * config.encode.batch_size),
-            finished=Edge.create("finished", q.results, 1_000),
-            results=Edge.create("results", q.results, 1_000),
-        )
+        self.jobs: Edge[SlideJob] = Edge.create("jobs", q.jobs, 1_000)
+        self.thumbnails: Edge[Thumbnail] = Edge.create("thumbnails", q.thumbnails, 3 * thumb**2)
+        self.masks: Edge[TissueMask] = Edge.create("masks", q.masks, thumb**2)
+        self.plans: Edge[PatchPlan] = Edge.create("plans", q.plans, 20 * 100_000)
+        self.patches: Edge[PatchBatch] = Edge.create("patches", q.patches, config.read.chunk_patches * patch * patch * 3)
+        self.to_write: Edge[WriteItem] = Edge.create("to_write", q.features, 4 * 2048 * config.encode.batch_size)
+        self.finished: Edge[SlideResult] = Edge.create("finished", q.results, 1_000)  # book -> dispatcher
+        self.results: Edge[SlideResult] = Edge.create("results", q.results, 1_000)  # dispatcher -> results()
 
     def edges(self) -> list[AnyEdge]:
         """All edges, upstream first."""
-        return [getattr(self, f.name) for f in fields(self)]
+        return list(vars(self).values())
 
 
 @dataclass(frozen=True)
@@ -145,30 +132,18 @@ class StageSet:
                    encode=features)
 
 
-@dataclass
 class Limiters:
-    """One capacity limiter per resource kind; none is anyio's default thread limiter."""
+    """One capacity limiter per resource kind (none is anyio's default thread limiter): open/plan workers as
+    configured, one device submitter, one H5 writer."""
 
-    open: anyio.CapacityLimiter
-    segment: anyio.CapacityLimiter
-    plan: anyio.CapacityLimiter
-    read: anyio.CapacityLimiter
-    device: anyio.CapacityLimiter
-    h5: anyio.CapacityLimiter
-    io: anyio.CapacityLimiter  # small filesystem work: run report lines, closing handles, releasing locks
-
-    @classmethod
-    def from_config(cls, config: PipelineConfig) -> Limiters:
-        """Sizes from the config: open/plan workers, one device submitter, one H5 writer."""
-        return cls(
-            open=anyio.CapacityLimiter(config.open.open_workers),
-            segment=anyio.CapacityLimiter(1),
-            plan=anyio.CapacityLimiter(config.plan.threads),
-            read=anyio.CapacityLimiter(2),
-            device=anyio.CapacityLimiter(1),
-            h5=anyio.CapacityLimiter(1),
-            io=anyio.CapacityLimiter(2),
-        )
+    def __init__(self, config: PipelineConfig) -> None:
+        self.open = anyio.CapacityLimiter(config.open.open_workers)
+        self.segment = anyio.CapacityLimiter(1)
+        self.plan = anyio.CapacityLimiter(config.plan.threads)
+        self.read = anyio.CapacityLimiter(2)
+        self.device = anyio.CapacityLimiter(1)
+        self.h5 = anyio.CapacityLimiter(1)
+        self.io = anyio.CapacityLimiter(2)  # small filesystem work: run report lines, closing handles, releasing locks
 
 
 @dataclass
@@ -194,11 +169,10 @@ class Pipeline:
                  stop_on_output_failure: bool = False) -> None:
         self.config = config
         self.backends = backends
-        self.mode = mode
         self.report = report
         self.stages = StageSet.for_mode(mode, config)
-        self.streams = Streams.from_config(config)
-        self.limiters = Limiters.from_config(config)
+        self.streams = Streams(config)
+        self.limiters = Limiters(config)
         on_systemic = self._stop_for if stop_on_output_failure else None
         book_args = (self.streams.finished.send, config.open.max_open_slides, self.limiters.io, on_systemic)
         # --slide-encoders: slides with a final H5 pass through stage `embed` before their result is issued

@@ -245,11 +245,6 @@ class FakeBackends:
         self.segment_delay = segment_delay
         self.segmenter: FakeSegmenter | None = None
 
-    @property
-    def opened(self) -> list[FakeHandle]:
-        """Every handle opened so far."""
-        return self.slides.opened
-
     def make_segmenter(self) -> FakeSegmenter:
         """An all-tissue segmenter."""
         self.segmenter = FakeSegmenter(delay=self.segment_delay)
