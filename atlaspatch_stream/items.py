@@ -104,14 +104,11 @@ class Reuse:
     missing: tuple[str, ...]
 
 
-ReuseAction = Literal["new", "skip", "reuse", "mismatch"]
-
-
 @dataclass(frozen=True)
 class ReuseDecision:
     """What to do with a slide whose output may already exist."""
 
-    action: ReuseAction
+    action: Literal["new", "skip", "reuse", "mismatch"]
     num_patches: int = 0
     missing: tuple[str, ...] = ()
     reason: str = ""

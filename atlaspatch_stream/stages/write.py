@@ -181,8 +181,7 @@ async def _maybe_finish(entry: _Open, writer: _Writer) -> None:
                                                limiter=writer.limiter)
             path = await anyio.to_thread.run_sync(entry.store.finalize, limiter=writer.limiter)
     except Exception as exc:
-        with anyio.CancelScope(shield=True):
-            await anyio.to_thread.run_sync(entry.store.abort, limiter=writer.limiter)
+        await _drop(entry, writer)
         if is_bug(exc):
             raise
         await writer.book.fail_on(job, "write", exc)
