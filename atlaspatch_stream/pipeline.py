@@ -56,20 +56,13 @@ def default_mode(config: PipelineConfig) -> Mode:
     return "features" if config.encode.extractors else "coords"
 
 
-@dataclass
 class Edge(Generic[T]):
-    """One bounded stream between two stages, with the memory an item may hold."""
+    """One bounded stream between two stages: `size` items of up to `item_bytes` bytes each."""
 
-    name: str
-    send: MemoryObjectSendStream[T]
-    receive: MemoryObjectReceiveStream[T]
-    item_bytes: int
-
-    @classmethod
-    def create(cls, name: str, size: int, item_bytes: int) -> Edge[T]:
-        """A stream of `size` items of up to `item_bytes` bytes each."""
-        send, receive = anyio.create_memory_object_stream[T](size)
-        return cls(name, send, receive, item_bytes)
+    def __init__(self, name: str, size: int, item_bytes: int) -> None:
+        self.name = name
+        self.item_bytes = item_bytes
+        self.send, self.receive = anyio.create_memory_object_stream[T](size)
 
     def statistics(self) -> EdgeStatistics:
         """Items buffered, capacity, and bytes per item."""
@@ -102,14 +95,14 @@ class Streams:
 
     def __init__(self, config: PipelineConfig) -> None:
         q, patch, thumb = config.queues, config.plan.patch_size, config.segment.thumbnail_max
-        self.jobs: Edge[SlideJob] = Edge.create("jobs", q.jobs, 1_000)
-        self.thumbnails: Edge[Thumbnail] = Edge.create("thumbnails", q.thumbnails, 3 * thumb**2)
-        self.masks: Edge[TissueMask] = Edge.create("masks", q.masks, thumb**2)
-        self.plans: Edge[PatchPlan] = Edge.create("plans", q.plans, 20 * 100_000)
-        self.patches: Edge[PatchBatch] = Edge.create("patches", q.patches, config.read.chunk_patches * patch * patch * 3)
-        self.to_write: Edge[WriteItem] = Edge.create("to_write", q.features, 4 * 2048 * config.encode.batch_size)
-        self.finished: Edge[SlideResult] = Edge.create("finished", q.results, 1_000)  # book -> dispatcher
-        self.results: Edge[SlideResult] = Edge.create("results", q.results, 1_000)  # dispatcher -> results()
+        self.jobs: Edge[SlideJob] = Edge("jobs", q.jobs, 1_000)
+        self.thumbnails: Edge[Thumbnail] = Edge("thumbnails", q.thumbnails, 3 * thumb**2)
+        self.masks: Edge[TissueMask] = Edge("masks", q.masks, thumb**2)
+        self.plans: Edge[PatchPlan] = Edge("plans", q.plans, 20 * 100_000)
+        self.patches: Edge[PatchBatch] = Edge("patches", q.patches, config.read.chunk_patches * patch * patch * 3)
+        self.to_write: Edge[WriteItem] = Edge("to_write", q.features, 4 * 2048 * config.encode.batch_size)
+        self.finished: Edge[SlideResult] = Edge("finished", q.results, 1_000)  # book -> dispatcher
+        self.results: Edge[SlideResult] = Edge("results", q.results, 1_000)  # dispatcher -> results()
 
     def edges(self) -> list[AnyEdge]:
         """All edges, upstream first."""
@@ -178,7 +171,7 @@ class Pipeline:
         # --slide-encoders: slides with a final H5 pass through stage `embed` before their result is issued
         self.to_embed: Edge[SlideResult] | None = None
         if self.stages.encode and config.encode.slide_encoders:
-            self.to_embed = Edge.create("to_embed", config.queues.results, 1_000)
+            self.to_embed = Edge("to_embed", config.queues.results, 1_000)
         self.book = (embed.EmbeddingBook(*book_args, embed=self.to_embed.send) if self.to_embed is not None
                      else SlideBook(*book_args))
         self.state: State = "starting"
@@ -427,8 +420,7 @@ class Pipeline:
             settings = write.WriteSettings(encoders=encoders.names if encoders else (), dims=dims,
                                            count_rows=on.read and not on.encode,
                                            allow_nonfinite=cfg.encode.allow_nonfinite)
-            await _start(tg, _closing(write.run, self.to_embed), s.to_write.receive, book=self.book,
-                         outputs=b.outputs, settings=settings, limiter=lim.h5)
+            await _start(tg, self._write, settings)
             if encoders is not None:
                 await _start(tg, encode.run, s.patches.receive, s.to_write.send.clone(), encoders=encoders,
                              batch_size=cfg.encode.batch_size, limiter=lim.device)
@@ -445,6 +437,15 @@ class Pipeline:
                                              if on.encode else (), skip_existing=cfg.write.skip_existing)
         await _start(tg, prepare.run, s.jobs.receive, s.thumbnails.send, book=self.book, slides=b.slides,
                      outputs=outputs, settings=settings_p, limiter=lim.open)
+
+    async def _write(self, settings: write.WriteSettings, *, task_status: anyio.abc.TaskStatus[None]) -> None:
+        """Stage `write`; no slide finishes after it, so the input of stage `embed` (if any) ends with it."""
+        try:
+            await write.run(self.streams.to_write.receive, book=self.book, outputs=self.backends.outputs,
+                            settings=settings, limiter=self.limiters.h5, task_status=task_status)
+        finally:
+            if self.to_embed is not None:
+                self.to_embed.send.close()
 
     async def _start_embed(self, tg: TaskGroup) -> None:
         from .assembly import make_slide_embedder
@@ -470,21 +471,6 @@ async def _start(tg: TaskGroup, stage: Callable[..., Coroutine[object, object, N
                  **kwargs: object) -> None:
     """Start one stage and wait until it reports ready (its set-up done)."""
     await tg.start(functools.partial(stage, *args, **kwargs))
-
-
-def _closing(stage: Callable[..., Coroutine[object, object, None]], edge: Edge[SlideResult] | None
-             ) -> Callable[..., Coroutine[object, object, None]]:
-    """`stage`, closing `edge`'s sending end when it ends (the writer: no slide finishes after it)."""
-    if edge is None:
-        return stage
-
-    async def run(*args: object, **kwargs: object) -> None:
-        try:
-            await stage(*args, **kwargs)
-        finally:
-            edge.send.close()
-
-    return run
 
 
 def _full(config: PipelineConfig) -> str:
