@@ -39,7 +39,7 @@ from .items import (
     WriteItem,
 )
 from .outputs.claims import DEFAULT_LEASE
-from .protocols import Backends, OutputStore
+from .protocols import Backends
 from .report import RunReport
 from .run import serving
 from .stages import embed, encode, plan, prepare, read, segment, write
@@ -413,7 +413,11 @@ class Pipeline:
         s, cfg, lim, b, on = self.streams, self.config, self.limiters, self.backends, self.stages
         outputs = b.outputs if on.write else None
         if self.to_embed is not None:
-            await self._start_embed(tg)
+            from .assembly import make_slide_embedder
+
+            assert isinstance(self.book, embed.EmbeddingBook)
+            embedder = await anyio.to_thread.run_sync(make_slide_embedder, cfg, limiter=lim.device)
+            await _start(tg, embed.run, self.to_embed.receive, book=self.book, embedder=embedder, limiter=lim.device)
         if on.write:
             encoders = await anyio.to_thread.run_sync(b.make_encoders, limiter=lim.device) if on.encode else None
             dims = dict(encoders.dims) if encoders is not None else {}
@@ -425,7 +429,14 @@ class Pipeline:
                 await _start(tg, encode.run, s.patches.receive, s.to_write.send.clone(), encoders=encoders,
                              batch_size=cfg.encode.batch_size, limiter=lim.device)
             if on.read:
-                await self._start_read(tg, b.outputs)
+                settings_r = read.ReadSettings(slides_in_parallel=cfg.read.slides_in_parallel,
+                                               reader_threads=cfg.read.reader_threads, chunk=cfg.read.chunk_patches,
+                                               patch_size=cfg.plan.patch_size, save_images=cfg.write.save_images,
+                                               keep_pixels=on.encode)
+                # Without encoders, the row labels go straight to the writer (it counts them to know a slide is done).
+                out = s.patches.send if on.encode else cast(MemoryObjectSendStream[PatchBatch], s.to_write.send.clone())
+                await _start(tg, read.run, s.plans.receive, out, s.to_write.send.clone(), book=self.book,
+                             pixels=b.pixels, outputs=b.outputs, settings=settings_r, limiter=lim.read)
         await _start(tg, plan.run, s.masks.receive, s.to_write.send if on.write else None,
                      s.plans.send if on.read else None, book=self.book, planner=b.planner, outputs=outputs,
                      settings=plan.PlanSettings(detect=not on.write, workers=cfg.plan.threads), limiter=lim.plan,
@@ -446,25 +457,6 @@ class Pipeline:
         finally:
             if self.to_embed is not None:
                 self.to_embed.send.close()
-
-    async def _start_embed(self, tg: TaskGroup) -> None:
-        from .assembly import make_slide_embedder
-
-        assert self.to_embed is not None and isinstance(self.book, embed.EmbeddingBook)
-        embedder = await anyio.to_thread.run_sync(make_slide_embedder, self.config, limiter=self.limiters.device)
-        await _start(tg, embed.run, self.to_embed.receive, book=self.book, embedder=embedder,
-                     limiter=self.limiters.device)
-
-    async def _start_read(self, tg: TaskGroup, outputs: OutputStore) -> None:
-        s, cfg = self.streams, self.config
-        settings = read.ReadSettings(slides_in_parallel=cfg.read.slides_in_parallel, reader_threads=cfg.read.reader_threads,
-                                     chunk=cfg.read.chunk_patches, patch_size=cfg.plan.patch_size,
-                                     save_images=cfg.write.save_images, keep_pixels=self.stages.encode)
-        # Without encoders, the row labels go straight to the writer (it counts them to know a slide is done).
-        out = s.patches.send if self.stages.encode else cast(MemoryObjectSendStream[PatchBatch], s.to_write.send.clone())
-        await _start(tg, read.run, s.plans.receive, out, s.to_write.send.clone(), book=self.book,
-                     pixels=self.backends.pixels,
-                     outputs=outputs, settings=settings, limiter=self.limiters.read)
 
 
 async def _start(tg: TaskGroup, stage: Callable[..., Coroutine[object, object, None]], *args: object,
