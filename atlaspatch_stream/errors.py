@@ -9,11 +9,11 @@ import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import anyio
 
-from .items import Failure, FailureKind, RetryClass
+from .items import Failure, FailureKind, OutputKind, RetryClass
 
 if sys.version_info < (3, 11):  # pragma: no cover
     from exceptiongroup import BaseExceptionGroup  # anyio depends on it there
@@ -123,7 +123,7 @@ def failure_of(exc: BaseException, stage: str) -> Failure:
     Decided by the exception's class and its errno (through the cause/context chain), never by its message.
     """
     if isinstance(exc, OutputError):
-        return Failure(stage, _OUTPUT_KIND[exc.kind], "system" if exc.systemic else "transient", exc.errno)
+        return Failure(stage, exc.kind, "system" if exc.systemic else "transient", exc.errno)
     if isinstance(exc, SlideError):
         return Failure(stage, exc.kind, "slide")
     if isinstance(exc, MemoryError) or _is_torch(exc, "OutOfMemoryError"):
@@ -178,7 +178,6 @@ def single_error(group: BaseException) -> BaseException:
     return chosen
 
 
-OutputKind = Literal["disk_full", "quota", "read_only", "permission", "missing", "io"]
 
 _KIND_OF_ERRNO: dict[int, OutputKind] = {
     errno.ENOSPC: "disk_full",
@@ -186,15 +185,11 @@ _KIND_OF_ERRNO: dict[int, OutputKind] = {
     errno.EROFS: "read_only",
     errno.EACCES: "permission",
     errno.EPERM: "permission",
-    errno.ENOENT: "missing",
-    errno.ENOTDIR: "missing",
-    errno.EIO: "io",
-    errno.ESTALE: "io",
-    errno.EFBIG: "io",
-}
-_OUTPUT_KIND: dict[OutputKind, FailureKind] = {
-    "disk_full": "disk_full", "quota": "quota", "read_only": "read_only", "permission": "permission",
-    "missing": "output_missing", "io": "output_io",
+    errno.ENOENT: "output_missing",
+    errno.ENOTDIR: "output_missing",
+    errno.EIO: "output_io",
+    errno.ESTALE: "output_io",
+    errno.EFBIG: "output_io",
 }
 # HDF5 reports the OS failure inside its message ("... errno = 28, error message = 'No space left on device' ...");
 # h5py raises OSError (errno set only for some calls) or, from a destructor, RuntimeError with only the text.
@@ -208,7 +203,8 @@ class OutputError(AtlasPatchError):
     so later slides would fail the same way (`process` stops starting slides, the daemon pauses intake).
 
     Attributes:
-        kind: What failed (`disk_full`, `quota`, `read_only`, `permission`, `missing`, `io`).
+        kind: What failed (`disk_full`, `quota`, `read_only`, `permission`, `output_missing`, `output_io`): the
+            slide's failure kind.
         path: The file or folder concerned.
         errno: The OS error number, when known.
         slide: The slide name, when known.
@@ -316,7 +312,7 @@ def _describe(kind: OutputKind, number: int, path: Path, folder: Path) -> tuple[
         # Only this file is refused when its folder is still writable (e.g. someone else's H5 in a shared output).
         writable = os.access(folder, os.W_OK)
         return f"no permission to write the output ({path})", not writable
-    if kind == "missing":
+    if kind == "output_missing":
         if path.parent.exists():
             return f"output file vanished while being written ({path})", False
         return f"output folder is missing ({path.parent})", True

@@ -211,8 +211,10 @@ class FeatureBatch:
     nonfinite: dict[str, np.ndarray] = field(default_factory=dict)  # as `Encoded.nonfinite`
 
 
+# The output filesystem's failures (`errors.OutputError.kind`).
+OutputKind = Literal["disk_full", "quota", "read_only", "permission", "output_missing", "output_io"]
 FailureKind = Literal[
-    "disk_full", "quota", "read_only", "permission", "output_missing", "output_io",  # the output filesystem
+    OutputKind,
     "unreadable", "no_magnification", "no_tissue", "input_io",  # the slide, or reading it
     "reuse_refused", "collision", "locked",  # an existing output, a second slide with its name, another's lock
     "nonfinite",  # an encoder wrote NaN or Inf feature rows (and --allow-nonfinite was not given)
