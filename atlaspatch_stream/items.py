@@ -31,8 +31,6 @@ class DevicePixels(Protocol):
         """The tensor's device."""
         ...
 
-    def __len__(self) -> int: ...
-
     def __getitem__(self, index: slice) -> DevicePixels: ...
 
     def cpu(self) -> DevicePixels:
@@ -286,10 +284,6 @@ class Totals:
     patches: int = 0
     patches_per_s: float = 0.0
     elapsed_s: float = 0.0
-
-    def count(self, *statuses: str) -> int:
-        """How many results have one of `statuses`."""
-        return sum(self.by_status.get(s, 0) for s in statuses)
 
 
 @dataclass(frozen=True)
