@@ -348,12 +348,11 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
 
 def _pairs(value: str, key: str) -> tuple[tuple[str, Path], ...]:
     pairs = []
-    for part in (p.strip() for p in value.split(",")):
+    for part in (p.strip() for p in value.split(",") if p.strip()):
         name, sep, path = part.partition("=")
-        if part and not (sep and name.strip() and path.strip()):
+        if not (sep and name.strip() and path.strip()):
             raise ConfigError(f"{key}: expected name=path pairs, got {part!r}")
-        if part:
-            pairs.append((name.strip(), Path(path.strip())))
+        pairs.append((name.strip(), Path(path.strip())))
     return tuple(pairs)
 
 

@@ -420,10 +420,9 @@ class Pipeline:
             await _start(tg, embed.run, self.to_embed.receive, book=self.book, embedder=embedder, limiter=lim.device)
         if on.write:
             encoders = await anyio.to_thread.run_sync(b.make_encoders, limiter=lim.device) if on.encode else None
-            dims = dict(encoders.dims) if encoders is not None else {}
-            settings = write.WriteSettings(encoders=encoders.names if encoders else (), dims=dims,
-                                           count_rows=on.read and not on.encode,
-                                           allow_nonfinite=cfg.encode.allow_nonfinite)
+            settings = write.WriteSettings(encoders=encoders.names if encoders else (),
+                                           dims=dict(encoders.dims) if encoders else {},
+                                           count_rows=on.read and not on.encode, allow_nonfinite=cfg.encode.allow_nonfinite)
             await _start(tg, self._write, settings)
             if encoders is not None:
                 await _start(tg, encode.run, s.patches.receive, s.to_write.send.clone(), encoders=encoders,
