@@ -103,11 +103,8 @@ def make_jobs(paths: Iterable[Path], config: PipelineConfig, start_id: int = 0) 
     from .sources.discover import discover_slides, load_mpp_csv, slide_job
 
     mpp = load_mpp_csv(config.source.mpp_csv) if config.source.mpp_csv else {}
-    jobs: list[SlideJob] = []
-    for root in paths:
-        for path in discover_slides(Path(root), config.source.recursive):
-            jobs.append(slide_job(path, start_id + len(jobs), mpp, check=False))
-    return jobs
+    found = [path for root in paths for path in discover_slides(Path(root), config.source.recursive)]
+    return [slide_job(path, start_id + i, mpp, check=False) for i, path in enumerate(found)]
 
 
 async def process_slides(

@@ -9,7 +9,7 @@ import dataclasses
 import hashlib
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args, get_type_hints
 
@@ -287,18 +287,8 @@ class PipelineConfig:
         return dataclasses.replace(self, **sections)
 
 
-SECTIONS: dict[str, type] = {
-    "source": SourceConfig,
-    "open": OpenConfig,
-    "segment": SegmentConfig,
-    "plan": PlanConfig,
-    "read": ReadConfig,
-    "encode": EncodeConfig,
-    "write": WriteConfig,
-    "queues": QueueConfig,
-    "run": RunConfig,
-    "watch": WatchConfig,
-}
+# The configuration's sections by name (`[plan]`, `ATLASPATCH_PLAN__...`): the fields of `PipelineConfig`.
+SECTIONS: dict[str, type] = get_type_hints(PipelineConfig)
 
 
 def geometry_fingerprint(config: PipelineConfig, segmenter_sha256: str | None) -> str:
@@ -320,11 +310,6 @@ def geometry_fingerprint(config: PipelineConfig, segmenter_sha256: str | None) -
 
 # ---------------------------------------------------------------------------------------------------------------
 # Loading: flag > env > TOML > default
-
-
-def _section_types(section: type) -> dict[str, Any]:
-    hints = get_type_hints(section)
-    return {f.name: hints[f.name] for f in fields(section)}
 
 
 def _coerce(value: Any, hint: Any, key: str) -> Any:
@@ -363,12 +348,11 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
 
 def _pairs(value: str, key: str) -> tuple[tuple[str, Path], ...]:
     pairs = []
-    for part in (p.strip() for p in value.split(",")):
+    for part in (p.strip() for p in value.split(",") if p.strip()):
         name, sep, path = part.partition("=")
-        if part and not (sep and name.strip() and path.strip()):
+        if not (sep and name.strip() and path.strip()):
             raise ConfigError(f"{key}: expected name=path pairs, got {part!r}")
-        if part:
-            pairs.append((name.strip(), Path(path.strip())))
+        pairs.append((name.strip(), Path(path.strip())))
     return tuple(pairs)
 
 
@@ -383,21 +367,13 @@ def _from_env(environ: Mapping[str, str]) -> dict[str, dict[str, Any]]:
     return found
 
 
-def _merge(layers: list[Mapping[str, Mapping[str, Any]]]) -> dict[str, dict[str, Any]]:
-    merged: dict[str, dict[str, Any]] = {}
-    for layer in layers:
-        for section, values in layer.items():
-            merged.setdefault(section, {}).update(values)
-    return merged
-
-
 def _build(merged: Mapping[str, Mapping[str, Any]]) -> PipelineConfig:
     sections: dict[str, Any] = {}
     for section, values in merged.items():
         if section not in SECTIONS:
             raise ConfigError(f"unknown configuration section [{section}]")
         cls = SECTIONS[section]
-        types = _section_types(cls)
+        types = get_type_hints(cls)
         kwargs = {}
         for key, value in values.items():
             if key not in types:
@@ -443,4 +419,8 @@ def load_config(
     layers.append(_from_env(os.environ if environ is None else environ))
     if flags:
         layers.append({s: {k: v for k, v in vals.items() if v is not None} for s, vals in flags.items()})
-    return _build(_merge(layers))
+    merged: dict[str, dict[str, Any]] = {}
+    for layer in layers:
+        for section, values in layer.items():
+            merged.setdefault(section, {}).update(values)
+    return _build(merged)

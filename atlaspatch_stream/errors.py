@@ -9,11 +9,11 @@ import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import anyio
 
-from .items import Failure, FailureKind, RetryClass
+from .items import Failure, FailureKind, OutputKind, RetryClass
 
 if sys.version_info < (3, 11):  # pragma: no cover
     from exceptiongroup import BaseExceptionGroup  # anyio depends on it there
@@ -123,7 +123,7 @@ def failure_of(exc: BaseException, stage: str) -> Failure:
     Decided by the exception's class and its errno (through the cause/context chain), never by its message.
     """
     if isinstance(exc, OutputError):
-        return Failure(stage, _OUTPUT_KIND[exc.kind], "system" if exc.systemic else "transient", exc.errno)
+        return Failure(stage, exc.kind, "system" if exc.systemic else "transient", exc.errno)
     if isinstance(exc, SlideError):
         return Failure(stage, exc.kind, "slide")
     if isinstance(exc, MemoryError) or _is_torch(exc, "OutOfMemoryError"):
@@ -151,6 +151,13 @@ def _chain(exc: BaseException) -> Iterator[BaseException]:
         current = current.__cause__ or current.__context__
 
 
+def _leaves(exc: BaseException) -> list[BaseException]:
+    """The exceptions inside (possibly nested) exception groups, in order; `exc` itself when it is none."""
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for inner in exc.exceptions for leaf in _leaves(inner)]
+    return [exc]
+
+
 def _is_torch(exc: BaseException, name: str) -> bool:
     """Whether `exc` is torch's exception class `name` (told by class, without importing torch)."""
     return any(cls.__name__ == name and cls.__module__.startswith("torch") for cls in type(exc).__mro__)
@@ -162,16 +169,7 @@ def single_error(group: BaseException) -> BaseException:
     When several distinct errors happened at once, the first is returned (the others stay in its `__context__`
     chain's group, for debugging).
     """
-    leaves: list[BaseException] = []
-
-    def walk(exc: BaseException) -> None:
-        if isinstance(exc, BaseExceptionGroup):
-            for inner in exc.exceptions:
-                walk(inner)
-        else:
-            leaves.append(exc)
-
-    walk(group)
+    leaves = _leaves(group)
     cancelled = anyio.get_cancelled_exc_class()
     real = [e for e in leaves if not isinstance(e, cancelled | anyio.BrokenResourceError | anyio.ClosedResourceError)]
     chosen = (real or leaves)[0]
@@ -180,7 +178,6 @@ def single_error(group: BaseException) -> BaseException:
     return chosen
 
 
-OutputKind = Literal["disk_full", "quota", "read_only", "permission", "missing", "io"]
 
 _KIND_OF_ERRNO: dict[int, OutputKind] = {
     errno.ENOSPC: "disk_full",
@@ -188,15 +185,11 @@ _KIND_OF_ERRNO: dict[int, OutputKind] = {
     errno.EROFS: "read_only",
     errno.EACCES: "permission",
     errno.EPERM: "permission",
-    errno.ENOENT: "missing",
-    errno.ENOTDIR: "missing",
-    errno.EIO: "io",
-    errno.ESTALE: "io",
-    errno.EFBIG: "io",
-}
-_OUTPUT_KIND: dict[OutputKind, FailureKind] = {
-    "disk_full": "disk_full", "quota": "quota", "read_only": "read_only", "permission": "permission",
-    "missing": "output_missing", "io": "output_io",
+    errno.ENOENT: "output_missing",
+    errno.ENOTDIR: "output_missing",
+    errno.EIO: "output_io",
+    errno.ESTALE: "output_io",
+    errno.EFBIG: "output_io",
 }
 # HDF5 reports the OS failure inside its message ("... errno = 28, error message = 'No space left on device' ...");
 # h5py raises OSError (errno set only for some calls) or, from a destructor, RuntimeError with only the text.
@@ -210,10 +203,13 @@ class OutputError(AtlasPatchError):
     so later slides would fail the same way (`process` stops starting slides, the daemon pauses intake).
 
     Attributes:
-        kind: What failed (`disk_full`, `quota`, `read_only`, `permission`, `missing`, `io`).
+        kind: What failed (`disk_full`, `quota`, `read_only`, `permission`, `output_missing`, `output_io`): the
+            slide's failure kind.
         path: The file or folder concerned.
         errno: The OS error number, when known.
         slide: The slide name, when known.
+        systemic: True when the output filesystem itself is the problem (full, read-only, gone,
+            failing), not one file.
     """
 
     def __init__(
@@ -224,19 +220,14 @@ class OutputError(AtlasPatchError):
         path: Path | None = None,
         errno: int | None = None,
         slide: str | None = None,
-        systemic: bool | None = None,
+        systemic: bool = True,
     ) -> None:
         super().__init__(message)
         self.kind = kind
         self.path = path
         self.errno = errno
         self.slide = slide
-        self._systemic = systemic
-
-    @property
-    def systemic(self) -> bool:
-        """True when the output filesystem itself is the problem (full, read-only, gone, failing), not one file."""
-        return True if self._systemic is None else self._systemic
+        self.systemic = systemic
 
     def one_line(self) -> str:
         """The message as a single line, naming the slide when known."""
@@ -321,7 +312,7 @@ def _describe(kind: OutputKind, number: int, path: Path, folder: Path) -> tuple[
         # Only this file is refused when its folder is still writable (e.g. someone else's H5 in a shared output).
         writable = os.access(folder, os.W_OK)
         return f"no permission to write the output ({path})", not writable
-    if kind == "missing":
+    if kind == "output_missing":
         if path.parent.exists():
             return f"output file vanished while being written ({path})", False
         return f"output folder is missing ({path.parent})", True

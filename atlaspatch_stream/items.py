@@ -31,8 +31,6 @@ class DevicePixels(Protocol):
         """The tensor's device."""
         ...
 
-    def __len__(self) -> int: ...
-
     def __getitem__(self, index: slice) -> DevicePixels: ...
 
     def cpu(self) -> DevicePixels:
@@ -104,14 +102,11 @@ class Reuse:
     missing: tuple[str, ...]
 
 
-ReuseAction = Literal["new", "skip", "reuse", "mismatch"]
-
-
 @dataclass(frozen=True)
 class ReuseDecision:
     """What to do with a slide whose output may already exist."""
 
-    action: ReuseAction
+    action: Literal["new", "skip", "reuse", "mismatch"]
     num_patches: int = 0
     missing: tuple[str, ...] = ()
     reason: str = ""
@@ -214,8 +209,10 @@ class FeatureBatch:
     nonfinite: dict[str, np.ndarray] = field(default_factory=dict)  # as `Encoded.nonfinite`
 
 
+# The output filesystem's failures (`errors.OutputError.kind`).
+OutputKind = Literal["disk_full", "quota", "read_only", "permission", "output_missing", "output_io"]
 FailureKind = Literal[
-    "disk_full", "quota", "read_only", "permission", "output_missing", "output_io",  # the output filesystem
+    OutputKind,
     "unreadable", "no_magnification", "no_tissue", "input_io",  # the slide, or reading it
     "reuse_refused", "collision", "locked",  # an existing output, a second slide with its name, another's lock
     "nonfinite",  # an encoder wrote NaN or Inf feature rows (and --allow-nonfinite was not given)
@@ -277,11 +274,6 @@ class SlideResult:
     attempts: int = 1  # tries it took (the Ray engine retries slides whose worker died)
     notes: dict[str, object] = field(default_factory=dict)  # facts for the run report only (decode routes...)
 
-    @property
-    def ok(self) -> bool:
-        """True unless the slide failed or was cancelled before finishing."""
-        return self.status not in ("failed", "cancelled")
-
 
 @dataclass(frozen=True)
 class Totals:
@@ -292,10 +284,6 @@ class Totals:
     patches: int = 0
     patches_per_s: float = 0.0
     elapsed_s: float = 0.0
-
-    def count(self, *statuses: str) -> int:
-        """How many results have one of `statuses`."""
-        return sum(self.by_status.get(s, 0) for s in statuses)
 
 
 @dataclass(frozen=True)

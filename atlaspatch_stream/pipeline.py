@@ -14,10 +14,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
-import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Generic, Literal, Protocol, TypeVar, cast
 
@@ -26,7 +25,7 @@ from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from .config import PipelineConfig
-from .errors import STOP_REASONS, PipelineClosed, PipelineFull, refused, single_error
+from .errors import STOP_REASONS, PipelineClosed, PipelineFull, refused
 from .items import (
     EdgeStatistics,
     EngineStatistics,
@@ -40,13 +39,11 @@ from .items import (
     WriteItem,
 )
 from .outputs.claims import DEFAULT_LEASE
-from .protocols import Backends, OutputStore
+from .protocols import Backends
 from .report import RunReport
+from .run import serving
 from .stages import embed, encode, plan, prepare, read, segment, write
 from .stages.book import SlideBook
-
-if sys.version_info < (3, 11):  # pragma: no cover
-    from exceptiongroup import BaseExceptionGroup  # anyio depends on it there
 
 Mode = Literal["coords", "features", "detect"]
 HEARTBEAT_S = DEFAULT_LEASE / 3
@@ -59,20 +56,13 @@ def default_mode(config: PipelineConfig) -> Mode:
     return "features" if config.encode.extractors else "coords"
 
 
-@dataclass
 class Edge(Generic[T]):
-    """One bounded stream between two stages, with the memory an item may hold."""
+    """One bounded stream between two stages: `size` items of up to `item_bytes` bytes each."""
 
-    name: str
-    send: MemoryObjectSendStream[T]
-    receive: MemoryObjectReceiveStream[T]
-    item_bytes: int
-
-    @classmethod
-    def create(cls, name: str, size: int, item_bytes: int) -> Edge[T]:
-        """A stream of `size` items of up to `item_bytes` bytes each."""
-        send, receive = anyio.create_memory_object_stream[T](size)
-        return cls(name, send, receive, item_bytes)
+    def __init__(self, name: str, size: int, item_bytes: int) -> None:
+        self.name = name
+        self.item_bytes = item_bytes
+        self.send, self.receive = anyio.create_memory_object_stream[T](size)
 
     def statistics(self) -> EdgeStatistics:
         """Items buffered, capacity, and bytes per item."""
@@ -99,37 +89,24 @@ class AnyEdge(Protocol):
         ...
 
 
-@dataclass
 class Streams:
-    """Every edge of the pipeline, typed by what flows on it."""
+    """Every edge of the pipeline, typed by what flows on it; sizes from `QueueConfig`, the bytes per item from the
+    patch, thumbnail and batch sizes."""
 
-    jobs: Edge[SlideJob]
-    thumbnails: Edge[Thumbnail]
-    masks: Edge[TissueMask]
-    plans: Edge[PatchPlan]
-    patches: Edge[PatchBatch]
-    to_write: Edge[WriteItem]
-    finished: Edge[SlideResult]  # book -> dispatcher
-    results: Edge[SlideResult]  # dispatcher -> results()
-
-    @classmethod
-    def from_config(cls, config: PipelineConfig) -> Streams:
-        """Sizes from `QueueConfig`; the bytes per item from the patch, thumbnail and batch sizes."""
+    def __init__(self, config: PipelineConfig) -> None:
         q, patch, thumb = config.queues, config.plan.patch_size, config.segment.thumbnail_max
-        return cls(
-            jobs=Edge.create("jobs", q.jobs, 1_000),
-            thumbnails=Edge.create("thumbnails", q.thumbnails, 3 * thumb**2),
-            masks=Edge.create("masks", q.masks, thumb**2),
-            plans=Edge.create("plans", q.plans, 20 * 100_000),
-            patches=Edge.create("patches", q.patches, config.read.chunk_patches * patch * patch * 3),
-            to_write=Edge.create("to_write", q.features, 4 * 2048 * config.encode.batch_size),
-            finished=Edge.create("finished", q.results, 1_000),
-            results=Edge.create("results", q.results, 1_000),
-        )
+        self.jobs: Edge[SlideJob] = Edge("jobs", q.jobs, 1_000)
+        self.thumbnails: Edge[Thumbnail] = Edge("thumbnails", q.thumbnails, 3 * thumb**2)
+        self.masks: Edge[TissueMask] = Edge("masks", q.masks, thumb**2)
+        self.plans: Edge[PatchPlan] = Edge("plans", q.plans, 20 * 100_000)
+        self.patches: Edge[PatchBatch] = Edge("patches", q.patches, config.read.chunk_patches * patch * patch * 3)
+        self.to_write: Edge[WriteItem] = Edge("to_write", q.features, 4 * 2048 * config.encode.batch_size)
+        self.finished: Edge[SlideResult] = Edge("finished", q.results, 1_000)  # book -> dispatcher
+        self.results: Edge[SlideResult] = Edge("results", q.results, 1_000)  # dispatcher -> results()
 
     def edges(self) -> list[AnyEdge]:
         """All edges, upstream first."""
-        return [getattr(self, f.name) for f in fields(self)]
+        return list(vars(self).values())
 
 
 @dataclass(frozen=True)
@@ -148,30 +125,18 @@ class StageSet:
                    encode=features)
 
 
-@dataclass
 class Limiters:
-    """One capacity limiter per resource kind; none is anyio's default thread limiter."""
+    """One capacity limiter per resource kind (none is anyio's default thread limiter): open/plan workers as
+    configured, one device submitter, one H5 writer."""
 
-    open: anyio.CapacityLimiter
-    segment: anyio.CapacityLimiter
-    plan: anyio.CapacityLimiter
-    read: anyio.CapacityLimiter
-    device: anyio.CapacityLimiter
-    h5: anyio.CapacityLimiter
-    io: anyio.CapacityLimiter  # small filesystem work: run report lines, closing handles, releasing locks
-
-    @classmethod
-    def from_config(cls, config: PipelineConfig) -> Limiters:
-        """Sizes from the config: open/plan workers, one device submitter, one H5 writer."""
-        return cls(
-            open=anyio.CapacityLimiter(config.open.open_workers),
-            segment=anyio.CapacityLimiter(1),
-            plan=anyio.CapacityLimiter(config.plan.threads),
-            read=anyio.CapacityLimiter(2),
-            device=anyio.CapacityLimiter(1),
-            h5=anyio.CapacityLimiter(1),
-            io=anyio.CapacityLimiter(2),
-        )
+    def __init__(self, config: PipelineConfig) -> None:
+        self.open = anyio.CapacityLimiter(config.open.open_workers)
+        self.segment = anyio.CapacityLimiter(1)
+        self.plan = anyio.CapacityLimiter(config.plan.threads)
+        self.read = anyio.CapacityLimiter(2)
+        self.device = anyio.CapacityLimiter(1)
+        self.h5 = anyio.CapacityLimiter(1)
+        self.io = anyio.CapacityLimiter(2)  # small filesystem work: run report lines, closing handles, releasing locks
 
 
 @dataclass
@@ -197,21 +162,19 @@ class Pipeline:
                  stop_on_output_failure: bool = False) -> None:
         self.config = config
         self.backends = backends
-        self.mode = mode
         self.report = report
         self.stages = StageSet.for_mode(mode, config)
-        self.streams = Streams.from_config(config)
-        self.limiters = Limiters.from_config(config)
+        self.streams = Streams(config)
+        self.limiters = Limiters(config)
         on_systemic = self._stop_for if stop_on_output_failure else None
         book_args = (self.streams.finished.send, config.open.max_open_slides, self.limiters.io, on_systemic)
         # --slide-encoders: slides with a final H5 pass through stage `embed` before their result is issued
-        self.to_embed: Edge[embed.Finished] | None = None
+        self.to_embed: Edge[SlideResult] | None = None
         if self.stages.encode and config.encode.slide_encoders:
-            self.to_embed = Edge.create("to_embed", config.queues.results, 1_000)
+            self.to_embed = Edge("to_embed", config.queues.results, 1_000)
         self.book = (embed.EmbeddingBook(*book_args, embed=self.to_embed.send) if self.to_embed is not None
                      else SlideBook(*book_args))
         self.state: State = "starting"
-        self.heartbeat_s = HEARTBEAT_S
         self.submitted = 0
         self.torn_down: list[SlideResult] = []  # slides torn down in flight (aborted or cancelled)
         self._abort = anyio.CancelScope()
@@ -234,8 +197,8 @@ class Pipeline:
         collision = self._accept(job)
         if collision is not None:
             await self.book.reject(job, "failed", collision, refused("discover", "collision"))
-            return
-        await self._send(job, wait=True)
+        else:
+            await self._send(job)
 
     def submit_nowait(self, job: SlideJob) -> None:
         """Queue one slide at once, or raise `PipelineFull` (a service answers 503)."""
@@ -244,8 +207,8 @@ class Pipeline:
         collision = self._accept(job)
         if collision is not None:
             self.book.reject_nowait(job, "failed", collision, refused("discover", "collision"))
-            return
-        self._send_now(job)
+        else:
+            self._send_now(job)
 
     async def process(self, job_or_path: SlideJob | str | Path) -> SlideResult:
         """Submit one slide and wait for its own result (waits for room while the pipeline is full).
@@ -253,13 +216,11 @@ class Pipeline:
         If the caller is cancelled before the slide starts, the slide is withdrawn; once started, it keeps going to
         a complete output (or none). Raises `PipelineClosed` if the pipeline stops on an error first.
         """
-        job = self.job_for(job_or_path)
-        return await self._await_result(job, functools.partial(self._send, job, wait=True))
+        return await self._await_result(self.job_for(job_or_path), wait=True)
 
     async def process_nowait(self, job_or_path: SlideJob | str | Path) -> SlideResult:
         """`process()`, but raise `PipelineFull` at once instead of waiting for room."""
-        job = self.job_for(job_or_path)
-        return await self._await_result(job, functools.partial(self._send, job, wait=False))
+        return await self._await_result(self.job_for(job_or_path), wait=False)
 
     async def close_input(self) -> None:
         """No more slides: in-flight slides drain, then `results()` ends."""
@@ -305,10 +266,7 @@ class Pipeline:
         if self._mpp is None:
             csv = self.config.source.mpp_csv
             self._mpp = load_mpp_csv(csv) if csv else {}
-        return slide_job(Path(job_or_path), self._next_id(), self._mpp)
-
-    def _next_id(self) -> int:
-        return next(i for i in self._ids if i not in self._live)
+        return slide_job(Path(job_or_path), next(i for i in self._ids if i not in self._live), self._mpp)
 
     def statistics(self) -> EngineStatistics:
         """Queue fill per stream, slides in flight, totals and the state."""
@@ -332,12 +290,12 @@ class Pipeline:
         self._live.add(job.slide_id)
         self.submitted += 1
         first = self._stems.setdefault(job.stem, job.path)
-        return _collision(job, first) if first != job.path else None
+        if first == job.path:
+            return None
+        return (f"{job.name}: output name {job.stem!r} is already taken by {first} (both would write "
+                f"patches/{job.stem}.h5); process them into separate --output folders")
 
-    async def _send(self, job: SlideJob, *, wait: bool) -> None:
-        if not wait:
-            self._send_now(job)
-            return
+    async def _send(self, job: SlideJob) -> None:
         try:
             await self.streams.jobs.send.send(job)
         except BaseException as exc:
@@ -356,16 +314,17 @@ class Pipeline:
             self._live.discard(job.slide_id)
             raise PipelineClosed("the pipeline takes no more slides") from self._closed_cause or exc
 
-    async def _await_result(self, job: SlideJob, send: Callable[[], Awaitable[None]]) -> SlideResult:
-        waiter = _Waiter(job)
+    async def _await_result(self, job: SlideJob, *, wait: bool) -> SlideResult:
         collision = self._accept(job)
-        self._waiters[job.slide_id] = waiter
+        waiter = self._waiters[job.slide_id] = _Waiter(job)
         self._routed.add(job.slide_id)
         try:
             if collision is not None:
                 await self.book.reject(job, "failed", collision, refused("discover", "collision"))
+            elif wait:
+                await self._send(job)
             else:
-                await send()
+                self._send_now(job)
             await waiter.done.wait()
         except BaseException:
             if waiter.result is None:
@@ -384,44 +343,43 @@ class Pipeline:
         """Start every stage (downstream first), report ready, and run until the input is closed and drained."""
         beat = anyio.CancelScope()
         with self._abort:
-            await self._run(beat, task_status)
+            async with anyio.create_task_group() as outer:
+                await outer.start(self._dispatch)
+                outer.start_soon(self._heartbeat, beat)
+                try:
+                    async with anyio.create_task_group() as tg:
+                        if self.stages.write:
+                            await anyio.to_thread.run_sync(self.backends.outputs.sweep_orphans,
+                                                           limiter=self.limiters.io)
+                        await self._start_stages(tg)
+                        self.state = "running"
+                        task_status.started()
+                finally:
+                    beat.cancel()
+                    await self._close()
 
-    async def _run(self, beat: anyio.CancelScope, task_status: anyio.abc.TaskStatus[None]) -> None:
-        async with anyio.create_task_group() as outer:
-            await outer.start(self._dispatch)
-            outer.start_soon(self._heartbeat, beat)
-            try:
-                async with anyio.create_task_group() as tg:
-                    if self.stages.write:
-                        await anyio.to_thread.run_sync(self.backends.outputs.sweep_orphans, limiter=self.limiters.io)
-                    await self._start_stages(tg)
-                    self.state = "running"
-                    task_status.started()
-            finally:
-                beat.cancel()
-                self.torn_down = await self.book.release_all()
-                await self._report_torn_down()
-                with anyio.CancelScope(shield=True):
-                    await anyio.to_thread.run_sync(self.backends.pixels.close, limiter=self.limiters.io)
-                await self.book.aclose()
-                for edge in self.streams.edges():
-                    if edge is not self.streams.results and edge is not self.streams.finished:
-                        edge.close()
-                if self.to_embed is not None:
-                    self.to_embed.close()
-
-    async def _report_torn_down(self) -> None:
-        if self.report is not None:
-            with anyio.CancelScope(shield=True):
+    async def _close(self) -> None:
+        """The stages have ended: tear down (and report) the slides still in flight, release what the readers share
+        and close every stream but the results'."""
+        self.torn_down = await self.book.release_all()
+        with anyio.CancelScope(shield=True):
+            if self.report is not None:
                 for result in self.torn_down:
                     await anyio.to_thread.run_sync(self.report.slide, result, limiter=self.limiters.io)
+            await anyio.to_thread.run_sync(self.backends.pixels.close, limiter=self.limiters.io)
+        await self.book.aclose()
+        for edge in self.streams.edges():
+            if edge is not self.streams.results and edge is not self.streams.finished:
+                edge.close()
+        if self.to_embed is not None:
+            self.to_embed.close()
 
     async def _heartbeat(self, scope: anyio.CancelScope) -> None:
         """Refresh the locks of the slides in flight every third of the lock lease (other hosts judge them by age),
         until the stages have ended (`scope` is cancelled then)."""
         with scope:
             while True:
-                await anyio.sleep(self.heartbeat_s)
+                await anyio.sleep(HEARTBEAT_S)
                 await self.book.heartbeat()
 
     async def _dispatch(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
@@ -455,20 +413,29 @@ class Pipeline:
         s, cfg, lim, b, on = self.streams, self.config, self.limiters, self.backends, self.stages
         outputs = b.outputs if on.write else None
         if self.to_embed is not None:
-            await self._start_embed(tg)
+            from .assembly import make_slide_embedder
+
+            assert isinstance(self.book, embed.EmbeddingBook)
+            embedder = await anyio.to_thread.run_sync(make_slide_embedder, cfg, limiter=lim.device)
+            await _start(tg, embed.run, self.to_embed.receive, book=self.book, embedder=embedder, limiter=lim.device)
         if on.write:
             encoders = await anyio.to_thread.run_sync(b.make_encoders, limiter=lim.device) if on.encode else None
-            dims = dict(encoders.dims) if encoders is not None else {}
-            settings = write.WriteSettings(encoders=encoders.names if encoders else (), dims=dims,
-                                           count_rows=on.read and not on.encode,
-                                           allow_nonfinite=cfg.encode.allow_nonfinite)
-            await _start(tg, _closing(write.run, self.to_embed), s.to_write.receive, book=self.book,
-                         outputs=b.outputs, settings=settings, limiter=lim.h5)
+            settings = write.WriteSettings(encoders=encoders.names if encoders else (),
+                                           dims=dict(encoders.dims) if encoders else {},
+                                           count_rows=on.read and not on.encode, allow_nonfinite=cfg.encode.allow_nonfinite)
+            await _start(tg, self._write, settings)
             if encoders is not None:
                 await _start(tg, encode.run, s.patches.receive, s.to_write.send.clone(), encoders=encoders,
                              batch_size=cfg.encode.batch_size, limiter=lim.device)
             if on.read:
-                await self._start_read(tg, b.outputs)
+                settings_r = read.ReadSettings(slides_in_parallel=cfg.read.slides_in_parallel,
+                                               reader_threads=cfg.read.reader_threads, chunk=cfg.read.chunk_patches,
+                                               patch_size=cfg.plan.patch_size, save_images=cfg.write.save_images,
+                                               keep_pixels=on.encode)
+                # Without encoders, the row labels go straight to the writer (it counts them to know a slide is done).
+                out = s.patches.send if on.encode else cast(MemoryObjectSendStream[PatchBatch], s.to_write.send.clone())
+                await _start(tg, read.run, s.plans.receive, out, s.to_write.send.clone(), book=self.book,
+                             pixels=b.pixels, outputs=b.outputs, settings=settings_r, limiter=lim.read)
         await _start(tg, plan.run, s.masks.receive, s.to_write.send if on.write else None,
                      s.plans.send if on.read else None, book=self.book, planner=b.planner, outputs=outputs,
                      settings=plan.PlanSettings(detect=not on.write, workers=cfg.plan.threads), limiter=lim.plan,
@@ -481,24 +448,14 @@ class Pipeline:
         await _start(tg, prepare.run, s.jobs.receive, s.thumbnails.send, book=self.book, slides=b.slides,
                      outputs=outputs, settings=settings_p, limiter=lim.open)
 
-    async def _start_embed(self, tg: TaskGroup) -> None:
-        from .assembly import make_slide_embedder
-
-        assert self.to_embed is not None and isinstance(self.book, embed.EmbeddingBook)
-        embedder = await anyio.to_thread.run_sync(make_slide_embedder, self.config, limiter=self.limiters.device)
-        await _start(tg, embed.run, self.to_embed.receive, book=self.book, embedder=embedder,
-                     limiter=self.limiters.device)
-
-    async def _start_read(self, tg: TaskGroup, outputs: OutputStore) -> None:
-        s, cfg = self.streams, self.config
-        settings = read.ReadSettings(slides_in_parallel=cfg.read.slides_in_parallel, reader_threads=cfg.read.reader_threads,
-                                     chunk=cfg.read.chunk_patches, patch_size=cfg.plan.patch_size,
-                                     save_images=cfg.write.save_images, keep_pixels=self.stages.encode)
-        # Without encoders, the row labels go straight to the writer (it counts them to know a slide is done).
-        out = s.patches.send if self.stages.encode else cast(MemoryObjectSendStream[PatchBatch], s.to_write.send.clone())
-        await _start(tg, read.run, s.plans.receive, out, s.to_write.send.clone(), book=self.book,
-                     pixels=self.backends.pixels,
-                     outputs=outputs, settings=settings, limiter=self.limiters.read)
+    async def _write(self, settings: write.WriteSettings, *, task_status: anyio.abc.TaskStatus[None]) -> None:
+        """Stage `write`; no slide finishes after it, so the input of stage `embed` (if any) ends with it."""
+        try:
+            await write.run(self.streams.to_write.receive, book=self.book, outputs=self.backends.outputs,
+                            settings=settings, limiter=self.limiters.h5, task_status=task_status)
+        finally:
+            if self.to_embed is not None:
+                self.to_embed.send.close()
 
 
 async def _start(tg: TaskGroup, stage: Callable[..., Coroutine[object, object, None]], *args: object,
@@ -507,28 +464,8 @@ async def _start(tg: TaskGroup, stage: Callable[..., Coroutine[object, object, N
     await tg.start(functools.partial(stage, *args, **kwargs))
 
 
-def _closing(stage: Callable[..., Coroutine[object, object, None]], edge: Edge[embed.Finished] | None
-             ) -> Callable[..., Coroutine[object, object, None]]:
-    """`stage`, closing `edge`'s sending end when it ends (the writer: no slide finishes after it)."""
-    if edge is None:
-        return stage
-
-    async def run(*args: object, **kwargs: object) -> None:
-        try:
-            await stage(*args, **kwargs)
-        finally:
-            edge.send.close()
-
-    return run
-
-
 def _full(config: PipelineConfig) -> str:
     return f"the pipeline is full ({config.queues.jobs} slides waiting)"
-
-
-def _collision(job: SlideJob, first: Path) -> str:
-    return (f"{job.name}: output name {job.stem!r} is already taken by {first} (both would write "
-            f"patches/{job.stem}.h5); process them into separate --output folders")
 
 
 @asynccontextmanager
@@ -547,30 +484,19 @@ async def running(config: PipelineConfig, backends: Backends | None, mode: Mode,
         from .assembly import RealBackends
 
         backends = RealBackends(config)
-    if report is not None:
-        report.begin(dataclasses.asdict(config))
     pipeline = Pipeline(config, backends, mode, report, stop_on_output_failure)
     try:
-        async with anyio.create_task_group() as tg:
-            await tg.start(pipeline.run)
+        async with serving(pipeline, pipeline.run):
             if report is not None:  # the models are loaded now: say which precision each encoder's forward runs in
                 from .backends.encoders.runtime import precision_ran
 
                 ran = {name: how for name, how in precision_ran().items() if name in config.encode.extractors}
                 report.begin({**dataclasses.asdict(config), "precision_ran": ran})
-            try:
-                yield pipeline
-            except BaseException:
-                tg.cancel_scope.cancel()
-                raise
+            yield pipeline
             await pipeline.close_input()
             async with pipeline.results() as rest:
                 async for _ in rest:
                     pass
-    except BaseExceptionGroup as group:
-        error = single_error(group)
-        pipeline.fail_waiters(error)
-        raise error from None
     except BaseException as exc:
         pipeline.fail_waiters(exc)
         raise

@@ -101,10 +101,9 @@ class RunReport:
 def _failure_fields(result: SlideResult) -> dict[str, object]:
     """The failure's stage, kind, retry class and systemic flag, and the attempts when there was more than one."""
     fields: dict[str, object] = {"attempts": result.attempts} if result.attempts > 1 else {}
-    failure = result.failure
-    if failure is not None:
-        fields |= {"stage": failure.stage, "error_kind": failure.kind, "retry": failure.retry,
-                   "systemic": failure.systemic}
+    if result.failure is not None:
+        fields |= {"stage": result.failure.stage, "error_kind": result.failure.kind, "retry": result.failure.retry,
+                   "systemic": result.failure.systemic}
     return fields
 
 

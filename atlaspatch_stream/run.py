@@ -204,7 +204,7 @@ class _Run:
         for result in self.engine.torn_down:
             await self.record(result)
         for job in [*self.given.values(), *self.source.unsent()]:
-            await self.record(_not_started(job, reason), ours=True)
+            await self.record(SlideResult(job, "cancelled", message=f"not started: {reason}"), ours=True)
 
 
 async def drive(source: JobSource, engine: Engine, *, report: RunReport | None = None, stop: Stop | None = None,
@@ -224,7 +224,18 @@ async def drive(source: JobSource, engine: Engine, *, report: RunReport | None =
     """
     started = time.perf_counter()
     run = _Run(source, engine, report, on_result)
-    await _loop(run, stop, drain_timeout_s)
+    intake = anyio.CancelScope()
+    try:  # feed, watch for a stop, and record every result until the engine's results end
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(run.feed, intake)
+            if stop is not None:
+                tg.start_soon(run.watch, stop, intake, drain_timeout_s)
+            async with engine.results() as results:
+                async for result in results:
+                    await run.record(result)
+            tg.cancel_scope.cancel()
+    except BaseExceptionGroup as group:  # a source's or engine's error comes out as itself
+        raise single_error(group) from None
     await run.settle_the_rest(engine.stop_reason or "the run was cancelled")
     run.summary.statistics = engine.statistics()
     run.summary.stop_reason = engine.stop_reason
@@ -280,23 +291,3 @@ async def serving(engine: E, serve: Callable[..., Coroutine[object, object, None
             await engine.close_input()
     except BaseExceptionGroup as group:
         raise single_error(group) from None
-
-
-async def _loop(run: _Run, stop: Stop | None, drain_timeout_s: float) -> None:
-    """Feed, watch for a stop, and record every result until the engine's results end."""
-    intake = anyio.CancelScope()
-    try:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(run.feed, intake)
-            if stop is not None:
-                tg.start_soon(run.watch, stop, intake, drain_timeout_s)
-            async with run.engine.results() as results:
-                async for result in results:
-                    await run.record(result)
-            tg.cancel_scope.cancel()
-    except BaseExceptionGroup as group:  # a source's or engine's error comes out as itself
-        raise single_error(group) from None
-
-
-def _not_started(job: SlideJob, reason: str) -> SlideResult:
-    return SlideResult(job, "cancelled", message=f"not started: {reason}")

@@ -9,10 +9,11 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.from_thread
+from anyio.from_thread import BlockingPortal
 
 from . import api
 from .config import PipelineConfig
-from .daemon.service import FolderStatistics
+from .daemon.service import FolderResult, FolderService, FolderStatistics
 from .items import EngineStatistics, SlideJob, SlideResult
 from .pipeline import Mode, Pipeline
 from .protocols import Backends
@@ -36,17 +37,14 @@ def process_slides(
     `stop` (an `api.Stop`) must be requested on that loop, e.g. from the `on_result` callback.
     """
 
-    async def main() -> api.RunSummary:
-        return await api.process_slides(paths, config, mode=mode, backends=backends, on_result=on_result,
-                                        stop=stop, command=command)
-
-    return run(main)
+    return run(lambda: api.process_slides(paths, config, mode=mode, backends=backends, on_result=on_result,
+                                          stop=stop, command=command))
 
 
 class BlockingPipeline:
     """Blocking view of a running `Pipeline` (from `open_pipeline`): call it from the thread that opened it."""
 
-    def __init__(self, pipeline: Pipeline, portal: Any) -> None:
+    def __init__(self, pipeline: Pipeline, portal: BlockingPortal) -> None:
         self._pipeline = pipeline
         self._portal = portal
 
@@ -60,13 +58,11 @@ class BlockingPipeline:
 
     def process(self, job_or_path: SlideJob | str | Path) -> SlideResult:
         """Submit one slide and block until its own result (safe from many threads at once)."""
-        result: SlideResult = self._portal.call(self._pipeline.process, job_or_path)
-        return result
+        return self._portal.call(self._pipeline.process, job_or_path)
 
     def process_nowait(self, job_or_path: SlideJob | str | Path) -> SlideResult:
         """`process()`, raising `PipelineFull` at once instead of waiting for room."""
-        result: SlideResult = self._portal.call(self._pipeline.process_nowait, job_or_path)
-        return result
+        return self._portal.call(self._pipeline.process_nowait, job_or_path)
 
     def close_input(self) -> None:
         """No more slides."""
@@ -82,8 +78,7 @@ class BlockingPipeline:
 
     def statistics(self) -> EngineStatistics:
         """Queue fill per stream, slides in flight, totals and the state."""
-        stats: EngineStatistics = self._portal.call(self._pipeline.statistics)
-        return stats
+        return self._portal.call(self._pipeline.statistics)
 
 
 @contextmanager
@@ -99,11 +94,11 @@ def open_pipeline(config: PipelineConfig, *, mode: Mode | None = None, backends:
 class BlockingFolderService:
     """Blocking view of a running folder service (from `serve_folder`)."""
 
-    def __init__(self, service: Any, portal: Any) -> None:
+    def __init__(self, service: FolderService, portal: BlockingPortal) -> None:
         self._service = service
         self._portal = portal
 
-    def results(self) -> Iterator[Any]:
+    def results(self) -> Iterator[FolderResult]:
         """Each slide's `FolderResult` as it finishes, until intake stopped (or `once` ran out) and all drained."""
         return _items(self._portal, self._service.results())
 
@@ -113,8 +108,7 @@ class BlockingFolderService:
 
     def statistics(self) -> FolderStatistics:
         """Pipeline and watcher statistics."""
-        stats: FolderStatistics = self._portal.call(self._service.statistics)
-        return stats
+        return self._portal.call(self._service.statistics)
 
 
 @contextmanager

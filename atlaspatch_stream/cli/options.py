@@ -23,12 +23,8 @@ def _apply(options: list[Decorator]) -> Decorator:
     return wrap
 
 
-def _path_arg() -> Decorator:
-    return click.argument("wsi_path", type=click.Path(exists=True, path_type=Path))
-
-
 INPUT_OPTIONS: list[Decorator] = [
-    _path_arg(),
+    click.argument("wsi_path", type=click.Path(exists=True, path_type=Path)),
     click.option("--output", "-o", required=True, type=click.Path(path_type=Path), help="Output root folder."),
     click.option("--device", default=None, show_default="cuda",
                  help="Segmentation device: cpu, cuda or cuda:N (plain cuda falls back to CPU without a GPU)."),

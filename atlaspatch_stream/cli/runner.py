@@ -145,7 +145,10 @@ class Progress:
         self.patches = 0
         self._started = self._last = time.monotonic()
         self.bar: Any = None
-        if _isatty(self.stream):
+        tty = False
+        with contextlib.suppress(ValueError, OSError):  # a closed or broken stream is no terminal
+            tty = self.stream.isatty()
+        if tty:
             from tqdm import tqdm
 
             self.bar = tqdm(total=total, desc=desc, unit="slide", file=self.stream, dynamic_ncols=True)
@@ -170,18 +173,15 @@ class Progress:
             self.message(f"[SKIP] {result.job.name}: {result.message}")
         rate = self.patches / max(1e-9, time.monotonic() - self._started)
         if self.bar is not None:
-            self._bar_update(rate)
+            try:
+                self.bar.set_postfix(patches=self.patches, rate=f"{rate:.0f}/s", failed=self.failed, refresh=False)
+                self.bar.update(1)
+            except (BrokenPipeError, OSError, ValueError):
+                self.bar.disable = True
         elif time.monotonic() - self._last >= PLAIN_PROGRESS_EVERY_S:
             self._last = time.monotonic()
             write_line(f"{self.desc}: {self.done}/{self.total} slides, {rate:.0f} patches/s, "
                        f"{self.failed} failed", self.stream)
-
-    def _bar_update(self, rate: float) -> None:
-        try:
-            self.bar.set_postfix(patches=self.patches, rate=f"{rate:.0f}/s", failed=self.failed, refresh=False)
-            self.bar.update(1)
-        except (BrokenPipeError, OSError, ValueError):
-            self.bar.disable = True
 
     def message(self, text: str) -> None:
         """A line of its own, above the bar on a terminal (never glued to it)."""
@@ -198,13 +198,6 @@ class Progress:
         if self.bar is not None:
             with contextlib.suppress(BrokenPipeError, OSError, ValueError):
                 self.bar.close()
-
-
-def _isatty(stream: TextIO) -> bool:
-    try:
-        return stream.isatty()
-    except (ValueError, OSError):
-        return False
 
 
 class Signals:

@@ -529,7 +529,7 @@ def _translate(exc: OSError, path: Path) -> OutputError:
     translated = output_error(exc, path)
     if translated is not None:
         return translated
-    return OutputError(f"output I/O error on {path} ({exc.strerror or exc})", kind="io", path=path,
+    return OutputError(f"output I/O error on {path} ({exc.strerror or exc})", kind="output_io", path=path,
                        errno=exc.errno)
 
 

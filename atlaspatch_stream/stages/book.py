@@ -34,10 +34,6 @@ class Tally:
         if result.status in ("done", "reused") and result.num_patches:
             self.patches += int(result.num_patches)
 
-    def count(self, *statuses: str) -> int:
-        """How many results have one of `statuses`."""
-        return sum(self.by_status.get(s, 0) for s in statuses)
-
     def totals(self) -> Totals:
         """Totals, throughput and elapsed time."""
         elapsed = time.perf_counter() - self.started

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import anyio
@@ -24,27 +23,16 @@ from .book import SlideBook
 EMBEDDED: frozenset[Status] = frozenset({"done", "reused", "skipped"})
 
 
-@dataclass(frozen=True)
-class Finished:
-    """A slide whose H5 is final, waiting for its slide embeddings, with what its result will say."""
-
-    job: SlideJob
-    status: Status
-    h5_path: Path
-    num_patches: int | None
-    message: str
-    features: tuple[str, ...]
-
-
 class EmbeddingBook(SlideBook):
     """A `SlideBook` that sends slides finishing with an H5 to stage `embed` instead of issuing their result.
 
-    Their slot, handle and lock stay held until `issue()`; failures and every other status pass straight through.
+    What is sent is the result as it would have been issued (without its timings), held back: the slide's slot,
+    handle and lock stay held until `issue()`; failures and every other status pass straight through.
     """
 
     def __init__(self, results: MemoryObjectSendStream[SlideResult], max_open: int, limiter: anyio.CapacityLimiter,
                  on_systemic: Callable[[Failure], None] | None = None, *,
-                 embed: MemoryObjectSendStream[Finished]) -> None:
+                 embed: MemoryObjectSendStream[SlideResult]) -> None:
         super().__init__(results, max_open, limiter, on_systemic)
         self._embed = embed
 
@@ -53,12 +41,12 @@ class EmbeddingBook(SlideBook):
                      failure: Failure | None = None) -> None:
         """Hold a slide back for its embeddings when its H5 is final; else finish it as `SlideBook` does."""
         if status in EMBEDDED and h5_path is not None and self.admitted(job):
-            await self._embed.send(Finished(job, status, h5_path, num_patches, message, features))
+            await self._embed.send(SlideResult(job, status, h5_path, num_patches, message, features))
             return
         await super().finish(job, status, h5_path=h5_path, num_patches=num_patches, message=message,
                              features=features, failure=failure)
 
-    async def issue(self, item: Finished, status: Status, message: str | None = None, **notes: object) -> None:
+    async def issue(self, item: SlideResult, status: Status, message: str | None = None, **notes: object) -> None:
         """Issue the held-back result of `item` (with `status`, a new `message` if given, and `notes` for the
         report)."""
         self.note(item.job, **notes)
@@ -67,7 +55,7 @@ class EmbeddingBook(SlideBook):
 
 
 async def run(
-    receive: MemoryObjectReceiveStream[Finished],
+    receive: MemoryObjectReceiveStream[SlideResult],
     *,
     book: EmbeddingBook,
     embedder: SlideEmbedder,
@@ -93,17 +81,18 @@ async def run(
             await anyio.to_thread.run_sync(embedder.close, limiter=limiter)
 
 
-async def _embed_one(item: Finished, book: EmbeddingBook, embedder: SlideEmbedder,
+async def _embed_one(item: SlideResult, book: EmbeddingBook, embedder: SlideEmbedder,
                      limiter: anyio.CapacityLimiter) -> None:
-    job, started = item.job, time.perf_counter()
+    job, h5_path, started = item.job, item.h5_path, time.perf_counter()
+    assert h5_path is not None  # only slides finishing with an H5 are held back
     try:
         if not book.holds_lock(job):
             lock = await anyio.to_thread.run_sync(embedder.claim, job, limiter=limiter)
             if lock is None:
-                await book.issue(item, "locked", f"locked by another process while embedding ({item.h5_path})")
+                await book.issue(item, "locked", f"locked by another process while embedding ({h5_path})")
                 return
             book.attach(job, lock=lock)
-        written = await anyio.to_thread.run_sync(embedder.embed, item.h5_path, limiter=limiter)
+        written = await anyio.to_thread.run_sync(embedder.embed, h5_path, limiter=limiter)
     except Exception as exc:  # a slide's unusable inputs or failed write fail that slide only
         if is_bug(exc):
             raise

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from dataclasses import dataclass
 
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
@@ -53,13 +52,6 @@ async def run(
             await anyio.to_thread.run_sync(encoders.close, limiter=limiter)
 
 
-@dataclass
-class _Pending:
-    batch: PatchBatch
-    ticket: object
-    started: float
-
-
 class _InFlight:
     """Batches submitted to the encoders and not yet collected: at most `encoders.depth`, collected in order."""
 
@@ -68,14 +60,14 @@ class _InFlight:
         self.encoders = encoders
         self.send = send
         self.limiter = limiter
-        self.pending: deque[_Pending] = deque()
+        self.pending: deque[tuple[PatchBatch, object, float]] = deque()  # (batch, ticket, start time)
 
     async def submit(self, batch: PatchBatch) -> None:
         """Start one batch; collect (and send on) the oldest once `depth` are in flight."""
         started = time.perf_counter()
         ticket = await anyio.to_thread.run_sync(self.encoders.submit, batch.pixels, batch.encoders,
                                                 limiter=self.limiter)
-        self.pending.append(_Pending(batch, ticket, started))
+        self.pending.append((batch, ticket, started))
         while len(self.pending) >= max(1, self.encoders.depth):
             await self._collect_oldest()
 
@@ -85,9 +77,8 @@ class _InFlight:
             await self._collect_oldest()
 
     async def _collect_oldest(self) -> None:
-        item = self.pending.popleft()
-        encoded = await anyio.to_thread.run_sync(self.encoders.collect, item.ticket, limiter=self.limiter)
-        batch = item.batch
+        batch, ticket, started = self.pending.popleft()
+        encoded = await anyio.to_thread.run_sync(self.encoders.collect, ticket, limiter=self.limiter)
         await self.send.send(FeatureBatch(batch.slide_ids, batch.rows, encoded.features,
-                                          encode_seconds=time.perf_counter() - item.started,
+                                          encode_seconds=time.perf_counter() - started,
                                           read_seconds=batch.read_seconds, nonfinite=encoded.nonfinite))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -14,7 +15,7 @@ from ..errors import SlideError, describe, is_bug
 from ..items import PatchPlan, TissueMask, WriteItem
 from ..protocols import OutputStore, Planner
 from .book import SlideBook
-from .workers import closing, run_workers
+from .workers import run_workers
 
 if TYPE_CHECKING:
     import numpy as np
@@ -55,7 +56,7 @@ async def run(
 
     async def worker(rx: MemoryObjectReceiveStream[TissueMask], tx_w: MemoryObjectSendStream[WriteItem] | None,
                      tx_r: MemoryObjectSendStream[PatchPlan] | None) -> None:
-        async with rx, closing([tx_w, tx_r]):
+        async with rx, tx_w or contextlib.nullcontext(), tx_r or contextlib.nullcontext():
             async for item in rx:
                 plan = await _plan_one(item, book, planner, outputs, settings, limiter, h5_limiter)
                 if plan is None:

@@ -72,7 +72,8 @@ async def _prepare_one(job: SlideJob, book: SlideBook, slides: SlideSource, outp
             await book.finish(job, "skipped", h5_path=outputs.h5_path(job) if outputs else None,
                               num_patches=decision.num_patches, message=decision.reason)
             return None
-        reuse = _reuse(job, decision, outputs)
+        reuse = (Reuse(outputs.h5_path(job), decision.num_patches, decision.missing)
+                 if decision.action == "reuse" and outputs is not None else None)
         image = None if reuse else await anyio.to_thread.run_sync(slides.thumbnail, handle, limiter=limiter)
     except Exception as exc:  # a foreign per-slide failure becomes a record; bugs stop the run
         if is_bug(exc):
@@ -111,9 +112,7 @@ async def _existing(job: SlideJob, book: SlideBook, outputs: OutputStore, settin
     """What an existing output means for this slide; None (the slide failed) when it was made with other settings."""
     decision = await anyio.to_thread.run_sync(outputs.reuse_decision, job, settings.encoders, limiter=limiter)
     if decision.action == "mismatch":
-        await book.fail(job, refused("reuse", "reuse_refused"), f"{job.name}: existing output {outputs.h5_path(job)} "
-                        "was made with other "
-                        f"settings ({decision.reason}); use --force to overwrite it or choose another --output")
+        await _refuse_reuse(job, book, outputs, f"was made with other settings ({decision.reason})")
         return None
     return decision
 
@@ -126,13 +125,12 @@ async def _same_source(job: SlideJob, handle: SlideHandle, decision: ReuseDecisi
     why = decision.source.mismatch(job.recorded_filename, (handle.info.width, handle.info.height))
     if why is None:
         return True
-    await book.fail(job, refused("reuse", "reuse_refused"), f"{job.name}: existing output {outputs.h5_path(job)} "
-                    "was not made from this slide "
-                    f"({why}); use --force to overwrite it or choose another --output")
+    await _refuse_reuse(job, book, outputs, f"was not made from this slide ({why})")
     return False
 
 
-def _reuse(job: SlideJob, decision: ReuseDecision, outputs: OutputStore | None) -> Reuse | None:
-    if decision.action != "reuse" or outputs is None:
-        return None
-    return Reuse(outputs.h5_path(job), decision.num_patches, decision.missing)
+async def _refuse_reuse(job: SlideJob, book: SlideBook, outputs: OutputStore, why: str) -> None:
+    """Fail a slide whose existing output may be neither skipped nor extended (`why`: how it differs)."""
+    await book.fail(job, refused("reuse", "reuse_refused"),
+                    f"{job.name}: existing output {outputs.h5_path(job)} {why}; use --force to overwrite it or choose "
+                    "another --output")

@@ -4,20 +4,16 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from ..batching import slide_chunk
 from ..errors import SlideError, failure_message, failure_of, is_bug
-from ..items import PatchBatch, PatchPlan, Pixels, SlideFailed, WriteItem
+from ..items import PatchBatch, PatchPlan, SlideFailed, WriteItem
 from ..protocols import OutputStore, PatchChunks, PixelSource
 from .book import SlideBook
 from .workers import run_workers
-
-if TYPE_CHECKING:
-    import numpy as np
 
 
 @dataclass(frozen=True)
@@ -80,7 +76,7 @@ async def _read_one(plan: PatchPlan, send: MemoryObjectSendStream[PatchBatch], b
         needed = frozenset(plan.slide.reuse.missing) if plan.slide.reuse is not None else None
         while True:
             started = time.perf_counter()
-            chunk = await anyio.to_thread.run_sync(_next, chunks, limiter=limiter)
+            chunk = await anyio.to_thread.run_sync(next, chunks, None, limiter=limiter)
             if chunk is None:
                 break
             rows, px = chunk
@@ -103,8 +99,3 @@ async def _read_one(plan: PatchPlan, send: MemoryObjectSendStream[PatchBatch], b
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(chunks.close, limiter=limiter)
     return None
-
-
-def _next(chunks: PatchChunks) -> tuple[np.ndarray, Pixels] | None:
-    """The reader's next chunk, or None at its end."""
-    return next(chunks, None)

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine
 from contextlib import AsyncExitStack
-from typing import Protocol, TypeVar
+from typing import TypeVar
 
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
@@ -12,10 +12,6 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 T = TypeVar("T")
 U = TypeVar("U")
 V = TypeVar("V")
-
-
-class _Closable(Protocol):
-    async def aclose(self) -> None: ...
 
 
 async def run_workers(
@@ -39,12 +35,3 @@ async def run_workers(
             for _ in range(n):
                 clones = [s.clone() if s is not None else None for s in more]
                 tg.start_soon(worker, receive.clone(), send.clone() if send is not None else None, *clones)
-
-
-def closing(streams: Sequence[_Closable | None]) -> AsyncExitStack:
-    """An exit stack that closes every given send end (None skipped) when the block ends."""
-    stack = AsyncExitStack()
-    for stream in streams:
-        if stream is not None:
-            stack.push_async_callback(stream.aclose)
-    return stack

@@ -131,7 +131,9 @@ async def _rows(batch: FeatureBatch | PatchBatch, writer: _Writer) -> None:
         entry = writer.files.get(slide_id)
         if entry is None:
             continue  # rows of a slide that already failed
-        _account(entry, writer.book, batch, share)
+        writer.book.time(entry.job, "read", batch.read_seconds * share)
+        if isinstance(batch, FeatureBatch):
+            writer.book.time(entry.job, "encode", batch.encode_seconds * share)
         try:
             if isinstance(batch, FeatureBatch):
                 await anyio.to_thread.run_sync(_write_features, entry, batch, sel, limiter=writer.limiter)
@@ -143,12 +145,6 @@ async def _rows(batch: FeatureBatch | PatchBatch, writer: _Writer) -> None:
             await _fail_on(entry, writer, exc)
             continue
         await _maybe_finish(entry, writer)
-
-
-def _account(entry: _Open, book: SlideBook, batch: FeatureBatch | PatchBatch, share: float) -> None:
-    book.time(entry.job, "read", batch.read_seconds * share)
-    if isinstance(batch, FeatureBatch):
-        book.time(entry.job, "encode", batch.encode_seconds * share)
 
 
 def _write_features(entry: _Open, batch: FeatureBatch, sel: np.ndarray) -> None:
@@ -185,8 +181,7 @@ async def _maybe_finish(entry: _Open, writer: _Writer) -> None:
                                                limiter=writer.limiter)
             path = await anyio.to_thread.run_sync(entry.store.finalize, limiter=writer.limiter)
     except Exception as exc:
-        with anyio.CancelScope(shield=True):
-            await anyio.to_thread.run_sync(entry.store.abort, limiter=writer.limiter)
+        await _drop(entry, writer)
         if is_bug(exc):
             raise
         await writer.book.fail_on(job, "write", exc)

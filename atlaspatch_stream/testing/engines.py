@@ -10,8 +10,9 @@ import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream
 
 from ..errors import STOP_REASONS, PipelineClosed
-from ..items import EngineStatistics, Failure, SlideJob, SlideResult, Totals
+from ..items import EngineStatistics, Failure, SlideJob, SlideResult
 from ..run import serving
+from ..stages.book import Tally
 
 
 class EngineDied(RuntimeError):
@@ -35,9 +36,9 @@ class FakeEngine:
         self.dies_on = dies_on
         self.submitted: list[SlideJob] = []
         self.torn_down: list[SlideResult] = []
-        self._stop_reason: str | None = None
+        self.stop_reason: str | None = None  # why intake stopped
         self._in_flight: dict[int, SlideJob] = {}
-        self._finished: dict[str, int] = {}
+        self.tally = Tally()
         self._jobs_send, self._jobs = anyio.create_memory_object_stream[SlideJob](capacity)
         self._send, self._receive = anyio.create_memory_object_stream[SlideResult](capacity + workers)
         self._abort = anyio.CancelScope()
@@ -66,23 +67,16 @@ class FakeEngine:
 
     def stop_intake(self, reason: str) -> None:
         """Queued slides finish `cancelled`."""
-        self._stop_reason = self._stop_reason or reason
+        self.stop_reason = self.stop_reason or reason
 
     def abort(self) -> None:
         """Tear down the slides in flight now."""
         self._abort.cancel()
 
-    @property
-    def stop_reason(self) -> str | None:
-        """Why intake stopped."""
-        return self._stop_reason
-
     def statistics(self) -> EngineStatistics:
         """Totals and slides in flight."""
-        finished = sum(self._finished.values())
-        return EngineStatistics(state="running", totals=Totals(finished=finished, by_status=dict(self._finished)),
-                                in_flight=len(self._in_flight), submitted=len(self.submitted),
-                                stopped=self._stop_reason)
+        return EngineStatistics(state="running", totals=self.tally.totals(), in_flight=len(self._in_flight),
+                                submitted=len(self.submitted), stopped=self.stop_reason)
 
     async def _serve(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         async with self._send:
@@ -100,8 +94,8 @@ class FakeEngine:
                 await self._send.send(self._count(await self._run(job)))
 
     async def _run(self, job: SlideJob) -> SlideResult:
-        if self._stop_reason is not None:
-            return SlideResult(job, "cancelled", message=f"not started: {self._stop_reason}")
+        if self.stop_reason is not None:
+            return SlideResult(job, "cancelled", message=f"not started: {self.stop_reason}")
         self._in_flight[job.slide_id] = job
         await anyio.sleep(self.seconds.get(job.stem, self.default_s))
         if job.stem == self.dies_on:
@@ -115,5 +109,5 @@ class FakeEngine:
         return SlideResult(job, "failed", message=f"{job.name}: {failure.kind}", failure=failure)
 
     def _count(self, result: SlideResult) -> SlideResult:
-        self._finished[result.status] = self._finished.get(result.status, 0) + 1
+        self.tally.add(result)
         return result

@@ -92,14 +92,12 @@ class FakeEncoder(Encoder):
     name: str = "fake_mean"
     dim: int = 3
     delay: float = 0.0
-    calls: int = 0
 
     def warm_up(self) -> None:
         """Nothing to load."""
 
     def encode(self, pixels: np.ndarray) -> np.ndarray:
         """float32 (B, dim): the channel means, cycled."""
-        self.calls += 1
         time.sleep(self.delay)
         means = pixels.reshape(len(pixels), -1, 3).mean(axis=1).astype(np.float32)
         return means[:, np.arange(self.dim) % 3]
@@ -243,17 +241,10 @@ class FakeBackends:
         self.outputs = H5Outputs(config, self.settings)
         self.encoder_delay = encoder_delay
         self.segment_delay = segment_delay
-        self.segmenter: FakeSegmenter | None = None
-
-    @property
-    def opened(self) -> list[FakeHandle]:
-        """Every handle opened so far."""
-        return self.slides.opened
 
     def make_segmenter(self) -> FakeSegmenter:
         """An all-tissue segmenter."""
-        self.segmenter = FakeSegmenter(delay=self.segment_delay)
-        return self.segmenter
+        return FakeSegmenter(delay=self.segment_delay)
 
     def make_encoders(self) -> EncoderGroup:
         """One fake encoder per requested name."""

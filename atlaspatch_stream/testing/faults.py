@@ -50,25 +50,16 @@ class WriteFaults(OsIO):
         self.sticky = sticky
         self.count = 0
         self.failed = 0
-        self._os = OsIO()
 
     def pwrite_all(self, fd: int, data: memoryview, offset: int) -> None:
         """Count, maybe fail, then write."""
         self._maybe_fail("write")
-        self._os.pwrite_all(fd, data, offset)
-
-    def pread_into(self, fd: int, buf: memoryview, offset: int) -> int:
-        """Read (never failed)."""
-        return self._os.pread_into(fd, buf, offset)
-
-    def ftruncate(self, fd: int, size: int) -> None:
-        """Truncate (never failed)."""
-        self._os.ftruncate(fd, size)
+        super().pwrite_all(fd, data, offset)
 
     def fsync(self, fd: int) -> None:
         """Count, maybe fail, then fsync."""
         self._maybe_fail("fsync")
-        self._os.fsync(fd)
+        super().fsync(fd)
 
     def _maybe_fail(self, op: Op) -> None:
         if op not in self.ops:
@@ -98,23 +89,18 @@ def count_writes(ops: Sequence[Op] = ("write",)) -> Iterator[WriteFaults]:
         yield counter
 
 
-def _parse(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
+def main(argv: Sequence[str] | None = None) -> None:
+    """Install the fault, run `atlaspatch <rest>` in this process (it exits with the CLI's status), report counts."""
     parser = argparse.ArgumentParser(prog="python -m atlaspatch_stream.testing.faults",
                                      description="Run the atlaspatch CLI with an injected output fault.")
     parser.add_argument("--fail-at", type=int, default=0, help="1-based index of the failing op (0: count only)")
     parser.add_argument("--errno", default="ENOSPC", help="errno name, e.g. ENOSPC, EIO, EDQUOT")
     parser.add_argument("--ops", default="write", help="comma-separated ops to count: write,fsync")
     parser.add_argument("--once", action="store_true", help="fail only that op, not every later one")
-    args, rest = parser.parse_known_args(argv)
-    return args, [a for a in rest if a != "--"]
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """Install the fault, run `atlaspatch <rest>` in this process (it exits with the CLI's status), report counts."""
-    args, rest = _parse(sys.argv[1:] if argv is None else argv)
+    args, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
     from ..cli import main as cli_main
 
-    sys.argv = ["atlaspatch", *rest]
+    sys.argv = ["atlaspatch", *(a for a in rest if a != "--")]
     with inject(args.fail_at, getattr(errno_module, args.errno), ops=args.ops.split(","),
                 sticky=not args.once) as faults:
         try:

@@ -367,7 +367,7 @@ def test_output_folder_removed_mid_write(tmp_path: Path) -> None:
     shutil.rmtree(out)
     with pytest.raises(OutputError) as info:
         store.finalize()
-    assert info.value.kind == "missing" and info.value.systemic
+    assert info.value.kind == "output_missing" and info.value.systemic
     assert info.value.one_line() == f"output folder is missing ({out})"
     store.abort()
     assert not out.exists()

@@ -33,7 +33,7 @@ H5_DEALLOC_ENOSPC = (
 
 @pytest.mark.parametrize(
     ("number", "kind"),
-    [(errno.ENOSPC, "disk_full"), (errno.EDQUOT, "quota"), (errno.EROFS, "read_only"), (errno.EIO, "io"),
+    [(errno.ENOSPC, "disk_full"), (errno.EDQUOT, "quota"), (errno.EROFS, "read_only"), (errno.EIO, "output_io"),
      (errno.EACCES, "permission")],
 )
 def test_os_errors_map_to_kinds_with_one_line_messages(tmp_path: Path, number: int, kind: str) -> None:
@@ -68,10 +68,10 @@ def test_real_h5py_error_on_a_vanished_folder_is_missing_and_systemic(tmp_path: 
     with pytest.raises(OSError) as info:
         h5py.File(tmp_path / "gone" / "s.h5", "w")
     err = output_error(info.value, tmp_path / "gone" / "s.h5")
-    assert err is not None and err.kind == "missing" and err.systemic
+    assert err is not None and err.kind == "output_missing" and err.systemic
     assert err.one_line() == f"output folder is missing ({tmp_path / 'gone'})"
     single = output_error(FileNotFoundError(errno.ENOENT, "No such file"), tmp_path / "s.h5")
-    assert single is not None and single.kind == "missing" and not single.systemic
+    assert single is not None and single.kind == "output_missing" and not single.systemic
 
 
 def test_permission_is_systemic_only_when_the_folder_refuses_writes(tmp_path: Path) -> None:
@@ -93,4 +93,4 @@ def test_free_bytes_matches_statvfs(tmp_path: Path) -> None:
     st = os.statvfs(tmp_path)
     assert free_bytes(tmp_path) == st.f_bavail * st.f_frsize
     assert free_bytes(tmp_path / "nope") is None
-    assert isinstance(output_error(OutputError("x", kind="io"), tmp_path), OutputError)
+    assert isinstance(output_error(OutputError("x", kind="output_io"), tmp_path), OutputError)

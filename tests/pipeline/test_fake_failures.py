@@ -99,7 +99,7 @@ async def test_failures_in_every_stage_fail_alone(tmp_path: Path) -> None:
     assert all(s in results[s].message for s in ("bad_seg", "bad_plan", "bad_write"))
     assert sorted(p.name for p in (tmp_path / "patches").glob("*.h5")) == ["ok0.h5", "ok1.h5"]
     assert leftovers(tmp_path) == []
-    assert all(h.closed for h in backends.opened)
+    assert all(h.closed for h in backends.slides.opened)
 
 
 async def test_a_broken_device_propagates_as_itself_and_cleans_up(tmp_path: Path) -> None:
@@ -111,7 +111,7 @@ async def test_a_broken_device_propagates_as_itself_and_cleans_up(tmp_path: Path
         await process_slides(fake_jobs(tmp_path, ["s0", "s1"]), config, backends=backends)
     assert list((tmp_path / "patches").glob("*.h5")) == []
     assert leftovers(tmp_path) == []
-    assert all(h.closed for h in backends.opened)
+    assert all(h.closed for h in backends.slides.opened)
 
 
 async def test_same_stem_twice_in_one_run_is_a_collision_not_a_skip(tmp_path: Path) -> None:

@@ -63,7 +63,7 @@ async def test_results_end_after_close_input(tmp_path: Path) -> None:
         assert r.h5_path == outputs.h5_path(tmp_path, r.job.stem) and r.h5_path.exists()
     assert pipeline.statistics().totals.finished == 3 and pipeline.statistics().in_flight == 0
     assert leftovers(tmp_path) == []
-    assert all(h.closed for h in backends.opened)
+    assert all(h.closed for h in backends.slides.opened)
 
 
 async def test_features_are_in_row_order(tmp_path: Path) -> None:
@@ -182,7 +182,7 @@ async def test_cancellation_within_deadline_leaves_no_partial_output(tmp_path: P
     assert finished == []  # 20 reads x 0.1 s per slide: none could finish
     assert [s for s in stems if outputs.h5_path(tmp_path, s).exists()] == []
     assert leftovers(tmp_path) == []
-    assert backends.opened and all(h.closed for h in backends.opened)
+    assert backends.slides.opened and all(h.closed for h in backends.slides.opened)
 
 
 async def test_cancel_then_rerun_completes(tmp_path: Path) -> None:

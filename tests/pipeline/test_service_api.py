@@ -127,7 +127,7 @@ async def test_cancelled_caller_withdraws_a_slide_that_has_not_started(tmp_path:
             with anyio.move_on_after(0.1):
                 await pipeline.process(second)
     assert [r.status for r in results] == ["done"]
-    assert [h.info.path for h in backends.opened] == [str(first.path)]
+    assert [h.info.path for h in backends.slides.opened] == [str(first.path)]
     assert not (tmp_path / "patches" / "s1.h5").exists()
     assert pipeline.statistics().totals.by_status == {"done": 1, "cancelled": 1}
 

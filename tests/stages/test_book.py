@@ -64,7 +64,7 @@ async def test_stopped_intake_cancels_every_job_not_yet_admitted(books: Books, t
     results = books.drained()
     assert statuses(results) == {"s1": "cancelled", "s2": "cancelled", "s3": "cancelled"}
     assert all(r.message == "not started: output disk full" for r in results)
-    assert books.book.in_flight == 1 and books.book.tally.count("cancelled") == 3
+    assert books.book.in_flight == 1 and books.book.tally.by_status["cancelled"] == 3
 
 
 async def test_finish_releases_handle_and_lock_once_and_sends_one_result(books: Books, tmp_path: Path) -> None:

@@ -15,7 +15,7 @@ from atlaspatch_stream.items import Failure, SlideJob, SlideResult
 
 @pytest.mark.parametrize(("exc", "kind", "retry"), [
     (OutputError("full", kind="disk_full"), "disk_full", "system"),
-    (OutputError("gone", kind="missing", systemic=False), "output_missing", "transient"),
+    (OutputError("gone", kind="output_missing", systemic=False), "output_missing", "transient"),
     (OutputError("ro", kind="read_only"), "read_only", "system"),
     (SlideError("bad tile"), "unreadable", "slide"),
     (SlideError("no mag", kind="no_magnification"), "no_magnification", "slide"),
