@@ -45,6 +45,7 @@ from .tiles import (
 )
 
 Cutter = Literal["auto", "cv2", "torch"]
+Chunks = Iterator[tuple[np.ndarray, Any]]  # (rows, pixels) per chunk of patches
 
 
 @dataclass(frozen=True)
@@ -143,9 +144,8 @@ def region_reason(handle: Any) -> str:
     return "; ".join(sorted({p for p in problems if p})) or "levels do not match the slide handle"
 
 
-def make_patch_reader(
-    handle: Any, threads: int, decoder: TileDecoder | None = None, *, device_output: bool = False
-) -> PatchReader:
+def make_patch_reader(handle: Any, threads: int, decoder: TileDecoder | None = None, *,
+                      device_output: bool = False) -> PatchReader:
     """The best reader for this slide: `TileOnceReader` when `supports_tile_once(handle)`, else `RegionReader`.
 
     Args:
@@ -183,20 +183,15 @@ def read_one(handle: Any, row: np.ndarray, patch_size: int) -> np.ndarray:
     x, y, w, h, level = (int(v) for v in row)
     try:
         rgb = np.asarray(handle.read_region(x, y, level, w, h))
-    except SlideError:
-        raise
     except Exception as exc:  # library errors on a bad slide are per-slide failures; bugs propagate
-        if is_bug(exc):
+        if isinstance(exc, SlideError) or is_bug(exc):
             raise
-        raise SlideError(
-            f"read_region failed at x={x}, y={y}, level={level}: {describe(exc)}", slide=slide_name(handle)
-        ) from exc
+        raise SlideError(f"read_region failed at x={x}, y={y}, level={level}: {describe(exc)}",
+                         slide=slide_name(handle)) from exc
     return resize_patch(rgb, patch_size)
 
 
-def _pooled(
-    threads: int, name: str, chunks: Callable[[ThreadPoolExecutor], Iterator[tuple[np.ndarray, Any]]]
-) -> Iterator[tuple[np.ndarray, Any]]:
+def _pooled(threads: int, name: str, chunks: Callable[[ThreadPoolExecutor], Chunks]) -> Chunks:
     """Yield `chunks(pool)` from a pool of `threads` threads, shut down (queued reads cancelled) when done or closed."""
     pool = ThreadPoolExecutor(threads, thread_name_prefix=name)
     try:
@@ -237,9 +232,8 @@ class RegionReader:
         self.reason = reason
         self.routes: list[Route] = []
 
-    def iter_patches(
-        self, handle: SlideHandle, coords: np.ndarray, patch_size: int, chunk: int
-    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    def iter_patches(self, handle: SlideHandle, coords: np.ndarray, patch_size: int,
+                     chunk: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Yield (rows int64 (b,), pixels uint8 (b, patch_size, patch_size, 3)), rows in coords order, b <= chunk."""
         _check_args(patch_size, chunk)
         arr = check_coords(coords, handle)
@@ -247,10 +241,6 @@ class RegionReader:
         rows = np.arange(arr.shape[0], dtype=np.int64)
         yield from _pooled(self.threads, "region-reader",
                            lambda pool: _region_chunks(handle, arr, rows, patch_size, chunk, pool))
-
-
-# A decoded tile awaited by the cutter: the batch that decodes it and its position in the batch.
-_Pending = tuple["Future[DecodedTiles]", int]
 
 
 class TileOnceReader:
@@ -292,9 +282,8 @@ class TileOnceReader:
         return {"routes": describe_routes(self.routes), "tiles_decoded": sum(counts),
                 "tiles_decoded_twice": sum(1 for c in counts if c > 1)}
 
-    def iter_patches(
-        self, handle: SlideHandle, coords: np.ndarray, patch_size: int, chunk: int
-    ) -> Iterator[tuple[np.ndarray, Pixels]]:
+    def iter_patches(self, handle: SlideHandle, coords: np.ndarray, patch_size: int,
+                     chunk: int) -> Iterator[tuple[np.ndarray, Pixels]]:
         """Yield (rows int64 (b,), pixels uint8 (b, patch_size, patch_size, 3)); rows in row-band order, b <= chunk.
 
         Pixels are numpy, or torch on the decoder's device with `device_output`. Levels that cannot be read
@@ -309,7 +298,7 @@ class TileOnceReader:
                            lambda pool: self._iter_all(handle, arr, metas, patch_size, chunk, pool))
 
     def iter_level(self, meta: TilePageMeta, coords: np.ndarray, patch_size: int, chunk: int,
-                   slide: str = "") -> Iterator[tuple[np.ndarray, Any]]:
+                   slide: str = "") -> Chunks:
         """`iter_patches` for patches of one described level, without a slide handle (benchmarks, device checks).
 
         Args:
@@ -327,7 +316,7 @@ class TileOnceReader:
                            lambda pool: self._iter_level(plan, meta, patch_size, chunk, pool, slide or meta.path))
 
     def _iter_all(self, handle: Any, coords: np.ndarray, metas: tuple[TilePageMeta | None, ...], patch_size: int,
-                  chunk: int, pool: ThreadPoolExecutor) -> Iterator[tuple[np.ndarray, Any]]:
+                  chunk: int, pool: ThreadPoolExecutor) -> Chunks:
         """Each tiled level through `_iter_level`, then every other level's patches through `read_region`."""
         levels = coords[:, 4]
         tiled = {lv: meta for lv in np.unique(levels).tolist() if metas and (meta := metas[lv]) is not None}
@@ -349,14 +338,14 @@ class TileOnceReader:
         return self._cpu if why else self.decoder
 
     def _iter_level(self, plan: LevelPlan, meta: TilePageMeta, patch_size: int, chunk: int,
-                    pool: ThreadPoolExecutor, slide: str) -> Iterator[tuple[np.ndarray, Any]]:
+                    pool: ThreadPoolExecutor, slide: str) -> Chunks:
         """Chunks of `plan`'s patches cut from tiles decoded once, in batches; the next chunk's tiles decode ahead."""
         decoder = self._route(meta)
         try:
             fd = os.open(meta.path, os.O_RDONLY)
         except OSError as exc:
             raise SlideError(f"cannot open for tile reads: {describe(exc)}", slide=slide) from exc
-        cache: dict[int, _Pending] = {}
+        cache: dict[int, tuple[Future[DecodedTiles], int]] = {}  # tile -> the batch decoding it, its place there
         bounds = chunk_bounds(len(plan), chunk)
 
         def submit(b: int, e: int) -> None:
@@ -465,9 +454,7 @@ class TileOnceReader:
         return to_host(pixels)
 
 
-def _cut_range(
-    plan: LevelPlan, decoded: dict[int, np.ndarray | None], b: int, e: int, patch_size: int
-) -> np.ndarray:
+def _cut_range(plan: LevelPlan, decoded: dict[int, np.ndarray | None], b: int, e: int, patch_size: int) -> np.ndarray:
     """Cut (and resize as upstream) the patches at plan positions [b, e) from decoded tiles."""
     out = np.empty((e - b, patch_size, patch_size, 3), dtype=np.uint8)
     for i in range(b, e):

@@ -241,9 +241,7 @@ class Sam2Segmenter:
             embed, high_res = self._encode(pixels)
             logits = self._decode(embed, high_res)
         # The predictor upsamples float32 logits; do the same whatever the autocast dtype.
-        masks = (
-            F.interpolate(logits.float(), (SAM_SIZE, SAM_SIZE), mode="bilinear", align_corners=False) > 0.0
-        )
+        masks = F.interpolate(logits.float(), (SAM_SIZE, SAM_SIZE), mode="bilinear", align_corners=False) > 0.0
         return masks[:, 0].cpu().numpy()
 
     def _normalise(self, batch: np.ndarray) -> torch.Tensor:
@@ -276,14 +274,10 @@ class Sam2Segmenter:
         exact = self.precision == "float32"
         with _per_image_gemms(model.sam_mask_decoder) if exact else contextlib.nullcontext():
             logits, _, _, _ = model.sam_mask_decoder(
-                image_embeddings=embed,
-                image_pe=model.sam_prompt_encoder.get_dense_pe(),
+                image_embeddings=embed, image_pe=model.sam_prompt_encoder.get_dense_pe(),
                 sparse_prompt_embeddings=sparse.expand(batch, -1, -1),
                 dense_prompt_embeddings=dense.expand(batch, -1, -1, -1),
-                multimask_output=False,
-                repeat_image=False,
-                high_res_features=high_res,
-            )
+                multimask_output=False, repeat_image=False, high_res_features=high_res)
         return logits
 
     def _box_prompt(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -356,10 +350,8 @@ def check_sam2_weights(path: Path) -> str:
     """
     digest = sha256_file(path)
     if digest != SAM2_OFFICIAL_SHA256:
-        log.warning(
-            "SAM2 weights %s (sha256 %s) are not the official %s/%s (sha256 %s); masks will differ from upstream",
-            path, digest, SAM2_REPO_ID, SAM2_FILENAME, SAM2_OFFICIAL_SHA256,
-        )
+        log.warning("SAM2 weights %s (sha256 %s) are not the official %s/%s (sha256 %s); masks will differ from "
+                    "upstream", path, digest, SAM2_REPO_ID, SAM2_FILENAME, SAM2_OFFICIAL_SHA256)
     return digest
 
 

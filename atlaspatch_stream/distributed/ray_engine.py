@@ -387,8 +387,7 @@ class RayEngine:
 
     def stop_intake(self, reason: str) -> None:
         """No slide starts any more: `run.drive` answers those still pending `cancelled` ("not started: <reason>")."""
-        if self._dispatch.stopped is None:
-            self._dispatch.stop(reason)
+        self._dispatch.stop(reason)
 
     def abort(self) -> None:
         """Cancel the slides in flight now (their workers' pipelines are aborted when the engine closes)."""

@@ -17,8 +17,6 @@ from ..errors import ConfigError, NotASlideError
 from ..formats import DICOM_EXTENSIONS, SUPPORTED_EXTENSIONS
 from ..items import SlideJob
 
-__all__ = ["discover_slides", "load_mpp_csv", "mpp_for", "slide_job", "stem_for"]
-
 log = logging.getLogger(__name__)
 
 
@@ -127,6 +125,4 @@ def _rows_to_table(reader: csv.DictReader, path: Path) -> dict[str, float]:
 
 def mpp_for(path: Path, table: dict[str, float] | None) -> float | None:
     """The CSV mpp of the slide at `path` (matched by `stem_for`), or None."""
-    if not table:
-        return None
-    return table.get(stem_for(path))
+    return table.get(stem_for(path)) if table else None

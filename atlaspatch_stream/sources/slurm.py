@@ -113,10 +113,9 @@ def sbatch_script(opts: TemplateOptions) -> str:
              f"#SBATCH --job-name={opts.job_name}", f"#SBATCH --array={array}", f"#SBATCH --cpus-per-task={opts.cpus}",
              f"#SBATCH --mem={opts.mem}", f"#SBATCH --time={opts.time}",
              f"#SBATCH --output={opts.job_name}-%A_%a.log"]
-    lines += [f"#SBATCH --gres=gpu:{opts.gpus}"] if opts.gpus else []
-    lines += [f"#SBATCH --partition={opts.partition}"] if opts.partition else []
-    lines += [f"#SBATCH --account={opts.account}"] if opts.account else []
-    lines += ["#SBATCH --requeue"] if opts.requeue else []
+    optional = {f"--gres=gpu:{opts.gpus}": opts.gpus, f"--partition={opts.partition}": opts.partition,
+                f"--account={opts.account}": opts.account, "--requeue": opts.requeue}
+    lines += [f"#SBATCH {flag}" for flag, wanted in optional.items() if wanted]
     lines += ["", "set -euo pipefail", "# HDF5's own file locks are unreliable on NFS/Lustre; outputs are written to a",
               "# temporary name and renamed, and slides are claimed through lock files, so they are not needed.",
               "export HDF5_USE_FILE_LOCKING=FALSE", *opts.setup, ""]

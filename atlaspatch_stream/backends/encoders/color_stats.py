@@ -18,7 +18,7 @@ Two implementations of one definition (the torch formulas in `_module_class`):
 
 from __future__ import annotations
 
-import threading
+import functools
 from typing import Any
 
 import numpy as np
@@ -50,15 +50,10 @@ def _hsv(rgb: Any) -> Any:
     value, argmax = rgb.max(dim=1)
     delta = value - rgb.min(dim=1).values
     safe = torch.where(delta > 0, delta, torch.ones_like(delta))
-    hue = torch.where(
-        argmax == 0,
-        ((g - b) / safe) % 6,
-        torch.where(argmax == 1, (b - r) / safe + 2, (r - g) / safe + 4),
-    )
+    hue = torch.where(argmax == 0, ((g - b) / safe) % 6,
+                      torch.where(argmax == 1, (b - r) / safe + 2, (r - g) / safe + 4))
     hue = torch.where(delta > 0, hue / 6.0, torch.zeros_like(hue))
-    sat = torch.where(
-        value > 0, delta / torch.where(value > 0, value, torch.ones_like(value)), torch.zeros_like(value)
-    )
+    sat = torch.where(value > 0, delta / torch.where(value > 0, value, torch.ones_like(value)), torch.zeros_like(value))
     return torch.stack([hue, sat, value], dim=1)
 
 
@@ -179,16 +174,10 @@ def _edge_table(levels: Any) -> tuple[np.ndarray, np.ndarray]:
     return code, _bin_index(_hsv(rgb)[0, 0], 1.0).numpy().astype(np.uint8)
 
 
-_TABLES: _Tables | None = None
-_TABLES_LOCK = threading.Lock()
-
-
+@functools.cache
 def _tables() -> _Tables:
-    global _TABLES
-    with _TABLES_LOCK:
-        if _TABLES is None:
-            _TABLES = _Tables()
-        return _TABLES
+    """The tables, built once (at the first batch: the encoder's warm-up)."""
+    return _Tables()
 
 
 def _summary(sums: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -305,15 +294,6 @@ def build() -> Any:
 
 def specs() -> list[EncoderSpec]:
     """The weight-free `color_stats` encoder."""
-    return [
-        EncoderSpec(
-            name="color_stats",
-            dim=DIM,
-            preprocess=None,
-            build=build,
-            licence="Apache-2.0 (part of atlaspatch-stream)",
-            family="color",
-            params_m=0.0,
-            notes="weight-free: RGB/HSV/optical-density means, stds and 8-bin histograms (90 values)",
-        )
-    ]
+    return [EncoderSpec(name="color_stats", dim=DIM, preprocess=None, build=build, family="color", params_m=0.0,
+                        licence="Apache-2.0 (part of atlaspatch-stream)",
+                        notes="weight-free: RGB/HSV/optical-density means, stds and 8-bin histograms (90 values)")]

@@ -12,7 +12,6 @@ import contextlib
 import functools
 import logging
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -92,7 +91,7 @@ def tensor_resize(x: Any, size: tuple[int, int], pre: Preprocess) -> Any:
     from torchvision.transforms.v2 import functional as TF
 
     pixels = x.mul(255.0).round_().to(torch.uint8)
-    resized = TF.resize(pixels, list(size), interpolation=_TV_MODES[pre.interpolation], antialias=pre.antialias)
+    resized = TF.resize(pixels, list(size), interpolation=_tv_mode(pre.interpolation), antialias=pre.antialias)
     return resized.to(x.dtype).div_(255.0)
 
 
@@ -100,7 +99,7 @@ def tensor_float_resize(x: Any, size: tuple[int, int], pre: Preprocess) -> Any:
     """torchvision's antialiased resize on the [0, 1] float tensor (processors that rescale before resizing)."""
     from torchvision.transforms.v2 import functional as TF
 
-    return TF.resize(x, list(size), interpolation=_TV_MODES[pre.interpolation], antialias=pre.antialias)
+    return TF.resize(x, list(size), interpolation=_tv_mode(pre.interpolation), antialias=pre.antialias)
 
 
 def _fixed_point_pass(y: Any, matrix: np.ndarray) -> Any:
@@ -132,17 +131,12 @@ _FILTERS = {"bilinear": (_bilinear, 1.0), "bicubic": (_bicubic, 2.0)}
 _RESAMPLERS = {"pil": pil_like_resize, "tensor_uint8": tensor_resize, "tensor_float": tensor_float_resize}
 
 
-class _LazyModes(dict[str, Any]):
-    """Interpolation name -> torchvision InterpolationMode, imported on first use."""
+@functools.cache
+def _tv_mode(interpolation: str) -> Any:
+    """The torchvision InterpolationMode of an interpolation name (torchvision imported on first use)."""
+    from torchvision.transforms import InterpolationMode
 
-    def __missing__(self, key: str) -> Any:
-        from torchvision.transforms import InterpolationMode
-
-        self[key] = InterpolationMode(key)
-        return self[key]
-
-
-_TV_MODES = _LazyModes()
+    return InterpolationMode(interpolation)
 
 
 @functools.lru_cache(maxsize=64)
@@ -224,15 +218,6 @@ def precision_ran() -> dict[str, str]:
     return dict(_PRECISION_RAN)
 
 
-def _record_precision(name: str, ran: str) -> None:
-    """Remember what `name` runs in and log it (shown with -v): once per run, since each run warms each encoder up
-    once."""
-    log.info("encoder %s runs in %s", name, ran)
-    _PRECISION_RAN[name] = ran
-
-
-
-
 class TorchEncoder:
     """A built-in encoder: spec + weights file -> a model on `device` answering `encode` (implements `Encoder`).
 
@@ -249,16 +234,8 @@ class TorchEncoder:
     on its device in, features on the device out, with no host synchronisation (the CUDA stream runner uses it).
     """
 
-    def __init__(
-        self,
-        spec: EncoderSpec,
-        *,
-        device: str = "cpu",
-        precision: str = "float32",
-        weights: Path | None = None,
-        model: Any = None,
-        compile: bool = False,
-    ) -> None:
+    def __init__(self, spec: EncoderSpec, *, device: str = "cpu", precision: str = "float32",
+                 weights: Path | None = None, model: Any = None, compile: bool = False) -> None:
         self.spec = spec
         self.name = spec.name
         self.dim = spec.dim
@@ -266,6 +243,7 @@ class TorchEncoder:
         self.precision = precision
         self.weights = weights
         self.fixed_batch = compile
+        self._channels_last = any(word in spec.family for word in _CONV_FAMILIES)
         self._model = model
         self._compiled: Any = None
         self._ready = False
@@ -278,8 +256,10 @@ class TorchEncoder:
                 return
             self._model = self._prepared_model()
             weight_free = getattr(self._model, "takes_uint8", False)
-            _record_precision(self.name, "exact (weight-free)" if weight_free else
-                              precision_label(self.device, self.precision))
+            # logged (shown with -v) once per run, since each run warms each encoder up once
+            ran = "exact (weight-free)" if weight_free else precision_label(self.device, self.precision)
+            log.info("encoder %s runs in %s", self.name, ran)
+            _PRECISION_RAN[self.name] = ran
             if self._compiled is None:  # a compiled model compiles at its first full batch, not at a dummy one
                 edge = self.spec.input_size or 224
                 self._run(np.zeros((1, edge, edge, 3), dtype=np.uint8))
@@ -297,10 +277,6 @@ class TorchEncoder:
         if self.fixed_batch and not getattr(model, "takes_uint8", False):
             self._compiled = torch.compile(functools.partial(self._plain_forward, model), dynamic=False)
         return model
-
-    @property
-    def _channels_last(self) -> bool:
-        return any(word in self.spec.family for word in _CONV_FAMILIES)
 
     def encode(self, pixels: Any) -> np.ndarray:
         """uint8 (B, P, P, 3) RGB, numpy or a torch tensor on any device -> float32 (B, dim) numpy."""
@@ -360,16 +336,13 @@ class TorchEncoder:
             return self.spec.forward(model, x)
         return model(x)
 
-    @contextlib.contextmanager
-    def _autocast(self) -> Iterator[None]:
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
         import torch
 
         dtype = autocast_dtype(self.device, self.precision)
         if dtype is None:
-            yield
-            return
-        with torch.autocast(device_type=self.device.split(":")[0], dtype=dtype):
-            yield
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.split(":")[0], dtype=dtype)
 
     def close(self) -> None:
         """Drop the model and free cached device memory."""
@@ -393,16 +366,12 @@ class CustomTorchEncoder:
     replay on the device): each patch is preprocessed on the CPU, the batch is stacked, moved and cast to `dtype`.
     """
 
-    def __init__(
-        self, name: str, dim: int, loader: Any, device: Any, dtype: Any, non_blocking: bool = False
-    ) -> None:
+    def __init__(self, name: str, dim: int, loader: Any, device: Any, dtype: Any, non_blocking: bool = False) -> None:
         from .spec import CustomEncoderComponents
 
         parts = loader(device, dtype)
         if not isinstance(parts, CustomEncoderComponents):
-            raise TypeError(
-                f"custom encoder {name!r}: loader must return CustomEncoderComponents, got {type(parts)!r}"
-            )
+            raise TypeError(f"custom encoder {name!r}: loader must return CustomEncoderComponents, got {type(parts)!r}")
         self.name, self.dim = name, dim
         self.device, self.dtype, self.non_blocking = device, dtype, non_blocking
         self._model = parts.model.to(device=device, dtype=dtype).eval()
