@@ -53,9 +53,8 @@ def _link_or_copy(source: Path, target: Path) -> None:
         shutil.copyfile(source, target)
 
 
-def install_in_hf_cache(
-    checkpoint: Path, cache_dir: Path, repo_id: str = SAM2_REPO_ID, filename: str = SAM2_FILENAME
-) -> Path:
+def install_in_hf_cache(checkpoint: Path, cache_dir: Path, repo_id: str = SAM2_REPO_ID,
+                        filename: str = SAM2_FILENAME) -> Path:
     """Lay `checkpoint` out as huggingface_hub's cache would after downloading `filename` from `repo_id`.
 
     `<cache_dir>/models--<org>--<name>/blobs/<sha256>`, `snapshots/<commit>/<filename>` (a relative symlink to
