@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -90,7 +90,7 @@ def _jobs(manifest: Manifest) -> list[SlideJob]:
     return [slide_job(path, i, mpp, check=False) for i, path in enumerate(manifest.slides())]
 
 
-def _embed_cases(config: PipelineConfig, manifest: Manifest, names: Sequence[str], slide_status: dict[Path, str]
+def _embed_cases(config: PipelineConfig, manifest: Manifest, names: Sequence[str], slide_status: Mapping[Path, str]
                  ) -> int:
     """One patient file per case and encoder; prints one line per failed case and a summary; returns failures."""
     from ..assembly import make_patient_embedder
