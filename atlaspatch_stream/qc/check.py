@@ -18,6 +18,7 @@ gone. The H5 itself is read by `outputs.h5check` (h5py, imported lazily: `import
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from collections import deque
@@ -205,10 +206,8 @@ def _level0_change(attrs: Mapping[str, Any], slide: Path) -> str:
         handle = open_slide(slide)
     except SlideError as exc:
         return f"slide {slide} no longer opens: {exc}"
-    try:
+    with contextlib.closing(handle):
         now, was = (handle.info.width, handle.info.height), (int(attrs["level0_width"]), int(attrs["level0_height"]))
-    finally:
-        handle.close()
     return f"slide {slide} is {now[0]}x{now[1]}, was {was[0]}x{was[1]} when processed" if now != was else ""
 
 

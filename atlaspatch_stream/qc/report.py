@@ -12,6 +12,7 @@ page lists the slides that have neither. Cards are drawn on a thread pool.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import statistics
 import time
@@ -161,15 +162,10 @@ def _slide_thumbnail(path: Path) -> np.ndarray | None:
     from ..errors import SlideError
 
     try:
-        handle = open_slide(path)
+        with contextlib.closing(open_slide(path)) as handle:
+            return handle.overlay_thumbnail(QC_THUMB_MAX)
     except SlideError:
         return None
-    try:
-        return handle.overlay_thumbnail(QC_THUMB_MAX)
-    except SlideError:
-        return None
-    finally:
-        handle.close()
 
 
 def _h5_read(h5: Path | None, *, coords: bool) -> tuple[dict[str, Any], np.ndarray]:
@@ -177,13 +173,10 @@ def _h5_read(h5: Path | None, *, coords: bool) -> tuple[dict[str, Any], np.ndarr
     why)."""
     from ..outputs.h5check import read_summary
 
-    empty = np.zeros((0, 5), np.int32)
-    if h5 is None:
-        return {}, empty
-    try:
-        return read_summary(h5, coords=coords)
-    except (OSError, KeyError, ValueError):
-        return {}, empty
+    if h5 is not None:
+        with contextlib.suppress(OSError, KeyError, ValueError):
+            return read_summary(h5, coords=coords)
+    return {}, np.zeros((0, 5), np.int32)
 
 
 def write_plots(folder: Path, log: RunLog, rows: Sequence[Mapping[str, Any]]) -> dict[str, str]:
