@@ -217,10 +217,8 @@ def render(rows: list[dict[str, Any]], log: RunLog, plots: Mapping[str, str], me
 def _versions() -> dict[str, str]:
     found = {}
     for name in PACKAGES:
-        try:
+        with contextlib.suppress(PackageNotFoundError):
             found[name] = version(name)
-        except PackageNotFoundError:
-            continue
     return found
 
 
