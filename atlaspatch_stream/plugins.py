@@ -44,17 +44,8 @@ class CustomRegistryHook(Protocol):
     def __call__(self, registry: Any, device: Any, dtype: Any, num_workers: int) -> None: ...
 
 
-def register_custom_encoder(
-    *,
-    registry: Any,
-    name: str,
-    embedding_dim: int,
-    loader: CustomEncoderLoader,
-    device: Any,
-    dtype: Any,
-    num_workers: int = 0,
-    non_blocking: bool = False,
-) -> None:
+def register_custom_encoder(*, registry: Any, name: str, embedding_dim: int, loader: CustomEncoderLoader, device: Any,
+                            dtype: Any, num_workers: int = 0, non_blocking: bool = False) -> None:
     """Register a lazily built encoder made of a model, a PIL preprocess and an optional forward function.
 
     Args:
@@ -67,9 +58,7 @@ def register_custom_encoder(
         num_workers: accepted for compatibility (preprocessing runs in our reader threads).
         non_blocking: copy batches to the device asynchronously.
     """
-    del (
-        num_workers
-    )  # upstream forks DataLoader workers per batch; our pipeline already overlaps preprocessing
+    del num_workers  # upstream forks DataLoader workers per batch; our pipeline already overlaps preprocessing
 
     def build() -> Any:
         from .backends.encoders.runtime import CustomTorchEncoder
@@ -85,15 +74,13 @@ def load_plugin(path: Path, *, registry: Any, device: Any, dtype: Any, num_worke
     Raises:
         ConfigError: the file is missing, fails to import, or defines no hook.
     """
-    path = Path(path)
-    module = _import_file(path)
+    module = _import_file(Path(path))
     hook = getattr(module, "register_feature_extractors", None)
     if not callable(hook):
         if callable(getattr(module, "register_slide_encoders", None)):
             return  # a file of slide encoders only (`load_slide_plugin`)
-        raise ConfigError(
-            f"feature plugin {path} defines no register_feature_extractors(registry, device, dtype, num_workers)"
-        )
+        raise ConfigError(f"feature plugin {path} defines no register_feature_extractors(registry, device, dtype, "
+                          "num_workers)")
     hook(registry=registry, device=device, dtype=dtype, num_workers=num_workers)
 
 

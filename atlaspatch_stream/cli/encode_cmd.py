@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +16,7 @@ from .options import FEATURE_OPTIONS, _apply, build_config, common_options, inpu
 from .runner import (
     SIGNAL_EXIT,
     check_output,
+    execute,
     exit_with,
     ignore_late_signals,
     one_line_errors,
@@ -60,8 +61,6 @@ def with_slide_encoders(config: PipelineConfig, params: dict[str, Any]) -> Pipel
 
 def encode_slide(wsi_path: Path, params: dict[str, Any]) -> int:
     """`encode-slide`: patch features where missing, then each slide's embeddings as its features complete."""
-    from .runner import execute
-
     names = parse_encoder_list(params.pop("slide_encoders"), "--slide-encoders")
     config = planned(build_config(params, features=True), names)
     return execute(config, wsi_path, "features", "encode-slide", params["verbose"])
@@ -76,13 +75,12 @@ def encode_patient(manifest_path: Path, params: dict[str, Any]) -> int:
         manifest = read_manifest(manifest_path)
     config = planned(build_config(params, features=True), names, patient=True)
     check_output(config.write.output)
-    slide_status, exit_status = _run_slides(config, manifest, params["verbose"])
-    if exit_status in SIGNAL_EXIT.values():
-        ignore_late_signals()
-        return exit_status
-    failed = _embed_cases(config, manifest, names, slide_status)
+    summary, status = run_command(config, _jobs(manifest), "features", "encode-patient", params["verbose"])
+    if status not in SIGNAL_EXIT.values():  # an interrupted run embeds no case
+        slide_status = {r.job.path: r.status for r in summary.results}
+        status = 1 if _embed_cases(config, manifest, names, slide_status) or status else 0
     ignore_late_signals()
-    return 1 if failed or exit_status else 0
+    return status
 
 
 def _jobs(manifest: Manifest) -> list[SlideJob]:
@@ -92,13 +90,7 @@ def _jobs(manifest: Manifest) -> list[SlideJob]:
     return [slide_job(path, i, mpp, check=False) for i, path in enumerate(manifest.slides())]
 
 
-def _run_slides(config: PipelineConfig, manifest: Manifest, verbose: bool) -> tuple[dict[Path, str], int]:
-    """The patch pipeline over the manifest's slides; (status per slide path, exit status)."""
-    summary, status = run_command(config, _jobs(manifest), "features", "encode-patient", verbose)
-    return {r.job.path: r.status for r in summary.results}, status
-
-
-def _embed_cases(config: PipelineConfig, manifest: Manifest, names: Sequence[str], slide_status: dict[Path, str]
+def _embed_cases(config: PipelineConfig, manifest: Manifest, names: Sequence[str], slide_status: Mapping[Path, str]
                  ) -> int:
     """One patient file per case and encoder; prints one line per failed case and a summary; returns failures."""
     from ..assembly import make_patient_embedder

@@ -13,13 +13,11 @@ def list_command(weights: dict[str, Path], names: Sequence[str]) -> None:
     from ..backends.encoders.registry import describe_encoders
 
     rows = [r for r in describe_encoders(weights) if not names or r["name"] in names]
-    header = f"{'name':<30} {'dim':>5} {'input':>5}  {'extra':<9} {'gated':<5} {'weights':<8} licence"
-    click.echo(header)
+    click.echo(f"{'name':<30} {'dim':>5} {'input':>5}  {'extra':<9} {'gated':<5} {'weights':<8} licence")
     for r in rows:
-        click.echo(
-            f"{r['name']:<30} {r['dim']:>5} {r['input_size']:>5}  {r['extra'] or 'core':<9} "
-            f"{'yes' if r['gated'] else 'no':<5} {'present' if r['weights_present'] else 'missing':<8} {r['licence']}"
-        )
+        click.echo(f"{r['name']:<30} {r['dim']:>5} {r['input_size']:>5}  {r['extra'] or 'core':<9} "
+                   f"{'yes' if r['gated'] else 'no':<5} {'present' if r['weights_present'] else 'missing':<8} "
+                   f"{r['licence']}")
 
 
 def check_command(names: Sequence[str], strict: bool = False) -> int:

@@ -12,9 +12,7 @@ import click
 import orjson
 
 from .options import parse_feature_list
-from .runner import exit_with, quiet_slide_libraries, write_line
-
-PLAIN_PROGRESS_EVERY_S = 10.0
+from .runner import PLAIN_PROGRESS_EVERY_S, exit_with, quiet_slide_libraries, write_line
 
 
 @click.command("check")

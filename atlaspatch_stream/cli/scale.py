@@ -11,7 +11,7 @@ import logging
 import os
 import socket
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +26,8 @@ from ..pipeline import Mode, running
 from ..report import RunReport
 from ..run import Engine, JobSource
 from ..sources.job_list import JobList
-from .runner import Progress, write_line
+from .options import Decorator, _apply
+from .runner import Progress, execute, write_line
 
 if TYPE_CHECKING:
     from ..sources.local_copy import CopyOptions, LocalCopier
@@ -36,7 +37,7 @@ if TYPE_CHECKING:
 SCALE_KEYS = ("shard", "steal", "stage_dir", "stage_max_gb", "engine", "ray_address", "workers", "max_attempts")
 RAY_CONNECT_TIMEOUT_S = 5.0
 
-SCALE_OPTIONS = [
+SCALE_OPTIONS: list[Decorator] = [
     click.option("--shard", default=None, metavar="I/N",
                  help="Take shard I (0-based) of N: a stable hash of each output name. In a SLURM array job the "
                       "default comes from SLURM_ARRAY_TASK_ID (this flag wins; --shard 0/1 takes every slide)."),
@@ -56,13 +57,7 @@ SCALE_OPTIONS = [
     click.option("--max-attempts", type=click.IntRange(min=1), default=None, show_default="3",
                  help="With --engine ray: tries per slide when workers die under it."),
 ]
-
-
-def scale_options(func: Callable[..., Any]) -> Callable[..., Any]:
-    """Add the scaling flags to a slide command."""
-    for option in reversed(SCALE_OPTIONS):
-        func = option(func)
-    return func
+scale_options = _apply(SCALE_OPTIONS)  # the scaling flags of a slide command
 
 
 class BadFlag(click.ClickException):
@@ -244,8 +239,6 @@ def _first_line(exc: BaseException) -> str:
 def run_scaled_or_local(config: PipelineConfig, wsi_path: Path, params: dict[str, Any], mode: Mode,
                         command: str) -> int:
     """Run a slide command with its scaling flags (taken out of `params`); returns the exit status."""
-    from .runner import execute
-
     request = pop_request(params)
     scale = Scaled(request, config) if request is not None else None
     return execute(config, wsi_path, mode, command, params["verbose"], scale)

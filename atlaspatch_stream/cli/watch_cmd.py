@@ -131,19 +131,19 @@ def run_status(output: Path, state_dir: Path | None, as_json: bool, requeue: tup
     return 0
 
 
+# The sections of `atlaspatch status` after the counts: (key in the status, heading, one line per record).
+_STATUS_SECTIONS = (
+    ("in_flight", "in flight:", "  {slide}"),
+    ("failures", "last failures:", "  {slide_id} [{kind}] {message}"),
+    ("quarantined", "quarantined (gave up after their attempts):", "  {slide} ({attempts} attempts): {error}"),
+    ("deferred", "deferred (waiting for the output to recover):", "  {slide}: {error}"),
+)
+
+
 def _status_lines(data: dict[str, Any]) -> list[str]:
-    counts = data["counts"]
-    lines = ["slides: " + ", ".join(f"{n} {state}" for state, n in counts.items())]
-    if data["in_flight"]:
-        lines.append("in flight:")
-        lines += [f"  {r['slide']}" for r in data["in_flight"]]
-    if data["failures"]:
-        lines.append("last failures:")
-        lines += [f"  {f['slide_id']} [{f['kind']}] {f['message']}" for f in data["failures"]]
-    if data["quarantined"]:
-        lines.append("quarantined (gave up after their attempts):")
-        lines += [f"  {r['slide']} ({r['attempts']} attempts): {r['error']}" for r in data["quarantined"]]
-    if data["deferred"]:
-        lines.append("deferred (waiting for the output to recover):")
-        lines += [f"  {r['slide']}: {r['error']}" for r in data["deferred"]]
+    lines = ["slides: " + ", ".join(f"{n} {state}" for state, n in data["counts"].items())]
+    for key, heading, line in _STATUS_SECTIONS:
+        if data[key]:
+            lines.append(heading)
+            lines += [line.format(**record) for record in data[key]]
     return lines

@@ -18,20 +18,21 @@ gone. The H5 itself is read by `outputs.h5check` (h5py, imported lazily: `import
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from collections import deque
 from collections.abc import Iterator, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
-from typing import Any, Literal, cast, get_args
+from typing import Any, Literal, cast
 
 from ..errors import describe
 
 Code = Literal["ok", "corrupt", "incomplete", "schema", "geometry_mismatch", "coords_out_of_bounds",
                "missing_features", "nonfinite_features", "slide_changed"]
-CODES: tuple[str, ...] = get_args(Code)
 Orphan = Literal["temp_file", "stale_lock", "slide_gone"]
 
 _TEMP_FILE = re.compile(r"^\.(?P<stem>.+)\.h5\.tmp\.(?:(?P<tag>[0-9a-f]{10}-\d+-\d+)\.[0-9a-f]{12}|[0-9a-f]{32})$")
@@ -102,16 +103,12 @@ def iter_verdicts(out: Path, expect: Expectations | None = None, *,
     """
     expect = expect or Expectations()
     workers = threads or min(8, os.cpu_count() or 1)
-    window: deque[Future[Verdict | None]] = deque()
     with ThreadPoolExecutor(workers, thread_name_prefix="atlaspatch-check") as pool:
-        for path in candidates(out):
-            window.append(pool.submit(check_path, path, expect))
-            while len(window) >= 4 * workers:
-                found = window.popleft().result()
-                if found is not None:
-                    yield found
+        pending = (pool.submit(check_path, path, expect) for path in candidates(out))
+        window = deque(islice(pending, 4 * workers))
         while window:
             found = window.popleft().result()
+            window.extend(islice(pending, 1))  # one in, one out: the window stays full until the files run out
             if found is not None:
                 yield found
 
@@ -172,15 +169,14 @@ def check_h5(path: Path, expect: Expectations) -> Verdict:
         found = inspect_output(path, expect.patch_size, expect.target_mag, expect.encoders)
     except (OSError, RuntimeError, KeyError, ValueError, TypeError) as exc:
         return Verdict(path, "corrupt", describe(exc))
-    code = cast(Code, found.code)
+    code, detail = cast(Code, found.code), found.detail
     slide = _slide_path(found.attrs, expect)
     if slide is None or not slide.exists():
-        return Verdict(path, code, found.detail, "slide_gone", found.num_patches)
-    if code == "ok":
-        changed = slide_change(found.attrs, slide)
-        if changed:
-            return Verdict(path, "slide_changed", changed, None, found.num_patches)
-    return Verdict(path, code, found.detail, None, found.num_patches)
+        return Verdict(path, code, detail, "slide_gone", found.num_patches)
+    changed = slide_change(found.attrs, slide) if code == "ok" else ""
+    if changed:
+        code, detail = "slide_changed", changed
+    return Verdict(path, code, detail, None, found.num_patches)
 
 
 def _slide_path(attrs: Mapping[str, Any], expect: Expectations) -> Path | None:
@@ -210,10 +206,8 @@ def _level0_change(attrs: Mapping[str, Any], slide: Path) -> str:
         handle = open_slide(slide)
     except SlideError as exc:
         return f"slide {slide} no longer opens: {exc}"
-    try:
+    with contextlib.closing(handle):
         now, was = (handle.info.width, handle.info.height), (int(attrs["level0_width"]), int(attrs["level0_height"]))
-    finally:
-        handle.close()
     return f"slide {slide} is {now[0]}x{now[1]}, was {was[0]}x{was[1]} when processed" if now != was else ""
 
 

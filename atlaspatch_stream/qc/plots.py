@@ -16,38 +16,37 @@ def _figure() -> tuple[Any, Any]:
     return fig, fig.add_subplot()
 
 
-def _svg(fig: Any) -> str:
+def _svg(fig: Any, ax: Any, title: str) -> str:
+    """The figure as SVG text, with `title` on its axes."""
+    ax.set_title(title)
     buffer = io.StringIO()
     fig.savefig(buffer, format="svg")
     return buffer.getvalue()
 
 
-def _empty(ax: Any, title: str) -> None:
-    ax.set_title(title)
+def _empty(fig: Any, ax: Any, title: str) -> str:
     ax.text(0.5, 0.5, "no data in the run report", ha="center", va="center", transform=ax.transAxes)
     ax.set_axis_off()
+    return _svg(fig, ax, title)
 
 
 def stage_busy(busy: Mapping[str, float]) -> str:
     """Horizontal bars: seconds each stage was busy over the last run."""
     fig, ax = _figure()
     if not busy:
-        _empty(ax, "Stage busy time")
-        return _svg(fig)
+        return _empty(fig, ax, "Stage busy time")
     names = list(busy)
     ax.barh(names, [busy[n] for n in names], color="#4c78a8")
     ax.invert_yaxis()
     ax.set_xlabel("busy seconds (sum over slides)")
-    ax.set_title("Stage busy time")
-    return _svg(fig)
+    return _svg(fig, ax, "Stage busy time")
 
 
 def throughput(timeline: Sequence[Mapping[str, Any]], start: float) -> str:
     """Patches written and slides finished over the run's time."""
     fig, ax = _figure()
     if not timeline:
-        _empty(ax, "Throughput over time")
-        return _svg(fig)
+        return _empty(fig, ax, "Throughput over time")
     t = [float(e["time"]) - start for e in timeline]
     patches, total = [], 0
     for event in timeline:
@@ -59,8 +58,7 @@ def throughput(timeline: Sequence[Mapping[str, Any]], start: float) -> str:
     slides = ax.twinx()
     slides.step(t, range(1, len(t) + 1), where="post", color="#f58518", label="slides")
     slides.set_ylabel("slides (cumulative)")
-    ax.set_title("Throughput over time")
-    return _svg(fig)
+    return _svg(fig, ax, "Throughput over time")
 
 
 def queue_occupancy(timeline: Sequence[Mapping[str, Any]], start: float, sizes: Mapping[str, int]) -> str:
@@ -68,8 +66,7 @@ def queue_occupancy(timeline: Sequence[Mapping[str, Any]], start: float, sizes: 
     fig, ax = _figure()
     sampled = [e for e in timeline if e.get("queues")]
     if not sampled:
-        _empty(ax, "Queue occupancy")
-        return _svg(fig)
+        return _empty(fig, ax, "Queue occupancy")
     t = [float(e["time"]) - start for e in sampled]
     for name in sampled[0]["queues"]:
         size = max(1, int(sizes.get(name) or 1))
@@ -78,18 +75,15 @@ def queue_occupancy(timeline: Sequence[Mapping[str, Any]], start: float, sizes: 
     ax.set_xlabel("seconds since the run started")
     ax.set_ylabel("fill (used / size)")
     ax.legend(fontsize="x-small", ncols=2)
-    ax.set_title("Queue occupancy (sampled as slides finish)")
-    return _svg(fig)
+    return _svg(fig, ax, "Queue occupancy (sampled as slides finish)")
 
 
 def patches_histogram(counts: Sequence[int]) -> str:
     """How many slides have how many patches."""
     fig, ax = _figure()
     if not counts:
-        _empty(ax, "Patches per slide")
-        return _svg(fig)
+        return _empty(fig, ax, "Patches per slide")
     ax.hist(counts, bins=min(30, max(1, len(set(counts)))), color="#54a24b")
     ax.set_xlabel("patches")
     ax.set_ylabel("slides")
-    ax.set_title("Patches per slide")
-    return _svg(fig)
+    return _svg(fig, ax, "Patches per slide")

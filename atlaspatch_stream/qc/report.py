@@ -12,6 +12,7 @@ page lists the slides that have neither. Cards are drawn on a thread pool.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import statistics
 import time
@@ -74,18 +75,16 @@ def slide_rows(log: RunLog, verdicts: Mapping[str, Verdict]) -> list[dict[str, A
     rows: dict[str, dict[str, Any]] = {}
     for name, event in log.slides.items():
         stem = Path(event["h5"]).stem if event.get("h5") else Path(name).stem
-        rows[stem] = {"stem": stem, "slide": name, "status": event.get("status", ""), "message": event.get("message",
-                      ""), "patches": event.get("num_patches"), "stages": event.get("stages", {}),
-                      "seconds": event.get("seconds")}
+        rows[stem] = {"stem": stem, "slide": name, "status": event.get("status", ""),
+                      "message": event.get("message", ""), "patches": event.get("num_patches"),
+                      "stages": event.get("stages", {}), "seconds": event.get("seconds"), "verdict": "no file",
+                      "verdict_detail": ""}
     for stem, verdict in verdicts.items():
-        row = rows.setdefault(stem, {"stem": stem, "slide": "", "status": "no report", "message": "",
-                                     "patches": verdict.num_patches, "stages": {}, "seconds": None})
+        row = rows.setdefault(stem, {"stem": stem, "slide": "", "status": "no report", "message": "", "patches": None,
+                                     "stages": {}, "seconds": None})
         row.update(verdict=verdict.code, verdict_detail=verdict.detail, h5=str(verdict.path))
         if row["patches"] is None:
             row["patches"] = verdict.num_patches
-    for row in rows.values():
-        row.setdefault("verdict", "no file")
-        row.setdefault("verdict_detail", "")
     return sorted(rows.values(), key=lambda r: r["stem"])
 
 
@@ -163,15 +162,10 @@ def _slide_thumbnail(path: Path) -> np.ndarray | None:
     from ..errors import SlideError
 
     try:
-        handle = open_slide(path)
+        with contextlib.closing(open_slide(path)) as handle:
+            return handle.overlay_thumbnail(QC_THUMB_MAX)
     except SlideError:
         return None
-    try:
-        return handle.overlay_thumbnail(QC_THUMB_MAX)
-    except SlideError:
-        return None
-    finally:
-        handle.close()
 
 
 def _h5_read(h5: Path | None, *, coords: bool) -> tuple[dict[str, Any], np.ndarray]:
@@ -179,32 +173,27 @@ def _h5_read(h5: Path | None, *, coords: bool) -> tuple[dict[str, Any], np.ndarr
     why)."""
     from ..outputs.h5check import read_summary
 
-    empty = np.zeros((0, 5), np.int32)
-    if h5 is None:
-        return {}, empty
-    try:
-        return read_summary(h5, coords=coords)
-    except (OSError, KeyError, ValueError):
-        return {}, empty
+    if h5 is not None:
+        with contextlib.suppress(OSError, KeyError, ValueError):
+            return read_summary(h5, coords=coords)
+    return {}, np.zeros((0, 5), np.int32)
 
 
 def write_plots(folder: Path, log: RunLog, rows: Sequence[Mapping[str, Any]]) -> dict[str, str]:
     """The run-level SVG plots (matplotlib); returns {name: path relative to `<out>/qc/`}."""
     from . import plots
 
-    folder.mkdir(parents=True, exist_ok=True)
+    start = float(log.start.get("time") or 0.0)
     made = {
         "stage_busy": plots.stage_busy(log.stage_busy()),
-        "throughput": plots.throughput(log.timeline, float(log.start.get("time") or 0.0)),
-        "queues": plots.queue_occupancy(log.timeline, float(log.start.get("time") or 0.0),
+        "throughput": plots.throughput(log.timeline, start),
+        "queues": plots.queue_occupancy(log.timeline, start,
                                         {k: v.get("size", 0) for k, v in log.end.get("streams", {}).items()}),
         "patches": plots.patches_histogram([int(r["patches"]) for r in rows if r.get("patches") is not None]),
     }
-    written = {}
     for name, svg in made.items():
         _write_text(folder / f"{name}.svg", svg)
-        written[name] = f"plots/{name}.svg"
-    return written
+    return {name: f"plots/{name}.svg" for name in made}
 
 
 def render(rows: list[dict[str, Any]], log: RunLog, plots: Mapping[str, str], median: float | None,
@@ -228,10 +217,8 @@ def render(rows: list[dict[str, Any]], log: RunLog, plots: Mapping[str, str], me
 def _versions() -> dict[str, str]:
     found = {}
     for name in PACKAGES:
-        try:
+        with contextlib.suppress(PackageNotFoundError):
             found[name] = version(name)
-        except PackageNotFoundError:
-            continue
     return found
 
 

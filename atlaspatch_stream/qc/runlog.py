@@ -60,10 +60,8 @@ def read_run_log(out: Path) -> RunLog:
 
 def _add_slide(log: RunLog, event: dict[str, Any]) -> None:
     log.timeline.append(event)
-    earlier = log.slides.get(event["slide"])
-    if event.get("status") == "skipped" and earlier is not None:
-        return
-    log.slides[event["slide"]] = event
+    if event.get("status") != "skipped" or event["slide"] not in log.slides:
+        log.slides[event["slide"]] = event
 
 
 def _events(path: Path) -> Iterator[dict[str, Any]]:

@@ -38,24 +38,17 @@ def write_random_sam2_checkpoint(path: Path, seed: int = 0) -> Path:
     return path
 
 
-def _fake_commit(repo_id: str) -> str:
-    """A 40-hex "commit" derived from the repo id, so files installed into one repo share one snapshot."""
-    return hashlib.sha1(repo_id.encode()).hexdigest()
-
-
 def _link_or_copy(source: Path, target: Path) -> None:
     """Hard-link (cheap, same bytes) when the file system allows, else copy."""
-    if target.exists():
-        target.unlink()
+    target.unlink(missing_ok=True)
     try:
         os.link(source, target)
     except OSError:
         shutil.copyfile(source, target)
 
 
-def install_in_hf_cache(
-    checkpoint: Path, cache_dir: Path, repo_id: str = SAM2_REPO_ID, filename: str = SAM2_FILENAME
-) -> Path:
+def install_in_hf_cache(checkpoint: Path, cache_dir: Path, repo_id: str = SAM2_REPO_ID,
+                        filename: str = SAM2_FILENAME) -> Path:
     """Lay `checkpoint` out as huggingface_hub's cache would after downloading `filename` from `repo_id`.
 
     `<cache_dir>/models--<org>--<name>/blobs/<sha256>`, `snapshots/<commit>/<filename>` (a relative symlink to
@@ -75,14 +68,13 @@ def install_in_hf_cache(
 
     checkpoint = Path(checkpoint)
     repo_dir = Path(cache_dir) / repo_folder(repo_id)
-    commit = _fake_commit(repo_id)
+    commit = hashlib.sha1(repo_id.encode()).hexdigest()  # files installed into one repo share one snapshot
     blob = repo_dir / "blobs" / sha256_file(checkpoint)
     snapshot = repo_dir / "snapshots" / commit / filename
     for folder in (blob.parent, snapshot.parent, repo_dir / "refs"):
         folder.mkdir(parents=True, exist_ok=True)
     _link_or_copy(checkpoint, blob)
-    if snapshot.exists() or snapshot.is_symlink():
-        snapshot.unlink()
+    snapshot.unlink(missing_ok=True)
     try:
         snapshot.symlink_to(os.path.relpath(blob, snapshot.parent))
     except OSError:

@@ -56,9 +56,7 @@ def _smooth_noise(shape: tuple[int, int], cell: int, rng: np.random.Generator) -
     return out
 
 
-def _ellipses(
-    shape: tuple[int, int], count: int, size: tuple[float, float], rng: np.random.Generator
-) -> np.ndarray:
+def _ellipses(shape: tuple[int, int], count: int, size: tuple[float, float], rng: np.random.Generator) -> np.ndarray:
     """Union of `count` random ellipses with radii in `size` (fractions of the short side), with wobbly edges."""
     h, w = shape
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
@@ -84,9 +82,7 @@ def _tissue_mask(shape: tuple[int, int], tissue: Tissue, rng: np.random.Generato
     return big[: shape[0], : shape[1]]
 
 
-def draw_tissue(
-    width: int, height: int, *, seed: int = 0, tissue: Tissue = "blobs"
-) -> tuple[np.ndarray, np.ndarray]:
+def draw_tissue(width: int, height: int, *, seed: int = 0, tissue: Tissue = "blobs") -> tuple[np.ndarray, np.ndarray]:
     """Draw an H&E-like RGB image and its tissue mask.
 
     Args:
@@ -122,9 +118,7 @@ def pyramid(image: np.ndarray, levels: Sequence[int]) -> list[np.ndarray]:
             continue
         h, w = image.shape[0] // factor, image.shape[1] // factor
         # Two one-axis sums are much faster than one sum over a 5-D view.
-        rows = (
-            image[: h * factor, : w * factor].reshape(h, factor, w * factor, 3).sum(axis=1, dtype=np.uint32)
-        )
+        rows = image[: h * factor, : w * factor].reshape(h, factor, w * factor, 3).sum(axis=1, dtype=np.uint32)
         total = rows.reshape(h, w, factor, 3).sum(axis=2, dtype=np.uint32)
         area = factor * factor
         out.append(((total + area // 2) // area).astype(np.uint8))
@@ -136,8 +130,7 @@ def _iter_tiles(image: np.ndarray, tile: int) -> Iterator[np.ndarray]:
     h, w = image.shape[:2]
     for y in range(0, h, tile):
         for x in range(0, w, tile):
-            block = np.empty((tile, tile, 3), np.uint8)
-            block[:] = _BACKGROUND.astype(np.uint8)
+            block = np.full((tile, tile, 3), _BACKGROUND.astype(np.uint8))
             part = image[y : y + tile, x : x + tile]
             block[: part.shape[0], : part.shape[1]] = part
             yield block
@@ -147,49 +140,29 @@ def _jpeg2000(tile: np.ndarray, quality: int) -> bytes:
     import imagecodecs
 
     # J2K codestream, irreversible with a quality-driven PSNR target: small tiles, visually lossless.
-    return bytes(
-        imagecodecs.jpeg2k_encode(tile, level=max(30, quality // 2), codecformat="J2K", reversible=False)
-    )
+    return bytes(imagecodecs.jpeg2k_encode(tile, level=max(30, quality // 2), codecformat="J2K", reversible=False))
 
 
 def _level_kwargs(image: np.ndarray, tile: int, compression: Compression, quality: int) -> dict:
     """tifffile `write` arguments for one tiled level."""
-    base: dict = {"tile": (tile, tile), "metadata": None}
+    base: dict = {"tile": (tile, tile), "metadata": None, "photometric": "rgb"}
+    # Pre-encoded tiles: tifffile writes them as they are, so it must be told the image's shape.
+    encoded = base | {"shape": image.shape, "dtype": np.uint8}
     if compression == "jpeg_rgb":
-        tiles = (aperio_jpeg(t, quality) for t in _iter_tiles(image, tile))
         # tifffile tags JPEG+RGB as YCbCr unless told the stream's colour space is RGB (the tiles are pre-encoded).
-        return base | {
-            "data": tiles,
-            "shape": image.shape,
-            "dtype": np.uint8,
-            "photometric": "rgb",
-            "compression": 7,
-            "subsampling": (1, 1),
-            "compressionargs": {"outcolorspace": "RGB"},
-        }
+        return encoded | {"data": (aperio_jpeg(t, quality) for t in _iter_tiles(image, tile)), "compression": 7,
+                          "subsampling": (1, 1), "compressionargs": {"outcolorspace": "RGB"}}
     if compression == "jpeg2000":
-        tiles = (_jpeg2000(t, quality) for t in _iter_tiles(image, tile))
-        return base | {
-            "data": tiles,
-            "shape": image.shape,
-            "dtype": np.uint8,
-            "photometric": "rgb",
-            "compression": _APERIO_JP2K_RGB,
-        }
+        return encoded | {"data": (_jpeg2000(t, quality) for t in _iter_tiles(image, tile)),
+                          "compression": _APERIO_JP2K_RGB}
     if compression == "jpeg_ycbcr":
         # tifffile converts RGB input to YCbCr with 2x2 chroma subsampling and tags it YCbCr.
-        return base | {
-            "data": image,
-            "photometric": "rgb",
-            "compression": "jpeg",
-            "compressionargs": {"level": quality},
-        }
-    return base | {"data": image, "photometric": "rgb", "compression": "zlib", "predictor": True}
+        return base | {"data": image, "compression": "jpeg", "compressionargs": {"level": quality}}
+    return base | {"data": image, "compression": "zlib", "predictor": True}
 
 
-def _description(
-    shape: tuple[int, ...], tile: int, codec: str, quality: int, mpp: float | None, power: int | None
-) -> str:
+def _description(shape: tuple[int, ...], tile: int, codec: str, quality: int, mpp: float | None,
+                 power: int | None) -> str:
     h, w = shape[:2]
     fields = [f"Aperio Image Library v12.0.15 \r\n{w}x{h} [0,0 {w}x{h}] ({tile}x{tile}) {codec} Q={quality}"]
     if power is not None:
@@ -203,20 +176,10 @@ def _description(
 _CODEC_NAMES = {"jpeg_rgb": "JPEG/RGB", "jpeg_ycbcr": "JPEG/YCC", "jpeg2000": "J2K/KDU", "deflate": "Deflate"}
 
 
-def write_synthetic_slide(
-    path: Path,
-    *,
-    width: int = 4096,
-    height: int = 3072,
-    tile: int = 256,
-    levels: Sequence[int] = (1, 4, 16),
-    mpp: float | None = 0.25,
-    objective_power: int | None = 40,
-    compression: Compression = "jpeg_rgb",
-    seed: int = 0,
-    tissue: Tissue = "blobs",
-    quality: int = 90,
-) -> Path:
+def write_synthetic_slide(path: Path, *, width: int = 4096, height: int = 3072, tile: int = 256,
+                          levels: Sequence[int] = (1, 4, 16), mpp: float | None = 0.25,
+                          objective_power: int | None = 40, compression: Compression = "jpeg_rgb", seed: int = 0,
+                          tissue: Tissue = "blobs", quality: int = 90) -> Path:
     """Write a tiled pyramidal SVS-like TIFF with drawn tissue.
 
     Args:
@@ -244,21 +207,13 @@ def write_synthetic_slide(
     path.parent.mkdir(parents=True, exist_ok=True)
     description = _description(image.shape, tile, _CODEC_NAMES[compression], quality, mpp, objective_power)
     with tifffile.TiffWriter(path, bigtiff=False) as tif:
-        tif.write(
-            **_level_kwargs(images[0], tile, compression, quality), description=description, subfiletype=0
-        )
+        tif.write(**_level_kwargs(images[0], tile, compression, quality), description=description, subfiletype=0)
         # Page 1 is the thumbnail in the Aperio layout (readers treat the 2nd directory so): stripped, uncompressed.
         thumb = pyramid(image, [max(1, max(width, height) // 256)])[0] if max(width, height) > 256 else image
-        tif.write(
-            thumb, photometric="rgb", metadata=None, description=description.split("|")[0] + " -> thumbnail"
-        )
+        tif.write(thumb, photometric="rgb", metadata=None, description=description.split("|")[0] + " -> thumbnail")
         # Aperio levels are plain (NewSubfileType 0) pages: a "reduced" flag would end the level list for tifffile.
         for level_image in images[1:]:
-            tif.write(
-                **_level_kwargs(level_image, tile, compression, quality),
-                description=description,
-                subfiletype=0,
-            )
+            tif.write(**_level_kwargs(level_image, tile, compression, quality), description=description, subfiletype=0)
     return path
 
 
@@ -267,15 +222,8 @@ def write_sample_slide(path: Path) -> Path:
     return write_synthetic_slide(path, width=4096, height=3072, mpp=0.25, objective_power=40, seed=0)
 
 
-def write_image(
-    path: Path,
-    *,
-    width: int = 1024,
-    height: int = 768,
-    seed: int = 0,
-    tissue: Tissue = "blobs",
-    quality: int = 90,
-) -> Path:
+def write_image(path: Path, *, width: int = 1024, height: int = 768, seed: int = 0, tissue: Tissue = "blobs",
+                quality: int = 90) -> Path:
     """A flat image (format from the suffix: .png, .jpg, ...) with drawn tissue; its mpp must come from a CSV."""
     from PIL import Image
 
