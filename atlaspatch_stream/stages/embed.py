@@ -15,7 +15,6 @@ from pathlib import Path
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from ..errors import is_bug
 from ..items import Failure, SlideJob, SlideResult, Status
 from ..protocols import SlideEmbedder
 from .book import SlideBook
@@ -93,9 +92,7 @@ async def _embed_one(item: SlideResult, book: EmbeddingBook, embedder: SlideEmbe
                 return
             book.attach(job, lock=lock)
         written = await anyio.to_thread.run_sync(embedder.embed, h5_path, limiter=limiter)
-    except Exception as exc:  # a slide's unusable inputs or failed write fail that slide only
-        if is_bug(exc):
-            raise
+    except Exception as exc:  # a slide's unusable inputs or failed write fail that slide only (bugs stop the run)
         await book.fail_on(job, "embed", exc)
         return
     book.time(job, "embed", time.perf_counter() - started)

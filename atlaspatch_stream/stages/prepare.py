@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from ..errors import is_bug, refused
+from ..errors import refused
 from ..items import OpenedSlide, Reuse, ReuseDecision, SlideJob, Thumbnail
 from ..protocols import OutputStore, SlideHandle, SlideSource
 from .book import SlideBook
@@ -76,8 +76,6 @@ async def _prepare_one(job: SlideJob, book: SlideBook, slides: SlideSource, outp
                  if decision.action == "reuse" and outputs is not None else None)
         image = None if reuse else await anyio.to_thread.run_sync(slides.thumbnail, handle, limiter=limiter)
     except Exception as exc:  # a foreign per-slide failure becomes a record; bugs stop the run
-        if is_bug(exc):
-            raise
         await book.fail_on(job, "open", exc)
         return None
     book.time(job, "open", time.perf_counter() - started)
