@@ -66,7 +66,7 @@ async def run(
                 if tx_r is not None and plan.num_patches:
                     await tx_r.send(plan)
 
-    await run_workers(settings.workers, receive, send_write, worker, send_read)
+    await run_workers(settings.workers, receive, worker, send_write, send_read)
 
 
 async def _plan_one(item: TissueMask, book: SlideBook, planner: Planner, outputs: OutputStore | None,

@@ -54,7 +54,7 @@ async def run(
                     if item is not None:
                         await tx.send(item)
 
-    await run_workers(settings.workers, receive, send, worker)
+    await run_workers(settings.workers, receive, worker, send)
 
 
 async def _prepare_one(job: SlideJob, book: SlideBook, slides: SlideSource, outputs: OutputStore | None,

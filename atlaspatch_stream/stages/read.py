@@ -60,7 +60,7 @@ async def run(
                 if failure is not None:
                     await tx_w.send(failure)
 
-    await run_workers(settings.slides_in_parallel, receive, send, worker, send_write)
+    await run_workers(settings.slides_in_parallel, receive, worker, send, send_write)
 
 
 async def _read_one(plan: PatchPlan, send: MemoryObjectSendStream[PatchBatch], book: SlideBook, pixels: PixelSource,
