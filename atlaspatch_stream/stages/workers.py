@@ -4,17 +4,18 @@ from __future__ import annotations
 
 from collections.abc import Callable, Coroutine
 from contextlib import AsyncExitStack
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 T = TypeVar("T")
+U = TypeVar("U")
 
 
 async def run_workers(n: int, receive: MemoryObjectReceiveStream[T],
                       worker: Callable[..., Coroutine[object, object, None]],
-                      *sends: MemoryObjectSendStream[Any] | None) -> None:
+                      *sends: MemoryObjectSendStream[U] | None) -> None:
     """Run `n` copies of `worker(rx, *sends)`, each with its own clones; close the originals on exit.
 
     A `None` output stays `None` for every worker. End-of-stream flows downstream once every clone of a send end is
