@@ -8,10 +8,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, get_args, get_type_hints
+from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 import orjson
 
@@ -34,8 +34,43 @@ def _require(cond: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+# The bounds a `_setting` field may declare, each with its test.
+_BOUNDS: dict[str, Callable[[Any], bool]] = {
+    "> 0": lambda v: v > 0,
+    ">= 0": lambda v: v >= 0,
+    ">= 1": lambda v: v >= 1,
+    "in [0, 1]": lambda v: 0 <= v <= 1,
+    "in (0, 1]": lambda v: 0 < v <= 1,
+    "in 1..120": lambda v: 1 <= v <= 120,
+}
+
+
+def _setting(default: Any, bound: str | None = None, flag: str | None = None) -> Any:
+    """A field whose value (unless None) must be `bound`, one of `_BOUNDS`; `flag` names it in messages (default:
+    the field's name)."""
+    return field(default=default, metadata={"bound": bound, "flag": flag})
+
+
 @dataclass(frozen=True)
-class SourceConfig:
+class _Section:
+    """A configuration section, checked once it is built: a `Literal` field must hold one of its values, a
+    `_setting` field its bound (subclasses check the rest)."""
+
+    def __post_init__(self) -> None:
+        hints = get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            bound = f.metadata.get("bound")
+            label = f.metadata.get("flag") or f.name
+            if bound is not None and value is not None:
+                _require(_BOUNDS[bound](value), f"{label} must be {bound}")
+            if get_origin(hints[f.name]) is Literal:
+                choices = get_args(hints[f.name])
+                _require(value in choices, f"unknown {label} {value!r} (one of {', '.join(choices)})")
+
+
+@dataclass(frozen=True)
+class SourceConfig(_Section):
     """Which slides: input discovery and per-slide overrides."""
 
     recursive: bool = False
@@ -43,65 +78,51 @@ class SourceConfig:
 
 
 @dataclass(frozen=True)
-class OpenConfig:
+class OpenConfig(_Section):
     """The slide-opener pool."""
 
-    max_open_slides: int = 200  # slides in flight from open to final write (each holds a handle + mask ≤ 4 MB)
-    open_workers: int = 2  # threads opening slides and building thumbnails
-
-    def __post_init__(self) -> None:
-        _require(self.max_open_slides > 0, "--max-open-slides must be > 0")
-        _require(self.open_workers > 0, "open_workers must be > 0")
+    # slides in flight from open to final write (each holds a handle + mask ≤ 4 MB)
+    max_open_slides: int = _setting(200, "> 0", "--max-open-slides")
+    open_workers: int = _setting(2, "> 0")  # threads opening slides and building thumbnails
 
 
 @dataclass(frozen=True)
-class SegmentConfig:
+class SegmentConfig(_Section):
     """Tissue segmentation (upstream §3)."""
 
     segmenter: SegmenterName = "sam2"
     device: str = "cuda"
-    seg_batch_size: int = 1
-    seg_precision: Precision = "float32"
+    seg_batch_size: int = _setting(1, "> 0", "--seg-batch-size")
+    seg_precision: Precision = _setting("float32", flag="precision")
     seg_weights: Path | None = None
     thumbnail_power: float = 1.25
     thumbnail_max: int = 1024
     thumbnail_budget_mb: int = 512  # largest pyramid level read in one piece; above it, read in strips
     otsu_median: int = 7  # median blur kernel (odd, pixels at thumbnail resolution)
-    otsu_close: int = 5  # morphological close kernel (pixels)
+    otsu_close: int = _setting(5, ">= 0")  # morphological close kernel (pixels)
     otsu_min_saturation: int = 8  # the Otsu threshold is never below this saturation
 
     def __post_init__(self) -> None:
-        _require(self.seg_batch_size > 0, "--seg-batch-size must be > 0")
-        _require(self.segmenter in get_args(SegmenterName), f"unknown segmenter {self.segmenter!r}")
-        _require(self.seg_precision in get_args(Precision), f"unknown precision {self.seg_precision!r}")
+        super().__post_init__()
         _require(self.otsu_median % 2 == 1 and self.otsu_median > 0, "otsu_median must be a positive odd number")
-        _require(self.otsu_close >= 0, "otsu_close must be >= 0")
         _require(self.thumbnail_max > 0 and self.thumbnail_power > 0, "thumbnail settings must be > 0")
 
 
 @dataclass(frozen=True)
-class PlanConfig:
+class PlanConfig(_Section):
     """Mask -> contours -> coordinates (upstream §3.5, §4)."""
 
-    patch_size: int = 256
-    step_size: int | None = None
-    target_mag: int = 20
-    tissue_thresh: float = 0.0
-    white_thresh: int = 15
-    black_thresh: int = 50
+    patch_size: int = _setting(256, "> 0", "--patch-size")
+    step_size: int | None = _setting(None, "> 0", "--step-size")
+    target_mag: int = _setting(20, "in 1..120", "--target-mag")
+    tissue_thresh: float = _setting(0.0, "in [0, 1]", "--tissue-thresh")
+    white_thresh: int = _setting(15, "> 0", "--white-thresh")
+    black_thresh: int = _setting(50, "> 0", "--black-thresh")
     fast_mode: bool = True
     hole_min_area: int = 16
     max_n_holes: int = 10
-    workers: int | None = None  # threads planning coordinates (--patch-workers); None = CPU count, at most 8
-
-    def __post_init__(self) -> None:
-        _require(self.patch_size > 0, "--patch-size must be > 0")
-        _require(self.step_size is None or self.step_size > 0, "--step-size must be > 0")
-        _require(1 <= self.target_mag <= 120, "--target-mag must be in 1..120")
-        _require(0.0 <= self.tissue_thresh <= 1.0, "--tissue-thresh must be in [0, 1]")
-        _require(self.white_thresh > 0, "--white-thresh must be > 0")
-        _require(self.black_thresh > 0, "--black-thresh must be > 0")
-        _require(self.workers is None or self.workers > 0, "--patch-workers must be > 0")
+    # threads planning coordinates; None = CPU count, at most 8
+    workers: int | None = _setting(None, "> 0", "--patch-workers")
 
     @property
     def threads(self) -> int:
@@ -115,54 +136,45 @@ class PlanConfig:
 
 
 @dataclass(frozen=True)
-class ReadConfig:
+class ReadConfig(_Section):
     """Tile readers and decoders."""
 
-    reader_threads: int = 4  # --feature-num-workers
-    chunk_patches: int = 64  # patches per item sent downstream by a reader
-    slides_in_parallel: int = 2  # slides read at once (each with its own reader threads and decoded tiles)
+    reader_threads: int = _setting(4, "> 0", "reader threads")  # --feature-num-workers
+    chunk_patches: int = _setting(64, "> 0")  # patches per item sent downstream by a reader
+    # slides read at once (each with its own reader threads and decoded tiles)
+    slides_in_parallel: int = _setting(2, "> 0")
     decoder: DecoderName = "auto"  # --decoder: auto | cpu | dali | nvimgcodec
-    decode_batch: int = 256  # tiles per GPU decode call
-    hw_decoder_load: float = 0.65  # share of each GPU batch for the hardware JPEG engine
-
-    def __post_init__(self) -> None:
-        _require(self.reader_threads > 0, "reader threads must be > 0")
-        _require(self.chunk_patches > 0, "chunk_patches must be > 0")
-        _require(self.slides_in_parallel > 0, "slides_in_parallel must be > 0")
-        _require(self.decoder in get_args(DecoderName),
-                 f"unknown decoder {self.decoder!r} (one of {', '.join(get_args(DecoderName))})")
-        _require(self.decode_batch > 0, "decode_batch must be > 0")
-        _require(0.0 <= self.hw_decoder_load <= 1.0, "hw_decoder_load must be in [0, 1]")
+    decode_batch: int = _setting(256, "> 0")  # tiles per GPU decode call
+    hw_decoder_load: float = _setting(0.65, "in [0, 1]")  # share of each GPU batch for the hardware JPEG engine
 
 
 @dataclass(frozen=True)
-class EncodeConfig:
+class EncodeConfig(_Section):
     """Patch encoders."""
 
     extractors: tuple[str, ...] = ()
     slide_encoders: tuple[str, ...] = ()  # embedded as each slide's patch features complete (stages/embed.py)
     device: str | None = None  # None -> SegmentConfig.device
-    batch_size: int = 32
+    batch_size: int = _setting(32, "> 0", "--feature-batch-size")
     precision: Precision = "float16"
     weights: tuple[tuple[str, Path], ...] = ()
     plugins: tuple[Path, ...] = ()
     compile: bool = False  # --compile: torch.compile the encoders (CUDA; minutes of warm-up per model)
-    gpu_memory_budget: float = 0.5  # share of the feature GPU's free memory for rings, queues and batches
+    # share of the feature GPU's free memory for rings, queues and batches
+    gpu_memory_budget: float = _setting(0.5, "in (0, 1]")
     allow_nonfinite: bool = False  # keep feature rows with NaN/Inf (counted in the H5 and the report); else fail
 
     def __post_init__(self) -> None:
-        _require(self.batch_size > 0, "--feature-batch-size must be > 0")
-        _require(0.0 < self.gpu_memory_budget <= 1.0, "gpu_memory_budget must be in (0, 1]")
-        _require(self.precision in get_args(Precision), f"unknown precision {self.precision!r}")
+        super().__post_init__()
         _require(len(set(self.extractors)) == len(self.extractors), "duplicate feature extractors")
 
 
 @dataclass(frozen=True)
-class WriteConfig:
+class WriteConfig(_Section):
     """Outputs: H5 files, images, visualizations, reuse and locks."""
 
     output: Path = Path("output")
-    write_batch: int = 8192
+    write_batch: int = _setting(8192, "> 0", "--write-batch")
     skip_existing: bool = True
     save_images: bool = False
     visualize_grids: bool = False
@@ -170,12 +182,9 @@ class WriteConfig:
     visualize_contours: bool = False
     qc: bool = False  # --qc: save <out>/qc/thumbs/<stem>.jpg and .mask.png from the segmented thumbnail
 
-    def __post_init__(self) -> None:
-        _require(self.write_batch > 0, "--write-batch must be > 0")
-
 
 @dataclass(frozen=True)
-class QueueConfig:
+class QueueConfig(_Section):
     """Sizes of the bounded streams between stages (items; memory per item noted beside each)."""
 
     jobs: int = 64  # SlideJob: < 1 KB each
@@ -188,54 +197,47 @@ class QueueConfig:
 
 
 @dataclass(frozen=True)
-class RunConfig:
+class RunConfig(_Section):
     """Run control."""
 
-    drain_timeout_s: float = 30.0  # after the first Ctrl-C/SIGTERM, slides in flight get this long to finish
-
-    def __post_init__(self) -> None:
-        _require(self.drain_timeout_s >= 0, "--drain-timeout must be >= 0")
+    # after the first Ctrl-C/SIGTERM, slides in flight get this long to finish
+    drain_timeout_s: float = _setting(30.0, ">= 0", "--drain-timeout")
 
 
 @dataclass(frozen=True)
-class WatchConfig:
+class WatchConfig(_Section):
     """The daemon (`atlaspatch watch`): folder watching, the ledger, retries, shutdown and operations."""
 
-    settle_s: float = 30.0  # a slide must be unchanged (size, mtime, ctime) this long before its completeness check
+    # a slide must be unchanged (size, mtime, ctime) this long before its completeness check
+    settle_s: float = _setting(30.0, ">= 0", "--settle-s")
     settle_max_wait_s: float = 21600.0  # quiet but still incomplete this long: quarantined as "never completed"
-    rescan_s: float = 60.0  # full rescan of the input folder (the truth; events are only hints)
-    watch_mode: WatchMode = "auto"  # auto: poll on network filesystems (from /proc/mounts), events otherwise
+    # full rescan of the input folder (the truth; events are only hints)
+    rescan_s: float = _setting(60.0, "> 0", "--rescan-s")
+    watch_mode: WatchMode = _setting("auto", flag="--watch-mode")  # auto: poll on network filesystems (from /proc/mounts), events otherwise
     ignore: tuple[str, ...] = ()  # extra glob patterns never taken (matched on the name and the relative path)
-    max_depth: int = 8  # sub-folder levels scanned below the input folder
+    max_depth: int = _setting(8, ">= 0")  # sub-folder levels scanned below the input folder
     state_dir: Path | None = None  # ledger and status file; None = $XDG_STATE_HOME/atlaspatch/<hash of the output>
-    max_attempts: int = 3  # slide errors before a slide is quarantined
-    backoff_base_s: float = 60.0  # first retry delay ceiling; delays are full-jitter uniform(0, ceiling)
-    backoff_factor: float = 4.0  # the ceiling grows by this factor per attempt
+    max_attempts: int = _setting(3, ">= 1", "--max-attempts")  # slide errors before a slide is quarantined
+    # first retry delay ceiling; delays are full-jitter uniform(0, ceiling)
+    backoff_base_s: float = _setting(60.0, "> 0")
+    backoff_factor: float = _setting(4.0, ">= 1")  # the ceiling grows by this factor per attempt
     backoff_max_s: float = 21600.0  # the ceiling never exceeds this
-    probe_s: float = 60.0  # while intake is paused by a system error: seconds between output write probes
-    drain_timeout_s: float = 120.0  # first SIGTERM: in-flight slides get this long to finish
-    status_interval_s: float = 5.0  # status.json is replaced this often
-    qc_report_s: float = 300.0  # the QC gallery <output>/qc/index.html is rebuilt this often when slides finished; 0 = off
+    # while intake is paused by a system error: seconds between output write probes
+    probe_s: float = _setting(60.0, "> 0")
+    # first SIGTERM: in-flight slides get this long to finish
+    drain_timeout_s: float = _setting(120.0, ">= 0", "--drain-timeout")
+    status_interval_s: float = _setting(5.0, "> 0")  # status.json is replaced this often
+    # the QC gallery <output>/qc/index.html is rebuilt this often when slides finished; 0 = off
+    qc_report_s: float = _setting(300.0, ">= 0")
     metrics: str | None = None  # "127.0.0.1:PORT" or "unix:PATH"; None = no listening socket at all
     pseudonymize: bool = False  # keyed hash instead of paths in H5 attributes, logs and metrics
     key_file: Path | None = None  # the site key for pseudonyms; None = <state_dir or OUTPUT/.atlaspatch>/pseudonym.key
-    log_format: LogFormat = "text"  # "json": one JSON object per line for log shippers
+    log_format: LogFormat = _setting("text", flag="--log-format")  # "json": one JSON object per line for log shippers
 
     def __post_init__(self) -> None:
-        _require(self.settle_s >= 0, "--settle-s must be >= 0")
+        super().__post_init__()
         _require(self.settle_max_wait_s > self.settle_s, "settle_max_wait_s must be > settle_s")
-        _require(self.rescan_s > 0, "--rescan-s must be > 0")
-        _require(self.watch_mode in get_args(WatchMode), f"unknown --watch-mode {self.watch_mode!r}")
-        _require(self.max_depth >= 0, "max_depth must be >= 0")
-        _require(self.max_attempts >= 1, "--max-attempts must be >= 1")
-        _require(self.backoff_base_s > 0, "backoff_base_s must be > 0")
-        _require(self.backoff_factor >= 1, "backoff_factor must be >= 1")
         _require(self.backoff_max_s >= self.backoff_base_s, "backoff_max_s must be >= backoff_base_s")
-        _require(self.probe_s > 0, "probe_s must be > 0")
-        _require(self.drain_timeout_s >= 0, "--drain-timeout must be >= 0")
-        _require(self.status_interval_s > 0, "status_interval_s must be > 0")
-        _require(self.qc_report_s >= 0, "qc_report_s must be >= 0")
-        _require(self.log_format in get_args(LogFormat), f"unknown --log-format {self.log_format!r}")
         _require(all(isinstance(g, str) and g for g in self.ignore), "--ignore patterns must be non-empty strings")
         if self.metrics is not None:
             from .daemon.ops.metrics import parse_bind

@@ -299,8 +299,6 @@ def _first_occurrences(xy: np.ndarray) -> np.ndarray:
         return xy.astype(np.int64)
     key = xy[:, 1].astype(np.int64) * (int(xy[:, 0].max()) + 1) + xy[:, 0]
     _, first = np.unique(key, return_index=True)  # return_index sorts stably: the first occurrence wins
-    if first.size == xy.shape[0]:
-        return xy.astype(np.int64)
     return xy[np.sort(first)].astype(np.int64)
 
 

@@ -12,6 +12,7 @@ import anyio.from_thread
 from anyio.from_thread import BlockingPortal
 
 from . import api
+from .api import make_jobs as make_jobs  # already blocking: the same function
 from .config import PipelineConfig
 from .daemon.service import FolderResult, FolderService, FolderStatistics
 from .items import EngineStatistics, SlideJob, SlideResult
@@ -118,11 +119,6 @@ def serve_folder(input_folder: Path, config: PipelineConfig, **options: Any) -> 
         api.serve_folder(input_folder, config, **options)
     ) as service:
         yield BlockingFolderService(service, portal)
-
-
-def make_jobs(paths: Sequence[Path], config: PipelineConfig) -> list[SlideJob]:
-    """Same as `api.make_jobs` (already blocking)."""
-    return api.make_jobs(paths, config)
 
 
 def check_outputs(out: Path, expect: Expectations | None = None, *, threads: int | None = None) -> list[Verdict]:

@@ -12,7 +12,7 @@ from pathlib import Path
 import anyio
 from anyio.streams.memory import MemoryObjectSendStream
 
-from ..errors import PipelineFull, failure_message, failure_of
+from ..errors import PipelineFull, failure_message, failure_of, is_bug
 from ..items import Failure, SlideJob, SlideResult, Status, Totals
 from ..protocols import Lock, SlideHandle
 
@@ -168,7 +168,10 @@ class SlideBook:
             self.on_systemic(failure)
 
     async def fail_on(self, job: SlideJob, stage: str, exc: BaseException) -> None:
-        """Finish a slide whose `stage` raised `exc`: typed by `failure_of`, described in one line."""
+        """Finish a slide whose `stage` raised `exc`: typed by `failure_of`, described in one line. A bug (`is_bug`)
+        is raised again instead: it stops the run."""
+        if is_bug(exc):
+            raise exc
         await self.fail(job, failure_of(exc, stage), failure_message(job.name, exc))
 
     async def reject(self, job: SlideJob, status: Status, message: str, failure: Failure | None = None) -> None:

@@ -15,7 +15,6 @@ from pathlib import Path
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from ..errors import is_bug
 from ..items import Failure, SlideJob, SlideResult, Status
 from ..protocols import SlideEmbedder
 from .book import SlideBook
@@ -54,14 +53,9 @@ class EmbeddingBook(SlideBook):
                              message=item.message if message is None else message, features=item.features)
 
 
-async def run(
-    receive: MemoryObjectReceiveStream[SlideResult],
-    *,
-    book: EmbeddingBook,
-    embedder: SlideEmbedder,
-    limiter: anyio.CapacityLimiter,
-    task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
-) -> None:
+async def run(receive: MemoryObjectReceiveStream[SlideResult], *, book: EmbeddingBook,
+              embedder: SlideEmbedder, limiter: anyio.CapacityLimiter,
+              task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
     """Finished slides -> `slide_features/<encoder>` in their H5, then their result (through `book`).
 
     Loads the slide encoders before reporting ready (bad weights stop the run before any slide). Each slide takes
@@ -93,9 +87,7 @@ async def _embed_one(item: SlideResult, book: EmbeddingBook, embedder: SlideEmbe
                 return
             book.attach(job, lock=lock)
         written = await anyio.to_thread.run_sync(embedder.embed, h5_path, limiter=limiter)
-    except Exception as exc:  # a slide's unusable inputs or failed write fail that slide only
-        if is_bug(exc):
-            raise
+    except Exception as exc:  # a slide's unusable inputs or failed write fail that slide only (bugs stop the run)
         await book.fail_on(job, "embed", exc)
         return
     book.time(job, "embed", time.perf_counter() - started)

@@ -31,19 +31,12 @@ class PlanSettings:
     workers: int = 2
 
 
-async def run(
-    receive: MemoryObjectReceiveStream[TissueMask],
-    send_write: MemoryObjectSendStream[WriteItem] | None,
-    send_read: MemoryObjectSendStream[PatchPlan] | None,
-    *,
-    book: SlideBook,
-    planner: Planner,
-    outputs: OutputStore | None,
-    settings: PlanSettings,
-    limiter: anyio.CapacityLimiter,
-    h5_limiter: anyio.CapacityLimiter,
-    task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
-) -> None:
+async def run(receive: MemoryObjectReceiveStream[TissueMask],
+              send_write: MemoryObjectSendStream[WriteItem] | None,
+              send_read: MemoryObjectSendStream[PatchPlan] | None, *, book: SlideBook, planner: Planner,
+              outputs: OutputStore | None, settings: PlanSettings, limiter: anyio.CapacityLimiter,
+              h5_limiter: anyio.CapacityLimiter,
+              task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
     """TissueMask -> PatchPlan, sent first to the writer (which creates the file) and then to the readers.
 
     New slides: contours and coordinates from the mask (and the black/white filters with `--no-fast-mode`), plus the
@@ -66,7 +59,7 @@ async def run(
                 if tx_r is not None and plan.num_patches:
                     await tx_r.send(plan)
 
-    await run_workers(settings.workers, receive, send_write, worker, send_read)
+    await run_workers(settings.workers, receive, worker, send_write, send_read)
 
 
 async def _plan_one(item: TissueMask, book: SlideBook, planner: Planner, outputs: OutputStore | None,
@@ -88,8 +81,6 @@ async def _plan_one(item: TissueMask, book: SlideBook, planner: Planner, outputs
         else:
             plan = await anyio.to_thread.run_sync(planner.plan, item.slide, _mask(item), limiter=limiter)
     except Exception as exc:  # a foreign per-slide failure becomes a record; bugs stop the run
-        if is_bug(exc):
-            raise
         await book.fail_on(job, "plan", exc)
         return None
     book.time(job, "plan", time.perf_counter() - started)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from ..errors import is_bug, refused
+from ..errors import refused
 from ..items import OpenedSlide, Reuse, ReuseDecision, SlideJob, Thumbnail
 from ..protocols import OutputStore, SlideHandle, SlideSource
 from .book import SlideBook
@@ -24,17 +24,10 @@ class PrepareSettings:
     skip_existing: bool
 
 
-async def run(
-    receive: MemoryObjectReceiveStream[SlideJob],
-    send: MemoryObjectSendStream[Thumbnail],
-    *,
-    book: SlideBook,
-    slides: SlideSource,
-    outputs: OutputStore | None,
-    settings: PrepareSettings,
-    limiter: anyio.CapacityLimiter,
-    task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
-) -> None:
+async def run(receive: MemoryObjectReceiveStream[SlideJob], send: MemoryObjectSendStream[Thumbnail], *,
+              book: SlideBook, slides: SlideSource, outputs: OutputStore | None, settings: PrepareSettings,
+              limiter: anyio.CapacityLimiter,
+              task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
     """SlideJob -> Thumbnail.
 
     For each job: wait for a slot (`--max-open-slides`; a job that must not start — withdrawn, or intake stopped — is
@@ -54,7 +47,7 @@ async def run(
                     if item is not None:
                         await tx.send(item)
 
-    await run_workers(settings.workers, receive, send, worker)
+    await run_workers(settings.workers, receive, worker, send)
 
 
 async def _prepare_one(job: SlideJob, book: SlideBook, slides: SlideSource, outputs: OutputStore | None,
@@ -76,8 +69,6 @@ async def _prepare_one(job: SlideJob, book: SlideBook, slides: SlideSource, outp
                  if decision.action == "reuse" and outputs is not None else None)
         image = None if reuse else await anyio.to_thread.run_sync(slides.thumbnail, handle, limiter=limiter)
     except Exception as exc:  # a foreign per-slide failure becomes a record; bugs stop the run
-        if is_bug(exc):
-            raise
         await book.fail_on(job, "open", exc)
         return None
     book.time(job, "open", time.perf_counter() - started)

@@ -28,18 +28,10 @@ class ReadSettings:
     keep_pixels: bool  # False when no encoder runs: only row counts travel on (images are saved here)
 
 
-async def run(
-    receive: MemoryObjectReceiveStream[PatchPlan],
-    send: MemoryObjectSendStream[PatchBatch],
-    send_write: MemoryObjectSendStream[WriteItem],
-    *,
-    book: SlideBook,
-    pixels: PixelSource,
-    outputs: OutputStore,
-    settings: ReadSettings,
-    limiter: anyio.CapacityLimiter,
-    task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
-) -> None:
+async def run(receive: MemoryObjectReceiveStream[PatchPlan], send: MemoryObjectSendStream[PatchBatch],
+              send_write: MemoryObjectSendStream[WriteItem], *, book: SlideBook, pixels: PixelSource,
+              outputs: OutputStore, settings: ReadSettings, limiter: anyio.CapacityLimiter,
+              task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
     """PatchPlan -> PatchBatch chunks of one slide (at most `settings.chunk` rows each).
 
     `settings.slides_in_parallel` workers each read one slide at a time; the backend reader decodes tiles in its own
@@ -60,7 +52,7 @@ async def run(
                 if failure is not None:
                     await tx_w.send(failure)
 
-    await run_workers(settings.slides_in_parallel, receive, send, worker, send_write)
+    await run_workers(settings.slides_in_parallel, receive, worker, send, send_write)
 
 
 async def _read_one(plan: PatchPlan, send: MemoryObjectSendStream[PatchBatch], book: SlideBook, pixels: PixelSource,

@@ -11,27 +11,21 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 T = TypeVar("T")
 U = TypeVar("U")
-V = TypeVar("V")
 
 
-async def run_workers(
-    n: int,
-    receive: MemoryObjectReceiveStream[T],
-    send: MemoryObjectSendStream[U] | None,
-    worker: Callable[..., Coroutine[object, object, None]],
-    *more: MemoryObjectSendStream[V] | None,
-) -> None:
-    """Run `n` copies of `worker(rx, tx, *more_tx)`, each with its own clones; close the originals on exit.
+async def run_workers(n: int, receive: MemoryObjectReceiveStream[T],
+                      worker: Callable[..., Coroutine[object, object, None]],
+                      *sends: MemoryObjectSendStream[U] | None) -> None:
+    """Run `n` copies of `worker(rx, *sends)`, each with its own clones; close the originals on exit.
 
     A `None` output stays `None` for every worker. End-of-stream flows downstream once every clone of a send end is
     closed; a closed consumer flows upstream.
     """
     async with AsyncExitStack() as stack:
         await stack.enter_async_context(receive)
-        for stream in (send, *more):
+        for stream in sends:
             if stream is not None:
                 await stack.enter_async_context(stream)
         async with anyio.create_task_group() as tg:
             for _ in range(n):
-                clones = [s.clone() if s is not None else None for s in more]
-                tg.start_soon(worker, receive.clone(), send.clone() if send is not None else None, *clones)
+                tg.start_soon(worker, receive.clone(), *[s.clone() if s is not None else None for s in sends])

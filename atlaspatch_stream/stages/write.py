@@ -10,7 +10,7 @@ import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream
 
 from ..batching import RowTally, split_by_slide
-from ..errors import is_bug, refused
+from ..errors import refused
 from ..items import Failure, FeatureBatch, PatchBatch, PatchPlan, SlideJob, Status, WriteItem
 from ..protocols import OutputStore, Store
 from .book import SlideBook
@@ -53,15 +53,9 @@ class _Writer:
     files: dict[int, _Open] = field(default_factory=dict)
 
 
-async def run(
-    receive: MemoryObjectReceiveStream[WriteItem],
-    *,
-    book: SlideBook,
-    outputs: OutputStore,
-    settings: WriteSettings,
-    limiter: anyio.CapacityLimiter,
-    task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
-) -> None:
+async def run(receive: MemoryObjectReceiveStream[WriteItem], *, book: SlideBook, outputs: OutputStore,
+              settings: WriteSettings, limiter: anyio.CapacityLimiter,
+              task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
     """PatchPlan | FeatureBatch | PatchBatch | SlideFailed -> final files and `SlideResult`s (through `book`).
 
     A PatchPlan opens the slide's file (a temporary file with coords, or an existing file for reuse); feature rows
@@ -106,8 +100,6 @@ async def _open(plan: PatchPlan, writer: _Writer) -> None:
     try:
         store = await anyio.to_thread.run_sync(writer.outputs.open_store, plan, dims, limiter=writer.limiter)
     except Exception as exc:  # e.g. disk full: this slide fails (the book decides what the run does about it)
-        if is_bug(exc):
-            raise
         await writer.book.fail_on(job, "write", exc)
         return
     tally = RowTally(plan.num_patches) if writer.settings.count_rows and not names else None
@@ -119,8 +111,6 @@ async def _open(plan: PatchPlan, writer: _Writer) -> None:
                 await anyio.to_thread.run_sync(store.begin_feature, name, writer.settings.dims[name],
                                                limiter=writer.limiter)
         except Exception as exc:
-            if is_bug(exc):
-                raise
             await _fail_on(entry, writer, exc)
             return
     await _maybe_finish(entry, writer)
@@ -140,8 +130,6 @@ async def _rows(batch: FeatureBatch | PatchBatch, writer: _Writer) -> None:
             elif entry.tally is not None:
                 entry.tally.mark(batch.rows[sel])
         except Exception as exc:
-            if is_bug(exc):
-                raise
             await _fail_on(entry, writer, exc)
             continue
         await _maybe_finish(entry, writer)
@@ -181,10 +169,7 @@ async def _maybe_finish(entry: _Open, writer: _Writer) -> None:
                                                limiter=writer.limiter)
             path = await anyio.to_thread.run_sync(entry.store.finalize, limiter=writer.limiter)
     except Exception as exc:
-        await _drop(entry, writer)
-        if is_bug(exc):
-            raise
-        await writer.book.fail_on(job, "write", exc)
+        await _fail_on(entry, writer, exc)
         return
     status: Status = "reused" if entry.plan.slide.reuse is not None else "done"
     if bad:
@@ -206,6 +191,7 @@ async def _fail(entry: _Open, writer: _Writer, failure: Failure, message: str) -
 
 
 async def _fail_on(entry: _Open, writer: _Writer, exc: BaseException) -> None:
+    """Drop the slide's file, then fail the slide (or raise a bug: `SlideBook.fail_on`)."""
     await _drop(entry, writer)
     await writer.book.fail_on(entry.job, "write", exc)
 

@@ -11,15 +11,17 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Generator, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..backends.bundle import LatticePlanner
 from ..backends.encoders.group import EncoderGroup
+from ..backends.readers import PatchIterator
 from ..config import PipelineConfig
 from ..errors import SlideError
 from ..geometry import Geometry, plan_geometry
@@ -29,7 +31,6 @@ from ..outputs.h5outputs import H5Outputs, SettingsRecord, slide_attrs
 from ..protocols import (
     Backends,
     Encoder,
-    PatchChunks,
     PixelSource,
     Planner,
     Segmenter,
@@ -161,26 +162,12 @@ class FakePlanner(Planner):
         return slide_attrs(slide, geometry, self.settings)
 
 
-class FakeChunks(PatchChunks):
-    """A `PatchChunks` over any iterator of (rows, pixels); `close()` closes it when it is a generator."""
-
-    routes = ""  # fakes decode nothing worth reporting
+class FakeChunks(PatchIterator):
+    """The real `PatchChunks` (`PatchIterator`) over any iterator of (rows, pixels), with no decode routes to report;
+    `close()` closes the iterator when it is a generator."""
 
     def __init__(self, chunks: Iterator[tuple[np.ndarray, Pixels]]) -> None:
-        self._chunks = chunks
-        self.closed = False
-
-    def __iter__(self) -> FakeChunks:
-        return self
-
-    def __next__(self) -> tuple[np.ndarray, Pixels]:
-        return next(self._chunks)
-
-    def close(self) -> None:
-        """Stop the iterator (runs a generator's `finally`)."""
-        self.closed = True
-        if isinstance(self._chunks, Generator):
-            self._chunks.close()
+        super().__init__(SimpleNamespace(routes=[]), chunks)
 
 
 class FakePixels(PixelSource):
