@@ -53,9 +53,14 @@ class EmbeddingBook(SlideBook):
                              message=item.message if message is None else message, features=item.features)
 
 
-async def run(receive: MemoryObjectReceiveStream[SlideResult], *, book: EmbeddingBook,
-              embedder: SlideEmbedder, limiter: anyio.CapacityLimiter,
-              task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+async def run(
+    receive: MemoryObjectReceiveStream[SlideResult],
+    *,
+    book: EmbeddingBook,
+    embedder: SlideEmbedder,
+    limiter: anyio.CapacityLimiter,
+    task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+) -> None:
     """Finished slides -> `slide_features/<encoder>` in their H5, then their result (through `book`).
 
     Loads the slide encoders before reporting ready (bad weights stop the run before any slide). Each slide takes

@@ -13,9 +13,15 @@ from ..items import FeatureBatch, PatchBatch, WriteItem
 from ..protocols import EncoderSet
 
 
-async def run(receive: MemoryObjectReceiveStream[PatchBatch], send: MemoryObjectSendStream[WriteItem], *,
-              encoders: EncoderSet, batch_size: int, limiter: anyio.CapacityLimiter,
-              task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+async def run(
+    receive: MemoryObjectReceiveStream[PatchBatch],
+    send: MemoryObjectSendStream[WriteItem],
+    *,
+    encoders: EncoderSet,
+    batch_size: int,
+    limiter: anyio.CapacityLimiter,
+    task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+) -> None:
     """PatchBatch chunks (any slides) -> FeatureBatch of `batch_size` rows with every encoder's output.
 
     The stage reports ready at once and loads its models (weights already found by `make_encoders`) while the first

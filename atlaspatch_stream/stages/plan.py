@@ -31,12 +31,19 @@ class PlanSettings:
     workers: int = 2
 
 
-async def run(receive: MemoryObjectReceiveStream[TissueMask],
-              send_write: MemoryObjectSendStream[WriteItem] | None,
-              send_read: MemoryObjectSendStream[PatchPlan] | None, *, book: SlideBook, planner: Planner,
-              outputs: OutputStore | None, settings: PlanSettings, limiter: anyio.CapacityLimiter,
-              h5_limiter: anyio.CapacityLimiter,
-              task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+async def run(
+    receive: MemoryObjectReceiveStream[TissueMask],
+    send_write: MemoryObjectSendStream[WriteItem] | None,
+    send_read: MemoryObjectSendStream[PatchPlan] | None,
+    *,
+    book: SlideBook,
+    planner: Planner,
+    outputs: OutputStore | None,
+    settings: PlanSettings,
+    limiter: anyio.CapacityLimiter,
+    h5_limiter: anyio.CapacityLimiter,
+    task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+) -> None:
     """TissueMask -> PatchPlan, sent first to the writer (which creates the file) and then to the readers.
 
     New slides: contours and coordinates from the mask (and the black/white filters with `--no-fast-mode`), plus the

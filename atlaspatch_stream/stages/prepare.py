@@ -24,10 +24,17 @@ class PrepareSettings:
     skip_existing: bool
 
 
-async def run(receive: MemoryObjectReceiveStream[SlideJob], send: MemoryObjectSendStream[Thumbnail], *,
-              book: SlideBook, slides: SlideSource, outputs: OutputStore | None, settings: PrepareSettings,
-              limiter: anyio.CapacityLimiter,
-              task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+async def run(
+    receive: MemoryObjectReceiveStream[SlideJob],
+    send: MemoryObjectSendStream[Thumbnail],
+    *,
+    book: SlideBook,
+    slides: SlideSource,
+    outputs: OutputStore | None,
+    settings: PrepareSettings,
+    limiter: anyio.CapacityLimiter,
+    task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+) -> None:
     """SlideJob -> Thumbnail.
 
     For each job: wait for a slot (`--max-open-slides`; a job that must not start — withdrawn, or intake stopped — is

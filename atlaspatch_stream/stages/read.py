@@ -28,10 +28,18 @@ class ReadSettings:
     keep_pixels: bool  # False when no encoder runs: only row counts travel on (images are saved here)
 
 
-async def run(receive: MemoryObjectReceiveStream[PatchPlan], send: MemoryObjectSendStream[PatchBatch],
-              send_write: MemoryObjectSendStream[WriteItem], *, book: SlideBook, pixels: PixelSource,
-              outputs: OutputStore, settings: ReadSettings, limiter: anyio.CapacityLimiter,
-              task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+async def run(
+    receive: MemoryObjectReceiveStream[PatchPlan],
+    send: MemoryObjectSendStream[PatchBatch],
+    send_write: MemoryObjectSendStream[WriteItem],
+    *,
+    book: SlideBook,
+    pixels: PixelSource,
+    outputs: OutputStore,
+    settings: ReadSettings,
+    limiter: anyio.CapacityLimiter,
+    task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+) -> None:
     """PatchPlan -> PatchBatch chunks of one slide (at most `settings.chunk` rows each).
 
     `settings.slides_in_parallel` workers each read one slide at a time; the backend reader decodes tiles in its own

@@ -13,10 +13,17 @@ from ..protocols import Segmenter
 from .book import SlideBook
 
 
-async def run(receive: MemoryObjectReceiveStream[Thumbnail], send: MemoryObjectSendStream[TissueMask], *,
-              book: SlideBook, segmenter: Segmenter, batch_size: int, limiter: anyio.CapacityLimiter,
-              keep_thumbnails: bool = False,
-              task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+async def run(
+    receive: MemoryObjectReceiveStream[Thumbnail],
+    send: MemoryObjectSendStream[TissueMask],
+    *,
+    book: SlideBook,
+    segmenter: Segmenter,
+    batch_size: int,
+    limiter: anyio.CapacityLimiter,
+    keep_thumbnails: bool = False,
+    task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+) -> None:
     """Thumbnail -> TissueMask.
 
     Loads the segmenter (weights, device) before reporting ready, so missing weights fail before any slide opens.

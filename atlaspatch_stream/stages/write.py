@@ -53,9 +53,15 @@ class _Writer:
     files: dict[int, _Open] = field(default_factory=dict)
 
 
-async def run(receive: MemoryObjectReceiveStream[WriteItem], *, book: SlideBook, outputs: OutputStore,
-              settings: WriteSettings, limiter: anyio.CapacityLimiter,
-              task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+async def run(
+    receive: MemoryObjectReceiveStream[WriteItem],
+    *,
+    book: SlideBook,
+    outputs: OutputStore,
+    settings: WriteSettings,
+    limiter: anyio.CapacityLimiter,
+    task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+) -> None:
     """PatchPlan | FeatureBatch | PatchBatch | SlideFailed -> final files and `SlideResult`s (through `book`).
 
     A PatchPlan opens the slide's file (a temporary file with coords, or an existing file for reuse); feature rows
