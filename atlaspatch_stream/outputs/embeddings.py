@@ -82,13 +82,12 @@ class PatientEmbedder:
         Raises:
             SlideError: a slide's H5 lacks its patch features; OutputError: the write failed.
         """
-        lock = claims.try_claim(store.patient_lock_path(self.output, encoder.name, case_id), slide=case_id,
-                                purpose="patient-embedding")
+        path = store.patient_path(self.output, encoder.name, case_id)
+        lock = claims.try_claim(path.with_suffix(".lock"), slide=case_id, purpose="patient-embedding")
         if lock is None:
             return "locked"
         try:
             slides = [store.read_slide_inputs(p, encoder.patch_encoder) for p in h5_paths]
-            path = store.patient_path(self.output, encoder.name, case_id)
             wanted = store.patient_attrs(encoder.name, encoder.patch_encoder, self.manifest, slides, {})
             if not self.force and path.exists() and store.patient_current(path, encoder.dim, wanted):
                 return "reused"

@@ -135,11 +135,6 @@ def patient_path(output: Path, encoder: str, case_id: str) -> Path:
     return output / PATIENT_FOLDER / encoder / f"{case_id}.h5"
 
 
-def patient_lock_path(output: Path, encoder: str, case_id: str) -> Path:
-    """`<out>/patient_features/<encoder>/<case_id>.lock`."""
-    return output / PATIENT_FOLDER / encoder / f"{case_id}.lock"
-
-
 def patient_attrs(name: str, patch_encoder: str, manifest: Path, slides: Sequence[SlideInputs],
                   extra: Mapping[str, Any]) -> dict[str, Any]:
     """Upstream's file attributes of a patient file (JSON source lists), then ours."""

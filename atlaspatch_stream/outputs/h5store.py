@@ -384,16 +384,9 @@ class SlideH5:
             grp.id.close()
         self._staged.append((group, name))
 
-    def _publish_staged(self) -> None:
-        file = self._require_file()
-        for group, name in self._staged:
-            grp = file[group]
-            try:
-                if name in grp:
-                    del grp[name]
-                grp.move(TMP_PREFIX + name, name)
-            finally:
-                grp.id.close()
+    def _staged_sets(self) -> list[tuple[str, str]]:
+        """(group, name) of every dataset written under its temporary name: the feature sets, then small ones."""
+        return [("features", name) for name in self._filled] + self._staged
 
     def missing_rows(self, name: str) -> int:
         """How many rows of `name` are still unwritten."""
@@ -427,11 +420,15 @@ class SlideH5:
         self._require_file().flush()
         self._handle.sync()
         self._check_poison()
-        if self._filled:
-            group = self._features_group()
-            for name in self._filled:
-                group.move(TMP_PREFIX + name, name)
-        self._publish_staged()
+        file = self._require_file()
+        for group, name in self._staged_sets():
+            grp = file[group]
+            try:
+                if name in grp:
+                    del grp[name]  # an older slide embedding (`begin_feature` removed an older feature set)
+                grp.move(TMP_PREFIX + name, name)
+            finally:
+                grp.id.close()
         self._close_file(flush=True)
         self._check_poison()
         self._handle.sync()
@@ -470,15 +467,12 @@ class SlideH5:
                 log.warning("could not remove %s (%s); the next start-up sweep removes it", self.tmp, exc)
 
     def _drop_open_tmp_sets(self) -> None:
-        group = self._features_group()
         for name in self._filled:
             self._datasets.pop(name).id.close()
-            if TMP_PREFIX + name in group:
-                del group[TMP_PREFIX + name]
         file = self._require_file()
-        for grp_name, name in self._staged:
-            if f"{grp_name}/{TMP_PREFIX}{name}" in file:
-                del file[f"{grp_name}/{TMP_PREFIX}{name}"]
+        for group, name in self._staged_sets():
+            if f"{group}/{TMP_PREFIX}{name}" in file:
+                del file[f"{group}/{TMP_PREFIX}{name}"]
 
     # -- helpers ------------------------------------------------------------------------------------------------
 

@@ -110,7 +110,7 @@ def test_patient_lock_held_elsewhere_and_orphans_swept(tmp_path: Path) -> None:
     embedder = PatientEmbedder([MeanPooling("mean-enc", "enc")], out, tmp_path / "m.csv", force=False)
     holder = subprocess.Popen([sys.executable, "-c", (
         "import sys, time\nfrom pathlib import Path\nfrom atlaspatch_stream.outputs import claims\n"
-        f"claims.try_claim(Path({str(store.patient_lock_path(out, 'mean-enc', 'c1'))!r}), slide='c1')\n"
+        f"claims.try_claim(Path({str(store.patient_path(out, 'mean-enc', 'c1').with_suffix('.lock'))!r}), slide='c1')\n"
         "print('held', flush=True)\ntime.sleep(60)\n")], stdout=subprocess.PIPE, text=True, env=os.environ.copy())
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
@@ -127,7 +127,7 @@ def test_patient_lock_held_elsewhere_and_orphans_swept(tmp_path: Path) -> None:
     assert embedder.embed_case(embedder.encoders[0], "c1", [h5]) == "done"
     assert embedder.embed_case(embedder.encoders[0], "c1", [h5]) == "reused"
     assert sorted(p.name for p in store.patient_path(out, "mean-enc", "c1").parent.iterdir()) == ["c1.h5"]
-    assert claims.judge(store.patient_lock_path(out, "mean-enc", "c1")).state != "held"
+    assert claims.judge(store.patient_path(out, "mean-enc", "c1").with_suffix(".lock")).state != "held"
 
 
 PLUGIN = '''
