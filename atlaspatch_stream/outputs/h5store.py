@@ -78,10 +78,8 @@ def passports(stem: str, coords: np.ndarray, magnification: int, target_mag: int
     """Passport strings for rows of `coords` (S160: long stems are truncated, as upstream)."""
     mag = str(magnification) if magnification else "na"
     tmag = str(target_mag) if target_mag else "na"
-    text = [
-        f"{stem}__x{x}_y{y}_rw{rw}_rh{rh}_lv{lv}_mag{mag}_tmag{tmag}_total{total}"
-        for x, y, rw, rh, lv in coords.tolist()
-    ]
+    text = [f"{stem}__x{x}_y{y}_rw{rw}_rh{rh}_lv{lv}_mag{mag}_tmag{tmag}_total{total}"
+            for x, y, rw, rh, lv in coords.tolist()]
     return np.array([t.encode("utf-8")[:160] for t in text], dtype=PASSPORT_DTYPE)
 
 
@@ -214,16 +212,8 @@ class SlideH5:
 
     @classmethod
     @on_h5_thread
-    def create(
-        cls,
-        final: Path,
-        attrs: SlideAttrs,
-        coords: np.ndarray,
-        stem: str,
-        write_batch: int,
-        feature_chunk: int = 32,
-        feature_dims: Mapping[str, int] | None = None,
-    ) -> SlideH5:
+    def create(cls, final: Path, attrs: SlideAttrs, coords: np.ndarray, stem: str, write_batch: int,
+               feature_chunk: int = 32, feature_dims: Mapping[str, int] | None = None) -> SlideH5:
         """Check free space, then write coords, passports and attributes to a temporary file beside `final`.
 
         Args:
@@ -259,9 +249,8 @@ class SlideH5:
             file.attrs[key] = value
         n = int(coords.shape[0])
         cds = file.create_dataset("coords", shape=(0, 5), maxshape=(None, 5), chunks=(write_batch, 5), dtype="int32")
-        pds = file.create_dataset(
-            "passports", shape=(0,), maxshape=(None,), chunks=(write_batch,), dtype=PASSPORT_DTYPE
-        )
+        pds = file.create_dataset("passports", shape=(0,), maxshape=(None,), chunks=(write_batch,),
+                                  dtype=PASSPORT_DTYPE)
         try:
             for start in range(0, n, write_batch):
                 block = np.ascontiguousarray(coords[start : start + write_batch], dtype=np.int32)
@@ -341,9 +330,8 @@ class SlideH5:
             self._planned.add(name)
         n = self.num_patches
         chunk_rows = max(1, min(self.feature_chunk, n)) if n else self.feature_chunk
-        self._datasets[name] = group.create_dataset(
-            tmp_name, shape=(n, dim), maxshape=(None, dim), chunks=(chunk_rows, dim), dtype="float32"
-        )
+        self._datasets[name] = group.create_dataset(tmp_name, shape=(n, dim), maxshape=(None, dim),
+                                                    chunks=(chunk_rows, dim), dtype="float32")
         self._filled[name] = np.zeros(n, dtype=bool)
 
     def has_feature(self, name: str) -> bool:

@@ -44,15 +44,15 @@ def test_read_inputs_and_reuse_rules(tmp_path: Path) -> None:
     embedding = Embedding(np.ones(4, np.float32), {"token_cap": 0})
     attrs = store.slide_attrs("pool", inputs, "enc", embedding)
     store.write_slide_embedding(h5, "pool", embedding, attrs)
-    existing = store.existing_slide_embedding(h5, "pool")
-    assert store.slide_embedding_current(existing, 4, inputs, "enc")
-    assert not store.slide_embedding_current(existing, 8, inputs, "enc")
-    assert not store.slide_embedding_current(existing, 4, inputs, "other")
+    assert store.slide_embedding_current(h5, "pool", 4, inputs, "enc")
+    assert not store.slide_embedding_current(h5, "absent", 0, inputs, "enc")
+    assert not store.slide_embedding_current(h5, "pool", 8, inputs, "enc")
+    assert not store.slide_embedding_current(h5, "pool", 4, inputs, "other")
     for key, value in (("num_patches", 6), ("patch_size_level0", 896), ("target_magnification", 40)):
         with h5py.File(h5, "a") as f:
             old = f["slide_features/pool"].attrs[key]
             f["slide_features/pool"].attrs[key] = value
-        assert not store.slide_embedding_current(store.existing_slide_embedding(h5, "pool"), 4, inputs, "enc")
+        assert not store.slide_embedding_current(h5, "pool", 4, inputs, "enc")
         with h5py.File(h5, "a") as f:
             f["slide_features/pool"].attrs[key] = old
 
