@@ -181,8 +181,7 @@ def write_patient(path: Path, embedding: Embedding, attrs: Mapping[str, Any]) ->
         with h5py.File(handle, "w") as f:
             ds = f.create_dataset("features", data=np.asarray(embedding.vector, dtype=np.float32))
             ds.id.close()
-            for key, value in attrs.items():
-                f.attrs[key] = value
+            f.attrs.update(attrs)
         handle.sync()
         handle.close()
         if handle.error is not None:

@@ -245,8 +245,7 @@ class SlideH5:
     @_guarded
     def _write_coords(self, attrs: SlideAttrs, coords: np.ndarray, stem: str, write_batch: int) -> None:
         file = self._require_file()
-        for key, value in attrs.ordered():
-            file.attrs[key] = value
+        file.attrs.update(attrs.ordered())
         n = int(coords.shape[0])
         cds = file.create_dataset("coords", shape=(0, 5), maxshape=(None, 5), chunks=(write_batch, 5), dtype="int32")
         pds = file.create_dataset("passports", shape=(0,), maxshape=(None,), chunks=(write_batch,),
@@ -365,8 +364,7 @@ class SlideH5:
             if TMP_PREFIX + name in grp:
                 del grp[TMP_PREFIX + name]
             ds = grp.create_dataset(TMP_PREFIX + name, data=data)
-            for key, value in attrs.items():
-                ds.attrs[key] = value
+            ds.attrs.update(attrs)
             ds.id.close()
         finally:
             grp.id.close()
@@ -507,12 +505,9 @@ def _reserved_on(dev: int) -> int:
 
 
 def _translate(exc: OSError, path: Path) -> OutputError:
-    """An OSError on an output path as an OutputError (errors we do not map become `io`)."""
-    translated = output_error(exc, path)
-    if translated is not None:
-        return translated
-    return OutputError(f"output I/O error on {path} ({exc.strerror or exc})", kind="output_io", path=path,
-                       errno=exc.errno)
+    """An OSError on an output path as an OutputError (errors we do not map become `output_io`)."""
+    return output_error(exc, path) or OutputError(f"output I/O error on {path} ({exc.strerror or exc})",
+                                                  kind="output_io", path=path, errno=exc.errno)
 
 
 def move_into_place(tmp: Path, final: Path) -> None:
@@ -560,9 +555,8 @@ def inspect_h5(path: Path) -> ExistingH5 | None:
             if num is None and "coords" in f:
                 num = int(f["coords"].shape[0])
             group = f.get("features")
-            feats = {}
-            if isinstance(group, h5py.Group):
-                feats = {n.lower(): int(group[n].shape[0]) for n in group if not n.startswith(TMP_PREFIX)}
+            feats = ({n.lower(): int(group[n].shape[0]) for n in group if not n.startswith(TMP_PREFIX)}
+                     if isinstance(group, h5py.Group) else {})
     except (OSError, KeyError, ValueError):
         return None
     return ExistingH5(path, None if num is None else int(num), feats, attrs)
