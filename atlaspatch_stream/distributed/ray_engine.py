@@ -40,7 +40,7 @@ from ..config import PipelineConfig
 from ..errors import STOP_REASONS, ConfigError, PipelineClosed, import_extra, refused
 from ..items import EngineStatistics, SlideJob, SlideResult
 from ..outputs import claims
-from ..outputs.h5outputs import H5Outputs, SettingsRecord
+from ..outputs.h5outputs import H5Outputs
 from ..pipeline import Mode
 from ..report import RunReport, flat_statistics
 from ..run import OnResult, RunSummary, Stop, run_jobs, serving
@@ -112,7 +112,7 @@ class NodeWorker:
             if stage is not None:
                 self.copier = self._stack.enter_context(LocalCopier(stage))
             backends = RealBackends(config)
-            backends.outputs = TaggedOutputs(config, backends.settings, tag)
+            backends.outputs = H5Outputs(config, backends.settings, purpose=tag)
             self.pipeline = self._stack.enter_context(sync.open_pipeline(
                 config, mode=mode, backends=backends, command="ray-worker", run_report=False))
         except Exception as exc:  # noqa: BLE001 - reported to the driver by ready()
@@ -159,19 +159,6 @@ class NodeWorker:
 
 class _Aborted(Exception):
     """Thrown into a worker's pipeline to cancel it."""
-
-
-class TaggedOutputs(H5Outputs):
-    """`H5Outputs` whose claims carry `tag` (`process ray:<run id>`) as their purpose, so a retry of this run can
-    take over at once the claim of a worker that died."""
-
-    def __init__(self, config: PipelineConfig, settings: SettingsRecord, tag: str) -> None:
-        super().__init__(config, settings)
-        self.tag = tag
-
-    def acquire_lock(self, job: SlideJob) -> claims.Claim | None:
-        """The slide's claim, tagged with the run."""
-        return claims.try_claim(self.lock_path(job), slide=str(job.path), purpose=self.tag)
 
 
 # -- the driver's bookkeeping (pure: no Ray) -------------------------------------------------------------------------

@@ -355,14 +355,8 @@ class Claim:
                     log.warning("lock %s was no longer ours at release; left in place", self.path)
 
 
-def try_claim(
-    path: Path,
-    *,
-    slide: str = "",
-    purpose: str = "process",
-    lease: float = DEFAULT_LEASE,
-    grace: float = DEFAULT_GRACE,
-) -> Claim | None:
+def try_claim(path: Path, *, slide: str = "", purpose: str = "process", lease: float = DEFAULT_LEASE,
+              grace: float = DEFAULT_GRACE) -> Claim | None:
     """Take the lock at `path`, taking over a stale one; None when a live holder has it.
 
     Args:
@@ -595,9 +589,7 @@ def _sweep_leftover(path: Path, now: float, grace: float, summary: SweepSummary)
         _unlink(path, summary.removed_temps)
 
 
-def sweep_orphans(
-    output_root: Path, *, lease: float = DEFAULT_LEASE, grace: float = DEFAULT_GRACE
-) -> SweepSummary:
+def sweep_orphans(output_root: Path, *, lease: float = DEFAULT_LEASE, grace: float = DEFAULT_GRACE) -> SweepSummary:
     """At start-up: remove what killed runs left in `<output_root>/patches` (one implementation for every entry point).
 
     - stale `<stem>.lock` files and leftover lock publish/takeover files;

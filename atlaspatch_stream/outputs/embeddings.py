@@ -16,8 +16,8 @@ from . import embeddings_h5 as store
 from .layout import lock_path
 
 
-class SlideEmbedderH5:
-    """Each slide encoder's embedding of one slide, reused when current (upstream's rules) unless `force`."""
+class _Encoders:
+    """Slide encoders writing into one output folder (`force`: never reuse what is there)."""
 
     def __init__(self, encoders: list[SlideEncoder], output: Path, force: bool) -> None:
         self.encoders = encoders
@@ -28,6 +28,15 @@ class SlideEmbedderH5:
         """Load every model."""
         for encoder in self.encoders:
             encoder.warm_up()
+
+    def close(self) -> None:
+        """Free every model."""
+        for encoder in self.encoders:
+            encoder.close()
+
+
+class SlideEmbedderH5(_Encoders):
+    """Each slide encoder's embedding of one slide, reused when current (upstream's rules) unless `force`."""
 
     def claim(self, job: SlideJob) -> Lock | None:
         """`patches/<stem>.lock` with purpose `slide-embedding`, as upstream."""
@@ -43,8 +52,8 @@ class SlideEmbedderH5:
             slide = inputs[encoder.patch_encoder]
             if not slide.num_patches:
                 raise SlideError(f"{h5_path}: no patches, so no slide embedding")
-            if not self.force and store.slide_embedding_current(
-                    store.existing_slide_embedding(h5_path, encoder.name), encoder.dim, slide, encoder.patch_encoder):
+            if not self.force and store.slide_embedding_current(h5_path, encoder.name, encoder.dim, slide,
+                                                                encoder.patch_encoder):
                 continue
             embedding = encoder.encode([slide])
             attrs = store.slide_attrs(encoder.name, slide, encoder.patch_encoder, embedding)
@@ -52,23 +61,16 @@ class SlideEmbedderH5:
             written.append(encoder.name)
         return tuple(written)
 
-    def close(self) -> None:
-        """Free every model."""
-        for encoder in self.encoders:
-            encoder.close()
-
 
 CaseStatus = Literal["done", "reused", "locked"]
 
 
-class PatientEmbedder:
+class PatientEmbedder(_Encoders):
     """Patient encoders on the feature device, writing into one output folder."""
 
     def __init__(self, encoders: list[SlideEncoder], output: Path, manifest: Path, force: bool) -> None:
-        self.encoders = encoders
-        self.output = output
+        super().__init__(encoders, output, force)
         self.manifest = manifest
-        self.force = force
 
     def warm_up(self) -> None:
         """Load every model and sweep what killed runs left in the patient folders."""
@@ -82,13 +84,12 @@ class PatientEmbedder:
         Raises:
             SlideError: a slide's H5 lacks its patch features; OutputError: the write failed.
         """
-        lock = claims.try_claim(store.patient_lock_path(self.output, encoder.name, case_id), slide=case_id,
-                                purpose="patient-embedding")
+        path = store.patient_path(self.output, encoder.name, case_id)
+        lock = claims.try_claim(path.with_suffix(".lock"), slide=case_id, purpose="patient-embedding")
         if lock is None:
             return "locked"
         try:
             slides = [store.read_slide_inputs(p, encoder.patch_encoder) for p in h5_paths]
-            path = store.patient_path(self.output, encoder.name, case_id)
             wanted = store.patient_attrs(encoder.name, encoder.patch_encoder, self.manifest, slides, {})
             if not self.force and path.exists() and store.patient_current(path, encoder.dim, wanted):
                 return "reused"
@@ -98,8 +99,3 @@ class PatientEmbedder:
             return "done"
         finally:
             lock.release()
-
-    def close(self) -> None:
-        """Free every model."""
-        for encoder in self.encoders:
-            encoder.close()

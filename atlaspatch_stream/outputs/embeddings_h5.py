@@ -89,26 +89,18 @@ def _source(inputs: SlideInputs, patch_encoder: str) -> dict[str, Any]:
 
 
 @on_h5_thread
-def existing_slide_embedding(h5_path: Path, name: str) -> tuple[int, dict[str, Any]] | None:
-    """(width, attributes) of `slide_features/<name>`, or None when absent (H5 thread)."""
+def slide_embedding_current(h5_path: Path, name: str, dim: int, inputs: SlideInputs, patch_encoder: str) -> bool:
+    """Upstream's reuse rule: `slide_features/<name>` exists, and its width, source encoder, patch size, patch count,
+    level-0 patch size and magnification all equal the current H5's (`dim` 0: any width) (H5 thread)."""
     try:
         with h5py.File(h5_path, "r") as f:
             ds = f.get(f"{SLIDE_GROUP}/{name}")
-            if not isinstance(ds, h5py.Dataset) or ds.ndim != 1:
-                return None
-            return int(ds.shape[0]), {k: _plain(v) for k, v in ds.attrs.items()}
+            if not isinstance(ds, h5py.Dataset) or ds.ndim != 1 or dim not in (0, ds.shape[0]):
+                return False
+            attrs = {k: _plain(v) for k, v in ds.attrs.items()}
     except OSError:
-        return None
-
-
-def slide_embedding_current(existing: tuple[int, Mapping[str, Any]] | None, dim: int, inputs: SlideInputs,
-                            patch_encoder: str) -> bool:
-    """Upstream's reuse rule: the width, source encoder, patch size, patch count, level-0 patch size and
-    magnification all equal the current H5's (`dim` 0: any width)."""
-    if existing is None:
         return False
-    width, attrs = existing
-    return (dim in (0, width)) and all(attrs.get(k) == v for k, v in _source(inputs, patch_encoder).items())
+    return all(attrs.get(k) == v for k, v in _source(inputs, patch_encoder).items())
 
 
 def write_slide_embedding(h5_path: Path, name: str, embedding: Embedding, attrs: Mapping[str, Any]) -> None:
@@ -133,11 +125,6 @@ def write_slide_embedding(h5_path: Path, name: str, embedding: Embedding, attrs:
 def patient_path(output: Path, encoder: str, case_id: str) -> Path:
     """`<out>/patient_features/<encoder>/<case_id>.h5`."""
     return output / PATIENT_FOLDER / encoder / f"{case_id}.h5"
-
-
-def patient_lock_path(output: Path, encoder: str, case_id: str) -> Path:
-    """`<out>/patient_features/<encoder>/<case_id>.lock`."""
-    return output / PATIENT_FOLDER / encoder / f"{case_id}.lock"
 
 
 def patient_attrs(name: str, patch_encoder: str, manifest: Path, slides: Sequence[SlideInputs],
@@ -194,8 +181,7 @@ def write_patient(path: Path, embedding: Embedding, attrs: Mapping[str, Any]) ->
         with h5py.File(handle, "w") as f:
             ds = f.create_dataset("features", data=np.asarray(embedding.vector, dtype=np.float32))
             ds.id.close()
-            for key, value in attrs.items():
-                f.attrs[key] = value
+            f.attrs.update(attrs)
         handle.sync()
         handle.close()
         if handle.error is not None:

@@ -13,6 +13,7 @@ uses to make the k-th write fail exactly where a full disk would make it fail: u
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -82,11 +83,7 @@ class OutputFile:
     def write(self, data: Any) -> int:
         """Write at the position; after a failure, keep the bytes in memory instead and still report success."""
         view = memoryview(data).cast("B")
-        if self.error is None:
-            try:
-                self.io.pwrite_all(self._fd(), view, self.pos)
-            except OSError as exc:
-                self.error = exc
+        self._unless_poisoned(self.io.pwrite_all, view, self.pos)
         if self.error is not None:
             self._shadow.append((self.pos, bytes(view)))
         self.pos += view.nbytes
@@ -115,11 +112,7 @@ class OutputFile:
     def truncate(self, size: int | None = None) -> int:
         """Set the size (HDF5 trims the file to its end-of-allocation on close)."""
         size = self.pos if size is None else size
-        if self.error is None:
-            try:
-                self.io.ftruncate(self._fd(), size)
-            except OSError as exc:
-                self.error = exc
+        self._unless_poisoned(self.io.ftruncate, size)
         self.size = size
         return size
 
@@ -130,11 +123,7 @@ class OutputFile:
 
     def sync(self) -> None:
         """fsync (skipped once poisoned); a failure is recorded in `error`."""
-        if self.error is None:
-            try:
-                self.io.fsync(self._fd())
-            except OSError as exc:
-                self.error = exc
+        self._unless_poisoned(self.io.fsync)
 
     def close(self) -> None:
         """Close the descriptor (idempotent); a failure (NFS reports some write errors here) is recorded."""
@@ -146,6 +135,14 @@ class OutputFile:
             os.close(fd)
         except OSError as exc:
             self.error = self.error or exc
+
+    def _unless_poisoned(self, call: Callable[..., None], *args: Any) -> None:
+        """`call(fd, *args)` unless the file is already poisoned; an OS error it raises poisons it."""
+        if self.error is None:
+            try:
+                call(self._fd(), *args)
+            except OSError as exc:
+                self.error = exc
 
     def _fd(self) -> int:
         if self.fd is None:

@@ -80,11 +80,16 @@ def _file_size(path: Path) -> int | None:
 
 
 class H5Outputs:
-    """Upstream's output layout: lock files, reuse decisions, H5 files, patch PNGs (`OutputStore`)."""
+    """Upstream's output layout: lock files, reuse decisions, H5 files, patch PNGs (`OutputStore`).
 
-    def __init__(self, config: PipelineConfig, settings: SettingsRecord) -> None:
+    `purpose` is what the claims record: the Ray engine tags them `process ray:<run id>`, so a retry of its run
+    can take over at once the claim of a worker that died.
+    """
+
+    def __init__(self, config: PipelineConfig, settings: SettingsRecord, purpose: str = "process") -> None:
         self.config = config
         self.settings = settings
+        self.purpose = purpose
 
     def h5_path(self, job: SlideJob) -> Path:
         """The slide's final H5 path."""
@@ -100,7 +105,7 @@ class H5Outputs:
         Raises:
             OutputError: the lock cannot be written (disk full, read-only, ...).
         """
-        return claims.try_claim(self.lock_path(job), slide=str(job.path), purpose="process")
+        return claims.try_claim(self.lock_path(job), slide=str(job.path), purpose=self.purpose)
 
     def reuse_decision(self, job: SlideJob, encoders: Sequence[str]) -> ReuseDecision:
         """Skip, reuse, refuse or process anew (upstream §2.6 plus the geometry check)."""

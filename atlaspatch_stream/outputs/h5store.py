@@ -78,10 +78,8 @@ def passports(stem: str, coords: np.ndarray, magnification: int, target_mag: int
     """Passport strings for rows of `coords` (S160: long stems are truncated, as upstream)."""
     mag = str(magnification) if magnification else "na"
     tmag = str(target_mag) if target_mag else "na"
-    text = [
-        f"{stem}__x{x}_y{y}_rw{rw}_rh{rh}_lv{lv}_mag{mag}_tmag{tmag}_total{total}"
-        for x, y, rw, rh, lv in coords.tolist()
-    ]
+    text = [f"{stem}__x{x}_y{y}_rw{rw}_rh{rh}_lv{lv}_mag{mag}_tmag{tmag}_total{total}"
+            for x, y, rw, rh, lv in coords.tolist()]
     return np.array([t.encode("utf-8")[:160] for t in text], dtype=PASSPORT_DTYPE)
 
 
@@ -214,16 +212,8 @@ class SlideH5:
 
     @classmethod
     @on_h5_thread
-    def create(
-        cls,
-        final: Path,
-        attrs: SlideAttrs,
-        coords: np.ndarray,
-        stem: str,
-        write_batch: int,
-        feature_chunk: int = 32,
-        feature_dims: Mapping[str, int] | None = None,
-    ) -> SlideH5:
+    def create(cls, final: Path, attrs: SlideAttrs, coords: np.ndarray, stem: str, write_batch: int,
+               feature_chunk: int = 32, feature_dims: Mapping[str, int] | None = None) -> SlideH5:
         """Check free space, then write coords, passports and attributes to a temporary file beside `final`.
 
         Args:
@@ -255,13 +245,11 @@ class SlideH5:
     @_guarded
     def _write_coords(self, attrs: SlideAttrs, coords: np.ndarray, stem: str, write_batch: int) -> None:
         file = self._require_file()
-        for key, value in attrs.ordered():
-            file.attrs[key] = value
+        file.attrs.update(attrs.ordered())
         n = int(coords.shape[0])
         cds = file.create_dataset("coords", shape=(0, 5), maxshape=(None, 5), chunks=(write_batch, 5), dtype="int32")
-        pds = file.create_dataset(
-            "passports", shape=(0,), maxshape=(None,), chunks=(write_batch,), dtype=PASSPORT_DTYPE
-        )
+        pds = file.create_dataset("passports", shape=(0,), maxshape=(None,), chunks=(write_batch,),
+                                  dtype=PASSPORT_DTYPE)
         try:
             for start in range(0, n, write_batch):
                 block = np.ascontiguousarray(coords[start : start + write_batch], dtype=np.int32)
@@ -341,9 +329,8 @@ class SlideH5:
             self._planned.add(name)
         n = self.num_patches
         chunk_rows = max(1, min(self.feature_chunk, n)) if n else self.feature_chunk
-        self._datasets[name] = group.create_dataset(
-            tmp_name, shape=(n, dim), maxshape=(None, dim), chunks=(chunk_rows, dim), dtype="float32"
-        )
+        self._datasets[name] = group.create_dataset(tmp_name, shape=(n, dim), maxshape=(None, dim),
+                                                    chunks=(chunk_rows, dim), dtype="float32")
         self._filled[name] = np.zeros(n, dtype=bool)
 
     def has_feature(self, name: str) -> bool:
@@ -377,23 +364,15 @@ class SlideH5:
             if TMP_PREFIX + name in grp:
                 del grp[TMP_PREFIX + name]
             ds = grp.create_dataset(TMP_PREFIX + name, data=data)
-            for key, value in attrs.items():
-                ds.attrs[key] = value
+            ds.attrs.update(attrs)
             ds.id.close()
         finally:
             grp.id.close()
         self._staged.append((group, name))
 
-    def _publish_staged(self) -> None:
-        file = self._require_file()
-        for group, name in self._staged:
-            grp = file[group]
-            try:
-                if name in grp:
-                    del grp[name]
-                grp.move(TMP_PREFIX + name, name)
-            finally:
-                grp.id.close()
+    def _staged_sets(self) -> list[tuple[str, str]]:
+        """(group, name) of every dataset written under its temporary name: the feature sets, then small ones."""
+        return [("features", name) for name in self._filled] + self._staged
 
     def missing_rows(self, name: str) -> int:
         """How many rows of `name` are still unwritten."""
@@ -427,11 +406,15 @@ class SlideH5:
         self._require_file().flush()
         self._handle.sync()
         self._check_poison()
-        if self._filled:
-            group = self._features_group()
-            for name in self._filled:
-                group.move(TMP_PREFIX + name, name)
-        self._publish_staged()
+        file = self._require_file()
+        for group, name in self._staged_sets():
+            grp = file[group]
+            try:
+                if name in grp:
+                    del grp[name]  # an older slide embedding (`begin_feature` removed an older feature set)
+                grp.move(TMP_PREFIX + name, name)
+            finally:
+                grp.id.close()
         self._close_file(flush=True)
         self._check_poison()
         self._handle.sync()
@@ -470,15 +453,12 @@ class SlideH5:
                 log.warning("could not remove %s (%s); the next start-up sweep removes it", self.tmp, exc)
 
     def _drop_open_tmp_sets(self) -> None:
-        group = self._features_group()
         for name in self._filled:
             self._datasets.pop(name).id.close()
-            if TMP_PREFIX + name in group:
-                del group[TMP_PREFIX + name]
         file = self._require_file()
-        for grp_name, name in self._staged:
-            if f"{grp_name}/{TMP_PREFIX}{name}" in file:
-                del file[f"{grp_name}/{TMP_PREFIX}{name}"]
+        for group, name in self._staged_sets():
+            if f"{group}/{TMP_PREFIX}{name}" in file:
+                del file[f"{group}/{TMP_PREFIX}{name}"]
 
     # -- helpers ------------------------------------------------------------------------------------------------
 
@@ -525,12 +505,9 @@ def _reserved_on(dev: int) -> int:
 
 
 def _translate(exc: OSError, path: Path) -> OutputError:
-    """An OSError on an output path as an OutputError (errors we do not map become `io`)."""
-    translated = output_error(exc, path)
-    if translated is not None:
-        return translated
-    return OutputError(f"output I/O error on {path} ({exc.strerror or exc})", kind="output_io", path=path,
-                       errno=exc.errno)
+    """An OSError on an output path as an OutputError (errors we do not map become `output_io`)."""
+    return output_error(exc, path) or OutputError(f"output I/O error on {path} ({exc.strerror or exc})",
+                                                  kind="output_io", path=path, errno=exc.errno)
 
 
 def move_into_place(tmp: Path, final: Path) -> None:
@@ -578,9 +555,8 @@ def inspect_h5(path: Path) -> ExistingH5 | None:
             if num is None and "coords" in f:
                 num = int(f["coords"].shape[0])
             group = f.get("features")
-            feats = {}
-            if isinstance(group, h5py.Group):
-                feats = {n.lower(): int(group[n].shape[0]) for n in group if not n.startswith(TMP_PREFIX)}
+            feats = ({n.lower(): int(group[n].shape[0]) for n in group if not n.startswith(TMP_PREFIX)}
+                     if isinstance(group, h5py.Group) else {})
     except (OSError, KeyError, ValueError):
         return None
     return ExistingH5(path, None if num is None else int(num), feats, attrs)

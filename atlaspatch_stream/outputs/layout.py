@@ -119,11 +119,7 @@ def geometry_mismatch(attrs: Mapping[str, Any], wanted: Mapping[str, Any]) -> li
     return diffs
 
 
-def decide_reuse(
-    existing: Any | None,
-    encoders: Sequence[str],
-    wanted: Mapping[str, Any],
-) -> ReuseDecision:
+def decide_reuse(existing: Any | None, encoders: Sequence[str], wanted: Mapping[str, Any]) -> ReuseDecision:
     """Upstream's reuse rules (§2.6) plus a geometry check.
 
     Args:

@@ -44,15 +44,15 @@ def test_read_inputs_and_reuse_rules(tmp_path: Path) -> None:
     embedding = Embedding(np.ones(4, np.float32), {"token_cap": 0})
     attrs = store.slide_attrs("pool", inputs, "enc", embedding)
     store.write_slide_embedding(h5, "pool", embedding, attrs)
-    existing = store.existing_slide_embedding(h5, "pool")
-    assert store.slide_embedding_current(existing, 4, inputs, "enc")
-    assert not store.slide_embedding_current(existing, 8, inputs, "enc")
-    assert not store.slide_embedding_current(existing, 4, inputs, "other")
+    assert store.slide_embedding_current(h5, "pool", 4, inputs, "enc")
+    assert not store.slide_embedding_current(h5, "absent", 0, inputs, "enc")
+    assert not store.slide_embedding_current(h5, "pool", 8, inputs, "enc")
+    assert not store.slide_embedding_current(h5, "pool", 4, inputs, "other")
     for key, value in (("num_patches", 6), ("patch_size_level0", 896), ("target_magnification", 40)):
         with h5py.File(h5, "a") as f:
             old = f["slide_features/pool"].attrs[key]
             f["slide_features/pool"].attrs[key] = value
-        assert not store.slide_embedding_current(store.existing_slide_embedding(h5, "pool"), 4, inputs, "enc")
+        assert not store.slide_embedding_current(h5, "pool", 4, inputs, "enc")
         with h5py.File(h5, "a") as f:
             f["slide_features/pool"].attrs[key] = old
 
@@ -110,7 +110,7 @@ def test_patient_lock_held_elsewhere_and_orphans_swept(tmp_path: Path) -> None:
     embedder = PatientEmbedder([MeanPooling("mean-enc", "enc")], out, tmp_path / "m.csv", force=False)
     holder = subprocess.Popen([sys.executable, "-c", (
         "import sys, time\nfrom pathlib import Path\nfrom atlaspatch_stream.outputs import claims\n"
-        f"claims.try_claim(Path({str(store.patient_lock_path(out, 'mean-enc', 'c1'))!r}), slide='c1')\n"
+        f"claims.try_claim(Path({str(store.patient_path(out, 'mean-enc', 'c1').with_suffix('.lock'))!r}), slide='c1')\n"
         "print('held', flush=True)\ntime.sleep(60)\n")], stdout=subprocess.PIPE, text=True, env=os.environ.copy())
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
@@ -127,7 +127,7 @@ def test_patient_lock_held_elsewhere_and_orphans_swept(tmp_path: Path) -> None:
     assert embedder.embed_case(embedder.encoders[0], "c1", [h5]) == "done"
     assert embedder.embed_case(embedder.encoders[0], "c1", [h5]) == "reused"
     assert sorted(p.name for p in store.patient_path(out, "mean-enc", "c1").parent.iterdir()) == ["c1.h5"]
-    assert claims.judge(store.patient_lock_path(out, "mean-enc", "c1")).state != "held"
+    assert claims.judge(store.patient_path(out, "mean-enc", "c1").with_suffix(".lock")).state != "held"
 
 
 PLUGIN = '''
