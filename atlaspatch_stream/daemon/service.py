@@ -222,8 +222,7 @@ class FolderService:
             self.board.set_queue_fill({name: edge.fill for name, edge in self.pipeline.statistics().streams.items()})
             watch = self.watcher.statistics()
             self.board.paused_because = watch.paused_because
-            if watch.last_scan_at is not None:
-                self.board.last_scan_at = watch.last_scan_at
+            self.board.last_scan_at = watch.last_scan_at  # the board's only writer of it
             self.notifier.status(_status_line(counts, watch.paused_because, self.stopping))
             await anyio.sleep(interval_s)
 

@@ -90,11 +90,6 @@ class StatusBoard:
             written = max(written, int(count))
         self._recent.append((now, written))
 
-    def scanned(self, now: float, events: int = 0) -> None:
-        """A rescan finished (and `events` filesystem events arrived since the last one)."""
-        self.last_scan_at = now
-        self.events_total += events
-
     def throughput(self, now: float) -> dict[str, float]:
         """Slides per hour and patches per second over the last five minutes."""
         while self._recent and self._recent[0][0] < now - _WINDOW_S:
@@ -167,12 +162,16 @@ async def run_status_file(
     """
     clock = clock or SystemClock()
     limiter = anyio.CapacityLimiter(1)
-    await anyio.to_thread.run_sync(write_status, path, snapshot(clock.now()), limiter=limiter)
+
+    async def write() -> None:
+        await anyio.to_thread.run_sync(write_status, path, snapshot(clock.now()), limiter=limiter)
+
+    await write()
     task_status.started()
     try:
         while True:
             await clock.sleep_until(clock.now() + interval_s)
-            await anyio.to_thread.run_sync(write_status, path, snapshot(clock.now()), limiter=limiter)
+            await write()
     finally:
         with anyio.move_on_after(5, shield=True):
-            await anyio.to_thread.run_sync(write_status, path, snapshot(clock.now()), limiter=limiter)
+            await write()
