@@ -24,7 +24,7 @@ from anyio.abc import TaskStatus
 
 from ..clock import Clock, SystemClock
 
-__all__ = ["STATUS_FILE", "StatusBoard", "read_status_file", "run_status_file", "write_status"]
+__all__ = ["STATUS_FILE", "StatusBoard", "run_status_file", "write_status"]
 
 STATUS_FILE = "status.json"  # inside the state folder
 FILE_MODE = 0o640  # never group- or world-writable, never world-readable
@@ -135,11 +135,6 @@ def write_status(path: Path, data: Mapping[str, Any]) -> None:
         with contextlib.suppress(OSError):
             os.unlink(temp)
         raise
-
-
-def read_status_file(path: Path) -> dict[str, Any]:
-    """The last status written (raises OSError or orjson.JSONDecodeError)."""
-    return orjson.loads(Path(path).read_bytes())
 
 
 async def run_status_file(
