@@ -495,15 +495,6 @@ def _outside_checks(record: logging.LogRecord) -> bool:
 logging.getLogger("tifffile").addFilter(_outside_checks)
 
 
-@contextlib.contextmanager
-def _quiet_tifffile() -> Iterator[None]:
-    _IN_CHECK.active = True
-    try:
-        yield
-    finally:
-        _IN_CHECK.active = False
-
-
 def _check_tiff(path: Path) -> Readiness:
     """Completeness of a TIFF-family file from its tag tables; no pixel is decoded.
 
@@ -521,7 +512,8 @@ def _check_tiff(path: Path) -> Readiness:
             return first
         try:
             handle.seek(0)
-            with _quiet_tifffile(), tifffile.TiffFile(handle, name=path.name) as tif:
+            _IN_CHECK.active = True
+            with tifffile.TiffFile(handle, name=path.name) as tif:
                 chain = _Chain([])
                 found = _walk_chain(fd, tif.tiff, first, size, chain) or _last_value_state(fd, chain)
                 if found is not None:
@@ -534,6 +526,8 @@ def _check_tiff(path: Path) -> Readiness:
             # A half-written directory fails to parse: the chain walk above already refused the structural
             # contradictions, so this is treated as "not yet".
             return _not_ready(f"TIFF directory not readable yet ({describe(exc)})")
+        finally:
+            _IN_CHECK.active = False
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -64,11 +64,10 @@ class FolderResult:
 
 @dataclass(frozen=True)
 class FolderStatistics:
-    """The folder service at one moment: its pipeline, its watcher, the slides in flight, whether it drains."""
+    """The folder service at one moment: its pipeline, its watcher (the slides in flight too), whether it drains."""
 
     pipeline: EngineStatistics
     watch: WatchStatistics
-    in_flight: int
     draining: bool
 
 
@@ -126,8 +125,7 @@ class FolderService:
 
     def statistics(self) -> FolderStatistics:
         """The pipeline's statistics, the watcher's, and the slides in flight."""
-        return FolderStatistics(self.pipeline.statistics(), self.watcher.statistics(), len(self.watcher.in_flight),
-                                self.stopping)
+        return FolderStatistics(self.pipeline.statistics(), self.watcher.statistics(), self.stopping)
 
     # -- the job source ---------------------------------------------------------------------------------------------
 
