@@ -46,11 +46,7 @@ __all__ = [
     "Signature",
     "SlideIdentity",
     "SlideKind",
-    "check_dicom_series",
-    "check_image",
-    "check_mrxs",
     "check_slide",
-    "check_tiff",
     "is_temporary_name",
     "members",
     "quick_fingerprint",
@@ -218,8 +214,7 @@ def signature(path: Path, kind: SlideKind) -> Signature:
     Raises:
         OSError: a member vanished or cannot be opened (the caller treats that as "still changing").
     """
-    files = members(path, kind)
-    stats = [_fstat(p) for p in files]
+    stats = [_fstat(p) for p in members(path, kind)]
     folder_ns = 0
     if kind != "file":
         folder_ns = os.stat(path if kind == "dicom" else _mrxs_folder(path)).st_mtime_ns
@@ -279,14 +274,14 @@ def check_slide(path: Path, kind: SlideKind) -> Readiness:
     """
     try:
         if kind == "dicom":
-            return check_dicom_series(path)
+            return _check_dicom_series(path)
         if kind == "mrxs":
-            return check_mrxs(path)
+            return _check_mrxs(path)
         suffix = path.suffix.lower()
         if suffix in TIFF_EXTENSIONS:
-            return check_tiff(path)
+            return _check_tiff(path)
         if suffix in IMAGE_EXTENSIONS:
-            return check_image(path)
+            return _check_image(path)
         # VMS/VMU and other OpenSlide-only single files: no cheap structural check; the quiet period decides.
         return READY
     except FileNotFoundError:
@@ -500,16 +495,7 @@ def _outside_checks(record: logging.LogRecord) -> bool:
 logging.getLogger("tifffile").addFilter(_outside_checks)
 
 
-@contextlib.contextmanager
-def _quiet_tifffile() -> Iterator[None]:
-    _IN_CHECK.active = True
-    try:
-        yield
-    finally:
-        _IN_CHECK.active = False
-
-
-def check_tiff(path: Path) -> Readiness:
+def _check_tiff(path: Path) -> Readiness:
     """Completeness of a TIFF-family file from its tag tables; no pixel is decoded.
 
     Checks, in order: the header; the first IFD; the whole IFD chain (written, inside the file, terminating);
@@ -526,7 +512,8 @@ def check_tiff(path: Path) -> Readiness:
             return first
         try:
             handle.seek(0)
-            with _quiet_tifffile(), tifffile.TiffFile(handle, name=path.name) as tif:
+            _IN_CHECK.active = True
+            with tifffile.TiffFile(handle, name=path.name) as tif:
                 chain = _Chain([])
                 found = _walk_chain(fd, tif.tiff, first, size, chain) or _last_value_state(fd, chain)
                 if found is not None:
@@ -539,6 +526,8 @@ def check_tiff(path: Path) -> Readiness:
             # A half-written directory fails to parse: the chain walk above already refused the structural
             # contradictions, so this is treated as "not yet".
             return _not_ready(f"TIFF directory not readable yet ({describe(exc)})")
+        finally:
+            _IN_CHECK.active = False
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -627,7 +616,7 @@ def _dicom_instance_state(path: Path) -> Readiness | None:
         return None
 
 
-def check_dicom_series(folder: Path) -> Readiness:
+def _check_dicom_series(folder: Path) -> Readiness:
     """Completeness of a DICOM series folder: each instance parses up to, and through, its pixel data.
 
     Nothing in a level instance states how many instances the series has (OpenSlide skips unreadable files
@@ -664,7 +653,7 @@ def _mrxs_names(ini: configparser.ConfigParser) -> list[str] | Readiness:
     return [index, *(str(n) for n in names)]
 
 
-def check_mrxs(path: Path) -> Readiness:
+def _check_mrxs(path: Path) -> Readiness:
     """Completeness of an MRXS slide: `name.mrxs`, the folder `name/`, its `Slidedat.ini` and every file it names.
 
     The index and data files cannot be checked further without OpenSlide's format knowledge; the quiet period on
@@ -699,7 +688,7 @@ _PNG = b"\x89PNG\r\n\x1a\n"
 _PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"
 
 
-def check_image(path: Path) -> Readiness:
+def _check_image(path: Path) -> Readiness:
     """Completeness of a plain image from its signature and end marker (trailing zero padding is ignored)."""
     with _open_regular(path) as handle:
         fd = handle.fileno()

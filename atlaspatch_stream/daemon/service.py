@@ -21,7 +21,7 @@ import dataclasses
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +39,6 @@ from ..pipeline import Mode, Pipeline, default_mode, running
 from ..protocols import Backends
 from ..report import RunReport
 from ..run import Stop, drive, reporting
-from .clock import Clock, SystemClock
 from .ledger.facade import Ledger
 from .ledger.holder import check_free
 from .ledger.states import RetryPolicy, Settings
@@ -47,7 +46,7 @@ from .ledger.store import LEDGER_FILE
 from .ops.logs import Pseudonymizer, RedactPaths
 from .ops.notify import Notifier
 from .ops.statusfile import STATUS_FILE, StatusBoard, run_status_file
-from .watcher import EventSource, FolderWatcher, ReadySlide, WatcherOptions, WatchStatistics
+from .watcher import FolderWatcher, ReadySlide, WatcherOptions, WatchStatistics
 
 log = logging.getLogger(__name__)
 
@@ -65,11 +64,10 @@ class FolderResult:
 
 @dataclass(frozen=True)
 class FolderStatistics:
-    """The folder service at one moment: its pipeline, its watcher, the slides in flight, whether it drains."""
+    """The folder service at one moment: its pipeline, its watcher (the slides in flight too), whether it drains."""
 
     pipeline: EngineStatistics
     watch: WatchStatistics
-    in_flight: int
     draining: bool
 
 
@@ -127,8 +125,7 @@ class FolderService:
 
     def statistics(self) -> FolderStatistics:
         """The pipeline's statistics, the watcher's, and the slides in flight."""
-        return FolderStatistics(self.pipeline.statistics(), self.watcher.statistics(), len(self.watcher.in_flight),
-                                self.stopping)
+        return FolderStatistics(self.pipeline.statistics(), self.watcher.statistics(), self.stopping)
 
     # -- the job source ---------------------------------------------------------------------------------------------
 
@@ -222,8 +219,7 @@ class FolderService:
             self.board.set_queue_fill({name: edge.fill for name, edge in self.pipeline.statistics().streams.items()})
             watch = self.watcher.statistics()
             self.board.paused_because = watch.paused_because
-            if watch.last_scan_at is not None:
-                self.board.last_scan_at = watch.last_scan_at
+            self.board.last_scan_at = watch.last_scan_at  # the board's only writer of it
             self.notifier.status(_status_line(counts, watch.paused_because, self.stopping))
             await anyio.sleep(interval_s)
 
@@ -259,12 +255,7 @@ async def serve_folder(
     backends: Backends | None = None,
     once: bool = False,
     allow_root: bool = False,
-    clock: Clock | None = None,
-    events: EventSource | None = None,
-    notifier: Notifier | None = None,
     redactor: RedactPaths | None = None,
-    mounts_text: str | None = None,
-    metrics_started: Callable[[str], None] | None = None,
 ) -> AsyncIterator[FolderService]:
     """Watch `input_folder` and process each slide once it has fully arrived; yield the running service.
 
@@ -275,11 +266,8 @@ async def serve_folder(
         backends: as `open_pipeline` (tests inject fakes).
         once: process every slide ready now, then end (`results()` ends): `atlaspatch watch --once`.
         allow_root: run as root (refused by default).
-        clock, events, mounts_text: injectable time, filesystem events and `/proc/mounts` (tests).
-        notifier: systemd notifications (default: from `$NOTIFY_SOCKET`; a no-op without it).
         redactor: with `config.watch.pseudonymize`, learns each slide's paths so logs can be redacted (attach it
             to your log handler; the run report and the ledger's messages are redacted with it).
-        metrics_started: called with the bound address when `config.watch.metrics` is set.
 
     On normal exit the service stops intake and drains the slides in flight for up to `drain_timeout_s`, then
     cancels what is left (partial outputs removed). Records left running go back to `ready`, uncharged.
@@ -293,8 +281,7 @@ async def serve_folder(
     input_folder = Path(input_folder)
     if not input_folder.is_dir():
         raise ConfigError(f"Input folder does not exist: {input_folder}")
-    clock = clock or SystemClock()
-    notifier = notifier or Notifier()
+    notifier = Notifier()  # systemd notifications: from `$NOTIFY_SOCKET`, a no-op without it
     names = Pseudonymizer.from_key_file(watch.key_path(output)) if watch.pseudonymize else None
     if names is not None and redactor is None:
         redactor = RedactPaths()
@@ -302,15 +289,15 @@ async def serve_folder(
     report = RunReport(output, "watch", redactor.redact if redactor is not None else None)
     opening = running(config, backends, mode or default_mode(config), report)
     async with reporting(report, opening) as pipeline, \
-            Ledger.open(state / LEDGER_FILE, clock=clock, policy=RetryPolicy.from_config(watch)) as ledger:
+            Ledger.open(state / LEDGER_FILE, policy=RetryPolicy.from_config(watch)) as ledger:
         settings = Settings(pipeline.backends.outputs.settings_fingerprint(), tuple(config.encode.extractors))
         max_depth = watch.max_depth if config.source.recursive else min(1, watch.max_depth)
         options = WatcherOptions(input_folder, dataclasses.replace(watch, max_depth=max_depth), output / "patches",
-                                 (output, state), events, names.pseudonym if names is not None else None, mounts_text)
-        service = FolderService(pipeline, FolderWatcher(options, ledger, settings, clock=clock), ledger, notifier,
+                                 (output, state), pseudonym=names.pseudonym if names is not None else None)
+        service = FolderService(pipeline, FolderWatcher(options, ledger, settings), ledger, notifier,
                                 redactor)
         try:
-            async with _serving(service, once, state, metrics_started):
+            async with _serving(service, once, state):
                 yield service
         finally:
             with anyio.CancelScope(shield=True):
@@ -319,14 +306,13 @@ async def serve_folder(
 
 
 @asynccontextmanager
-async def _serving(service: FolderService, once: bool, state: Path,
-                   metrics_started: Callable[[str], None] | None) -> AsyncIterator[None]:
+async def _serving(service: FolderService, once: bool, state: Path) -> AsyncIterator[None]:
     """The watcher, the run and the operations tasks of a service (its pipeline started, its ledger open)."""
     watch, options = service.pipeline.config.watch, service.watcher.options
     async with anyio.create_task_group() as tg, service._ready:
         await tg.start(service._watch, once)
         tg.start_soon(service._drive, watch.drain_timeout_s)
-        await _operations(tg, service, state, metrics_started)
+        await _operations(tg, service, state)
         service.notifier.ready(f"watching {options.root}" if options.pseudonym is None else "watching")
         try:
             yield
@@ -346,8 +332,7 @@ async def _serving(service: FolderService, once: bool, state: Path,
         tg.cancel_scope.cancel()
 
 
-async def _operations(tg: TaskGroup, service: FolderService, state: Path,
-                      metrics_started: Callable[[str], None] | None) -> None:
+async def _operations(tg: TaskGroup, service: FolderService, state: Path) -> None:
     """Status file, status board refresh, systemd watchdog, and (only when asked) the metrics endpoint."""
     watch = service.pipeline.config.watch
     await tg.start(lambda task_status: run_status_file(state / STATUS_FILE, service.board.snapshot,
@@ -363,5 +348,3 @@ async def _operations(tg: TaskGroup, service: FolderService, state: Path,
 
         where = await tg.start(serve_metrics, make_registry(service.board), parse_bind(watch.metrics))
         log.info("metrics on %s", where, extra={"event": "metrics_started"})
-        if metrics_started is not None:
-            metrics_started(where)

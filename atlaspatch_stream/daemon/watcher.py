@@ -36,7 +36,7 @@ import unicodedata
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, TypeVar
 
 import anyio
 from anyio.abc import ObjectSendStream, TaskStatus
@@ -81,6 +81,7 @@ NETWORK_FILESYSTEMS = frozenset({"nfs", "nfs4", "cifs", "smb3", "smbfs", "lustre
                                  "afs", "glusterfs"})
 EventSource = Callable[[Path, anyio.CapacityLimiter], AsyncIterator[set[str]]]
 Mode = Literal["events", "poll"]
+T = TypeVar("T")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -497,11 +498,10 @@ class FolderWatcher:
             ConfigError: INPUT is not a folder.
         """
         async with send:
-            if not await anyio.to_thread.run_sync(self.root.is_dir, limiter=self.limiter):
+            if not await self._thread(self.root.is_dir):
                 raise ConfigError(f"Input folder does not exist: {self.root}")
-            self.mode, self.filesystem = await anyio.to_thread.run_sync(
-                choose_mode, self.config.watch_mode, self.root, self.options.mounts_text, limiter=self.limiter
-            )
+            self.mode, self.filesystem = await self._thread(choose_mode, self.config.watch_mode, self.root,
+                                                            self.options.mounts_text)
             log.info("watching %s (%s mode, filesystem %s)", self.root, self.mode, self.filesystem or "unknown",
                      extra={"event": "watch_started", "mode": self.mode, "filesystem": self.filesystem})
             async with anyio.create_task_group() as tg:
@@ -571,6 +571,10 @@ class FolderWatcher:
         return WatchStatistics(self.mode, self.filesystem, len(self._settling), len(self.in_flight), self._scans,
                                self._last_scan_at, self._events, self.paused_because)
 
+    async def _thread(self, func: Callable[..., T], *args: Any) -> T:
+        """`func(*args)` in a worker thread on this watcher's own limiter (every blocking call of the watcher)."""
+        return await anyio.to_thread.run_sync(func, *args, limiter=self.limiter)
+
     # -- ledger changes
 
     def _changed(self, change: Change | None) -> None:
@@ -611,10 +615,8 @@ class FolderWatcher:
         return dataclasses.replace(obs, pseudonym=pseudonym(obs.slide_id)) if pseudonym is not None else obs
 
     async def _rescan(self, *, startup: bool = False) -> None:
-        found = await anyio.to_thread.run_sync(
-            functools.partial(scan_tree, withhold_paths=self.options.pseudonym is not None),
-            self.root, self.rules, self.config.max_depth, limiter=self.limiter,
-        )
+        found = await self._thread(functools.partial(scan_tree, withhold_paths=self.options.pseudonym is not None),
+                                   self.root, self.rules, self.config.max_depth)
         scanned = {slide_id: self._pseudonymised(obs) for slide_id, obs in found.items()}
         await self._fingerprint_touched(scanned)
         self._apply(await self.ledger.reconcile(scanned, startup=startup, settings=self.settings if startup else None))
@@ -635,8 +637,7 @@ class FolderWatcher:
             state, size, mtime_ns = known.get(slide_id, ("", -1, -1))
             if state == "done" and size == obs.size and mtime_ns != obs.mtime_ns:
                 with contextlib.suppress(OSError):
-                    identity = await anyio.to_thread.run_sync(slide_identity, self.root, self.root / obs.source,
-                                                              obs.kind, limiter=self.limiter)
+                    identity = await self._thread(slide_identity, self.root, self.root / obs.source, obs.kind)
                     scanned[slide_id] = dataclasses.replace(obs, fingerprint=identity.fingerprint)
 
     async def _rescan_loop(self) -> None:
@@ -667,7 +668,7 @@ class FolderWatcher:
                 continue
             if not _inside(self.root, path):
                 continue
-            found = await anyio.to_thread.run_sync(_observe, self.root, path, kind, limiter=self.limiter)
+            found = await self._thread(_observe, self.root, path, kind)
             if found is not None:
                 self._changed(await self.ledger.observe(self._pseudonymised(found)))
 
@@ -704,7 +705,7 @@ class FolderWatcher:
             del self._settling[entry.slide_id]
             return
         try:
-            current = await anyio.to_thread.run_sync(signature, entry.path, entry.kind, limiter=self.limiter)
+            current = await self._thread(signature, entry.path, entry.kind)
         except OSError as exc:
             entry.waiting = f"unreadable now: {exc.strerror or exc}"
             self._schedule(entry.slide_id, now + max(self.config.settle_s, self.recheck_s))
@@ -723,7 +724,7 @@ class FolderWatcher:
         await self._complete(entry, current, now)
 
     async def _complete(self, entry: _Settling, current: Signature, now: float) -> None:
-        readiness = await anyio.to_thread.run_sync(check_slide, entry.path, entry.kind, limiter=self.limiter)
+        readiness = await self._thread(check_slide, entry.path, entry.kind)
         if readiness.state == "broken":
             self._changed(await self.ledger.finish_error(entry.slide_id, entry.version,
                                                          refused("check", "unreadable"),
@@ -743,8 +744,7 @@ class FolderWatcher:
             self._schedule(entry.slide_id, now + self.recheck_s)  # the previous version is still being processed
             return
         try:
-            identity = await anyio.to_thread.run_sync(slide_identity, self.root, entry.path, entry.kind,
-                                                      limiter=self.limiter)
+            identity = await self._thread(slide_identity, self.root, entry.path, entry.kind)
         except OSError:
             identity = None  # vanished between the check and the fingerprint
         if identity is None or identity.size != current.size:
@@ -792,7 +792,7 @@ class FolderWatcher:
         """Intake is paused: probe the output every `probe_s`; on the first good write resume intake."""
         while True:
             await self.clock.sleep_until(self.clock.now() + self.config.probe_s)
-            failure = await anyio.to_thread.run_sync(probe_writable, self.options.probe_dir, limiter=self.limiter)
+            failure = await self._thread(probe_writable, self.options.probe_dir)
             if failure is None:
                 break
             log.warning("output still not writable: %s", failure, extra={"event": "probe_failed"})

@@ -144,15 +144,11 @@ class Ledger:
         """The oldest `ready` slide, now `running` (FIFO by ready time); None when none is ready."""
         now = self._clock.now()
 
-        def command(store: Store) -> Change | None:
-            with store.transaction():
-                rows = store.where("state = 'ready'", limit=1)
-                if not rows:
-                    return None
-                change = Change(rows[0], with_(rows[0], now, state="running", started_at=now), "sent to the pipeline")
-                return store.apply([change])[0]
+        def take(r: SlideRecord) -> Change:
+            return Change(r, with_(r, now, state="running", started_at=now), "sent to the pipeline")
 
-        return await self._run(command)
+        taken = await self._run(lambda s: s.many("state = 'ready'", (), take, limit=1))
+        return taken[0] if taken else None
 
     async def finish_done(self, slide_id: str, version: int, output_h5: str, settings: Settings) -> Change | None:
         """The pipeline finished a slide. A result for an older version (the file changed meanwhile) is ignored."""

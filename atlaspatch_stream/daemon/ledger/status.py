@@ -16,7 +16,7 @@ from typing import Any
 
 from ..clock import Clock, SystemClock
 from .states import Change, SlideRecord, requeue
-from .store import LedgerError, Store, connect
+from .store import LedgerError, Store, connect, open_store
 
 
 @dataclass(frozen=True)
@@ -63,36 +63,20 @@ class LedgerStatus:
         }
 
 
-def status_of(store: Store) -> LedgerStatus:
-    """Counts, in flight, the last 10 failures, quarantined and deferred slides."""
-    failures = [FailureEvent(slide_id, ts, state, detail.get("kind"), detail.get("message"))
-                for slide_id, ts, state, detail in store.recent_failures(10)]
-    return LedgerStatus(
-        counts=store.counts(),
-        in_flight=store.where("state = 'running'"),
-        failures=failures,
-        quarantined=store.where("state = 'quarantined'"),
-        deferred=store.where("state = 'deferred'"),
-    )
-
-
 @contextlib.contextmanager
 def _store(path: Path, *, read_only: bool) -> Iterator[Store]:
     if read_only and not Path(path).exists():
         raise LedgerError(f"no ledger at {path}")
     try:
-        conn = connect(Path(path), read_only=read_only)
+        store = Store(connect(Path(path), read_only=True)) if read_only else open_store(Path(path))
     except sqlite3.Error as exc:
         raise LedgerError(f"cannot open the ledger {path}: {exc}") from exc
     try:
-        store = Store(conn)
-        if not read_only:
-            store.migrate()
         yield store
     except sqlite3.Error as exc:
         raise LedgerError(f"ledger {path}: {exc}") from exc
     finally:
-        conn.close()
+        store.conn.close()
 
 
 def read_status(path: Path) -> LedgerStatus:
@@ -102,7 +86,15 @@ def read_status(path: Path) -> LedgerStatus:
         LedgerError: no ledger there, or it cannot be read.
     """
     with _store(path, read_only=True) as store:
-        return status_of(store)
+        failures = [FailureEvent(slide_id, ts, state, detail.get("kind"), detail.get("message"))
+                    for slide_id, ts, state, detail in store.recent_failures(10)]
+        return LedgerStatus(
+            counts=store.counts(),
+            in_flight=store.where("state = 'running'"),
+            failures=failures,
+            quarantined=store.where("state = 'quarantined'"),
+            deferred=store.where("state = 'deferred'"),
+        )
 
 
 def requeue_slides(path: Path, slide_ids: Sequence[str], *, clock: Clock | None = None) -> list[Change]:

@@ -225,10 +225,11 @@ class Store:
             change = rule(record) if record is not None else None
             return self.apply([change])[0] if change is not None else None
 
-    def many(self, clause: str, params: Sequence[Any], rule: Callable[[SlideRecord], Change | None]) -> list[Change]:
-        """Apply `rule` to every matching record in one transaction."""
+    def many(self, clause: str, params: Sequence[Any], rule: Callable[[SlideRecord], Change | None],
+             limit: int | None = None) -> list[Change]:
+        """Apply `rule` to every matching record (the first `limit`, in queue order) in one transaction."""
         with self.transaction():
-            changes = [c for c in (rule(r) for r in self.where(clause, params)) if c is not None]
+            changes = [c for c in (rule(r) for r in self.where(clause, params, limit)) if c is not None]
             return self.apply(changes)
 
     def reconcile(self, scanned: Mapping[str, Observation], now: float, *, startup: bool,

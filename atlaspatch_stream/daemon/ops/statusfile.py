@@ -24,7 +24,7 @@ from anyio.abc import TaskStatus
 
 from ..clock import Clock, SystemClock
 
-__all__ = ["STATUS_FILE", "StatusBoard", "read_status_file", "run_status_file", "write_status"]
+__all__ = ["STATUS_FILE", "StatusBoard", "run_status_file", "write_status"]
 
 STATUS_FILE = "status.json"  # inside the state folder
 FILE_MODE = 0o640  # never group- or world-writable, never world-readable
@@ -90,11 +90,6 @@ class StatusBoard:
             written = max(written, int(count))
         self._recent.append((now, written))
 
-    def scanned(self, now: float, events: int = 0) -> None:
-        """A rescan finished (and `events` filesystem events arrived since the last one)."""
-        self.last_scan_at = now
-        self.events_total += events
-
     def throughput(self, now: float) -> dict[str, float]:
         """Slides per hour and patches per second over the last five minutes."""
         while self._recent and self._recent[0][0] < now - _WINDOW_S:
@@ -142,11 +137,6 @@ def write_status(path: Path, data: Mapping[str, Any]) -> None:
         raise
 
 
-def read_status_file(path: Path) -> dict[str, Any]:
-    """The last status written (raises OSError or orjson.JSONDecodeError)."""
-    return orjson.loads(Path(path).read_bytes())
-
-
 async def run_status_file(
     path: Path,
     snapshot: Callable[[float], Mapping[str, Any]],
@@ -167,12 +157,16 @@ async def run_status_file(
     """
     clock = clock or SystemClock()
     limiter = anyio.CapacityLimiter(1)
-    await anyio.to_thread.run_sync(write_status, path, snapshot(clock.now()), limiter=limiter)
+
+    async def write() -> None:
+        await anyio.to_thread.run_sync(write_status, path, snapshot(clock.now()), limiter=limiter)
+
+    await write()
     task_status.started()
     try:
         while True:
             await clock.sleep_until(clock.now() + interval_s)
-            await anyio.to_thread.run_sync(write_status, path, snapshot(clock.now()), limiter=limiter)
+            await write()
     finally:
         with anyio.move_on_after(5, shield=True):
-            await anyio.to_thread.run_sync(write_status, path, snapshot(clock.now()), limiter=limiter)
+            await write()
