@@ -220,6 +220,7 @@ class FolderService:
             watch = self.watcher.statistics()
             self.board.paused_because = watch.paused_because
             self.board.last_scan_at = watch.last_scan_at  # the board's only writer of it
+            self.board.events_total = watch.events
             self.notifier.status(_status_line(counts, watch.paused_because, self.stopping))
             await anyio.sleep(interval_s)
 

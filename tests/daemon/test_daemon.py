@@ -352,6 +352,37 @@ def test_sd_notify_messages_arrive_in_order(synthetic: Path, tmp_path: Path) -> 
     assert proc.returncode == 0
 
 
+def _scrape(sock: Path) -> dict[str, Any]:
+    """The daemon's Prometheus families, read over its unix socket."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    client.connect(str(sock))
+    client.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+    data = b""
+    while chunk := client.recv(65536):
+        data += chunk
+    client.close()
+    return {f.name: f for f in text_string_to_metric_families(data.partition(b"\r\n\r\n")[2].decode())}
+
+
+def test_filesystem_events_are_counted_in_the_metrics(tmp_path: Path) -> None:
+    """In events mode, a slide copied in after start reaches the daemon as filesystem events, and
+    atlaspatch_watch_events counts them (it stayed 0 while nothing copied the watcher's count to the board)."""
+    folder, out, sock = tmp_path / "in", tmp_path / "out", tmp_path / "metrics.sock"
+    folder.mkdir()
+    proc = _start(folder, out, "--watch-mode", "events", "--metrics", f"unix:{sock}")
+    try:
+        _wait(sock.exists, 60, proc)
+        write_synthetic_slide(tmp_path / "s.svs", width=2048, height=1536, seed=1)
+        shutil.move(tmp_path / "s.svs", folder / "s.svs")
+        _wait(lambda: _counts(out).get("done") == 1, 120, proc)
+        _wait(lambda: _scrape(sock)["atlaspatch_watch_events"].samples[0].value > 0, 30, proc)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=60)
+
+
 def test_pseudonymize_keeps_paths_out_of_outputs_logs_and_metrics(tmp_path: Path) -> None:
     """--pseudonymize: no slide path or file name in the H5s (attributes, passports), the run report, the logs or
     the metrics; the H5s are named by the keyed hash, created without group/other write permission."""
