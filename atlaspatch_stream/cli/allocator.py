@@ -1,16 +1,20 @@
 """glibc allocator settings for the command line, chosen by the kind of CPU, and the release of freed memory.
 
 The pipeline allocates many megabyte-sized buffers (decoded tiles, patch chunks, batches, activations) from several
-threads. glibc's defaults give each thread its own arena and raise the mmap threshold once large blocks have been
-freed, so later large buffers come from the arenas and are kept after `free`: peak RSS grows above what is in use. A
-fixed 1 MiB mmap threshold and two arenas return every large buffer at once, but then each of those buffers is an
-mmap/munmap pair plus fresh page faults. What that costs depends on how fast the rest is:
+threads. glibc's defaults give each thread its own arena (up to 8 per core) and raise the mmap threshold once large
+blocks have been freed, so later large buffers come from the arenas and are kept after `free`: peak RSS grows above
+what is in use. Two settings act on that:
 
-- on a CPU without native bf16 (`atlaspatch_stream.cpu`: no AVX-512 BF16 or AMX, or their use disabled) the forward pass is slow and the fixed threshold costs a
-  few per cent of the wall time for about a quarter less peak memory: the CLI sets it there (`SMALL_FOOTPRINT`);
-- on a CPU with native bf16 the forward pass is about twice as fast, so the same system time weighs more (up to
-  1.35× the wall time in paired runs): the CLI leaves glibc's defaults there, and memory has to come from fewer
-  bytes instead.
+- two arenas (`MALLOC_ARENA_MAX=2`) bound how many arenas keep freed blocks; it costs nothing measurable;
+- a fixed 1 MiB mmap threshold returns every large buffer at once, but then each of those buffers is an mmap/munmap
+  pair plus fresh page faults.
+
+What the threshold costs depends on how fast the rest is. On a CPU without native bf16 (`atlaspatch_stream.cpu`: no
+AVX-512 BF16 or AMX, or their use switched off) the forward pass is slow, and the threshold cost a few per cent of the
+wall time for about a quarter less peak memory on the CPU measured: the CLI sets both there (`SMALL_FOOTPRINT`). On a
+CPU with native bf16 the forward pass is about twice as fast, so the same system time weighs more (up to 1.35× the
+wall time in paired runs): the CLI sets only the two arenas there (`TWO_ARENAS`), which was both faster and smaller
+than glibc's defaults.
 
 On both, `release_free_memory` (glibc's `malloc_trim`) hands the free pages of every arena back after each slide,
 so a long run does not keep its high-water mark between slides (it does not lower the peak itself). Figures:
@@ -36,13 +40,14 @@ M_MMAP_THRESHOLD = -3
 M_ARENA_MAX = -8
 MMAP_THRESHOLD = 1 << 20
 ARENA_MAX = 2
-SMALL_FOOTPRINT = {"MALLOC_MMAP_THRESHOLD_": (M_MMAP_THRESHOLD, MMAP_THRESHOLD), "MALLOC_ARENA_MAX": (M_ARENA_MAX, ARENA_MAX)}
+TWO_ARENAS = {"MALLOC_ARENA_MAX": (M_ARENA_MAX, ARENA_MAX)}
+SMALL_FOOTPRINT = {"MALLOC_MMAP_THRESHOLD_": (M_MMAP_THRESHOLD, MMAP_THRESHOLD), **TWO_ARENAS}
 
 
 def choose_settings(flags: set[str], environ: Mapping[str, str]) -> dict[str, tuple[int, int]]:
     """The `mallopt` settings the CLI applies, by the variable glibc reads for each: the small footprint on CPUs
-    without native bf16, none on CPUs with it; any setting whose variable the environment names is left out."""
-    chosen = {} if has_native_bf16(flags, environ) else SMALL_FOOTPRINT
+    without native bf16, two arenas on CPUs with it; any setting whose variable the environment names is left out."""
+    chosen = TWO_ARENAS if has_native_bf16(flags, environ) else SMALL_FOOTPRINT
     return {name: setting for name, setting in chosen.items() if name not in environ}
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from atlaspatch_stream.cli.allocator import SMALL_FOOTPRINT, choose_settings
+from atlaspatch_stream.cli.allocator import SMALL_FOOTPRINT, TWO_ARENAS, choose_settings
 from atlaspatch_stream.cpu import cpu_flags, has_native_bf16
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc only")
@@ -71,22 +71,23 @@ def test_an_isa_limit_below_bf16_counts_as_a_cpu_without_it(limit: dict[str, str
 
 
 def test_small_footprint_only_without_native_bf16_and_the_environment_wins() -> None:
-    """Without native bf16: the fixed 1 MiB mmap threshold and two arenas; with it: glibc's defaults. A setting whose
+    """Without native bf16: the fixed 1 MiB mmap threshold and two arenas; with it: two arenas only. A setting whose
     glibc variable is in the environment is never ours."""
     assert choose_settings(cpu_flags(ZEN2), {}) == SMALL_FOOTPRINT
-    assert choose_settings(cpu_flags(ZEN4), {}) == {} == choose_settings(cpu_flags(SAPPHIRE_RAPIDS), {})
+    assert choose_settings(cpu_flags(ZEN4), {}) == TWO_ARENAS == choose_settings(cpu_flags(SAPPHIRE_RAPIDS), {})
+    assert choose_settings(cpu_flags(ZEN4), {"MALLOC_ARENA_MAX": "8"}) == {}
     only_arenas = choose_settings(cpu_flags(ZEN2), {"MALLOC_MMAP_THRESHOLD_": "33554432"})
     assert only_arenas == {"MALLOC_ARENA_MAX": SMALL_FOOTPRINT["MALLOC_ARENA_MAX"]}
 
 
 def test_freed_large_buffers_return_at_once_with_the_small_footprint_only(tmp_path: Path) -> None:
     """After a 16 MB buffer is freed, an 8 MB one freed later goes back to the system at once under the small
-    footprint (a CPU without native bf16), but is kept under glibc's defaults (a bf16 CPU). Where the environment
-    sets glibc's threshold, only the arena limit is ours."""
+    footprint (a CPU without native bf16), but is kept under glibc's dynamic threshold (a bf16 CPU: two arenas only).
+    Where the environment sets glibc's threshold, only the arena limit is ours."""
     applied, released = _probe(tmp_path, ZEN2, "large")
     assert applied == "MALLOC_ARENA_MAX,MALLOC_MMAP_THRESHOLD_" and released >= 7
     applied, released = _probe(tmp_path, ZEN4, "large")
-    assert applied == "" and released < 2
+    assert applied == "MALLOC_ARENA_MAX" and released < 2
     applied, _ = _probe(tmp_path, ZEN2, "large", {"MALLOC_MMAP_THRESHOLD_": "33554432"})
     assert applied == "MALLOC_ARENA_MAX"
 
