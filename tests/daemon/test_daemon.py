@@ -282,11 +282,28 @@ def _sockets_of(pid: int) -> set[str]:
     return found
 
 
+def _get_metrics(sock: Path) -> bytes:
+    """The daemon's raw HTTP answer to GET /metrics over its unix socket."""
+    client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    client.connect(str(sock))
+    client.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+    data = b""
+    while chunk := client.recv(65536):
+        data += chunk
+    client.close()
+    return data
+
+
+def _families(answer: bytes) -> dict[str, Any]:
+    """The Prometheus families in an answer of `_get_metrics`."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {f.name: f for f in text_string_to_metric_families(answer.partition(b"\r\n\r\n")[2].decode())}
+
+
 def test_no_socket_without_metrics_and_loopback_or_unix_with_it(synthetic: Path, tmp_path: Path) -> None:
     """Without --metrics the daemon listens on nothing; with `--metrics unix:PATH` (or 127.0.0.1:PORT) it serves
     Prometheus text that parses, on that socket only; any other address is refused with one line."""
-    from prometheus_client.parser import text_string_to_metric_families
-
     out = tmp_path / "out"
     proc = _start(synthetic, out)
     try:
@@ -301,19 +318,13 @@ def test_no_socket_without_metrics_and_loopback_or_unix_with_it(synthetic: Path,
         _wait(lambda: sock.exists() and _counts(tmp_path / "out2").get("done") == 6, 180, proc)
         listening = _sockets_of(proc.pid) & _listening_inodes()
         assert len(listening) == 1
-        client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        client.connect(str(sock))
-        client.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
-        data = b""
-        while chunk := client.recv(65536):
-            data += chunk
-        client.close()
+        data = _get_metrics(sock)
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.communicate(timeout=60)
     head, _, body = data.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.0 200")
-    families = {f.name: f for f in text_string_to_metric_families(body.decode())}
+    families = _families(data)
     assert "atlaspatch_slides_in_state" in families and "atlaspatch_build_info" in families
     assert str(synthetic) not in body.decode()
     refused = subprocess.run([*CLI, "watch", str(synthetic), *_flags(tmp_path / "out3", "--metrics", "0.0.0.0:9464")],
@@ -352,20 +363,6 @@ def test_sd_notify_messages_arrive_in_order(synthetic: Path, tmp_path: Path) -> 
     assert proc.returncode == 0
 
 
-def _scrape(sock: Path) -> dict[str, Any]:
-    """The daemon's Prometheus families, read over its unix socket."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    client.connect(str(sock))
-    client.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
-    data = b""
-    while chunk := client.recv(65536):
-        data += chunk
-    client.close()
-    return {f.name: f for f in text_string_to_metric_families(data.partition(b"\r\n\r\n")[2].decode())}
-
-
 def test_filesystem_events_are_counted_in_the_metrics(tmp_path: Path) -> None:
     """In events mode, a slide copied in after start reaches the daemon as filesystem events, and
     atlaspatch_watch_events counts them (it stayed 0 while nothing copied the watcher's count to the board)."""
@@ -377,7 +374,7 @@ def test_filesystem_events_are_counted_in_the_metrics(tmp_path: Path) -> None:
         write_synthetic_slide(tmp_path / "s.svs", width=2048, height=1536, seed=1)
         shutil.move(tmp_path / "s.svs", folder / "s.svs")
         _wait(lambda: _counts(out).get("done") == 1, 120, proc)
-        _wait(lambda: _scrape(sock)["atlaspatch_watch_events"].samples[0].value > 0, 30, proc)
+        _wait(lambda: _families(_get_metrics(sock))["atlaspatch_watch_events"].samples[0].value > 0, 30, proc)
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.communicate(timeout=60)
@@ -395,13 +392,7 @@ def test_pseudonymize_keeps_paths_out_of_outputs_logs_and_metrics(tmp_path: Path
                   preexec_fn=lambda: os.umask(0))  # even a permissive umask makes nothing group/other-writable
     try:
         _wait(lambda: _counts(out).get("done") == 2 and sock.exists(), 180, proc)
-        client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        client.connect(str(sock))
-        client.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
-        metrics = b""
-        while chunk := client.recv(65536):
-            metrics += chunk
-        client.close()
+        metrics = _get_metrics(sock)
     finally:
         proc.send_signal(signal.SIGTERM)
         _, logs = proc.communicate(timeout=60)
