@@ -14,6 +14,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractAsyncContextManager, AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any, Protocol, TextIO
@@ -275,14 +276,18 @@ async def run_with_signals(config: PipelineConfig, source: JobSource, opening: A
                            report: RunReport, progress: Progress, signals: Signals) -> RunSummary:
     """Run every job of `source` on the engine `opening` opens, stopped by `signals`."""
     stop = Stop()
+    trimmer = ThreadPoolExecutor(1, thread_name_prefix="malloc-trim")  # malloc_trim walks every arena: off the loop
 
     def on_result(result: SlideResult) -> None:
         progress.update(result)
-        release_free_memory()  # what the slide's buffers left free in glibc's arenas goes back to the system
+        trimmer.submit(release_free_memory)  # what the slide's buffers left free in glibc's arenas goes back
 
-    with signals.stopping(stop, progress.message, config.run.drain_timeout_s):
-        return await run_jobs(source, opening, report=report, stop=stop, on_result=on_result,
-                              drain_timeout_s=config.run.drain_timeout_s)
+    try:
+        with signals.stopping(stop, progress.message, config.run.drain_timeout_s):
+            return await run_jobs(source, opening, report=report, stop=stop, on_result=on_result,
+                                  drain_timeout_s=config.run.drain_timeout_s)
+    finally:
+        trimmer.shutdown(wait=False, cancel_futures=True)
 
 
 @contextmanager
