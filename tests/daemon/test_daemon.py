@@ -195,7 +195,12 @@ def test_sigterm_drains_within_the_deadline_and_a_second_signal_cancels_at_once(
     assert counts["running"] == 0 and counts["done"] >= 1 and sum(counts.values()) == 12
     assert counts["failed"] == counts["quarantined"] == 0 and leftovers(out) == []
     assert _max_attempts(_state(out)) == 0
-    proc = _start(folder, out, "--max-open-slides", "2", "--drain-timeout", "60")
+    # A large slide, so the drain the first signal starts is still going when the second lands (with the small
+    # slides left over it could end within the 0.2 s, and then a late signal rightly changes nothing: exit 0).
+    large = tmp_path / "large"
+    write_synthetic_slide(large / "large.svs", width=12000, height=9000, seed=1, levels=(1, 4, 16))
+    out = tmp_path / "out-large"
+    proc = _start(large, out, "--max-open-slides", "2", "--drain-timeout", "60")
     _wait(lambda: _counts(out).get("running", 0) >= 1, 120, proc)
     proc.send_signal(signal.SIGTERM)
     time.sleep(0.2)
