@@ -472,8 +472,10 @@ def test_once_right_after_a_copy_takes_the_slides_once_they_settle(tmp_path: Pat
     assert (counts["done"], counts["seen"], sum(counts.values())) == (3, 1, 4)
 
 
-def _stopped_holding_a_lock(proc: subprocess.Popen[str], out: Path, timeout: float = 120.0) -> Path:
-    """SIGSTOP `proc` at a moment it holds a slide's lock (a stopped process is still a live holder); the lock."""
+def _stop_holding_a_lock(proc: subprocess.Popen[str], out: Path, timeout: float = 120.0) -> None:
+    """SIGSTOP `proc` at a moment it holds a slide's lock and that slide's H5 is not complete yet (a stopped process
+    is still a live holder; a slide whose H5 is already in place, its lock not yet released, would be reused by
+    another worker without a wait)."""
     from atlaspatch_stream.outputs.claims import judge
 
     deadline = time.monotonic() + timeout
@@ -481,15 +483,17 @@ def _stopped_holding_a_lock(proc: subprocess.Popen[str], out: Path, timeout: flo
         for lock in (out / "patches").glob("*.lock"):
             os.kill(proc.pid, signal.SIGSTOP)
             verdict = judge(lock)
-            if verdict.state == "held" and verdict.holder is not None and verdict.holder.pid == proc.pid:
-                return lock
+            mine = verdict.state == "held" and verdict.holder is not None and verdict.holder.pid == proc.pid
+            if mine and not lock.with_suffix(".h5").exists():
+                return
             os.kill(proc.pid, signal.SIGCONT)
         time.sleep(0.005)
     raise AssertionError("the first daemon never held a slide's lock")
 
 
-def _lines_until(stream: Any, text: str, timeout: float) -> tuple[list[str], threading.Event]:
-    """Collect `stream`'s lines in a thread; the event is set once a line contains `text`."""
+def _lines_until(stream: Any, text: str) -> tuple[list[str], threading.Event]:
+    """Collect `stream`'s lines in a thread; the event is set once a line contains `text`, or the stream ends (then
+    the last line collected is "(stream closed)")."""
     lines: list[str] = []
     seen = threading.Event()
 
@@ -498,6 +502,8 @@ def _lines_until(stream: Any, text: str, timeout: float) -> tuple[list[str], thr
             lines.append(line)
             if text in line:
                 seen.set()
+        lines.append("(stream closed)\n")
+        seen.set()
 
     threading.Thread(target=collect, daemon=True).start()
     return lines, seen
@@ -515,10 +521,10 @@ def test_two_once_daemons_on_one_output_wait_for_each_other_and_both_exit_0(tmp_
     out = tmp_path / "out"
     first = _start(folder, out, "--once", state=tmp_path / "state-a")
     try:
-        lock = _stopped_holding_a_lock(first, out)
+        _stop_holding_a_lock(first, out)  # maybe not the only lock it holds: the second waits for the first it meets
         second = _start(folder, out, "--once", state=tmp_path / "state-b")
-        errors, waiting = _lines_until(second.stderr, f"{lock.stem}.svs: locked by another live worker", 300)
-        assert waiting.wait(300), "".join(errors)[-2000:]
+        errors, waiting = _lines_until(second.stderr, ": locked by another live worker; waiting for it")
+        assert waiting.wait(200) and errors[-1] != "(stream closed)\n", "".join(errors)[-2000:]
     finally:
         os.kill(first.pid, signal.SIGCONT)
     first_out, first_err = first.communicate(timeout=300)
