@@ -94,7 +94,8 @@ def test_a_worker_killed_mid_run_still_finishes_every_slide(cluster: str, slides
             os.kill(busy[0].pid or 0, signal.SIGKILL)
 
     summary = _run(engine, slides, kill_one)
-    assert killed and summary.ok and summary.count("done", "skipped") == COUNT
+    statuses = Counter(f"{r.status} (attempt {r.attempts}): {r.message}" for r in summary.results)
+    assert killed and summary.ok and summary.count("done", "skipped") == COUNT, statuses
     assert all(r.attempts > 1 for r in summary.results if r.status == "skipped")
     assert any(r.attempts > 1 for r in summary.results)
     assert engine.retried >= 1 and sum(w.restarts for w in engine.workers) == 1
