@@ -15,6 +15,7 @@ from atlaspatch_stream.backends.encoders.runtime import (
     TorchEncoder,
     autocast_dtype,
     crop_box,
+    pil_resized_crops,
     preprocess_batch,
     resized_size,
 )
@@ -292,3 +293,19 @@ def test_resize_is_bit_identical_to_pillow(shape: tuple[int, int], size: tuple[i
     mode = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}[interpolation]
     ref = np.stack([np.asarray(Image.fromarray(img).resize((size[1], size[0]), mode)) for img in images])
     np.testing.assert_array_equal(ours, ref)
+
+
+@pytest.mark.parametrize("patch_size", [224, 256, 512])
+def test_the_cpu_model_input_resized_by_pillow_equals_the_tensor_replay(patch_size: int) -> None:
+    """On a CPU the encoder resizes and crops with Pillow itself (`pil_resized_crops`); for every distinct built-in
+    transform its model input equals the tensor replay (`preprocess_batch`, the CUDA path) bit for bit, on noise."""
+    patches = np.random.default_rng(2).integers(0, 256, (2, patch_size, patch_size, 3), dtype=np.uint8)
+    x = torch.from_numpy(patches).permute(0, 3, 1, 2).float() / 255
+    used = 0
+    for name, pre in _unique_preprocess().items():
+        spec = reg.get_spec(name)
+        used += pil_resized_crops(patches, pre) is not None
+        with torch.inference_mode():
+            got = TorchEncoder(spec, model=torch.nn.Identity()).model_input(patches)
+        assert torch.equal(got.contiguous(), preprocess_batch(x, pre).contiguous()), name
+    assert used >= 3  # the Pillow path really ran
