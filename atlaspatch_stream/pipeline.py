@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -177,6 +177,7 @@ class Pipeline:
         self.state: State = "starting"
         self.submitted = 0
         self.torn_down: list[SlideResult] = []  # slides torn down in flight (aborted or cancelled)
+        self.precision_ran: Mapping[str, str] = {}  # per encoder, what its forward runs in (once they are warm)
         self._abort = anyio.CancelScope()
         self._ids = itertools.count()
         self._waiters: dict[int, _Waiter] = {}
@@ -427,6 +428,7 @@ class Pipeline:
             if encoders is not None:
                 await _start(tg, encode.run, s.patches.receive, s.to_write.send.clone(), encoders=encoders,
                              batch_size=cfg.encode.batch_size, limiter=lim.device)
+                self.precision_ran = encoders.precision_ran  # warmed up now
             if on.read:
                 settings_r = read.ReadSettings(slides_in_parallel=cfg.read.slides_in_parallel,
                                                reader_threads=cfg.read.reader_threads, chunk=cfg.read.chunk_patches,
@@ -488,10 +490,7 @@ async def running(config: PipelineConfig, backends: Backends | None, mode: Mode,
     try:
         async with serving(pipeline, pipeline.run):
             if report is not None:  # the models are loaded now: say which precision each encoder's forward runs in
-                from .backends.encoders.runtime import precision_ran
-
-                ran = {name: how for name, how in precision_ran().items() if name in config.encode.extractors}
-                report.begin({**dataclasses.asdict(config), "precision_ran": ran})
+                report.begin({**dataclasses.asdict(config), "precision_ran": dict(pipeline.precision_ran)})
             yield pipeline
             await pipeline.close_input()
             async with pipeline.results() as rest:

@@ -158,6 +158,16 @@ class Encoder(Protocol):
 
 
 @runtime_checkable
+class PrecisionReporting(Protocol):
+    """An `Encoder` that says what its forward pass runs in (the built-in ones do; a plugin's own need not)."""
+
+    @property
+    def precision_ran(self) -> str:
+        """In words, once warmed up: "float32", "bfloat16 autocast (float16 requested; ...)", "exact (weight-free)"."""
+        ...
+
+
+@runtime_checkable
 class DeviceEncoder(Protocol):
     """An `Encoder` that also takes pixels already on its device (the GPU path: no host round trip).
 
@@ -277,6 +287,11 @@ class EncoderSet(Protocol):
     @property
     def depth(self) -> int:
         """Batches that may be in flight between `submit` and `collect`."""
+        ...
+
+    @property
+    def precision_ran(self) -> Mapping[str, str]:
+        """What each encoder's forward pass runs in, in words (`PrecisionReporting`), once warmed up."""
         ...
 
     def warm_up(self) -> None:

@@ -93,6 +93,7 @@ class FakeEncoder(Encoder):
     name: str = "fake_mean"
     dim: int = 3
     delay: float = 0.0
+    precision_ran: str = "float32"  # `PrecisionReporting`: plain numpy means
 
     def warm_up(self) -> None:
         """Nothing to load."""

@@ -40,6 +40,7 @@ from atlaspatch_stream.protocols import (
     PatchReader,
     PixelSource,
     Planner,
+    PrecisionReporting,
     Segmenter,
     SlideHandle,
     SlideSource,
@@ -143,6 +144,7 @@ def check_encoder(encoder: Encoder) -> None:
     pixels = rng.integers(0, 255, (3, PATCH, PATCH, 3), dtype=np.uint8)
     features = encoder.encode(pixels)
     assert features.shape == (3, encoder.dim) and features.dtype == np.float32
+    assert isinstance(encoder, PrecisionReporting) and encoder.precision_ran  # ours all say what they ran in
     np.testing.assert_allclose(encoder.encode(pixels[1:2])[0], features[1], rtol=1e-5, atol=1e-5)
     encoder.close()
 
@@ -276,7 +278,8 @@ def check_encoder_set(encoders: EncoderSet) -> None:
     """Batches submitted in order come back in order, float32 (B, D) per requested encoder, D as declared, and
     (random pixels through these encoders) no row is marked non-finite."""
     encoders.warm_up()
-    assert set(encoders.dims) == set(encoders.names) and encoders.depth >= 1
+    assert set(encoders.dims) == set(encoders.names) == set(encoders.precision_ran) and encoders.depth >= 1
+    assert all(encoders.precision_ran.values())
     rng = np.random.default_rng(2)
     batches = [rng.integers(0, 255, (n, PATCH, PATCH, 3), dtype=np.uint8) for n in (3, 5)]
     tickets = [encoders.submit(b, None) for b in batches[: encoders.depth]]

@@ -74,6 +74,19 @@ def test_upstream_style_plugin_file_registers_and_encodes(tmp_path: Path) -> Non
     assert type(means._extractor).cleaned is True  # cleanup() reached the plugin object
 
 
+def test_the_encoder_group_says_what_each_plugin_ran_in(tmp_path: Path) -> None:
+    """`register_custom_encoder` casts the whole model, and says so; a low-level extractor does not say, and the
+    group reports it as run by its plugin (the run report's `precision_ran`)."""
+    from atlaspatch_stream.backends.encoders.group import EncoderGroup
+
+    registry = _registry(_write(tmp_path, PLUGIN))
+    group = EncoderGroup([registry.create("tiny_conv"), registry.create("channel_means"), registry.create("color_stats")])
+    group.warm_up()
+    assert group.precision_ran == {"Tiny_Conv": "float32 (the whole model cast)",
+                                   "channel_means": "as its plugin runs it", "color_stats": "exact (weight-free)"}
+    group.close()
+
+
 def test_plugin_cannot_reuse_a_builtin_name(tmp_path: Path) -> None:
     """Registering a built-in name is refused with an error that is also a ValueError (as upstream)."""
     text = "def register_feature_extractors(registry, device, dtype, num_workers):\n    registry.register('resnet18', object)\n"

@@ -18,7 +18,7 @@ import numpy as np
 
 from ...batching import to_host
 from ...items import Encoded
-from ...protocols import DeviceEncoder, Encoder
+from ...protocols import DeviceEncoder, Encoder, PrecisionReporting
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,12 @@ class EncoderGroup:
     def depth(self) -> int:
         """One batch at a time: `submit` does the work."""
         return 1
+
+    @property
+    def precision_ran(self) -> Mapping[str, str]:
+        """What each encoder's forward pass runs in ("as its plugin runs it" for encoders that do not say)."""
+        return {e.name: e.precision_ran if isinstance(e, PrecisionReporting) else "as its plugin runs it"
+                for e in self.encoders}
 
     def warm_up(self) -> None:
         """Load every model, in the order requested (a bad weight file fails before any slide)."""

@@ -24,7 +24,6 @@ from .folding import fold_batch_norms
 from .spec import EncoderSpec, Preprocess
 
 log = logging.getLogger(__name__)
-_PRECISION_RAN: dict[str, str] = {}  # encoder name -> what its forward runs in, as `precision_ran` says it
 
 _CONV_FAMILIES = ("resnet", "convnext")
 
@@ -238,12 +237,6 @@ def precision_label(device: str, precision: str) -> str:
     return ran
 
 
-def precision_ran() -> dict[str, str]:
-    """Per encoder warmed up in this process, what its forward runs in (`precision_label`; "exact (weight-free)" for
-    encoders with their own uint8 path)."""
-    return dict(_PRECISION_RAN)
-
-
 class TorchEncoder:
     """A built-in encoder: spec + weights file -> a model on `device` answering `encode` (implements `Encoder`).
 
@@ -283,15 +276,20 @@ class TorchEncoder:
             if self._ready:
                 return
             self._model = self._prepared_model()
-            weight_free = getattr(self._model, "takes_uint8", False)
             # logged (shown with -v) once per run, since each run warms each encoder up once
-            ran = "exact (weight-free)" if weight_free else precision_label(self.device, self.precision)
-            log.info("encoder %s runs in %s", self.name, ran)
-            _PRECISION_RAN[self.name] = ran
+            log.info("encoder %s runs in %s", self.name, self.precision_ran)
             if self._compiled is None:  # a compiled model compiles at its first full batch, not at a dummy one
                 edge = self.spec.input_size or 224
                 self._run(np.zeros((1, edge, edge, 3), dtype=np.uint8))
             self._ready = True
+
+    @property
+    def precision_ran(self) -> str:
+        """What the forward pass runs in (`precision_label`), or "exact (weight-free)" for a model with its own uint8
+        path (implements `PrecisionReporting`)."""
+        if getattr(self._model, "takes_uint8", False):
+            return "exact (weight-free)"
+        return precision_label(self.device, self.precision)
 
     def _prepared_model(self) -> Any:
         import torch
@@ -414,6 +412,11 @@ class CustomTorchEncoder:
         self._model = parts.model.to(device=device, dtype=dtype).eval()
         self._preprocess = parts.preprocess
         self._forward = parts.forward_fn
+
+    @property
+    def precision_ran(self) -> str:
+        """The dtype the whole model was cast to, as upstream casts it (implements `PrecisionReporting`)."""
+        return f"{str(self.dtype).removeprefix('torch.')} (the whole model cast)"
 
     def warm_up(self) -> None:
         """Nothing to do: the loader already ran when the encoder was created."""
