@@ -8,8 +8,10 @@ are computed in float32; the features differ from the unfolded model's by float3
 and, under bf16 autocast, by bf16 rounding as before.
 
 The pairs are found with `torch.fx` on the model's `forward`, only where the convolution's output has the batch
-norm as its one user; the model itself keeps its class and methods (only its batch-norm modules are swapped). A
-model that `torch.fx` cannot trace is left as it is.
+norm as its one user; the model itself keeps its class and methods (only its batch-norm modules are swapped), which
+`torch.fx.experimental.optimization.fuse` would not do: it returns a `GraphModule` of `forward` alone, and encoders
+whose spec calls `forward_features` or other methods need them. A model that `torch.fx` cannot trace is left as it
+is.
 """
 
 from __future__ import annotations

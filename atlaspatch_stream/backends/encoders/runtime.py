@@ -86,16 +86,13 @@ def pil_like_resize(x: Any, size: tuple[int, int], pre: Preprocess) -> Any:
     return y.to(x.dtype).div_(255.0)
 
 
-_PIL_FILTERS = {"bilinear": 2, "bicubic": 3}  # PIL.Image.Resampling.BILINEAR, BICUBIC
-
-
 def pil_resized_crops(pixels: np.ndarray, pre: Preprocess) -> np.ndarray | None:
     """Resize and centre-crop uint8 (B, H, W, 3) patches with Pillow itself, one patch at a time as upstream's
     transform does (so bit for bit its pixels, like `pil_like_resize`, at a fraction of the cost on a CPU); None
     where this path does not apply (not Pillow's resampling, nearest, or a crop larger than the resized patch)."""
     from PIL import Image
 
-    if pre.resampler != "pil" or pre.interpolation not in _PIL_FILTERS or pre.resize is None:
+    if pre.resampler != "pil" or pre.interpolation not in _FILTERS or pre.resize is None:
         return None
     height, width = resized_size(pixels.shape[1], pixels.shape[2], pre.resize)
     crop_h, crop_w = (pre.crop, pre.crop) if pre.crop is not None else (height, width)
@@ -103,10 +100,11 @@ def pil_resized_crops(pixels: np.ndarray, pre: Preprocess) -> np.ndarray | None:
         return None
     top, left = crop_box(height, width, crop_h) if pre.crop is not None else (0, 0)
     box = (left, top, left + crop_w, top + crop_h)
+    resample = Image.Resampling[pre.interpolation.upper()]  # the filters `pil_resample_matrix` replays
     out = np.empty((len(pixels), crop_h, crop_w, 3), dtype=np.uint8)
     for i, patch in enumerate(pixels):
         image = Image.fromarray(np.ascontiguousarray(patch))
-        out[i] = np.asarray(image.resize((width, height), _PIL_FILTERS[pre.interpolation]).crop(box))
+        out[i] = np.asarray(image.resize((width, height), resample).crop(box))
     return out
 
 
