@@ -5,6 +5,7 @@
                                  [--rounds 1] [--decoder auto] [--work DIR] [--no-upstream] [--upstream-workers 4]
                                  [--emulate-no-avx512]
                                  [--variant read.slides_in_parallel=1 [--variant ...]] [--baseline-tree DIR]
+                                 [--baseline-allocators small_footprint]
 
 Writes large synthetic 40× slides (JPEG tiles, drawn tissue) and seeded random weights, then measures, each in its
 own process (so each peak RSS is that run's own, not the slide writer's): the whole pipeline (otsu segmentation,
@@ -12,15 +13,18 @@ tile-once reading, cross-slide batches, one encoder, H5 writing) under each allo
 `--allocators` (`allocators()`: `cli_default` is what `atlaspatch process` does on this CPU, `glibc_defaults` the
 library as is), alternated for `--rounds` rounds with the order rotated; the encoder alone on as many random
 batches; and an upstream-style feature stage on the same coordinates (serial OpenSlide reads, a DataLoader per batch
-with `--upstream-workers` forked workers as upstream's `--feature-num-workers`, the model cast to fp32 on CPU). Prints one JSON line: per configuration the median wall, user and system seconds and
-peak RSS with the paired wall ratio to the first configuration; the first configuration's ratios to the encoder
+with `--upstream-workers` forked workers as upstream's `--feature-num-workers`, the model cast to fp32 on CPU). Each
+run's memory is noted twice: its process's peak RSS (VmHWM), and the whole job's peak (`job_memory_mb`, sampled: the
+process's RSS plus the private pages of its forked workers, which VmHWM leaves out). Prints one JSON line: per
+configuration the median wall, user and system seconds and peak RSS with the paired wall ratio to the first
+configuration; the first configuration's ratios to the encoder
 alone (target ≤ 1.15) and to the upstream-style stage (wall and peak RSS); per-stage busy seconds; the CPU flags
 that decide precision and allocator (AVX-512, AVX-512 BF16, AMX). `--emulate-no-avx512` runs every measurement with
 torch, oneDNN and MKL kept to AVX2, a CPU without AVX-512 as far as the forward pass goes (JPEG decoding and the
 rest keep their own dispatch). `--variant SECTION.KEY=VALUE[,...]` runs the
 pipeline once more with those settings changed. `--work DIR` keeps the slides and weights there (written once,
 reused). `--baseline-tree DIR` runs the pipeline once more from another checkout (e.g. `git worktree add /tmp/before
-<commit>`), to show a change costs no speed. Appends the line to perf/results/bench_process.jsonl.
+<commit>`), to show a change costs no speed, under `--baseline-allocators` (what 1ea700c's CLI set, by default). Appends the line to perf/results/bench_process.jsonl.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import argparse
 import os
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -190,7 +195,6 @@ def upstream_style(config, out: Path, slides: list[Path], workers: int) -> float
 def openslide_read(out: Path, slides: list[Path], threads: int = 2) -> float:
     """Seconds for OpenSlide only reading the same patches as RGB arrays, one handle per thread on `threads` threads
     (the floor a weight-free job is held to)."""
-    import threading
     from concurrent.futures import ThreadPoolExecutor
 
     import h5py
@@ -335,12 +339,57 @@ def spawn(args: argparse.Namespace, folder: Path, what: str, env: dict[str, str]
                "--override", orjson.dumps(override or {}).decode(),
                "--upstream-workers", str(args.upstream_workers)] + (["--trim"] if trim else [])
     plain = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
-    proc = subprocess.run(command, capture_output=True, text=True, env={**plain, **emulated(args), **(env or {})},
-                          cwd=Path(__file__).parent)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**plain, **emulated(args), **(env or {})}, cwd=Path(__file__).parent)
+    streams: list[str] = []
+    reader = threading.Thread(target=lambda: streams.extend(proc.communicate()))
+    reader.start()
+    job_peak = 0.0
+    while reader.is_alive():
+        job_peak = max(job_peak, job_memory_mb(proc.pid))
+        reader.join(JOB_SAMPLE_S)
+    stdout, stderr = streams
+    lines = [ln for ln in stdout.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode or not lines:
-        raise SystemExit(f"{what} child failed:\n{proc.stderr[-3000:]}")
-    return orjson.loads(lines[-1][len("RESULT "):])
+        raise SystemExit(f"{what} child failed:\n{stderr[-3000:]}")
+    return {**orjson.loads(lines[-1][len("RESULT "):]), "job_peak_mb": round(job_peak, 1)}
+
+
+JOB_SAMPLE_S = 0.05  # how often the whole job's memory is sampled
+
+
+def _descendants(pid: int) -> list[int]:
+    """The live descendants of `pid` (the children forked by any of its threads, recursively)."""
+    found: list[int] = []
+    todo = [pid]
+    while todo:
+        for children in Path(f"/proc/{todo.pop()}/task").glob("*/children"):
+            try:
+                kids = [int(kid) for kid in children.read_text().split()]
+            except OSError:  # the thread or process ended meanwhile
+                continue
+            found += kids
+            todo += kids
+    return found
+
+
+def _kb(path: str, fields: tuple[str, ...]) -> int:
+    """The sum of these `Field:  N kB` lines of a /proc file (0 once the process is gone)."""
+    try:
+        with open(path) as fh:
+            return sum(int(line.split()[1]) for line in fh if line.split(":", 1)[0] in fields)
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def job_memory_mb(pid: int) -> float:
+    """The whole job's resident memory now (MB): the process's RSS plus each descendant's private pages (what a forked
+    DataLoader worker allocated or copied on write). Pages a worker still shares with the process are counted once,
+    in the process, so the sum never counts a page twice; pages shared only among workers are left out, in the
+    workers' favour."""
+    own = _kb(f"/proc/{pid}/status", ("VmRSS",))
+    workers = sum(_kb(f"/proc/{kid}/smaps_rollup", ("Private_Clean", "Private_Dirty")) for kid in _descendants(pid))
+    return (own + workers) / 1024
 
 
 def cpu_flags_noted(args: argparse.Namespace) -> dict[str, object]:
@@ -369,7 +418,7 @@ def alternate(args: argparse.Namespace, folder: Path, names: list[str]) -> dict[
         summary[name] = {
             "env": configs[name][0], "trim_after_each_slide": configs[name][1],
             **{key: round(float(np.median([r[key] for r in rs])), 2)
-               for key in ("wall_s", "user_s", "sys_s", "peak_rss_mb")},
+               for key in ("wall_s", "user_s", "sys_s", "peak_rss_mb", "job_peak_mb")},
             "wall_s_runs": [round(r["wall_s"], 1) for r in rs], "peak_rss_mb_runs": [r["peak_rss_mb"] for r in rs],
             f"wall_over_{names[0]}_paired": round(float(np.median([r["wall_s"] / f["wall_s"]
                                                                   for r, f in zip(rs, first, strict=True)])), 3),
@@ -409,6 +458,9 @@ def main() -> None:
     parser.add_argument("--baseline-tree", help="also run the pipeline from this checkout of an older commit, under the allocator "
                         "settings its CLI applied (the fixed 1 MiB threshold, two arenas): 'no slower than before' "
                         "measured in the same run")
+    parser.add_argument("--baseline-allocators", default="small_footprint",
+                        help="the allocator configuration the --baseline-tree runs under (as --allocators): "
+                             "small_footprint is what commit 1ea700c's CLI applied, cli_default what this CLI does")
     parser.add_argument("--work", help="keep slides and weights in this folder (reused when present)")
     parser.add_argument("--override", default="{}", help=argparse.SUPPRESS)
     parser.add_argument("--trim", action="store_true", help=argparse.SUPPRESS)
@@ -432,10 +484,10 @@ def main() -> None:
         env, trim = allocators(emulated(args))["cli_default"]
         variants = [{"settings": v, **spawn(args, folder, "pipeline", env, out=f"out_v{i}", override=v, trim=trim)}
                     for i, v in enumerate(args.variant)]
-        # the older tree as its CLI ran it: the fixed 1 MiB threshold and two arenas on every CPU (commit 1ea700c)
-        before = spawn(args, folder, "pipeline", {"PYTHONPATH": str(Path(args.baseline_tree).resolve()),
-                                                  **allocators({})["small_footprint"][0]},
-                       out="out_before") if args.baseline_tree else None
+        # the older tree as its CLI ran it (commit 1ea700c: the fixed 1 MiB threshold and two arenas on every CPU)
+        baseline_env, baseline_trim = allocators(emulated(args))[args.baseline_allocators]
+        before = spawn(args, folder, "pipeline", {"PYTHONPATH": str(Path(args.baseline_tree).resolve()), **baseline_env},
+                       out="out_before", trim=baseline_trim) if args.baseline_tree else None
         ours = pipelines[names[0]]
         alone = spawn(args, folder, "encoder", patches=ours["patches"])
         # the upstream-style stage reads the coordinates the reference run wrote
@@ -455,16 +507,22 @@ def main() -> None:
         "openslide_read_s": round(reading["wall_s"], 2) if reading else None,
         "wall_over_openslide_read": round(wall / reading["wall_s"], 3) if reading else None,
         "peak_rss_over_upstream_style": round(ours["peak_rss_mb"] / upstream["peak_rss_mb"], 3) if upstream else None,
+        "job_peak_mb": ours["job_peak_mb"],
+        "job_peak_over_upstream_style": round(ours["job_peak_mb"] / upstream["job_peak_mb"], 3) if upstream else None,
         "patches_per_s": round(patches / wall, 1), "slides_per_h": round(len(slides) / wall * 3600, 1),
         "pipelines": pipelines,
         "baseline_tree": {"commit": _commit(args.baseline_tree), "wall_s": round(before["wall_s"], 2),
-                          "peak_rss_mb": before["peak_rss_mb"],
+                          "allocators": args.baseline_allocators,
+                          "peak_rss_mb": before["peak_rss_mb"], "job_peak_mb": before["job_peak_mb"],
                           "wall_ours_over_before": round(wall / before["wall_s"], 3)} if before else None,
         "variants": [{"settings": v["settings"], "wall_s": round(v["wall_s"], 2),
-                      "peak_rss_mb": v["peak_rss_mb"]} for v in variants] or None,
+                      "peak_rss_mb": v["peak_rss_mb"], "job_peak_mb": v["job_peak_mb"]} for v in variants] or None,
         "peak_rss_mb_encoder_alone": alone["peak_rss_mb"],
         "peak_rss_mb_upstream_style": upstream["peak_rss_mb"] if upstream else None,
-        "note": "each measurement in its own process: peak RSS is that process's own (slide writing excluded)",
+        "job_peak_mb_encoder_alone": alone["job_peak_mb"],
+        "job_peak_mb_upstream_style": upstream["job_peak_mb"] if upstream else None,
+        "note": "each measurement in its own process: peak RSS is that process's own (slide writing excluded); "
+                f"job_peak_mb adds its forked workers' private pages, sampled every {JOB_SAMPLE_S} s",
         "cpu_flags": cpu_flags_noted(args), "upstream_workers": args.upstream_workers,
         "machine": machine("torch", "timm", "imagecodecs", torch_threads=torch.get_num_threads()),
     }

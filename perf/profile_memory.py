@@ -1,143 +1,113 @@
-"""Where the peak memory of `process` goes: host buffers by the code that allocated them, the model, activations.
+"""Where the peak memory of `process` goes: every live allocation at the heap's high-water mark, by the code that made it.
 
+    pip install -e ".[perf]"   (memray)
     python perf/profile_memory.py --work DIR [--encoder resnet18] [--precision float16] [--batch 32]
+                                  [--variant read.slides_in_parallel=1,read.chunk_patches=32]
 
-Runs the pipeline once on the slides of a `bench_process.py --work DIR` folder (its slides and random weights) with
-tracemalloc on (numpy reports its data buffers to it). A sampler thread snapshots the traced allocations whenever
-their total reaches a new high, so the last snapshot is the peak; the live bytes at that moment are grouped by the
-first frame inside this package (decoded tiles, patch chunks, batches, H5 writing ...). After the run: the RSS
-a second copy of the loaded model adds, and torch's profiler's largest per-op CPU memory of one forward pass (torch's
-CPU tensors are not seen by tracemalloc). Prints one JSON line and appends it to perf/results/profile_memory.jsonl.
-tracemalloc slows the run several times: the wall time here is not a benchmark.
+Runs `bench_process.py`'s pipeline child once on the slides of a `bench_process.py --work DIR` folder (its slides and
+random weights), under the allocator settings `atlaspatch process` chooses on this CPU, with memray tracing every
+native allocation (numpy buffers, torch tensors, decoders, the interpreter). memray keeps the set of allocations
+live at the moment the heap was largest; they are grouped by the innermost frame inside this package, and named by
+the stage that holds them (`OWNERS`). Beside it: the process's peak RSS, whose excess over the heap's peak is
+libraries' mapped code and data and the allocator's free pages. Prints one JSON line and appends it to
+perf/results/profile_memory.jsonl. memray slows the run: its wall time is not a benchmark.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import sys
-import threading
+import tempfile
 import time
-import tracemalloc
+from collections import Counter
 from pathlib import Path
 
-import anyio
-from bench_process import make_config, peak_rss_mb, run_pipeline  # perf/ scripts run from perf/
+import orjson
+from bench_process import allocators  # perf/ scripts run from perf/
 from common import machine, write_result
 
 PACKAGE = f"{os.sep}atlaspatch_stream{os.sep}"
 
-
-def owner(trace: tracemalloc.Trace) -> str:
-    """`module:function line` of the innermost frame in this package (else the innermost frame's file)."""
-    for frame in trace.traceback:  # most recent first
-        if PACKAGE in frame.filename:
-            return f"{frame.filename.split(PACKAGE, 1)[1]}:{frame.lineno}"
-    return Path(trace.traceback[0].filename).name if len(trace.traceback) else "?"
-
-
-class PeakSampler:
-    """Snapshots the traced allocations each time their total passes the previous high (checked every `every` s)."""
-
-    def __init__(self, every: float = 0.2) -> None:
-        self.every, self.high, self.snapshot = every, 0, None
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def __enter__(self) -> PeakSampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.every):
-            current, _ = tracemalloc.get_traced_memory()
-            if current > self.high * 1.05:
-                self.high, self.snapshot = current, tracemalloc.take_snapshot()
+# innermost package frame (file:function) -> what the bytes are
+OWNERS = {
+    "backends/tiles.py:decode_tile": "decoded tiles held by the readers (the chunk being cut, the next one decoding)",
+    "backends/readers.py:_cut_range": "patch chunks: queued between read and encode, and being batched",
+    "backends/encoders/runtime.py:_plain_forward": "the forward pass (activations of the batch)",
+    "backends/encoders/runtime.py:preprocess_batch": "the model input (the normalised float batch)",
+    "backends/encoders/runtime.py:model_input": "the model input (the normalised float batch)",
+    "backends/encoders/runtime.py:pil_resized_crops": "the model input (Pillow's resized crops)",
+    "backends/encoders/runtime.py:_prepared_model": "the model (weights, the channels-last copy)",
+    "backends/encoders/torchvision_family.py:build": "the model (weights, the channels-last copy)",
+    "backends/encoders/timm_family.py:build": "the model (weights, the channels-last copy)",
+}
 
 
-def by_owner(snapshot: tracemalloc.Snapshot, top: int) -> dict[str, float]:
-    """MB live per owning line at the snapshot, largest first."""
-    sizes: dict[str, int] = {}
-    for trace in snapshot.traces:
-        key = owner(trace)
-        sizes[key] = sizes.get(key, 0) + trace.size
-    ranked = sorted(sizes.items(), key=lambda kv: -kv[1])
-    return {k: round(v / 2**20, 1) for k, v in ranked[:top]}
+def owner(stack: list[tuple[str, str, int]]) -> str:
+    """What an allocation is, from its stack (innermost first): the `OWNERS` name of its innermost package frame,
+    "imports" for module-level code, else `file:function`."""
+    for function, filename, _ in stack:
+        if PACKAGE in filename:
+            key = f"{filename.split(PACKAGE, 1)[1]}:{function}"
+            return OWNERS.get(key, "imports (module code, bytecode)" if function == "<module>" else key)
+    return "imports and the interpreter (no frame in this package)"
 
 
-def preload(config) -> None:  # noqa: ANN001
-    """Import what the run imports and build its encoder once, so the trace holds the run's own buffers."""
-    from atlaspatch_stream.assembly import RealBackends
+def live_at_peak(trace: Path, top: int) -> tuple[float, dict[str, float]]:
+    """The heap's peak (MB) and the MB live there per owner, largest first."""
+    from memray import FileReader
 
-    [encoder] = RealBackends(config).make_encoders().encoders
-    encoder.warm_up()
-    encoder.close()
-
-
-def rss_mb() -> float:
-    """Current resident set size (MB)."""
-    with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    reader = FileReader(trace)
+    sizes: Counter[str] = Counter()
+    for record in reader.get_high_watermark_allocation_records(merge_threads=True):
+        sizes[owner(record.stack_trace(max_stacks=64))] += record.size
+    ranked = {name: round(size / 2**20, 1) for name, size in sizes.most_common(top)}
+    return round(reader.metadata.peak_memory / 2**20, 1), ranked
 
 
-def model_and_activations(config) -> dict[str, float]:  # noqa: ANN001
-    """RSS added by building and loading the encoder, and the profiler's peak CPU memory of one forward pass."""
-    import numpy as np
-    from torch.profiler import ProfilerActivity, profile
-
-    from atlaspatch_stream.assembly import RealBackends
-
-    before = rss_mb()
-    [encoder] = RealBackends(config).make_encoders().encoders
-    encoder.warm_up()
-    loaded = rss_mb()
-    size, batch = config.plan.patch_size, config.encode.batch_size
-    pixels = np.random.default_rng(0).integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        encoder.encode(pixels)
-    events = prof.key_averages()
-    peak = max((e.cpu_memory_usage for e in events), default=0)
-    return {"model_rss_mb": round(loaded - before, 1), "forward_top_op_cpu_memory_mb": round(peak / 2**20, 1),
-            "batch_uint8_mb": round(pixels.nbytes / 2**20, 1)}
+def traced_run(args: argparse.Namespace, trace: Path) -> dict:
+    """Run the pipeline child under memray with the CLI's allocator settings; its result line."""
+    env, trim = allocators({})["cli_default"]
+    command = [sys.executable, "-m", "memray", "run", "--native", "-q", "-o", str(trace), "bench_process.py",
+               "--child", "pipeline", "--folder", args.work, "--encoder", args.encoder, "--precision", args.precision,
+               "--batch", str(args.batch), "--out", "out_profile", "--override", orjson.dumps(args.variant).decode()]
+    plain = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    proc = subprocess.run(command + (["--trim"] if trim else []), capture_output=True, text=True,
+                          env={**plain, "HF_HUB_OFFLINE": "1", **env}, cwd=Path(__file__).parent, check=False)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode or not lines:
+        raise SystemExit(f"the traced run failed:\n{proc.stderr[-3000:]}")
+    return orjson.loads(lines[-1][len("RESULT "):])
 
 
 def main() -> int:
     """Profile one run; print and save one JSON line."""
+    from bench_process import parse_variant
+
     parser = argparse.ArgumentParser()
     parser.add_argument("--work", required=True, help="a bench_process.py --work folder (slides, weights)")
     parser.add_argument("--encoder", default="resnet18")
     parser.add_argument("--precision", default="float16")
     parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--variant", type=parse_variant, default={}, help="SECTION.KEY=VALUE[,...] settings changed")
     parser.add_argument("--top", type=int, default=12)
-    parser.add_argument("--frames", type=int, default=12)
     args = parser.parse_args()
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    folder = Path(args.work)
-    args.device, args.decoder, args.override = "cpu", "auto", "{}"
-    config = make_config(args, folder, folder / f"{args.encoder}.safetensors", "out_profile")
-    slides = sorted((folder / "slides").glob("*.svs"))
-    preload(config)  # imports and the first model load outside the trace (tracing them takes minutes)
-    tracemalloc.start(args.frames)
-    started = time.perf_counter()
-    with PeakSampler() as sampler:
-        _, busy, _, results = anyio.run(run_pipeline, config, slides)
-    _, traced_peak = tracemalloc.get_traced_memory()
-    tracemalloc.stop()
-    assert sampler.snapshot is not None
-    pipeline_peak_rss = peak_rss_mb()
-    model = model_and_activations(config)  # after the run: a second model here does not inflate its peak
+    import shutil
+
+    shutil.rmtree(Path(args.work) / "out_profile", ignore_errors=True)  # no H5 of an earlier run is reused
+    with tempfile.TemporaryDirectory() as tmp:
+        started = time.perf_counter()
+        result = traced_run(args, Path(tmp) / "trace.bin")
+        heap_peak, owners = live_at_peak(Path(tmp) / "trace.bin", args.top)
     write_result("profile_memory", {
-        "bench": "profile_memory", "date": time.strftime("%Y-%m-%d"), "encoder": args.encoder,
-        "precision": args.precision, "batch": args.batch, "slides": len(slides),
-        "patches": sum(r.num_patches or 0 for r in results), "wall_s_under_tracemalloc": round(
-            time.perf_counter() - started, 1),
-        "traced_peak_mb": round(traced_peak / 2**20, 1), "peak_snapshot_mb": round(sampler.high / 2**20, 1),
-        "peak_rss_mb": pipeline_peak_rss, "live_at_peak_by_owner_mb": by_owner(sampler.snapshot, args.top),
-        **model, "machine": machine("torch", "numpy"),
+        "bench": "profile_memory", "date": time.strftime("%Y-%m-%d"), "tool": "memray --native (high-water mark)",
+        "encoder": args.encoder, "precision": args.precision, "batch": args.batch, "settings": args.variant or None,
+        "slides": len(list((Path(args.work) / "slides").glob("*.svs"))), "patches": result["patches"],
+        "wall_s_under_memray": round(time.perf_counter() - started, 1), "heap_peak_mb": heap_peak,
+        "live_at_heap_peak_mb": owners, "peak_rss_mb_under_memray": result["peak_rss_mb"],
+        "rss_beyond_heap_peak_mb_under_memray": round(result["peak_rss_mb"] - heap_peak, 1),
+        "machine": machine("torch", "numpy", "memray"),
     })
     return 0
 
