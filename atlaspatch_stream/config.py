@@ -288,6 +288,24 @@ class PipelineConfig:
         """A copy with whole sections replaced."""
         return dataclasses.replace(self, **sections)
 
+    def sized_for_cpu(self, cores: int | None = None) -> PipelineConfig:
+        """Read no further ahead than encoders on the CPU can use; the configured sizes stay the ceilings.
+
+        The encoder shares the cores with reading and is the slower of the two, so decoded tiles and patches read far
+        ahead only hold memory (perf/profile_memory.py: they were 250 MB of the four-slide resnet18 job's peak):
+        - patch chunks of at most one encoder batch (`read.chunk_patches`): a slide then holds the decoded tiles of
+          about two batches (the chunk being cut and the one decoded ahead);
+        - one slide read at a time when its reader threads alone cover the `cores` (default: this machine's);
+        - a `patches` stream of two batches.
+        """
+        read, batch = self.read, self.encode.batch_size
+        chunk = min(read.chunk_patches, batch)
+        covered = read.reader_threads >= (cores or os.cpu_count() or 1)
+        return self.replace(
+            read=dataclasses.replace(read, chunk_patches=chunk,
+                                     slides_in_parallel=1 if covered else read.slides_in_parallel),
+            queues=dataclasses.replace(self.queues, patches=min(self.queues.patches, max(2, -(-2 * batch // chunk)))))
+
 
 # The configuration's sections by name (`[plan]`, `ATLASPATCH_PLAN__...`): the fields of `PipelineConfig`.
 SECTIONS: dict[str, type] = get_type_hints(PipelineConfig)

@@ -424,18 +424,22 @@ def _cuda_present(device: str) -> bool:
 
 
 def size_for_device(config: PipelineConfig, free: int | None = None) -> PipelineConfig:
-    """On a CUDA feature device, the patch queue and the decode batch from `encode.gpu_memory_budget`.
+    """On a CUDA feature device, the patch queue and the decode batch from `encode.gpu_memory_budget`; on the CPU,
+    `PipelineConfig.sized_for_cpu`.
 
     `ring_layout`'s patch-queue share becomes the `patches` stream's depth (in reader chunks), and its tile-cache share
     caps `read.decode_batch` (a reader holds the tiles of two decode batches at once: the one being cut and the one
     decoded ahead), so a small GPU or a small budget shrinks both; the configured sizes stay the ceilings. Without
-    encoders, on any other device, or when the CUDA device is not there, the configuration is returned unchanged.
-    `free`: the device's free bytes (default: asked of the device).
+    encoders, on any other device, or when an explicit "cuda:N" is not there (the backends refuse it), the
+    configuration is returned unchanged. `free`: the device's free bytes (default: asked of the device).
     """
-    if not config.encode.extractors or not config.feature_device.startswith("cuda"):
+    device = config.feature_device
+    if not config.encode.extractors:
         return config
-    if free is None and not _cuda_present(config.feature_device):
-        return config  # the backends fall back to the CPU (plain "cuda") or refuse the device, with their messages
+    if device == "cpu" or (device == "cuda" and free is None and not _cuda_present(device)):
+        return config.sized_for_cpu()  # plain "cuda" without CUDA: the backends fall back to the CPU
+    if not device.startswith("cuda") or (free is None and not _cuda_present(device)):
+        return config
     enc, read = config.encode, config.read
     available = free_bytes(config.feature_device) if free is None else free
     plan = ring_layout(available, enc.gpu_memory_budget, enc.batch_size, config.plan.patch_size, ())

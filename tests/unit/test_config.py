@@ -172,3 +172,18 @@ def test_shipped_default_toml_lists_the_defaults() -> None:
     assert load_config(toml_path=root / "configs" / "default.toml", environ={}) == PipelineConfig()
     cpu = load_config(toml_path=root / "configs" / "cpu.toml", environ={})
     assert cpu.segment.device == "cpu" and cpu.encode.device == "cpu"
+
+
+def test_sized_for_cpu_reads_no_further_ahead_than_the_encoder_uses() -> None:
+    """On the CPU: chunks of at most one batch, a patches stream of two batches, one slide at a time when its reader
+    threads cover the cores; configured sizes below those stay (they are the ceilings)."""
+    config = load_config({"encode": {"batch_size": 32}, "read": {"chunk_patches": 64, "reader_threads": 4,
+                                                                 "slides_in_parallel": 2}}, environ={})
+    two_cores = config.sized_for_cpu(cores=2)
+    assert (two_cores.read.chunk_patches, two_cores.read.slides_in_parallel, two_cores.queues.patches) == (32, 1, 2)
+    many_cores = config.sized_for_cpu(cores=16)
+    assert (many_cores.read.chunk_patches, many_cores.read.slides_in_parallel) == (32, 2)
+    small = load_config({"encode": {"batch_size": 32}, "read": {"chunk_patches": 8},
+                         "queues": {"patches": 3}}, environ={}).sized_for_cpu(cores=16)
+    assert (small.read.chunk_patches, small.queues.patches) == (8, 3)  # 8 chunks make two batches; 3 is the ceiling
+    assert config.sized_for_cpu(cores=2).sized_for_cpu(cores=2) == two_cores

@@ -266,7 +266,7 @@ def test_ring_plan_from_the_memory_budget() -> None:
 def test_queue_depth_and_decode_batch_from_the_budget_on_cuda() -> None:
     """On a CUDA feature device the patch queue (in reader chunks) and the decode batch come from the budget: a big
     GPU keeps the configured ceilings' decode batch and gets a deep queue; a small one shrinks both. CPU runs keep
-    their configured sizes, and nothing here touches a device (free bytes given)."""
+    their own sizing (`sized_for_cpu`), and nothing here touches a device (free bytes given)."""
     def config(device: str, budget: float = 0.5):  # noqa: ANN202
         return load_config({"encode": {"device": device, "batch_size": 256, "gpu_memory_budget": budget,
                                        "extractors": ("color_stats",)},
@@ -277,6 +277,7 @@ def test_queue_depth_and_decode_batch_from_the_budget_on_cuda() -> None:
     small = size_for_device(config("cuda:1", 0.1), free=2 << 30)
     assert 2 <= small.queues.patches < big.queues.patches and 16 <= small.read.decode_batch < big.read.decode_batch
     cpu = config("cpu")
-    assert size_for_device(cpu, free=120 << 30) == cpu
-    if not torch.cuda.is_available():  # asked of the device: none here, so unchanged (the backends fall back)
-        assert size_for_device(config("cuda")) == config("cuda")
+    assert size_for_device(cpu, free=120 << 30) == cpu.sized_for_cpu()
+    if not torch.cuda.is_available():  # asked of the device: none here, so sized for the CPU the backends fall back to
+        assert size_for_device(config("cuda")) == config("cuda").sized_for_cpu()
+        assert size_for_device(config("cuda:1")) == config("cuda:1")  # refused by the backends, with their message
