@@ -177,6 +177,28 @@ def test_batch_features_equal_single_patch_features(name: str) -> None:
     assert encoder.encode(patches[:0]).shape == (0, spec.dim)
 
 
+@pytest.mark.parametrize("name", ["resnet18", "lunit_vit_small_patch16_dino"])
+def test_a_cpu_batch_runs_in_slices_with_the_whole_batch_features(name: str) -> None:
+    """On a CPU a batch goes through the model `cpu_slice` patches at a time (the default `CPU_SLICE`): 7 patches in
+    slices of 3 (the last one short) give the features of the whole batch at once, in order, at both precisions."""
+    from atlaspatch_stream.backends.encoders.runtime import CPU_SLICE
+
+    torch.manual_seed(0)
+    spec = reg.get_spec(name)
+    model = spec.build().eval()
+    patches = _seeded_patches(7, 224)
+    for precision in ("float32", "bfloat16"):
+        encoder = TorchEncoder(spec, precision=precision, model=model)
+        assert encoder.cpu_slice == CPU_SLICE
+        encoder.cpu_slice = 3
+        sliced = encoder.encode(patches)
+        encoder.cpu_slice = 7
+        np.testing.assert_allclose(sliced, encoder.encode(patches), rtol=1e-5, atol=1e-5)
+        assert not np.allclose(sliced[0], sliced[1])
+    with pytest.raises(ValueError, match="cpu_slice"):
+        TorchEncoder(spec, model=model, cpu_slice=0)
+
+
 def test_cls_plus_mean_pooling_skips_prefix_tokens() -> None:
     """Virchow/H0-mini pooling: concat(CLS, mean of patch tokens after the register tokens), on a tiny timm ViT."""
     import timm

@@ -26,6 +26,11 @@ from .spec import EncoderSpec, Preprocess
 log = logging.getLogger(__name__)
 
 _CONV_FAMILIES = ("resnet", "convnext")
+# On a CPU a batch goes through the model in slices of this many patches: their activations take half of a 32-patch
+# batch's memory, and each patch's features do not depend on the slice (perf/bench_cpu_slices.py: equal outputs,
+# resnet18 at 1.02x and ViT-S/16 at 0.95x the whole batch's time). Slices of 8 were faster alone, but 1.06-1.13x
+# slower in `process`, where decoding threads share the cores with every parallel region of the forward pass.
+CPU_SLICE = 16
 
 
 def resized_size(height: int, width: int, resize: int | tuple[int, int]) -> tuple[int, int]:
@@ -248,14 +253,19 @@ class TorchEncoder:
             (`folding.fold_batch_norms`).
         compile: run the model through `torch.compile` (opt-in, `--compile`): one fixed batch shape, so callers pass
             full batches (`fixed_batch`), padding the tail.
+        cpu_slice: on a CPU, the patches each forward pass takes (`CPU_SLICE`); a batch runs as consecutive slices.
 
     Besides `encode` (numpy or torch in, numpy out) it implements `DeviceEncoder.encode_device`: a uint8 torch batch
     on its device in, features on the device out, with no host synchronisation (the CUDA stream runner uses it).
     """
 
     def __init__(self, spec: EncoderSpec, *, device: str = "cpu", precision: str = "float32",
-                 weights: Path | None = None, model: Any = None, compile: bool = False) -> None:
+                 weights: Path | None = None, model: Any = None, compile: bool = False,
+                 cpu_slice: int = CPU_SLICE) -> None:
+        if cpu_slice < 1:
+            raise ValueError(f"cpu_slice must be >= 1, got {cpu_slice}")
         self.spec = spec
+        self.cpu_slice = cpu_slice
         self.name = spec.name
         self.dim = spec.dim
         self.device = device
@@ -327,10 +337,16 @@ class TorchEncoder:
         if getattr(self._model, "takes_uint8", False):
             out = self._model.encode_uint8(pixels)
             return torch.as_tensor(out).to(self.device, non_blocking=True)
+        step = self.cpu_slice if self.device == "cpu" and self._compiled is None else len(pixels)
         with torch.inference_mode():
-            x = self.model_input(pixels)
-            with self._autocast():
-                return self._forward(x).flatten(1).float()
+            if len(pixels) <= step:
+                return self._features(pixels)
+            return torch.cat([self._features(pixels[i : i + step]) for i in range(0, len(pixels), step)])
+
+    def _features(self, pixels: Any) -> Any:
+        x = self.model_input(pixels)
+        with self._autocast():
+            return self._forward(x).flatten(1).float()
 
     def _run(self, pixels: Any) -> np.ndarray:
         _check_batch(self.name, pixels)
