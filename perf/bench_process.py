@@ -146,7 +146,9 @@ def upstream_style(config, out: Path, slides: list[Path], workers: int) -> float
     `--feature-batch-size` goes through a new `DataLoader` (batch size = the buffer, `workers` worker processes:
     upstream's `--feature-num-workers`, default 4, forked per batch) that applies the torchvision transform; the whole
     model cast to the run's dtype (float16 on CPU falls back to float32, as upstream does); each batch's features
-    appended to an H5 dataset. Same encoder, same random weights, same coordinates.
+    appended to an H5 dataset. Same encoder, same random weights, same coordinates; the model is built as upstream
+    builds it (`loading.materialize`), without the preparation our CPU encoders get (folded batch norms,
+    channels-last), which the stage ran with until 2026-12-07.
     """
     import cv2
     import h5py
@@ -155,11 +157,12 @@ def upstream_style(config, out: Path, slides: list[Path], workers: int) -> float
     from torch.utils.data import DataLoader
     from torchvision import transforms as T
 
-    from atlaspatch_stream.assembly import RealBackends
+    from atlaspatch_stream.backends.encoders.loading import materialize
+    from atlaspatch_stream.backends.encoders.registry import get_spec
 
-    [encoder] = RealBackends(config).make_encoders().encoders
-    encoder.warm_up()
-    model, spec = encoder._model.float().eval(), encoder.spec
+    spec = get_spec(config.encode.extractors[0])
+    # built and loaded as upstream does it: no batch norms folded, no channels-last layout
+    model = materialize(spec, dict(config.encode.weights).get(spec.name)).float().eval()
     pre = spec.preprocess
     interp = {"bilinear": T.InterpolationMode.BILINEAR, "bicubic": T.InterpolationMode.BICUBIC}[pre.interpolation]
     steps = [T.Resize(pre.resize, interpolation=interp, antialias=True)]

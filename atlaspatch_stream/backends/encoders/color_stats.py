@@ -11,8 +11,8 @@ Two implementations of one definition (the torch formulas in `_module_class`):
   multiplied). Hue is n6 / (6 chroma) for an integer n6 per pixel, divided in float32 (the exact rational rounded
   once); its bin is floor(8 hue), except for the colours exactly on a bin edge, which take the torch formula's bin
   from a table. Histograms equal the torch formulas bit for bit, means and standard deviations are float64 sums (so
-  within float32 rounding, ~1e-6, of the torch path's float32 reductions). About 3.9× the previous table
-  implementation and 40× the torch ops on 2 cores (perf/bench_color_stats.py), with all 90 values unchanged.
+  within float32 rounding, ~1e-6, of the torch path's float32 reductions). About 1.9× the previous table
+  implementation and 8.9× the torch ops on 2 quiet cores (perf/bench_color_stats.py), with all 90 values unchanged.
 - on CUDA, the torch ops themselves, on the device tensor (no host copy).
 """
 
