@@ -19,7 +19,7 @@ import sys
 import time
 
 import numpy as np
-from common import machine, write_result  # perf/common.py (scripts run from perf/)
+from common import cpu_flags, machine, write_result  # perf/common.py (scripts run from perf/)
 
 
 def measure(name: str, precision: str, batch: int, slices: list[int], rounds: int) -> dict:
@@ -62,18 +62,14 @@ def main() -> int:
     import torch
 
     from atlaspatch_stream.backends.encoders.runtime import precision_label
-    from atlaspatch_stream.cpu import NATIVE_BF16_FLAGS, read_cpu_flags
 
     slices = sorted({args.batch, *(int(s) for s in args.slices.split(","))}, reverse=True)
-    flags = read_cpu_flags()
-    limits = {k: os.environ[k] for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
-              if k in os.environ}
     write_result("bench_cpu_slices", {
         "bench": "cpu_slices", "date": time.strftime("%Y-%m-%d"), "precision": args.precision,
         "ran_as": precision_label("cpu", args.precision), "batch": args.batch, "rounds": args.rounds,
         "encoders": {name: measure(name, args.precision, args.batch, slices, args.rounds)
                      for name in args.encoders.split(",")},
-        "cpu_flags": {name: name in flags for name in ("avx512f", *NATIVE_BF16_FLAGS)}, "isa_limits": limits or None,
+        "cpu_flags": cpu_flags(os.environ),
         "machine": machine("torch", "timm", torch_threads=torch.get_num_threads()),
     })
     return 0

@@ -39,7 +39,7 @@ from pathlib import Path
 
 import anyio
 import numpy as np
-from common import machine, write_result  # perf/common.py (scripts run from perf/)
+from common import cpu_flags, machine, write_result  # perf/common.py (scripts run from perf/)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -261,9 +261,7 @@ def parse_variant(text: str) -> dict[str, object]:
 def peak_rss_mb() -> float:
     """This process's peak resident set size (MB): VmHWM, which exec resets (ru_maxrss survives fork + exec, so a
     child would report the slide-writing parent's peak)."""
-    with open("/proc/self/status") as fh:
-        kb = next(int(line.split()[1]) for line in fh if line.startswith("VmHWM:"))
-    return round(kb / 1024, 1)
+    return round(_kb("/proc/self/status", ("VmHWM",)) / 1024, 1)
 
 
 def child(args: argparse.Namespace) -> None:
@@ -327,8 +325,10 @@ def emulated(args: argparse.Namespace) -> dict[str, str]:
 
 
 def spawn(args: argparse.Namespace, folder: Path, what: str, env: dict[str, str] | None = None,
-          patches: int = 0, out: str = "out", override: dict | None = None, trim: bool = False) -> dict:
-    """Run `child` in a subprocess and return its result line."""
+          patches: int = 0, out: str = "out", override: dict | None = None, trim: bool = False,
+          launcher: tuple[str, ...] = ()) -> dict:
+    """Run `child` in a subprocess (through `launcher`'s interpreter arguments, e.g. `-m memray run ...`, if given)
+    and return its result line, with the whole job's sampled peak memory."""
     import shutil
     import subprocess
 
@@ -336,7 +336,7 @@ def spawn(args: argparse.Namespace, folder: Path, what: str, env: dict[str, str]
 
     if what == "pipeline":
         shutil.rmtree(folder / out, ignore_errors=True)  # a kept --work folder: no H5 of an earlier run is reused
-    command = [sys.executable, __file__, "--child", what, "--folder", str(folder), "--encoder", args.encoder,
+    command = [sys.executable, *launcher, __file__, "--child", what, "--folder", str(folder), "--encoder", args.encoder,
                "--precision", args.precision, "--batch", str(args.batch), "--device", args.device,
                "--decoder", args.decoder, "--patches", str(patches), "--out", out,
                "--override", orjson.dumps(override or {}).decode(),
@@ -393,15 +393,6 @@ def job_memory_mb(pid: int) -> float:
     own = _kb(f"/proc/{pid}/status", ("VmRSS",))
     workers = sum(_kb(f"/proc/{kid}/smaps_rollup", ("Private_Clean", "Private_Dirty")) for kid in _descendants(pid))
     return (own + workers) / 1024
-
-
-def cpu_flags_noted(args: argparse.Namespace) -> dict[str, object]:
-    """Which of the CPU flags that decide precision and allocator settings this CPU has, and what was emulated."""
-    from atlaspatch_stream.cpu import NATIVE_BF16_FLAGS, has_native_bf16, read_cpu_flags
-
-    flags = read_cpu_flags()
-    return {**{name: name in flags for name in ("avx512f", *NATIVE_BF16_FLAGS)},
-            "native_bf16": has_native_bf16(flags, emulated(args)), "emulated": emulated(args) or None}
 
 
 def alternate(args: argparse.Namespace, folder: Path, names: list[str]) -> dict[str, dict]:
@@ -526,7 +517,7 @@ def main() -> None:
         "job_peak_mb_upstream_style": upstream["job_peak_mb"] if upstream else None,
         "note": "each measurement in its own process: peak RSS is that process's own (slide writing excluded); "
                 f"job_peak_mb adds its forked workers' private pages, sampled every {JOB_SAMPLE_S} s",
-        "cpu_flags": cpu_flags_noted(args), "upstream_workers": args.upstream_workers,
+        "cpu_flags": cpu_flags(emulated(args)), "upstream_workers": args.upstream_workers,
         "machine": machine("torch", "timm", "imagecodecs", torch_threads=torch.get_num_threads()),
     }
     write_result("bench_process", line)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import platform
+from collections.abc import Mapping
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,20 @@ def machine(*packages: str, **extra: Any) -> dict[str, Any]:
         with contextlib.suppress(PackageNotFoundError):
             notes[name] = version(name)
     return {**notes, **extra}
+
+
+ISA_LIMITS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
+
+
+def cpu_flags(environ: Mapping[str, str]) -> dict[str, Any]:
+    """Which of the CPU flags that decide precision and allocator settings this CPU has, whether bf16 is native under
+    `environ` (the measurements' environment), and the instruction-set limits it sets (an emulated CPU)."""
+    from atlaspatch_stream.cpu import NATIVE_BF16_FLAGS, has_native_bf16, read_cpu_flags
+
+    flags = read_cpu_flags()
+    limits = {name: environ[name] for name in ISA_LIMITS if name in environ}
+    return {**{name: name in flags for name in ("avx512f", *NATIVE_BF16_FLAGS)},
+            "native_bf16": has_native_bf16(flags, environ), "isa_limits": limits or None}
 
 
 def write_result(bench: str, line: dict[str, Any], append: bool = True) -> str:

@@ -17,15 +17,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 import tempfile
 import time
 from collections import Counter
 from pathlib import Path
 
-import orjson
-from bench_process import allocators  # perf/ scripts run from perf/
+from bench_process import allocators, parse_variant, spawn  # perf/ scripts run from perf/
 from common import machine, write_result
 
 PACKAGE = f"{os.sep}atlaspatch_stream{os.sep}"
@@ -67,24 +65,14 @@ def live_at_peak(trace: Path, top: int) -> tuple[float, dict[str, float]]:
 
 
 def traced_run(args: argparse.Namespace, trace: Path) -> dict:
-    """Run the pipeline child under memray with the CLI's allocator settings; its result line."""
+    """Run `bench_process.py`'s pipeline child under memray with the CLI's allocator settings; its result line."""
     env, trim = allocators({})["cli_default"]
-    command = [sys.executable, "-m", "memray", "run", "--native", "-q", "-o", str(trace), "bench_process.py",
-               "--child", "pipeline", "--folder", args.work, "--encoder", args.encoder, "--precision", args.precision,
-               "--batch", str(args.batch), "--out", "out_profile", "--override", orjson.dumps(args.variant).decode()]
-    plain = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
-    proc = subprocess.run(command + (["--trim"] if trim else []), capture_output=True, text=True,
-                          env={**plain, "HF_HUB_OFFLINE": "1", **env}, cwd=Path(__file__).parent, check=False)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    if proc.returncode or not lines:
-        raise SystemExit(f"the traced run failed:\n{proc.stderr[-3000:]}")
-    return orjson.loads(lines[-1][len("RESULT "):])
+    return spawn(args, Path(args.work), "pipeline", env, out="out_profile", override=args.variant, trim=trim,
+                 launcher=("-m", "memray", "run", "--native", "-q", "-o", str(trace)))
 
 
 def main() -> int:
     """Profile one run; print and save one JSON line."""
-    from bench_process import parse_variant
-
     parser = argparse.ArgumentParser()
     parser.add_argument("--work", required=True, help="a bench_process.py --work folder (slides, weights)")
     parser.add_argument("--encoder", default="resnet18")
@@ -93,9 +81,9 @@ def main() -> int:
     parser.add_argument("--variant", type=parse_variant, default={}, help="SECTION.KEY=VALUE[,...] settings changed")
     parser.add_argument("--top", type=int, default=12)
     args = parser.parse_args()
-    import shutil
-
-    shutil.rmtree(Path(args.work) / "out_profile", ignore_errors=True)  # no H5 of an earlier run is reused
+    # what `spawn` passes on to the child: the CPU, the default decoder, no emulated instruction set
+    args.device, args.decoder, args.upstream_workers, args.emulate_no_avx512 = "cpu", "auto", 0, False
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     with tempfile.TemporaryDirectory() as tmp:
         started = time.perf_counter()
         result = traced_run(args, Path(tmp) / "trace.bin")

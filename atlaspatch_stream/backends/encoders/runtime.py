@@ -269,6 +269,7 @@ class TorchEncoder:
         self.name = spec.name
         self.dim = spec.dim
         self.device = device
+        self._on_cpu = device.split(":")[0] == "cpu"  # folded norms, Pillow's own resizing, forward slices
         self.precision = precision
         self.weights = weights
         self.fixed_batch = compile
@@ -307,7 +308,7 @@ class TorchEncoder:
         model = self._model if self._model is not None else materialize(self.spec, self.weights)
         model = model.to(self.device).eval()
         if self._channels_last:
-            if self.device == "cpu":
+            if self._on_cpu:
                 log.debug("encoder %s: %d batch norms folded into their convolutions", self.name,
                           fold_batch_norms(model))
             model = model.to(memory_format=torch.channels_last)
@@ -337,7 +338,7 @@ class TorchEncoder:
         if getattr(self._model, "takes_uint8", False):
             out = self._model.encode_uint8(pixels)
             return torch.as_tensor(out).to(self.device, non_blocking=True)
-        step = self.cpu_slice if self.device == "cpu" and self._compiled is None else len(pixels)
+        step = self.cpu_slice if self._on_cpu and self._compiled is None else len(pixels)
         with torch.inference_mode():
             if len(pixels) <= step:
                 return self._features(pixels)
@@ -361,7 +362,7 @@ class TorchEncoder:
         import torch
 
         pre = self.spec.preprocess
-        if pre is not None and self.device == "cpu":  # Pillow itself resizes on a CPU: exact and far cheaper
+        if pre is not None and self._on_cpu:  # Pillow itself resizes on a CPU: exact and far cheaper
             host = pixels.numpy() if isinstance(pixels, torch.Tensor) else pixels
             cropped = pil_resized_crops(host, pre)
             if cropped is not None:
