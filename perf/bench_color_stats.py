@@ -5,11 +5,13 @@
 Two baselines, each on the same drawn-tissue patches, all three alternating in rounds so that load on the shared
 machine hits them alike:
 - the CPU implementation of an earlier commit (`--baseline-rev`, read from git history into a module of its own):
-  the outputs must be equal, all 90 values bit for bit;
+  histograms and means must be equal bit for bit, standard deviations within 1e-6 (this tree sums in float64
+  blocks, which moves the std of a near-constant hue by up to ~2e-7, towards the exact value);
 - the torch-ops module, which the package keeps as its CUDA path (`baseline_module`): float32 torch ops over every
   pixel, fed as the runtime fed it (uint8 -> float / 255, NCHW): histograms must be identical, means and stds
   within 1e-5.
-The speedup over the earlier commit is the median of the per-round ratios (each round runs both back to back).
+The speedup over the earlier commit is the median of the per-round ratios (each round runs both back to back). This
+tree runs as the encoder runs it (parts of the batch on torch's intra-op threads) and on one thread.
 Prints one JSON line with the rates and ratios; appends it to perf/results/bench_color_stats.jsonl.
 """
 
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import subprocess
 import sys
 import time
@@ -24,7 +27,7 @@ from pathlib import Path
 from types import ModuleType
 
 import numpy as np
-from common import machine, write_result  # perf/common.py (scripts run from perf/)
+from common import cpu_flags, machine, write_result  # perf/common.py (scripts run from perf/)
 
 
 def baseline_module():  # noqa: ANN201
@@ -90,6 +93,7 @@ def main() -> int:
     args = parser.parse_args()
     import torch
 
+    from atlaspatch_stream.backends.encoders.color_stats import cpu_color_stats
     from atlaspatch_stream.backends.encoders.registry import build_registry
 
     encoder = build_registry(device="cpu", precision="float32", weights={}, plugins=(), num_workers=0).create(
@@ -97,29 +101,37 @@ def main() -> int:
     before, torch_ops = module_at(args.baseline_rev).cpu_color_stats, baseline_module()
     pixels = patches(args.batch, args.patch)
     new_out, before_out, torch_out = encoder.encode(pixels), before(pixels), baseline_encode(torch_ops, pixels)
-    equal_before = bool(np.array_equal(new_out, before_out))
+    equal_before = bool(np.array_equal(new_out[:, 18:], before_out[:, 18:]) and
+                        np.array_equal(new_out[:, :9], before_out[:, :9]))
+    std_before = float(np.abs(new_out[:, 9:18] - before_out[:, 9:18]).max())
     hist_equal = bool(np.array_equal(new_out[:, 18:], torch_out[:, 18:]))
     moment_diff = float(np.abs(new_out[:, :18] - torch_out[:, :18]).max())
-    if not equal_before or not hist_equal or moment_diff > 1e-5:
-        print(f"outputs differ: equal to {args.baseline_rev}={equal_before}, histograms equal to the torch ops="
-              f"{hist_equal}, max mean/std difference {moment_diff}")
+    if not equal_before or std_before > 1e-6 or not hist_equal or moment_diff > 1e-5:
+        print(f"outputs differ: histograms and means equal to {args.baseline_rev}={equal_before}, max std difference "
+              f"{std_before}; histograms equal to the torch ops={hist_equal}, max mean/std difference {moment_diff}")
         return 1
-    runs = {"new": encoder.encode, "before": before, "torch": lambda p: baseline_encode(torch_ops, p)}
+    runs = {"new": encoder.encode, "new_one_thread": cpu_color_stats, "before": before,
+            "torch": lambda p: baseline_encode(torch_ops, p)}
     rates: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(args.rounds):
         for name, run in runs.items():
             rates[name].append(rate(run, pixels, args.seconds / args.rounds))
     median = {name: float(np.median(r)) for name, r in rates.items()}
     paired = [n / b for n, b in zip(rates["new"], rates["before"], strict=True)]
+    paired_one = [n / b for n, b in zip(rates["new_one_thread"], rates["before"], strict=True)]
     write_result("bench_color_stats", {
         "bench": "color_stats", "date": time.strftime("%Y-%m-%d"), "batch": args.batch, "patch": args.patch,
         "new_patches_per_s": round(median["new"], 1),
         "before_rev": args.baseline_rev, "before_patches_per_s": round(median["before"], 1),
         "speedup_vs_before": round(float(np.median(paired)), 2),
         "speedups_vs_before_per_round": [round(x, 2) for x in paired],
+        "new_one_thread_patches_per_s": round(median["new_one_thread"], 1),
+        "one_thread_speedup_vs_before": round(float(np.median(paired_one)), 2),
         "baseline_patches_per_s": round(median["torch"], 1), "speedup": round(median["new"] / median["torch"], 2),
-        "equal_to_before": equal_before, "histograms_identical": hist_equal, "max_mean_std_difference": moment_diff,
-        "machine": machine("torch", "numpy", "opencv-python-headless", torch_threads=torch.get_num_threads()),
+        "histograms_and_means_equal_to_before": equal_before, "max_std_difference_to_before": std_before,
+        "histograms_identical": hist_equal, "max_mean_std_difference": moment_diff,
+        "cpu_flags": cpu_flags(os.environ),
+        "machine": machine("torch", "numpy", "numba", torch_threads=torch.get_num_threads()),
     })
     return 0
 

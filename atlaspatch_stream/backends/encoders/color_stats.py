@@ -4,21 +4,22 @@ It lets the whole pipeline run anywhere (no weights, no download) and gives feat
 bright, how saturated, how much haematoxylin/eosin-like optical density a patch has. Deterministic.
 
 Two implementations of one definition (the torch formulas in `_module_class`):
-- on CPU, integer counts and look-up tables (`cpu_color_stats`), two patches at a time so that every per-pixel
-  plane stays in cache: RGB, value and optical density are functions of a channel value and saturation of the (max, min)
-  pair, so those pixels are only counted (cv2 histograms: R jointly with the hue bin, the (max, min) pair, G, B) and
-  the float work happens once per key (tables computed with the torch formulas; only the pairs present are
-  multiplied). Hue is n6 / (6 chroma) for an integer n6 per pixel, divided in float32 (the exact rational rounded
-  once); its bin is floor(8 hue), except for the colours exactly on a bin edge, which take the torch formula's bin
-  from a table. Histograms equal the torch formulas bit for bit, means and standard deviations are float64 sums (so
-  within float32 rounding, ~1e-6, of the torch path's float32 reductions). About 1.9× the previous table
-  implementation and 8.9× the torch ops on 2 quiet cores (perf/bench_color_stats.py), with all 90 values unchanged.
+- on CPU, one compiled pass over each patch's pixels (`color_kernels.patch_sums`, numba) and tables: RGB, value and
+  optical density are functions of a channel level, so those pixels are only counted, and the float work happens
+  once per level (tables computed with the torch formulas). Saturation comes from a table of the (max, min) pair.
+  Hue is n6 / (6 chroma) for an integer n6 per pixel, divided in float32 (the exact rational rounded once); its bin
+  is floor(8 hue), except for the colours exactly on a bin edge, which take the torch formula's bin from a table.
+  Histograms equal the torch formulas bit for bit; means and standard deviations come from float64 sums (so within
+  float32 rounding, ~1e-6, of the torch path's float32 reductions). Parts of a batch run on several threads.
 - on CUDA, the torch ops themselves, on the device tensor (no host copy).
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -100,13 +101,14 @@ def _module_class() -> type:
             return torch.cat([means, stds, *hists], dim=1)
 
         def encode_uint8(self, pixels: Any) -> np.ndarray:
-            """uint8 (B, H, W, 3) -> float32 (B, 90): tables on the host, torch ops for CUDA tensors."""
+            """uint8 (B, H, W, 3) -> float32 (B, 90): the compiled pass on the host (on as many threads as torch's
+            intra-op pool, the cores every CPU encoder is given), torch ops for CUDA tensors."""
             if isinstance(pixels, torch.Tensor) and pixels.device.type != "cpu":
                 with torch.inference_mode():
                     x = pixels.permute(0, 3, 1, 2).float().div_(255.0)
                     return self(x).cpu().numpy()
             host = pixels.numpy() if isinstance(pixels, torch.Tensor) else pixels
-            return cpu_color_stats(np.asarray(host))
+            return cpu_color_stats(np.asarray(host), threads=torch.get_num_threads())
 
     def _histogram(values: torch.Tensor, top: float) -> torch.Tensor:
         index = _bin_index(values, top)  # (B, 3, N)
@@ -118,31 +120,35 @@ def _module_class() -> type:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# CPU: integer keys, histograms and tables
+# CPU: one compiled pass per patch, then per-key tables
 
 
 class _Tables:
-    """Per-key statistics, computed once with the torch formulas (float32, as the module computes them).
+    """What depends only on a key, computed once with the torch formulas (float32, as the module computes them).
 
-    A key table is a (K, 2 + BINS) float64 matrix: the key's value, its square, and a one-hot of its bin, so per-row
-    key counts (B, K) times the table give sums, sums of squares and bin counts in one product (exact: integers
-    below 2**53).
+    - `level`, `od`: (256, 2 + BINS) float64 key tables of a channel level: its value (the level / 255, or its
+      optical density), its square, and a one-hot of its bin; per-row level counts (B, 256) times the table give
+      sums, sums of squares and bin counts in one product (exact: integers below 2**53).
+    - `sat_value`, `sat_bin`: the saturation of each (max, min) pair (float32, key max * 256 + min) and its bin.
+    - `edge_codes`, `edge_bins`: the colours whose hue lies exactly on a bin edge, and the torch formula's bin of each.
     """
 
     def __init__(self) -> None:
         import torch
 
+        from .color_kernels import edge_colours
+
         levels = torch.arange(256, dtype=torch.float32).div_(255.0)  # exactly the runtime's uint8 / 255
         self.level = _key_table(levels, _bin_index(levels, 1.0))
         od = _optical_density(levels)
         self.od = _key_table(od, _bin_index(od, OD_MAX))
-        # Saturation depends on (max, min) only: one entry per pair, key = max * 256 + min.
         hi, lo = torch.meshgrid(torch.arange(256), torch.arange(256), indexing="ij")
         pair = torch.stack([levels[hi.flatten()], levels[lo.flatten()], levels[lo.flatten()]]).unsqueeze(0)
         sat = _hsv(pair)[0, 1]
-        self.sat = _key_table(sat, _bin_index(sat, 1.0))
-        self.edge_codes, self.edge_bins = _edge_table(levels)
-        self.six_chroma = np.maximum(6.0 * np.arange(256), 1.0).astype(np.float32)  # grey: n6 = 0, hue 0
+        self.sat_value, self.sat_bin = sat.numpy(), _bin_index(sat, 1.0).numpy().astype(np.uint8)
+        self.edge_codes = edge_colours()
+        rgb = torch.stack([levels[torch.from_numpy(self.edge_codes >> s & 255).long()] for s in (16, 8, 0)])
+        self.edge_bins = _bin_index(_hsv(rgb.unsqueeze(0))[0, 0], 1.0).numpy().astype(np.uint8)
 
 
 def _key_table(values: Any, bins: Any) -> np.ndarray:
@@ -151,27 +157,6 @@ def _key_table(values: Any, bins: Any) -> np.ndarray:
     table[:, 0], table[:, 1] = v, v * v
     table[np.arange(v.shape[0]), 2 + bins.numpy()] = 1.0
     return table
-
-
-def _edge_table(levels: Any) -> tuple[np.ndarray, np.ndarray]:
-    """Every (r, g, b) whose hue lies exactly on a bin edge, 8 n6 / (6 chroma) an integer with n6 > 0 (about 97k
-    colours), as sorted codes r<<16|g<<8|b, with the bin the torch formula gives each: there float32 rounding of the
-    formula decides between the two neighbouring bins. Elsewhere the bin is floor(8 n6 / (6 chroma)) whatever the
-    rounding (the nearest edge is at least 1/(24 chroma) away)."""
-    import torch
-
-    g, b = (a.ravel().astype(np.uint8) for a in np.meshgrid(np.arange(256), np.arange(256), indexing="ij"))
-    codes = []
-    for red in range(256):
-        r = np.full_like(g, red)
-        hi, lo = np.maximum(np.maximum(r, g), b), np.minimum(np.minimum(r, g), b)
-        d = (hi - lo).astype(np.int64)
-        n6 = _hue_n6(r, g, b, hi, hi - lo).astype(np.int64)
-        on_edge = (n6 > 0) & ((4 * n6) % np.maximum(3 * d, 1) == 0)
-        codes.append(red << 16 | g[on_edge].astype(np.int32) << 8 | b[on_edge])
-    code = np.concatenate(codes)
-    rgb = torch.stack([levels[torch.from_numpy(code >> s & 255)] for s in (16, 8, 0)]).unsqueeze(0)
-    return code, _bin_index(_hsv(rgb)[0, 0], 1.0).numpy().astype(np.uint8)
 
 
 @functools.cache
@@ -187,104 +172,50 @@ def _summary(sums: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarr
     return mean, std, sums[:, 2:] / n
 
 
-GROUP = 2  # patches per pass: their per-pixel planes stay in cache, and each numpy call covers two patches
-
-
-def _group_sums(t: _Tables, patches: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Counts and hue sums of a few patches (k, H, W, 3), computed in cache-sized pieces.
-
-    Returns `levels` (k, 4, 256): counts of R, G, B and max; `hue` (k, 2 + BINS): hue sum, sum of squares and bin
-    counts; `sat` (k, 2 + BINS): saturation sums from the (max, min) pair counts (max counts are their row sums;
-    only the pairs present are multiplied). Red and hue bins are counted together, in one joint (256, BINS)
-    histogram.
-    """
-    import cv2
-
-    k = len(patches)
-    r, g, b = cv2.split(patches.reshape(k, -1, 3))
-    hi, lo = cv2.max(cv2.max(r, g), b), cv2.min(cv2.min(r, g), b)
-    wide, bins = _hue(t, r, g, b, hi, lo)
-    levels = np.empty((k, 4, 256), np.float32)
-    hue = np.empty((k, 2 + BINS), np.float64)
-    sat = np.empty((k, 2 + BINS), np.float64)
-    for i in range(k):
-        row = slice(i, i + 1)
-        red_hue = _counts(r[row], 256, bins[row], BINS)
-        pairs = _counts(hi[row], 256, lo[row], 256)
-        levels[i] = red_hue.sum(axis=1), _counts(g[row], 256), _counts(b[row], 256), pairs.sum(axis=1)
-        hue[i, 0], hue[i, 1] = wide[row].sum(axis=1)[0], np.einsum("bn,bn->b", wide[row], wide[row])[0]
-        hue[i, 2:] = red_hue.sum(axis=0)
-        pairs = pairs.ravel()
-        present = (pairs != 0).nonzero()[0]
-        sat[i] = pairs[present].astype(np.float64) @ t.sat[present]
-    return levels, hue, sat
-
-
-def _counts(first: np.ndarray, first_bins: int, second: np.ndarray | None = None,
-               second_bins: int = 0) -> np.ndarray:
-    """Counts (float32) of a uint8 plane, or joint counts (first_bins, second_bins) of two (cv2: SIMD, no widening
-    copy)."""
-    import cv2
-
-    if second is None:
-        return cv2.calcHist([first], [0], None, [first_bins], [0, first_bins]).ravel()
-    return cv2.calcHist([first, second], [0, 1], None, [first_bins, second_bins], [0, first_bins, 0, second_bins])
-
-
-def _hue_n6(r: np.ndarray, g: np.ndarray, b: np.ndarray, hi: np.ndarray, d: np.ndarray) -> np.ndarray:
-    """Per-pixel hue numerator n6 (hue = n6 / (6 chroma)), float32: g - b (+ 6 chroma when negative) where red is
-    the maximum, b - r + 2 chroma where green is, r - g + 4 chroma where blue is. Where two channels tie for the
-    maximum both formulas give the same n6."""
-    r16, g16, b16, d16 = (c.astype(np.int16) for c in (r, g, b, d))
-    num = r16 - g16
-    num += d16 << 2
-    np.copyto(num, b16 - r16 + (d16 << 1), where=g == hi)
-    np.copyto(num, g16 - b16, where=r == hi)
-    np.copyto(num, num + 6 * d16, where=num < 0)  # red only
-    return num.astype(np.float32)
-
-
-def _hue(t: _Tables, r: np.ndarray, g: np.ndarray, b: np.ndarray, hi: np.ndarray,
-         lo: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-pixel hue, the exact value n6 / (6 chroma) rounded to float32 (returned as float64 for the sums), and
-    per-pixel bins: floor(8 hue), colours exactly on a bin edge looked up in the edge table."""
-    import cv2
-
-    d = hi - lo
-    n6 = _hue_n6(r, g, b, hi, d)
-    hue = n6 / cv2.LUT(d, t.six_chroma)
-    wide = hue.astype(np.float64)
-    hue *= 8.0
-    bins = hue.astype(np.uint8)
-    edge = hue == bins
-    edge &= n6 > 0
-    if edge.any():
-        code = r[edge].astype(np.int32) << 16 | g[edge].astype(np.int32) << 8 | b[edge]
-        bins[edge] = t.edge_bins[np.searchsorted(t.edge_codes, code)]
-    return wide, bins
-
-
-def cpu_color_stats(pixels: np.ndarray) -> np.ndarray:
+def cpu_color_stats(pixels: np.ndarray, threads: int = 1) -> np.ndarray:
     """The 90 `ColorStats` values of uint8 (B, H, W, 3) RGB patches on the CPU, float32 (B, 90).
 
     Equal to the torch module's output: histograms exactly, means and stds to float32 rounding. Each patch is
-    reduced to integer counts (channel values; (max, min) pairs for saturation) and hue sums in one cache-sized
-    pass; the float work per key happens once, in the tables.
+    reduced to level counts and hue and saturation sums in one compiled pass (`color_kernels.patch_sums`); the
+    float work per level happens once, in the tables. `threads` parts of the batch run at once.
     """
     if pixels.ndim != 4 or pixels.shape[-1] != 3 or pixels.dtype != np.uint8:
         raise ValueError(f"color_stats: expected uint8 (B, H, W, 3), got {pixels.dtype} {pixels.shape}")
     batch, n = pixels.shape[0], pixels.shape[1] * pixels.shape[2]
     if batch == 0:
         return np.zeros((0, DIM), dtype=np.float32)
+    from .color_kernels import patch_sums
+
     t = _tables()
-    parts = [_group_sums(t, np.ascontiguousarray(pixels[i : i + GROUP])) for i in range(0, batch, GROUP)]
-    levels, hue, sat = (np.concatenate(p) for p in zip(*parts, strict=True))
+    flat = np.ascontiguousarray(pixels).reshape(batch, n * 3)
+    levels = np.zeros((batch, 4, 256), np.int32)
+    hue, sat = np.zeros((batch, 2 + BINS)), np.zeros((batch, 2 + BINS))
+
+    def part(rows: slice) -> None:
+        patch_sums(flat[rows], t.sat_value, t.sat_bin, t.edge_codes, t.edge_bins, levels[rows], hue[rows], sat[rows])
+
+    _on_threads(part, batch, threads)
     counts = levels.transpose(1, 0, 2).astype(np.float64)  # (4, B, 256)
     channels = [_summary(c @ t.level, n) for c in counts[:3]]
     channels += [_summary(hue, n), _summary(sat, n), _summary(counts[3] @ t.level, n)]
     channels += [_summary(c @ t.od, n) for c in counts[:3]]
     means, stds, hists = zip(*channels, strict=True)
     return np.concatenate([np.stack(means, 1), np.stack(stds, 1), *hists], axis=1).astype(np.float32)
+
+
+def _on_threads(work: Callable[[slice], None], batch: int, threads: int) -> None:
+    """`work` over `threads` contiguous parts of the batch at once: the first part on this thread, the others on
+    threads of their own (the kernel releases the GIL)."""
+    bounds = np.linspace(0, batch, max(1, min(threads, batch)) + 1).astype(int).tolist()
+    parts = [slice(a, b) for a, b in itertools.pairwise(bounds)]
+    if len(parts) == 1:
+        work(parts[0])
+        return
+    with ThreadPoolExecutor(len(parts) - 1, thread_name_prefix="color-stats") as pool:
+        others = [pool.submit(work, rows) for rows in parts[1:]]
+        work(parts[0])
+        for done in others:
+            done.result()
 
 
 def build() -> Any:
