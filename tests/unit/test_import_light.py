@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-HEAVY = ("torch", "cv2", "h5py", "timm", "sam2", "tiffslide", "openslide", "torchvision")
+HEAVY = ("torch", "cv2", "h5py", "timm", "sam2", "tiffslide", "openslide", "torchvision", "numba")
 
 CHECK = """
 import sys
