@@ -12,7 +12,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-BINS = 8
+from .color_stats import BINS
+
 BLOCK = 256  # pixels summed in float64 on their own before the patch's totals: short sums, small rounding
 
 
@@ -43,11 +44,11 @@ def patch_sums(pixels: np.ndarray, sat_value: np.ndarray, sat_bin: np.ndarray, e
     neighbouring bins. Sums run in float64 over blocks of `BLOCK` pixels: the sums of hue and saturation are exact
     (multiples of 2**-34 below 2**19), their squares rounded within a block and once per block.
     """
+    n = pixels.shape[1] // 3
     for i in range(pixels.shape[0]):
         row, counts = pixels[i], levels[i]
         hue_bins, sat_bins = np.zeros(BINS, np.int64), np.zeros(BINS, np.int64)
         hue_sum, hue_squares, sat_sum, sat_squares = 0.0, 0.0, 0.0, 0.0
-        n = pixels.shape[1] // 3
         for start in range(0, n, BLOCK):
             h1, h2, s1, s2 = 0.0, 0.0, 0.0, 0.0
             for j in range(start, min(start + BLOCK, n)):
