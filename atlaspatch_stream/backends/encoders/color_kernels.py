@@ -12,8 +12,6 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from .color_stats import BINS
-
 BLOCK = 256  # pixels summed in float64 on their own before the patch's totals: short sums, small rounding
 
 
@@ -37,7 +35,7 @@ def patch_sums(pixels: np.ndarray, sat_value: np.ndarray, sat_bin: np.ndarray, e
         edge_codes, edge_bins: sorted int32 codes r<<16 | g<<8 | b of the colours whose hue lies on a bin edge
             (`edge_colours`), and the bin the torch formula gives each.
         levels: int32 (B, 4, 256), zeroed: gets the counts of R, G, B and max levels.
-        hue, sat: float64 (B, 2 + BINS), zeroed: get the sum, the sum of squares and the bin counts.
+        hue, sat: float64 (B, 2 + bins), zeroed: get the sum, the sum of squares and the bin counts.
 
     Hue is n6 / (6 chroma) divided in float32 (the exact rational rounded once), 0 for grey; its bin is
     floor(8 hue), except on a bin edge, where float32 rounding of the torch formula decides between the two
@@ -47,7 +45,7 @@ def patch_sums(pixels: np.ndarray, sat_value: np.ndarray, sat_bin: np.ndarray, e
     n = pixels.shape[1] // 3
     for i in range(pixels.shape[0]):
         row, counts = pixels[i], levels[i]
-        hue_bins, sat_bins = np.zeros(BINS, np.int64), np.zeros(BINS, np.int64)
+        hue_bins, sat_bins = np.zeros(hue.shape[1] - 2, np.int64), np.zeros(sat.shape[1] - 2, np.int64)
         hue_sum, hue_squares, sat_sum, sat_squares = 0.0, 0.0, 0.0, 0.0
         for start in range(0, n, BLOCK):
             h1, h2, s1, s2 = 0.0, 0.0, 0.0, 0.0
