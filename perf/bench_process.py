@@ -39,7 +39,7 @@ from pathlib import Path
 
 import anyio
 import numpy as np
-from common import cpu_flags, machine, write_result  # perf/common.py (scripts run from perf/)
+from common import WITHOUT_AVX512, cpu_flags, machine, write_result  # perf/common.py (scripts run from perf/)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -313,10 +313,6 @@ def allocators(environ: dict[str, str]) -> dict[str, tuple[dict[str, str], bool]
             "small_footprint": (variables(SMALL_FOOTPRINT), False),
             "mmap_32mib": ({"MALLOC_MMAP_THRESHOLD_": "33554432"}, False),
             "arenas_2": ({"MALLOC_ARENA_MAX": "2"}, True)}
-
-
-# A CPU without AVX-512, emulated on one with it: torch's ATen kernels, oneDNN and MKL kept to AVX2.
-WITHOUT_AVX512 = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
 
 
 def emulated(args: argparse.Namespace) -> dict[str, str]:

@@ -33,7 +33,8 @@ def machine(*packages: str, **extra: Any) -> dict[str, Any]:
     return {**notes, **extra}
 
 
-ISA_LIMITS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
+# torch, oneDNN and MKL kept to AVX2: a CPU without AVX-512 as far as the forward pass goes (`--emulate-no-avx512`)
+WITHOUT_AVX512 = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
 
 
 def cpu_flags(environ: Mapping[str, str]) -> dict[str, Any]:
@@ -42,7 +43,7 @@ def cpu_flags(environ: Mapping[str, str]) -> dict[str, Any]:
     from atlaspatch_stream.cpu import NATIVE_BF16_FLAGS, has_native_bf16, read_cpu_flags
 
     flags = read_cpu_flags()
-    limits = {name: environ[name] for name in ISA_LIMITS if name in environ}
+    limits = {name: environ[name] for name in WITHOUT_AVX512 if name in environ}
     return {**{name: name in flags for name in ("avx512f", *NATIVE_BF16_FLAGS)},
             "native_bf16": has_native_bf16(flags, environ), "isa_limits": limits or None}
 

@@ -24,7 +24,7 @@ from collections import Counter
 from pathlib import Path
 
 from bench_process import allocators, parse_variant, spawn  # perf/ scripts run from perf/
-from common import machine, write_result
+from common import cpu_flags, machine, write_result
 
 PACKAGE = f"{os.sep}atlaspatch_stream{os.sep}"
 
@@ -95,7 +95,7 @@ def main() -> int:
         "wall_s_under_memray": round(time.perf_counter() - started, 1), "heap_peak_mb": heap_peak,
         "live_at_heap_peak_mb": owners, "peak_rss_mb_under_memray": result["peak_rss_mb"],
         "rss_beyond_heap_peak_mb_under_memray": round(result["peak_rss_mb"] - heap_peak, 1),
-        "machine": machine("torch", "numpy", "memray"),
+        "cpu_flags": cpu_flags(os.environ), "machine": machine("torch", "numpy", "memray"),
     })
     return 0
 

@@ -412,15 +412,24 @@ def free_bytes(device: str) -> int:
     return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
 
 
-def _cuda_present(device: str) -> bool:
-    """Whether `device` ("cuda" or "cuda:N") names a visible CUDA device."""
+def _sizing(device: str, free: int | None) -> str | None:
+    """How `size_for_device` sizes a pipeline whose encoders run on `device`: "cuda" on a visible CUDA device (or
+    with `free` given), "cpu" on the CPU and for a plain "cuda" without CUDA (the backends fall back to the CPU, as
+    `devices.resolve_device`), None for anything else (an explicit "cuda:N" that is not there, which the backends
+    refuse with their own message; another device type)."""
     import torch
 
     try:
-        index = torch.device(device).index or 0
+        wanted = torch.device(device)
     except (RuntimeError, ValueError):
-        return False
-    return torch.cuda.is_available() and index < torch.cuda.device_count()
+        return None
+    if wanted.type == "cpu":
+        return "cpu"
+    if wanted.type != "cuda":
+        return None
+    if free is not None or (torch.cuda.is_available() and (wanted.index or 0) < torch.cuda.device_count()):
+        return "cuda"
+    return "cpu" if wanted.index is None else None
 
 
 def size_for_device(config: PipelineConfig, free: int | None = None) -> PipelineConfig:
@@ -430,15 +439,13 @@ def size_for_device(config: PipelineConfig, free: int | None = None) -> Pipeline
     `ring_layout`'s patch-queue share becomes the `patches` stream's depth (in reader chunks), and its tile-cache share
     caps `read.decode_batch` (a reader holds the tiles of two decode batches at once: the one being cut and the one
     decoded ahead), so a small GPU or a small budget shrinks both; the configured sizes stay the ceilings. Without
-    encoders, on any other device, or when an explicit "cuda:N" is not there (the backends refuse it), the
-    configuration is returned unchanged. `free`: the device's free bytes (default: asked of the device).
+    encoders, or where `_sizing` says neither, the configuration is returned unchanged. `free`: the device's free
+    bytes (default: asked of the device).
     """
-    device = config.feature_device
-    if not config.encode.extractors:
-        return config
-    if device == "cpu" or (device == "cuda" and free is None and not _cuda_present(device)):
-        return config.sized_for_cpu()  # plain "cuda" without CUDA: the backends fall back to the CPU
-    if not device.startswith("cuda") or (free is None and not _cuda_present(device)):
+    sizing = _sizing(config.feature_device, free) if config.encode.extractors else None
+    if sizing == "cpu":
+        return config.sized_for_cpu()
+    if sizing != "cuda":
         return config
     enc, read = config.encode, config.read
     available = free_bytes(config.feature_device) if free is None else free

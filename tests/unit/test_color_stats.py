@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import colorsys
+from typing import Any
 
 import numpy as np
 import pytest
@@ -228,3 +229,29 @@ def test_hue_by_division_is_the_exact_rational_for_every_key() -> None:
     ours = n6.astype(np.float32) / (6 * d).astype(np.float32)
     exact = (n6 / (6.0 * d)).astype(np.float32)
     np.testing.assert_array_equal(ours, exact)
+
+
+def _encode_in_child(pixels: np.ndarray, queue: Any) -> None:
+    from atlaspatch_stream.backends.encoders.color_stats import cpu_color_stats
+
+    queue.put(cpu_color_stats(pixels, threads=2))
+
+
+def test_the_helper_threads_serve_a_forked_child_too() -> None:
+    """The helper threads are kept per process: a child forked after a threaded batch gets its own (a fork copies
+    no thread), and its batch comes back with the same bits."""
+    import multiprocessing
+
+    from atlaspatch_stream.backends.encoders.color_stats import cpu_color_stats
+
+    pixels = np.random.default_rng(6).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    here = cpu_color_stats(pixels, threads=2)
+    fork = multiprocessing.get_context("fork")
+    queue = fork.Queue()
+    child = fork.Process(target=_encode_in_child, args=(pixels, queue))
+    child.start()
+    try:
+        np.testing.assert_array_equal(queue.get(timeout=120), here)
+    finally:
+        child.join(timeout=60)
+    assert child.exitcode == 0

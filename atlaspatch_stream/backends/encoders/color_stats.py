@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -204,18 +205,22 @@ def cpu_color_stats(pixels: np.ndarray, threads: int = 1) -> np.ndarray:
 
 
 def _on_threads(work: Callable[[slice], None], batch: int, threads: int) -> None:
-    """`work` over `threads` contiguous parts of the batch at once: the first part on this thread, the others on
-    threads of their own (the kernel releases the GIL)."""
+    """`work` over `threads` contiguous parts of the batch at once: the first part on this thread, the others on the
+    helper threads (the kernel releases the GIL)."""
     bounds = np.linspace(0, batch, max(1, min(threads, batch)) + 1).astype(int).tolist()
-    parts = [slice(a, b) for a, b in itertools.pairwise(bounds)]
-    if len(parts) == 1:
-        work(parts[0])
-        return
-    with ThreadPoolExecutor(len(parts) - 1, thread_name_prefix="color-stats") as pool:
-        others = [pool.submit(work, rows) for rows in parts[1:]]
-        work(parts[0])
-        for done in others:
-            done.result()
+    first, *others = (slice(a, b) for a, b in itertools.pairwise(bounds))
+    running = [_helpers(len(others), os.getpid()).submit(work, rows) for rows in others] if others else []
+    work(first)
+    for done in running:
+        done.result()
+
+
+@functools.cache
+def _helpers(threads: int, pid: int) -> ThreadPoolExecutor:
+    """The threads that take the other parts of a batch, started at the first batch that needs them and kept for
+    the process (starting them per batch cost 0.2 ms, 2 % of a 64-patch batch). Keyed by `pid`: a forked child
+    gets threads of its own (a fork copies none)."""
+    return ThreadPoolExecutor(threads, thread_name_prefix="color-stats")
 
 
 def build() -> Any:
