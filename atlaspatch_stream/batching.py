@@ -12,27 +12,32 @@ from typing import cast
 
 import numpy as np
 
+from .buffers import BufferPool
 from .items import PatchBatch, Pixels
 
 
-def concat(parts: list[PatchBatch]) -> PatchBatch:
-    """One batch holding the rows of `parts` in order."""
+def concat(parts: list[PatchBatch], buffers: BufferPool | None = None) -> PatchBatch:
+    """One batch holding the rows of `parts` in order (host pixels copied into a buffer of `buffers`, if given)."""
     if len(parts) == 1:
         return parts[0]
     return PatchBatch(
         np.concatenate([p.slide_ids for p in parts]),
         np.concatenate([p.rows for p in parts]),
-        concat_pixels([p.pixels for p in parts]),
+        concat_pixels([p.pixels for p in parts], buffers),
         read_seconds=sum(p.read_seconds for p in parts),
         encoders=_union([p.encoders for p in parts]),
     )
 
 
-def concat_pixels(arrays: Sequence[Pixels]) -> Pixels:
-    """Rows of every array in order: numpy when all are numpy, else one torch tensor on the tensors' device."""
+def concat_pixels(arrays: Sequence[Pixels], buffers: BufferPool | None = None) -> Pixels:
+    """Rows of every array in order: numpy (in a buffer of `buffers`, if given) when all are numpy, else one torch
+    tensor on the tensors' device."""
     hosts = [a for a in arrays if isinstance(a, np.ndarray)]
     if len(hosts) == len(arrays):
-        return np.concatenate(hosts)
+        if buffers is None:
+            return np.concatenate(hosts)
+        shape = (sum(a.shape[0] for a in hosts), *hosts[0].shape[1:])
+        return np.concatenate(hosts, out=buffers.empty(shape, hosts[0].dtype))
     torch = sys.modules["torch"]  # a tensor is among them, so torch is loaded (this module never imports it)
     device = next(a.device for a in arrays if not isinstance(a, np.ndarray))
     tensors = [torch.as_tensor(a, device=device) if isinstance(a, np.ndarray) else a for a in arrays]
@@ -64,10 +69,15 @@ def split(batch: PatchBatch, n: int) -> tuple[PatchBatch, PatchBatch]:
 
 
 class Batcher:
-    """Fills batches of exactly `size` rows from chunks of any slides; rows keep their (slide_id, row) labels."""
+    """Fills batches of exactly `size` rows from chunks of any slides; rows keep their (slide_id, row) labels.
 
-    def __init__(self, size: int) -> None:
+    A batch of one chunk is that chunk; one joined from several (at a slide's end, and after it while chunks and
+    batches are out of step) is copied into a buffer of `buffers`, if given.
+    """
+
+    def __init__(self, size: int, buffers: BufferPool | None = None) -> None:
         self.size = size
+        self.buffers = buffers
         self._parts: list[PatchBatch] = []
         self._rows = 0
 
@@ -90,7 +100,7 @@ class Batcher:
         parts, self._parts, self._rows = self._parts, [], 0
         if not parts:
             return PatchBatch(np.empty(0, np.int64), np.empty(0, np.int64), np.empty((0, 0, 0, 3), np.uint8))
-        return concat(parts)
+        return concat(parts, self.buffers)
 
 
 def slide_chunk(

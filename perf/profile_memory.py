@@ -31,7 +31,7 @@ PACKAGE = f"{os.sep}atlaspatch_stream{os.sep}"
 # innermost package frame (file:function) -> what the bytes are
 OWNERS = {
     "backends/tiles.py:decode_tile": "decoded tiles held by the readers (the chunk being cut, the next one decoding)",
-    "backends/readers.py:_cut_range": "patch chunks: queued between read and encode, and being batched",
+    "buffers.py:_take": "patch chunks and joined batches (pooled): queued between read and encode, being batched",
     "backends/encoders/runtime.py:_plain_forward": "the forward pass (activations of the batch)",
     "backends/encoders/runtime.py:preprocess_batch": "the model input (the normalised float batch)",
     "backends/encoders/runtime.py:model_input": "the model input (the normalised float batch)",

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..batching import to_host
+from ..buffers import BufferPool
 from ..config import PipelineConfig
 from ..geometry import Contours, Geometry
 from ..items import OpenedSlide, PatchPlan, SlideJob
@@ -84,7 +85,8 @@ class LatticePlanner:
 
         cfg = self.config.plan
         keep = np.zeros(len(coords), dtype=bool)
-        reader = make_patch_reader(slide.handle, self.config.read.reader_threads, self.pixels.decoder())
+        reader = make_patch_reader(slide.handle, self.config.read.reader_threads, self.pixels.decoder(),
+                                   buffers=self.pixels.buffers)
         for rows, pixels in reader.iter_patches(slide.handle, coords, cfg.patch_size, self.config.read.chunk_patches):
             keep[rows] = keep_patches(to_host(pixels), cfg.white_thresh, cfg.black_thresh)
         return coords[keep]
@@ -126,11 +128,14 @@ class LatticePlanner:
 class TilePixels:
     """The tile-once patch reader, or `read_region` threads where it cannot read a slide (`PixelSource`).
 
-    One tile decoder (`--decoder`) is built on first use and shared by every slide's reader.
+    One tile decoder (`--decoder`) is built on first use and shared by every slide's reader, and so is one pool of
+    host buffers for their chunks, keeping as many as can be alive at once: the `patches` stream's, one being cut and
+    one being sent for each slide read at a time, and two in the encoder's batcher.
     """
 
     def __init__(self, config: PipelineConfig) -> None:
         self.config = config
+        self.buffers = BufferPool(config.patch_queue + 2 * config.read.slides_in_parallel + 2)
         self._decoder: TileDecoder | None = None
         self._lock = threading.Lock()
 
@@ -157,7 +162,8 @@ class TilePixels:
 
         handle, decoder = plan.slide.handle, self.decoder()
         # A GPU decoder's patches stay on its device all the way to the encoders.
-        reader = make_patch_reader(handle, threads, decoder, device_output=decoder.device != "cpu")
+        reader = make_patch_reader(handle, threads, decoder, device_output=decoder.device != "cpu",
+                                   buffers=self.buffers)
         return PatchIterator(reader, reader.iter_patches(handle, plan.coords, patch_size, chunk))
 
     def close(self) -> None:

@@ -28,6 +28,7 @@ from typing import Any, Literal
 import numpy as np
 
 from ..batching import to_host
+from ..buffers import BufferPool
 from ..errors import SlideError, describe, is_bug
 from ..items import Pixels
 from ..protocols import DecodedTiles, PatchReader, SlideHandle, TileDecoder
@@ -145,7 +146,7 @@ def region_reason(handle: Any) -> str:
 
 
 def make_patch_reader(handle: Any, threads: int, decoder: TileDecoder | None = None, *,
-                      device_output: bool = False) -> PatchReader:
+                      device_output: bool = False, buffers: BufferPool | None = None) -> PatchReader:
     """The best reader for this slide: `TileOnceReader` when `supports_tile_once(handle)`, else `RegionReader`.
 
     Args:
@@ -153,10 +154,11 @@ def make_patch_reader(handle: Any, threads: int, decoder: TileDecoder | None = N
         threads: Reader threads for this slide.
         decoder: The run's tile decoder (shared by all slides); None = the `cpu` reference.
         device_output: Yield torch tensors on the decoder's device instead of host numpy (GPU decoders only).
+        buffers: Where host chunks are allocated (the run's pool); None = fresh arrays.
     """
     if supports_tile_once(handle):
-        return TileOnceReader(threads=threads, decoder=decoder, device_output=device_output)
-    return RegionReader(threads=threads, reason=region_reason(handle))
+        return TileOnceReader(threads=threads, decoder=decoder, device_output=device_output, buffers=buffers)
+    return RegionReader(threads=threads, reason=region_reason(handle), buffers=buffers)
 
 
 def check_coords(coords: np.ndarray, handle: Any) -> np.ndarray:
@@ -201,8 +203,9 @@ def _pooled(threads: int, name: str, chunks: Callable[[ThreadPoolExecutor], Chun
 
 
 def _region_chunks(handle: Any, coords: np.ndarray, rows: np.ndarray, patch_size: int, chunk: int,
-                   pool: ThreadPoolExecutor) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Yield chunks of `rows` read per patch in `pool`, keeping the next chunk in flight while one is consumed."""
+                   pool: ThreadPoolExecutor, buffers: BufferPool) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Yield chunks of `rows` read per patch in `pool` (into `buffers`), keeping the next chunk in flight while one is
+    consumed."""
     bounds = chunk_bounds(int(rows.shape[0]), chunk)
 
     def submit(b: int, e: int) -> list[Future[np.ndarray]]:
@@ -211,7 +214,7 @@ def _region_chunks(handle: Any, coords: np.ndarray, rows: np.ndarray, patch_size
     pending = submit(*bounds[0]) if bounds else []
     for k, (b, e) in enumerate(bounds):
         current, pending = pending, (submit(*bounds[k + 1]) if k + 1 < len(bounds) else [])
-        out = np.empty((e - b, patch_size, patch_size, 3), dtype=np.uint8)
+        out = buffers.empty((e - b, patch_size, patch_size, 3))
         for i, fut in enumerate(current):
             out[i] = fut.result()
         yield rows[b:e].astype(np.int64), out
@@ -223,13 +226,15 @@ class RegionReader:
     Args:
         threads: Reader threads.
         reason: Why this slide is not read tile-once (recorded in `routes`).
+        buffers: Where chunks are allocated (the run's pool); None = fresh arrays.
     """
 
-    def __init__(self, threads: int = 2, reason: str = "") -> None:
+    def __init__(self, threads: int = 2, reason: str = "", buffers: BufferPool | None = None) -> None:
         if threads < 1:
             raise ValueError(f"threads must be >= 1, got {threads}")
         self.threads = threads
         self.reason = reason
+        self.buffers = buffers or BufferPool(0)
         self.routes: list[Route] = []
 
     def iter_patches(self, handle: SlideHandle, coords: np.ndarray, patch_size: int,
@@ -240,7 +245,7 @@ class RegionReader:
         self.routes = [Route(lv, "read_region", self.reason) for lv in np.unique(arr[:, 4]).tolist()]
         rows = np.arange(arr.shape[0], dtype=np.int64)
         yield from _pooled(self.threads, "region-reader",
-                           lambda pool: _region_chunks(handle, arr, rows, patch_size, chunk, pool))
+                           lambda pool: _region_chunks(handle, arr, rows, patch_size, chunk, pool, self.buffers))
 
 
 class TileOnceReader:
@@ -255,6 +260,7 @@ class TileOnceReader:
         cutter: "cv2" (numpy + cv2, the reference), "torch" (`backends.patches`, on the decoder's device), or
             "auto": torch when the decoder's pixels live on a GPU, else cv2.
         device_output: Yield torch tensors on the decoder's device (for encoders that take them) instead of numpy.
+        buffers: Where host chunks cut with cv2 are allocated (the run's pool); None = fresh arrays.
 
     Attributes:
         routes: After (or during) `iter_patches`, how each level was read and why not by `decoder`.
@@ -262,7 +268,7 @@ class TileOnceReader:
     """
 
     def __init__(self, threads: int = 2, decoder: TileDecoder | None = None, *, cutter: Cutter = "auto",
-                 device_output: bool = False) -> None:
+                 device_output: bool = False, buffers: BufferPool | None = None) -> None:
         if threads < 1:
             raise ValueError(f"threads must be >= 1, got {threads}")
         self.threads = threads
@@ -270,6 +276,7 @@ class TileOnceReader:
         self._cpu: TileDecoder = self.decoder if self.decoder.name == "cpu" else CpuDecoder()
         self.cutter = cutter
         self.device_output = device_output
+        self.buffers = buffers or BufferPool(0)
         self.routes: list[Route] = []
         self.decode_counts: Counter[tuple[int, int]] = Counter()
         self._lock = threading.Lock()
@@ -327,7 +334,7 @@ class TileOnceReader:
         if rest.size:
             reason = region_reason(handle)
             self.routes += [Route(lv, "read_region", reason) for lv in np.unique(levels[rest]).tolist()]
-            for rows, pixels in _region_chunks(handle, coords, rest, patch_size, chunk, pool):
+            for rows, pixels in _region_chunks(handle, coords, rest, patch_size, chunk, pool, self.buffers):
                 yield rows, self._output(pixels)
 
     def _route(self, meta: TilePageMeta) -> TileDecoder:
@@ -427,7 +434,7 @@ class TileOnceReader:
     def _cut(self, plan: LevelPlan, decoded: dict[int, Any], ready: list[Any], b: int, e: int,
              patch_size: int) -> Any:
         if self.cutter == "cv2" or (self.cutter == "auto" and self.decoder.device == "cpu"):
-            return self._output(_cut_range(plan, decoded, b, e, patch_size))
+            return self._output(_cut_range(plan, decoded, self.buffers.empty((e - b, patch_size, patch_size, 3)), b))
         if self.decoder.device == "cpu":
             return self._output(_torch_cut_range(plan, decoded, b, e, patch_size, "cpu"))
         import torch
@@ -454,9 +461,9 @@ class TileOnceReader:
         return to_host(pixels)
 
 
-def _cut_range(plan: LevelPlan, decoded: dict[int, np.ndarray | None], b: int, e: int, patch_size: int) -> np.ndarray:
-    """Cut (and resize as upstream) the patches at plan positions [b, e) from decoded tiles."""
-    out = np.empty((e - b, patch_size, patch_size, 3), dtype=np.uint8)
+def _cut_range(plan: LevelPlan, decoded: dict[int, np.ndarray | None], out: np.ndarray, b: int) -> np.ndarray:
+    """Cut (and resize as upstream to `out`'s edge) the patches at plan positions [b, b + len(out)) into `out`."""
+    patch_size, e = out.shape[1], b + out.shape[0]
     for i in range(b, e):
         rect = (int(plan.rx[i]), int(plan.ry[i]), int(plan.rw[i]), int(plan.rh[i]))
         needed = plan.tiles[plan.starts[i] : plan.starts[i + 1]]

@@ -9,6 +9,7 @@ import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from ..batching import Batcher
+from ..buffers import BufferPool
 from ..items import FeatureBatch, PatchBatch, WriteItem
 from ..protocols import EncoderSet
 
@@ -29,15 +30,16 @@ async def run(
     loaded stops the run from here. Rows from several slides share a batch (the device never idles between slides);
     a partial batch runs as soon as nothing more is queued, so a slow reader never stalls a slide's last rows. Each
     forward runs in a worker thread under `limiter` (device submissions). Rows with NaN or Inf are counted where the
-    features are and travel with the batch (`FeatureBatch.nonfinite`); the writer decides. Closes `send` when
-    `receive` ends. Encoder errors are bugs or a broken device: they propagate and stop the run.
+    features are and travel with the batch (`FeatureBatch.nonfinite`); the writer decides. Host batches joined from
+    several chunks reuse buffers: as many as are in flight, plus the one being filled. Closes `send` when `receive`
+    ends. Encoder errors are bugs or a broken device: they propagate and stop the run.
     """
     task_status.started()
-    batcher = Batcher(batch_size)
     flight = _InFlight(encoders, send, limiter)
     try:
         async with receive, send:
             await anyio.to_thread.run_sync(encoders.warm_up, limiter=limiter)
+            batcher = Batcher(batch_size, BufferPool(max(1, encoders.depth) + 1))  # the depth is known once warm
             async for chunk in receive:
                 for batch in batcher.add(chunk):
                     await flight.submit(batch)

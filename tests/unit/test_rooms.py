@@ -17,7 +17,7 @@ PACKAGE = "atlaspatch_stream"
 ROOT = Path(__file__).resolve().parents[2] / PACKAGE
 
 # The pure core: what stages may import besides anyio and the standard library.
-CORE = {f"{PACKAGE}.{name}" for name in ("items", "protocols", "errors", "config", "geometry", "batching", "formats")}
+CORE = {f"{PACKAGE}.{name}" for name in ("items", "protocols", "errors", "config", "geometry", "batching", "buffers", "formats")}
 # What backends may not import (they are reached from these rooms through protocols only).
 ABOVE_BACKENDS = ("daemon", "outputs", "run", "api", "pipeline", "cli", "assembly", "sync", "distributed")
 
