@@ -185,7 +185,8 @@ class WriteConfig(_Section):
 
 @dataclass(frozen=True)
 class QueueConfig(_Section):
-    """Sizes of the bounded streams between stages (items; memory per item noted beside each)."""
+    """Sizes of the bounded streams between stages (items; memory per item noted beside each), and the byte
+    ceiling of the one that carries pixels."""
 
     jobs: int = 64  # SlideJob: < 1 KB each
     thumbnails: int = 8  # Thumbnail: <= 1024*1024*3 B = 3 MB each
@@ -194,6 +195,8 @@ class QueueConfig(_Section):
     patches: int = 8  # PatchBatch: chunk_patches * P*P*3 B (64 * 256² * 3 = 12.6 MB)
     features: int = 8  # FeatureBatch: batch * D * 4 B (< 1 MB typical)
     results: int = 64  # SlideResult / SlideFailed: < 1 KB
+    # the patches stream's ceiling in MB: large patches queue fewer chunks (`PipelineConfig.patch_queue`)
+    patches_mb: float = _setting(256.0, "> 0")
 
 
 @dataclass(frozen=True)
@@ -283,6 +286,17 @@ class PipelineConfig:
     def feature_device(self) -> str:
         """The device encoders run on."""
         return self.encode.device or self.segment.device
+
+    @property
+    def chunk_bytes(self) -> int:
+        """The most bytes of one reader chunk: `read.chunk_patches` RGB patches of `plan.patch_size`."""
+        return self.read.chunk_patches * self.plan.patch_size**2 * 3
+
+    @property
+    def patch_queue(self) -> int:
+        """Chunks the `patches` stream holds: `queues.patches`, fewer where their bytes would pass
+        `queues.patches_mb` (at least one)."""
+        return max(1, min(self.queues.patches, int(self.queues.patches_mb * 2**20) // self.chunk_bytes))
 
     def replace(self, **sections: Any) -> PipelineConfig:
         """A copy with whole sections replaced."""

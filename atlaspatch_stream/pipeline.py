@@ -91,15 +91,15 @@ class AnyEdge(Protocol):
 
 class Streams:
     """Every edge of the pipeline, typed by what flows on it; sizes from `QueueConfig`, the bytes per item from the
-    patch, thumbnail and batch sizes."""
+    patch, thumbnail and batch sizes (the `patches` stream also bounded by bytes: `PipelineConfig.patch_queue`)."""
 
     def __init__(self, config: PipelineConfig) -> None:
-        q, patch, thumb = config.queues, config.plan.patch_size, config.segment.thumbnail_max
+        q, thumb = config.queues, config.segment.thumbnail_max
         self.jobs: Edge[SlideJob] = Edge("jobs", q.jobs, 1_000)
         self.thumbnails: Edge[Thumbnail] = Edge("thumbnails", q.thumbnails, 3 * thumb**2)
         self.masks: Edge[TissueMask] = Edge("masks", q.masks, thumb**2)
         self.plans: Edge[PatchPlan] = Edge("plans", q.plans, 20 * 100_000)
-        self.patches: Edge[PatchBatch] = Edge("patches", q.patches, config.read.chunk_patches * patch * patch * 3)
+        self.patches: Edge[PatchBatch] = Edge("patches", config.patch_queue, config.chunk_bytes)
         self.to_write: Edge[WriteItem] = Edge("to_write", q.features, 4 * 2048 * config.encode.batch_size)
         self.finished: Edge[SlideResult] = Edge("finished", q.results, 1_000)  # book -> dispatcher
         self.results: Edge[SlideResult] = Edge("results", q.results, 1_000)  # dispatcher -> results()

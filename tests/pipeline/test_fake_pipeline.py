@@ -158,6 +158,39 @@ async def test_backpressure_bounds_open_slides_and_queues(tmp_path: Path) -> Non
     assert peak_used >= 1
 
 
+async def test_the_patches_stream_holds_no_more_bytes_than_its_budget(tmp_path: Path) -> None:
+    """`queues.patches_mb` of two and a half chunks, eight allowed by count, a slow encoder: the patches stream's
+    capacity is two chunks, it fills to two and never holds more bytes than the budget."""
+    chunk_bytes = 4 * 16 * 16 * 3
+    queues = QueueConfig(patches=8, patches_mb=2.5 * chunk_bytes / 2**20)
+    config = fake_config(tmp_path, queues=queues, chunk=4, batch=4)
+    backends = FakeBackends(config, patches_per_slide=32, encoder_delay=0.02)
+    peak = 0
+    with anyio.fail_after(6):
+        async with open_pipeline(config, backends=backends) as pipeline:
+            patches = pipeline.statistics().streams["patches"]
+            assert (patches.size, patches.bytes_per_item) == (2, chunk_bytes) == (config.patch_queue,
+                                                                                 config.chunk_bytes)
+
+            async def feed() -> None:
+                for job in fake_jobs(tmp_path, ["s0", "s1"]):
+                    await pipeline.submit(job)
+                await pipeline.close_input()
+
+            async def poll() -> None:
+                nonlocal peak
+                while pipeline.statistics().totals.finished < 2:
+                    peak = max(peak, pipeline.statistics().streams["patches"].used)
+                    await anyio.sleep(0.002)
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(feed)
+                tg.start_soon(poll)
+                results = [r async for r in pipeline.results()]
+    assert [r.status for r in results] == ["done", "done"]
+    assert peak == 2 and peak * chunk_bytes <= queues.patches_mb * 2**20
+
+
 # -- cancellation ---------------------------------------------------------------------------------------------------
 
 

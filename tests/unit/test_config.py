@@ -187,3 +187,19 @@ def test_sized_for_cpu_reads_no_further_ahead_than_the_encoder_uses() -> None:
                          "queues": {"patches": 3}}, environ={}).sized_for_cpu(cores=16)
     assert (small.read.chunk_patches, small.queues.patches) == (8, 3)  # 8 chunks make two batches; 3 is the ceiling
     assert config.sized_for_cpu(cores=2).sized_for_cpu(cores=2) == two_cores
+
+
+def test_the_patches_stream_is_bounded_by_bytes_as_well_as_chunks() -> None:
+    """`queues.patches_mb` caps what the patches stream can hold: 224-px chunks of 64 fit eight times in 256 MB, so
+    `queues.patches` binds; 1024-px chunks (192 MiB each) fit once; a budget under one chunk still queues one."""
+    small = load_config({"plan": {"patch_size": 224}, "read": {"chunk_patches": 64}}, environ={})
+    assert small.chunk_bytes == 64 * 224 * 224 * 3 and small.patch_queue == small.queues.patches == 8
+    large = load_config({"plan": {"patch_size": 1024}, "read": {"chunk_patches": 64}}, environ={})
+    assert large.patch_queue == 1
+    mid = load_config({"plan": {"patch_size": 512}, "read": {"chunk_patches": 64}}, environ={})
+    assert mid.patch_queue == 5 and mid.patch_queue * mid.chunk_bytes <= 256 * 2**20 < 6 * mid.chunk_bytes
+    tight = load_config({"queues": {"patches_mb": 40}, "plan": {"patch_size": 512}, "read": {"chunk_patches": 64}},
+                        environ={})
+    assert tight.patch_queue == 1
+    with pytest.raises(ConfigError, match="patches_mb"):
+        load_config({"queues": {"patches_mb": 0}}, environ={})
