@@ -23,8 +23,9 @@ that decide precision and allocator (AVX-512, AVX-512 BF16, AMX). `--emulate-no-
 torch, oneDNN and MKL kept to AVX2, a CPU without AVX-512 as far as the forward pass goes (JPEG decoding and the
 rest keep their own dispatch). `--variant SECTION.KEY=VALUE[,...]` runs the
 pipeline once more with those settings changed. `--work DIR` keeps the slides and weights there (written once,
-reused). `--baseline-tree DIR` runs the pipeline once more from another checkout (e.g. `git worktree add /tmp/before
-<commit>`), to show a change costs no speed, under `--baseline-allocators` (what 1ea700c's CLI set, by default). Appends the line to perf/results/bench_process.jsonl.
+reused). `--baseline-tree DIR` runs the pipeline from another checkout as well (e.g. `git worktree add /tmp/before
+<commit>`), in every round beside the others, to show a change costs no speed (the ratio paired round by round),
+under `--baseline-allocators` (what 1ea700c's CLI set, by default). Appends the line to perf/results/bench_process.jsonl.
 """
 
 from __future__ import annotations
@@ -354,6 +355,7 @@ def spawn(args: argparse.Namespace, folder: Path, what: str, env: dict[str, str]
     return {**orjson.loads(lines[-1][len("RESULT "):]), "job_peak_mb": round(job_peak, 1)}
 
 
+BEFORE = "before"  # the --baseline-tree pipeline among the alternated configurations
 JOB_SAMPLE_S = 0.05  # how often the whole job's memory is sampled
 
 
@@ -392,10 +394,14 @@ def job_memory_mb(pid: int) -> float:
 
 
 def alternate(args: argparse.Namespace, folder: Path, names: list[str]) -> dict[str, dict]:
-    """Each allocator configuration once per round, the order rotated each round (so drift on a shared machine hits
-    all alike); per configuration the median wall, CPU and peak RSS, and the median of its per-round wall ratio to
-    the first configuration."""
+    """Each allocator configuration (and `--baseline-tree`, as BEFORE) once per round, the order rotated each round
+    (so drift on a shared machine hits all alike); per configuration the median wall, CPU and peak RSS, and the median
+    of its per-round wall ratio to the first configuration."""
     configs = allocators(emulated(args))
+    if args.baseline_tree:  # the older tree as its CLI ran it (commit 1ea700c: the fixed 1 MiB threshold, two arenas)
+        env, trim = configs[args.baseline_allocators]
+        configs[BEFORE] = ({"PYTHONPATH": str(Path(args.baseline_tree).resolve()), **env}, trim)
+        names = [*names, BEFORE]
     runs: dict[str, list[dict]] = {name: [] for name in names}
     for round_ in range(args.rounds):
         order = names[round_ % len(names):] + names[: round_ % len(names)]
@@ -414,6 +420,9 @@ def alternate(args: argparse.Namespace, folder: Path, names: list[str]) -> dict[
                                                                   for r, f in zip(rs, first, strict=True)])), 3),
             "patches": rs[0]["patches"], "statuses": rs[0]["statuses"], "busy": rs[-1]["busy"],
         }
+    if BEFORE in summary:
+        summary[BEFORE]["ours_over_before_paired"] = round(float(np.median(
+            [f["wall_s"] / r["wall_s"] for r, f in zip(runs[BEFORE], first, strict=True)])), 3)
     return summary
 
 
@@ -474,10 +483,7 @@ def main() -> None:
         env, trim = allocators(emulated(args))["cli_default"]
         variants = [{"settings": v, **spawn(args, folder, "pipeline", env, out=f"out_v{i}", override=v, trim=trim)}
                     for i, v in enumerate(args.variant)]
-        # the older tree as its CLI ran it (commit 1ea700c: the fixed 1 MiB threshold and two arenas on every CPU)
-        baseline_env, baseline_trim = allocators(emulated(args))[args.baseline_allocators]
-        before = spawn(args, folder, "pipeline", {"PYTHONPATH": str(Path(args.baseline_tree).resolve()), **baseline_env},
-                       out="out_before", trim=baseline_trim) if args.baseline_tree else None
+        before = pipelines.pop(BEFORE, None)
         ours = pipelines[names[0]]
         alone = spawn(args, folder, "encoder", patches=ours["patches"])
         # the upstream-style stage reads the coordinates the reference run wrote
@@ -501,10 +507,12 @@ def main() -> None:
         "job_peak_over_upstream_style": round(ours["job_peak_mb"] / upstream["job_peak_mb"], 3) if upstream else None,
         "patches_per_s": round(patches / wall, 1), "slides_per_h": round(len(slides) / wall * 3600, 1),
         "pipelines": pipelines,
-        "baseline_tree": {"commit": _commit(args.baseline_tree), "wall_s": round(before["wall_s"], 2),
-                          "allocators": args.baseline_allocators,
+        "baseline_tree": {"commit": _commit(args.baseline_tree), "wall_s": before["wall_s"],
+                          "allocators": args.baseline_allocators, "wall_s_runs": before["wall_s_runs"],
                           "peak_rss_mb": before["peak_rss_mb"], "job_peak_mb": before["job_peak_mb"],
-                          "wall_ours_over_before": round(wall / before["wall_s"], 3)} if before else None,
+                          "peak_rss_mb_runs": before["peak_rss_mb_runs"],
+                          "wall_ours_over_before": round(wall / before["wall_s"], 3),
+                          "wall_ours_over_before_paired": before["ours_over_before_paired"]} if before else None,
         "variants": [{"settings": v["settings"], "wall_s": round(v["wall_s"], 2),
                       "peak_rss_mb": v["peak_rss_mb"], "job_peak_mb": v["job_peak_mb"]} for v in variants] or None,
         "peak_rss_mb_encoder_alone": alone["peak_rss_mb"],
