@@ -15,6 +15,7 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 import orjson
 
+from .cpu import usable_cores
 from .errors import ConfigError
 
 try:  # pragma: no cover - depends on the interpreter
@@ -121,13 +122,13 @@ class PlanConfig(_Section):
     fast_mode: bool = True
     hole_min_area: int = 16
     max_n_holes: int = 10
-    # threads planning coordinates; None = CPU count, at most 8
+    # threads planning coordinates; None = the usable cores, at most 8
     workers: int | None = _setting(None, "> 0", "--patch-workers")
 
     @property
     def threads(self) -> int:
-        """Planning threads: `workers`, or the CPU count capped at 8."""
-        return self.workers or min(8, os.cpu_count() or 1)
+        """Planning threads: `workers`, or the usable cores capped at 8."""
+        return self.workers or min(8, usable_cores())
 
     @property
     def step(self) -> int:
@@ -314,7 +315,7 @@ class PipelineConfig:
         """
         read, batch = self.read, self.encode.batch_size
         chunk = min(read.chunk_patches, batch)
-        covered = read.reader_threads >= (cores or os.cpu_count() or 1)
+        covered = read.reader_threads >= (cores or usable_cores())
         return self.replace(
             read=dataclasses.replace(read, chunk_patches=chunk,
                                      slides_in_parallel=1 if covered else read.slides_in_parallel),

@@ -1,4 +1,5 @@
-"""What this CPU computes natively: decided once, for the CLI's allocator settings and the encoders' precision.
+"""What this CPU computes natively (decided once, for the CLI's allocator settings and the encoders' precision), and
+how many cores this process may use (for every pool sized from the cores).
 
 "Native bf16" means the CPU has AVX-512 BF16 or AMX *and* the math libraries may use them: a limit set with
 `ONEDNN_MAX_CPU_ISA` (or its old name `DNNL_MAX_CPU_ISA`) below AVX512_CORE_BF16, or `ATEN_CPU_CAPABILITY` below
@@ -40,6 +41,15 @@ def read_cpu_flags(cpuinfo_path: str = "/proc/cpuinfo") -> set[str]:
             return cpu_flags(fh.read())
     except OSError:
         return set()
+
+
+def usable_cores() -> int:
+    """The cores this process may run on: its CPU affinity (`taskset`, a SLURM or container cgroup's cpuset), which
+    `os.cpu_count()` ignores; the CPU count where affinity is unknown (not Linux)."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 @cache

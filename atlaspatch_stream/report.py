@@ -17,6 +17,7 @@ from typing import Any, Literal
 import orjson
 
 from . import __version__
+from .cpu import usable_cores
 from .items import EngineStatistics, SlideResult
 
 REPORT_NAME = "atlaspatch-report.jsonl"
@@ -24,11 +25,13 @@ RunStatus = Literal["completed", "interrupted", "failed"]
 
 
 def machine() -> dict[str, Any]:
-    """The machine a run ran on: CPU model, cores, OS and Python (for the QC report)."""
+    """The machine a run ran on: CPU model, cores (and those this process may use), OS and Python (for the QC
+    report)."""
     cpu = platform.processor()
     with contextlib.suppress(OSError, StopIteration), open("/proc/cpuinfo") as fh:
         cpu = next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
-    return {"cpu": cpu, "cores": os.cpu_count(), "os": platform.platform(), "python": platform.python_version()}
+    return {"cpu": cpu, "cores": os.cpu_count(), "usable_cores": usable_cores(), "os": platform.platform(),
+            "python": platform.python_version()}
 
 
 class RunReport:

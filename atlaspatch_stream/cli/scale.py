@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from ..config import PipelineConfig
+from ..cpu import usable_cores
 from ..errors import ConfigError, MissingExtraError
 from ..items import SlideJob
 from ..pipeline import Mode, running
@@ -218,7 +219,7 @@ def _ray_session(request: ScaleRequest) -> Iterator[None]:
     ray = import_ray()
     kwargs: dict[str, Any] = {"logging_level": logging.WARNING, "include_dashboard": False}
     if request.ray_address == "local":
-        kwargs["num_cpus"] = max(os.cpu_count() or 1, request.workers or 1)
+        kwargs["num_cpus"] = max(usable_cores(), request.workers or 1)
     else:
         kwargs = {"address": request.ray_address, "logging_level": logging.WARNING}
     try:

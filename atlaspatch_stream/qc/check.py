@@ -29,6 +29,7 @@ from itertools import islice
 from pathlib import Path
 from typing import Any, Literal, cast
 
+from ..cpu import usable_cores
 from ..errors import describe
 
 Code = Literal["ok", "corrupt", "incomplete", "schema", "geometry_mismatch", "coords_out_of_bounds",
@@ -99,10 +100,10 @@ def iter_verdicts(out: Path, expect: Expectations | None = None, *,
     Args:
         out: the output folder (its `patches/` is checked).
         expect: what outputs should match; default: only their own consistency.
-        threads: pool size (default: CPU count, at most 8).
+        threads: pool size (default: the usable cores, at most 8).
     """
     expect = expect or Expectations()
-    workers = threads or min(8, os.cpu_count() or 1)
+    workers = threads or min(8, usable_cores())
     with ThreadPoolExecutor(workers, thread_name_prefix="atlaspatch-check") as pool:
         pending = (pool.submit(check_path, path, expect) for path in candidates(out))
         window = deque(islice(pending, 4 * workers))

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from .. import __version__
+from ..cpu import usable_cores
 from ..outputs import qc_thumbs_dir
 from .check import Verdict, check_outputs
 from .runlog import RunLog, read_run_log
@@ -59,7 +60,7 @@ def write_report(out: Path, *, threads: int | None = None, page_size: int = 50) 
     log = read_run_log(out)
     verdicts = {v.stem: v for v in check_outputs(out, threads=threads) if v.path.suffix == ".h5"}
     rows = slide_rows(log, verdicts)
-    workers = threads or min(8, os.cpu_count() or 1)
+    workers = threads or min(8, usable_cores())
     with ThreadPoolExecutor(workers, thread_name_prefix="atlaspatch-report") as pool:
         cards = list(pool.map(lambda row: make_card(out, row), rows))
     for row, card in zip(rows, cards, strict=True):

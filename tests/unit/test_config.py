@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -203,3 +206,31 @@ def test_the_patches_stream_is_bounded_by_bytes_as_well_as_chunks() -> None:
     assert tight.patch_queue == 1
     with pytest.raises(ConfigError, match="patches_mb"):
         load_config({"queues": {"patches_mb": 0}}, environ={})
+
+
+_CORES_PROBE = """
+import dataclasses
+from atlaspatch_stream.config import PipelineConfig, PlanConfig
+from atlaspatch_stream.cpu import usable_cores
+from atlaspatch_stream.report import machine
+config = PipelineConfig()
+two_readers = config.replace(read=dataclasses.replace(config.read, reader_threads=1, slides_in_parallel=2))
+print(usable_cores(), PlanConfig().threads, two_readers.sized_for_cpu().read.slides_in_parallel,
+      machine()["usable_cores"])
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2,
+                    reason="needs CPU affinity and at least two usable cores")
+def test_sizes_follow_the_cpu_affinity_not_the_machine() -> None:
+    """A process pinned to one core (as `taskset` or a SLURM cpuset pins it) plans on one thread, reads one slide at a
+    time with one reader thread, and reports one usable core; unpinned, the same code sees every core it may use."""
+    def probe(cores: set[int] | None) -> list[int]:
+        pin = (lambda: os.sched_setaffinity(0, cores)) if cores else None
+        done = subprocess.run([sys.executable, "-c", _CORES_PROBE], capture_output=True, text=True, check=True,
+                              preexec_fn=pin)
+        return [int(v) for v in done.stdout.split()]
+
+    everything = len(os.sched_getaffinity(0))
+    assert probe({min(os.sched_getaffinity(0))}) == [1, 1, 1, 1]
+    assert probe(None) == [everything, min(8, everything), 2, everything]
