@@ -18,6 +18,7 @@ from .config import PipelineConfig
 from .errors import ConfigError
 from .outputs import visualization_dir
 from .outputs.h5outputs import H5Outputs, SettingsRecord, slide_attrs
+from .outputs.overlays import OverlayFiles
 from .protocols import EncoderSet, Segmenter
 
 if TYPE_CHECKING:
@@ -35,7 +36,7 @@ class RealBackends:
         self.slides = TiffSlides(config)
         self.pixels = TilePixels(config)
         self.planner = LatticePlanner(config, partial(slide_attrs, settings=self.settings),
-                                      visualization_dir(config.write.output), self.pixels)
+                                      OverlayFiles(visualization_dir(config.write.output)), self.pixels)
         self.outputs = H5Outputs(config, self.settings)
 
     def segmenter_sha256(self) -> str | None:

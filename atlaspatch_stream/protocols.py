@@ -20,6 +20,7 @@ import numpy as np
 
 if TYPE_CHECKING:
     from .backends.tiles import TilePageMeta
+    from .geometry import Contours
     from .items import (
         DevicePixels,
         Encoded,
@@ -365,6 +366,24 @@ class SlideSource(Protocol):
 
     def thumbnail(self, handle: SlideHandle) -> np.ndarray:
         """The segmentation thumbnail (upstream §3.2), with bounded memory."""
+        ...
+
+
+class OverlayWriter(Protocol):
+    """Writes a slide's overlay images where the outputs keep them (`outputs.overlays.OverlayFiles`); the planner
+    draws nothing itself."""
+
+    def mask(self, stem: str, thumb: np.ndarray, mask: np.ndarray) -> list[Path]:
+        """The mask overlays (`<stem>_mask.png`, `<stem>_mask_bw.png`) of `mask` on the RGB thumbnail `thumb`."""
+        ...
+
+    def contours(self, stem: str, thumb: np.ndarray, contours: Contours, mask_shape: tuple[int, int]) -> Path:
+        """The contour overlay of `contours` (in the pixels of a mask of `mask_shape` (h, w)) on `thumb`."""
+        ...
+
+    def grid(self, stem: str, thumb: np.ndarray, level0_size: tuple[int, int], coords: np.ndarray,
+             patch_size_level0: int, info: Mapping[str, str]) -> Path:
+        """The patch grid of `coords` (level-0 pixels) on `thumb`, with the lines of `info` in a box."""
         ...
 
 

@@ -3,7 +3,7 @@
 `assembly.RealBackends` composes them with the outputs. Each method is called by a stage in a worker thread.
 Third-party libraries are imported inside the methods' modules, which are imported here lazily, so
 `import atlaspatch_stream` stays light. Nothing here knows the output layout: the planner is handed the builder of
-a new slide's attributes and the folder its overlays go to.
+a new slide's attributes and the writer of its overlays.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from ..buffers import BufferPool
 from ..config import PipelineConfig
 from ..geometry import Contours, Geometry
 from ..items import OpenedSlide, PatchPlan, SlideJob
-from ..protocols import PatchChunks, SlideHandle, TileDecoder
+from ..protocols import OverlayWriter, PatchChunks, SlideHandle, TileDecoder
 
 if TYPE_CHECKING:
     from ..outputs import SlideAttrs
@@ -51,9 +51,9 @@ class TiffSlides:
 
 
 class LatticePlanner:
-    """Contours and upstream's patch lattice from a tissue mask, plus the overlays (`Planner`)."""
+    """Contours and upstream's patch lattice from a tissue mask, plus what the overlays show (`Planner`)."""
 
-    def __init__(self, config: PipelineConfig, attrs: AttrsBuilder, overlays: Path,
+    def __init__(self, config: PipelineConfig, attrs: AttrsBuilder, overlays: OverlayWriter,
                  pixels: TilePixels | None = None) -> None:
         self.config = config
         self.attrs = attrs
@@ -96,14 +96,12 @@ class LatticePlanner:
         w = self.config.write
         if not (w.visualize_grids or w.visualize_mask or w.visualize_contours):
             return
-        from . import visualize
-
         out, stem, info = self.overlays, slide.job.stem, slide.handle.info
         thumb = slide.handle.overlay_thumbnail(1024)
         if w.visualize_mask:
-            visualize.write_mask_overlays(out, stem, thumb, mask)
+            out.mask(stem, thumb, mask)
         if w.visualize_contours:
-            visualize.write_contour_overlay(out, stem, thumb, contours, mask.shape[:2])
+            out.contours(stem, thumb, contours, (mask.shape[0], mask.shape[1]))
         if w.visualize_grids:
             cfg = self.config.plan
             facts = {
@@ -113,16 +111,11 @@ class LatticePlanner:
                 "Step Size": str(cfg.step),
                 "Tissue Threshold": str(cfg.tissue_thresh),
             }
-            visualize.write_grid_overlay(
-                out, stem, thumb, (info.width, info.height), coords, geometry.patch_size_level0, facts
-            )
+            out.grid(stem, thumb, (info.width, info.height), coords, geometry.patch_size_level0, facts)
 
     def detect_overlays(self, slide: OpenedSlide, mask: np.ndarray) -> list[Path]:
         """`detect-tissue`: `<stem>_mask.png` and `<stem>_mask_bw.png`."""
-        from . import visualize
-
-        thumb = slide.handle.overlay_thumbnail(1024)
-        return visualize.write_mask_overlays(self.overlays, slide.job.stem, thumb, mask)
+        return self.overlays.mask(slide.job.stem, slide.handle.overlay_thumbnail(1024), mask)
 
 
 class TilePixels:

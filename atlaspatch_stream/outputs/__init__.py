@@ -1,6 +1,6 @@
 """Everything under `<out>`: where each file goes and what it records (`layout`), claims and locks (`claims`), the
-H5 store on its one thread (`h5store`, `h5io`, `h5thread`), patch PNGs (`images`) and the `OutputStore` the
-pipeline writes through (`h5outputs`).
+H5 store on its one thread (`h5store`, `h5io`, `h5thread`), patch PNGs (`images`), overlay and QC images
+(`overlays`) and the `OutputStore` the pipeline writes through (`h5outputs`).
 
 Only `layout`'s pure names are imported here; h5py and cv2 load with the modules that need them.
 """

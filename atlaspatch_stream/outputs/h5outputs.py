@@ -117,7 +117,7 @@ class H5Outputs:
 
     def save_qc_thumbnail(self, stem: str, thumbnail: np.ndarray, mask: np.ndarray) -> None:
         """`--qc`: `<out>/qc/thumbs/<stem>.jpg` and `<stem>.mask.png` (what `atlaspatch report` draws cards from)."""
-        from ..backends.visualize import write_qc_thumbnail
+        from .overlays import write_qc_thumbnail
 
         write_qc_thumbnail(qc_thumbs_dir(self.config.write.output), stem, thumbnail, mask)
 

@@ -27,6 +27,7 @@ import numpy as np
 
 from .. import __version__
 from ..cpu import usable_cores
+from ..geometry import Contours
 from ..outputs import qc_thumbs_dir
 from .check import Verdict, check_outputs
 from .runlog import RunLog, read_run_log
@@ -111,7 +112,7 @@ def make_card(out: Path, row: Mapping[str, Any]) -> Card:
     source, picture, mask_path = _thumbnail_source(out, stem, row.get("slide", ""), attrs)
     if picture is None:
         return Card(None, "missing", None, facts)
-    from ..backends.visualize import read_qc_image
+    from ..outputs.overlays import read_qc_image
 
     mask = read_qc_image(mask_path) if mask_path is not None else None
     tissue = float((mask > 127).mean()) if mask is not None else None
@@ -145,22 +146,31 @@ def _newer(card: Path, sources: Sequence[Path | None]) -> bool:
 def _draw_card(card: Path, source: str, picture: Path, mask: np.ndarray | None, h5: Path | None,
                attrs: Mapping[str, Any]) -> bool:
     """Draw and write the card; False when the slide gives no thumbnail."""
-    from ..backends.visualize import draw_qc_card, read_qc_image, write_qc_card
+    from ..outputs.overlays import draw_qc_card, read_qc_image, write_qc_card
 
     thumb = read_qc_image(picture) if source == "run" else _slide_thumbnail(picture)
     if thumb is None:
         return False
     coords = _h5_read(h5, coords=True)[1]
     size = (int(attrs.get("level0_width") or thumb.shape[1]), int(attrs.get("level0_height") or thumb.shape[0]))
-    write_qc_card(card, draw_qc_card(thumb, mask, size, coords, int(attrs.get("patch_size_level0") or 0)))
+    write_qc_card(card, draw_qc_card(thumb, _tissue(mask), size, coords, int(attrs.get("patch_size_level0") or 0)))
     return True
+
+
+def _tissue(mask: np.ndarray | None) -> tuple[Contours, tuple[int, int]] | None:
+    """The tissue contours of a saved `--qc` mask (upstream's contour rules, no area threshold) and its shape."""
+    if mask is None:
+        return None
+    from ..backends.contours import mask_to_contours
+
+    return mask_to_contours(mask, 0.0), (mask.shape[0], mask.shape[1])
 
 
 def _slide_thumbnail(path: Path) -> np.ndarray | None:
     """The slide library's own thumbnail (at most the `--qc` size), or None when the slide does not give one."""
     from ..backends.slides import open_slide
-    from ..backends.visualize import QC_THUMB_MAX
     from ..errors import SlideError
+    from ..outputs.overlays import QC_THUMB_MAX
 
     try:
         with contextlib.closing(open_slide(path)) as handle:

@@ -28,6 +28,7 @@ from ..geometry import Geometry, plan_geometry
 from ..items import OpenedSlide, PatchPlan, Pixels, SlideInfo, SlideJob
 from ..outputs import SlideAttrs, visualization_dir
 from ..outputs.h5outputs import H5Outputs, SettingsRecord, slide_attrs
+from ..outputs.overlays import OverlayFiles
 from ..protocols import (
     Backends,
     Encoder,
@@ -143,7 +144,7 @@ class FakePlanner(Planner):
         self.config = config
         self.settings = settings
         self.patches_per_slide = patches_per_slide
-        self._overlays = LatticePlanner(config, self._attrs, visualization_dir(config.write.output))
+        self._overlays = LatticePlanner(config, self._attrs, OverlayFiles(visualization_dir(config.write.output)))
 
     def plan(self, slide: OpenedSlide, mask: np.ndarray) -> PatchPlan:
         """A single row of patches along y=0."""

@@ -31,6 +31,7 @@ from atlaspatch_stream.geometry import plan_geometry
 from atlaspatch_stream.items import OpenedSlide, PatchPlan, SlideJob, SlideResult
 from atlaspatch_stream.outputs import visualization_dir
 from atlaspatch_stream.outputs.h5outputs import H5Outputs, SettingsRecord, slide_attrs
+from atlaspatch_stream.outputs.overlays import OverlayFiles
 from atlaspatch_stream.pipeline import running
 from atlaspatch_stream.protocols import (
     Backends,
@@ -199,7 +200,7 @@ def _parts(kind: str, config: PipelineConfig) -> tuple[SlideSource, Planner, Pix
         return FakeSlides(), FakePlanner(config, settings, 7), FakePixels()
     pixels = TilePixels(config)
     attrs = lambda slide, geometry: slide_attrs(slide, geometry, settings)  # noqa: E731 - bound builder
-    return TiffSlides(config), LatticePlanner(config, attrs, visualization_dir(config.write.output), pixels), pixels
+    return TiffSlides(config), LatticePlanner(config, attrs, OverlayFiles(visualization_dir(config.write.output)), pixels), pixels
 
 
 @pytest.mark.parametrize("kind", ["real", "fake"])

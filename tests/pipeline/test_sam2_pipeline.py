@@ -57,7 +57,7 @@ def test_sam2_local_weights_and_masks_match_direct_segmenter(sam2_checkpoint: Pa
     """--seg-weights PATH: the pipeline's mask overlay equals the segmenter run directly on the same thumbnail."""
     from atlaspatch_stream.backends.segment_sam2 import Sam2Segmenter
     from atlaspatch_stream.backends.slides import open_slide
-    from atlaspatch_stream.backends.visualize import resize_mask_nearest
+    from atlaspatch_stream.outputs.overlays import resize_mask_nearest
 
     slide = real_slide("aperio/CMU-1-Small-Region.svs")
     out = tmp_path / "out"

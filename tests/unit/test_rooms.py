@@ -137,6 +137,15 @@ def test_sources_and_daemon_import_no_backend() -> None:
     assert not bad, "sources/daemon import a backend:\n" + "\n".join(bad)
 
 
+def test_outputs_import_no_backend_and_qc_only_slides_and_contours() -> None:
+    """Everything under `<out>` (the overlay and QC images too) is written by outputs/, which imports no backend; qc/
+    reaches two backends, lazily: a slide's own thumbnail (`slides`) and the tissue contours of a card (`contours`)."""
+    bad = _violations("outputs", lambda t: _room(_own(t) or "") != "backends")
+    qc_may = {f"{PACKAGE}.backends.slides", f"{PACKAGE}.backends.contours"}
+    bad += _violations("qc", lambda t: _room(_own(t) or "") != "backends" or _own(t) in qc_may)
+    assert not bad, "outputs/qc import a backend they may not:\n" + "\n".join(bad)
+
+
 def _graph() -> dict[str, dict[str, int]]:
     """module -> {imported package module: first line}, self-imports and package-of-self imports left out."""
     graph: dict[str, dict[str, int]] = {m: {} for m in _modules()}

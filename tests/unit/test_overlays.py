@@ -9,12 +9,12 @@ import pytest
 from PIL import Image
 
 from atlaspatch_stream.backends.contours import mask_to_contours, plan_coordinates
-from atlaspatch_stream.backends.visualize import (
+from atlaspatch_stream.geometry import plan_geometry
+from atlaspatch_stream.outputs.overlays import (
     write_contour_overlay,
     write_grid_overlay,
     write_mask_overlays,
 )
-from atlaspatch_stream.geometry import plan_geometry
 from tests.conftest import real_slide
 from tests.reference_upstream import random_mask
 

@@ -1,4 +1,5 @@
-"""Overlay PNGs of upstream's `--visualize-*` flags and `detect-tissue` (upstream §6.4).
+"""The images under `<out>`: overlay PNGs of upstream's `--visualize-*` flags and `detect-tissue` (upstream §6.4),
+written for the planner through `OverlayFiles`, and the QC thumbnails and cards (`--qc`, `atlaspatch report`).
 
 Every overlay is drawn on a caller-supplied RGB thumbnail (upstream uses OpenSlide's `get_thumbnail((1024, 1024))`):
 
@@ -23,8 +24,8 @@ from PIL import Image
 
 from ..geometry import Contours, scale_contours
 
-__all__ = ["draw_qc_card", "read_qc_image", "write_qc_card", "write_contour_overlay", "write_grid_overlay", "write_mask_overlays",
-           "write_qc_thumbnail"]
+__all__ = ["OverlayFiles", "draw_qc_card", "read_qc_image", "write_contour_overlay", "write_grid_overlay",
+           "write_mask_overlays", "write_qc_card", "write_qc_thumbnail"]
 
 MASK_GREEN = np.array([0, 255, 0], dtype=np.uint16)
 MASK_ALPHA = 80  # out of 255
@@ -173,6 +174,30 @@ def write_contour_overlay(
     return _write_png(Path(out_dir) / f"{stem}_contours.png", img)
 
 
+class OverlayFiles:
+    """The `--visualize-*` and `detect-tissue` overlays of every slide, in one folder (`OverlayWriter`).
+
+    Args:
+        folder: `<out>/visualization` (created on the first write).
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
+
+    def mask(self, stem: str, thumb: np.ndarray, mask: np.ndarray) -> list[Path]:
+        """`<stem>_mask.png` and `<stem>_mask_bw.png` (`write_mask_overlays`)."""
+        return write_mask_overlays(self.folder, stem, thumb, mask)
+
+    def contours(self, stem: str, thumb: np.ndarray, contours: Contours, mask_shape: tuple[int, int]) -> Path:
+        """`<stem>_contours.png` (`write_contour_overlay`)."""
+        return write_contour_overlay(self.folder, stem, thumb, contours, mask_shape)
+
+    def grid(self, stem: str, thumb: np.ndarray, level0_size: tuple[int, int], coords: np.ndarray,
+             patch_size_level0: int, info: Mapping[str, str]) -> Path:
+        """`<stem>.png` (`write_grid_overlay`)."""
+        return write_grid_overlay(self.folder, stem, thumb, level0_size, coords, patch_size_level0, info)
+
+
 def _rgb(thumb: np.ndarray) -> np.ndarray:
     """The thumbnail as contiguous (h, w, 3) uint8 RGB (gray is expanded, an alpha channel dropped)."""
     arr = np.asarray(thumb)
@@ -222,16 +247,15 @@ def read_qc_image(path: Path) -> np.ndarray:
         return np.asarray(image.convert("L" if path.suffix == ".png" else "RGB"))
 
 
-def draw_qc_card(thumb: np.ndarray, mask: np.ndarray | None, level0_size: tuple[int, int], coords: np.ndarray,
-                 patch_size_level0: int, max_size: int = QC_THUMB_MAX) -> np.ndarray:
-    """A card image: the thumbnail (at most `max_size` px; a `--qc` thumbnail is already that small) with the patch grid (1 px, dark) and the tissue contours
-    (red, 2 px) of `mask` (any size; None: no contours) drawn on it. Returns RGB uint8."""
-    from .contours import mask_to_contours
-
+def draw_qc_card(thumb: np.ndarray, tissue: tuple[Contours, tuple[int, int]] | None, level0_size: tuple[int, int],
+                 coords: np.ndarray, patch_size_level0: int, max_size: int = QC_THUMB_MAX) -> np.ndarray:
+    """A card image: the thumbnail (at most `max_size` px; a `--qc` thumbnail is already that small) with the patch
+    grid (1 px, dark) and the tissue contours (red, 2 px) drawn on it. `tissue`: the contours and the (height, width)
+    of the mask they were found in (None: no contours). Returns RGB uint8."""
     img = _shrunk(thumb, max_size)
     _draw_patch_grid(img, level0_size, coords, patch_size_level0, GRID_RGB)
-    if mask is not None:
-        _draw_tissue(img, mask_to_contours(mask, 0.0), mask.shape)
+    if tissue is not None:
+        _draw_tissue(img, *tissue)
     return img
 
 
